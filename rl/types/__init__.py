@@ -1,0 +1,78 @@
+"""The Tinker API's types, as pydantic models: what crosses every boundary of `rl` (Ray calls, HTTP).
+
+Grouped by concern: `tensors` (model inputs, arrays, datums), `training`, `sampling`, `checkpoints`, `futures`
+(futures and telemetry). Import them from here.
+"""
+
+from rl.types.checkpoints import (
+    Checkpoint,
+    CheckpointArchiveUrlResponse,
+    CheckpointsListResponse,
+    CheckpointType,
+    Cursor,
+    LoadWeightsRequest,
+    LoadWeightsResponse,
+    ParsedCheckpointTinkerPath,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsRequest,
+    SaveWeightsResponse,
+    TrainingRun,
+    TrainingRunsResponse,
+    WeightsInfoResponse,
+    check_checkpoint_name,
+)
+from rl.types.futures import (
+    FutureRetrieveRequest,
+    GenericEvent,
+    SessionEndEvent,
+    SessionStartEvent,
+    Severity,
+    TelemetryBatch,
+    TelemetryEvent,
+    TelemetrySendRequest,
+    TryAgainResponse,
+    UnhandledExceptionEvent,
+)
+from rl.types.sampling import (
+    CreateSamplingSessionRequest,
+    CreateSamplingSessionResponse,
+    SampledSequence,
+    SampleRequest,
+    SampleResponse,
+    SamplingParams,
+    StopReason,
+)
+from rl.types.tensors import (
+    Datum,
+    EncodedTextChunk,
+    ImageAssetPointerChunk,
+    ImageChunk,
+    ModelInput,
+    ModelInputChunk,
+    TensorData,
+    TensorDtype,
+)
+from rl.types.training import (
+    AdamOptimizerConfig,
+    AdamParams,
+    CreateModelRequest,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    LossFnType,
+    OptimStepResponse,
+)
+
+__all__ = [
+    "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointArchiveUrlResponse", "CheckpointType",
+    "CheckpointsListResponse", "CreateModelRequest", "CreateSamplingSessionRequest",
+    "CreateSamplingSessionResponse", "Cursor", "Datum", "EncodedTextChunk", "ForwardBackwardInput",
+    "ForwardBackwardOutput", "FutureRetrieveRequest", "GenericEvent", "ImageAssetPointerChunk", "ImageChunk",
+    "LoadWeightsRequest", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput", "ModelInputChunk",
+    "OptimStepResponse", "ParsedCheckpointTinkerPath", "SampleRequest", "SampleResponse", "SampledSequence",
+    "SamplingParams", "SaveWeightsForSamplerRequest", "SaveWeightsForSamplerResponse", "SaveWeightsRequest",
+    "SaveWeightsResponse", "SessionEndEvent", "SessionStartEvent", "Severity", "StopReason", "TelemetryBatch",
+    "TelemetryEvent", "TelemetrySendRequest", "TensorData", "TensorDtype", "TrainingRun", "TrainingRunsResponse",
+    "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoResponse", "check_checkpoint_name",
+]

@@ -1,0 +1,15 @@
+"""Shared fixtures. Models are built in temporary folders: tests never touch the user's cache."""
+
+from pathlib import Path
+
+import pytest
+
+from rl.models import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2 model (seed 0), built once per test session."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(folder, seed=0)
+    return folder
