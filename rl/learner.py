@@ -1,0 +1,311 @@
+"""The learner: one base model, many LoRA training runs on it, each with its own adapter, optimizer and step.
+
+`Learner` is a plain class (tested in-process); `LearnerActor = ray.remote(Learner)` is the same class as a Ray
+actor. The learner does not know which loss it runs: `rl.losses` names them, says what each reads, and
+computes them; the learner checks the batch against that, computes target logprobs, and backpropagates.
+
+Every call either succeeds or leaves the run exactly as it was: a batch is checked completely before any model
+work, gradients of a call are accumulated aside and added only when the whole call succeeded, and checkpoints
+are written atomically by the checkpoint store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from rl import losses
+from rl.batch import PreparedDatum, micro_batches, prepare_batch, target_logprobs
+from rl.checkpoints import CheckpointStore
+from rl.models import resolve_model
+from rl.types import (
+    AdamParams,
+    CheckpointsListResponse,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoadWeightsResponse,
+    LoraConfig,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    TensorData,
+)
+
+# Which modules LoRA adapts, per architecture family.
+_TARGET_MODULES = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "unembed": ["lm_head"],
+}
+KNOWN_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def adapter_content_hash(folder: Path) -> str:
+    """sha256 over the adapter's config and weights: what a sampler proves it loaded."""
+    digest = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Run:
+    adapter: str  # the PEFT adapter name (model ids may hold characters PEFT does not allow)
+    lora: LoraConfig
+    optimizer: torch.optim.AdamW
+    params: list[torch.nn.Parameter]
+    step: int = 0
+
+
+class Learner:
+    """LoRA training runs on one base model. See the module docstring for the guarantees."""
+
+    def __init__(self, base_model: str, *, storage: Path | str, dtype: str = "float32", device: str | None = None,
+                 micro_batch_tokens: int = 8192, logits_chunk_tokens: int = 1024):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        self.base_model = base_model
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = dtype
+        self.micro_batch_tokens = micro_batch_tokens
+        self.logits_chunk_tokens = logits_chunk_tokens
+        self.store = CheckpointStore(storage)
+        self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[dtype])
+        self._hf.to(self.device)
+        config = self._hf.config
+        if config.model_type not in KNOWN_ARCHITECTURES:
+            raise ValueError(f"base model {base_model!r} is a {config.model_type!r} model; LoRA targets are known "
+                             f"for {', '.join(KNOWN_ARCHITECTURES)}")
+        self.vocab_size = config.vocab_size
+        self._pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self._peft: PeftModel | None = None
+        self._runs: dict[str, _Run] = {}
+
+    # ---- runs ------------------------------------------------------------------------------------------------
+
+    def create(self, base_model: str, lora: LoraConfig, *, model_id: str | None = None) -> str:
+        """Adds a LoRA run on the base model; returns its model id. The same seed gives the same adapter."""
+        if base_model != self.base_model:
+            raise ValueError(f"base_model {base_model!r}: this learner holds {self.base_model!r}")
+        model_id = model_id or f"run-{secrets.token_hex(4)}"
+        if model_id in self._runs:
+            raise ValueError(f"model_id {model_id!r} exists already")
+        modules = [name for part, enabled in (("attn", lora.train_attn), ("mlp", lora.train_mlp),
+                                              ("unembed", lora.train_unembed)) if enabled
+                   for name in _TARGET_MODULES[part]]
+        if not modules:
+            raise ValueError("lora_config trains nothing: set train_attn, train_mlp or train_unembed")
+        lora = lora.model_copy(update={"seed": lora.seed if lora.seed is not None else secrets.randbits(31)})
+        adapter = f"run{len(self._runs)}_{secrets.token_hex(2)}"
+        peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=2 * lora.rank, lora_dropout=0.0, target_modules=modules,
+                                     bias="none", task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(lora.seed)
+            if self._peft is None:
+                self._peft = get_peft_model(self._hf, peft_config, adapter_name=adapter)
+            else:
+                self._peft.add_adapter(adapter, peft_config)
+        params = [param for name, param in self._peft.named_parameters() if f".{adapter}." in name]
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        self._runs[model_id] = _Run(adapter=adapter, lora=lora, optimizer=optimizer, params=params)
+        return model_id
+
+    def lora_config(self, model_id: str) -> LoraConfig:
+        return self._run(model_id).lora
+
+    def step(self, model_id: str) -> int:
+        return self._run(model_id).step
+
+    def _run(self, model_id: str) -> _Run:
+        if model_id not in self._runs:
+            raise ValueError(f"unknown model_id {model_id!r}")
+        return self._runs[model_id]
+
+    # ---- forward and backward --------------------------------------------------------------------------------
+
+    def forward(self, model_id: str, batch: ForwardBackwardInput) -> ForwardBackwardOutput:
+        """The loss and target logprobs of a batch, without gradients."""
+        return self._forward_backward(model_id, batch, backward=False)
+
+    def forward_backward(self, model_id: str, batch: ForwardBackwardInput) -> ForwardBackwardOutput:
+        """The loss and target logprobs of a batch; its gradients add to the run's until `optim_step`."""
+        return self._forward_backward(model_id, batch, backward=True)
+
+    def _forward_backward(self, model_id: str, batch: ForwardBackwardInput, *, backward: bool):
+        run = self._run(model_id)
+        config = losses.resolve_config(batch.loss_fn, batch.loss_fn_config)
+        spec = losses.LOSSES[batch.loss_fn]
+        prepared = prepare_batch(batch.data, spec, batch.loss_fn, self.vocab_size)
+        self._peft.set_adapter(run.adapter)
+        if spec.reference_input is not None:
+            self._fill_reference(prepared, spec.reference_input, spec.datums_per_group)
+        logprobs_by_index: dict[int, torch.Tensor] = {}
+        metric_parts: list[tuple[losses.Metrics, int]] = []
+        with self._gradients_set_aside(run.params, keep=backward), torch.set_grad_enabled(backward):
+            for micro in micro_batches(prepared, spec.datums_per_group, self.micro_batch_tokens):
+                logprobs_D = self._target_logprobs(micro)
+                inputs_D = [{name: value.to(self.device) for name, value in datum.inputs.items()}
+                            for datum in micro]
+                loss, metrics = spec.fn(logprobs_D, inputs_D, config)
+                if backward:
+                    loss.backward()
+                metric_parts.append((metrics, len(micro) // spec.datums_per_group))
+                logprobs_by_index.update({datum.index: lp.detach().cpu() for datum, lp in zip(micro, logprobs_D,
+                                                                                                strict=True)})
+        outputs = [{"logprobs": TensorData.from_torch(logprobs_by_index[index])} for index in range(len(prepared))]
+        return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=losses.merge_metrics(metric_parts))
+
+    def _target_logprobs(self, micro: list[PreparedDatum]) -> list[torch.Tensor]:
+        model = self._peft.get_base_model()
+        return target_logprobs(model.get_decoder(), model.get_output_embeddings(), micro, pad_id=self._pad_id,
+                               chunk_tokens=self.logits_chunk_tokens, device=self.device)
+
+    def _fill_reference(self, prepared: list[PreparedDatum], name: str, group_size: int) -> None:
+        """Computes `name` (the base model's target logprobs, adapter off) for the datums that lack it."""
+        lacking = [datum for datum in prepared if name not in datum.inputs]
+        if not lacking:
+            return
+        with self._peft.disable_adapter(), torch.no_grad():
+            for micro in micro_batches(lacking, 1, self.micro_batch_tokens):
+                for datum, logprobs in zip(micro, self._target_logprobs(micro), strict=True):
+                    datum.inputs[name] = logprobs.float().cpu()
+
+    @staticmethod
+    @contextmanager
+    def _gradients_set_aside(params: list[torch.nn.Parameter], *, keep: bool):
+        """Runs a call on fresh gradients; adds them to the earlier ones only if the call succeeds."""
+        earlier = [param.grad for param in params]
+        for param in params:
+            param.grad = None
+        try:
+            yield
+        except BaseException:
+            for param, grad in zip(params, earlier, strict=True):
+                param.grad = grad
+            raise
+        for param, grad in zip(params, earlier, strict=True):
+            if not keep or param.grad is None:
+                param.grad = grad
+            elif grad is not None:
+                param.grad += grad
+
+    # ---- optimizer -------------------------------------------------------------------------------------------
+
+    def optim_step(self, model_id: str, params: AdamParams) -> OptimStepResponse:
+        """One AdamW step on the gradients accumulated since the last; clears them."""
+        run = self._run(model_id)
+        grads = [param.grad for param in run.params if param.grad is not None]
+        if not grads:
+            raise ValueError(f"optim_step on {model_id!r}: no gradients; call forward_backward first")
+        grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        if not math.isfinite(grad_norm):
+            raise ValueError(f"optim_step on {model_id!r}: the gradient norm is {grad_norm}; the step is refused")
+        if params.grad_clip_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(run.params, params.grad_clip_norm, torch.tensor(grad_norm))
+        for group in run.optimizer.param_groups:
+            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
+                         weight_decay=params.weight_decay)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        return OptimStepResponse(metrics={"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate,
+                                          "step:max": float(run.step)})
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def save_weights(self, model_id: str, name: str | None = None, *, overwrite: bool = False) -> SaveWeightsResponse:
+        """Saves adapter, optimizer state and step as `tinker://RUN/weights/NAME`, to resume exactly."""
+        run = self._run(model_id)
+
+        def fill(folder: Path) -> dict:
+            self._write_adapter(run, folder)
+            torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
+            return {}
+
+        checkpoint = self.store.write(model_id, "training", name or f"step-{run.step:06d}", fill,
+                                      metadata=self._run_metadata(run), overwrite=overwrite)
+        return SaveWeightsResponse(path=checkpoint.tinker_path)
+
+    def save_weights_for_sampler(self, model_id: str, name: str | None = None, *,
+                                 overwrite: bool = False) -> SaveWeightsForSamplerResponse:
+        """Publishes the adapter as a PEFT folder at `tinker://RUN/sampler_weights/NAME`, with a content hash."""
+        run = self._run(model_id)
+
+        def fill(folder: Path) -> dict:
+            self._write_adapter(run, folder)
+            return {"content_hash": adapter_content_hash(folder)}
+
+        checkpoint = self.store.write(model_id, "sampler", name or f"step-{run.step:06d}", fill,
+                                      metadata=self._run_metadata(run), overwrite=overwrite)
+        return SaveWeightsForSamplerResponse(path=checkpoint.tinker_path)
+
+    def load_weights(self, path: str, *, optimizer: bool, model_id: str | None = None) -> LoadWeightsResponse:
+        """Loads a training checkpoint into run `model_id`, or into a new run when `model_id` is None.
+
+        With `optimizer`, the optimizer state and step come back too and training resumes exactly; without,
+        only the adapter does, with a fresh optimizer at step 0.
+        """
+        folder = self.store.folder(path, kind="training")
+        metadata = json.loads((folder / "checkpoint.json").read_text())
+        if metadata["base_model"] != self.base_model:
+            raise ValueError(f"{path} was trained on {metadata['base_model']!r}; this learner holds "
+                             f"{self.base_model!r}")
+        saved_lora = LoraConfig.model_validate(metadata["lora_config"])
+        adapter_state = load_file(folder / ADAPTER_WEIGHTS)
+        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if optimizer else None
+        if model_id is None:
+            model_id = self.create(self.base_model, saved_lora)
+        run = self._run(model_id)
+        if run.lora.model_dump(exclude={"seed"}) != saved_lora.model_dump(exclude={"seed"}):
+            raise ValueError(f"{path} holds a {saved_lora} adapter; run {model_id!r} has {run.lora}")
+        set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
+        run.optimizer.zero_grad(set_to_none=True)
+        if optimizer_state is not None:
+            run.optimizer.load_state_dict(optimizer_state)
+            run.step = metadata["step"]
+        else:
+            run.optimizer.state.clear()
+            run.step = 0
+        return LoadWeightsResponse(path=path, model_id=model_id)
+
+    def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
+        return CheckpointsListResponse(checkpoints=self.store.list(model_id))
+
+    def _write_adapter(self, run: _Run, folder: Path) -> None:
+        """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        # The base output layer is frozen: an adapter of lm_head needs only its LoRA matrices.
+        state = get_peft_model_state_dict(self._peft, adapter_name=run.adapter, save_embedding_layers=False)
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()},
+                  folder / ADAPTER_WEIGHTS)
+        config = self._peft.peft_config[run.adapter]
+        config.base_model_name_or_path = str(resolve_model(self.base_model))
+        config.save_pretrained(str(folder))
+
+    def _run_metadata(self, run: _Run) -> dict:
+        return {"base_model": self.base_model, "step": run.step, "lora_config": run.lora.model_dump(),
+                "dtype": self.dtype}
+
+
+LearnerActor = ray.remote(Learner)
+"""The learner as a Ray actor: `LearnerActor.options(num_gpus=1).remote("tiny", storage=...)`."""

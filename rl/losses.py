@@ -1,0 +1,191 @@
+"""Training losses: pure functions in one registry, chosen by name.
+
+Every loss has the same signature: `loss(logprobs_D, inputs_D, config) -> (loss, metrics)`, where
+`logprobs_D[d]` holds the current model's logprobs of datum d's target tokens ([T], or [T, K] for soft
+targets), `inputs_D[d]` its other `loss_fn_inputs` as tensors, and `config` the `loss_fn_config` with defaults
+filled in. Following Tinker, per-token terms are summed, not averaged: the caller chooses the normalisation
+through weights and advantages. Losses over pairs of datums (DPO) see a batch whose length is even.
+
+A batch split into micro-batches gives the same total loss and gradient as one pass, because every loss is a
+sum over datums (or pairs). Metric keys are `name:reduction`; `sum` metrics add across micro-batches, `mean`
+metrics are means over the datums (or pairs) the call saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+Metrics = dict[str, float]
+LossFn = Callable[[list[Tensor], list[dict[str, Tensor]], dict[str, float]], tuple[Tensor, Metrics]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss and what it reads: its required and optional `loss_fn_inputs` and its config with defaults."""
+
+    fn: LossFn
+    inputs: tuple[str, ...]
+    optional_inputs: tuple[str, ...] = ()
+    config: dict[str, float] = field(default_factory=dict)
+    datums_per_group: int = 1
+    """2 for losses over consecutive (chosen, rejected) pairs: micro-batches never split a group."""
+    reference_input: str | None = None
+    """An input the learner may compute itself when absent: logprobs of the targets with the adapter off."""
+
+
+def _token_weights(logprobs: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+    weights = inputs.get("weights")
+    return torch.ones_like(logprobs) if weights is None else weights
+
+
+def cross_entropy(logprobs_D, inputs_D, config):
+    """loss = -sum_t w_t * logp_t, with w = `weights` (any real numbers, negative ones included).
+
+    Soft targets: `target_tokens` and `weights` of shape [T, K] give loss = -sum_{t,k} w_{t,k} logp_{t,k}.
+    """
+    loss = sum((-(inputs["weights"] * logprobs).sum() for logprobs, inputs in zip(logprobs_D, inputs_D,
+                                                                                   strict=True)))
+    return loss, {"loss:sum": loss.item()}
+
+
+def _ratio(logprobs: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+    return torch.exp(logprobs - inputs["logprobs"])
+
+
+def importance_sampling(logprobs_D, inputs_D, config):
+    """loss = -sum_t w_t * r_t * A_t, with r_t = exp(logp_t - q_t) and q = the sampler's `logprobs`.
+
+    w = `weights` if given, else 1. The gradient is the policy gradient corrected for sampling from q.
+    """
+    loss = sum(-(_token_weights(lp, x) * _ratio(lp, x) * x["advantages"]).sum()
+               for lp, x in zip(logprobs_D, inputs_D, strict=True))
+    return loss, {"loss:sum": loss.item()}
+
+
+def _clip_bounds(inputs: dict[str, Tensor], config: dict[str, float], like: Tensor) -> tuple[Tensor, Tensor]:
+    """Clip bounds from the config, unless the datum brings its own (per datum or per token)."""
+    return tuple(torch.as_tensor(inputs.get(name, config[name]), dtype=like.dtype, device=like.device)
+                 for name in ("clip_low_threshold", "clip_high_threshold"))
+
+
+def ppo(logprobs_D, inputs_D, config):
+    """loss = -sum_t w_t * min(r_t * A_t, clip(r_t, low, high) * A_t), r_t = exp(logp_t - q_t).
+
+    `low` and `high` bound the ratio itself (`clip_low_threshold`, `clip_high_threshold`; default 0.8, 1.2).
+    """
+    loss, clipped, tokens = 0.0, 0.0, 0.0
+    for logprobs, inputs in zip(logprobs_D, inputs_D, strict=True):
+        ratio, advantages = _ratio(logprobs, inputs), inputs["advantages"]
+        low, high = _clip_bounds(inputs, config, ratio)
+        clipped_ratio = torch.clamp(ratio, low, high)
+        unclipped, clipped_term = ratio * advantages, clipped_ratio * advantages
+        loss = loss - (_token_weights(logprobs, inputs) * torch.minimum(unclipped, clipped_term)).sum()
+        clipped += float((clipped_term < unclipped).sum())  # tokens whose gradient the clip removes
+        tokens += float((advantages != 0).sum())
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped / max(tokens, 1.0)}
+
+
+def cispo(logprobs_D, inputs_D, config):
+    """loss = -sum_t w_t * sg[clip(r_t, low, high)] * logp_t * A_t, sg = stop-gradient.
+
+    The clipped importance weight scales a REINFORCE term; unlike PPO no token's gradient is dropped.
+    """
+    loss = 0.0
+    for logprobs, inputs in zip(logprobs_D, inputs_D, strict=True):
+        ratio = _ratio(logprobs, inputs).detach()
+        low, high = _clip_bounds(inputs, config, ratio)
+        weight = torch.clamp(ratio, low, high)
+        loss = loss - (_token_weights(logprobs, inputs) * weight * logprobs * inputs["advantages"]).sum()
+    return loss, {"loss:sum": loss.item()}
+
+
+def dro(logprobs_D, inputs_D, config):
+    """loss = -sum_t w_t * (logp_t * A_t - beta/2 * (logp_t - q_t)^2).
+
+    The quadratic term keeps the policy near the sampler q; `beta` sets its strength.
+    """
+    beta = config["beta"]
+    loss = sum(-(_token_weights(lp, x) * (lp * x["advantages"] - 0.5 * beta * (lp - x["logprobs"]) ** 2)).sum()
+               for lp, x in zip(logprobs_D, inputs_D, strict=True))
+    return loss, {"loss:sum": loss.item()}
+
+
+def dpo(logprobs_D, inputs_D, config):
+    """Sigmoid DPO over consecutive (chosen, rejected) datums, summed over pairs.
+
+    For a pair: reward_c = sum_t w_t (logp_t - ref_t) over the chosen datum, reward_r likewise over the
+    rejected one, and loss = -logsigmoid(beta * (reward_c - reward_r)). `weights` select the response tokens
+    (1) from the prompt (0); `ref_logprobs` are the reference model's logprobs of the same targets.
+    Metrics (means over pairs): accuracy (reward_c > reward_r), margin (reward_c - reward_r), and the
+    chosen and rejected rewards, each scaled by beta as in the DPO paper.
+    """
+    beta = config["beta"]
+    rewards = torch.stack([(x["weights"] * (lp - x["ref_logprobs"])).sum()
+                           for lp, x in zip(logprobs_D, inputs_D, strict=True)])
+    margins = beta * (rewards[0::2] - rewards[1::2])
+    loss = -F.logsigmoid(margins).sum()
+    margins, chosen, rejected = margins.detach(), beta * rewards[0::2].detach(), beta * rewards[1::2].detach()
+    return loss, {
+        "loss:sum": loss.item(),
+        "dpo_accuracy:mean": (margins > 0).double().mean().item(),
+        "dpo_margin:mean": margins.mean().item(),
+        "dpo_chosen_reward:mean": chosen.mean().item(),
+        "dpo_rejected_reward:mean": rejected.mean().item(),
+    }
+
+
+_POLICY_INPUTS = ("target_tokens", "logprobs", "advantages")
+_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+_PER_DATUM_CLIP = ("weights", "clip_low_threshold", "clip_high_threshold")
+
+LOSSES: dict[str, LossSpec] = {
+    "cross_entropy": LossSpec(cross_entropy, inputs=("target_tokens", "weights")),
+    "importance_sampling": LossSpec(importance_sampling, inputs=_POLICY_INPUTS, optional_inputs=("weights",)),
+    "ppo": LossSpec(ppo, inputs=_POLICY_INPUTS, optional_inputs=_PER_DATUM_CLIP, config=_CLIP),
+    "cispo": LossSpec(cispo, inputs=_POLICY_INPUTS, optional_inputs=_PER_DATUM_CLIP, config=_CLIP),
+    "dro": LossSpec(dro, inputs=_POLICY_INPUTS, optional_inputs=("weights",), config={"beta": 0.1}),
+    "dpo": LossSpec(dpo, inputs=("target_tokens", "weights"), optional_inputs=("ref_logprobs",),
+                    config={"beta": 0.1}, datums_per_group=2, reference_input="ref_logprobs"),
+}
+
+
+def resolve_config(loss_fn: str, config: dict[str, float | str] | None) -> dict[str, float]:
+    """The loss's config with defaults filled in; a ValueError names an unknown loss, key or non-number."""
+    if loss_fn not in LOSSES:
+        raise ValueError(f"loss_fn {loss_fn!r} is unknown; known losses: {', '.join(LOSSES)}")
+    defaults = LOSSES[loss_fn].config
+    resolved = dict(defaults)
+    for key, value in (config or {}).items():
+        if key not in defaults:
+            takes = ", ".join(defaults) or "no config"
+            raise ValueError(f"loss_fn_config[{key!r}] is not used by {loss_fn} (it takes {takes})")
+        try:
+            resolved[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"loss_fn_config[{key!r}] must be a number, got {value!r}") from None
+    return resolved
+
+
+def merge_metrics(parts: list[tuple[Metrics, int]]) -> Metrics:
+    """Combines the metrics of micro-batches, each given with the number of datums (or pairs) it covered."""
+    merged: Metrics = {}
+    total = sum(count for _, count in parts)
+    for key in parts[0][0]:
+        values = [(metrics[key], count) for metrics, count in parts]
+        reduction = key.rsplit(":", 1)[1]
+        if reduction == "sum":
+            merged[key] = sum(value for value, _ in values)
+        elif reduction == "mean":
+            merged[key] = sum(value * count for value, count in values) / total
+        elif reduction == "min":
+            merged[key] = min(value for value, _ in values)
+        elif reduction == "max":
+            merged[key] = max(value for value, _ in values)
+        else:
+            raise ValueError(f"metric {key!r} has no known reduction (sum, mean, min, max)")
+    return merged

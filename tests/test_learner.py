@@ -1,0 +1,348 @@
+"""The learner on the tiny model: real PEFT adapters, real AdamW, real checkpoints on disk."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from rl import losses
+from rl.batch import target_logprobs
+from rl.learner import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Learner, adapter_content_hash
+from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
+
+LORA = LoraConfig(rank=4, seed=0)
+ADAM = AdamParams(learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_model_dir, tmp_path_factory):
+    return Learner(str(tiny_model_dir), storage=tmp_path_factory.mktemp("storage"))
+
+
+def sft_datum(tokens: list[int], prompt_length: int = 1) -> Datum:
+    weights = [0.0] * prompt_length + [1.0] * (len(tokens) - 1 - prompt_length)
+    return Datum(model_input=ModelInput.from_ints(tokens[:-1]),
+                 loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
+PATTERN = [sft_datum([5, 17, 33, 17, 33, 17, 33, 17, 33, 9]), sft_datum([8, 40, 41, 42, 40, 41, 42, 40])]
+
+
+def sft(data=PATTERN) -> ForwardBackwardInput:
+    return ForwardBackwardInput(data=data, loss_fn="cross_entropy")
+
+
+def train(learner: Learner, model_id: str, steps: int, data=PATTERN) -> list[float]:
+    losses_seen = []
+    for _ in range(steps):
+        losses_seen.append(learner.forward_backward(model_id, sft(data)).metrics["loss:sum"])
+        learner.optim_step(model_id, ADAM)
+    return losses_seen
+
+
+def adapter_state(learner: Learner, model_id: str) -> list[torch.Tensor]:
+    return [param.detach().clone() for param in learner._runs[model_id].params]
+
+
+def grads(learner: Learner, model_id: str) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in learner._runs[model_id].params]
+
+
+def test_same_seed_same_adapter_and_targets_follow_the_config(learner, tiny_model_dir):
+    first, again, other = (learner.create(str(tiny_model_dir), LoraConfig(rank=4, seed=seed)) for seed in (7, 7, 8))
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(learner, first), adapter_state(learner, again),
+                                                  strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(adapter_state(learner, first), adapter_state(learner, other),
+                                                      strict=True))
+    attention_only = learner.create(str(tiny_model_dir), LoraConfig(rank=2, seed=0, train_mlp=False,
+                                                                     train_unembed=False))
+    adapter = learner._runs[attention_only].adapter
+    names = [name for name, _ in learner._peft.named_parameters() if f".{adapter}." in name]
+    assert names and all(any(f"{m}.lora_" in name for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for name in names)
+    assert len(names) == 2 * 4 * 2, "A and B for 4 attention projections in 2 layers"
+    with pytest.raises(ValueError, match="trains nothing"):
+        learner.create(str(tiny_model_dir), LoraConfig(rank=2, train_mlp=False, train_attn=False, train_unembed=False))
+    with pytest.raises(ValueError, match="this learner holds"):
+        learner.create("SmolLM2-135M-Instruct", LORA)
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'gpt2' model; LoRA targets are known for llama, qwen2"):
+        Learner(str(tmp_path), storage=tmp_path / "storage")
+
+
+def test_sft_halves_the_loss_on_a_fixed_pattern(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    seen = train(learner, model_id, 8)
+    final = learner.forward(model_id, sft()).metrics["loss:sum"]
+    assert final < seen[0] / 2, seen + [final]
+    assert learner.step(model_id) == 8
+
+
+def test_logprobs_match_a_plain_forward_pass(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 2)
+    output = learner.forward(model_id, sft())
+    learner._peft.set_adapter(learner._runs[model_id].adapter)
+    for datum, record in zip(PATTERN, output.loss_fn_outputs, strict=True):
+        tokens = torch.tensor([datum.model_input.to_ints()])
+        with torch.no_grad():
+            logits = learner._peft(input_ids=tokens).logits[0].float()  # (T, V): the full-vocabulary way
+        targets = datum.loss_fn_inputs["target_tokens"].to_torch()
+        expected = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        assert torch.allclose(record["logprobs"].to_torch(), expected, atol=1e-5)
+
+
+def test_importance_sampling_raises_the_logprob_of_rewarded_tokens(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    tokens = [3, 50, 60, 70, 80, 90]
+    probe = sft([sft_datum(tokens)])  # the same input and targets, read with cross_entropy
+    before = learner.forward(model_id, probe).loss_fn_outputs[0]["logprobs"].to_torch()
+    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": tokens[1:], "logprobs": before.tolist(), "advantages": [0.0, 1.0, 1.0, 1.0, 1.0]})
+    for _ in range(3):
+        learner.forward_backward(model_id, ForwardBackwardInput(data=[datum], loss_fn="importance_sampling"))
+        learner.optim_step(model_id, AdamParams(learning_rate=5e-3))
+    after = learner.forward(model_id, probe).loss_fn_outputs[0]["logprobs"].to_torch()
+    assert (after[1:] > before[1:] + 0.1).all(), (before, after)
+
+
+def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
+    data = [sft_datum(list(range(10 + i, 10 + i + n))) for i, n in enumerate([12, 5, 30, 7, 18, 9])]
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)  # a non-zero B matrix, so every parameter gets a gradient
+    learner.micro_batch_tokens = 10_000
+    one_pass = learner.forward_backward(model_id, sft(data))
+    expected = grads(learner, model_id)
+    learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
+    learner.micro_batch_tokens, learner.logits_chunk_tokens = 40, 7  # six micro-batches, many logit chunks
+    try:
+        split = learner.forward_backward(model_id, sft(data))
+    finally:
+        learner.micro_batch_tokens, learner.logits_chunk_tokens = 8192, 1024
+    assert split.metrics["loss:sum"] == pytest.approx(one_pass.metrics["loss:sum"], rel=1e-6)
+    for a, b in zip(one_pass.loss_fn_outputs, split.loss_fn_outputs, strict=True):
+        assert torch.allclose(a["logprobs"].to_torch(), b["logprobs"].to_torch(), atol=1e-5)
+    for a, b in zip(expected, grads(learner, model_id), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)
+    learner.forward_backward(model_id, sft(PATTERN[:1]))
+    learner.forward_backward(model_id, sft(PATTERN[1:]))
+    accumulated = grads(learner, model_id)
+    learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
+    learner.forward_backward(model_id, sft())
+    for a, b in zip(accumulated, grads(learner, model_id), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    learner.forward(model_id, sft())
+    for a, b in zip(accumulated, grads(learner, model_id), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), "forward adds no gradient"
+    metrics = learner.optim_step(model_id, AdamParams(learning_rate=1e-3, grad_clip_norm=1e-3)).metrics
+    expected_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in accumulated))
+    assert metrics["grad_norm:mean"] == pytest.approx(float(expected_norm), rel=1e-5), "norm before clipping"
+    assert metrics["learning_rate:mean"] == 1e-3 and metrics["step:max"] == 2.0
+    assert all(g is None for g in grads(learner, model_id))
+    with pytest.raises(ValueError, match="no gradients"):
+        learner.optim_step(model_id, ADAM)
+
+
+def test_runs_are_isolated(learner, tiny_model_dir):
+    trained, untouched = learner.create(str(tiny_model_dir), LORA), learner.create(str(tiny_model_dir), LORA)
+    before = learner.forward(untouched, sft()).metrics["loss:sum"]
+    train(learner, trained, 3)
+    assert learner.forward(untouched, sft()).metrics["loss:sum"] == before
+    assert learner.forward(trained, sft()).metrics["loss:sum"] < before
+
+
+def test_resume_is_exact(tiny_model_dir, tmp_path):
+    straight = Learner(str(tiny_model_dir), storage=tmp_path)
+    model_id = straight.create(str(tiny_model_dir), LORA)
+    train(straight, model_id, 2)
+    path = straight.save_weights(model_id, "half").path
+    assert path == f"tinker://{model_id}/weights/half"
+    train(straight, model_id, 2)
+
+    resumed = Learner(str(tiny_model_dir), storage=tmp_path)
+    resumed_id = resumed.load_weights(path, optimizer=True).model_id
+    assert resumed.step(resumed_id) == 2
+    train(resumed, resumed_id, 2)
+    for a, b in zip(adapter_state(straight, model_id), adapter_state(resumed, resumed_id), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert resumed.forward(resumed_id, sft()).metrics["loss:sum"] == pytest.approx(
+        straight.forward(model_id, sft()).metrics["loss:sum"], abs=1e-6)
+
+    weights_only = resumed.load_weights(path, optimizer=False).model_id
+    assert resumed.step(weights_only) == 0 and not resumed._runs[weights_only].optimizer.state
+
+
+def test_sampler_weights_are_a_peft_folder_with_a_content_hash(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 2)
+    path = learner.save_weights_for_sampler(model_id, "for-sampling").path
+    assert path == f"tinker://{model_id}/sampler_weights/for-sampling"
+    folder = learner.store.folder(path)
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= {p.name for p in folder.iterdir()}
+    assert learner.store.metadata(path)["content_hash"] == adapter_content_hash(folder)
+    assert (folder / ADAPTER_WEIGHTS).stat().st_size < 500_000, "LoRA matrices only, not the output layer"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = PeftModel.from_pretrained(base, folder).eval()
+    model = plain.get_base_model()
+    from rl.batch import prepare_batch
+
+    prepared = prepare_batch(PATTERN, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
+    with torch.no_grad():
+        expected = target_logprobs(model.get_decoder(), model.get_output_embeddings(), prepared, pad_id=0,
+                                   chunk_tokens=1024, device=torch.device("cpu"))
+    output = learner.forward(model_id, sft())
+    for record, logprobs in zip(output.loss_fn_outputs, expected, strict=True):
+        assert torch.allclose(record["logprobs"].to_torch(), logprobs, atol=1e-5)
+
+    listed = learner.list_checkpoints(model_id).checkpoints
+    assert [(c.checkpoint_type, c.checkpoint_id) for c in listed] == [("sampler", "sampler_weights/for-sampling")]
+    assert listed[0].size_bytes > 0
+    with pytest.raises(ValueError, match="exists; pass overwrite=True"):
+        learner.save_weights_for_sampler(model_id, "for-sampling")
+    train(learner, model_id, 1)
+    learner.save_weights_for_sampler(model_id, "for-sampling", overwrite=True)
+    assert learner.store.metadata(path)["step"] == 3
+
+
+def test_dpo_reference_defaults_to_the_base_model(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    pairs = [sft_datum([4, 5, 6, 7, 8], prompt_length=2), sft_datum([4, 5, 9, 10, 11], prompt_length=2),
+             sft_datum([12, 13, 14, 15], prompt_length=1), sft_datum([12, 13, 16, 17], prompt_length=1)]
+    dpo = ForwardBackwardInput(data=pairs, loss_fn="dpo", loss_fn_config={"beta": 0.5})
+    fresh = learner.forward(model_id, dpo).metrics
+    assert fresh["loss:sum"] == pytest.approx(2 * torch.log(torch.tensor(2.0)).item(), abs=1e-6), \
+        "a fresh adapter is the reference: every margin is 0"
+    train(learner, model_id, 2, data=[pairs[0], pairs[2]])  # SFT on the chosen answers
+    implicit = learner.forward(model_id, dpo)
+    reference = learner.forward(learner.create(str(tiny_model_dir), LORA), sft(pairs))
+    explicit_pairs = [Datum(model_input=d.model_input, loss_fn_inputs={**d.loss_fn_inputs,
+                                                                       "ref_logprobs": r["logprobs"]})
+                      for d, r in zip(pairs, reference.loss_fn_outputs, strict=True)]
+    explicit = learner.forward(model_id, ForwardBackwardInput(data=explicit_pairs, loss_fn="dpo",
+                                                              loss_fn_config={"beta": 0.5}))
+    assert implicit.metrics == pytest.approx(explicit.metrics, abs=1e-6)
+    assert implicit.metrics["dpo_accuracy:mean"] == 1.0 and implicit.metrics["dpo_margin:mean"] > 0
+
+
+def _bad_batches(good: Datum) -> list[tuple[ForwardBackwardInput, str]]:
+    inputs = good.loss_fn_inputs
+    length = good.model_input.length
+
+    def with_inputs(**changes) -> Datum:
+        return Datum(model_input=good.model_input, loss_fn_inputs={**inputs, **changes})
+
+    def batch(datum, loss_fn="cross_entropy", config=None):
+        return ForwardBackwardInput(data=[good, datum], loss_fn=loss_fn, loss_fn_config=config)
+
+    oov = Datum(model_input=ModelInput.from_ints([1, 2048, 3]), loss_fn_inputs={"target_tokens": [1, 2, 3],
+                                                                                "weights": [1.0, 1.0, 1.0]})
+    negative = Datum.model_construct(model_input=ModelInput.model_construct(
+        chunks=[EncodedTextChunk.model_construct(tokens=[1, -4, 3])]), loss_fn_inputs=oov.loss_fn_inputs)
+    return [
+        (batch(oov), r"data\[1\]\.model_input holds token id 2048, outside the vocabulary \[0, 2048\)"),
+        (batch(negative), r"data\[1\]\.model_input holds token id -4"),
+        (batch(with_inputs(target_tokens=[-1] * length)), r"data\[1\]\.loss_fn_inputs\['target_tokens'\] holds"),
+        (batch(Datum(model_input=good.model_input, loss_fn_inputs={"target_tokens": inputs["target_tokens"]})),
+         r"data\[1\]\.loss_fn_inputs lacks weights"),
+        (batch(with_inputs(weights=[1.0] * (length + 1))), r"data\[1\]\.loss_fn_inputs\['weights'\] has shape"),
+        (batch(with_inputs(weights=[float("nan")] * length)), r"data\[1\]\.loss_fn_inputs\['weights'\] contains NaN"),
+        (batch(with_inputs(weights=[float("inf")] * length)), r"data\[1\]\.loss_fn_inputs\['weights'\] contains NaN"),
+        (batch(with_inputs(advantages=[1.0] * length)), r"data\[1\]\.loss_fn_inputs\['advantages'\] is not read"),
+        (batch(good, loss_fn="importance_sampling"), r"data\[0\]\.loss_fn_inputs lacks logprobs, advantages"),
+        (ForwardBackwardInput.model_construct(data=[good], loss_fn="mse", loss_fn_config=None),
+         "loss_fn 'mse' is unknown"),
+        (batch(good, config={"beta": 1.0}), r"loss_fn_config\['beta'\] is not used by cross_entropy"),
+        (ForwardBackwardInput(data=[], loss_fn="cross_entropy"), "data is empty"),
+        (ForwardBackwardInput(data=[good] * 3, loss_fn="dpo"), "groups of 2"),
+    ]
+
+
+def test_bad_input_is_refused_and_changes_nothing(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)
+    learner.forward_backward(model_id, sft())  # gradients waiting for the next step
+    before = (grads(learner, model_id), adapter_state(learner, model_id), learner.step(model_id),
+              {k: v.clone() for k, v in learner._runs[model_id].optimizer.state_dict()["state"][0].items()})
+    for bad, message in _bad_batches(PATTERN[0]):
+        for call in (learner.forward_backward, learner.forward):
+            with pytest.raises(ValueError, match=message):
+                call(model_id, bad)
+    with pytest.raises(ValueError, match="unknown model_id 'nobody'"):
+        learner.forward_backward("nobody", sft())
+
+    # A failure in the middle of the work (here: in the loss of the second micro-batch) is undone too.
+    calls = []
+
+    def failing_loss(logprobs_D, inputs_D, config):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return losses.cross_entropy(logprobs_D, inputs_D, config)
+
+    original = losses.LOSSES["cross_entropy"]
+    learner.micro_batch_tokens = 12
+    losses.LOSSES["cross_entropy"] = losses.LossSpec(failing_loss, inputs=original.inputs)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            learner.forward_backward(model_id, sft())
+    finally:
+        losses.LOSSES["cross_entropy"] = original
+        learner.micro_batch_tokens = 8192
+    assert len(calls) == 2, "the first micro-batch had already added its gradient"
+
+    after = (grads(learner, model_id), adapter_state(learner, model_id), learner.step(model_id),
+             learner._runs[model_id].optimizer.state_dict()["state"][0])
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+    assert before[2] == after[2]
+    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
+
+
+def test_checkpoint_errors(learner, tiny_model_dir, tmp_path):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)
+    sampler_path = learner.save_weights_for_sampler(model_id, "s").path
+    with pytest.raises(ValueError, match="is a sampler checkpoint"):
+        learner.load_weights(sampler_path, optimizer=False)
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        learner.load_weights(f"tinker://{model_id}/weights/missing", optimizer=True)
+    other = learner.create(str(tiny_model_dir), LoraConfig(rank=8, seed=0))
+    path = learner.save_weights(model_id, "r4").path
+    with pytest.raises(ValueError, match="adapter; run"):
+        learner.load_weights(path, optimizer=True, model_id=other)
+    metadata = json.loads((learner.store.folder(path) / "checkpoint.json").read_text())
+    assert metadata["step"] == 1 and metadata["lora_config"]["rank"] == 4
+
+
+def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner):
+    import ray
+
+    from rl.learner import LearnerActor
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    try:
+        actor = LearnerActor.options(num_cpus=1).remote(str(tiny_model_dir), storage=str(tmp_path))
+        model_id = ray.get(actor.create.remote(str(tiny_model_dir), LORA))
+        remote_losses = []
+        for _ in range(2):
+            remote_losses.append(ray.get(actor.forward_backward.remote(model_id, sft())).metrics["loss:sum"])
+            ray.get(actor.optim_step.remote(model_id, ADAM))
+        path = ray.get(actor.save_weights.remote(model_id, "remote")).path
+        with pytest.raises(ray.exceptions.RayTaskError, match="unknown model_id"):
+            ray.get(actor.forward.remote("nobody", sft()))
+        assert ray.get(actor.step.remote(model_id)) == 2, "the actor survives a bad call"
+    finally:
+        ray.shutdown()
+    local_id = learner.create(str(tiny_model_dir), LORA)
+    assert train(learner, local_id, 2) == pytest.approx(remote_losses, abs=1e-5)
+    assert (tmp_path / model_id / "weights" / "remote" / ADAPTER_WEIGHTS).is_file() and path.endswith("/remote")

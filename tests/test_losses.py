@@ -1,0 +1,202 @@
+"""Each loss against an independent calculation: a hand-written formula for the value, finite differences
+(torch.autograd.gradcheck) and hand-derived gradients for the derivative."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rl import losses
+from rl.types import LossFnType
+
+
+def _rand(seed: int, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale)
+
+
+def _policy_batch():
+    """Two datums of 4 and 3 tokens: current logprobs, the sampler's, advantages and weights."""
+    logprobs_D = [(-_rand(0, 4).abs()).requires_grad_(), (-_rand(1, 3).abs()).requires_grad_()]
+    inputs_D = [
+        {"logprobs": lp.detach() + _rand(10 + i, len(lp), scale=0.3), "advantages": _rand(20 + i, len(lp)),
+         "weights": torch.tensor([0.0, 1.0, 1.0, 0.5][: len(lp)], dtype=torch.float64)}
+        for i, lp in enumerate(logprobs_D)
+    ]
+    return logprobs_D, inputs_D
+
+
+def _numpy(tensors):
+    return [t.detach().numpy() for t in tensors]
+
+
+def _grads(loss_fn, logprobs_D, inputs_D, config):
+    for lp in logprobs_D:
+        lp.grad = None
+    loss, _ = loss_fn(logprobs_D, inputs_D, config)
+    loss.backward()
+    return [lp.grad.clone() for lp in logprobs_D]
+
+
+def _gradcheck(loss_fn, logprobs_D, inputs_D, config):
+    def as_function(*logprobs):
+        return loss_fn(list(logprobs), inputs_D, config)[0]
+
+    assert torch.autograd.gradcheck(as_function, tuple(logprobs_D), eps=1e-6, atol=1e-6)
+
+
+def test_registry_matches_the_api_type():
+    assert set(losses.LOSSES) == set(LossFnType.__args__)
+
+
+def test_cross_entropy_with_negative_weights():
+    logprobs_D = [(-_rand(0, 5).abs()).requires_grad_()]
+    weights = torch.tensor([0.0, 1.0, -0.5, 2.0, 1.0], dtype=torch.float64)
+    inputs_D = [{"weights": weights}]
+    loss, metrics = losses.cross_entropy(logprobs_D, inputs_D, {})
+    expected = -sum(w * lp for w, lp in zip(weights.tolist(), logprobs_D[0].tolist(), strict=True))
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert metrics == {"loss:sum": pytest.approx(expected)}
+    assert torch.allclose(_grads(losses.cross_entropy, logprobs_D, inputs_D, {})[0], -weights)
+    _gradcheck(losses.cross_entropy, logprobs_D, inputs_D, {})
+
+
+def test_cross_entropy_soft_targets():
+    logprobs_D = [(-_rand(0, 3, 2).abs()).requires_grad_()]  # (T=3, K=2)
+    weights = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.2, 0.8]], dtype=torch.float64)
+    loss, _ = losses.cross_entropy(logprobs_D, [{"weights": weights}], {})
+    assert loss.item() == pytest.approx(float(-(weights.numpy() * logprobs_D[0].detach().numpy()).sum()))
+
+
+def test_importance_sampling():
+    logprobs_D, inputs_D = _policy_batch()
+    loss, _ = losses.importance_sampling(logprobs_D, inputs_D, {})
+    expected = 0.0
+    for lp, x in zip(_numpy(logprobs_D), inputs_D, strict=True):
+        expected -= (x["weights"].numpy() * np.exp(lp - x["logprobs"].numpy()) * x["advantages"].numpy()).sum()
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # d/dlogp of -w r A is -w r A (since dr/dlogp = r)
+    for grad, lp, x in zip(_grads(losses.importance_sampling, logprobs_D, inputs_D, {}), logprobs_D, inputs_D,
+                           strict=True):
+        ratio = torch.exp(lp.detach() - x["logprobs"])
+        assert torch.allclose(grad, -x["weights"] * ratio * x["advantages"])
+    _gradcheck(losses.importance_sampling, logprobs_D, inputs_D, {})
+
+
+def test_importance_sampling_without_weights_weighs_every_token_once():
+    logprobs_D, inputs_D = _policy_batch()
+    unweighted = [{k: v for k, v in x.items() if k != "weights"} for x in inputs_D]
+    ones = [{**x, "weights": torch.ones_like(x["advantages"])} for x in inputs_D]
+    assert losses.importance_sampling(logprobs_D, unweighted, {})[0].item() == pytest.approx(
+        losses.importance_sampling(logprobs_D, ones, {})[0].item())
+
+
+def test_ppo_value_and_gradient_at_both_clip_bounds():
+    # Tokens: ratio above high with A>0 (clipped), below low with A<0 (clipped), below low with A>0 (not
+    # clipped: min picks the unclipped term), inside the bounds (not clipped).
+    sampler = torch.zeros(4, dtype=torch.float64)
+    ratios = torch.tensor([1.5, 0.5, 0.5, 1.1], dtype=torch.float64)
+    logprobs_D = [torch.log(ratios).requires_grad_()]
+    advantages = torch.tensor([2.0, -1.0, 3.0, -0.5], dtype=torch.float64)
+    inputs_D = [{"logprobs": sampler, "advantages": advantages}]
+    config = losses.resolve_config("ppo", None)
+    assert config == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    loss, metrics = losses.ppo(logprobs_D, inputs_D, config)
+    expected_terms = [min(1.5 * 2.0, 1.2 * 2.0), min(0.5 * -1.0, 0.8 * -1.0), min(0.5 * 3.0, 0.8 * 3.0),
+                      min(1.1 * -0.5, 1.1 * -0.5)]
+    assert loss.item() == pytest.approx(-sum(expected_terms))
+    assert metrics["clip_fraction:mean"] == pytest.approx(2 / 4)
+    grad = _grads(losses.ppo, logprobs_D, inputs_D, config)[0]
+    expected_grad = torch.tensor([0.0, 0.0, -0.5 * 3.0, -1.1 * -0.5], dtype=torch.float64)
+    assert torch.allclose(grad, expected_grad)
+    # Away from the kinks, the gradient matches finite differences.
+    logprobs_D, inputs_D = _policy_batch()
+    _gradcheck(losses.ppo, logprobs_D, inputs_D, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1})
+
+
+def test_ppo_per_datum_clip_bounds_override_the_config():
+    logprobs_D = [torch.log(torch.tensor([1.5], dtype=torch.float64)).requires_grad_()]
+    inputs_D = [{"logprobs": torch.zeros(1, dtype=torch.float64), "advantages": torch.ones(1, dtype=torch.float64),
+                 "clip_high_threshold": torch.tensor([1.4], dtype=torch.float64)}]
+    loss, _ = losses.ppo(logprobs_D, inputs_D, losses.resolve_config("ppo", {"clip_high_threshold": 1.2}))
+    assert loss.item() == pytest.approx(-1.4)
+
+
+def test_cispo_weights_a_reinforce_term_by_the_clipped_stopped_ratio():
+    logprobs_D, inputs_D = _policy_batch()
+    config = losses.resolve_config("cispo", None)
+    loss, _ = losses.cispo(logprobs_D, inputs_D, config)
+    expected, expected_grads = 0.0, []
+    for lp, x in zip(_numpy(logprobs_D), inputs_D, strict=True):
+        clipped = np.clip(np.exp(lp - x["logprobs"].numpy()), 0.8, 1.2)
+        w, a = x["weights"].numpy(), x["advantages"].numpy()
+        expected -= (w * clipped * lp * a).sum()
+        expected_grads.append(-w * clipped * a)  # the clipped weight is a constant to the gradient
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    for grad, expected_grad in zip(_grads(losses.cispo, logprobs_D, inputs_D, config), expected_grads, strict=True):
+        assert np.allclose(grad.numpy(), expected_grad)
+
+
+def test_dro():
+    logprobs_D, inputs_D = _policy_batch()
+    config = losses.resolve_config("dro", {"beta": 0.5})
+    loss, _ = losses.dro(logprobs_D, inputs_D, config)
+    expected = 0.0
+    for lp, x in zip(_numpy(logprobs_D), inputs_D, strict=True):
+        q, a, w = x["logprobs"].numpy(), x["advantages"].numpy(), x["weights"].numpy()
+        expected -= (w * (lp * a - 0.25 * (lp - q) ** 2)).sum()
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    for grad, lp, x in zip(_grads(losses.dro, logprobs_D, inputs_D, config), logprobs_D, inputs_D, strict=True):
+        assert torch.allclose(grad, -x["weights"] * (x["advantages"] - 0.5 * (lp.detach() - x["logprobs"])))
+    _gradcheck(losses.dro, logprobs_D, inputs_D, config)
+
+
+def test_dpo_matches_the_standard_sigmoid_dpo_formula():
+    # Two pairs; prompt tokens (weight 0) must not count.
+    lengths = [5, 4, 3, 6]
+    logprobs_D = [(-_rand(30 + i, n).abs()).requires_grad_() for i, n in enumerate(lengths)]
+    inputs_D = [{"weights": torch.tensor([0.0, 0.0] + [1.0] * (n - 2), dtype=torch.float64),
+                 "ref_logprobs": -_rand(40 + i, n).abs()} for i, n in enumerate(lengths)]
+    beta = 0.3
+    loss, metrics = losses.dpo(logprobs_D, inputs_D, {"beta": beta})
+
+    def sequence_logp(values, weights):  # log pi(y|x) of the response
+        return float((values * weights).sum())
+
+    expected_losses, margins = [], []
+    for c, r in ((0, 1), (2, 3)):
+        pi_c = sequence_logp(logprobs_D[c].detach().numpy(), inputs_D[c]["weights"].numpy())
+        pi_r = sequence_logp(logprobs_D[r].detach().numpy(), inputs_D[r]["weights"].numpy())
+        ref_c = sequence_logp(inputs_D[c]["ref_logprobs"].numpy(), inputs_D[c]["weights"].numpy())
+        ref_r = sequence_logp(inputs_D[r]["ref_logprobs"].numpy(), inputs_D[r]["weights"].numpy())
+        logits = beta * ((pi_c - pi_r) - (ref_c - ref_r))  # Rafailov et al. 2023, eq. 7
+        expected_losses.append(math.log1p(math.exp(-logits)))
+        margins.append(logits)
+    assert loss.item() == pytest.approx(sum(expected_losses), rel=1e-12)
+    assert metrics["dpo_margin:mean"] == pytest.approx(np.mean(margins))
+    assert metrics["dpo_accuracy:mean"] == pytest.approx(np.mean([m > 0 for m in margins]))
+    # The gradient of -logsigmoid(z) in z is -sigmoid(-z): on a chosen response token it is -beta*sigmoid(-z).
+    grads = _grads(losses.dpo, logprobs_D, inputs_D, {"beta": beta})
+    sigmoid = 1 / (1 + math.exp(margins[0]))
+    assert torch.allclose(grads[0], -beta * sigmoid * inputs_D[0]["weights"])
+    assert torch.allclose(grads[1], beta * sigmoid * inputs_D[1]["weights"])
+    _gradcheck(losses.dpo, logprobs_D, inputs_D, {"beta": beta})
+
+
+def test_resolve_config_names_what_is_wrong():
+    assert losses.resolve_config("dpo", {"beta": "0.5"}) == {"beta": 0.5}
+    with pytest.raises(ValueError, match="loss_fn 'mse' is unknown"):
+        losses.resolve_config("mse", None)
+    with pytest.raises(ValueError, match=r"loss_fn_config\['clip'\] is not used by ppo"):
+        losses.resolve_config("ppo", {"clip": 0.2})
+    with pytest.raises(ValueError, match=r"loss_fn_config\['beta'\] must be a number"):
+        losses.resolve_config("dro", {"beta": "high"})
+    with pytest.raises(ValueError, match="takes no config"):
+        losses.resolve_config("cross_entropy", {"beta": 1.0})
+
+
+def test_merge_metrics_by_reduction():
+    parts = [({"loss:sum": 1.0, "acc:mean": 1.0, "lo:min": 3.0, "hi:max": 1.0}, 3),
+             ({"loss:sum": 2.0, "acc:mean": 0.0, "lo:min": 2.0, "hi:max": 5.0}, 1)]
+    assert losses.merge_metrics(parts) == {"loss:sum": 3.0, "acc:mean": 0.75, "lo:min": 2.0, "hi:max": 5.0}
