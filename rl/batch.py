@@ -133,5 +133,5 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, bat
 
 
 def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    logits = output_layer(hidden).float()  # (n, V)
-    return logits.gather(-1, targets) - logits.logsumexp(-1, keepdim=True)
+    # log_softmax is one fused kernel forward and backward; logsumexp + subtraction is several, and slower.
+    return torch.log_softmax(output_layer(hidden).float(), dim=-1).gather(-1, targets)  # (n, K)

@@ -80,7 +80,7 @@ class Learner:
     """LoRA training runs on one base model. See the module docstring for the guarantees."""
 
     def __init__(self, base_model: str, *, storage: Path | str, dtype: str = "float32", device: str | None = None,
-                 micro_batch_tokens: int = 8192, logits_chunk_tokens: int = 1024):
+                 micro_batch_tokens: int = 2048, logits_chunk_tokens: int = 1024):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
         self.base_model = base_model

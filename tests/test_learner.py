@@ -122,7 +122,7 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
     try:
         split = learner.forward_backward(model_id, sft(data))
     finally:
-        learner.micro_batch_tokens, learner.logits_chunk_tokens = 8192, 1024
+        learner.micro_batch_tokens, learner.logits_chunk_tokens = 2048, 1024
     assert split.metrics["loss:sum"] == pytest.approx(one_pass.metrics["loss:sum"], rel=1e-6)
     for a, b in zip(one_pass.loss_fn_outputs, split.loss_fn_outputs, strict=True):
         assert torch.allclose(a["logprobs"].to_torch(), b["logprobs"].to_torch(), atol=1e-5)
@@ -297,7 +297,7 @@ def test_bad_input_is_refused_and_changes_nothing(learner, tiny_model_dir):
             learner.forward_backward(model_id, sft())
     finally:
         losses.LOSSES["cross_entropy"] = original
-        learner.micro_batch_tokens = 8192
+        learner.micro_batch_tokens = 2048
     assert len(calls) == 2, "the first micro-batch had already added its gradient"
 
     after = (grads(learner, model_id), adapter_state(learner, model_id), learner.step(model_id),
