@@ -346,3 +346,18 @@ def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner):
     local_id = learner.create(str(tiny_model_dir), LORA)
     assert train(learner, local_id, 2) == pytest.approx(remote_losses, abs=1e-5)
     assert (tmp_path / model_id / "weights" / "remote" / ADAPTER_WEIGHTS).is_file() and path.endswith("/remote")
+
+
+def test_soft_targets_reduce_to_hard_targets_when_one_column_carries_the_weight(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    hard = PATTERN[0]
+    targets = hard.loss_fn_inputs["target_tokens"].to_torch()
+    weights = hard.loss_fn_inputs["weights"].to_torch()
+    soft = Datum(model_input=hard.model_input, loss_fn_inputs={
+        "target_tokens": torch.stack([targets, (targets + 1) % 2048], dim=1),
+        "weights": torch.stack([weights, torch.zeros_like(weights)], dim=1)})
+    hard_out, soft_out = (learner.forward(model_id, sft([datum])) for datum in (hard, soft))
+    assert soft_out.metrics["loss:sum"] == pytest.approx(hard_out.metrics["loss:sum"], rel=1e-6)
+    soft_logprobs = soft_out.loss_fn_outputs[0]["logprobs"].to_torch()
+    assert soft_logprobs.shape == (len(targets), 2)
+    assert torch.allclose(soft_logprobs[:, 0], hard_out.loss_fn_outputs[0]["logprobs"].to_torch(), atol=1e-6)
