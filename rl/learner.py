@@ -11,7 +11,6 @@ are written atomically by the checkpoint store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import secrets
@@ -28,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from rl import losses
 from rl.batch import PreparedDatum, micro_batches, prepare_batch, target_logprobs
-from rl.checkpoints import CheckpointStore
+from rl.checkpoints import ADAPTER_WEIGHTS, CheckpointStore, SamplerWeights, adapter_content_hash, read_adapter
 from rl.models import resolve_model
 from rl.types import (
     AdamParams,
@@ -50,21 +49,11 @@ _TARGET_MODULES = {
     "unembed": ["lm_head"],
 }
 KNOWN_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def adapter_content_hash(folder: Path) -> str:
-    """sha256 over the adapter's config and weights: what a sampler proves it loaded."""
-    digest = hashlib.sha256()
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        digest.update((folder / name).read_bytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -254,7 +243,7 @@ class Learner:
 
         def fill(folder: Path) -> dict:
             self._write_adapter(run, folder)
-            return {"content_hash": adapter_content_hash(folder)}
+            return {"content_hash": adapter_content_hash(read_adapter(folder))}
 
         checkpoint = self.store.write(model_id, "sampler", name or f"step-{run.step:06d}", fill,
                                       metadata=self._run_metadata(run), overwrite=overwrite)
@@ -288,6 +277,14 @@ class Learner:
             run.optimizer.state.clear()
             run.step = 0
         return LoadWeightsResponse(path=path, model_id=model_id)
+
+    def sampler_weights(self, path: str) -> SamplerWeights:
+        """The adapter at a `sampler_weights` path as bytes, for samplers that share no filesystem with us."""
+        files = read_adapter(self.store.folder(path, kind="sampler"))
+        content_hash = self.store.metadata(path)["content_hash"]
+        if adapter_content_hash(files) != content_hash:
+            raise ValueError(f"{path} no longer matches the content hash recorded when it was saved")
+        return SamplerWeights(tinker_path=path, content_hash=content_hash, files=files)
 
     def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
         return CheckpointsListResponse(checkpoints=self.store.list(model_id))

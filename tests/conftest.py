@@ -13,3 +13,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-model")
     build_tiny_model(folder, seed=0)
     return folder
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An in-process Ray instance shared by every test that needs actors."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()

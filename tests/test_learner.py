@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rl import losses
 from rl.batch import target_logprobs
-from rl.learner import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Learner, adapter_content_hash
+from rl.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_content_hash, read_adapter
+from rl.learner import Learner
 from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
 
 LORA = LoraConfig(rank=4, seed=0)
@@ -188,7 +189,9 @@ def test_sampler_weights_are_a_peft_folder_with_a_content_hash(learner, tiny_mod
     assert path == f"tinker://{model_id}/sampler_weights/for-sampling"
     folder = learner.store.folder(path)
     assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= {p.name for p in folder.iterdir()}
-    assert learner.store.metadata(path)["content_hash"] == adapter_content_hash(folder)
+    assert learner.store.metadata(path)["content_hash"] == adapter_content_hash(read_adapter(folder))
+    exported = learner.sampler_weights(path)
+    assert exported.files == read_adapter(folder) and exported.content_hash == adapter_content_hash(exported.files)
     assert (folder / ADAPTER_WEIGHTS).stat().st_size < 500_000, "LoRA matrices only, not the output layer"
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -324,25 +327,20 @@ def test_checkpoint_errors(learner, tiny_model_dir, tmp_path):
     assert metadata["step"] == 1 and metadata["lora_config"]["rank"] == 4
 
 
-def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner):
-    import ray
-
+def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner, ray_local):
     from rl.learner import LearnerActor
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
-    try:
-        actor = LearnerActor.options(num_cpus=1).remote(str(tiny_model_dir), storage=str(tmp_path))
-        model_id = ray.get(actor.create.remote(str(tiny_model_dir), LORA))
-        remote_losses = []
-        for _ in range(2):
-            remote_losses.append(ray.get(actor.forward_backward.remote(model_id, sft())).metrics["loss:sum"])
-            ray.get(actor.optim_step.remote(model_id, ADAM))
-        path = ray.get(actor.save_weights.remote(model_id, "remote")).path
-        with pytest.raises(ray.exceptions.RayTaskError, match="unknown model_id"):
-            ray.get(actor.forward.remote("nobody", sft()))
-        assert ray.get(actor.step.remote(model_id)) == 2, "the actor survives a bad call"
-    finally:
-        ray.shutdown()
+    actor = LearnerActor.options(num_cpus=1).remote(str(tiny_model_dir), storage=str(tmp_path))
+    model_id = ray_local.get(actor.create.remote(str(tiny_model_dir), LORA))
+    remote_losses = []
+    for _ in range(2):
+        remote_losses.append(ray_local.get(actor.forward_backward.remote(model_id, sft())).metrics["loss:sum"])
+        ray_local.get(actor.optim_step.remote(model_id, ADAM))
+    path = ray_local.get(actor.save_weights.remote(model_id, "remote")).path
+    with pytest.raises(ValueError, match="unknown model_id"):
+        ray_local.get(actor.forward.remote("nobody", sft()))
+    assert ray_local.get(actor.step.remote(model_id)) == 2, "the actor survives a bad call"
+    ray_local.kill(actor)
     local_id = learner.create(str(tiny_model_dir), LORA)
     assert train(learner, local_id, 2) == pytest.approx(remote_losses, abs=1e-5)
     assert (tmp_path / model_id / "weights" / "remote" / ADAPTER_WEIGHTS).is_file() and path.endswith("/remote")

@@ -75,6 +75,10 @@ class SampleResponse(StrictModel):
     """One per prompt token; None for the first token, which has no context."""
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     """Per prompt position, up to k (token id, logprob) pairs; None where undefined."""
+    model_path: str | None = None
+    """The weights that produced these samples: a `sampler_weights` path, or None for the base model."""
+    content_hash: str | None = None
+    """The content hash of those weights, as the sampler verified it when it loaded them."""
     type: Literal["sample"] = "sample"
 
 
