@@ -80,7 +80,13 @@ class Sampler:
     """One vLLM engine with LoRA; many concurrent requests are batched together by its engine loop."""
 
     def __init__(self, base_model: str, *, max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4,
-                 dtype: str = "float32", seed: int = 0):
+                 dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True):
+        from vllm.platforms import current_platform
+
+        if lora_fast_path and current_platform.is_cpu():
+            from rl import vllm_lora_fastpath
+
+            vllm_lora_fastpath.install()
         llm = start_vllm_engine(resolve_model(base_model), dtype=dtype, max_model_len=max_model_len,
                                 max_lora_rank=max_lora_rank, max_loras=max_loras, seed=seed)
         self._engine = EngineLoop(llm)
@@ -202,11 +208,11 @@ class SamplerPool:
 
     def __init__(self, base_model: str, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0,
                  max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "float32",
-                 seed: int = 0, tolerance: float | None = None):
+                 seed: int = 0, lora_fast_path: bool = True, tolerance: float | None = None):
+        self.base_model = base_model
         self._actor_class = ray.remote(Sampler).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
-        self._args = (base_model,)
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
-                        "dtype": dtype, "seed": seed}
+                        "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path}
         self._replicas = [_Replica(self._start_actor()) for _ in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())
         self.tolerance = tolerance if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"], 0.15)
@@ -215,7 +221,7 @@ class SamplerPool:
         self._sessions: dict[str, str | None] = {}
 
     def _start_actor(self) -> ray.actor.ActorHandle:
-        return self._actor_class.remote(*self._args, **self._kwargs)
+        return self._actor_class.remote(self.base_model, **self._kwargs)
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
@@ -275,6 +281,8 @@ class SamplerPool:
             if request.sampling_session_id not in self._sessions:
                 raise ValueError(f"unknown sampling_session_id {request.sampling_session_id!r}")
             model_path = self._sessions[request.sampling_session_id]
+        if request.base_model is not None and request.base_model != self.base_model:
+            raise ValueError(f"base_model {request.base_model!r}: this pool serves {self.base_model!r}")
         version = self._version(model_path) if model_path is not None else None
         work = request.num_samples * (request.sampling_params.max_tokens or self.info["max_model_len"])
         for attempt in range(2):

@@ -173,9 +173,11 @@ def test_bad_requests_fail_alone(pool):
         SampleRequest(prompt=ModelInput.from_ints([1, 2048]), sampling_params=SamplingParams(max_tokens=4)),
         SampleRequest(prompt=PROMPT, sampling_params=SamplingParams(max_tokens=250)),
         request(model_path="tinker://nobody/sampler_weights/x"),
+        SampleRequest(prompt=PROMPT, base_model="SmolLM2-135M-Instruct", sampling_params=SamplingParams()),
     ]
     messages = ["prompt is empty", r"token id 2048, outside the vocabulary \[0, 2048\)",
-                r"prompt \(10 tokens\) \+ max_tokens \(250\) exceeds the context of 256", "unknown model path"]
+                r"prompt \(10 tokens\) \+ max_tokens \(250\) exceeds the context of 256", "unknown model path",
+                "this pool serves"]
 
     results = run_all([pool.sample(r) for r in bad + [request(temperature=0.0)]], return_exceptions=True)
     for result, message in zip(results[:-1], messages, strict=True):

@@ -1,0 +1,145 @@
+"""Sampler pool throughput and weight-sync latency, measured side by side in one invocation.
+
+    .venv/bin/python scripts/bench/sampler.py [--model SmolLM2-135M-Instruct] [--prompts 32] [--samples 4]
+                                              [--max-tokens 64] [--dtype bfloat16] [--publishes 8]
+
+1. Overhead: sampled tokens/s through a one-replica `SamplerPool` against raw vLLM `LLM.generate` (in a Ray
+   actor of the same size) on identical prompts and sampling settings. Goal: ratio >= 0.9.
+2. Policy speed: tokens/s sampling from a trained LoRA adapter (each publish mode) against the base model.
+   Goal: >= 0.8 of base-model speed.
+3. Publish-to-first-sample latency: learner save -> publish (load + verify on the replica) -> first sample
+   back, p50 and p95 over several weight versions.
+Only ratios measured in the same invocation are meaningful: the machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import ray
+
+from rl.learner import LearnerActor
+from rl.models import resolve_model
+from rl.sampler import SamplerPool
+from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
+
+INSTRUCTION = "Put the final answer after 'Answer:'."
+
+
+class RawVllm:
+    """The baseline: vLLM's own batch API, one call for all prompts."""
+
+    def __init__(self, folder: str, dtype: str, max_model_len: int):
+        from rl.engine import start_vllm_engine
+
+        self.llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, max_lora_rank=16,
+                                     max_loras=4)
+
+    def generate(self, prompts: list[list[int]], samples: int, max_tokens: int) -> tuple[float, int]:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm import TokensPrompt
+
+        params = [VllmSamplingParams(n=samples, max_tokens=max_tokens, temperature=1.0, seed=index, logprobs=0)
+                  for index in range(len(prompts))]
+        started = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        return seconds, sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
+
+
+def chat_prompts(folder: str, count: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rng = random.Random(0)
+    return [tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"What is {rng.randrange(10)} + {rng.randrange(10)}? {INSTRUCTION}"}],
+        tokenize=True, add_generation_prompt=True, return_dict=False) for _ in range(count)]
+
+
+async def pool_throughput(pool: SamplerPool, prompts: list[list[int]], samples: int, max_tokens: int,
+                          model_path: str | None) -> tuple[float, int]:
+    requests = [SampleRequest(prompt=ModelInput.from_ints(p), num_samples=samples, model_path=model_path,
+                              sampling_params=SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=index))
+                for index, p in enumerate(prompts)]
+    started = time.perf_counter()
+    responses = await asyncio.gather(*(pool.sample(r) for r in requests))
+    seconds = time.perf_counter() - started
+    return seconds, sum(len(s.tokens) for r in responses for s in r.sequences)
+
+
+async def publish_latencies(pool: SamplerPool, learner, model_id: str, prompt: list[int], count: int) -> list[float]:
+    """Seconds from `save_weights_for_sampler` to the first sample from the new weights, per version."""
+    latencies = []
+    tokens = prompt + prompt
+    step = ForwardBackwardInput(loss_fn="cross_entropy", data=[Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})])
+    for index in range(count):
+        await learner.forward_backward.remote(model_id, step)
+        await learner.optim_step.remote(model_id, AdamParams(learning_rate=1e-4))
+        started = time.perf_counter()
+        version = await pool.publish_from_learner(learner, model_id, f"bench-{index}")
+        await pool.sample(SampleRequest(prompt=ModelInput.from_ints(prompt), model_path=version.tinker_path,
+                                        sampling_params=SamplingParams(max_tokens=1)))
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--publishes", type=int, default=8)
+    args = parser.parse_args()
+
+    folder = str(resolve_model(args.model))
+    prompts = chat_prompts(folder, args.prompts)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results: dict[str, object] = {"model": args.model, "dtype": args.dtype, "prompts": args.prompts,
+                                  "samples": args.samples, "max_tokens": args.max_tokens}
+
+    raw = ray.remote(RawVllm).options(num_cpus=1).remote(folder, args.dtype, 512)
+    ray.get(raw.generate.remote(prompts[:2], 1, 4))  # warm-up
+    seconds, tokens = ray.get(raw.generate.remote(prompts, args.samples, args.max_tokens))
+    results["raw_vllm_tokens_per_s"] = tokens / seconds
+    ray.kill(raw)
+
+    pool = SamplerPool(folder, replicas=1, num_cpus=1, max_model_len=512, max_lora_rank=16, dtype=args.dtype)
+    asyncio.run(pool_throughput(pool, prompts[:2], 1, 4, None))  # warm-up
+    seconds, tokens = asyncio.run(pool_throughput(pool, prompts, args.samples, args.max_tokens, None))
+    results["pool_base_tokens_per_s"] = tokens / seconds
+    results["pool_over_raw"] = results["pool_base_tokens_per_s"] / results["raw_vllm_tokens_per_s"]
+
+    learner = LearnerActor.options(num_cpus=1).remote(folder, storage="/tmp/rl-bench-storage", dtype=args.dtype)
+    model_id = ray.get(learner.create.remote(folder, LoraConfig(rank=16, seed=0, train_unembed=False)))
+    latencies = asyncio.run(publish_latencies(pool, learner, model_id, prompts[0], args.publishes))
+    results["publish_to_first_sample_s"] = {"p50": statistics.median(latencies),
+                                            "p95": sorted(latencies)[int(0.95 * (len(latencies) - 1))]}
+    policy = f"tinker://{model_id}/sampler_weights/bench-{args.publishes - 1}"
+    seconds, tokens = asyncio.run(pool_throughput(pool, prompts, args.samples, args.max_tokens, policy))
+    results["pool_adapter_tokens_per_s"] = tokens / seconds
+    results["adapter_over_base"] = results["pool_adapter_tokens_per_s"] / results["pool_base_tokens_per_s"]
+
+    print(f"raw vLLM          {results['raw_vllm_tokens_per_s']:8.1f} tokens/s")
+    print(f"pool, base model  {results['pool_base_tokens_per_s']:8.1f} tokens/s   ratio to raw "
+          f"{results['pool_over_raw']:.2f}")
+    print(f"pool, adapter     {results['pool_adapter_tokens_per_s']:8.1f} tokens/s   ratio to base "
+          f"{results['adapter_over_base']:.2f}")
+    print(f"publish -> first sample: p50 {results['publish_to_first_sample_s']['p50']:.2f} s, "
+          f"p95 {results['publish_to_first_sample_s']['p95']:.2f} s")
+    print(json.dumps(results))
+    pool.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
