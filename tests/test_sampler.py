@@ -225,3 +225,23 @@ def test_an_adapter_of_lm_head_is_refused_clearly(pool, learner, tiny_model_dir)
     model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0)))  # train_unembed
     with pytest.raises(ValueError, match="adapts lm_head, which vLLM's LoRA cannot serve"):
         run(pool.publish_from_learner(learner, model_id, "with-unembed"))
+
+
+def test_stop_tokens_stop_strings_and_top_k(pool, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    greedy = run(pool.sample(request(temperature=0.0))).sequences[0]
+    stop_token = greedy.tokens[3]
+    stopped = run(pool.sample(request(temperature=0.0, stop=[stop_token]))).sequences[0]
+    first = greedy.tokens.index(stop_token)
+    assert stopped.stop_reason == "stop" and stopped.tokens == greedy.tokens[: first + 1]
+
+    text = AutoTokenizer.from_pretrained(tiny_model_dir).decode(greedy.tokens[4:6])
+    by_string = run(pool.sample(request(temperature=0.0, stop=text))).sequences[0]
+    assert by_string.stop_reason == "stop" and len(by_string.tokens) < len(greedy.tokens)
+    assert by_string.tokens == greedy.tokens[: len(by_string.tokens)]
+
+    top_one = run(pool.sample(request(temperature=1.0, top_k=1, seed=9))).sequences[0]
+    assert top_one.tokens == greedy.tokens, "top_k=1 leaves only the greedy choice"
+    nucleus = run(pool.sample(request(temperature=1.0, top_p=1e-6, seed=9))).sequences[0]
+    assert nucleus.tokens == greedy.tokens, "a tiny top_p leaves only the most likely token"

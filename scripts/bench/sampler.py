@@ -25,7 +25,7 @@ import ray
 
 from rl.learner import LearnerActor
 from rl.models import resolve_model
-from rl.sampler import SamplerPool
+from rl.sampler import SamplerPool, probe_batch
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
 
 INSTRUCTION = "Put the final answer after 'Answer:'."
@@ -35,8 +35,10 @@ class RawVllm:
     """The baseline: vLLM's own batch API, one call for all prompts."""
 
     def __init__(self, folder: str, dtype: str, max_model_len: int):
+        from rl import vllm_lora_fastpath
         from rl.engine import start_vllm_engine
 
+        vllm_lora_fastpath.install()  # the same engine as the pool's replicas: only the pool's own cost differs
         self.llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, max_lora_rank=16,
                                      max_loras=4)
 
@@ -44,7 +46,8 @@ class RawVllm:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm import TokensPrompt
 
-        params = [VllmSamplingParams(n=samples, max_tokens=max_tokens, temperature=1.0, seed=index, logprobs=0)
+        params = [VllmSamplingParams(n=samples, max_tokens=max_tokens, temperature=1.0, seed=index, logprobs=0,
+                                     ignore_eos=True)
                   for index in range(len(prompts))]
         started = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -65,7 +68,8 @@ def chat_prompts(folder: str, count: int) -> list[list[int]]:
 async def pool_throughput(pool: SamplerPool, prompts: list[list[int]], samples: int, max_tokens: int,
                           model_path: str | None) -> tuple[float, int]:
     requests = [SampleRequest(prompt=ModelInput.from_ints(p), num_samples=samples, model_path=model_path,
-                              sampling_params=SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=index))
+                              sampling_params=SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=index,
+                                                             stop=[]))
                 for index, p in enumerate(prompts)]
     started = time.perf_counter()
     responses = await asyncio.gather(*(pool.sample(r) for r in requests))
@@ -91,6 +95,11 @@ async def publish_latencies(pool: SamplerPool, learner, model_id: str, prompt: l
     return latencies
 
 
+async def _probe(pool: SamplerPool, learner, model_id: str) -> list[float]:
+    output = await learner.forward.remote(model_id, probe_batch(pool.info["vocab_size"]))
+    return output.loss_fn_outputs[0]["logprobs"].data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -99,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--publishes", type=int, default=8)
+    parser.add_argument("--skip-slow-path", action="store_true", help="do not measure vLLM's own LoRA path")
     args = parser.parse_args()
 
     folder = str(resolve_model(args.model))
@@ -129,6 +139,16 @@ def main() -> None:
     results["pool_adapter_tokens_per_s"] = tokens / seconds
     results["adapter_over_base"] = results["pool_adapter_tokens_per_s"] / results["pool_base_tokens_per_s"]
 
+    pool.shutdown()
+    if not args.skip_slow_path:
+        slow = SamplerPool(folder, replicas=1, num_cpus=1, max_model_len=512, max_lora_rank=16, dtype=args.dtype,
+                           lora_fast_path=False)
+        asyncio.run(slow.publish(ray.get(learner.sampler_weights.remote(policy)),
+                                 asyncio.run(_probe(slow, learner, model_id))))
+        seconds, tokens = asyncio.run(pool_throughput(slow, prompts, args.samples, args.max_tokens, policy))
+        results["pool_adapter_vllm_path_tokens_per_s"] = tokens / seconds
+        slow.shutdown()
+
     print(f"raw vLLM          {results['raw_vllm_tokens_per_s']:8.1f} tokens/s")
     print(f"pool, base model  {results['pool_base_tokens_per_s']:8.1f} tokens/s   ratio to raw "
           f"{results['pool_over_raw']:.2f}")
@@ -136,8 +156,9 @@ def main() -> None:
           f"{results['adapter_over_base']:.2f}")
     print(f"publish -> first sample: p50 {results['publish_to_first_sample_s']['p50']:.2f} s, "
           f"p95 {results['publish_to_first_sample_s']['p95']:.2f} s")
+    if "pool_adapter_vllm_path_tokens_per_s" in results:
+        print(f"pool, adapter, vLLM's own LoRA path {results['pool_adapter_vllm_path_tokens_per_s']:8.1f} tokens/s")
     print(json.dumps(results))
-    pool.shutdown()
     ray.shutdown()
 
 
