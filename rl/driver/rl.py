@@ -1,0 +1,155 @@
+"""The RL loop, top to bottom: rollout -> reward -> advantages -> forward_backward -> optim_step -> publish.
+
+Group-relative advantages (GRPO-style, without a learned critic): each prompt is sampled `group_size` times,
+and a sample's advantage is its reward minus its group's mean, so only groups whose samples differ teach
+anything. The loss is normalised by the number of trained tokens through the advantages, because Tinker's
+losses sum over tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from transformers import AutoTokenizer
+
+from rl.learner import LearnerActor
+from rl.models import resolve_model
+from rl.sampler import SamplerPool
+from rl.tasks import Problem, Task
+from rl.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardInput,
+    LoraConfig,
+    ModelInput,
+    SampledSequence,
+    SampleRequest,
+    SampleResponse,
+    SamplingParams,
+)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    base_model: str = "SmolLM2-135M-Instruct"
+    steps: int = 30
+    prompts_per_step: int = 16
+    group_size: int = 4
+    max_tokens: int = 32
+    temperature: float = 1.0
+    loss_fn: str = "importance_sampling"
+    learning_rate: float = 2e-4
+    grad_clip_norm: float = 1.0
+    lora_rank: int = 16
+    dtype: str = "bfloat16"
+    eval_every: int = 5
+    eval_prompts: int = 64
+    seed: int = 0
+    output_dir: str = "outputs/rl"
+
+
+def chat_tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)
+
+
+def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantage: float) -> Datum:
+    """One sample as a datum: prompt tokens carry no advantage; sampled tokens carry the sampler's logprobs."""
+    tokens_T = prompt_T + sequence.tokens
+    prompt_zeros = [0.0] * (len(prompt_T) - 1)
+    return Datum(model_input=ModelInput.from_ints(tokens_T[:-1]), loss_fn_inputs={
+        "target_tokens": tokens_T[1:],
+        "logprobs": prompt_zeros + sequence.logprobs,
+        "advantages": prompt_zeros + [advantage] * len(sequence.tokens),
+    })
+
+
+async def sample_all(pool: SamplerPool, prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
+                     params: SamplingParams) -> list[SampleResponse]:
+    requests = [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
+                              sampling_params=params) for prompt in prompts_P]
+    return await asyncio.gather(*(pool.sample(request) for request in requests))
+
+
+def evaluate(pool, tokenizer, task: Task, problems: list[Problem], model_path: str | None, max_tokens: int) -> float:
+    """Greedy accuracy (the task's strict score) on held-out problems."""
+    prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems]
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    responses = asyncio.run(sample_all(pool, prompts_P, model_path=model_path, group_size=1, params=greedy))
+    scores = [task.accuracy(problem, tokenizer.decode(response.sequences[0].tokens, skip_special_tokens=True))
+              for problem, response in zip(problems, responses, strict=True)]
+    return sum(scores) / len(scores)
+
+
+def train(config: RLConfig, task: Task) -> list[dict]:
+    """Runs the RL loop; returns one metrics record per step (also appended to OUTPUT_DIR/metrics.jsonl)."""
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    folder = str(resolve_model(config.base_model))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    learner = LearnerActor.options(num_cpus=1).remote(folder, storage=str(output / "checkpoints"),
+                                                      dtype=config.dtype)
+    pool = SamplerPool(folder, replicas=1, num_cpus=1, max_model_len=512, max_lora_rank=config.lora_rank,
+                       dtype=config.dtype, seed=config.seed)
+    model_id = ray.get(learner.create.remote(folder, LoraConfig(rank=config.lora_rank, seed=config.seed,
+                                                                train_unembed=False)))
+    version = asyncio.run(pool.publish_from_learner(learner, model_id, "step-0"))
+    held_out = task.problems(config.eval_prompts, seed=config.seed, split="eval")
+    adam = AdamParams(learning_rate=config.learning_rate, grad_clip_norm=config.grad_clip_norm)
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature)
+    history = []
+    with open(output / "metrics.jsonl", "a") as log:
+        for step in range(config.steps):
+            started = time.perf_counter()
+            record: dict = {"step": step}
+            if step % config.eval_every == 0:
+                record["eval/accuracy"] = evaluate(pool, tokenizer, task, held_out, version.tinker_path,
+                                                   config.max_tokens)
+
+            # Rollout: a group of samples per prompt, from the weights just published.
+            problems_P = task.problems(config.prompts_per_step, seed=config.seed * 100_003 + step)
+            prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
+            responses_P = asyncio.run(sample_all(pool, prompts_P, model_path=version.tinker_path,
+                                                 group_size=config.group_size, params=params))
+            sampled = time.perf_counter()
+
+            # Reward and group-relative advantages, scaled so the summed loss is a mean over sampled tokens.
+            sampled_tokens = sum(len(s.tokens) for r in responses_P for s in r.sequences)
+            datums_D, rewards = [], []
+            for problem, prompt_T, response in zip(problems_P, prompts_P, responses_P, strict=True):
+                rewards_G = [task.reward(problem, tokenizer.decode(s.tokens, skip_special_tokens=True))
+                             for s in response.sequences]
+                mean_reward = sum(rewards_G) / len(rewards_G)
+                advantages_G = [reward - mean_reward for reward in rewards_G]
+                rewards += rewards_G
+                datums_D += [policy_datum(prompt_T, sequence, advantage / sampled_tokens)
+                             for sequence, advantage in zip(response.sequences, advantages_G, strict=True)
+                             if advantage != 0.0]
+
+            # Update: one optimizer step on the groups that carry signal, then publish the new weights.
+            if datums_D:
+                result = ray.get(learner.forward_backward.remote(
+                    model_id, ForwardBackwardInput(data=datums_D, loss_fn=config.loss_fn)))
+                record["loss"] = result.metrics["loss:sum"]
+                record.update(ray.get(learner.optim_step.remote(model_id, adam)).metrics)
+                version = asyncio.run(pool.publish_from_learner(learner, model_id, f"step-{step + 1}"))
+
+            record.update({"reward/mean": sum(rewards) / len(rewards), "datums": len(datums_D),
+                           "tokens/sampled": sampled_tokens, "time/sampling_s": sampled - started,
+                           "step_time_s": time.perf_counter() - started})
+            history.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in record.items()), flush=True)
+    (output / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    pool.shutdown()
+    ray.kill(learner)
+    return history
