@@ -292,10 +292,10 @@ class SamplerPool:
                 if version is not None and version.lora_int_id not in replica.verified:
                     await self._verify(replica, version)
                 return await replica.actor.sample.remote(request, version)
-            except (ray.exceptions.RayActorError, EngineDeadError) as error:
+            except (ray.exceptions.RayActorError, EngineDeadError):
                 if attempt == 1:
                     raise
-                self._replace(replica, error)
+                self._replace(replica)
             finally:
                 replica.outstanding -= work
         raise AssertionError("unreachable")
@@ -305,7 +305,7 @@ class SamplerPool:
             raise ValueError(f"unknown model path {model_path!r}: publish it before sampling from it")
         return self._versions[model_path]
 
-    def _replace(self, replica: _Replica, error: BaseException) -> None:
+    def _replace(self, replica: _Replica) -> None:
         """Swaps a dead replica for a fresh one (which loads and verifies adapters on first use)."""
         if replica in self._replicas:
             ray.kill(replica.actor, no_restart=True)

@@ -9,21 +9,11 @@ integer). The base SmolLM2 scores near zero: that is the gap the RL recipe close
 from __future__ import annotations
 
 import argparse
-import random
-import re
 import time
 
 from rl.engine import start_vllm_engine
 from rl.models import resolve_model
-
-INSTRUCTION = "Put the final answer after 'Answer:'."
-
-
-def strict_score(text: str, answer: int) -> float:
-    if "Answer:" not in text:
-        return 0.0
-    match = re.match(r"\s*(-?\d+)", text.rsplit("Answer:", 1)[1])
-    return float(match is not None and int(match.group(1)) == answer)
+from rl.tasks import Addition
 
 
 def main() -> None:
@@ -41,21 +31,18 @@ def main() -> None:
     llm = start_vllm_engine(folder, max_model_len=512)
     print(f"vLLM engine up in {time.perf_counter() - started:.1f} s on {folder}")
     tokenizer = llm.get_tokenizer()
-    rng = random.Random(0)
-    problems = [(rng.randrange(10), rng.randrange(10)) for _ in range(args.prompts)]
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}? {INSTRUCTION}"}],
-                                      tokenize=False, add_generation_prompt=True)
-        for a, b in problems
-    ]
+    task = Addition()
+    problems = task.problems(args.prompts, seed=0, split="eval")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
+                                             add_generation_prompt=True) for problem in problems]
     started = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                                                    seed=0))
     seconds = time.perf_counter() - started
     texts = [output.outputs[0].text for output in outputs]
-    scores = [strict_score(text, a + b) for text, (a, b) in zip(texts, problems, strict=True)]
-    for (a, b), text in list(zip(problems, texts, strict=True))[:4]:
-        print(f"  {a} + {b} -> {text.strip()!r}")
+    scores = [task.accuracy(problem, text) for problem, text in zip(problems, texts, strict=True)]
+    for problem, text in list(zip(problems, texts, strict=True))[:4]:
+        print(f"  {problem.prompt.split('?')[0]}? -> {text.strip()!r}")
     tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
     print(f"strict accuracy {sum(scores) / len(scores):.3f} on {len(scores)} prompts; "
           f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s)")
