@@ -69,3 +69,11 @@ class Addition:
     def accuracy(self, problem: Problem, completion: str) -> float:
         """The strict score, without shaping: what evaluation reports."""
         return float(str(strict_answer(completion)) == problem.answer)
+
+
+def make_task(name: str, *, format_reward: float = 0.0) -> Task:
+    """The task called `name`; an unknown name lists the known ones."""
+    tasks = {"addition": lambda: Addition(format_reward=format_reward)}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}: known tasks are {', '.join(tasks)}")
+    return tasks[name]()

@@ -9,15 +9,16 @@ losses sum over tokens.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from rl.config import TrainConfig
 from rl.learner import LearnerActor
+from rl.metrics import RunLog
 from rl.models import resolve_model
 from rl.sampler import SamplerPool
 from rl.tasks import Problem, Task
@@ -32,25 +33,6 @@ from rl.types import (
     SampleResponse,
     SamplingParams,
 )
-
-
-@dataclass(frozen=True)
-class RLConfig:
-    base_model: str = "SmolLM2-135M-Instruct"
-    steps: int = 30
-    prompts_per_step: int = 16
-    group_size: int = 4
-    max_tokens: int = 32
-    temperature: float = 1.0
-    loss_fn: str = "importance_sampling"
-    learning_rate: float = 2e-4
-    grad_clip_norm: float = 1.0
-    lora_rank: int = 16
-    dtype: str = "bfloat16"
-    eval_every: int = 5
-    eval_prompts: int = 64
-    seed: int = 0
-    output_dir: str = "outputs/rl"
 
 
 def chat_tokens(tokenizer, text: str) -> list[int]:
@@ -86,38 +68,37 @@ def evaluate(pool, tokenizer, task: Task, problems: list[Problem], model_path: s
     return sum(scores) / len(scores)
 
 
-def train(config: RLConfig, task: Task) -> list[dict]:
-    """Runs the RL loop; returns one metrics record per step (also appended to OUTPUT_DIR/metrics.jsonl)."""
-    output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    folder = str(resolve_model(config.base_model))
+def train(config: TrainConfig, task: Task, log: RunLog) -> list[dict]:
+    """Runs the RL loop; `log` receives one metrics record per step. Returns them all."""
+    model, algo = config.model, config.algo
+    folder = str(resolve_model(model.name))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    learner = LearnerActor.options(num_cpus=1).remote(folder, storage=str(output / "checkpoints"),
-                                                      dtype=config.dtype)
-    pool = SamplerPool(folder, replicas=1, num_cpus=1, max_model_len=512, max_lora_rank=config.lora_rank,
-                       dtype=config.dtype, seed=config.seed)
-    model_id = ray.get(learner.create.remote(folder, LoraConfig(rank=config.lora_rank, seed=config.seed,
-                                                                train_unembed=False)))
-    version = asyncio.run(pool.publish_from_learner(learner, model_id, "step-0"))
-    held_out = task.problems(config.eval_prompts, seed=config.seed, split="eval")
-    adam = AdamParams(learning_rate=config.learning_rate, grad_clip_norm=config.grad_clip_norm)
-    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature)
-    history = []
-    with open(output / "metrics.jsonl", "a") as log:
-        for step in range(config.steps):
+    learner = LearnerActor.options(num_cpus=config.learner.num_cpus, num_gpus=config.learner.num_gpus).remote(
+        folder, storage=str(Path(config.output_dir) / "checkpoints"), dtype=model.dtype,
+        micro_batch_tokens=config.learner.micro_batch_tokens)
+    pool = SamplerPool(folder, replicas=config.sampler.replicas, num_cpus=config.sampler.num_cpus,
+                       num_gpus=config.sampler.num_gpus, max_model_len=model.max_model_len,
+                       max_lora_rank=model.lora_rank, dtype=model.dtype, seed=config.seed)
+    try:
+        model_id = ray.get(learner.create.remote(folder, LoraConfig(rank=model.lora_rank, seed=config.seed,
+                                                                    train_unembed=False)))
+        version = asyncio.run(pool.publish_from_learner(learner, model_id, "step-0"))
+        held_out = task.problems(config.eval_prompts, seed=config.seed, split="eval")
+        adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
+        for step in tqdm(range(config.steps), desc=config.recipe, unit="step", disable=None):
             started = time.perf_counter()
             record: dict = {"step": step}
             if step % config.eval_every == 0:
                 record["eval/accuracy"] = evaluate(pool, tokenizer, task, held_out, version.tinker_path,
-                                                   config.max_tokens)
+                                                   algo.max_tokens)
 
             # Rollout: a group of samples per prompt, from the weights just published.
-            problems_P = task.problems(config.prompts_per_step, seed=config.seed * 100_003 + step)
+            problems_P = task.problems(algo.prompts_per_step, seed=config.seed * 100_003 + step)
             prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
+            params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
+                                    seed=config.seed * 100_003 + step)
             responses_P = asyncio.run(sample_all(pool, prompts_P, model_path=version.tinker_path,
-                                                 group_size=config.group_size, params=params))
+                                                 group_size=algo.group_size, params=params))
             sampled = time.perf_counter()
 
             # Reward and group-relative advantages, scaled so the summed loss is a mean over sampled tokens.
@@ -135,21 +116,20 @@ def train(config: RLConfig, task: Task) -> list[dict]:
 
             # Update: one optimizer step on the groups that carry signal, then publish the new weights.
             if datums_D:
-                result = ray.get(learner.forward_backward.remote(
-                    model_id, ForwardBackwardInput(data=datums_D, loss_fn=config.loss_fn)))
-                record["loss"] = result.metrics["loss:sum"]
+                batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
+                                             loss_fn_config=algo.loss_fn_config or None)
+                record["loss"] = ray.get(learner.forward_backward.remote(model_id, batch)).metrics["loss:sum"]
                 record.update(ray.get(learner.optim_step.remote(model_id, adam)).metrics)
                 version = asyncio.run(pool.publish_from_learner(learner, model_id, f"step-{step + 1}"))
 
             record.update({"reward/mean": sum(rewards) / len(rewards), "datums": len(datums_D),
-                           "tokens/sampled": sampled_tokens, "time/sampling_s": sampled - started,
+                           "tokens/prompt": sum(map(len, prompts_P)) * algo.group_size,
+                           "tokens/sampled": sampled_tokens,
+                           "tokens/trained": sum(d.model_input.length for d in datums_D),
+                           "time/sampling_s": sampled - started, "time/training_s": time.perf_counter() - sampled,
                            "step_time_s": time.perf_counter() - started})
-            history.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                           for key, value in record.items()), flush=True)
-    (output / "config.json").write_text(json.dumps(asdict(config), indent=1))
-    pool.shutdown()
-    ray.kill(learner)
-    return history
+            log.log(record)
+    finally:
+        pool.shutdown()
+        ray.kill(learner)
+    return log.history
