@@ -41,8 +41,9 @@ def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
     history = train(config, LetterTask(), log)
     log.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == history and [record["step"] for record in lines] == [0, 1]
-    for record in lines:
+    assert lines == history and [record["step"] for record in lines] == [0, 1, 2]
+    assert lines[2].keys() == {"step", "eval/accuracy"}, "the final weights are evaluated after the last step"
+    for record in lines[:2]:
         assert {"loss", "step_time_s", "reward/mean", "eval/accuracy", "grad_norm:mean"} <= record.keys()
         assert 0.0 <= record["reward/mean"] <= 1.0 and record["datums"] > 0
         assert 0 < record["tokens/sampled"] <= 4 * 4 * 8 and record["tokens/trained"] > 0
@@ -64,7 +65,7 @@ def test_rl_train_smoke_run_on_the_tiny_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "arithmetic_rl").iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1] and "eval/accuracy" in records[0]
+    assert [r["step"] for r in records] == [0, 1, 2] and "eval/accuracy" in records[0]
     assert (run / "curves.png").is_file() and (run / "wandb").is_dir()
     assert json.loads((run / "config.json").read_text())["model"]["name"] == "tiny"
 

@@ -129,6 +129,8 @@ def train(config: TrainConfig, task: Task, log: RunLog) -> list[dict]:
                            "time/sampling_s": sampled - started, "time/training_s": time.perf_counter() - sampled,
                            "step_time_s": time.perf_counter() - started})
             log.log(record)
+        log.log({"step": config.steps, "eval/accuracy": evaluate(pool, tokenizer, task, held_out,
+                                                                 version.tinker_path, algo.max_tokens)})
     finally:
         pool.shutdown()
         ray.kill(learner)
