@@ -80,3 +80,15 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     assert added_key.returncode != 0 and "bad configuration at algo.learning_rat" in added_key.stderr
     wrong_type = rl_train("steps=many", cwd=tmp_path)
     assert wrong_type.returncode != 0 and "bad configuration at steps: Value 'many'" in wrong_type.stderr
+
+
+def test_a_sweep_gives_each_run_its_own_folder_and_wandb_run(tmp_path):
+    result = rl_train("-m", "recipe=arithmetic_rl", "model=tiny", "steps=1", "eval_prompts=2",
+                      "algo.prompts_per_step=2", "algo.max_tokens=4", "algo.learning_rate=1e-4,3e-4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "arithmetic_rl").iterdir()
+    runs = sorted(sweep.iterdir())
+    assert [run.name for run in runs if run.is_dir() and run.name != ".hydra"] == ["0", "1"]
+    rates = [json.loads((sweep / name / "config.json").read_text())["algo"]["learning_rate"] for name in "01"]
+    assert rates == [1e-4, 3e-4]
+    assert all(len(list((sweep / name / "wandb").glob("offline-run-*"))) == 1 for name in "01")
