@@ -39,9 +39,12 @@ from rl.types import (
 )
 
 PROBE_LENGTH = 24
-# Mean absolute difference allowed between a replica's and the learner's probe logprobs, by engine dtype.
-# Measured: ~2e-6 in float32; 0.03-0.05 per token in bfloat16.
-SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15, "float16": 0.1}
+# Mean |difference| allowed between a replica's and the learner's probe logprobs: an absolute part plus a part
+# relative to the probe's mean |logprob|, by engine dtype. Measured: ~2e-6 in float32. In bfloat16 the two
+# implementations (PEFT adds LoRA in float32, vLLM in bf16) drift apart as the adapter grows, and the probe's
+# random tokens have large |logprob| that bf16 rounds coarsely: 0.16 (about 1% of the mean |logprob|) after 17
+# steps of the main job, so bf16 gets a relative allowance.
+SYNC_TOLERANCE = {"float32": (1e-3, 0.0), "bfloat16": (0.05, 0.02), "float16": (0.05, 0.02)}
 
 
 class WeightSyncError(RuntimeError):
@@ -209,13 +212,15 @@ class SamplerPool:
     def __init__(self, base_model: str, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0,
                  max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "float32",
                  seed: int = 0, lora_fast_path: bool = True, tolerance: float | None = None):
+        """`tolerance` (mean |logprob difference| on the probe) overrides the default for the engine's dtype."""
         self.base_model = base_model
         self._actor_class = ray.remote(Sampler).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
                         "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path}
         self._replicas = [_Replica(self._start_actor()) for _ in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())
-        self.tolerance = tolerance if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"], 0.15)
+        self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
+                                                                                          (0.05, 0.02))
         self._versions: dict[str, AdapterVersion] = {}
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
@@ -258,10 +263,12 @@ class SamplerPool:
                                 sampling_params=SamplingParams(max_tokens=1, temperature=0.0))
         served = (await replica.actor.sample.remote(request, version)).prompt_logprobs[1:]
         difference = sum(abs(a - b) for a, b in zip(served, version.probe_logprobs, strict=True)) / len(served)
-        if difference > self.tolerance:
+        absolute, relative = self.tolerance
+        allowed = absolute + relative * sum(map(abs, version.probe_logprobs)) / len(served)
+        if difference > allowed:
             raise WeightSyncError(f"a replica serving {version.tinker_path} disagrees with the learner on the probe "
-                                  f"sequence: mean |logprob difference| {difference:.4f} > tolerance "
-                                  f"{self.tolerance} (stale or corrupted weights)")
+                                  f"sequence: mean |logprob difference| {difference:.4f} > tolerance {allowed:.4f} "
+                                  "(stale or corrupted weights)")
         replica.verified.add(version.lora_int_id)
 
     # ---- sampling --------------------------------------------------------------------------------------------

@@ -53,8 +53,11 @@ def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantage: floa
 
 async def sample_all(pool: SamplerPool, prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
                      params: SamplingParams) -> list[SampleResponse]:
+    # Each request draws from its own seed: one seed for all would correlate the samples of different prompts.
     requests = [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
-                              sampling_params=params) for prompt in prompts_P]
+                              sampling_params=params if params.seed is None else
+                              params.model_copy(update={"seed": params.seed + index}))
+                for index, prompt in enumerate(prompts_P)]
     return await asyncio.gather(*(pool.sample(request) for request in requests))
 
 
@@ -96,7 +99,7 @@ def train(config: TrainConfig, task: Task, log: RunLog) -> list[dict]:
             problems_P = task.problems(algo.prompts_per_step, seed=config.seed * 100_003 + step)
             prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
             params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
-                                    seed=config.seed * 100_003 + step)
+                                    seed=(config.seed * 100_003 + step) * 1_000)
             responses_P = asyncio.run(sample_all(pool, prompts_P, model_path=version.tinker_path,
                                                  group_size=algo.group_size, params=params))
             sampled = time.perf_counter()
