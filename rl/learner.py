@@ -11,7 +11,6 @@ are written atomically by the checkpoint store.
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 from contextlib import contextmanager
@@ -119,9 +118,6 @@ class Learner:
         optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         self._runs[model_id] = _Run(adapter=adapter, lora=lora, optimizer=optimizer, params=params)
         return model_id
-
-    def lora_config(self, model_id: str) -> LoraConfig:
-        return self._run(model_id).lora
 
     def step(self, model_id: str) -> int:
         return self._run(model_id).step
@@ -256,7 +252,7 @@ class Learner:
         only the adapter does, with a fresh optimizer at step 0.
         """
         folder = self.store.folder(path, kind="training")
-        metadata = json.loads((folder / "checkpoint.json").read_text())
+        metadata = self.store.metadata(path)
         if metadata["base_model"] != self.base_model:
             raise ValueError(f"{path} was trained on {metadata['base_model']!r}; this learner holds "
                              f"{self.base_model!r}")

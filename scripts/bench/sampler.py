@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
 import time
 
 import ray
 
+from rl.driver.rl import chat_tokens
 from rl.learner import LearnerActor
 from rl.models import resolve_model
 from rl.sampler import SamplerPool, probe_batch
+from rl.tasks import Addition
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
-
-INSTRUCTION = "Put the final answer after 'Answer:'."
 
 
 class RawVllm:
@@ -59,10 +58,7 @@ def chat_prompts(folder: str, count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    rng = random.Random(0)
-    return [tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"What is {rng.randrange(10)} + {rng.randrange(10)}? {INSTRUCTION}"}],
-        tokenize=True, add_generation_prompt=True, return_dict=False) for _ in range(count)]
+    return [chat_tokens(tokenizer, problem.prompt) for problem in Addition().problems(count, seed=0)]
 
 
 async def pool_throughput(pool: SamplerPool, prompts: list[list[int]], samples: int, max_tokens: int,
