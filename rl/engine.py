@@ -88,11 +88,21 @@ class EngineLoop:
         self._submit(add, future)
         return future
 
-    def call(self, function: Callable[[], Any]) -> concurrent.futures.Future:
-        """Runs `function` on the engine thread, between steps (for add_lora and the like)."""
+    def call(self, function: Callable[[], Any], *, drain: bool = False) -> concurrent.futures.Future:
+        """Runs `function` on the engine thread, between steps (for add_lora and the like).
+
+        With `drain`, every request queued before it finishes first, and those queued after it wait: for work
+        that changes the weights under the requests.
+        """
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            try:
+                while drain and self.llm.llm_engine.has_unfinished_requests():
+                    self._step()
+            except BaseException as error:  # the engine died under the drain: so does the loop (re-raised)
+                future.set_exception(EngineDeadError(f"the vLLM engine failed: {error!r}"))
+                raise
             try:
                 future.set_result(function())
             except Exception as error:
@@ -114,6 +124,12 @@ class EngineLoop:
                 return
             future.set_exception(EngineDeadError(f"the vLLM engine failed earlier: {self.dead!r}"))
 
+    def _step(self) -> None:
+        for output in self.llm.llm_engine.step():
+            future = self._pending.pop(output.request_id, None)
+            if future is not None and output.finished:
+                future.set_result(output)
+
     def _run(self) -> None:
         engine = self.llm.llm_engine
         try:
@@ -127,10 +143,7 @@ class EngineLoop:
                 except queue.Empty:
                     pass
                 if engine.has_unfinished_requests():
-                    for output in engine.step():
-                        future = self._pending.pop(output.request_id, None)
-                        if future is not None and output.finished:
-                            future.set_result(output)
+                    self._step()
         except BaseException as error:  # the engine is unusable: fail everything now and later
             self.dead = error
             for future in self._pending.values():

@@ -44,6 +44,9 @@ PROBE_LENGTH = 24
 # implementations (PEFT adds LoRA in float32, vLLM in bf16) drift apart as the adapter grows, and the probe's
 # random tokens have large |logprob| that bf16 rounds coarsely: 0.16 (about 1% of the mean |logprob|) after 17
 # steps of the main job, so bf16 gets a relative allowance.
+PUBLISH_MODES = ("adapter", "merge")
+"""adapter: LoRA adapters hot-loaded side by side, any published version servable (many tenants, one engine).
+merge: the latest version folded into the engine's weights, base-model speed (a run that owns its replicas)."""
 SYNC_TOLERANCE = {"float32": (1e-3, 0.0), "bfloat16": (0.05, 0.02), "float16": (0.05, 0.02)}
 
 
@@ -83,16 +86,26 @@ class Sampler:
     """One vLLM engine with LoRA; many concurrent requests are batched together by its engine loop."""
 
     def __init__(self, base_model: str, *, max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4,
-                 dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True):
+                 dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter"):
         from vllm.platforms import current_platform
 
-        if lora_fast_path and current_platform.is_cpu():
+        if publish_mode not in PUBLISH_MODES:
+            raise ValueError(f"publish_mode {publish_mode!r}: choose one of {', '.join(PUBLISH_MODES)}")
+        if lora_fast_path and current_platform.is_cpu() and publish_mode == "adapter":
             from rl import vllm_lora_fastpath
 
             vllm_lora_fastpath.install()
-        llm = start_vllm_engine(resolve_model(base_model), dtype=dtype, max_model_len=max_model_len,
-                                max_lora_rank=max_lora_rank, max_loras=max_loras, seed=seed)
+        folder = resolve_model(base_model)
+        llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras)
         self._engine = EngineLoop(llm)
+        self._merger = None
+        if publish_mode == "merge":
+            from rl.vllm_merge import AdapterMerger
+
+            self._merger = AdapterMerger(llm, folder)
+        self._merged: int | None = None
+        """Merge mode: the lora_int_id of the version in the engine's weights (None: the base model)."""
         config = llm.llm_engine.model_config
         self.vocab_size = config.get_vocab_size()
         self.max_model_len = config.max_model_len
@@ -104,9 +117,19 @@ class Sampler:
         return {"vocab_size": self.vocab_size, "max_model_len": self.max_model_len, "dtype": self.dtype}
 
     async def load(self, version: AdapterVersion) -> str:
-        """Writes the adapter locally and loads it into the engine; returns the content hash of what it loaded."""
+        """Loads a version into the engine; returns the content hash of what it loaded.
+
+        Adapter mode writes the adapter locally and adds it as a LoRA; merge mode folds it into the weights once
+        the requests already queued have finished (those queued later see the new weights).
+        """
         from vllm.lora.request import LoRARequest
 
+        if self._merger is not None:
+            files: dict[str, bytes] = await version.files
+            self._merged = -1  # set before the merge is queued: no request queued after it is stamped as older
+            await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
+            self._merged = version.lora_int_id
+            return adapter_content_hash(files)
         if version.lora_int_id not in self._loaded:
             files: dict[str, bytes] = await version.files
             folder = self._adapters / f"{version.lora_int_id}-{version.content_hash[:12]}"
@@ -125,7 +148,12 @@ class Sampler:
 
         prompt = self._checked_prompt(request)
         lora = None
-        if version is not None:
+        if self._merger is not None:
+            wanted = version and version.lora_int_id
+            if wanted != self._merged:
+                raise ValueError(f"this replica (publish_mode=merge) serves one weight version, not "
+                                 f"{version.tinker_path if version else 'the base model'}: publish it first")
+        elif version is not None:
             if version.lora_int_id not in self._loaded:
                 await self.load(version)
             lora = LoRARequest(self._loaded[version.lora_int_id].name, version.lora_int_id,
@@ -133,6 +161,10 @@ class Sampler:
         params = _vllm_params(request, max_tokens=self._max_tokens(request, len(prompt)))
         output = await asyncio.wrap_future(self._engine.generate(prompt, params, lora))
         return _response(output, request, version)
+
+    def _merge(self, files: dict[str, bytes]) -> None:
+        self._merger.merge(files)
+        self._engine.llm.reset_prefix_cache()  # cached KV blocks were computed by the previous weights
 
     def _checked_prompt(self, request: SampleRequest) -> list[int]:
         prompt = request.prompt.to_ints()
@@ -211,17 +243,22 @@ class SamplerPool:
 
     def __init__(self, base_model: str, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0,
                  max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "float32",
-                 seed: int = 0, lora_fast_path: bool = True, tolerance: float | None = None):
-        """`tolerance` (mean |logprob difference| on the probe) overrides the default for the engine's dtype."""
+                 seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter",
+                 tolerance: float | None = None):
+        """`tolerance` (mean |logprob difference| on the probe) overrides the default for the engine's dtype;
+        `publish_mode` is one of PUBLISH_MODES."""
         self.base_model = base_model
+        self.publish_mode = publish_mode
         self._actor_class = ray.remote(Sampler).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
-                        "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path}
+                        "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path,
+                        "publish_mode": publish_mode}
         self._replicas = [_Replica(self._start_actor()) for _ in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
                                                                                           (0.05, 0.02))
         self._versions: dict[str, AdapterVersion] = {}
+        self._latest: AdapterVersion | None = None
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
 
@@ -244,6 +281,7 @@ class SamplerPool:
                                  probe_logprobs=list(probe_logprobs))
         await asyncio.gather(*(self._verify(replica, version) for replica in self._replicas))
         self._versions[version.tinker_path] = version
+        self._latest = version
         return version
 
     async def publish_from_learner(self, learner: ray.actor.ActorHandle, model_id: str, name: str) -> AdapterVersion:
@@ -254,6 +292,8 @@ class SamplerPool:
         return await self.publish(weights, probe.loss_fn_outputs[0]["logprobs"].data)
 
     async def _verify(self, replica: _Replica, version: AdapterVersion) -> None:
+        if self.publish_mode == "merge":  # the load replaces what the replica served, verified or not
+            replica.verified.clear()
         loaded_hash = await replica.actor.load.remote(version)
         if loaded_hash != version.content_hash:
             raise WeightSyncError(f"a replica loaded {version.tinker_path} with content hash {loaded_hash[:12]}, "
@@ -291,6 +331,10 @@ class SamplerPool:
         if request.base_model is not None and request.base_model != self.base_model:
             raise ValueError(f"base_model {request.base_model!r}: this pool serves {self.base_model!r}")
         version = self._version(model_path) if model_path is not None else None
+        if self.publish_mode == "merge" and version is not self._latest:
+            raise ValueError(f"model_path {model_path or '(the base model)'}: with publish_mode=merge the pool "
+                             f"serves only the latest published version ({self._latest.tinker_path}); "
+                             "publish_mode=adapter serves any")
         work = request.num_samples * (request.sampling_params.max_tokens or self.info["max_model_len"])
         for attempt in range(2):
             replica = min(self._replicas, key=lambda r: r.outstanding)

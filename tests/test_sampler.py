@@ -245,3 +245,48 @@ def test_stop_tokens_stop_strings_and_top_k(pool, tiny_model_dir):
     assert top_one.tokens == greedy.tokens, "top_k=1 leaves only the greedy choice"
     nucleus = run(pool.sample(request(temperature=1.0, top_p=1e-6, seed=9))).sequences[0]
     assert nucleus.tokens == greedy.tokens, "a tiny top_p leaves only the most likely token"
+
+
+@pytest.fixture(scope="module")
+def merge_pool(ray_local, tiny_model_dir):
+    pool = SamplerPool(str(tiny_model_dir), replicas=1, max_model_len=256, dtype="float32", publish_mode="merge")
+    yield pool
+    pool.shutdown()
+
+
+def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, trained, tiny_model_dir):
+    base = run(merge_pool.sample(request(temperature=0.0)))
+    assert base.sequences[0].tokens == run(pool.sample(request(temperature=0.0))).sequences[0].tokens
+
+    other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=5, train_unembed=False)))
+    for _ in range(3):
+        ray.get(learner.forward_backward.remote(other, probe_batch(2048)))
+        ray.get(learner.optim_step.remote(other, AdamParams(learning_rate=1e-2)))
+    first = run(merge_pool.publish_from_learner(learner, other, "merge-first"))
+    version = run(merge_pool.publish_from_learner(learner, trained, "merge-second"))  # replaces, never adds up
+    reference = run(pool.publish_from_learner(learner, trained, "merge-reference"))
+    for params in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7, "num_samples": 3}):
+        merged = run(merge_pool.sample(request(model_path=version.tinker_path, **params)))
+        adapted = run(pool.sample(request(model_path=reference.tinker_path, **params)))
+        assert merged.content_hash == version.content_hash
+        assert [s.tokens for s in merged.sequences] == [s.tokens for s in adapted.sequences]
+        for served, expected in zip(merged.sequences, adapted.sequences, strict=True):
+            assert mean_abs_difference(served.logprobs, expected.logprobs) < 1e-4
+    assert merged.sequences[0].tokens != base.sequences[0].tokens
+
+    with pytest.raises(ValueError, match="serves only the latest published version"):
+        run(merge_pool.sample(request(model_path=first.tinker_path)))
+    with pytest.raises(ValueError, match=r"\(the base model\).*serves only the latest"):
+        run(merge_pool.sample(request()))
+
+
+def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_model_dir):
+    good = run(merge_pool.publish_from_learner(learner, trained, "merge-good"))
+    weights = ray.get(learner.sampler_weights.remote(good.tinker_path))
+    fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2, train_unembed=False)))
+    stale_probe = ray.get(learner.forward.remote(fresh_run, probe_batch(2048))).loss_fn_outputs[0]["logprobs"].data
+    with pytest.raises(WeightSyncError, match="disagrees with the learner on the probe"):
+        run(merge_pool.publish(weights, stale_probe))
+    served = run(merge_pool.sample(request(temperature=0.0, model_path=good.tinker_path)))
+    assert served.content_hash == good.content_hash, "the rejected weights were replaced by the last good ones"
+    assert served.sequences[0].tokens[:6] == [600, 601, 602, 603, 604, 605]

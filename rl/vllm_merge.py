@@ -1,0 +1,103 @@
+"""Merge publish mode: a LoRA adapter folded into a running vLLM engine's own weights, without a restart.
+
+For a run that owns its replicas. The engine runs with LoRA off and serves one weight version (the base model
+until the first publish) at the speed of the base model: no LoRA products at all. Adapter mode (many adapters,
+many tenants, one engine) stays the default.
+
+Each merge rebuilds every adapted linear layer from the base weights in the model folder, W = W0 + s * B @ A
+(s = alpha / r, or alpha / sqrt(r) with rsLoRA), computed in float32 and cast to the engine's dtype, so versions
+never accumulate rounding. vLLM packs q/k/v and gate/up into one layer each (the model's
+`packed_modules_mapping`); the parts are concatenated in that order. On CPU, vLLM drops `layer.weight` after
+loading and keeps only a prepacked copy for its GEMM kernel, so the merged weight is installed as a new
+parameter and the kernel dispatched again; on CUDA the weight is overwritten in place.
+
+Touches vLLM internals (the layer classes, their names, the CPU GEMM dispatch): pinned to the version it was
+checked against. Caller's duty: no request is running while `merge` runs (EngineLoop.call(..., drain=True)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from rl.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterMerger:
+    """Holds the base weights of an engine's linear layers and installs base + adapter on request."""
+
+    def __init__(self, llm, model_folder: Path | str):
+        import vllm
+        from safetensors import safe_open
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+        if vllm.__version__.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
+            raise RuntimeError(f"publish_mode=merge supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
+                               f"{vllm.__version__}: use publish_mode=adapter, or check rl/vllm_merge.py against "
+                               "that version before extending the list")
+        model = llm.apply_model(lambda model: model)[0]  # in-process engine: the model object itself
+        packed = getattr(model, "packed_modules_mapping", {})
+        self._layers: dict[str, tuple[torch.nn.Module, list[str]]] = {}
+        """vLLM layer name -> (layer, the HF module names of its parts, in packing order)."""
+        for name, layer in model.named_modules():
+            if isinstance(layer, LinearBase):
+                if not isinstance(layer.quant_method, UnquantizedLinearMethod):
+                    raise RuntimeError(f"publish_mode=merge needs unquantized weights; {name} is quantized")
+                prefix, _, last = name.rpartition(".")
+                self._layers[name] = (layer, [f"{prefix}.{part}" for part in packed.get(last, [last])])
+        wanted = {part for _, parts in self._layers.values() for part in parts}
+        self._base: dict[str, torch.Tensor] = {}
+        for file in sorted(Path(model_folder).glob("*.safetensors")):
+            with safe_open(file, framework="pt") as weights:
+                for name in wanted & {key.removesuffix(".weight") for key in weights.keys()}:  # noqa: SIM118
+                    self._base[name] = weights.get_tensor(f"{name}.weight")
+        missing = wanted - self._base.keys()
+        if missing:
+            raise RuntimeError(f"publish_mode=merge: no base weight in {model_folder} for {sorted(missing)[:3]}")
+        self._changed: set[str] = set()
+
+    def merge(self, files: dict[str, bytes]) -> None:
+        """Installs base + the adapter in `files` (a PEFT folder's two files as bytes)."""
+        deltas = adapter_deltas(files)
+        unknown = deltas.keys() - self._base.keys()
+        if unknown:
+            raise ValueError(f"the adapter adapts {sorted(unknown)[:3]}, which the engine's model has no linear "
+                             "layer for (publish_mode=merge serves the decoder's linear layers)")
+        for name, (layer, parts) in self._layers.items():
+            adapted = any(part in deltas for part in parts)
+            if adapted or name in self._changed:
+                _install(layer, torch.cat([self._base[part].float() + deltas.get(part, 0.0) for part in parts]))
+            (self._changed.add if adapted else self._changed.discard)(name)
+
+def adapter_deltas(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """HF module name -> s * B @ A in float32, from a PEFT adapter's config and weights."""
+    from safetensors.torch import load as load_safetensors
+
+    config = json.loads(files[ADAPTER_CONFIG])
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = load_safetensors(files[ADAPTER_WEIGHTS])
+    deltas = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX)
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            deltas[module] = scale * (b.float() @ a.float())
+    return deltas
+
+
+def _install(layer: torch.nn.Module, weight: torch.Tensor) -> None:
+    if hasattr(layer, "cpu_linear"):  # CPU: vLLM keeps a prepacked copy only; rebuild it from the new weight
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dtype = layer.weight.dtype
+        layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    else:
+        layer.weight.data.copy_(weight)
