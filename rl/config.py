@@ -8,6 +8,8 @@ its own part.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,14 +25,28 @@ class ModelConfig:
 
 @dataclass
 class AlgoConfig:
+    loop: str = "rl"
+    """Which loop runs: rl, dpo or sft (rl/driver/)."""
     loss_fn: str = "importance_sampling"
     loss_fn_config: dict[str, float] = field(default_factory=dict)
     learning_rate: float = 2e-4
     grad_clip_norm: float = 1.0
     prompts_per_step: int = 16
+    """RL: prompts sampled per step; DPO: pairs per step; SFT: conversations per step."""
+    max_tokens: int = 32
+    """Longest sampled answer, in rollouts and evaluation."""
+    # RL
     group_size: int = 4
     temperature: float = 1.0
-    max_tokens: int = 32
+    normalize_std: bool = False
+    """Divide group-relative advantages by the group's standard deviation."""
+    kl_coef: float = 0.0
+    """Per-token KL penalty against the base model, folded into the advantages (0: off)."""
+    off_policy: bool = False
+    """Sample step k+1 while step k trains (one step behind; the importance ratio corrects)."""
+    # DPO and SFT
+    train_examples: int = 256
+    """Size of the fixed training set, cycled through in shuffled epochs."""
 
 
 @dataclass
@@ -52,6 +68,8 @@ class SamplerConfig:
     replicas: int = 1
     num_cpus: float = 1
     num_gpus: float = 0
+    publish_mode: str = "merge"
+    """merge: the run's adapter folded into its replicas' weights (base-model speed); adapter: LoRA hot-loading."""
 
 
 @dataclass
@@ -76,6 +94,10 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 5
     eval_prompts: int = 64
+    checkpoint_every: int = 10
+    """Resumable checkpoints every N steps (and after the last); 0: after the last only."""
+    resume: bool = False
+    """Continue the run in output_dir, or else the latest run of this recipe, from its last checkpoint."""
     output_dir: str = "outputs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -88,6 +110,10 @@ class TrainConfig:
 
 def load(composed: DictConfig) -> TrainConfig:
     """Checks a composed Hydra config against `TrainConfig`; a ValueError names an unknown or mistyped key."""
+    unknown = _unknown_keys(OmegaConf.to_container(composed, resolve=False), TrainConfig)
+    if unknown:
+        key, known = unknown[0]
+        raise ValueError(f"bad configuration at {key}: not a known key (known here: {', '.join(known)})")
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, composed)
@@ -96,3 +122,15 @@ def load(composed: DictConfig) -> TrainConfig:
         reason = str(error).splitlines()[0]
         raise ValueError(f"bad configuration at {key}: {reason}") from None
     return OmegaConf.to_object(merged)
+
+
+def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of `node` that `schema` (a dataclass) lacks, with the keys it has; Hydra's `+key=` adds them."""
+    types = typing.get_type_hints(schema)
+    unknown = []
+    for key, value in node.items():
+        if key not in types:
+            unknown.append((prefix + key, list(types)))
+        elif dataclasses.is_dataclass(types[key]) and isinstance(value, dict):
+            unknown += _unknown_keys(value, types[key], f"{prefix}{key}.")
+    return unknown

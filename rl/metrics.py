@@ -9,18 +9,26 @@ from pathlib import Path
 
 from rl.config import TrainConfig
 
-CURVES = {"reward": ("reward/mean", "eval/accuracy", "dpo/accuracy"), "loss": ("loss",)}
+CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo/accuracy", "eval/dpo_accuracy"),
+          "loss": ("loss", "eval/loss")}
 
 
 class RunLog:
-    """Appends each step's record to metrics.jsonl, sends it to wandb and prints a one-line summary."""
+    """Appends each step's record to metrics.jsonl, sends it to wandb and prints a one-line summary.
 
-    def __init__(self, config: TrainConfig):
+    A resumed run (`start_step` > 0) keeps the records of the steps before `start_step`, drops any later ones
+    (they are about to be redone) and continues the same wandb run (`wandb_id`).
+    """
+
+    def __init__(self, config: TrainConfig, *, start_step: int = 0, wandb_id: str | None = None):
         self.folder = Path(config.output_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(asdict(config), indent=1))
-        self._file = open(self.folder / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self.history: list[dict] = []
+        metrics = self.folder / "metrics.jsonl"
+        kept = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        self.history: list[dict] = [record for record in kept if record["step"] < start_step]
+        metrics.write_text("".join(json.dumps(record) + "\n" for record in self.history))
+        self._file = open(metrics, "a")  # noqa: SIM115 (closed in close())
         self._wandb = None
         mode = os.environ.get("WANDB_MODE", config.logger.wandb_mode)
         if mode != "disabled":
@@ -28,7 +36,12 @@ class RunLog:
 
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", config.logger.project),
                                      group=config.logger.group or config.recipe, dir=str(self.folder), mode=mode,
-                                     config=asdict(config), reinit="finish_previous")
+                                     config=asdict(config), reinit="finish_previous", id=wandb_id,
+                                     resume="allow" if wandb_id else None)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self._wandb.id if self._wandb is not None else None
 
     def log(self, record: dict) -> None:
         self.history.append(record)

@@ -105,6 +105,9 @@ def _prepare_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+INIT_STD = 0.05
+
+
 def build_tiny_model(folder: Path, *, seed: int = 0) -> None:
     """Writes a ~2.2M-parameter Qwen2 model with a trained byte-level BPE tokenizer into `folder`.
 
@@ -120,7 +123,7 @@ def build_tiny_model(folder: Path, *, seed: int = 0) -> None:
         vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype=torch.float32,
+        pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, initializer_range=INIT_STD,
     )
     generator_state = torch.random.get_rng_state()
     try:

@@ -1,15 +1,18 @@
 """Tasks: where prompts come from and how answers are scored. Offline and deterministic from a seed.
 
-A task hands out `Problem`s (a user message and its reference answer) and scores a completion with a reward
-in [0, 1]. Rewards come from the task's verifier, never from a model.
+A task hands out `Problem`s (a user message, its reference answer and, where the task has one, a worked
+solution) and scores a completion with a reward in [0, 1]. Rewards come from the task's verifier, never from a
+model. The same problems feed every algorithm: RL samples and scores them, DPO trains on `preference_pairs`
+(a correct and an incorrect answer to one prompt), SFT on `sft_conversations` (the worked solutions).
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
-from typing import Protocol
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 INSTRUCTION = "Put the final answer after 'Answer:'."
 
@@ -20,6 +23,10 @@ class Problem:
     """The user's message."""
     answer: str
     """The reference answer the verifier compares against."""
+    solution: str | None = None
+    """A worked solution ending in 'Answer: <answer>', for SFT; None where the task has none."""
+    entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The source data set's own record, for its scorer."""
 
 
 class Task(Protocol):
@@ -58,7 +65,8 @@ class Addition:
         # Disjoint seeds per split keep held-out prompts held out.
         rng = random.Random(f"{split}:{seed}")
         pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(count)]
-        return [Problem(prompt=f"What is {a} + {b}? {INSTRUCTION}", answer=str(a + b)) for a, b in pairs]
+        return [Problem(prompt=f"What is {a} + {b}? {INSTRUCTION}", answer=str(a + b),
+                        solution=f"{a} + {b} = {a + b}. Answer: {a + b}") for a, b in pairs]
 
     def reward(self, problem: Problem, completion: str) -> float:
         value = strict_answer(completion)
@@ -71,9 +79,107 @@ class Addition:
         return float(str(strict_answer(completion)) == problem.answer)
 
 
+@dataclass(frozen=True)
+class GsmSymbolic:
+    """Grade-school word problems (reasoning-gym's gsm_symbolic, GSM8K templates), scored by reasoning-gym.
+
+    The answer is the text after the last 'Answer:' on its line; `format_reward` as for `Addition`.
+    """
+
+    name: str = "gsm_symbolic"
+    format_reward: float = 0.0
+
+    def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
+        dataset = _reasoning_gym("gsm_symbolic", count, seed=zlib.crc32(f"{split}:{seed}".encode()))
+        return [Problem(prompt=f"{entry['question']} {INSTRUCTION}", answer=entry["answer"],
+                        solution=re.sub(r"\n?#### *(\S+)\s*$", r"\nAnswer: \1", entry["metadata"]["answer_cot"]),
+                        entry=entry)
+                for entry in dataset]
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        if self.accuracy(problem, completion):
+            return 1.0
+        return self.format_reward if strict_answer(completion) is not None else 0.0
+
+    def accuracy(self, problem: Problem, completion: str) -> float:
+        if "Answer:" not in completion:
+            return 0.0
+        answer = completion.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip()
+        return float(_reasoning_gym("gsm_symbolic", 0, seed=0).score_answer(answer, problem.entry) == 1.0)
+
+
+@dataclass(frozen=True)
+class Digits:
+    """Answer with digits: the reward is the share of the completion's visible characters that are digits.
+
+    A task a tiny random model can learn in a few dozen steps (its tokenizer's vocabulary is full of numbers),
+    so CI can check that a loop learns at all. Accuracy: every visible character is a digit.
+    """
+
+    name: str = "digits"
+    format_reward: float = 0.0
+
+    def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
+        rng = random.Random(f"{split}:{seed}")
+        return [Problem(prompt=f"Write a number like {rng.randrange(10, 1000)}.", answer="") for _ in range(count)]
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        visible = [character for character in completion if not character.isspace()]
+        return sum(character.isdigit() for character in visible) / len(visible) if visible else 0.0
+
+    def accuracy(self, problem: Problem, completion: str) -> float:
+        return float(self.reward(problem, completion) == 1.0)
+
+
+TASKS = {"addition": Addition, "gsm_symbolic": GsmSymbolic, "digits": Digits}
+
+
 def make_task(name: str, *, format_reward: float = 0.0) -> Task:
     """The task called `name`; an unknown name lists the known ones."""
-    tasks = {"addition": lambda: Addition(format_reward=format_reward)}
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r}: known tasks are {', '.join(tasks)}")
-    return tasks[name]()
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: known tasks are {', '.join(TASKS)}")
+    return TASKS[name](format_reward=format_reward)
+
+
+def checked_problems(task: Task, count: int, *, seed: int, split: str = "train") -> list[Problem]:
+    """`task.problems(...)`, refusing an empty answer: a loop cannot train or evaluate on no prompts."""
+    problems = task.problems(count, seed=seed, split=split)
+    if not problems:
+        raise ValueError(f"task {task.name!r} gave no prompts (asked for {count} from split {split!r}, seed {seed})")
+    return problems
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def preference_pairs(task: Task, count: int, *, seed: int, split: str = "train") -> list[PreferencePair]:
+    """A correct and an incorrect final answer to each of `count` problems (the wrong one off by 1 to 3)."""
+    rng = random.Random(f"pairs:{split}:{seed}")
+    pairs = []
+    for problem in checked_problems(task, count, seed=seed, split=split):
+        if not re.fullmatch(r"-?\d+", problem.answer):
+            raise ValueError(f"task {task.name!r} has no integer reference answers to build preference pairs from")
+        wrong = int(problem.answer) + rng.choice([-3, -2, -1, 1, 2, 3])
+        pairs.append(PreferencePair(problem.prompt, f"Answer: {problem.answer}", f"Answer: {wrong}"))
+    return pairs
+
+
+def sft_conversations(task: Task, count: int, *, seed: int, split: str = "train") -> list[list[dict[str, str]]]:
+    """User prompt and the task's worked solution as the assistant's reply, for `count` problems."""
+    conversations = []
+    for problem in checked_problems(task, count, seed=seed, split=split):
+        if problem.solution is None:
+            raise ValueError(f"task {task.name!r} has no worked solutions to fine-tune on")
+        conversations.append([{"role": "user", "content": problem.prompt},
+                              {"role": "assistant", "content": problem.solution}])
+    return conversations
+
+
+def _reasoning_gym(name: str, size: int, *, seed: int):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(name, size=max(size, 1), seed=seed)

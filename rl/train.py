@@ -1,25 +1,30 @@
-"""`rl-train`: compose a run's configuration with Hydra, check it, and launch its recipe.
+"""`rl-train`: compose a run's configuration with Hydra, check it, and launch its recipe's loop.
 
     rl-train recipe=arithmetic_rl                          # the main job
     rl-train recipe=arithmetic_rl model=tiny steps=2       # a smoke run on the tiny model
     rl-train -m recipe=arithmetic_rl algo.learning_rate=1e-4,3e-4   # a sweep: one folder and wandb run each
+    rl-train recipe=arithmetic_rl resume=true              # continue the latest arithmetic_rl run
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
 import ray
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from rl.config import ClusterConfig, TrainConfig, load
-from rl.driver import rl as rl_loop
-from rl.metrics import RunLog
+from rl.driver import dpo, rl, sft
+from rl.driver.run import STATE, read_state
 from rl.tasks import make_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = {"arithmetic_rl": rl_loop.train}
+LOOPS = {"rl": rl.train, "dpo": dpo.train, "sft": sft.train}
+ConfigStore.instance().store(name="schema", node=TrainConfig)  # every key overridable, typed, with its default
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -29,16 +34,34 @@ def connect(cluster: ClusterConfig) -> None:
                  log_to_driver=False)
 
 
+def resume_folder(config: TrainConfig) -> Path:
+    """output_dir if it holds a run's state; else the most recent run beside it (same recipe) that does."""
+    folder = Path(config.output_dir)
+    if (folder / STATE).exists():
+        return folder
+    runs = sorted(folder.parent.glob(f"*/{STATE}"), key=lambda path: path.stat().st_mtime)
+    if not runs:
+        raise ValueError(f"resume=true: no run with a checkpoint ({STATE}) in {folder} or beside it in "
+                         f"{folder.parent}; name the run's folder with hydra.run.dir=FOLDER")
+    return runs[-1].parent
+
+
 def run(config: TrainConfig) -> list[dict]:
-    if config.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {config.recipe!r}: known recipes are {', '.join(RECIPES)}")
+    if config.algo.loop not in LOOPS:
+        raise ValueError(f"unknown algo.loop {config.algo.loop!r}: known loops are {', '.join(LOOPS)}")
+    if config.resume:
+        config = replace(config, output_dir=str(resume_folder(config)))
     task = make_task(config.task.name, format_reward=config.task.format_reward)
     connect(config.cluster)
-    log = RunLog(config)
     try:
-        return RECIPES[config.recipe](config, task, log)
-    finally:
-        log.close()
+        return LOOPS[config.algo.loop](config, task)
+    except Exception:
+        state = read_state(Path(config.output_dir))
+        where = (f"its last checkpoint is {state['checkpoint']} (step {state['step']}); continue with `rl-train "
+                 f"recipe={config.recipe} resume=true hydra.run.dir={config.output_dir}`" if state else
+                 "it had saved no checkpoint yet")
+        print(f"rl-train: the run in {config.output_dir} failed; {where}", file=sys.stderr)
+        raise
 
 
 @hydra.main(config_path=str(CONFIGS), config_name="config", version_base="1.3")

@@ -139,11 +139,12 @@ def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
     accumulated = grads(learner, model_id)
     learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
     learner.forward_backward(model_id, sft())
-    for a, b in zip(accumulated, grads(learner, model_id), strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+    one_pass = grads(learner, model_id)
+    for a, b in zip(accumulated, one_pass, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)  # float32 sums in another order, on gradients up to ~5
     learner.forward(model_id, sft())
-    for a, b in zip(accumulated, grads(learner, model_id), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), "forward adds no gradient"
+    for a, b in zip(one_pass, grads(learner, model_id), strict=True):
+        assert torch.equal(a, b), "forward adds no gradient"
     metrics = learner.optim_step(model_id, AdamParams(learning_rate=1e-3, grad_clip_norm=1e-3)).metrics
     expected_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in accumulated))
     assert metrics["grad_norm:mean"] == pytest.approx(float(expected_norm), rel=1e-5), "norm before clipping"

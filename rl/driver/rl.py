@@ -1,140 +1,148 @@
 """The RL loop, top to bottom: rollout -> reward -> advantages -> forward_backward -> optim_step -> publish.
 
 Group-relative advantages (GRPO-style, without a learned critic): each prompt is sampled `group_size` times,
-and a sample's advantage is its reward minus its group's mean, so only groups whose samples differ teach
-anything. The loss is normalised by the number of trained tokens through the advantages, because Tinker's
-losses sum over tokens.
+and a sample's advantage is its reward minus its group's mean (optionally divided by the group's standard
+deviation), so only groups whose samples differ teach anything. The loss is normalised by the number of
+sampled tokens through the advantages, because Tinker's losses sum over tokens.
+
+Options: a KL penalty against the base model (`algo.kl_coef`), folded into each token's advantage as
+-kl_coef * (sampler logprob - base logprob); and one-step off-policy (`algo.off_policy`): the rollout of step
+k+1 is sampled, from the weights of step k, while step k trains. The sampler's logprobs come from the weights
+that sampled (each response names them), so the importance ratio corrects for the lag.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
-from pathlib import Path
 
-import ray
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from rl.config import TrainConfig
-from rl.learner import LearnerActor
-from rl.metrics import RunLog
-from rl.models import resolve_model
-from rl.sampler import SamplerPool
-from rl.tasks import Problem, Task
-from rl.types import (
-    AdamParams,
-    Datum,
-    ForwardBackwardInput,
-    LoraConfig,
-    ModelInput,
-    SampledSequence,
-    SampleRequest,
-    SampleResponse,
-    SamplingParams,
-)
+from rl.driver.run import Run, chat_tokens, sample_all, score
+from rl.tasks import Task, checked_problems
+from rl.types import AdamParams, Datum, ForwardBackwardInput, ModelInput, SampledSequence, SamplingParams
 
 
-def chat_tokens(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
-
-
-def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantage: float) -> Datum:
+def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantages: list[float]) -> Datum:
     """One sample as a datum: prompt tokens carry no advantage; sampled tokens carry the sampler's logprobs."""
     tokens_T = prompt_T + sequence.tokens
     prompt_zeros = [0.0] * (len(prompt_T) - 1)
     return Datum(model_input=ModelInput.from_ints(tokens_T[:-1]), loss_fn_inputs={
-        "target_tokens": tokens_T[1:],
-        "logprobs": prompt_zeros + sequence.logprobs,
-        "advantages": prompt_zeros + [advantage] * len(sequence.tokens),
+        "target_tokens": tokens_T[1:], "logprobs": prompt_zeros + sequence.logprobs,
+        "advantages": prompt_zeros + advantages,
     })
 
 
-async def sample_all(pool: SamplerPool, prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
-                     params: SamplingParams) -> list[SampleResponse]:
-    # Each request draws from its own seed: one seed for all would correlate the samples of different prompts.
-    requests = [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
-                              sampling_params=params if params.seed is None else
-                              params.model_copy(update={"seed": params.seed + index}))
-                for index, prompt in enumerate(prompts_P)]
-    return await asyncio.gather(*(pool.sample(request) for request in requests))
+def group_advantages(rewards_G: list[float], normalize: bool) -> list[float]:
+    mean = sum(rewards_G) / len(rewards_G)
+    scale = statistics.pstdev(rewards_G) + 1e-6 if normalize else 1.0
+    return [(reward - mean) / scale for reward in rewards_G]
 
 
-def evaluate(pool, tokenizer, task: Task, problems: list[Problem], model_path: str | None, max_tokens: int) -> float:
-    """Greedy accuracy (the task's strict score) on held-out problems."""
-    prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems]
-    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    responses = asyncio.run(sample_all(pool, prompts_P, model_path=model_path, group_size=1, params=greedy))
-    scores = [task.accuracy(problem, tokenizer.decode(response.sequences[0].tokens, skip_special_tokens=True))
-              for problem, response in zip(problems, responses, strict=True)]
-    return sum(scores) / len(scores)
+def kl_penalty(advantages_S: list[list[float]], logprobs_S: list[list[float]], base_S: list[list[float]],
+               coef: float) -> tuple[list[list[float]], float]:
+    """Per-token advantages minus coef * (sampler logprob - base logprob), and that difference's mean: a
+    one-sample estimate of KL(sampler || base) per token."""
+    kl_S = [[a - b for a, b in zip(lp, base, strict=True)] for lp, base in zip(logprobs_S, base_S, strict=True)]
+    penalized_S = [[a - coef * k for a, k in zip(adv, kl, strict=True)] for adv, kl in zip(advantages_S, kl_S,
+                                                                                            strict=True)]
+    return penalized_S, sum(map(sum, kl_S)) / max(sum(map(len, kl_S)), 1)
 
 
-def train(config: TrainConfig, task: Task, log: RunLog) -> list[dict]:
-    """Runs the RL loop; `log` receives one metrics record per step. Returns them all."""
-    model, algo = config.model, config.algo
-    folder = str(resolve_model(model.name))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    learner = LearnerActor.options(num_cpus=config.learner.num_cpus, num_gpus=config.learner.num_gpus).remote(
-        folder, storage=str(Path(config.output_dir) / "checkpoints"), dtype=model.dtype,
-        micro_batch_tokens=config.learner.micro_batch_tokens)
-    pool = SamplerPool(folder, replicas=config.sampler.replicas, num_cpus=config.sampler.num_cpus,
-                       num_gpus=config.sampler.num_gpus, max_model_len=model.max_model_len,
-                       max_lora_rank=model.lora_rank, dtype=model.dtype, seed=config.seed)
-    try:
-        model_id = ray.get(learner.create.remote(folder, LoraConfig(rank=model.lora_rank, seed=config.seed,
-                                                                    train_unembed=False)))
-        version = asyncio.run(pool.publish_from_learner(learner, model_id, "step-0"))
-        held_out = task.problems(config.eval_prompts, seed=config.seed, split="eval")
+async def rollout(run: Run, task: Task, step: int, model_path: str):
+    """The step's problems, their prompt tokens and a group of samples for each, from `model_path`."""
+    config, algo = run.config, run.config.algo
+    problems_P = checked_problems(task, algo.prompts_per_step, seed=config.seed * 100_003 + step)
+    prompts_P = [chat_tokens(run.tokenizer, problem.prompt) for problem in problems_P]
+    params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
+                            seed=(config.seed * 100_003 + step) * 1_000)
+    responses_P = await sample_all(run.pool, prompts_P, model_path=model_path, group_size=algo.group_size,
+                                   params=params)
+    return problems_P, prompts_P, responses_P
+
+
+async def base_logprobs(run: Run, base_id: str, prompts_S: list[list[int]],
+                        sequences_S: list[SampledSequence]) -> list[list[float]]:
+    """The base model's logprobs of each sampled sequence (from a fresh adapter, which leaves it unchanged)."""
+    data = [Datum(model_input=ModelInput.from_ints((p + s.tokens)[:-1]),
+                  loss_fn_inputs={"target_tokens": (p + s.tokens)[1:], "weights": [0.0] * (len(p) + len(s.tokens) - 1)})
+            for p, s in zip(prompts_S, sequences_S, strict=True)]
+    output = await run.learner.forward.remote(base_id, ForwardBackwardInput(data=data, loss_fn="cross_entropy"))
+    return [o["logprobs"].data[len(p) - 1:] for o, p in zip(output.loss_fn_outputs, prompts_S, strict=True)]
+
+
+async def train_async(config: TrainConfig, task: Task) -> list[dict]:
+    algo = config.algo
+    with Run(config) as run:
+        # Weight versions are named by the learner's optimizer step: "sampler/weights_step" shows any lag.
+        version = await run.publish(f"step-{await run.learner.step.remote(run.model_id)}")
+        base_id = await run.learner.create.remote(run.base_model, run.lora) if algo.kl_coef else None
+        held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
-        for step in tqdm(range(config.steps), desc=config.recipe, unit="step", disable=None):
+        next_rollout = None
+        for step in tqdm(range(run.start_step, config.steps), desc=config.recipe, unit="step", disable=None):
             started = time.perf_counter()
             record: dict = {"step": step}
             if step % config.eval_every == 0:
-                record["eval/accuracy"] = evaluate(pool, tokenizer, task, held_out, version.tinker_path,
-                                                   algo.max_tokens)
+                record["eval/accuracy"] = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
+                started = time.perf_counter()
 
-            # Rollout: a group of samples per prompt, from the weights just published.
-            problems_P = task.problems(algo.prompts_per_step, seed=config.seed * 100_003 + step)
-            prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
-            params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
-                                    seed=(config.seed * 100_003 + step) * 1_000)
-            responses_P = asyncio.run(sample_all(pool, prompts_P, model_path=version.tinker_path,
-                                                 group_size=algo.group_size, params=params))
+            # Rollout: a group of samples per prompt (off-policy: sampled while the previous step trained).
+            problems_P, prompts_P, responses_P = await (next_rollout or rollout(run, task, step, version.tinker_path))
             sampled = time.perf_counter()
+            if algo.off_policy and step + 1 < config.steps:
+                next_rollout = asyncio.ensure_future(rollout(run, task, step + 1, version.tinker_path))
 
-            # Reward and group-relative advantages, scaled so the summed loss is a mean over sampled tokens.
-            sampled_tokens = sum(len(s.tokens) for r in responses_P for s in r.sequences)
-            datums_D, rewards = [], []
-            for problem, prompt_T, response in zip(problems_P, prompts_P, responses_P, strict=True):
-                rewards_G = [task.reward(problem, tokenizer.decode(s.tokens, skip_special_tokens=True))
-                             for s in response.sequences]
-                mean_reward = sum(rewards_G) / len(rewards_G)
-                advantages_G = [reward - mean_reward for reward in rewards_G]
-                rewards += rewards_G
-                datums_D += [policy_datum(prompt_T, sequence, advantage / sampled_tokens)
-                             for sequence, advantage in zip(response.sequences, advantages_G, strict=True)
-                             if advantage != 0.0]
+            # Reward and group-relative advantages, one per sample, spread over its tokens.
+            prompts_S, sequences_S, advantages_S, rewards_S = [], [], [], []
+            for index, (problem, prompt_T, response) in enumerate(zip(problems_P, prompts_P, responses_P,
+                                                                      strict=True)):
+                rewards_G = [score(task, task.reward, problem, run.decode(s.tokens), where=f"step {step}, prompt "
+                                   f"{index}") for s in response.sequences]
+                rewards_S += rewards_G
+                for sequence, advantage in zip(response.sequences, group_advantages(rewards_G, algo.normalize_std),
+                                               strict=True):
+                    prompts_S.append(prompt_T)
+                    sequences_S.append(sequence)
+                    advantages_S.append([advantage] * len(sequence.tokens))
 
-            # Update: one optimizer step on the groups that carry signal, then publish the new weights.
+            # KL penalty: each token's advantage pays for how far the sampler has moved from the base model.
+            if base_id is not None:
+                base_S = await base_logprobs(run, base_id, prompts_S, sequences_S)
+                advantages_S, record["kl/sampler_vs_base"] = kl_penalty(
+                    advantages_S, [s.logprobs for s in sequences_S], base_S, algo.kl_coef)
+
+            # Update: one optimizer step on the samples that carry signal, then publish the new weights.
+            sampled_tokens = sum(len(s.tokens) for s in sequences_S)
+            datums_D = [policy_datum(p, s, [a / sampled_tokens for a in adv])
+                        for p, s, adv in zip(prompts_S, sequences_S, advantages_S, strict=True) if any(adv)]
+            record["loss"] = 0.0  # a step in which every group scored alike has nothing to train on
             if datums_D:
                 batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
                                              loss_fn_config=algo.loss_fn_config or None)
-                record["loss"] = ray.get(learner.forward_backward.remote(model_id, batch)).metrics["loss:sum"]
-                record.update(ray.get(learner.optim_step.remote(model_id, adam)).metrics)
-                version = asyncio.run(pool.publish_from_learner(learner, model_id, f"step-{step + 1}"))
+                record["loss"] = (await run.learner.forward_backward.remote(run.model_id, batch)).metrics["loss:sum"]
+                record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
+                version = await run.publish(f"step-{int(record['step:max'])}")
+            trained = time.perf_counter()
 
-            record.update({"reward/mean": sum(rewards) / len(rewards), "datums": len(datums_D),
-                           "tokens/prompt": sum(map(len, prompts_P)) * algo.group_size,
-                           "tokens/sampled": sampled_tokens,
-                           "tokens/trained": sum(d.model_input.length for d in datums_D),
-                           "time/sampling_s": sampled - started, "time/training_s": time.perf_counter() - sampled,
-                           "step_time_s": time.perf_counter() - started})
-            log.log(record)
-        log.log({"step": config.steps, "eval/accuracy": evaluate(pool, tokenizer, task, held_out,
-                                                                 version.tinker_path, algo.max_tokens)})
-    finally:
-        pool.shutdown()
-        ray.kill(learner)
-    return log.history
+            record.update({
+                "reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
+                "sampler/weights_step": int(responses_P[0].model_path.rsplit("-", 1)[1]),
+                "tokens/prompt": sum(map(len, prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
+                "tokens/trained": sum(d.model_input.length for d in datums_D),
+                "time/sampling_s": sampled - started, "time/training_s": trained - sampled,
+                "throughput/sampled_tokens_per_s": sampled_tokens / max(sampled - started, 1e-9),
+                "step_time_s": trained - started})
+            run.record(record)
+            run.checkpoint(step + 1)
+        run.record({"step": config.steps, "eval/accuracy": await run.evaluate(task, held_out, version.tinker_path,
+                                                                              algo.max_tokens)})
+        return run.log.history
+
+
+def train(config: TrainConfig, task: Task) -> list[dict]:
+    """Runs the RL loop; returns one metrics record per step (and one for the final evaluation)."""
+    return asyncio.run(train_async(config, task))
+

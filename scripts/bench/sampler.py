@@ -23,7 +23,7 @@ import time
 
 import ray
 
-from rl.driver.rl import chat_tokens
+from rl.driver.run import chat_tokens
 from rl.learner import LearnerActor
 from rl.models import resolve_model
 from rl.sampler import SamplerPool

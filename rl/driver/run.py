@@ -1,0 +1,190 @@
+"""A run: what the RL, DPO and SFT loops share.
+
+`Run` owns the learner actor holding this run's LoRA adapter, the run's log, its checkpoints, and a sampler
+pool for rollouts and evaluation (started on first use). Every `checkpoint_every` steps, and after the last,
+it saves the adapter with its optimizer state (`save_weights`) and then `state.json` (the next step, that
+checkpoint's path, the token totals, the wandb run id), each written atomically: a run stopped anywhere resumes
+from its last checkpoint with `resume=true`, and a failed run's last checkpoint loads.
+
+Random state: every random choice a loop makes (problems, sampling seeds, data order) is drawn from
+(seed, step), never from a global generator, so restoring the step restores the random state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from pathlib import Path
+
+import ray
+from transformers import AutoTokenizer
+
+from rl.config import TrainConfig
+from rl.learner import LearnerActor
+from rl.metrics import RunLog
+from rl.models import resolve_model
+from rl.sampler import AdapterVersion, SamplerPool
+from rl.tasks import Problem, Task
+from rl.types import Datum, LoraConfig, ModelInput, SampleRequest, SampleResponse, SamplingParams
+
+STATE = "state.json"
+
+
+def chat_tokens(tokenizer, text: str) -> list[int]:
+    """A user message rendered with the chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)
+
+
+def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
+    """A conversation as a cross-entropy datum whose weights select the assistant's tokens (1) from the rest (0).
+
+    Each assistant turn's tokens are those its rendering adds to the conversation before it (rendered with the
+    generation prompt), so the template's own markers around the reply are trained as the model will emit them.
+    """
+    def render(upto: int, generation_prompt: bool) -> list[int]:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=True, return_dict=False,
+                                             add_generation_prompt=generation_prompt)
+
+    tokens_T = render(len(messages), False)
+    weights_T = [0.0] * len(tokens_T)
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = len(render(index, True)), len(render(index + 1, False))
+            if render(index + 1, False) != tokens_T[:end]:
+                raise ValueError(f"the chat template renders turn {index} differently inside the conversation: "
+                                 "assistant tokens cannot be located")
+            weights_T[start:end] = [1.0] * (end - start)
+    return Datum(model_input=ModelInput.from_ints(tokens_T[:-1]),
+                 loss_fn_inputs={"target_tokens": tokens_T[1:], "weights": weights_T[1:]})
+
+
+def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
+    """The examples of `step` when cycling through a data set in epochs, each epoch in its own shuffled order."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, dataset_size)
+        order = list(range(dataset_size))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+async def sample_all(pool: SamplerPool, prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
+                     params: SamplingParams) -> list[SampleResponse]:
+    # Each request draws from its own seed: one seed for all would correlate the samples of different prompts.
+    requests = [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
+                              sampling_params=params if params.seed is None else
+                              params.model_copy(update={"seed": params.seed + index}))
+                for index, prompt in enumerate(prompts_P)]
+    return await asyncio.gather(*(pool.sample(request) for request in requests))
+
+
+def score(task: Task, scorer, problem: Problem, completion: str, *, where: str) -> float:
+    """The task's reward or accuracy for one completion; a scorer that fails is named with its input."""
+    try:
+        return float(scorer(problem, completion))
+    except Exception as error:
+        raise RuntimeError(f"task {task.name!r}: {scorer.__name__} raised on {where} (prompt {problem.prompt!r}, "
+                           f"completion {completion!r}): {error!r}") from error
+
+
+class Run:
+    """The learner with this run's adapter, its log and checkpoints, and (on first use) a sampler pool."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.folder = Path(config.output_dir)
+        model = config.model
+        self.base_model = str(resolve_model(model.name))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        state = read_state(self.folder) if config.resume else None
+        if config.resume and state is None:
+            raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
+                             "from (checkpoints are written every checkpoint_every steps)")
+        self.learner = LearnerActor.options(num_cpus=config.learner.num_cpus, num_gpus=config.learner.num_gpus).remote(
+            self.base_model, storage=str(self.folder / "checkpoints"), dtype=model.dtype,
+            micro_batch_tokens=config.learner.micro_batch_tokens)
+        self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
+        self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
+                                                           model_id=state and state["model_id"]))
+        self.start_step, self.totals = 0, {}
+        if state is not None:
+            ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
+            self.start_step, self.totals = state["step"], state["totals"]
+            print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
+        self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"])
+        self._pool: SamplerPool | None = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.log.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+        ray.kill(self.learner)
+
+    @property
+    def pool(self) -> SamplerPool:
+        if self._pool is None:
+            sampler, model = self.config.sampler, self.config.model
+            self._pool = SamplerPool(self.base_model, replicas=sampler.replicas, num_cpus=sampler.num_cpus,
+                                     num_gpus=sampler.num_gpus, max_model_len=model.max_model_len,
+                                     max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
+                                     publish_mode=sampler.publish_mode)
+        return self._pool
+
+    async def publish(self, name: str) -> AdapterVersion:
+        """save_weights_for_sampler, then every replica loads and verifies it."""
+        return await self.pool.publish_from_learner(self.learner, self.model_id, name)
+
+    async def evaluate(self, task: Task, problems: list[Problem], model_path: str, max_tokens: int) -> float:
+        """Greedy accuracy (the task's unshaped score) on held-out problems."""
+        prompts_P = [chat_tokens(self.tokenizer, problem.prompt) for problem in problems]
+        greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        responses = await sample_all(self.pool, prompts_P, model_path=model_path, group_size=1, params=greedy)
+        scores = [score(task, task.accuracy, problem, self.decode(response.sequences[0].tokens), where="evaluation")
+                  for problem, response in zip(problems, responses, strict=True)]
+        return sum(scores) / len(scores)
+
+    async def evaluate_weights(self, task: Task, problems: list[Problem], step: int) -> float:
+        """Publishes the weights as they are after `step` steps and evaluates them (for loops that do not sample)."""
+        version = await self.publish(f"step-{step}")
+        return await self.evaluate(task, problems, version.tinker_path, self.config.algo.max_tokens)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def record(self, record: dict) -> None:
+        """Logs one step's record, with running totals of its `tokens/*` counts added as `tokens_total/*`."""
+        for key, value in record.items():
+            if key.startswith("tokens/"):
+                total = "tokens_total/" + key.removeprefix("tokens/")
+                self.totals[total] = self.totals.get(total, 0) + value
+        self.log.log({**record, **self.totals})
+
+    def checkpoint(self, next_step: int) -> None:
+        """Saves a resumable checkpoint when `next_step` is due for one (every checkpoint_every, and the last)."""
+        every = self.config.checkpoint_every
+        if next_step != self.config.steps and not (every and next_step % every == 0):
+            return
+        saved = ray.get(self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True))
+        write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
+                                  "totals": self.totals, "wandb_id": self.log.wandb_id})
+
+
+def read_state(folder: Path) -> dict | None:
+    path = folder / STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_state(folder: Path, state: dict) -> None:
+    staging = folder / f".{STATE}.tmp"
+    with open(staging, "w") as file:
+        json.dump(state, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+    staging.replace(folder / STATE)

@@ -1,0 +1,90 @@
+"""`rl-train` as a user launches it: every recipe on the tiny model, sweeps, resume, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
+RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft")
+SMALL = ("model=tiny", "eval_prompts=2", "algo.prompts_per_step=2", "algo.max_tokens=8", "algo.train_examples=4")
+
+
+def rl_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([RL_TRAIN, *overrides], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=600)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
+    # One Hydra multirun: the four recipes share one Ray instance, as a sweep's runs do.
+    result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for recipe in RECIPES:
+        (sweep,) = (tmp_path / "multirun" / recipe).iterdir()
+        (run,) = [folder for folder in sweep.iterdir() if folder.is_dir() and folder.name != ".hydra"]
+        lines = records(run)
+        assert [r["step"] for r in lines] == [0, 1, 2] and "eval/accuracy" in lines[0], recipe
+        assert all("loss" in r and "step_time_s" in r for r in lines[:2]), recipe
+        key = "dpo/accuracy" if recipe.endswith("dpo") else "reward/mean" if recipe.endswith("rl") else "eval/loss"
+        assert key in lines[0], (recipe, lines[0])
+        assert (run / "curves.png").is_file() and (run / "wandb").is_dir()
+        config = json.loads((run / "config.json").read_text())
+        assert config["recipe"] == recipe and config["model"]["name"] == "tiny"
+        assert json.loads((run / "state.json").read_text())["step"] == 2
+
+
+def test_resume_true_continues_the_latest_run_and_its_wandb_run(tmp_path):
+    first = rl_train("recipe=arithmetic_rl", "steps=1", *SMALL, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "arithmetic_rl").iterdir()
+    resumed = rl_train("recipe=arithmetic_rl", "steps=2", "resume=true", *SMALL, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run.resolve()} at step 1" in resumed.stdout
+    assert [r["step"] for r in records(run)] == [0, 1, 2]
+    wandb_runs = sorted(path.name for path in (run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, "one wandb run id"
+
+
+def test_rl_train_names_what_is_wrong(tmp_path):
+    unknown_recipe = rl_train("recipe=nope", cwd=tmp_path)
+    assert unknown_recipe.returncode != 0 and "recipe/nope" in unknown_recipe.stderr
+    assert "arithmetic_rl" in unknown_recipe.stderr, "the known recipes are listed"
+    unknown_key = rl_train("algo.learning_rat=1e-3", cwd=tmp_path)
+    assert unknown_key.returncode != 0 and "Could not override 'algo.learning_rat'" in unknown_key.stderr
+    added_key = rl_train("+algo.learning_rat=1e-3", cwd=tmp_path)  # past Hydra, caught by the typed schema
+    assert added_key.returncode != 0 and "bad configuration at algo.learning_rat: not a known key" in added_key.stderr
+    wrong_type = rl_train("steps=many", cwd=tmp_path)
+    assert wrong_type.returncode != 0 and "Value 'many' of type 'str' could not be converted to Integer" in \
+        wrong_type.stderr and "full_key: steps" in wrong_type.stderr
+    nothing_to_resume = rl_train("resume=true", *SMALL, cwd=tmp_path)
+    assert nothing_to_resume.returncode != 0 and "resume=true: no run with a checkpoint" in nothing_to_resume.stderr
+    no_pairs = rl_train("recipe=arithmetic_dpo", "task=digits", *SMALL, cwd=tmp_path)
+    assert "task 'digits' has no integer reference answers" in no_pairs.stderr
+    assert "rl-train: the run in" in no_pairs.stderr and "it had saved no checkpoint yet" in no_pairs.stderr
+
+
+def test_a_sweep_gives_each_run_its_own_folder_and_wandb_run(tmp_path):
+    result = rl_train("-m", "recipe=arithmetic_rl", "steps=1", *SMALL, "algo.learning_rate=1e-4,3e-4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "arithmetic_rl").iterdir()
+    runs = sorted(sweep.iterdir())
+    assert [run.name for run in runs if run.is_dir() and run.name != ".hydra"] == ["0", "1"]
+    rates = [json.loads((sweep / name / "config.json").read_text())["algo"]["learning_rate"] for name in "01"]
+    assert rates == [1e-4, 3e-4]
+    assert all(len(list((sweep / name / "wandb").glob("offline-run-*"))) == 1 for name in "01")
+
+
+def test_a_custom_task_trains_from_python(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "recipes" / "custom_task.py"
+    result = subprocess.run([sys.executable, str(script), "steps=1", *SMALL], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "custom_task").iterdir()
+    assert [r["step"] for r in records(run)] == [0, 1]
+    assert records(run)[0]["tokens/prompt"] > 0 and "reward/mean" in records(run)[0]

@@ -1,0 +1,91 @@
+"""Tasks, the data built from them, and the pure pieces of the loops: exact values, no engines."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from rl.driver.rl import group_advantages, kl_penalty
+from rl.driver.run import batch_indices, conversation_datum
+from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations, strict_answer
+
+
+def test_addition_scores_strictly_with_optional_format_reward():
+    task = Addition(format_reward=0.2)
+    (problem,) = task.problems(1, seed=0)
+    right, wrong = problem.answer, str(int(problem.answer) + 1)
+    assert task.reward(problem, f"I think Answer: {right}") == 1.0
+    assert task.reward(problem, f"Answer: {wrong}") == 0.2 and task.accuracy(problem, f"Answer: {wrong}") == 0.0
+    assert task.reward(problem, right) == 0.0, "no 'Answer:', no reward"
+    assert strict_answer("Answer: 3 Answer: -12 apples") == -12 and strict_answer("Answer: x") is None
+    assert problem.solution.endswith(f"Answer: {right}")
+    assert Addition().problems(8, seed=0) == Addition().problems(8, seed=0)
+    assert Addition().problems(8, seed=0) != Addition().problems(8, seed=0, split="eval")
+
+
+def test_gsm_symbolic_uses_reasoning_gyms_scorer_and_worked_solutions():
+    task = GsmSymbolic(format_reward=0.2)
+    problems = task.problems(3, seed=0)
+    assert [p.answer for p in problems] == [p.answer for p in task.problems(3, seed=0)], "deterministic"
+    assert {p.prompt for p in problems}.isdisjoint({p.prompt for p in task.problems(3, seed=0, split="eval")})
+    problem = problems[0]
+    assert problem.prompt.endswith("Put the final answer after 'Answer:'.")
+    assert task.reward(problem, f"Let me see.\nAnswer: {problem.answer}\nDone") == 1.0
+    assert task.reward(problem, "Answer: 123456789") == 0.2 and task.reward(problem, problem.answer) == 0.0
+    assert problem.solution.endswith(f"\nAnswer: {problem.answer}") and "####" not in problem.solution
+    assert task.accuracy(problem, problem.solution) == 1.0, "the worked solution scores as correct"
+
+
+def test_digits_rewards_the_share_of_digits():
+    task = Digits()
+    (problem,) = task.problems(1, seed=0)
+    assert task.reward(problem, "12 ab") == pytest.approx(0.5) and task.reward(problem, "") == 0.0
+    assert task.accuracy(problem, " 42 ") == 1.0 and task.accuracy(problem, "42a") == 0.0
+
+
+def test_preference_pairs_and_sft_conversations():
+    pairs = preference_pairs(Addition(), 20, seed=1)
+    for pair, problem in zip(pairs, Addition().problems(20, seed=1), strict=True):
+        assert pair.prompt == problem.prompt and pair.chosen == f"Answer: {problem.answer}"
+        wrong = int(pair.rejected.removeprefix("Answer: "))
+        assert 1 <= abs(wrong - int(problem.answer)) <= 3
+    with pytest.raises(ValueError, match="task 'digits' has no integer reference answers"):
+        preference_pairs(Digits(), 2, seed=0)
+    (conversation,) = sft_conversations(GsmSymbolic(), 1, seed=0)
+    assert [m["role"] for m in conversation] == ["user", "assistant"]
+    assert conversation[1]["content"] == GsmSymbolic().problems(1, seed=0)[0].solution
+    with pytest.raises(ValueError, match="task 'digits' has no worked solutions"):
+        sft_conversations(Digits(), 1, seed=0)
+    with pytest.raises(ValueError, match="unknown task 'nope': known tasks are addition, gsm_symbolic, digits"):
+        make_task("nope")
+
+
+def test_conversation_datum_trains_the_assistant_tokens_only(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Answer: 4"},
+                {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "Answer: 6"}]
+    datum = conversation_datum(tokenizer, messages)
+    tokens = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    targets, weights = datum.loss_fn_inputs["target_tokens"].data, datum.loss_fn_inputs["weights"].data
+    assert datum.model_input.to_ints() == tokens[:-1] and targets == tokens[1:]
+    trained = tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w == 1.0])
+    # ChatML: each reply and its end-of-turn marker (and the newline the template puts after it) are trained.
+    assert trained == "Answer: 4<|im_end|>\nAnswer: 6<|im_end|>\n"
+    assert set(weights) == {0.0, 1.0}
+
+
+def test_batch_indices_cycle_through_shuffled_epochs():
+    seen = [batch_indices(step, 3, 7, seed=0) for step in range(7)]  # 21 positions = 3 epochs of 7
+    flat = [index for batch in seen for index in batch]
+    for epoch in range(3):
+        assert sorted(flat[epoch * 7:(epoch + 1) * 7]) == list(range(7)), "each epoch visits every example once"
+    assert flat[:7] != flat[7:14], "epochs are shuffled differently"
+    assert seen == [batch_indices(step, 3, 7, seed=0) for step in range(7)], "a function of (seed, step) only"
+
+
+def test_group_advantages_and_kl_penalty():
+    assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=False) == [0.5, -0.5, -0.5, 0.5]
+    assert group_advantages([1.0, 0.0], normalize=True) == pytest.approx([1.0, -1.0], rel=1e-5)
+    assert group_advantages([0.3, 0.3], normalize=True) == [0.0, 0.0]
+    penalized, kl = kl_penalty([[1.0, 1.0], [-1.0]], [[-0.5, -2.0], [-1.0]], [[-1.0, -1.0], [-1.0]], coef=0.1)
+    # per-token KL terms: 0.5, -1.0, 0.0 -> advantages 1 - 0.05, 1 + 0.1, -1 - 0; mean KL (0.5 - 1 + 0) / 3
+    assert penalized[0] == pytest.approx([0.95, 1.1]) and penalized[1] == [-1.0]
+    assert kl == pytest.approx(-0.5 / 3)
