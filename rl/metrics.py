@@ -7,8 +7,16 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from rl.config import TrainConfig
 
+SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo/accuracy": "dpo acc",
+           "eval/dpo_accuracy": "eval dpo acc", "loss": "loss", "eval/loss": "eval loss",
+           "throughput/sampled_tokens_per_s": "sampled tok/s", "throughput/trained_tokens_per_s": "trained tok/s",
+           "throughput/pairs_per_s": "pairs/s", "time/sampling_s": "sampling s", "time/training_s": "training s",
+           "step_time_s": "step s"}
+"""The keys of the line printed per step, with their labels; metrics.jsonl and wandb get every key."""
 CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo/accuracy", "eval/dpo_accuracy"),
           "loss": ("loss", "eval/loss")}
 
@@ -49,14 +57,23 @@ class RunLog:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=record["step"])
-        print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                       for key, value in record.items()), flush=True)
+        tqdm.write(summary_line(record))  # above the progress bar, not through it
 
     def close(self) -> None:
         self._file.close()
         plot_curves(self.history, self.folder / "curves.png")
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def summary_line(record: dict) -> str:
+    """The step's headline numbers (SUMMARY's keys that it has), e.g. `step 3 | reward 0.41 | loss -0.012 | ...`."""
+    parts = [f"step {record['step']}"]
+    for key, label in SUMMARY.items():
+        if key in record:
+            value = record[key]
+            parts.append(f"{label} {value:.3g}" if isinstance(value, float) else f"{label} {value}")
+    return " | ".join(parts)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

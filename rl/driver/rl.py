@@ -126,14 +126,16 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
                 version = await run.publish(f"step-{int(record['step:max'])}")
             trained = time.perf_counter()
+            trained_tokens = sum(d.model_input.length for d in datums_D)
 
             record.update({
                 "reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
                 "sampler/weights_step": int(responses_P[0].model_path.rsplit("-", 1)[1]),
                 "tokens/prompt": sum(map(len, prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
-                "tokens/trained": sum(d.model_input.length for d in datums_D),
+                "tokens/trained": trained_tokens,
                 "time/sampling_s": sampled - started, "time/training_s": trained - sampled,
                 "throughput/sampled_tokens_per_s": sampled_tokens / max(sampled - started, 1e-9),
+                "throughput/trained_tokens_per_s": trained_tokens / max(trained - sampled, 1e-9),
                 "step_time_s": trained - started})
             run.record(record)
             run.checkpoint(step + 1)

@@ -1,0 +1,1 @@
+"""The Tinker-compatible HTTP service."""
