@@ -119,6 +119,11 @@ class Learner:
         self._runs[model_id] = _Run(adapter=adapter, lora=lora, optimizer=optimizer, params=params)
         return model_id
 
+    def delete(self, model_id: str) -> None:
+        """Drops a run and its adapter from memory (its checkpoints stay)."""
+        self._peft.delete_adapter(self._run(model_id).adapter)
+        del self._runs[model_id]
+
     def step(self, model_id: str) -> int:
         return self._run(model_id).step
 
@@ -246,12 +251,13 @@ class Learner:
         return SaveWeightsForSamplerResponse(path=checkpoint.tinker_path)
 
     def load_weights(self, path: str, *, optimizer: bool, model_id: str | None = None) -> LoadWeightsResponse:
-        """Loads a training checkpoint into run `model_id`, or into a new run when `model_id` is None.
+        """Loads a checkpoint into run `model_id`, or into a new run (named `model_id` if given) when there is none.
 
         With `optimizer`, the optimizer state and step come back too and training resumes exactly; without,
         only the adapter does, with a fresh optimizer at step 0.
         """
-        folder = self.store.folder(path, kind="training")
+        # Only a training checkpoint holds optimizer state; the adapter alone comes from either kind.
+        folder = self.store.folder(path, kind="training" if optimizer else None)
         metadata = self.store.metadata(path)
         if metadata["base_model"] != self.base_model:
             raise ValueError(f"{path} was trained on {metadata['base_model']!r}; this learner holds "
@@ -259,8 +265,8 @@ class Learner:
         saved_lora = LoraConfig.model_validate(metadata["lora_config"])
         adapter_state = load_file(folder / ADAPTER_WEIGHTS)
         optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if optimizer else None
-        if model_id is None:
-            model_id = self.create(self.base_model, saved_lora)
+        if model_id is None or model_id not in self._runs:
+            model_id = self.create(self.base_model, saved_lora, model_id=model_id)
         run = self._run(model_id)
         if run.lora.model_dump(exclude={"seed"}) != saved_lora.model_dump(exclude={"seed"}):
             raise ValueError(f"{path} holds a {saved_lora} adapter; run {model_id!r} has {run.lora}")

@@ -351,6 +351,9 @@ class SamplerPool:
                 replica.outstanding -= work
         raise AssertionError("unreachable")
 
+    def published(self, model_path: str) -> bool:
+        return model_path in self._versions
+
     def _version(self, model_path: str) -> AdapterVersion:
         if model_path not in self._versions:
             raise ValueError(f"unknown model path {model_path!r}: publish it before sampling from it")

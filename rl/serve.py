@@ -1,0 +1,82 @@
+"""`rl-serve`: a Tinker-compatible HTTP server, so the official `tinker` SDK runs unchanged on our machines.
+
+    rl-serve                                   # SmolLM2-135M-Instruct on 127.0.0.1:8000, storage ./rl-storage
+    rl-serve models=[tiny] port=8123 storage=/data/rl
+    RL_API_KEYS=tml-alice,tml-bob rl-serve host=0.0.0.0
+
+Point the SDK at it with TINKER_BASE_URL=http://HOST:PORT and TINKER_API_KEY=tml-... (any tml- key when the
+server has no keys). Without API keys the server is single-user and listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import ray
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[str] = field(default_factory=lambda: ["SmolLM2-135M-Instruct"])
+    """Base models to serve, by name (rl.models.resolve_model) or local folder."""
+    storage: str = "rl-storage"
+    """Checkpoints and the run registry; a restarted server on the same folder lists them again."""
+    api_keys: list[str] = field(default_factory=list)
+    """Each key is one user (tml-...); RL_API_KEYS (comma-separated) adds more. None: single user, loopback."""
+    replicas: int = 1
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    max_lora_rank: int = 32
+    max_loras: int = 4
+    max_body_mb: int = 64
+
+
+def api_keys(config: ServeConfig) -> list[str]:
+    return list(config.api_keys) + [key for key in os.environ.get("RL_API_KEYS", "").split(",") if key.strip()]
+
+
+def serve(config: ServeConfig) -> None:
+    import uvicorn
+
+    from rl.service.app import build_app
+    from rl.service.service import Service
+
+    keys = api_keys(config)
+    if not keys and config.host not in LOOPBACK:
+        raise ValueError(f"host={config.host}: with no API keys the server is open to anyone who can reach it, "
+                         "so it only listens on loopback; set api_keys or RL_API_KEYS to serve other hosts")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    service = Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
+                      max_model_len=config.max_model_len, max_lora_rank=config.max_lora_rank,
+                      max_loras=config.max_loras)
+    who = f"{len(keys)} API keys" if keys else "no API keys: single user, loopback only"
+    print(f"rl-serve: {', '.join(config.models)} on http://{config.host}:{config.port} ({who}); storage "
+          f"{Path(config.storage).resolve()}", flush=True)
+    try:
+        uvicorn.run(build_app(service, max_body_bytes=config.max_body_mb * 2**20), host=config.host,
+                    port=config.port, log_level="warning")
+    finally:
+        service.close()
+
+
+ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+
+
+@hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="serve",
+            version_base="1.3")
+def main(composed) -> None:
+    serve(OmegaConf.to_object(composed))
+
+
+if __name__ == "__main__":
+    main()

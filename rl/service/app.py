@@ -1,0 +1,189 @@
+"""The HTTP face of `Service`: Tinker's routes under /api/v1, as the official SDK calls them.
+
+Every failure answers with a JSON body `{"error", "category"}` and a 4xx/5xx status (an empty 4xx makes the
+SDK retry blindly); a failure inside a future is reported by `retrieve_future` in the same shape, which the SDK
+raises as RequestFailedError. forward_backward arrives as protobuf; its result and sampling results leave as
+protobuf; everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rl.service.codec import decode_forward_backward, encode_forward_backward_output, encode_sample_response
+from rl.service.registry import AccessDenied
+from rl.service.service import Service
+from rl.types import ForwardBackwardOutput, SampleResponse
+
+PROTOBUF = "application/x-protobuf"
+
+
+def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlette:
+    async def body_of(request: Request) -> bytes:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > max_body_bytes:
+            raise BodyTooLarge(declared)
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            raise BodyTooLarge(len(body))
+        return body
+
+    async def json_of(request: Request) -> dict:
+        try:
+            body = json.loads(await body_of(request) or b"{}")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"malformed JSON body: {error}") from None
+        if not isinstance(body, dict):
+            raise ValueError("the JSON body must be an object")
+        return body
+
+    def route(path: str, handler, methods=("POST",)) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                user = service.registry.user(request.headers.get("x-api-key"))
+                return await handler(request, user)
+            except AccessDenied as error:
+                return failure(401, str(error))
+            except BodyTooLarge as error:
+                return failure(413, f"body of {error.args[0]} bytes exceeds the limit of {max_body_bytes}")
+            except KeyError as error:
+                return failure(400, f"missing field {error.args[0]!r}")
+            except (ValueError, TypeError) as error:
+                return failure(400, str(error))
+            except Exception as error:  # the server's fault; the server goes on
+                return failure(500, f"{type(error).__name__}: {error}", "server")
+
+        return Route(f"/api/v1/{path}", endpoint, methods=list(methods))
+
+    def future(request_id: str, **extra) -> Response:
+        return JSONResponse({"request_id": request_id, **extra})
+
+    def plain(function):
+        """A JSON endpoint whose answer comes straight from `function(user, body)`."""
+        async def handler(request: Request, user: str) -> Response:
+            return as_json(function(user, await json_of(request)))
+        return handler
+
+    def queued(function):
+        """A JSON endpoint whose answer is a future over `function(user, body)`."""
+        async def handler(request: Request, user: str) -> Response:
+            return future(function(user, await json_of(request)))
+        return handler
+
+    async def forward_backward(request: Request, user: str) -> Response:
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise ValueError("compressed forward_backward bodies are not accepted (client/config says so)")
+        model_id, seq_id, batch, forward_only = decode_forward_backward(await body_of(request))
+        return future(service.forward_backward(user, model_id, seq_id, batch, forward_only))
+
+    async def create_session(request: Request, user: str) -> Response:
+        await json_of(request)
+        return JSONResponse({"session_id": service.registry.new_session(user)})
+
+    async def create_sampling_session(request: Request, user: str) -> Response:
+        return JSONResponse(await service.create_sampling_session(user, await json_of(request)))
+
+    async def asample(request: Request, user: str) -> Response:
+        request_id, count = service.sample(user, await json_of(request))
+        return future(request_id, sample_sequence_ids=[f"{request_id}-{index}" for index in range(count)])
+
+    async def retrieve_future(request: Request, user: str) -> Response:
+        body = await json_of(request)
+        result = await service.futures.retrieve(user, body["request_id"])
+        if result is None:
+            return JSONResponse({"type": "try_again", "request_id": body["request_id"], "queue_state": "active"})
+        if isinstance(result, ForwardBackwardOutput):
+            return Response(encode_forward_backward_output(result), media_type=PROTOBUF)
+        if isinstance(result, SampleResponse):
+            return Response(encode_sample_response(result), media_type=PROTOBUF)
+        return as_json(result)
+
+    async def sampler(request: Request, user: str) -> Response:
+        sampler_id = request.path_params["sampler_id"]
+        found = service.sampler(user, sampler_id)
+        return JSONResponse({"sampler_id": sampler_id, "base_model": found["base_model"],
+                             "model_path": found["model_path"]})
+
+    def page(request: Request, default_limit: int) -> tuple[int, int]:
+        return int(request.query_params.get("limit", default_limit)), int(request.query_params.get("offset", 0))
+
+    async def training_runs(request: Request, user: str) -> Response:
+        return as_json(service.training_runs(user, *page(request, 20)))
+
+    async def training_run(request: Request, user: str) -> Response:
+        return as_json(service.training_run(user, request.path_params["run"]))
+
+    async def run_checkpoints(request: Request, user: str) -> Response:
+        return as_json(service.run_checkpoints(user, request.path_params["run"]))
+
+    async def user_checkpoints(request: Request, user: str) -> Response:
+        return as_json(service.user_checkpoints(user, *page(request, 100)))
+
+    async def checkpoint(request: Request, user: str) -> Response:
+        run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]
+        if checkpoint_id.endswith("/publish"):
+            path = service.checkpoint_path(user, run, checkpoint_id.removesuffix("/publish"))
+            service.checkpoints.metadata(path)  # it must exist
+            service.registry.set_public(path, request.method == "POST")
+        elif request.method == "DELETE":
+            service.delete_checkpoint(user, run, checkpoint_id)
+        else:
+            raise ValueError(f"{request.method} {request.url.path} is not supported")
+        return JSONResponse({})
+
+    async def ok(request: Request, user: str, answer: dict | None = None) -> Response:
+        if request.method == "POST":
+            await json_of(request)
+        return JSONResponse(answer or {})
+
+    routes = [
+        route("client/config", lambda r, u: ok(r, u, {"use_pyqwest_transport": False})),
+        route("client/dynamic_config", ok),
+        route("create_session", create_session),
+        route("session_heartbeat", ok),
+        route("sessions/{session_id}/finish", ok),
+        route("telemetry", lambda r, u: ok(r, u, {"status": "accepted"})),
+        route("healthz", lambda r, u: ok(r, u, {"status": "ok"}), methods=("GET",)),
+        route("get_server_capabilities", lambda r, u: as_json_async(service.capabilities()), methods=("GET",)),
+        route("create_model", queued(service.create_model)),
+        route("get_info", plain(service.get_info)),
+        route("forward_backward", forward_backward),
+        route("optim_step", queued(service.optim_step)),
+        route("save_weights", queued(service.save_weights)),
+        route("save_weights_for_sampler", queued(service.save_weights_for_sampler)),
+        route("load_weights", queued(service.load_weights)),
+        route("create_sampling_session", create_sampling_session),
+        route("samplers/{sampler_id}", sampler, methods=("GET",)),
+        route("asample", asample),
+        route("retrieve_future", retrieve_future),
+        route("weights_info", plain(service.weights_info)),
+        route("training_runs", training_runs, methods=("GET",)),
+        route("training_runs/{run}", training_run, methods=("GET",)),
+        route("training_runs/{run}/checkpoints", run_checkpoints, methods=("GET",)),
+        route("training_runs/{run}/checkpoints/{checkpoint:path}", checkpoint, methods=("DELETE", "POST")),
+        route("checkpoints", user_checkpoints, methods=("GET",)),
+    ]
+    return Starlette(routes=routes)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def failure(status: int, message: str, category: str = "user") -> JSONResponse:
+    return JSONResponse({"error": message, "category": category}, status_code=status)
+
+
+def as_json(value: Any) -> JSONResponse:
+    return JSONResponse(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
+
+
+async def as_json_async(value: Any) -> JSONResponse:
+    return as_json(value)

@@ -1,0 +1,109 @@
+"""Futures as Tinker's SDK sees them: a request returns a request id at once, its result is long-polled.
+
+Each training run executes its requests in `seq_id` order, whatever order they arrive in (the SDK sends the
+chunks of one step concurrently, the first last); a seq_id that never comes (its client failed before sending)
+holds the run up for GAP_SECONDS only. A request seen again with the same (model_id, seq_id), as a retry is, gets
+the same request id and is not run twice. Sampling requests run as they come. A failure is kept as
+`{"error", "category"}`, the shape the SDK turns into a RequestFailedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+POLL_SECONDS = 20.0
+"""How long retrieve_future holds a request before answering try_again: well under the SDK's 45 s timeout."""
+GAP_SECONDS = 10.0
+"""How long a run's later requests wait for a missing seq_id before going on without it."""
+
+
+@dataclass
+class _Run:
+    """One training run's queue: jobs wait for their seq_id's turn."""
+
+    next_seq_id: int = 1
+    """The SDK numbers a run's requests 1, 2, 3, ..."""
+    waiting: dict[int, tuple[str, Callable[[], Awaitable[Any]]]] = field(default_factory=dict)
+    seen: dict[int, str] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FutureStore:
+    def __init__(self):
+        self._results: dict[str, asyncio.Future] = {}
+        self._owners: dict[str, str] = {}
+        self._runs: dict[str, _Run] = {}
+        self._keys: dict[tuple, str] = {}
+
+    def submit(self, owner: str, job: Callable[[], Awaitable[Any]], *, key: tuple | None = None) -> str:
+        """Runs `job` now; its result (or failure) is kept under the returned request id. A `key` seen before
+        (a resent request) returns the first request's id instead of running again."""
+        if key is not None and key in self._keys:
+            return self._keys[key]
+        request_id = self._new(owner)
+        if key is not None:
+            self._keys[key] = request_id
+        asyncio.ensure_future(self._settle(request_id, job))
+        return request_id
+
+    def submit_ordered(self, owner: str, model_id: str, seq_id: int, job: Callable[[], Awaitable[Any]]) -> str:
+        """Runs `job` after every lower seq_id of `model_id`; a repeated (model_id, seq_id) is the same request."""
+        run = self._runs.setdefault(model_id, _Run())
+        if seq_id in run.seen:
+            return run.seen[seq_id]
+        request_id = run.seen[seq_id] = self._new(owner)
+        if seq_id < run.next_seq_id:  # it came after the run went on without it: it runs now, out of turn
+            asyncio.ensure_future(self._settle(request_id, job))
+            return request_id
+        run.waiting[seq_id] = (request_id, job)
+        run.arrived.set()
+        asyncio.ensure_future(self._drain(run))
+        return request_id
+
+    async def _drain(self, run: _Run) -> None:
+        async with run.lock:
+            while run.waiting:
+                if run.next_seq_id not in run.waiting:
+                    # A gap: an earlier request is on its way (chunks arrive out of order) or will never come
+                    # (its client failed before sending). Wait for it a while, then go on without it.
+                    run.arrived.clear()
+                    try:
+                        await asyncio.wait_for(run.arrived.wait(), GAP_SECONDS)
+                        continue
+                    except TimeoutError:
+                        run.next_seq_id = min(run.waiting)
+                request_id, job = run.waiting.pop(run.next_seq_id)
+                await self._settle(request_id, job)
+                run.next_seq_id += 1
+
+    def _new(self, owner: str) -> str:
+        request_id = f"req-{secrets.token_hex(8)}"
+        self._results[request_id] = asyncio.get_running_loop().create_future()
+        self._owners[request_id] = owner
+        return request_id
+
+    async def _settle(self, request_id: str, job: Callable[[], Awaitable[Any]]) -> None:
+        future = self._results[request_id]
+        try:
+            future.set_result(await job())
+        except Exception as error:
+            cause = getattr(error, "cause", None) or error  # an actor's exception arrives wrapped by Ray
+            if isinstance(cause, ValueError):  # bad input, in our components' convention: the caller's to fix
+                future.set_result({"error": str(cause), "category": "user"})
+            else:
+                future.set_result({"error": f"{type(cause).__name__}: {cause}", "category": "server"})
+
+    async def retrieve(self, owner: str, request_id: str, timeout: float = POLL_SECONDS) -> Any | None:
+        """The result, or None if it is not ready within `timeout` seconds (the caller answers try_again)."""
+        if self._owners.get(request_id) != owner:
+            raise ValueError(f"unknown request_id {request_id!r}")
+        future = self._results[request_id]
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None

@@ -1,0 +1,93 @@
+"""Who owns what: API keys, sessions, training runs and public checkpoints, kept in the storage folder.
+
+Each configured API key is one user. A user sees their own runs and checkpoints, plus checkpoints made public;
+anyone else's run is "not found". With no keys configured there is one user, "local", and the server listens on
+loopback only. The registry is rewritten atomically (`service.json`) after every change, so a restarted server
+on the same storage folder lists the same runs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+LOCAL_USER = "local"
+
+
+class AccessDenied(PermissionError):
+    """An API key the server does not know."""
+
+
+class Registry:
+    def __init__(self, folder: Path | str, api_keys: list[str]):
+        self.path = Path(folder) / "service.json"
+        bad = [key for key in api_keys if not key.startswith("tml-")]
+        if bad:
+            raise ValueError(f"API keys must start with 'tml-' (the Tinker SDK refuses others): {bad[0][:8]}...")
+        self.users = {key: f"user-{index}" for index, key in enumerate(api_keys)}
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.runs: dict[str, dict] = saved.get("runs", {})
+        self.public: set[str] = set(saved.get("public", []))
+        self.sessions: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def user(self, api_key: str | None) -> str:
+        if not self.users:
+            return LOCAL_USER
+        if api_key not in self.users:
+            raise AccessDenied("unknown API key")
+        return self.users[api_key]
+
+    def new_session(self, user: str) -> str:
+        session_id = f"session-{secrets.token_hex(6)}"
+        self.sessions[session_id] = user
+        return session_id
+
+    def session_owner(self, user: str, session_id: str) -> None:
+        if self.sessions.get(session_id) != user:
+            raise ValueError(f"unknown session_id {session_id!r}")
+
+    def add_run(self, user: str, model_id: str, base_model: str, lora: dict, user_metadata: dict | None) -> None:
+        self.runs[model_id] = {"owner": user, "base_model": base_model, "lora": lora, "created": now(),
+                               "last_request_time": now(), "user_metadata": user_metadata}
+        self.save()
+
+    def run(self, user: str, model_id: str) -> dict:
+        """The run, if `user` owns it; anyone else gets the same "unknown" as for a run that does not exist."""
+        run = self.runs.get(model_id)
+        if run is None or run["owner"] != user:
+            raise ValueError(f"unknown model_id {model_id!r}")
+        return run
+
+    def touch(self, model_id: str) -> None:
+        self.runs[model_id]["last_request_time"] = now()
+
+    def owned_runs(self, user: str) -> list[tuple[str, dict]]:
+        return sorted(((model_id, run) for model_id, run in self.runs.items() if run["owner"] == user),
+                      key=lambda pair: pair[1]["created"])
+
+    def readable(self, user: str, tinker_path: str) -> bool:
+        """Whether `user` may load or sample a checkpoint: theirs, or public."""
+        model_id = tinker_path.removeprefix("tinker://").split("/", 1)[0]
+        run = self.runs.get(model_id)
+        return tinker_path in self.public or (run is not None and run["owner"] == user)
+
+    def set_public(self, tinker_path: str, public: bool) -> None:
+        (self.public.add if public else self.public.discard)(tinker_path)
+        self.save()
+
+    def save(self) -> None:
+        with self._lock:
+            staging = self.path.with_suffix(".tmp")
+            staging.write_text(json.dumps({"runs": self.runs, "public": sorted(self.public)}, indent=1))
+            with open(staging) as file:
+                os.fsync(file.fileno())
+            staging.replace(self.path)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat()

@@ -1,0 +1,194 @@
+"""The official tinker SDK (0.38.0), unchanged, against `rl-serve`'s app on the tiny model: real HTTP, real
+learner and vLLM actors. One server is shared by the module; each test uses runs of its own."""
+
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+import uvicorn
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+
+from rl.service.app import build_app
+from rl.service.service import Service
+
+ALICE, BOB = "tml-alice-key", "tml-bob-key"
+PATTERN = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`rl-serve`'s app under uvicorn on a thread of this process."""
+
+    def __init__(self, service: Service, **app_options):
+        self.service = service
+        self.url = f"http://127.0.0.1:{free_port()}"
+        config = uvicorn.Config(build_app(service, **app_options), host="127.0.0.1", port=int(self.url[-5:]),
+                                log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model_dir, tmp_path_factory):
+    service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
+                      max_model_len=256, max_lora_rank=8)
+    running = Server(service, max_body_bytes=2**20)
+    yield running
+    running.stop()
+    service.close()
+
+
+def client(server: Server, key: str = ALICE) -> tinker.ServiceClient:
+    return tinker.ServiceClient(base_url=server.url, api_key=key)
+
+
+def datum(tokens=PATTERN) -> types.Datum:
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+
+
+def training_client(server: Server, key: str = ALICE, seed: int = 0):
+    return client(server, key).create_lora_training_client(base_model=server.service_model, rank=8, seed=seed,
+                                                            train_unembed=False).result()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_name(server, tiny_model_dir):
+    server.service_model = str(tiny_model_dir)
+
+
+def test_supervised_loop_loss_falls(server):
+    trainer = training_client(server)
+    losses = []
+    for _ in range(4):
+        output = trainer.forward_backward([datum()], "cross_entropy").result()
+        losses.append(output.metrics["loss:sum"])
+        assert len(output.loss_fn_outputs) == 1 and output.loss_fn_outputs[0]["logprobs"].shape == [9]
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert losses[-1] < losses[0] * 0.7, losses
+
+
+def test_sampling_with_seeds_and_logprobs_that_match_the_learner(server):
+    trainer = training_client(server, seed=1)
+    for _ in range(3):
+        trainer.forward_backward([datum()], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    sampler = trainer.save_weights_and_get_sampling_client("sampled").result()
+    prompt = types.ModelInput.from_ints(PATTERN[:4])
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+    first = sampler.sample(prompt=prompt, num_samples=3, sampling_params=params).result()
+    again = sampler.sample(prompt=prompt, num_samples=3, sampling_params=params).result()
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in again.sequences], "seeded: repeatable"
+    assert len(first.sequences) == 3 and all(len(s.tokens) == 6 for s in first.sequences)
+    sequence = first.sequences[0]
+    tokens = PATTERN[:4] + sequence.tokens
+    learner = trainer.forward([types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)})], "cross_entropy").result()
+    expected = learner.loss_fn_outputs[0]["logprobs"].tolist()[3:]
+    assert np.allclose(sequence.logprobs, expected, atol=1e-3), (sequence.logprobs, expected)
+    prompt_logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    assert prompt_logprobs[0] is None and np.allclose(prompt_logprobs[1:], learner.loss_fn_outputs[0][
+        "logprobs"].tolist(), atol=1e-3)
+
+
+def test_policy_losses_and_a_custom_loss(server):
+    trainer = training_client(server, seed=2)
+    tokens = PATTERN
+    policy = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": tokens[1:], "logprobs": [-2.0] * 9, "advantages": [0.5] * 9})
+    for loss_fn, config in (("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9,
+                                                                    "clip_high_threshold": 1.1})):
+        output = trainer.forward_backward([policy], loss_fn, loss_fn_config=config).result()
+        assert np.isfinite(output.metrics["loss:sum"]) and output.metrics["loss:sum"] != 0.0
+
+    def mean_logprob(data, logprobs_list):
+        loss = -sum(lp.sum() for lp in logprobs_list) / 9
+        return loss, {"custom:mean": loss.item()}
+
+    custom = trainer.forward_backward_custom([datum()], mean_logprob).result()
+    reference = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    assert custom.metrics["custom:mean"] == pytest.approx(reference / 9, rel=1e-4)
+
+
+def test_save_state_and_resume_with_optimizer(server):
+    service = client(server)
+    trainer = training_client(server, seed=3)
+    trainer.forward_backward([datum()], "cross_entropy").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = trainer.save_state("resume-me").result().path
+    assert path.startswith("tinker://") and path.endswith("/weights/resume-me")
+    restored = service.create_training_client_from_state_with_optimizer(path).result()
+    for one in (trainer, restored):
+        one.forward_backward([datum()], "cross_entropy").result()
+        one.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    original = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(original,
+                                                                                                     rel=1e-5)
+
+
+def test_rest_listings_and_two_users_isolated(server):
+    trainer = training_client(server, seed=4)
+    path = trainer.save_state("listed").result().path
+    rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
+    run_id = path.removeprefix("tinker://").split("/")[0]
+    runs = rest.list_training_runs().result()
+    assert run_id in [run.training_run_id for run in runs.training_runs]
+    checkpoints = rest.list_checkpoints(run_id).result().checkpoints
+    assert [c.tinker_path for c in checkpoints] == [path] and checkpoints[0].checkpoint_type == "training"
+    assert rest.get_weights_info_by_tinker_path(path).result().lora_rank == 8
+
+    bob = tinker.RestClient(base_url=server.url, api_key=BOB)
+    assert run_id not in [run.training_run_id for run in bob.list_training_runs().result().training_runs]
+    with pytest.raises(Exception, match="unknown model_id"):
+        bob.list_checkpoints(run_id).result()
+    with pytest.raises(Exception, match="no checkpoint"):
+        client(server, BOB).create_training_client_from_state(path).result()
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    public = client(server, BOB).create_training_client_from_state(path).result()  # public: Bob may load it
+    assert public.forward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_bad_input_is_named_and_the_server_goes_on(server):
+    trainer = training_client(server, seed=5)
+    with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary"):
+        trainer.forward_backward([datum([1, 2, 4096])], "cross_entropy").result()
+    headers = {"X-API-Key": ALICE}
+    api = f"{server.url}/api/v1"
+    # The SDK checks loss names itself, so an unknown one is sent by hand, in the SDK's own encoding.
+    unknown_loss = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+        model_id=trainer.model_id, seq_id=2, forward_backward_input=types.ForwardBackwardInput(
+            data=[datum()], loss_fn="cross_entropy")))
+    unknown_loss.loss_fn = "no_such_loss"
+    reply = httpx.post(f"{api}/forward_backward", content=unknown_loss.SerializeToString(),
+                       headers={**headers, "Content-Type": "application/x-protobuf"})
+    assert reply.status_code == 400 and "no_such_loss" in reply.json()["error"]
+    malformed = httpx.post(f"{api}/optim_step", content=b"{not json", headers=headers)
+    assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
+    garbage = httpx.post(f"{api}/forward_backward", content=b"\xff\x00garbage", headers=headers)
+    assert garbage.status_code == 400 and "ForwardBackwardRequest" in garbage.json()["error"]
+    unknown = httpx.post(f"{api}/get_info", json={"model_id": "nobody:train:0"}, headers=headers)
+    assert unknown.status_code == 400 and "unknown model_id" in unknown.json()["error"]
+    oversized = httpx.post(f"{api}/optim_step", content=b"x" * (2**20 + 1), headers=headers)
+    assert oversized.status_code == 413 and "exceeds the limit" in oversized.json()["error"]
+    stranger = httpx.post(f"{api}/create_session", json={}, headers={"X-API-Key": "tml-stranger"})
+    assert stranger.status_code == 401
+    assert trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0, "still works"
