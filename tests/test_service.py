@@ -1,63 +1,33 @@
 """The official tinker SDK (0.38.0), unchanged, against `rl-serve`'s app on the tiny model: real HTTP, real
 learner and vLLM actors. One server is shared by the module; each test uses runs of its own."""
 
-import socket
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
 import tinker
-import uvicorn
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from rl.service.app import build_app
+from rl.service.app import ServerThread, free_port
 from rl.service.service import Service
 
 ALICE, BOB = "tml-alice-key", "tml-bob-key"
 PATTERN = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """`rl-serve`'s app under uvicorn on a thread of this process."""
-
-    def __init__(self, service: Service, **app_options):
-        self.service = service
-        self.url = f"http://127.0.0.1:{free_port()}"
-        config = uvicorn.Config(build_app(service, **app_options), host="127.0.0.1", port=int(self.url[-5:]),
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
                       max_model_len=256, max_lora_rank=8)
-    running = Server(service, max_body_bytes=2**20)
+    running = ServerThread(service, max_body_bytes=2**20)
     yield running
     running.stop()
     service.close()
 
 
-def client(server: Server, key: str = ALICE) -> tinker.ServiceClient:
+def client(server: ServerThread, key: str = ALICE) -> tinker.ServiceClient:
     return tinker.ServiceClient(base_url=server.url, api_key=key)
 
 
@@ -66,7 +36,7 @@ def datum(tokens=PATTERN) -> types.Datum:
                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
 
 
-def training_client(server: Server, key: str = ALICE, seed: int = 0):
+def training_client(server: ServerThread, key: str = ALICE, seed: int = 0):
     return client(server, key).create_lora_training_client(base_model=server.service_model, rank=8, seed=seed,
                                                             train_unembed=False).result()
 
@@ -192,3 +162,86 @@ def test_bad_input_is_named_and_the_server_goes_on(server):
     stranger = httpx.post(f"{api}/create_session", json={}, headers={"X-API-Key": "tml-stranger"})
     assert stranger.status_code == 401
     assert trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0, "still works"
+
+
+def test_eight_concurrent_clients_finish_five_steps_each(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def five_steps(index: int) -> list[float]:
+        trainer = training_client(server, BOB if index % 2 else ALICE, seed=100 + index)
+        losses = []
+        for _ in range(5):
+            losses.append(trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"])
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        return losses
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(five_steps, range(8)))
+    assert len(results) == 8 and all(len(losses) == 5 and losses[-1] < losses[0] for losses in results)
+
+
+def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir)
+    first = ServerThread(Service([model], tmp_path, [ALICE], max_model_len=256, max_lora_rank=8))
+    try:
+        trainer = client(first).create_lora_training_client(base_model=model, rank=8, seed=7,
+                                                            train_unembed=False).result()
+        trainer.forward_backward([datum()], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        path = trainer.save_state("kept").result().path
+        expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    finally:
+        first.stop()
+        first.service.close()
+    second = ServerThread(Service([model], tmp_path, [ALICE], max_model_len=256, max_lora_rank=8))
+    try:
+        rest = tinker.RestClient(base_url=second.url, api_key=ALICE)
+        run_id = path.removeprefix("tinker://").split("/")[0]
+        assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
+        assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path]
+        restored = client(second).create_training_client_from_state(path).result()
+        assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+            expected, rel=1e-5)
+    finally:
+        second.stop()
+        second.service.close()
+
+
+def test_rl_serve_starts_from_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rl_serve = str(Path(sys.executable).parent / "rl-serve")
+    refused = subprocess.run([rl_serve, "host=0.0.0.0", "models=[tiny]", f"storage={tmp_path}"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0 and "only listens on loopback" in refused.stderr
+
+    port = free_port()
+    process = subprocess.Popen([rl_serve, f"port={port}", "models=[tiny]", f"storage={tmp_path}", "max_model_len=256",
+                                "max_lora_rank=8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "TINKER_TELEMETRY": "0"})
+    try:
+        banner = process.stdout.readline()
+        while not banner.startswith("rl-serve:"):
+            assert process.poll() is None, "rl-serve exited"
+            banner = process.stdout.readline()
+        assert f"tiny on http://127.0.0.1:{port}" in banner and "single user, loopback only" in banner
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline, "rl-serve did not answer"
+                time.sleep(0.2)
+        capabilities = tinker.RestClient(base_url=url, api_key="tml-anyone").get_server_capabilities().result()
+        assert [model.model_name for model in capabilities.supported_models] == ["tiny"]
+        service = tinker.ServiceClient(base_url=url, api_key="tml-anyone")
+        trainer = service.create_lora_training_client(base_model="tiny", rank=4, train_unembed=False).result()
+        assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -9,8 +9,12 @@ protobuf; everything else is JSON.
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from typing import Any
 
+import uvicorn
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -187,3 +191,32 @@ def as_json(value: Any) -> JSONResponse:
 
 async def as_json_async(value: Any) -> JSONResponse:
     return as_json(value)
+
+
+class ServerThread:
+    """The app under uvicorn on a thread of this process, on a free loopback port: for tests, benchmarks and
+    notebooks (`rl-serve` runs it in the foreground instead)."""
+
+    def __init__(self, service: Service, **app_options):
+        self.service = service
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(service, **app_options), host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
