@@ -9,14 +9,11 @@ the base model. Every `eval_every` steps: DPO accuracy on held-out pairs, and gr
 from __future__ import annotations
 
 import asyncio
-import time
-
-from tqdm import tqdm
 
 from rl.config import TrainConfig
 from rl.driver.run import Run, batch_indices, conversation_datum
 from rl.tasks import PreferencePair, Task, checked_problems, preference_pairs
-from rl.types import AdamParams, Datum, ForwardBackwardInput
+from rl.types import Datum, ForwardBackwardInput
 
 DPO_METRICS = {"dpo_accuracy:mean": "dpo/accuracy", "dpo_margin:mean": "dpo/margin",
                "dpo_chosen_reward:mean": "dpo/chosen_reward", "dpo_rejected_reward:mean": "dpo/rejected_reward"}
@@ -36,34 +33,26 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         held_out_pairs = pair_datums(run.tokenizer, preference_pairs(task, config.eval_prompts, seed=config.seed,
                                                                       split="eval"))
         held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
-        adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
+
+        def dpo_batch(data: list[Datum]) -> ForwardBackwardInput:
+            return ForwardBackwardInput(data=data, loss_fn="dpo", loss_fn_config=algo.loss_fn_config or None)
+
+        def make_batch(step: int) -> ForwardBackwardInput:
+            indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
+            return dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]))
+
+        def step_metrics(batch: ForwardBackwardInput, output, seconds: float) -> dict:
+            pairs_in_batch = len(batch.data) // 2
+            return {"loss": output.metrics["loss:sum"] / pairs_in_batch,
+                    "throughput/pairs_per_s": pairs_in_batch / seconds,
+                    **{name: output.metrics[key] for key, name in DPO_METRICS.items()}}
 
         async def evaluate(step: int) -> dict:
-            output = await run.learner.forward.remote(run.model_id, ForwardBackwardInput(
-                data=held_out_pairs, loss_fn="dpo", loss_fn_config=algo.loss_fn_config or None))
+            output = await run.learner.forward.remote(run.model_id, dpo_batch(held_out_pairs))
             return {"eval/dpo_accuracy": output.metrics["dpo_accuracy:mean"],
                     "eval/accuracy": await run.evaluate_weights(task, held_out, step)}
 
-        for step in tqdm(range(run.start_step, config.steps), desc=config.recipe, unit="step", disable=None):
-            record: dict = {"step": step}
-            if step % config.eval_every == 0:
-                record.update(await evaluate(step))
-            started = time.perf_counter()
-            batch_P = [pairs[i] for i in batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)]
-            data = pair_datums(run.tokenizer, batch_P)
-            output = await run.learner.forward_backward.remote(run.model_id, ForwardBackwardInput(
-                data=data, loss_fn="dpo", loss_fn_config=algo.loss_fn_config or None))
-            record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
-            seconds = time.perf_counter() - started
-            record.update({"loss": output.metrics["loss:sum"] / len(batch_P),
-                           **{name: output.metrics[key] for key, name in DPO_METRICS.items()},
-                           "tokens/trained": sum(d.model_input.length for d in data),
-                           "time/training_s": seconds, "throughput/pairs_per_s": len(batch_P) / seconds,
-                           "step_time_s": seconds})
-            run.record(record)
-            run.checkpoint(step + 1)
-        run.record({"step": config.steps, **await evaluate(config.steps)})
-        return run.log.history
+        return await run.train_on_batches(make_batch, step_metrics, evaluate)
 
 
 def train(config: TrainConfig, task: Task) -> list[dict]:

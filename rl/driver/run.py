@@ -16,9 +16,12 @@ import asyncio
 import json
 import os
 import random
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import ray
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import TrainConfig
@@ -27,7 +30,17 @@ from rl.metrics import RunLog
 from rl.models import resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
 from rl.tasks import Problem, Task
-from rl.types import Datum, LoraConfig, ModelInput, SampleRequest, SampleResponse, SamplingParams
+from rl.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    ModelInput,
+    SampleRequest,
+    SampleResponse,
+    SamplingParams,
+)
 
 STATE = "state.json"
 
@@ -154,6 +167,32 @@ class Run:
         """Publishes the weights as they are after `step` steps and evaluates them (for loops that do not sample)."""
         version = await self.publish(f"step-{step}")
         return await self.evaluate(task, problems, version.tinker_path, self.config.algo.max_tokens)
+
+    async def train_on_batches(self, make_batch: Callable[[int], ForwardBackwardInput],
+                               step_metrics: Callable[[ForwardBackwardInput, ForwardBackwardOutput, float], dict],
+                               evaluate: Callable[[int], Awaitable[dict]]) -> list[dict]:
+        """The loop DPO and SFT share: each step, an evaluation when due, then forward_backward and optim_step on
+        `make_batch(step)`, logged with `step_metrics(batch, output, seconds)` and checkpointed; a last evaluation
+        after the last step."""
+        algo = self.config.algo
+        adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
+        for step in tqdm(range(self.start_step, self.config.steps), desc=self.config.recipe, unit="step",
+                         disable=None):
+            record: dict = {"step": step}
+            if step % self.config.eval_every == 0:
+                record.update(await evaluate(step))
+            started = time.perf_counter()
+            batch = make_batch(step)
+            output = await self.learner.forward_backward.remote(self.model_id, batch)
+            record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
+            seconds = time.perf_counter() - started
+            tokens = sum(datum.model_input.length for datum in batch.data)
+            record.update({**step_metrics(batch, output, seconds), "tokens/trained": tokens, "time/training_s": seconds,
+                           "throughput/trained_tokens_per_s": tokens / seconds, "step_time_s": seconds})
+            self.record(record)
+            self.checkpoint(step + 1)
+        self.record({"step": self.config.steps, **await evaluate(self.config.steps)})
+        return self.log.history
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
