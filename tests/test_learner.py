@@ -317,7 +317,12 @@ def test_checkpoint_errors(learner, tiny_model_dir, tmp_path):
     train(learner, model_id, 1)
     sampler_path = learner.save_weights_for_sampler(model_id, "s").path
     with pytest.raises(ValueError, match="is a sampler checkpoint"):
-        learner.load_weights(sampler_path, optimizer=False)
+        learner.load_weights(sampler_path, optimizer=True)  # a sampler checkpoint holds no optimizer state
+    adapter_only = learner.load_weights(sampler_path, optimizer=False).model_id  # its adapter loads
+    assert learner.forward(adapter_only, sft()).metrics == learner.forward(model_id, sft()).metrics
+    learner.delete(adapter_only)
+    with pytest.raises(ValueError, match="unknown model_id"):
+        learner.forward(adapter_only, sft())
     with pytest.raises(ValueError, match="no checkpoint at"):
         learner.load_weights(f"tinker://{model_id}/weights/missing", optimizer=True)
     other = learner.create(str(tiny_model_dir), LoraConfig(rank=8, seed=0))

@@ -189,7 +189,10 @@ def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_p
         trainer.forward_backward([datum()], "cross_entropy").result()
         trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         path = trainer.save_state("kept").result().path
+        sampler_path = trainer.save_weights_for_sampler("kept-sampler").result().path
         expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+        prompt, greedy = types.ModelInput.from_ints(PATTERN[:4]), types.SamplingParams(max_tokens=6, temperature=0)
+        sampled = trainer.create_sampling_client(sampler_path).sample(prompt, 1, greedy).result().sequences[0]
     finally:
         first.stop()
         first.service.close()
@@ -198,10 +201,14 @@ def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_p
         rest = tinker.RestClient(base_url=second.url, api_key=ALICE)
         run_id = path.removeprefix("tinker://").split("/")[0]
         assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
-        assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path]
+        assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path, sampler_path]
         restored = client(second).create_training_client_from_state(path).result()
         assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
             expected, rel=1e-5)
+        # A sampler checkpoint saved before the restart is published again, verified, on first use.
+        again = client(second).create_sampling_client(model_path=sampler_path).sample(prompt, 1, greedy).result()
+        assert again.sequences[0].tokens == sampled.tokens
+        assert again.sequences[0].logprobs == pytest.approx(sampled.logprobs, abs=1e-4)
     finally:
         second.stop()
         second.service.close()
@@ -245,3 +252,24 @@ def test_rl_serve_starts_from_the_command_line(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_checkpoint_housekeeping_and_loading_into_a_run(server):
+    trainer = training_client(server, seed=6)
+    first = trainer.save_state("first").result().path
+    trainer.forward_backward([datum()], "cross_entropy").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    at_first = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    trainer.load_state(first).result()  # back to the saved adapter, into the same run
+    assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] != at_first
+    rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
+    assert first in [c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints]
+    rest.publish_checkpoint_from_tinker_path(first).result()
+    assert any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)
+    rest.unpublish_checkpoint_from_tinker_path(first).result()
+    assert not any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)
+    rest.delete_checkpoint_from_tinker_path(first).result()
+    assert rest.list_checkpoints(trainer.model_id).result().checkpoints == []
+    wrong_type = httpx.post(f"{server.url}/api/v1/optim_step", headers={"X-API-Key": ALICE}, json={
+        "model_id": trainer.model_id, "seq_id": 99, "adam_params": {"learning_rate": "fast"}})
+    assert wrong_type.status_code == 400 and "learning_rate" in wrong_type.json()["error"]
