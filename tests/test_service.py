@@ -62,7 +62,7 @@ def test_sampling_with_seeds_and_logprobs_that_match_the_learner(server):
     for _ in range(3):
         trainer.forward_backward([datum()], "cross_entropy").result()
         trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-    sampler = trainer.save_weights_and_get_sampling_client("sampled").result()
+    sampler = trainer.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(PATTERN[:4])
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
     first = sampler.sample(prompt=prompt, num_samples=3, sampling_params=params).result()
@@ -192,7 +192,7 @@ def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_p
         sampler_path = trainer.save_weights_for_sampler("kept-sampler").result().path
         expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
         prompt, greedy = types.ModelInput.from_ints(PATTERN[:4]), types.SamplingParams(max_tokens=6, temperature=0)
-        sampled = trainer.create_sampling_client(sampler_path).sample(prompt, 1, greedy).result().sequences[0]
+        sampled = trainer.create_sampling_client(sampler_path).result().sample(prompt, 1, greedy).result().sequences[0]
     finally:
         first.stop()
         first.service.close()
@@ -206,7 +206,8 @@ def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_p
         assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
             expected, rel=1e-5)
         # A sampler checkpoint saved before the restart is published again, verified, on first use.
-        again = client(second).create_sampling_client(model_path=sampler_path).sample(prompt, 1, greedy).result()
+        sampler = client(second).create_sampling_client(model_path=sampler_path).result()
+        again = sampler.sample(prompt, 1, greedy).result()
         assert again.sequences[0].tokens == sampled.tokens
         assert again.sequences[0].logprobs == pytest.approx(sampled.logprobs, abs=1e-4)
     finally:
