@@ -60,6 +60,8 @@ class TaskConfig:
 class LearnerConfig:
     num_cpus: float = 1
     num_gpus: float = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources the learner needs, e.g. {learner_node: 1} to pin it to nodes that offer it."""
     micro_batch_tokens: int = 2048
 
 
@@ -68,6 +70,8 @@ class SamplerConfig:
     replicas: int = 1
     num_cpus: float = 1
     num_gpus: float = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each replica needs (node labels, as for the learner)."""
     publish_mode: str = "merge"
     """merge: the run's adapter folded into its replicas' weights (base-model speed); adapter: LoRA hot-loading."""
 
@@ -77,6 +81,12 @@ class ClusterConfig:
     address: str | None = None
     """None starts Ray in this process; "auto" or "ray://HOST:PORT" joins a running cluster."""
     num_cpus: int | None = None
+    """CPUs of the in-process Ray (None: all of this machine's)."""
+    placement_strategy: str = "PACK"
+    """How a run's placement group lays out its bundles (learner, then one per sampler replica): PACK, SPREAD,
+    STRICT_PACK or STRICT_SPREAD."""
+    placement_timeout_s: float = 120
+    """How long to wait for the cluster to have room for the whole run before saying what is missing."""
 
 
 @dataclass

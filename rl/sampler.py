@@ -242,6 +242,7 @@ class SamplerPool:
     """N sampler replicas behind one `sample`: least-outstanding-work routing, verified weight publishing."""
 
     def __init__(self, base_model: str, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+                 resources: dict[str, float] | None = None, placement_group=None, first_bundle: int = 0,
                  max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "float32",
                  seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter",
                  tolerance: float | None = None):
@@ -249,11 +250,14 @@ class SamplerPool:
         `publish_mode` is one of PUBLISH_MODES."""
         self.base_model = base_model
         self.publish_mode = publish_mode
-        self._actor_class = ray.remote(Sampler).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+        self._actor_options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
+                               "max_restarts": 0}
+        self._placement = (placement_group, first_bundle)
+        """Replica i runs in bundle first_bundle + i of the placement group, when there is one."""
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
                         "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path,
                         "publish_mode": publish_mode}
-        self._replicas = [_Replica(self._start_actor()) for _ in range(replicas)]
+        self._replicas = [_Replica(self._start_actor(index)) for index in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
                                                                                           (0.05, 0.02))
@@ -262,8 +266,15 @@ class SamplerPool:
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
 
-    def _start_actor(self) -> ray.actor.ActorHandle:
-        return self._actor_class.remote(self.base_model, **self._kwargs)
+    def _start_actor(self, index: int) -> ray.actor.ActorHandle:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group, first_bundle = self._placement
+        options = dict(self._actor_options)
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=first_bundle + index)
+        return ray.remote(Sampler).options(**options).remote(self.base_model, **self._kwargs)
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
@@ -363,7 +374,8 @@ class SamplerPool:
         """Swaps a dead replica for a fresh one (which loads and verifies adapters on first use)."""
         if replica in self._replicas:
             ray.kill(replica.actor, no_restart=True)
-            self._replicas[self._replicas.index(replica)] = _Replica(self._start_actor())
+            index = self._replicas.index(replica)
+            self._replicas[index] = _Replica(self._start_actor(index))
 
     def shutdown(self) -> None:
         for replica in self._replicas:

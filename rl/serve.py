@@ -55,7 +55,7 @@ def serve(config: ServeConfig) -> None:
         raise ValueError(f"host={config.host}: with no API keys the server is open to anyone who can reach it, "
                          "so it only listens on loopback; set api_keys or RL_API_KEYS to serve other hosts")
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     service = Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
                       max_model_len=config.max_model_len, max_lora_rank=config.max_lora_rank,
                       max_loras=config.max_loras)

@@ -30,7 +30,9 @@ ConfigStore.instance().store(name="schema", node=TrainConfig)  # every key overr
 def connect(cluster: ClusterConfig) -> None:
     """Starts Ray in this process, or joins a cluster; a sweep's later runs reuse the same Ray."""
     if not ray.is_initialized():
-        ray.init(address=cluster.address, num_cpus=cluster.num_cpus, include_dashboard=False,
+        # address None means this process's own Ray: "local" keeps Ray from joining a cluster that happens to run
+        # on this machine (its default), which would put the run's actors on someone else's nodes.
+        ray.init(address=cluster.address or "local", num_cpus=cluster.num_cpus, include_dashboard=False,
                  log_to_driver=False)
 
 

@@ -20,6 +20,6 @@ def ray_local():
     """An in-process Ray instance shared by every test that needs actors."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -117,9 +119,13 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
-        self.learner = LearnerActor.options(num_cpus=config.learner.num_cpus, num_gpus=config.learner.num_gpus).remote(
-            self.base_model, storage=str(self.folder / "checkpoints"), dtype=model.dtype,
-            micro_batch_tokens=config.learner.micro_batch_tokens)
+        self.placement = reserve(config)
+        learner = config.learner
+        self.learner = LearnerActor.options(
+            num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0),
+        ).remote(self.base_model, storage=str(self.folder / "checkpoints"), dtype=model.dtype,
+                 micro_batch_tokens=learner.micro_batch_tokens)
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
                                                            model_id=state and state["model_id"]))
@@ -139,13 +145,15 @@ class Run:
         if self._pool is not None:
             self._pool.shutdown()
         ray.kill(self.learner)
+        remove_placement_group(self.placement)
 
     @property
     def pool(self) -> SamplerPool:
         if self._pool is None:
             sampler, model = self.config.sampler, self.config.model
             self._pool = SamplerPool(self.base_model, replicas=sampler.replicas, num_cpus=sampler.num_cpus,
-                                     num_gpus=sampler.num_gpus, max_model_len=model.max_model_len,
+                                     num_gpus=sampler.num_gpus, resources=sampler.resources,
+                                     placement_group=self.placement, first_bundle=1, max_model_len=model.max_model_len,
                                      max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
                                      publish_mode=sampler.publish_mode)
         return self._pool
@@ -213,6 +221,27 @@ class Run:
         saved = ray.get(self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True))
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
                                   "totals": self.totals, "wandb_id": self.log.wandb_id})
+
+
+def reserve(config: TrainConfig):
+    """A placement group holding the whole run (bundle 0: the learner; then one per sampler replica), so a run
+    starts only when the cluster has room for all of it, and a sweep's runs never starve each other."""
+    learner, sampler, cluster = config.learner, config.sampler, config.cluster
+
+    def bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
+        return {key: value for key, value in {"CPU": cpus, "GPU": gpus, **resources}.items() if value}
+
+    bundles = [bundle(learner.num_cpus, learner.num_gpus, learner.resources)] + [
+        bundle(sampler.num_cpus, sampler.num_gpus, sampler.resources)] * sampler.replicas
+    group = placement_group(bundles, strategy=cluster.placement_strategy)
+    try:
+        ray.get(group.ready(), timeout=cluster.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"the Ray cluster has no room for this run after {cluster.placement_timeout_s:.0f} s: it "
+                           f"needs {bundles} (learner, then each sampler replica; strategy "
+                           f"{cluster.placement_strategy}); free now: {ray.available_resources()}") from None
+    return group
 
 
 def read_state(folder: Path) -> dict | None:

@@ -109,7 +109,7 @@ def main() -> None:
     vocab_size = AutoConfig.from_pretrained(folder).vocab_size
     sequences = make_sequences(args.sequences, args.length, vocab_size, seed=0)
     tokens_per_step = sum(len(tokens) - 1 for tokens in sequences)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results: dict[str, object] = {"model": args.model, "dtype": args.dtype, "sequences": args.sequences,
                                   "tokens_per_step": tokens_per_step, "steps": args.steps}
 

@@ -119,7 +119,7 @@ def main() -> None:
 
     folder = str(resolve_model(args.model))
     prompts = chat_prompts(folder, args.prompts)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results: dict[str, object] = {"model": args.model, "dtype": args.dtype, "prompts": args.prompts,
                                   "samples": args.samples, "max_tokens": args.max_tokens}
 

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     model = str(resolve_model(args.model))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     sequences = batch_tokens(args.batch, args.tokens)
     direct_rate = direct(model, sequences, args.steps)
     service_rate = through_service(model, sequences, args.steps)
