@@ -155,7 +155,7 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
         route("sessions/{session_id}/finish", ok),
         route("telemetry", lambda r, u: ok(r, u, {"status": "accepted"})),
         route("healthz", lambda r, u: ok(r, u, {"status": "ok"}), methods=("GET",)),
-        route("get_server_capabilities", lambda r, u: as_json_async(service.capabilities()), methods=("GET",)),
+        route("get_server_capabilities", lambda r, u: ok(r, u, service.capabilities()), methods=("GET",)),
         route("create_model", queued(service.create_model)),
         route("get_info", plain(service.get_info)),
         route("forward_backward", forward_backward),
@@ -188,9 +188,6 @@ def failure(status: int, message: str, category: str = "user") -> JSONResponse:
 def as_json(value: Any) -> JSONResponse:
     return JSONResponse(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
 
-
-async def as_json_async(value: Any) -> JSONResponse:
-    return as_json(value)
 
 
 class ServerThread:

@@ -1,5 +1,7 @@
 """Futures as Tinker's SDK sees them: a request returns a request id at once, its result is long-polled.
 
+A job is any awaitable factory: a coroutine function, or a lambda returning a Ray ObjectRef (awaitable).
+
 Each training run executes its requests in `seq_id` order, whatever order they arrive in (the SDK sends the
 chunks of one step concurrently, the first last); a seq_id that never comes (its client failed before sending)
 holds the run up for GAP_SECONDS only. A request seen again with the same (model_id, seq_id), as a retry is, gets

@@ -47,7 +47,8 @@ class Registry:
         self.sessions[session_id] = user
         return session_id
 
-    def session_owner(self, user: str, session_id: str) -> None:
+    def check_session(self, user: str, session_id: str) -> None:
+        """A ValueError unless `session_id` is one of `user`'s sessions."""
         if self.sessions.get(session_id) != user:
             raise ValueError(f"unknown session_id {session_id!r}")
 

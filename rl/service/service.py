@@ -73,7 +73,7 @@ class Service:
         return self.learners[run["base_model"]]
 
     def create_model(self, user: str, body: dict) -> str:
-        self.registry.session_owner(user, body["session_id"])
+        self.registry.check_session(user, body["session_id"])
         base = self._base(body["base_model"])
         lora = LoraConfig.model_validate(body.get("lora_config") or {"rank": 32})
         model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
@@ -94,18 +94,18 @@ class Service:
                          forward_only: bool) -> str:
         learner = self._learner(user, model_id)
         call = learner.forward if forward_only else learner.forward_backward
-        return self.futures.submit_ordered(user, model_id, seq_id, lambda: _awaited(call.remote(model_id, batch)))
+        return self.futures.submit_ordered(user, model_id, seq_id, lambda: call.remote(model_id, batch))
 
     def optim_step(self, user: str, body: dict) -> str:
         learner, model_id = self._learner(user, body["model_id"]), body["model_id"]
         params = AdamParams.model_validate(body["adam_params"])
         return self.futures.submit_ordered(user, model_id, body["seq_id"],
-                                           lambda: _awaited(learner.optim_step.remote(model_id, params)))
+                                           lambda: learner.optim_step.remote(model_id, params))
 
     def save_weights(self, user: str, body: dict) -> str:
         learner, model_id = self._learner(user, body["model_id"]), body["model_id"]
-        return self.futures.submit_ordered(user, model_id, body["seq_id"], lambda: _awaited(
-            learner.save_weights.remote(model_id, body.get("path"), overwrite=bool(body.get("overwrite")))))
+        return self.futures.submit_ordered(user, model_id, body["seq_id"], lambda: learner.save_weights.remote(
+            model_id, body.get("path"), overwrite=bool(body.get("overwrite"))))
 
     def save_weights_for_sampler(self, user: str, body: dict) -> str:
         """Saves and publishes to the pool; with `sampling_session_seq_id`, answers with a sampling session."""
@@ -128,9 +128,9 @@ class Service:
         base = self.checkpoints.metadata(path)["base_model"]
         if "model_id" in body:  # into an existing run, in its seq_id order
             learner, model_id = self._learner(user, body["model_id"]), body["model_id"]
-            return self.futures.submit_ordered(user, model_id, body["seq_id"], lambda: _awaited(
-                learner.load_weights.remote(path, optimizer=optimizer, model_id=model_id)))
-        self.registry.session_owner(user, body["session_id"])
+            return self.futures.submit_ordered(user, model_id, body["seq_id"], lambda: learner.load_weights.remote(
+                path, optimizer=optimizer, model_id=model_id))
+        self.registry.check_session(user, body["session_id"])
         model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
 
         async def load() -> dict:
@@ -144,7 +144,7 @@ class Service:
     # ---- sampling --------------------------------------------------------------------------------------------
 
     async def create_sampling_session(self, user: str, body: dict) -> dict:
-        self.registry.session_owner(user, body["session_id"])
+        self.registry.check_session(user, body["session_id"])
         path = body.get("model_path")
         if path is None:
             return {"sampling_session_id": self._new_sampler(user, self._base(body["base_model"]), None)}
@@ -250,7 +250,3 @@ class Service:
     def capabilities(self) -> dict:
         return {"supported_models": [{"model_name": name, "max_context_length": self.max_model_len,
                                       "trainable": True, "sampleable": True} for name in self.models]}
-
-
-async def _awaited(reference):
-    return await reference
