@@ -67,8 +67,9 @@ def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
     weights_T = [0.0] * len(tokens_T)
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
-            start, end = len(render(index, True)), len(render(index + 1, False))
-            if render(index + 1, False) != tokens_T[:end]:
+            upto = render(index + 1, False)
+            start, end = len(render(index, True)), len(upto)
+            if upto != tokens_T[:end]:
                 raise ValueError(f"the chat template renders turn {index} differently inside the conversation: "
                                  "assistant tokens cannot be located")
             weights_T[start:end] = [1.0] * (end - start)
@@ -78,12 +79,14 @@ def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
 
 def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
     """The examples of `step` when cycling through a data set in epochs, each epoch in its own shuffled order."""
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch the batch touches
     indices = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, dataset_size)
-        order = list(range(dataset_size))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        indices.append(order[offset])
+        if epoch not in orders:
+            orders[epoch] = list(range(dataset_size))
+            random.Random(f"{seed}:{epoch}").shuffle(orders[epoch])
+        indices.append(orders[epoch][offset])
     return indices
 
 
@@ -120,7 +123,15 @@ class Run:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
         self.placement = reserve(config)
-        learner = config.learner
+        try:
+            self._start(config, state)
+        except BaseException:  # a run that cannot start gives its reservation back, or a sweep's next run starves
+            remove_placement_group(self.placement)
+            raise
+        self._pool: SamplerPool | None = None
+
+    def _start(self, config: TrainConfig, state: dict | None) -> None:
+        model, learner = config.model, config.learner
         self.learner = LearnerActor.options(
             num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0),
@@ -135,7 +146,6 @@ class Run:
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
         self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"])
-        self._pool: SamplerPool | None = None
 
     def __enter__(self) -> Run:
         return self

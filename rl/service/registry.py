@@ -15,6 +15,8 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+from rl.types import ParsedCheckpointTinkerPath
+
 LOCAL_USER = "local"
 
 
@@ -73,8 +75,7 @@ class Registry:
 
     def readable(self, user: str, tinker_path: str) -> bool:
         """Whether `user` may load or sample a checkpoint: theirs, or public."""
-        model_id = tinker_path.removeprefix("tinker://").split("/", 1)[0]
-        run = self.runs.get(model_id)
+        run = self.runs.get(ParsedCheckpointTinkerPath.from_tinker_path(tinker_path).training_run_id)
         return tinker_path in self.public or (run is not None and run["owner"] == user)
 
     def set_public(self, tinker_path: str, public: bool) -> None:

@@ -125,7 +125,8 @@ class Service:
         path, optimizer = body["path"], bool(body.get("optimizer"))
         if not self.registry.readable(user, path):
             raise ValueError(f"no checkpoint at {path}")
-        base = self.checkpoints.metadata(path)["base_model"]
+        saved = self.checkpoints.metadata(path)
+        base = saved["base_model"]
         if "model_id" in body:  # into an existing run, in its seq_id order
             learner, model_id = self._learner(user, body["model_id"]), body["model_id"]
             return self.futures.submit_ordered(user, model_id, body["seq_id"], lambda: learner.load_weights.remote(
@@ -135,8 +136,7 @@ class Service:
 
         async def load() -> dict:
             await self.learners[base].load_weights.remote(path, optimizer=optimizer, model_id=model_id)
-            lora = self.checkpoints.metadata(path)["lora_config"]
-            self.registry.add_run(user, model_id, base, lora, body.get("user_metadata"))
+            self.registry.add_run(user, model_id, base, saved["lora_config"], body.get("user_metadata"))
             return {"path": path, "model_id": model_id}
 
         return self.futures.submit(user, load)
