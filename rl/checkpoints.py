@@ -4,6 +4,11 @@ Layout: `ROOT/RUN/weights/NAME/` (training state) and `ROOT/RUN/sampler_weights/
 each with a `checkpoint.json` that records when it was written and what its writer wants to remember.
 A checkpoint is written into a hidden staging folder beside its final place and renamed into it: a crash at
 any moment leaves the previous checkpoint of that name intact and never a half-written one under the name.
+
+With a storage URI (any fsspec URL: s3://bucket/prefix, gs://..., file:///shared/...), every checkpoint is also
+uploaded there, with the same layout, before it is renamed into place locally; its checkpoint.json goes last, so
+a checkpoint exists in the URI only once all its files do. A checkpoint missing from the local folder (a learner
+restarted on another node) is downloaded from the URI on first use. The local folder is then a cache.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from rl.types import Checkpoint, CheckpointType, ParsedCheckpointTinkerPath, check_checkpoint_name
 
@@ -57,11 +64,13 @@ def folder_size(folder: Path) -> int:
 
 
 class CheckpointStore:
-    """Checkpoints under `root`, addressed by their `tinker://` paths."""
+    """Checkpoints under `root` (and `storage_uri` when given), addressed by their `tinker://` paths."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, *, storage_uri: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.storage_uri = storage_uri
+        self._remote, self._remote_root = fsspec.core.url_to_fs(storage_uri) if storage_uri else (None, "")
 
     def folder(self, path: str, *, kind: CheckpointType | None = None) -> Path:
         """The folder of an existing checkpoint; a ValueError if there is none or it is of the wrong kind."""
@@ -70,8 +79,10 @@ class CheckpointStore:
             wanted = _FOLDERS[kind]
             raise ValueError(f"{path} is a {parsed.checkpoint_type} checkpoint; this needs tinker://RUN/{wanted}/NAME")
         folder = self.root / parsed.training_run_id / parsed.checkpoint_id
+        if not (folder / METADATA_FILE).is_file() and self._remote is not None:
+            self._download(self._remote_folder(parsed.training_run_id, parsed.checkpoint_id), folder)
         if not (folder / METADATA_FILE).is_file():
-            raise ValueError(f"no checkpoint at {path}")
+            raise ValueError(f"no checkpoint at {path}" + (f" (nor in {self.storage_uri})" if self._remote else ""))
         return folder
 
     def metadata(self, path: str) -> dict[str, Any]:
@@ -97,6 +108,8 @@ class CheckpointStore:
                       **written}
             (staging / METADATA_FILE).write_text(json.dumps(record, indent=1))
             _sync_folder(staging)
+            if self._remote is not None:
+                self._upload(staging, self._remote_folder(run_id, f"{_FOLDERS[kind]}/{name}"))
             if final.exists():
                 retired = Path(tempfile.mkdtemp(prefix=f".{name}.retired-", dir=parent))
                 final.rename(retired / name)
@@ -106,29 +119,70 @@ class CheckpointStore:
                 staging.rename(final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return self._describe(run_id, kind, final)
+        return self._describe(run_id, kind, name, record)
 
     def list(self, run_id: str) -> list[Checkpoint]:
-        """The run's checkpoints, oldest first."""
-        found = []
+        """The run's checkpoints (here and in the storage URI), oldest first."""
+        found: dict[str, Checkpoint] = {}
         for kind, folder_name in _FOLDERS.items():
+            if self._remote is not None:
+                for metadata in self._remote.glob(f"{self._remote_folder(run_id, folder_name)}/*/{METADATA_FILE}"):
+                    name = metadata.rsplit("/", 2)[-2]
+                    found[tinker_path(run_id, kind, name)] = self._describe(
+                        run_id, kind, name, json.loads(self._remote.cat_file(metadata)))
             parent = self.root / run_id / folder_name
             if parent.is_dir():
-                found += [self._describe(run_id, kind, folder) for folder in parent.iterdir()
-                          if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file()]
-        return sorted(found, key=lambda checkpoint: checkpoint.time)
+                for folder in parent.iterdir():
+                    if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():
+                        found[tinker_path(run_id, kind, folder.name)] = self._describe(
+                            run_id, kind, folder.name, json.loads((folder / METADATA_FILE).read_text()))
+        return sorted(found.values(), key=lambda checkpoint: checkpoint.time)
 
     def delete(self, path: str) -> None:
         folder = self.folder(path)
+        if self._remote is not None:
+            parsed = ParsedCheckpointTinkerPath.from_tinker_path(path)
+            remote = self._remote_folder(parsed.training_run_id, parsed.checkpoint_id)
+            if self._remote.exists(remote):
+                self._remote.rm(remote, recursive=True)
         retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.retired-", dir=folder.parent))
         folder.rename(retired / folder.name)
         shutil.rmtree(retired)
 
-    def _describe(self, run_id: str, kind: CheckpointType, folder: Path) -> Checkpoint:
-        record = json.loads((folder / METADATA_FILE).read_text())
-        return Checkpoint(checkpoint_id=f"{_FOLDERS[kind]}/{folder.name}", checkpoint_type=kind,
+    def _describe(self, run_id: str, kind: CheckpointType, name: str, record: dict[str, Any]) -> Checkpoint:
+        return Checkpoint(checkpoint_id=f"{_FOLDERS[kind]}/{name}", checkpoint_type=kind,
                           time=datetime.fromisoformat(record["time"]), size_bytes=record["size_bytes"],
-                          tinker_path=tinker_path(run_id, kind, folder.name))
+                          tinker_path=tinker_path(run_id, kind, name))
+
+    # ---- the storage URI -------------------------------------------------------------------------------------
+
+    def _remote_folder(self, run_id: str, checkpoint_id: str) -> str:
+        return f"{self._remote_root.rstrip('/')}/{run_id}/{checkpoint_id}"
+
+    def _upload(self, folder: Path, remote: str) -> None:
+        """Copies a staged checkpoint to the URI, checkpoint.json last (a replaced one loses its own first)."""
+        if self._remote.exists(f"{remote}/{METADATA_FILE}"):
+            self._remote.rm(f"{remote}/{METADATA_FILE}")
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
+        for path in sorted(files, key=lambda path: path.name == METADATA_FILE):
+            target = f"{remote}/{path.relative_to(folder).as_posix()}"
+            self._remote.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # object stores have no folders: no-op
+            self._remote.put_file(str(path), target)
+
+    def _download(self, remote: str, folder: Path) -> None:
+        """Copies a complete checkpoint from the URI into the local folder, atomically; nothing if it has none."""
+        if not self._remote.exists(f"{remote}/{METADATA_FILE}"):
+            return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.download-", dir=folder.parent))
+        try:
+            for path in self._remote.find(remote):
+                local = staging / path[len(remote) + 1:]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self._remote.get_file(path, str(local))
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _sync_folder(folder: Path) -> None:

@@ -63,6 +63,8 @@ class LearnerConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs, e.g. {learner_node: 1} to pin it to nodes that offer it."""
     micro_batch_tokens: int = 2048
+    max_restarts: int = 3
+    """Times a learner that dies (its process or node lost) is restarted within a run, from the last checkpoint."""
 
 
 @dataclass
@@ -109,6 +111,10 @@ class TrainConfig:
     resume: bool = False
     """Continue the run in output_dir, or else the latest run of this recipe, from its last checkpoint."""
     output_dir: str = "outputs/run"
+    storage_uri: str | None = None
+    """Where checkpoints are kept beyond the learner's node: an fsspec URL (s3://bucket/runs, gs://...,
+    file:///shared/runs), so a learner restarted on another node finds them. None: output_dir/checkpoints on the
+    learner's node only."""
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

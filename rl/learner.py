@@ -67,8 +67,9 @@ class _Run:
 class Learner:
     """LoRA training runs on one base model. See the module docstring for the guarantees."""
 
-    def __init__(self, base_model: str, *, storage: Path | str, dtype: str = "float32", device: str | None = None,
-                 micro_batch_tokens: int = 2048, logits_chunk_tokens: int = 1024):
+    def __init__(self, base_model: str, *, storage: Path | str, storage_uri: str | None = None,
+                 dtype: str = "float32", device: str | None = None, micro_batch_tokens: int = 2048,
+                 logits_chunk_tokens: int = 1024):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
         self.base_model = base_model
@@ -76,7 +77,7 @@ class Learner:
         self.dtype = dtype
         self.micro_batch_tokens = micro_batch_tokens
         self.logits_chunk_tokens = logits_chunk_tokens
-        self.store = CheckpointStore(storage)
+        self.store = CheckpointStore(storage, storage_uri=storage_uri)
         self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[dtype])
         self._hf.to(self.device)
         config = self._hf.config

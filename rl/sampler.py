@@ -290,7 +290,7 @@ class SamplerPool:
         version = AdapterVersion(tinker_path=weights.tinker_path, content_hash=weights.content_hash,
                                  lora_int_id=next(self._lora_ids), files=ray.put(weights.files),
                                  probe_logprobs=list(probe_logprobs))
-        await asyncio.gather(*(self._verify(replica, version) for replica in self._replicas))
+        await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
         self._versions[version.tinker_path] = version
         self._latest = version
         return version
@@ -301,6 +301,13 @@ class SamplerPool:
         weights = await learner.sampler_weights.remote(saved.path)
         probe = await learner.forward.remote(model_id, probe_batch(self.info["vocab_size"]))
         return await self.publish(weights, probe.loss_fn_outputs[0]["logprobs"].data)
+
+    async def _verify_or_replace(self, replica: _Replica, version: AdapterVersion) -> None:
+        """A replica that died is replaced; its successor loads and verifies the version on first use."""
+        try:
+            await self._verify(replica, version)
+        except (ray.exceptions.RayActorError, EngineDeadError):
+            self._replace(replica)
 
     async def _verify(self, replica: _Replica, version: AdapterVersion) -> None:
         if self.publish_mode == "merge":  # the load replaces what the replica served, verified or not

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from rl.config import ClusterConfig, TrainConfig, load
 from rl.driver import dpo, rl, sft
-from rl.driver.run import STATE, read_state
+from rl.driver.run import STATE, LearnerLost, read_state
 from rl.tasks import make_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -55,15 +55,31 @@ def run(config: TrainConfig) -> list[dict]:
         config = replace(config, output_dir=str(resume_folder(config)))
     task = make_task(config.task.name, format_reward=config.task.format_reward)
     connect(config.cluster)
-    try:
-        return LOOPS[config.algo.loop](config, task)
-    except Exception:
-        state = read_state(Path(config.output_dir))
-        where = (f"its last checkpoint is {state['checkpoint']} (step {state['step']}); continue with `rl-train "
-                 f"recipe={config.recipe} resume=true hydra.run.dir={config.output_dir}`" if state else
-                 "it had saved no checkpoint yet")
-        print(f"rl-train: the run in {config.output_dir} failed; {where}", file=sys.stderr)
-        raise
+    restarts = 0
+    while True:
+        try:
+            return LOOPS[config.algo.loop](config, task)
+        except LearnerLost as lost:
+            state = read_state(Path(config.output_dir))
+            if restarts == config.learner.max_restarts:
+                failed(config, state)
+                raise
+            restarts += 1
+            # The steps after the checkpoint are redone: the log drops their records, so none counts twice.
+            origin = f"step {state['step']} ({state['checkpoint']})" if state else "the start"
+            print(f"rl-train: {lost}; restart {restarts} of {config.learner.max_restarts}, from {origin}",
+                  file=sys.stderr, flush=True)
+            config = replace(config, resume=state is not None)
+        except Exception:
+            failed(config, read_state(Path(config.output_dir)))
+            raise
+
+
+def failed(config: TrainConfig, state: dict | None) -> None:
+    where = (f"its last checkpoint is {state['checkpoint']} (step {state['step']}); continue with `rl-train "
+             f"recipe={config.recipe} resume=true hydra.run.dir={config.output_dir}`" if state else
+             "it had saved no checkpoint yet")
+    print(f"rl-train: the run in {config.output_dir} failed; {where}", file=sys.stderr)
 
 
 @hydra.main(config_path=str(CONFIGS), config_name="config", version_base="1.3")

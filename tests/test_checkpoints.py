@@ -55,3 +55,94 @@ def test_overwrite_and_delete(tmp_path):
         store.folder(path)
     with pytest.raises(ValueError, match="checkpoint name"):
         store.write("run-1", "training", "../escape", write_text("x"), metadata={})
+
+
+def test_a_storage_uri_holds_the_checkpoints_for_a_learner_on_another_node(tmp_path):
+    uri = f"file://{tmp_path / 'bucket'}/runs"
+    here = CheckpointStore(tmp_path / "node-a", storage_uri=uri)
+    path = here.write("run-1", "training", "a", write_text("weights"), metadata={"step": 3}).tinker_path
+    here.write("run-1", "sampler", "b", write_text("adapter"), metadata={})
+    assert (tmp_path / "bucket" / "runs" / "run-1" / "weights" / "a" / "payload.txt").read_text() == "weights"
+
+    elsewhere = CheckpointStore(tmp_path / "node-b", storage_uri=uri)  # an empty local folder, the same URI
+    assert [c.tinker_path for c in elsewhere.list("run-1")] == [c.tinker_path for c in here.list("run-1")]
+    assert (elsewhere.folder(path) / "payload.txt").read_text() == "weights", "downloaded on first use"
+    assert elsewhere.metadata(path) == here.metadata(path)
+    assert not [p for p in (tmp_path / "node-b" / "run-1" / "weights").iterdir() if p.name.startswith(".")]
+    elsewhere.delete(path)
+    assert not (tmp_path / "bucket" / "runs" / "run-1" / "weights" / "a").exists()
+    with pytest.raises(ValueError, match=r"no checkpoint at .* \(nor in file://"):
+        CheckpointStore(tmp_path / "node-c", storage_uri=uri).folder(path)
+
+
+def test_an_upload_without_its_checkpoint_json_is_no_checkpoint(tmp_path):
+    uri = f"file://{tmp_path / 'bucket'}"
+    CheckpointStore(tmp_path / "node-a", storage_uri=uri).write("run-1", "training", "a", write_text("x"),
+                                                                 metadata={})
+    (tmp_path / "bucket" / "run-1" / "weights" / "a" / "checkpoint.json").unlink()  # an upload cut short
+    elsewhere = CheckpointStore(tmp_path / "node-b", storage_uri=uri)
+    assert elsewhere.list("run-1") == []
+    with pytest.raises(ValueError, match="no checkpoint at tinker://run-1/weights/a"):
+        elsewhere.folder("tinker://run-1/weights/a")
+
+
+SAVE_FOREVER = """
+import sys
+from rl.learner import Learner
+from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput
+model_dir, local, uri = sys.argv[1:]
+learner = Learner(model_dir, storage=local, storage_uri=uri)
+model_id = learner.create(model_dir, LoraConfig(rank=4, seed=0), model_id="run")
+batch = ForwardBackwardInput(loss_fn="cross_entropy", data=[Datum(model_input=ModelInput.from_ints([1, 2, 3]),
+                             loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})])
+for step in range(1, 10**6):
+    learner.forward_backward(model_id, batch)
+    learner.optim_step(model_id, AdamParams(learning_rate=1e-3))
+    learner.save_weights(model_id, f"step-{step}")
+    learner.save_weights(model_id, "latest", overwrite=True)
+    print("saved", step, flush=True)
+"""
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tiny_model_dir, tmp_path):
+    """A learner process is killed at random moments while it saves checkpoints in a loop; whatever it leaves
+    loads, here and (from the storage URI) on a node with an empty local folder, with adapter, optimizer state
+    and step from one and the same save."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from rl.learner import Learner
+
+    uri = f"file://{tmp_path / 'bucket'}"
+    killed_mid_write = False
+    for attempt in range(4):
+        local = tmp_path / f"node-{attempt}"
+        process = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(tiny_model_dir), str(local), uri],
+                                   stdout=subprocess.PIPE, text=True)
+        while "saved 3" not in process.stdout.readline():
+            assert process.poll() is None, "the saving process failed"
+        time.sleep(random.uniform(0.05, 0.5))
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        killed_mid_write |= any(path.name.startswith(".") for path in (local / "run" / "weights").iterdir())
+
+        for root in (local, tmp_path / f"fresh-{attempt}"):  # this node's folder; an empty one and the URI
+            learner = Learner(str(tiny_model_dir), storage=root, storage_uri=uri)
+            store = learner.store
+            paths = [checkpoint.tinker_path for checkpoint in store.list("run")]
+            assert "tinker://run/weights/step-3" in paths
+            newest = max(int(path.rsplit("-", 1)[1]) for path in paths if "/step-" in path)
+            for path in [path for path in paths if path.endswith(("/latest", f"/step-{newest}"))]:
+                learner.load_weights(path, optimizer=True, model_id=f"check-{len(learner._runs)}")
+                optimizer_state = torch.load(store.folder(path) / "optimizer.pt", weights_only=True)["state"]
+                assert {int(s["step"]) for s in optimizer_state.values()} == {store.metadata(path)["step"]}
+        if killed_mid_write:
+            print(f"a kill landed inside a write on try {attempt + 1}")
+            break
+    assert killed_mid_write, "no kill landed inside a write in 4 tries"

@@ -4,7 +4,8 @@
 pool for rollouts and evaluation (started on first use). Every `checkpoint_every` steps, and after the last,
 it saves the adapter with its optimizer state (`save_weights`) and then `state.json` (the next step, that
 checkpoint's path, the token totals, the wandb run id), each written atomically: a run stopped anywhere resumes
-from its last checkpoint with `resume=true`, and a failed run's last checkpoint loads.
+from its last checkpoint with `resume=true`, and a failed run's last checkpoint loads. A run whose learner dies
+ends with `LearnerLost`, on which `rl-train` restarts it from that checkpoint (`learner.max_restarts`).
 
 Random state: every random choice a loop makes (problems, sampling seeds, data order) is drawn from
 (seed, step), never from a global generator, so restoring the step restores the random state.
@@ -109,6 +110,10 @@ def score(task: Task, scorer, problem: Problem, completion: str, *, where: str) 
                            f"completion {completion!r}): {error!r}") from error
 
 
+class LearnerLost(RuntimeError):
+    """The run's learner actor died (its process or its node): the run can go on from its last checkpoint."""
+
+
 class Run:
     """The learner with this run's adapter, its log and checkpoints, and (on first use) a sampler pool."""
 
@@ -135,8 +140,8 @@ class Run:
         self.learner = LearnerActor.options(
             num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0),
-        ).remote(self.base_model, storage=str(self.folder / "checkpoints"), dtype=model.dtype,
-                 micro_batch_tokens=learner.micro_batch_tokens)
+        ).remote(self.base_model, storage=str(self.folder / "checkpoints"), storage_uri=config.storage_uri,
+                 dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens)
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
                                                            model_id=state and state["model_id"]))
@@ -150,12 +155,15 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exception) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         self.log.close()
         if self._pool is not None:
             self._pool.shutdown()
         ray.kill(self.learner)
         remove_placement_group(self.placement)
+        if isinstance(error, ray.exceptions.RayActorError) and error.actor_id == self.learner._actor_id.hex():
+            reason = str(error).splitlines()[0].rstrip(".")
+            raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
 
     @property
     def pool(self) -> SamplerPool:

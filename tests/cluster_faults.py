@@ -1,0 +1,145 @@
+"""Faults on a `ray.cluster_utils.Cluster` (several Ray nodes on this machine), printed as JSON for a test to check.
+
+One RL run (learner on node A, two sampler replicas spread over nodes B, C and D) suffers, in order: a sampler
+replica's process SIGKILLed during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by
+`rl-train` from the checkpoint of step 2); the node of a replica removed during step 4. Then `rl-train` runs as
+its own driver process, is SIGKILLed after its second checkpoint, and `resume=true` finishes it. Last, a Hydra
+multirun of two runs on the same cluster.
+
+    python tests/cluster_faults.py MODEL_DIR OUTPUT_DIR
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from rl import train
+from rl.config import (
+    AlgoConfig,
+    ClusterConfig,
+    LearnerConfig,
+    LoggerConfig,
+    ModelConfig,
+    SamplerConfig,
+    TaskConfig,
+    TrainConfig,
+)
+
+
+def logged_steps(folder: Path) -> list[int]:
+    metrics = folder / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def wait_until(condition, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(condition)
+        time.sleep(0.05)
+    return value
+
+
+def alive(class_name: str) -> list:
+    return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+
+
+def sigkill(actor) -> None:
+    os.kill(actor.pid, signal.SIGKILL)
+
+
+def inject_faults(cluster: Cluster, nodes: dict, folder: Path, events: dict) -> None:
+    try:
+        wait_until(lambda: 0 in logged_steps(folder))
+        victim = alive("Sampler")[0]
+        sigkill(victim)
+        events["sampler_killed_on"] = victim.node_id
+
+        wait_until(lambda: 2 in logged_steps(folder))
+        sigkill(alive("Learner")[0])
+        events["learner_killed_after"] = logged_steps(folder)
+
+        wait_until(lambda: 3 in logged_steps(folder))  # logged again after the restart
+        replica = alive("Sampler")[0]
+        name = next(name for name, node in nodes.items() if node.node_id == replica.node_id)
+        cluster.remove_node(nodes[name])
+        events["removed_node"] = replica.node_id
+        events["replica_nodes_after"] = wait_until(
+            lambda: len(found := [a.node_id for a in alive("Sampler") if a.node_id != replica.node_id]) == 2 and found)
+    except Exception as error:  # reported, so the test shows what went wrong rather than a hang
+        events["error"] = repr(error)
+
+
+def rl_train(address: str, model_dir: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "rl.train", "recipe=arithmetic_rl", "task=digits", f"model.name={model_dir}",
+            "model.dtype=float32", "model.lora_rank=8", "model.max_model_len=256", "eval_every=100", "eval_prompts=4",
+            "algo.prompts_per_step=4", "algo.max_tokens=8", "logger.wandb_mode=disabled", "cluster=ray",
+            f"cluster.address={address}", *overrides]
+
+
+def sweep(address: str, model_dir: str, folder: Path) -> dict:
+    """A Hydra multirun on the cluster: each run reserves its own placement group and gives it back."""
+    command = rl_train(address, model_dir, "steps=1", "seed=0,1", f"hydra.sweep.dir={folder}")
+    swept = subprocess.run(command[:3] + ["--multirun"] + command[3:], capture_output=True, text=True, timeout=600)
+    return {"returncode": swept.returncode, "output": (swept.stdout + swept.stderr)[-3000:],
+            "runs": {path.name: logged_steps(path) for path in sorted(folder.glob("*")) if path.is_dir()},
+            "placement_groups_left": [group["state"] for group in ray.util.placement_group_table().values()
+                                      if group["state"] != "REMOVED"]}
+
+
+def kill_and_resume_the_driver(address: str, model_dir: str, folder: Path) -> dict:
+    command = rl_train(address, model_dir, "steps=5", "checkpoint_every=1", f"hydra.run.dir={folder}")
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: (folder / "state.json").exists() and json.loads((folder / "state.json").read_text())["step"] >= 2
+               or driver.poll() is not None)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    killed_at = json.loads((folder / "state.json").read_text())["step"]
+    steps_when_killed = logged_steps(folder)
+    resumed = subprocess.run(command + ["resume=true"], capture_output=True, text=True, timeout=600)
+    return {"killed_at_checkpoint": killed_at, "steps_when_killed": steps_when_killed,
+            "resume_returncode": resumed.returncode, "resume_output": (resumed.stdout + resumed.stderr)[-3000:],
+            "steps": logged_steps(folder)}
+
+
+def main(model_dir: str, output_dir: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = {"A": cluster.add_node(num_cpus=1, resources={"learner_node": 1}, object_store_memory=200 * 2**20)}
+    for name in "BCD":
+        nodes[name] = cluster.add_node(num_cpus=1, resources={"sampler_node": 1}, object_store_memory=200 * 2**20)
+    ray.init(address=cluster.address, log_to_driver=False)
+    folder = Path(output_dir) / "faults"
+    config = TrainConfig(
+        steps=6, checkpoint_every=2, eval_every=100, eval_prompts=4, output_dir=str(folder),
+        storage_uri=f"file://{Path(output_dir) / 'bucket'}",
+        model=ModelConfig(name=model_dir, dtype="float32", lora_rank=8, max_model_len=256),
+        algo=AlgoConfig(prompts_per_step=4, group_size=4, max_tokens=8, learning_rate=1e-2),
+        task=TaskConfig(name="digits"), learner=LearnerConfig(resources={"learner_node": 1}),
+        sampler=SamplerConfig(replicas=2, resources={"sampler_node": 1}),
+        cluster=ClusterConfig(placement_strategy="SPREAD"), logger=LoggerConfig(wandb_mode="disabled"))
+    events: dict = {}
+    injector = threading.Thread(target=inject_faults, args=(cluster, nodes, folder, events), daemon=True)
+    injector.start()
+    history = train.run(config)
+    injector.join(timeout=300)
+    report = {"node_ids": {name: node.node_id for name, node in nodes.items()}, "events": events,
+              "history_steps": [record["step"] for record in history], "logged_steps": logged_steps(folder),
+              "bucket": sorted(path.name for path in (Path(output_dir) / "bucket").glob("*/weights/*")),
+              "driver": kill_and_resume_the_driver(cluster.address, model_dir, Path(output_dir) / "driver"),
+              "sweep": sweep(cluster.address, model_dir, Path(output_dir) / "sweep")}
+    print("REPORT " + json.dumps(report), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
