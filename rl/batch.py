@@ -3,6 +3,9 @@
 Checking comes first and is complete: a bad datum is reported (by index and field) before any model work, so
 a rejected batch never leaves a half-accumulated gradient behind.
 
+Consecutive datums that start alike (a DPO pair, an RL group) share a row: their common prefix is computed once
+and each suffix attends to it (`pack_rows`, `row_attention`), which is exact under causal attention.
+
 Logprobs never materialise the full-vocabulary logits of the whole batch: the decoder's hidden states of the
 real (unpadded) tokens go through the output layer a chunk of tokens at a time, and under autograd each chunk
 is recomputed in the backward pass instead of being kept (activation checkpointing).
@@ -107,23 +110,96 @@ def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int
     return result + [current] if current else result
 
 
+SHARED_PREFIX_MIN = 8
+"""Consecutive datums whose tokens start alike for at least this many share one row (see `pack_rows`)."""
+
+
+@dataclass
+class PackedRow:
+    """Datums that share a prefix, laid out in one row: the prefix once, then each datum's own suffix."""
+
+    tokens: list[int]
+    positions: list[int]
+    """Each token's position within its own datum."""
+    segments: list[int]
+    """0 for the shared prefix, k for the k-th datum's suffix."""
+    members: list[list[int]]
+    """For each datum of the row, the row indices of its tokens in order."""
+
+
+def pack_rows(batch: list[PreparedDatum], min_shared: int = SHARED_PREFIX_MIN) -> list[PackedRow]:
+    """Rows of consecutive datums sharing a prefix of at least `min_shared` tokens (a DPO pair's prompt, an RL
+    group's prompt): the prefix is computed once for all of them, which is exact because attention is causal."""
+    groups: list[list[list[int]]] = []
+    for datum in batch:
+        tokens = datum.tokens.tolist()
+        if groups and _shared(groups[-1][0], tokens) >= min_shared:
+            groups[-1].append(tokens)
+        else:
+            groups.append([tokens])
+    rows = []
+    for group in groups:
+        prefix = min((_shared(group[0], tokens) for tokens in group[1:]), default=len(group[0]))
+        prefix = min(prefix, min(map(len, group)))
+        row = PackedRow(tokens=group[0][:prefix], positions=list(range(prefix)), segments=[0] * prefix, members=[])
+        for segment, tokens in enumerate(group, start=1):
+            start = len(row.tokens)
+            row.tokens += tokens[prefix:]
+            row.positions += list(range(prefix, len(tokens)))
+            row.segments += [segment] * (len(tokens) - prefix)
+            row.members.append(list(range(prefix)) + list(range(start, len(row.tokens))))
+        rows.append(row)
+    return rows
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype) -> Tensor:
+    """(R, 1, W, W) additive mask: a token sees the earlier tokens of the prefix and of its own suffix; padding
+    sees only itself (a row of nothing would give NaN)."""
+    segments = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        segments[index, : len(row.tokens)] = torch.tensor(row.segments)
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (query >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, batch: list[PreparedDatum], *,
                     pad_id: int, chunk_tokens: int, device: torch.device) -> list[Tensor]:
     """log p(target | prefix) for every target of every datum, shaped like each datum's `target_tokens`."""
+    rows = pack_rows(batch)
+    width = max(len(row.tokens) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)  # (R, W), right-padded
+    positions = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, : len(row.tokens)] = torch.tensor(row.tokens)
+        positions[index, : len(row.tokens)] = torch.tensor(row.positions)
+    dtype = next(decoder.parameters()).dtype
+    hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device),
+                       attention_mask=row_attention(rows, width, dtype).to(device)).last_hidden_state  # (R, W, H)
+    gather = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
+                           for member in row.members for position in member])
+    hidden = hidden_R.flatten(0, 1)[gather.to(device)]  # (N, H): every datum's tokens, datum after datum
     lengths = [len(datum.tokens) for datum in batch]
-    ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.int64)  # (B, L), right-padded
-    mask = torch.zeros_like(ids)
-    for row, datum in enumerate(batch):
-        ids[row, : lengths[row]] = datum.tokens
-        mask[row, : lengths[row]] = 1
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, L, H)
-    hidden = hidden[mask.to(device).bool()]  # (N, H): real tokens, datum after datum
     targets = torch.cat([datum.inputs["target_tokens"].reshape(len(datum.tokens), -1) for datum in batch])
     targets = targets.to(device)  # (N, K)
     chunks = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         piece = (hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
-        if torch.is_grad_enabled():
+        # With several chunks, each chunk's logits are recomputed in backward rather than all kept at once; a
+        # single chunk would only be computed twice for the same peak.
+        if torch.is_grad_enabled() and hidden.shape[0] > chunk_tokens:
             chunks.append(checkpoint(_logprobs_of_targets, output_layer, *piece, use_reentrant=False))
         else:
             chunks.append(_logprobs_of_targets(output_layer, *piece))

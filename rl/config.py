@@ -63,6 +63,9 @@ class LearnerConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs, e.g. {learner_node: 1} to pin it to nodes that offer it."""
     micro_batch_tokens: int = 2048
+    threads: int | None = None
+    """torch's CPU threads in the learner; None: every core of its node (learner and samplers take turns in an
+    on-policy loop, so each may use them all while it works)."""
     max_restarts: int = 3
     """Times a learner that dies (its process or node lost) is restarted within a run, from the last checkpoint."""
 
@@ -105,6 +108,7 @@ class TrainConfig:
     steps: int = 30
     seed: int = 0
     eval_every: int = 5
+    """Greedy held-out evaluation every N steps and after the last; 0: never (benchmarks)."""
     eval_prompts: int = 64
     checkpoint_every: int = 10
     """Resumable checkpoints every N steps (and after the last); 0: after the last only."""

@@ -12,6 +12,7 @@ are written atomically by the checkpoint store.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,16 +70,23 @@ class Learner:
 
     def __init__(self, base_model: str, *, storage: Path | str, storage_uri: str | None = None,
                  dtype: str = "float32", device: str | None = None, micro_batch_tokens: int = 2048,
-                 logits_chunk_tokens: int = 1024):
+                 logits_chunk_tokens: int = 1024, threads: int | None = None):
+        """`threads`: torch's CPU threads; None: every core this process may run on. (Ray sets a CPU actor's
+        threads to its num_cpus, 1 by default, which would leave cores idle while the learner works.)"""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.base_model = base_model
         self.device = torch.device(device) if device else default_device()
         self.dtype = dtype
         self.micro_batch_tokens = micro_batch_tokens
         self.logits_chunk_tokens = logits_chunk_tokens
         self.store = CheckpointStore(storage, storage_uri=storage_uri)
-        self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[dtype])
+        # On CPU, eager attention trains 13% faster than SDPA (whose CPU flash-attention backward is slow),
+        # measured on SmolLM2 with 50- and 400-token sequences.
+        attention = "eager" if self.device.type == "cpu" else "sdpa"
+        self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[dtype],
+                                                        attn_implementation=attention)
         self._hf.to(self.device)
         config = self._hf.config
         if config.model_type not in KNOWN_ARCHITECTURES:
@@ -178,7 +186,9 @@ class Learner:
         if not lacking:
             return
         with self._peft.disable_adapter(), torch.no_grad():
-            for micro in micro_batches(lacking, 1, self.micro_batch_tokens):
+            # Whole groups stay together, so a pair's prompt is computed once (rl.batch.pack_rows).
+            for micro in micro_batches(lacking, group_size if len(lacking) == len(prepared) else 1,
+                                       self.micro_batch_tokens):
                 for datum, logprobs in zip(micro, self._target_logprobs(micro), strict=True):
                     datum.inputs[name] = logprobs.float().cpu()
 

@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rl import losses
-from rl.batch import target_logprobs
+from rl.batch import pack_rows, prepare_batch, target_logprobs
 from rl.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_content_hash, read_adapter
 from rl.learner import Learner
 from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
@@ -129,6 +129,30 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
         assert torch.allclose(a["logprobs"].to_torch(), b["logprobs"].to_torch(), atol=1e-5)
     for a, b in zip(expected, grads(learner, model_id), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradients(learner, tiny_model_dir):
+    prompt, other = list(range(40, 60)), list(range(100, 110))
+    data = [sft_datum(prompt + [7, 8, 9]), sft_datum(prompt + [11, 12]),  # a pair: one row, the prompt once
+            sft_datum(other + [5] * 6), sft_datum(other + [6] * 3), sft_datum(other),
+            sft_datum([3, 4, 5, 6])]  # unrelated: a row of its own
+    prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
+    rows = pack_rows(prepared)
+    assert [len(row.members) for row in rows] == [2, 3, 1]
+    # Inputs drop the last token: the pair shares 20 and adds 2 + 1; the group shares 9 and adds 6 + 3 + 0.
+    assert [len(row.tokens) for row in rows] == [20 + 2 + 1, 9 + 6 + 3 + 0, 3]
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)  # a non-zero B matrix, so every parameter gets a gradient
+    together = learner.forward_backward(model_id, sft(data))
+    packed = grads(learner, model_id)
+    learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
+    alone = [learner.forward_backward(model_id, sft([datum])) for datum in data]  # one datum per row; grads add up
+    for output, single in zip(together.loss_fn_outputs, alone, strict=True):
+        assert torch.allclose(output["logprobs"].to_torch(), single.loss_fn_outputs[0]["logprobs"].to_torch(),
+                              atol=1e-5)
+    for a, b in zip(packed, grads(learner, model_id), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
 
 
 def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):

@@ -117,3 +117,17 @@ def test_adapter_publish_mode_trains_the_same(ray_local, tiny_model_dir, tmp_pat
                     Digits())
     assert [r["reward/mean"] for r in merged[:2]] == [r["reward/mean"] for r in adapted[:2]]
     assert [r["loss"] for r in merged[:2]] == pytest.approx([r["loss"] for r in adapted[:2]], rel=1e-4)
+
+
+def test_evaluations_fall_every_eval_every_steps_and_after_the_last_and_never_at_zero():
+    from types import SimpleNamespace
+
+    from rl.driver.run import Run
+
+    def evaluated(eval_every: int, steps: int) -> list[int]:
+        run = SimpleNamespace(config=TrainConfig(eval_every=eval_every, steps=steps))
+        return [step for step in range(steps + 1) if Run.evaluates(run, step)]
+
+    assert evaluated(5, 12) == [0, 5, 10, 12]
+    assert evaluated(5, 10) == [0, 5, 10]
+    assert evaluated(0, 12) == []

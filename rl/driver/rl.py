@@ -85,7 +85,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         for step in tqdm(range(run.start_step, config.steps), desc=config.recipe, unit="step", disable=None):
             started = time.perf_counter()
             record: dict = {"step": step}
-            if step % config.eval_every == 0:
+            if run.evaluates(step):
                 record["eval/accuracy"] = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
                 started = time.perf_counter()
 
@@ -139,8 +139,9 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 "step_time_s": trained - started})
             run.record(record)
             run.checkpoint(step + 1)
-        run.record({"step": config.steps, "eval/accuracy": await run.evaluate(task, held_out, version.tinker_path,
-                                                                              algo.max_tokens)})
+        if run.evaluates(config.steps):
+            accuracy = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
+            run.record({"step": config.steps, "eval/accuracy": accuracy})
         return run.log.history
 
 

@@ -141,7 +141,7 @@ class Run:
             num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0),
         ).remote(self.base_model, storage=str(self.folder / "checkpoints"), storage_uri=config.storage_uri,
-                 dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens)
+                 dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens, threads=learner.threads)
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
                                                            model_id=state and state["model_id"]))
@@ -180,6 +180,11 @@ class Run:
         """save_weights_for_sampler, then every replica loads and verifies it."""
         return await self.pool.publish_from_learner(self.learner, self.model_id, name)
 
+    def evaluates(self, step: int) -> bool:
+        """Whether `step` begins with an evaluation: every eval_every steps and after the last (0: never)."""
+        every = self.config.eval_every
+        return every > 0 and (step % every == 0 or step == self.config.steps)
+
     async def evaluate(self, task: Task, problems: list[Problem], model_path: str, max_tokens: int) -> float:
         """Greedy accuracy (the task's unshaped score) on held-out problems."""
         prompts_P = [chat_tokens(self.tokenizer, problem.prompt) for problem in problems]
@@ -205,7 +210,7 @@ class Run:
         for step in tqdm(range(self.start_step, self.config.steps), desc=self.config.recipe, unit="step",
                          disable=None):
             record: dict = {"step": step}
-            if step % self.config.eval_every == 0:
+            if self.evaluates(step):
                 record.update(await evaluate(step))
             started = time.perf_counter()
             batch = make_batch(step)
@@ -217,7 +222,8 @@ class Run:
                            "throughput/trained_tokens_per_s": tokens / seconds, "step_time_s": seconds})
             self.record(record)
             self.checkpoint(step + 1)
-        self.record({"step": self.config.steps, **await evaluate(self.config.steps)})
+        if self.evaluates(self.config.steps):
+            self.record({"step": self.config.steps, **await evaluate(self.config.steps)})
         return self.log.history
 
     def decode(self, tokens: list[int]) -> str:
