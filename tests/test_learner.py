@@ -134,13 +134,14 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
 def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradients(learner, tiny_model_dir):
     prompt, other = list(range(40, 60)), list(range(100, 110))
     data = [sft_datum(prompt + [7, 8, 9]), sft_datum(prompt + [11, 12]),  # a pair: one row, the prompt once
+            sft_datum(prompt[:8] + list(range(200, 222))),  # shares 8 of its 29 tokens: too little, a row alone
             sft_datum(other + [5] * 6), sft_datum(other + [6] * 3), sft_datum(other),
             sft_datum([3, 4, 5, 6])]  # unrelated: a row of its own
     prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
     rows = pack_rows(prepared)
-    assert [len(row.members) for row in rows] == [2, 3, 1]
+    assert [len(row.members) for row in rows] == [2, 1, 3, 1]
     # Inputs drop the last token: the pair shares 20 and adds 2 + 1; the group shares 9 and adds 6 + 3 + 0.
-    assert [len(row.tokens) for row in rows] == [20 + 2 + 1, 9 + 6 + 3 + 0, 3]
+    assert [len(row.tokens) for row in rows] == [20 + 2 + 1, 29, 9 + 6 + 3 + 0, 3]
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)  # a non-zero B matrix, so every parameter gets a gradient
     together = learner.forward_backward(model_id, sft(data))
@@ -153,6 +154,17 @@ def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradi
     for a, b in zip(packed, grads(learner, model_id), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
+
+
+def test_packed_rows_stay_within_their_width_limit():
+    from rl.batch import PACKED_ROW_MAX
+
+    data = [sft_datum(list(range(40)) + [100 + i] * 30) for i in range(20)]  # one prompt, 20 replies
+    prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
+    rows = pack_rows(prepared)
+    assert len(rows) > 1 and all(len(row.tokens) <= PACKED_ROW_MAX for row in rows)
+    assert sum(len(row.members) for row in rows) == 20
+    assert len(rows[0].tokens) == 40 + 16 * 29, "as many replies as fit: the shared prompt, then 29 tokens each"
 
 
 def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
