@@ -131,27 +131,25 @@ class PackedRow:
     """For each datum of the row, the row indices of its tokens in order."""
 
 
-def pack_rows(batch: list[PreparedDatum], min_shared: int = SHARED_PREFIX_MIN) -> list[PackedRow]:
+def pack_rows(batch: list[PreparedDatum]) -> list[PackedRow]:
     """Rows of consecutive datums that share a prefix (a DPO pair's prompt, an RL group's prompt; see
     PACKED_ROW_MAX for when): the prefix is computed once for all of them, exact because attention is causal."""
-    groups: list[list[list[int]]] = []
-    prefix = 0  # of the last group
+    groups: list[tuple[int, list[list[int]]]] = []  # (the prefix all members share, their tokens)
     for datum in batch:
         tokens = datum.tokens.tolist()
-        shared = _shared(groups[-1][0], tokens) if groups else 0
-        if shared >= max(min_shared, len(tokens) / 2):
-            joined = min(prefix, shared)
-            if sum(map(len, groups[-1])) + len(tokens) - len(groups[-1]) * joined <= PACKED_ROW_MAX:
-                groups[-1].append(tokens)
-                prefix = joined
+        if groups:
+            prefix, members = groups[-1]
+            shared = min(prefix, _shared(members[0], tokens))
+            width = sum(map(len, members)) + len(tokens) - len(members) * shared
+            if shared >= max(SHARED_PREFIX_MIN, len(tokens) / 2) and width <= PACKED_ROW_MAX:
+                groups[-1] = (shared, members + [tokens])
                 continue
-        groups.append([tokens])
-        prefix = len(tokens)
+        groups.append((len(tokens), [tokens]))
     rows = []
-    for group in groups:
-        prefix = min([len(tokens) for tokens in group] + [_shared(group[0], tokens) for tokens in group[1:]])
-        row = PackedRow(tokens=group[0][:prefix], positions=list(range(prefix)), segments=[0] * prefix, members=[])
-        for segment, tokens in enumerate(group, start=1):
+    for prefix, members in groups:
+        row = PackedRow(tokens=members[0][:prefix], positions=list(range(prefix)), segments=[0] * prefix,
+                        members=[])
+        for segment, tokens in enumerate(members, start=1):
             start = len(row.tokens)
             row.tokens += tokens[prefix:]
             row.positions += list(range(prefix, len(tokens)))
