@@ -3,6 +3,7 @@
 #
 #   scripts/setup.sh            # vLLM's CPU build, or CUDA vLLM when nvidia-smi sees a GPU
 #   scripts/setup.sh cpu|gpu    # choose explicitly
+#   scripts/setup.sh auto bench # and more of pyproject's extras (bench: TRL, for scripts/bench/vs_trl.py)
 #
 # The order matters (see docs/install.md): torch first, then vLLM, then remove the torchvision/torchaudio/
 # torchcodec that vLLM pulls in (on the CPU build they fail to load and break `import vllm`), then the rest.
@@ -11,6 +12,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 flavour="${1:-auto}"
+extras="${2:+,$2}"  # installed with the rest, so the clean-up below covers what they pull in too
 if [[ "$flavour" == auto ]]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then flavour=gpu; else flavour=cpu; fi
 fi
@@ -35,14 +37,14 @@ fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 
 stamp=.venv/.rl-setup-stamp
-want="$flavour $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$flavour$extras $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     echo "setup: installing ($flavour); a fresh machine takes a few minutes"
     rm -f "$stamp"
     "${pip[@]}" install "$torch_spec" \
         || fail "could not install $torch_spec" "check that the package index (or the local wheel folder) is reachable"
-    "${pip[@]}" install -e ".[$flavour,dev]" \
-        || fail "could not install rl[$flavour,dev]" "read pip's error above; the versions are pinned in pyproject.toml"
+    "${pip[@]}" install -e ".[$flavour,dev$extras]" \
+        || fail "could not install rl[$flavour,dev$extras]" "read pip's error above; the versions are pinned in pyproject.toml"
     # vLLM pulls in CUDA builds of these; beside a CPU torch they fail to load and break `import vllm`.
     if [[ "$flavour" == cpu ]]; then
         "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -1,6 +1,6 @@
 """Our RL and DPO loops against TRL's GRPOTrainer and DPOTrainer, configured alike, in one invocation.
 
-    .venv/bin/pip install -e '.[cpu,dev,bench]'          # TRL, for this benchmark only
+    scripts/setup.sh auto bench          # TRL (the bench extra), for this benchmark only
     .venv/bin/python scripts/bench/vs_trl.py [--steps 3] [--warmup 1] [--only rl,dpo] [--json FILE]
 
 RL: SmolLM2-135M-Instruct, LoRA rank 16 on the decoder's linear layers, 8 addition prompts x 4 samples, up to 64
