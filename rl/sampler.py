@@ -250,6 +250,7 @@ class SamplerPool:
         `publish_mode` is one of PUBLISH_MODES."""
         self.base_model = base_model
         self.publish_mode = publish_mode
+        self._actor_class = ray.remote(Sampler)
         self._actor_options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
                                "max_restarts": 0}
         self._placement = (placement_group, first_bundle)
@@ -274,7 +275,7 @@ class SamplerPool:
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=first_bundle + index)
-        return ray.remote(Sampler).options(**options).remote(self.base_model, **self._kwargs)
+        return self._actor_class.options(**options).remote(self.base_model, **self._kwargs)
 
     # ---- weights ---------------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from rl.config import (
     TaskConfig,
     TrainConfig,
 )
+from rl.driver.run import read_state
 
 
 def logged_steps(folder: Path) -> list[int]:
@@ -99,11 +100,10 @@ def sweep(address: str, model_dir: str, folder: Path) -> dict:
 def kill_and_resume_the_driver(address: str, model_dir: str, folder: Path) -> dict:
     command = rl_train(address, model_dir, "steps=5", "checkpoint_every=1", f"hydra.run.dir={folder}")
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: (folder / "state.json").exists() and json.loads((folder / "state.json").read_text())["step"] >= 2
-               or driver.poll() is not None)
+    wait_until(lambda: (read_state(folder) or {"step": 0})["step"] >= 2 or driver.poll() is not None)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    killed_at = json.loads((folder / "state.json").read_text())["step"]
+    killed_at = read_state(folder)["step"]
     steps_when_killed = logged_steps(folder)
     resumed = subprocess.run(command + ["resume=true"], capture_output=True, text=True, timeout=600)
     return {"killed_at_checkpoint": killed_at, "steps_when_killed": steps_when_killed,

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import psutil
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,8 +52,8 @@ def ours(recipe: str, steps: int, folder: Path) -> dict:
                        "trained": r["tokens/trained"]} for r in records if "step_time_s" in r]}
 
 
-class StepTimer:
-    """A TrainerCallback's hooks: wall time of each optimizer step, and the trainer's logs."""
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step of a transformers Trainer, and the trainer's logs."""
 
     def __init__(self):
         self.seconds, self.logs, self._started = [], [], 0.0
@@ -70,7 +71,7 @@ class StepTimer:
 def trl_common(steps: int):
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rl.models import resolve_model
 
@@ -79,12 +80,9 @@ def trl_common(steps: int):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     peft = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=DECODER_LINEAR,
                       task_type="CAUSAL_LM")
-    timer = StepTimer()
-    callback = type("Timer", (TrainerCallback,), {name: getattr(timer, name) for name in
-                                                    ("on_step_begin", "on_step_end", "on_log")})()
     common = {"output_dir": tempfile.mkdtemp(), "max_steps": steps, "logging_steps": 1, "report_to": "none",
               "save_strategy": "no", "bf16": True, "use_cpu": True, "seed": 0, "dataloader_num_workers": 0}
-    return model, tokenizer, peft, timer, callback, common
+    return model, tokenizer, peft, StepTimer(), common
 
 
 def trl_grpo(steps: int, folder: Path) -> dict:
@@ -94,7 +92,7 @@ def trl_grpo(steps: int, folder: Path) -> dict:
     from rl.tasks import Addition, Problem, checked_problems
 
     task = Addition()
-    model, tokenizer, peft, timer, callback, common = trl_common(steps)
+    model, tokenizer, peft, timer, common = trl_common(steps)
     problems = checked_problems(task, PROMPTS * steps, seed=0)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer}
                                  for p in problems])
@@ -107,7 +105,7 @@ def trl_grpo(steps: int, folder: Path) -> dict:
                         num_generations=GROUP, max_completion_length=MAX_TOKENS, temperature=1.0, beta=0.0,
                         gradient_accumulation_steps=1, shuffle_dataset=False)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft, callbacks=[callback])
+                          processing_class=tokenizer, peft_config=peft, callbacks=[timer])
     trainer.train()
     logs = [log for log in timer.logs if "completions/mean_length" in log]
     prompt_tokens = [len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
@@ -126,7 +124,7 @@ def trl_dpo(steps: int, folder: Path) -> dict:
 
     from rl.tasks import Addition, preference_pairs
 
-    model, tokenizer, peft, timer, callback, common = trl_common(steps)
+    model, tokenizer, peft, timer, common = trl_common(steps)
     pairs = preference_pairs(Addition(), PAIRS * steps, seed=0)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": pair.prompt}],
                                   "chosen": [{"role": "assistant", "content": pair.chosen}],
@@ -134,7 +132,7 @@ def trl_dpo(steps: int, folder: Path) -> dict:
     config = DPOConfig(**common, learning_rate=DPO_LR, per_device_train_batch_size=PAIRS, beta=BETA,
                        gradient_accumulation_steps=1)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft, callbacks=[callback])
+                         peft_config=peft, callbacks=[timer])
     trainer.train()
     return {"steps": [{"seconds": seconds, "sampled": 0, "trained": 0} for seconds in timer.seconds]}
 
@@ -165,7 +163,6 @@ def run_side(side: str, steps: int, scratch: Path) -> dict:
     out = scratch / f"{side}.json"
     command = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--out", str(out),
                "--scratch", str(scratch)]
-    started = time.perf_counter()
     child = subprocess.Popen(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     watched = psutil.Process(child.pid)
     peak, peak_parts = 0.0, {}
@@ -177,7 +174,7 @@ def run_side(side: str, steps: int, scratch: Path) -> dict:
     if child.returncode != 0:
         raise RuntimeError(f"{side} failed (exit status {child.returncode})")
     result = json.loads(out.read_text())
-    result.update(peak_gib=peak, peak_parts_gib=peak_parts, wall_s=time.perf_counter() - started)
+    result.update(peak_gib=peak, peak_parts_gib=peak_parts)
     return result
 
 

@@ -11,4 +11,16 @@ command="$1"; shift
 [ -x "$root/.venv/bin/$command" ] && command="$root/.venv/bin/$command"
 export RAY_AUTH_MODE=token
 cd "$root"
-exec "$root/.venv/bin/ray" job submit --address "${RL_JOB_ADDRESS:-http://127.0.0.1:8265}" -- "$command" "$@"
+# Right after `ray start --head` the job server may not have found the head's job agent yet and refuses the
+# submission ("No available agent"); nothing was submitted then, so it is safe to try again.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+for attempt in $(seq 1 20); do
+    status=0
+    "$root/.venv/bin/ray" job submit --address "${RL_JOB_ADDRESS:-http://127.0.0.1:8265}" -- "$command" "$@" 2>&1 \
+        | tee "$log" || status=$?
+    grep -q "No available agent" "$log" || exit "$status"
+    echo "submit: the job server has no agent yet (try $attempt of 20); trying again in 3 s" >&2
+    sleep 3
+done
+exit 1
