@@ -3,17 +3,18 @@
 Checking comes first and is complete: a bad datum is reported (by index and field) before any model work, so
 a rejected batch never leaves a half-accumulated gradient behind.
 
-Consecutive datums that start alike (a DPO pair, an RL group) share a row: their common prefix is computed once
-and each suffix attends to it (`pack_rows`, `row_attention`), which is exact under causal attention.
+Consecutive datums that start alike (a DPO pair, an RL group) share a row laid out as a prefix tree: every token
+they have in common is computed once and each datum attends along its own path (`pack_rows`, `row_attention`),
+which is exact under causal attention.
 
 Logprobs never materialise the full-vocabulary logits of the whole batch: the decoder's hidden states of the
-real (unpadded) tokens go through the output layer a chunk of tokens at a time, and under autograd each chunk
-is recomputed in the backward pass instead of being kept (activation checkpointing).
+real (unpadded) row tokens, a shared prefix once, go through the output layer a chunk of tokens at a time, and
+under autograd each chunk is recomputed in the backward pass instead of being kept (activation checkpointing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -92,92 +93,103 @@ def _check_ids(where: str, ids: Tensor, vocab_size: int) -> None:
 
 
 def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int) -> list[list[PreparedDatum]]:
-    """Splits the batch into micro-batches of whole groups whose padded size stays within `token_budget`.
+    """Splits the batch into micro-batches of whole groups whose packed rows (`pack_rows`) fill at most
+    `token_budget` tokens, padding included; a unit wider than the budget forms a micro-batch of its own.
 
-    Groups are sorted by length first, so each micro-batch pads little. A group longer than the budget forms a
-    micro-batch of its own.
+    The batch is packed in its own order first, so datums that share a prefix (an RL group, a DPO pair) share a
+    row; units of rows that hold whole groups are then sorted by width, so each micro-batch pads little. The
+    budget bounds what a micro-batch keeps alive for backward (about 1.3 MB a token for SmolLM2-135M in bf16).
     """
-    groups = [batch[start:start + group_size] for start in range(0, len(batch), group_size)]
-    groups.sort(key=lambda group: max(len(datum.tokens) for datum in group), reverse=True)
+    units: list[tuple[list[PreparedDatum], int, int]] = []  # (datums, rows, widest row)
+    datums: list[PreparedDatum] = []
+    rows = width = taken = 0
+    for row in pack_rows(batch):
+        datums += batch[taken:taken + len(row.members)]
+        taken += len(row.members)
+        rows, width = rows + 1, max(width, len(row.tokens))
+        if taken % group_size == 0:
+            units.append((datums, rows, width))
+            datums, rows, width = [], 0, 0
+    units.sort(key=lambda unit: unit[2], reverse=True)
     result: list[list[PreparedDatum]] = []
     current: list[PreparedDatum] = []
-    for group in groups:
-        longest = max(len(datum.tokens) for datum in current + group)
-        if current and longest * (len(current) + len(group)) > token_budget:
+    rows = width = 0
+    for unit_datums, unit_rows, unit_width in units:
+        if current and (rows + unit_rows) * max(width, unit_width) > token_budget:
             result.append(current)
-            current = []
-        current = current + group
+            current, rows, width = [], 0, 0
+        current, rows, width = current + unit_datums, rows + unit_rows, max(width, unit_width)
     return result + [current] if current else result
 
 
 SHARED_PREFIX_MIN = 8
 PACKED_ROW_MAX = 512
-"""A datum joins the row before it when they share at least half its tokens (and SHARED_PREFIX_MIN) and the row
-stays within PACKED_ROW_MAX tokens: attention over a row grows with its width squared, so rows that share little
-(conversations that share only a system prompt) or grow long train slower packed than apart (measured: 8 GSM
-conversations sharing a 30-token system prompt, 3.5 s apart, 7.6 s as one 1372-token row)."""
+"""A datum joins the row before it when it shares at least half its tokens (and SHARED_PREFIX_MIN) with a datum
+already there and the row stays within PACKED_ROW_MAX tokens: attention over a row grows with its width squared,
+so rows that share little (conversations that share only a system prompt) or grow long train slower packed than
+apart (measured: 8 GSM conversations sharing a 30-token system prompt, 3.5 s apart, 7.6 s as one 1372-token
+row)."""
 
 
 @dataclass
 class PackedRow:
-    """Datums that share a prefix, laid out in one row: the prefix once, then each datum's own suffix."""
+    """Datums laid out in one row as a prefix tree: a token that several datums begin with is there once."""
 
-    tokens: list[int]
-    positions: list[int]
-    """Each token's position within its own datum."""
-    segments: list[int]
-    """0 for the shared prefix, k for the k-th datum's suffix."""
-    members: list[list[int]]
-    """For each datum of the row, the row indices of its tokens in order."""
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    """Each token's position within the datums that hold it."""
+    members: list[list[int]] = field(default_factory=list)
+    """For each datum of the row, the row indices of its tokens in order: its path down the tree."""
+    children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+    """(a token's row index, or -1 for the root; the next token id) -> the next token's row index."""
+
+    def shared(self, tokens: list[int]) -> list[int]:
+        """The row indices of the longest prefix of `tokens` that the row holds already."""
+        path: list[int] = []
+        for token in tokens:
+            index = self.children.get((path[-1] if path else -1, token))
+            if index is None:
+                break
+            path.append(index)
+        return path
+
+    def add(self, tokens: list[int]) -> None:
+        path = self.shared(tokens)
+        for position in range(len(path), len(tokens)):
+            self.children[(path[-1] if path else -1, tokens[position])] = len(self.tokens)
+            path.append(len(self.tokens))
+            self.tokens.append(tokens[position])
+            self.positions.append(position)
+        self.members.append(path)
 
 
 def pack_rows(batch: list[PreparedDatum]) -> list[PackedRow]:
-    """Rows of consecutive datums that share a prefix (a DPO pair's prompt, an RL group's prompt; see
-    PACKED_ROW_MAX for when): the prefix is computed once for all of them, exact because attention is causal."""
-    groups: list[tuple[int, list[list[int]]]] = []  # (the prefix all members share, their tokens)
+    """Rows of consecutive datums that share prefixes (an RL group's prompt, a DPO pair's; see PACKED_ROW_MAX for
+    when): each shared token is computed once for all the datums that hold it, exact because attention is causal
+    and each token sees only its own datum's earlier tokens (`row_attention`)."""
+    rows: list[PackedRow] = []
     for datum in batch:
         tokens = datum.tokens.tolist()
-        if groups:
-            prefix, members = groups[-1]
-            shared = min(prefix, _shared(members[0], tokens))
-            width = sum(map(len, members)) + len(tokens) - len(members) * shared
-            if shared >= max(SHARED_PREFIX_MIN, len(tokens) / 2) and width <= PACKED_ROW_MAX:
-                groups[-1] = (shared, members + [tokens])
+        if rows:
+            shared = len(rows[-1].shared(tokens))
+            if (shared >= max(SHARED_PREFIX_MIN, len(tokens) / 2)
+                    and len(rows[-1].tokens) + len(tokens) - shared <= PACKED_ROW_MAX):
+                rows[-1].add(tokens)
                 continue
-        groups.append((len(tokens), [tokens]))
-    rows = []
-    for prefix, members in groups:
-        row = PackedRow(tokens=members[0][:prefix], positions=list(range(prefix)), segments=[0] * prefix,
-                        members=[])
-        for segment, tokens in enumerate(members, start=1):
-            start = len(row.tokens)
-            row.tokens += tokens[prefix:]
-            row.positions += list(range(prefix, len(tokens)))
-            row.segments += [segment] * (len(tokens) - prefix)
-            row.members.append(list(range(prefix)) + list(range(start, len(row.tokens))))
-        rows.append(row)
+        rows.append(PackedRow())
+        rows[-1].add(tokens)
     return rows
 
 
-def _shared(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
 def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype) -> Tensor:
-    """(R, 1, W, W) additive mask: a token sees the earlier tokens of the prefix and of its own suffix; padding
-    sees only itself (a row of nothing would give NaN)."""
-    segments = torch.full((len(rows), width), -1, dtype=torch.int64)
+    """(R, 1, W, W) additive mask: a token sees itself and the earlier tokens of its own datum (its path down the
+    row's tree); padding sees only itself (a row of nothing would give NaN)."""
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
     for index, row in enumerate(rows):
-        segments[index, : len(row.tokens)] = torch.tensor(row.segments)
-    query, key = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (query >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool)
+        for member in row.members:
+            path = torch.tensor(member)
+            causal = torch.ones(len(path), len(path), dtype=torch.bool).tril()
+            allowed[index, path[:, None], path[None, :]] |= causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
@@ -195,26 +207,38 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, bat
     dtype = next(decoder.parameters()).dtype
     hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device),
                        attention_mask=row_attention(rows, width, dtype).to(device)).last_hidden_state  # (R, W, H)
-    gather = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
-                           for member in row.members for position in member])
-    hidden = hidden_R.flatten(0, 1)[gather.to(device)]  # (N, H): every datum's tokens, datum after datum
-    lengths = [len(datum.tokens) for datum in batch]
-    targets = torch.cat([datum.inputs["target_tokens"].reshape(len(datum.tokens), -1) for datum in batch])
-    targets = targets.to(device)  # (N, K)
+    real = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
+                         for position in range(len(row.tokens))])
+    hidden = hidden_R.flatten(0, 1)[real.to(device)]  # (U, H): each row's tokens once, a shared prefix once
+    # The row token each datum token reads; the output layer runs once per row token, not once per datum token
+    # (a prefix shared by G datums would otherwise go through the full-vocabulary softmax G times).
+    starts = [0]
+    for row in rows:
+        starts.append(starts[-1] + len(row.tokens))
+    source = torch.tensor([start + position for start, row in zip(starts, rows, strict=False)
+                           for member in row.members for position in member])  # (N,)
+    targets = torch.cat([datum.inputs["target_tokens"].reshape(len(datum.tokens), -1) for datum in batch])  # (N, K)
+    order = torch.argsort(source, stable=True)  # datum tokens by row token, so each chunk reads a contiguous run
+    source_sorted = source[order]
     chunks = []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        piece = (hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        low, high = torch.searchsorted(source_sorted, torch.tensor([start, start + chunk_tokens])).tolist()
+        piece = (hidden[start:start + chunk_tokens], (source_sorted[low:high] - start).to(device),
+                 targets[order[low:high]].to(device))
         # With several chunks, each chunk's logits are recomputed in backward rather than all kept at once; a
         # single chunk would only be computed twice for the same peak.
         if torch.is_grad_enabled() and hidden.shape[0] > chunk_tokens:
             chunks.append(checkpoint(_logprobs_of_targets, output_layer, *piece, use_reentrant=False))
         else:
             chunks.append(_logprobs_of_targets(output_layer, *piece))
-    flat = torch.cat(chunks)  # (N, K)
+    flat = torch.cat(chunks)[torch.argsort(order).to(device)]  # (N, K), datum after datum
+    lengths = [len(datum.tokens) for datum in batch]
     return [part.reshape(datum.inputs["target_tokens"].shape)
             for part, datum in zip(flat.split(lengths), batch, strict=True)]
 
 
-def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, reads: Tensor, targets: Tensor) -> Tensor:
+    """(n, K) logprobs of `targets` at the row tokens `reads` indexes in `hidden` (u, H)."""
     # log_softmax is one fused kernel forward and backward; logsumexp + subtraction is several, and slower.
-    return torch.log_softmax(output_layer(hidden).float(), dim=-1).gather(-1, targets)  # (n, K)
+    logprobs = torch.log_softmax(output_layer(hidden).float(), dim=-1)  # (u, V)
+    return logprobs[reads[:, None], targets]

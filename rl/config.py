@@ -62,7 +62,9 @@ class LearnerConfig:
     num_gpus: float = 0
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs, e.g. {learner_node: 1} to pin it to nodes that offer it."""
-    micro_batch_tokens: int = 2048
+    micro_batch_tokens: int = 512
+    """Tokens per forward/backward pass, padding included (rl.batch.micro_batches): what a pass keeps alive for
+    backward grows with it (about 1.3 MB a token for SmolLM2-135M in bf16)."""
     threads: int | None = None
     """torch's CPU threads in the learner; None: every core of its node (learner and samplers take turns in an
     on-policy loop, so each may use them all while it works)."""
@@ -79,6 +81,9 @@ class SamplerConfig:
     """Custom Ray resources each replica needs (node labels, as for the learner)."""
     publish_mode: str = "merge"
     """merge: the run's adapter folded into its replicas' weights (base-model speed); adapter: LoRA hot-loading."""
+    threads: int | None = None
+    """Each replica's CPU threads; None: every core of the driver's machine (on-policy, the learner and the
+    samplers take turns; replicas that share a machine, or nodes unlike the driver's, need it set)."""
 
 
 @dataclass

@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from rl import losses
-from rl.batch import PreparedDatum, micro_batches, prepare_batch, target_logprobs
+from rl.batch import PreparedDatum, micro_batches, pack_rows, prepare_batch, target_logprobs
 from rl.checkpoints import ADAPTER_WEIGHTS, CheckpointStore, SamplerWeights, adapter_content_hash, read_adapter
+from rl.memory import resident_memory
 from rl.models import resolve_model
 from rl.types import (
     AdamParams,
@@ -69,7 +70,7 @@ class Learner:
     """LoRA training runs on one base model. See the module docstring for the guarantees."""
 
     def __init__(self, base_model: str, *, storage: Path | str, storage_uri: str | None = None,
-                 dtype: str = "float32", device: str | None = None, micro_batch_tokens: int = 2048,
+                 dtype: str = "float32", device: str | None = None, micro_batch_tokens: int = 512,
                  logits_chunk_tokens: int = 1024, threads: int | None = None):
         """`threads`: torch's CPU threads; None: every core this process may run on. (Ray sets a CPU actor's
         threads to its num_cpus, 1 by default, which would leave cores idle while the learner works.)"""
@@ -121,6 +122,12 @@ class Learner:
                 self._peft = get_peft_model(self._hf, peft_config, adapter_name=adapter)
             else:
                 self._peft.add_adapter(adapter, peft_config)
+        # Adapters keep float32 weights (PEFT's default, so AdamW's small updates are not rounded away); the
+        # forward pass runs them in the base model's dtype under autocast (`_target_logprobs`) instead of letting
+        # PEFT cast every adapted layer's input to float32, which doubled the activations kept for backward.
+        for module in self._peft.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
         params = [param for name, param in self._peft.named_parameters() if f".{adapter}." in name]
         for param in params:
             param.requires_grad_(True)
@@ -135,6 +142,10 @@ class Learner:
 
     def step(self, model_id: str) -> int:
         return self._run(model_id).step
+
+    def memory(self, *, reset_peak: bool = False) -> dict[str, float]:
+        """This process's resident memory in GiB: now, and its peak since the last reset (rl.memory)."""
+        return resident_memory(reset_peak=reset_peak)
 
     def _run(self, model_id: str) -> _Run:
         if model_id not in self._runs:
@@ -169,6 +180,8 @@ class Learner:
                 loss, metrics = spec.fn(logprobs_D, inputs_D, config)
                 if backward:
                     loss.backward()
+                # What the model computed after prefix sharing: the figure a FLOP count starts from.
+                metrics["computed_tokens:sum"] = float(sum(len(row.tokens) for row in pack_rows(micro)))
                 metric_parts.append((metrics, len(micro) // spec.datums_per_group))
                 logprobs_by_index.update({datum.index: lp.detach().cpu() for datum, lp in zip(micro, logprobs_D,
                                                                                                 strict=True)})
@@ -177,8 +190,10 @@ class Learner:
 
     def _target_logprobs(self, micro: list[PreparedDatum]) -> list[torch.Tensor]:
         model = self._peft.get_base_model()
-        return target_logprobs(model.get_decoder(), model.get_output_embeddings(), micro, pad_id=self._pad_id,
-                               chunk_tokens=self.logits_chunk_tokens, device=self.device)
+        dtype = _DTYPES[self.dtype]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return target_logprobs(model.get_decoder(), model.get_output_embeddings(), micro, pad_id=self._pad_id,
+                                   chunk_tokens=self.logits_chunk_tokens, device=self.device)
 
     def _fill_reference(self, prepared: list[PreparedDatum], name: str, group_size: int) -> None:
         """Computes `name` (the base model's target logprobs, adapter off) for the datums that lack it."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,11 +17,27 @@ from rl.config import TrainConfig
 SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo/accuracy": "dpo acc",
            "eval/dpo_accuracy": "eval dpo acc", "loss": "loss", "eval/loss": "eval loss",
            "throughput/sampled_tokens_per_s": "sampled tok/s", "throughput/trained_tokens_per_s": "trained tok/s",
-           "throughput/pairs_per_s": "pairs/s", "time/sampling_s": "sampling s", "time/training_s": "training s",
-           "step_time_s": "step s"}
-"""The keys of the line printed per step, with their labels; metrics.jsonl and wandb get every key."""
+           "throughput/pairs_per_s": "pairs/s", "step_time_s": "step s", "time/sampling_s": "sampling",
+           "time/forward_backward_s": "fwd-bwd", "time/optim_step_s": "optim", "time/publish_s": "publish",
+           "time/eval_s": "eval"}
+"""The keys of the line printed per step, with their labels, then each process's resident GiB (`memory/*_gib`);
+metrics.jsonl and wandb get every key."""
+PHASES = ("sampling", "forward_backward", "optim_step", "publish", "eval")
+"""The parts of a step timed as `time/{phase}_s`."""
 CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo/accuracy", "eval/dpo_accuracy"),
           "loss": ("loss", "eval/loss")}
+"""Panels against the step; curves.png adds accuracy against minutes, seconds per phase, and memory."""
+
+
+@contextmanager
+def timed(record: dict, phase: str) -> Iterator[None]:
+    """Adds the seconds the block takes to `record["time/{phase}_s"]`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"time/{phase}_s"
+        record[key] = record.get(key, 0.0) + time.perf_counter() - started
 
 
 class RunLog:
@@ -67,32 +86,51 @@ class RunLog:
 
 
 def summary_line(record: dict) -> str:
-    """The step's headline numbers (SUMMARY's keys that it has), e.g. `step 3 | reward 0.41 | loss -0.012 | ...`."""
+    """The step's headline numbers, e.g. `step 3 | reward 0.41 | ... | fwd-bwd 2.1 | learner 1.9 GiB | ...`."""
     parts = [f"step {record['step']}"]
     for key, label in SUMMARY.items():
         if key in record:
             value = record[key]
-            parts.append(f"{label} {value:.3g}" if isinstance(value, float) else f"{label} {value}")
+            parts.append(f"{label} {value:.3g}" if isinstance(value, float) and abs(value) < 1000 else
+                         f"{label} {value:.0f}" if isinstance(value, float) else f"{label} {value}")
+    parts += [f"{key.removeprefix('memory/').removesuffix('_gib')} {value:.2f} GiB" for key, value in record.items()
+              if key.startswith("memory/") and key.endswith("_gib") and not key.endswith("peak_gib")]
     return " | ".join(parts)
 
 
+def _x(record: dict, key: str, x_label: str) -> float:
+    """Where a record's `key` goes on the x axis: its step, or the minutes of steps when it was measured (an
+    evaluation runs first in its step, so it was over before the rest of the step)."""
+    if x_label == "step":
+        return record["step"]
+    before = record["step_time_s"] - record.get("time/eval_s", 0.0) if key.startswith("eval/") else 0.0
+    return record["time_total/minutes"] - before / 60
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Reward/accuracy and loss against step, one panel each."""
+    """Reward/accuracy and loss against step, accuracy against minutes of steps, seconds per phase, memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(10, 3.5))
-    for axis, (title, keys) in zip(axes, CURVES.items(), strict=True):
+    memory_keys = sorted({key for record in history for key in record if key.startswith("memory/")})
+    panels = [(title, "step", keys) for title, keys in CURVES.items()] + [
+        ("accuracy against time", "minutes of steps", CURVES["reward / accuracy"]),
+        ("seconds per phase", "step", tuple(f"time/{phase}_s" for phase in PHASES)),
+        ("resident memory (GiB)", "step", tuple(memory_keys))]
+    figure, axes = plt.subplots(2, 3, figsize=(15, 7))
+    for axis, (title, x_label, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
-            points = [(record["step"], record[key]) for record in history if key in record]
+            points = [(_x(record, key, x_label), record[key]) for record in history if key in record]
             if points:
-                axis.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval") else None, label=key)
+                axis.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval") else None, label=key,
+                          linestyle="--" if key.endswith("peak_gib") else "-")
         axis.set_title(title)
-        axis.set_xlabel("step")
+        axis.set_xlabel(x_label)
         if axis.lines:
-            axis.legend()
+            axis.legend(fontsize="small")
+    axes.flat[-1].axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -124,7 +124,7 @@ def main(model_dir: str, output_dir: str) -> None:
         model=ModelConfig(name=model_dir, dtype="float32", lora_rank=8, max_model_len=256),
         algo=AlgoConfig(prompts_per_step=4, group_size=4, max_tokens=8, learning_rate=1e-2),
         task=TaskConfig(name="digits"), learner=LearnerConfig(resources={"learner_node": 1}),
-        sampler=SamplerConfig(replicas=2, resources={"sampler_node": 1}),
+        sampler=SamplerConfig(replicas=2, resources={"sampler_node": 1}, threads=1),
         cluster=ClusterConfig(placement_strategy="SPREAD"), logger=LoggerConfig(wandb_mode="disabled"))
     events: dict = {}
     injector = threading.Thread(target=inject_faults, args=(cluster, nodes, folder, events), daemon=True)

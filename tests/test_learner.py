@@ -123,7 +123,7 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
     try:
         split = learner.forward_backward(model_id, sft(data))
     finally:
-        learner.micro_batch_tokens, learner.logits_chunk_tokens = 2048, 1024
+        learner.micro_batch_tokens, learner.logits_chunk_tokens = 512, 1024
     assert split.metrics["loss:sum"] == pytest.approx(one_pass.metrics["loss:sum"], rel=1e-6)
     for a, b in zip(one_pass.loss_fn_outputs, split.loss_fn_outputs, strict=True):
         assert torch.allclose(a["logprobs"].to_torch(), b["logprobs"].to_torch(), atol=1e-5)
@@ -134,14 +134,17 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
 def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradients(learner, tiny_model_dir):
     prompt, other = list(range(40, 60)), list(range(100, 110))
     data = [sft_datum(prompt + [7, 8, 9]), sft_datum(prompt + [11, 12]),  # a pair: one row, the prompt once
+            sft_datum(prompt + [7, 30, 31]),  # branches off the first datum after its 21st token: a deeper fork
             sft_datum(prompt[:8] + list(range(200, 222))),  # shares 8 of its 29 tokens: too little, a row alone
             sft_datum(other + [5] * 6), sft_datum(other + [6] * 3), sft_datum(other),
             sft_datum([3, 4, 5, 6])]  # unrelated: a row of its own
     prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
     rows = pack_rows(prepared)
-    assert [len(row.members) for row in rows] == [2, 1, 3, 1]
-    # Inputs drop the last token: the pair shares 20 and adds 2 + 1; the group shares 9 and adds 6 + 3 + 0.
-    assert [len(row.tokens) for row in rows] == [20 + 2 + 1, 29, 9 + 6 + 3 + 0, 3]
+    assert [len(row.members) for row in rows] == [3, 1, 3, 1]
+    # Inputs drop the last token; a row holds each token once however many datums begin with it. The first row:
+    # 22 tokens, then 1 after the shared prompt, then 1 after the first datum's 21; the group: 15, then 2 after
+    # `other`, then nothing (the third is a prefix of the first).
+    assert [len(row.tokens) for row in rows] == [22 + 1 + 1, 29, 15 + 2 + 0, 3]
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)  # a non-zero B matrix, so every parameter gets a gradient
     together = learner.forward_backward(model_id, sft(data))
@@ -217,6 +220,32 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
 
     weights_only = resumed.load_weights(path, optimizer=False).model_id
     assert resumed.step(weights_only) == 0 and not resumed._runs[weights_only].optimizer.state
+
+
+def test_bfloat16_logprobs_match_float32_within_rounding(tiny_model_dir, tmp_path):
+    # bf16 is the recipes' dtype: the same base model and adapter must give the float32 logprobs, rounded.
+    full = Learner(str(tiny_model_dir), storage=tmp_path)
+    model_id = full.create(str(tiny_model_dir), LORA)
+    train(full, model_id, 4)  # B != 0: the adapter takes part
+    base_id = full.create(str(tiny_model_dir), LORA)
+    half = Learner(str(tiny_model_dir), storage=tmp_path, dtype="bfloat16")
+    half_id = half.load_weights(full.save_weights(model_id, "trained").path, optimizer=False).model_id
+    assert half._hf.dtype == torch.bfloat16
+    expected_D, actual_D, base_D = ([r["logprobs"].to_torch() for r in owner.forward(run, sft()).loss_fn_outputs]
+                                    for owner, run in ((full, model_id), (half, half_id), (full, base_id)))
+    for expected, actual, base in zip(expected_D, actual_D, base_D, strict=True):
+        difference = (actual - expected).abs()
+        assert difference.mean() < 0.05 and difference.max() < 0.2  # measured: 0.007 and 0.02
+        assert difference.max() > 0, "bf16 rounds: identical logprobs would mean float32 ran"
+        assert (expected - base).abs().mean() > 0.5, "the check tells the trained adapter from the base model"
+
+
+def test_bfloat16_training_halves_the_loss(tiny_model_dir, tmp_path):
+    half = Learner(str(tiny_model_dir), storage=tmp_path, dtype="bfloat16")
+    model_id = half.create(str(tiny_model_dir), LORA)
+    seen = train(half, model_id, 8)
+    final = half.forward(model_id, sft()).metrics["loss:sum"]
+    assert final < seen[0] / 2, seen + [final]
 
 
 def test_sampler_weights_are_a_peft_folder_with_a_content_hash(learner, tiny_model_dir):
@@ -337,7 +366,7 @@ def test_bad_input_is_refused_and_changes_nothing(learner, tiny_model_dir):
             learner.forward_backward(model_id, sft())
     finally:
         losses.LOSSES["cross_entropy"] = original
-        learner.micro_batch_tokens = 2048
+        learner.micro_batch_tokens = 512
     assert len(calls) == 2, "the first micro-batch had already added its gradient"
 
     after = (grads(learner, model_id), adapter_state(learner, model_id), learner.step(model_id),

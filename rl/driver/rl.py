@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from rl.config import TrainConfig
 from rl.driver.run import Run, chat_tokens, sample_all, score
+from rl.metrics import timed
 from rl.tasks import Task, checked_problems
 from rl.types import AdamParams, Datum, ForwardBackwardInput, ModelInput, SampledSequence, SamplingParams
 
@@ -51,13 +52,20 @@ def kl_penalty(advantages_S: list[list[float]], logprobs_S: list[list[float]], b
     return penalized_S, sum(map(sum, kl_S)) / max(sum(map(len, kl_S)), 1)
 
 
-async def rollout(run: Run, task: Task, step: int, model_path: str):
-    """The step's problems, their prompt tokens and a group of samples for each, from `model_path`."""
-    config, algo = run.config, run.config.algo
+def step_prompts(config: TrainConfig, task: Task, tokenizer, step: int):
+    """The step's problems, their prompt tokens, and the sampling parameters (seeded by seed and step)."""
+    algo = config.algo
     problems_P = checked_problems(task, algo.prompts_per_step, seed=config.seed * 100_003 + step)
-    prompts_P = [chat_tokens(run.tokenizer, problem.prompt) for problem in problems_P]
+    prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
     params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
                             seed=(config.seed * 100_003 + step) * 1_000)
+    return problems_P, prompts_P, params
+
+
+async def rollout(run: Run, task: Task, step: int, model_path: str):
+    """The step's problems, their prompt tokens and a group of samples for each, from `model_path`."""
+    algo = run.config.algo
+    problems_P, prompts_P, params = step_prompts(run.config, task, run.tokenizer, step)
     responses_P = await sample_all(run.pool, prompts_P, model_path=model_path, group_size=algo.group_size,
                                    params=params)
     return problems_P, prompts_P, responses_P
@@ -86,12 +94,13 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
             started = time.perf_counter()
             record: dict = {"step": step}
             if run.evaluates(step):
-                record["eval/accuracy"] = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
-                started = time.perf_counter()
+                with timed(record, "eval"):
+                    record["eval/accuracy"] = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
 
             # Rollout: a group of samples per prompt (off-policy: sampled while the previous step trained).
-            problems_P, prompts_P, responses_P = await (next_rollout or rollout(run, task, step, version.tinker_path))
-            sampled = time.perf_counter()
+            with timed(record, "sampling"):
+                problems_P, prompts_P, responses_P = await (next_rollout or rollout(run, task, step,
+                                                                                    version.tinker_path))
             if algo.off_policy and step + 1 < config.steps:
                 next_rollout = asyncio.ensure_future(rollout(run, task, step + 1, version.tinker_path))
 
@@ -110,7 +119,8 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
 
             # KL penalty: each token's advantage pays for how far the sampler has moved from the base model.
             if base_id is not None:
-                base_S = await base_logprobs(run, base_id, prompts_S, sequences_S)
+                with timed(record, "forward_backward"):
+                    base_S = await base_logprobs(run, base_id, prompts_S, sequences_S)
                 advantages_S, record["kl/sampler_vs_base"] = kl_penalty(
                     advantages_S, [s.logprobs for s in sequences_S], base_S, algo.kl_coef)
 
@@ -122,26 +132,33 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
             if datums_D:
                 batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
                                              loss_fn_config=algo.loss_fn_config or None)
-                record["loss"] = (await run.learner.forward_backward.remote(run.model_id, batch)).metrics["loss:sum"]
-                record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
-                version = await run.publish(f"step-{int(record['step:max'])}")
-            trained = time.perf_counter()
+                with timed(record, "forward_backward"):
+                    output = await run.learner.forward_backward.remote(run.model_id, batch)
+                record.update({"loss": output.metrics["loss:sum"],
+                               "tokens/computed": output.metrics["computed_tokens:sum"]})
+                with timed(record, "optim_step"):
+                    record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
+                with timed(record, "publish"):
+                    version = await run.publish(f"step-{int(record['step:max'])}")
+            training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("forward_backward", "optim_step",
+                                                                                 "publish"))
             trained_tokens = sum(d.model_input.length for d in datums_D)
 
             record.update({
                 "reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
                 "sampler/weights_step": int(responses_P[0].model_path.rsplit("-", 1)[1]),
                 "tokens/prompt": sum(map(len, prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
-                "tokens/trained": trained_tokens,
-                "time/sampling_s": sampled - started, "time/training_s": trained - sampled,
-                "throughput/sampled_tokens_per_s": sampled_tokens / max(sampled - started, 1e-9),
-                "throughput/trained_tokens_per_s": trained_tokens / max(trained - sampled, 1e-9),
-                "step_time_s": trained - started})
+                "tokens/trained": trained_tokens, "time/training_s": training_s,
+                "throughput/sampled_tokens_per_s": sampled_tokens / max(record["time/sampling_s"], 1e-9),
+                "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9),
+                **await run.memory(), "step_time_s": time.perf_counter() - started})
             run.record(record)
             run.checkpoint(step + 1)
-        if run.evaluates(config.steps):
-            accuracy = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
-            run.record({"step": config.steps, "eval/accuracy": accuracy})
+
+        async def evaluate(step: int) -> dict:
+            return {"eval/accuracy": await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)}
+
+        await run.final_evaluation(evaluate)
         return run.log.history
 
 

@@ -29,7 +29,8 @@ from transformers import AutoTokenizer
 
 from rl.config import TrainConfig
 from rl.learner import LearnerActor
-from rl.metrics import RunLog
+from rl.memory import resident_memory
+from rl.metrics import RunLog, timed
 from rl.models import resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
 from rl.tasks import Problem, Task
@@ -173,7 +174,8 @@ class Run:
                                      num_gpus=sampler.num_gpus, resources=sampler.resources,
                                      placement_group=self.placement, first_bundle=1, max_model_len=model.max_model_len,
                                      max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
-                                     publish_mode=sampler.publish_mode)
+                                     publish_mode=sampler.publish_mode,
+                                     threads=sampler.threads or os.cpu_count())
         return self._pool
 
     async def publish(self, name: str) -> AdapterVersion:
@@ -209,32 +211,57 @@ class Run:
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
         for step in tqdm(range(self.start_step, self.config.steps), desc=self.config.recipe, unit="step",
                          disable=None):
+            started = time.perf_counter()
             record: dict = {"step": step}
             if self.evaluates(step):
-                record.update(await evaluate(step))
-            started = time.perf_counter()
+                with timed(record, "eval"):
+                    record.update(await evaluate(step))
             batch = make_batch(step)
-            output = await self.learner.forward_backward.remote(self.model_id, batch)
-            record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
-            seconds = time.perf_counter() - started
+            with timed(record, "forward_backward"):
+                output = await self.learner.forward_backward.remote(self.model_id, batch)
+            with timed(record, "optim_step"):
+                record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
+            seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
             tokens = sum(datum.model_input.length for datum in batch.data)
             record.update({**step_metrics(batch, output, seconds), "tokens/trained": tokens, "time/training_s": seconds,
-                           "throughput/trained_tokens_per_s": tokens / seconds, "step_time_s": seconds})
+                           "throughput/trained_tokens_per_s": tokens / seconds, **await self.memory(),
+                           "step_time_s": time.perf_counter() - started})
             self.record(record)
             self.checkpoint(step + 1)
-        if self.evaluates(self.config.steps):
-            self.record({"step": self.config.steps, **await evaluate(self.config.steps)})
+        await self.final_evaluation(evaluate)
         return self.log.history
+
+    async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
+        """The evaluation after the last step (when evaluation is on), logged as a record of its own."""
+        if self.evaluates(self.config.steps):
+            record: dict = {"step": self.config.steps}
+            with timed(record, "eval"):
+                record.update(await evaluate(self.config.steps))
+            self.record({**record, "step_time_s": record["time/eval_s"]})
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    async def memory(self) -> dict[str, float]:
+        """Each process's resident memory in GiB: now (`memory/NAME_gib`), and the learner's and samplers' peak
+        since the last call (`memory/NAME_peak_gib`): called once a step, it gives each step's peak."""
+        processes = {"learner": await self.learner.memory.remote(reset_peak=True)}
+        if self._pool is not None:
+            replicas = await self._pool.memory(reset_peak=True)
+            processes.update((f"sampler{index}", replica) for index, replica in enumerate(replicas))
+        record = {"memory/driver_gib": resident_memory()["rss_gib"]}
+        for name, figures in processes.items():
+            record.update({f"memory/{name}_gib": figures["rss_gib"], f"memory/{name}_peak_gib": figures["peak_gib"]})
+        return record
+
     def record(self, record: dict) -> None:
-        """Logs one step's record, with running totals of its `tokens/*` counts added as `tokens_total/*`."""
+        """Logs one step's record, with running totals of its `tokens/*` counts added as `tokens_total/*` and of
+        its `step_time_s` as `time_total/minutes` (minutes of steps since the run began, start-up excluded)."""
         for key, value in record.items():
             if key.startswith("tokens/"):
                 total = "tokens_total/" + key.removeprefix("tokens/")
                 self.totals[total] = self.totals.get(total, 0) + value
+        self.totals["time_total/minutes"] = self.totals.get("time_total/minutes", 0.0) + record["step_time_s"] / 60
         self.log.log({**record, **self.totals})
 
     def checkpoint(self, next_step: int) -> None:

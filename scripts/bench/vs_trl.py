@@ -1,10 +1,12 @@
 """Our RL and DPO loops against TRL's GRPOTrainer and DPOTrainer, configured alike, in one invocation.
 
     scripts/setup.sh auto bench          # TRL (the bench extra), for this benchmark only
-    .venv/bin/python scripts/bench/vs_trl.py [--steps 3] [--warmup 1] [--only rl,dpo] [--json FILE]
+    .venv/bin/python scripts/bench/vs_trl.py [--steps 3] [--warmup 1] [--only rl,dpo] [--rl-size main|small]
+                                             [--json FILE]
 
-RL: SmolLM2-135M-Instruct, LoRA rank 16 on the decoder's linear layers, 8 addition prompts x 4 samples, up to 64
-new tokens, temperature 1, bf16, the task's reward. Ours is `rl-train recipe=arithmetic_rl` with those overrides
+RL: SmolLM2-135M-Instruct, LoRA rank 16 on the decoder's linear layers, `--rl-size main` (arithmetic_rl's own
+defaults: 16 addition prompts x 4 samples, up to 32 new tokens) or `small` (8 x 4, up to 64; the default),
+temperature 1, bf16, the task's reward. Ours is `rl-train recipe=arithmetic_rl` with those overrides
 (vLLM samples, merge publish); TRL's is GRPOTrainer with its default generation (the training model generates).
 DPO: 8 pairs per step from `rl.tasks.preference_pairs` (chosen: the right answer, rejected: a near miss) as chat
 conversations, beta 0.1, the base model as reference; ours is `rl-train recipe=arithmetic_dpo`, TRL's is
@@ -31,7 +33,10 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS, GROUP, MAX_TOKENS, RANK, PAIRS = 8, 4, 64, 16, 8
+RL_SIZES = {"small": (8, 64), "main": (16, 32)}
+"""RL prompts per step and new tokens: the first benchmark's size, and the main job's (arithmetic_rl's defaults)."""
+PROMPTS, MAX_TOKENS = RL_SIZES["small"]
+GROUP, RANK, PAIRS = 4, 16, 8
 RL_LR, DPO_LR, BETA = 2.5e-4, 1e-4, 0.1
 
 
@@ -159,10 +164,10 @@ def tree_pss_gib(process: psutil.Process) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
-def run_side(side: str, steps: int, scratch: Path) -> dict:
+def run_side(side: str, steps: int, scratch: Path, rl_size: str) -> dict:
     out = scratch / f"{side}.json"
     command = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--out", str(out),
-               "--scratch", str(scratch)]
+               "--scratch", str(scratch), "--rl-size", rl_size]
     child = subprocess.Popen(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     watched = psutil.Process(child.pid)
     peak, peak_parts = 0.0, {}
@@ -194,11 +199,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="steps dropped before measuring")
     parser.add_argument("--only", default="rl,dpo")
+    parser.add_argument("--rl-size", choices=RL_SIZES, default="small")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PROMPTS, MAX_TOKENS
+    PROMPTS, MAX_TOKENS = RL_SIZES[args.rl_size]
     if args.side:  # a child: run one side and write what it measured
         result = SIDES[args.side](args.steps, Path(args.scratch) / args.side)
         Path(args.out).write_text(json.dumps(result))
@@ -210,7 +218,7 @@ def main() -> None:
         for part in args.only.split(","):
             pair = {"rl": ("ours-rl", "trl-grpo"), "dpo": ("ours-dpo", "trl-dpo")}[part]
             for side in pair:
-                results[side] = summarize(run_side(side, total, Path(scratch)), args.warmup)
+                results[side] = summarize(run_side(side, total, Path(scratch), args.rl_size), args.warmup)
             ours_side, theirs = (results[side] for side in pair)
             if part == "rl":
                 print(f"RL  ours {ours_side['s_per_step']:6.2f} s/step, TRL {theirs['s_per_step']:6.2f} s/step: "

@@ -1,0 +1,255 @@
+"""The main job as users run it, measured in one invocation: `rl-train recipe=arithmetic_rl` at its own defaults.
+
+    .venv/bin/python scripts/bench/main_job.py                  # the recipe: 16 prompts x 4, 30 steps, eval every 5
+    .venv/bin/python scripts/bench/main_job.py --config small   # 8 prompts x 4, 64 new tokens, 4 steps, no eval
+    .venv/bin/python scripts/bench/main_job.py --config soak    # 200 steps of the tiny model: memory over time
+    ... [--json FILE] [--no-raw-vllm]
+
+The run is the user's command in a process of its own (`python -m rl.train recipe=arithmetic_rl ...`, wandb
+off, its folder in a temporary directory); everything it measures comes from its metrics.jsonl. Around it:
+- the machine's matmul roofline, measured here before and after the run: bf16 and fp32 GFLOP/s of a 2048^3
+  matmul on every core (the figure the learner and the sampler are compared with);
+- the learner's and the sampler's fraction of the bf16 roofline: 4 FLOPs per weight of the model's matrices
+  for every token the learner computed (forward, and backward to the activations: LoRA leaves the base weights
+  frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward + optim_step; 2
+  per weight per prompt token (once per request) and sampled token over the seconds of sampling;
+- sampling against raw vLLM: `LLM.generate` on the first steps' prompts with the same settings, in a Ray actor
+  with the replica's threads, against the run's own sampled tokens/s on those steps (the base model and its
+  first updates: the same engine speed in merge mode);
+- every process's resident memory, sampled every 0.5 s: driver, Ray's own processes, learner, sampler, at
+  their peak and at the end of the run (the last sample before the driver exits).
+The machines are noisy: compare only figures from the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = {
+    "main": [],
+    "small": ["algo.prompts_per_step=8", "algo.max_tokens=64", "steps=4", "eval_every=0", "checkpoint_every=0"],
+    "soak": ["model=tiny", "steps=200", "eval_every=0", "checkpoint_every=0"],
+}
+SOAK_STEPS = (10, 50, 100, 200)
+ROLES = ("Learner", "Sampler", "raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard")
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The best of `repeats` size^3 matmuls on every core of this process."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: oneDNN picks and caches its kernel
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def roofline() -> dict[str, float]:
+    return {"bf16_gflops": matmul_gflops(torch.bfloat16), "fp32_gflops": matmul_gflops(torch.float32)}
+
+
+def role(process: psutil.Process, driver_pid: int) -> str:
+    if process.pid == driver_pid:
+        return "driver"
+    name = " ".join(process.cmdline())
+    return next((role for role in ROLES if role in name), "other")
+
+
+def watch(command: list[str]) -> dict[str, dict[str, float]]:
+    """Runs `command`; returns each role's resident memory in GiB (summed over its processes): peak and final."""
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    driver = psutil.Process(child.pid)
+    peak: dict[str, float] = {}
+    last: dict[str, float] = {}
+    while child.poll() is None:
+        now: dict[str, float] = {}
+        for process in [driver, *driver.children(recursive=True)]:
+            try:
+                now[role(process, child.pid)] = now.get(role(process, child.pid), 0.0) + \
+                    process.memory_info().rss / 2**30
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if "Learner" in now:  # the run is up; the last such sample is the run's final memory
+            last = now
+        for name, gib in now.items():
+            peak[name] = max(peak.get(name, 0.0), gib)
+        time.sleep(0.5)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit status {child.returncode})")
+    return {name: {"peak_gib": peak[name], "final_gib": last.get(name, 0.0)} for name in peak}
+
+
+def matrix_weights(model_folder: Path) -> int:
+    """Weights of the model's matrices (decoder linear layers and the output layer): 2 FLOPs each per token."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_folder)
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * config.intermediate_size
+    return config.num_hidden_layers * (attention + mlp) + hidden * config.vocab_size
+
+
+def raw_vllm(run_config: dict, steps: list[int]) -> list[float]:
+    """Sampled tokens/s of raw vLLM `LLM.generate` on each of `steps`' prompts, in a Ray actor like a sampler's."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from rl.config import load
+    from rl.driver.rl import step_prompts
+    from rl.models import resolve_model
+    from rl.tasks import make_task
+
+    config = load(OmegaConf.create(run_config))
+
+    @ray.remote(num_cpus=1)
+    class RawVllm:
+        def __init__(self, folder: str, dtype: str, max_model_len: int):
+            from rl.engine import start_vllm_engine
+
+            self.llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len)
+
+        def tokens_per_s(self, prompts: list[list[int]], samples: int, params: dict) -> float:
+            from vllm import SamplingParams, TokensPrompt
+
+            requests = [SamplingParams(n=samples, seed=params["seed"] + index, max_tokens=params["max_tokens"],
+                                       temperature=params["temperature"], logprobs=0)
+                        for index in range(len(prompts))]
+            started = time.perf_counter()
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests,
+                                        use_tqdm=False)
+            tokens = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
+            return tokens / (time.perf_counter() - started)
+
+    from transformers import AutoTokenizer
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    folder = str(resolve_model(config.model.name))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    threads = config.sampler.threads or os.cpu_count()  # as many as the run's replica had
+    engine = RawVllm.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
+        folder, config.model.dtype, config.model.max_model_len)
+    task = make_task(config.task.name, format_reward=config.task.format_reward)
+    speeds = []
+    for index, step in enumerate([steps[0], *steps]):  # the first call warms the engine up and is dropped
+        _, prompts, params = step_prompts(config, task, tokenizer, step)
+        speed = ray.get(engine.tokens_per_s.remote(prompts, config.algo.group_size, params.model_dump()))
+        if index:
+            speeds.append(speed)
+    ray.shutdown()
+    return speeds
+
+
+def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> dict:
+    steps = [record for record in records if "tokens/trained" in record]
+    seconds = [record["step_time_s"] - record.get("time/eval_s", 0.0) for record in steps]  # evaluation apart
+    phases = {key.removeprefix("time/").removesuffix("_s"): statistics.mean(record.get(key, 0.0) for record in steps)
+              for key in sorted({key for record in steps for key in record if key.startswith("time/")})}
+    learner_s = sum(record.get("time/forward_backward_s", 0.0) + record.get("time/optim_step_s", 0.0)
+                    for record in steps)
+    learner_flops = 4 * weights * sum(record.get("tokens/computed", 0) for record in steps)
+    sampling_s = sum(record["time/sampling_s"] for record in steps)
+    sampled_flops = 2 * weights * sum(record["tokens/sampled"] + record["tokens/prompt"] / config["algo"]["group_size"]
+                                      for record in steps)
+    evaluations = [(record["time_total/minutes"] - (record["step_time_s"] - record["time/eval_s"]) / 60,
+                    record["eval/accuracy"]) for record in records if "eval/accuracy" in record]
+    return {
+        "steps": len(steps), "steps_per_s": len(steps) / sum(record["step_time_s"] for record in steps),
+        "mean_step_s": statistics.mean(seconds),
+        "median_step_s": statistics.median(seconds), "max_step_s": max(seconds),
+        "minutes_of_steps": records[-1]["time_total/minutes"], "seconds_per_phase": phases,
+        "learner_gflops": learner_flops / max(learner_s, 1e-9) / 1e9,
+        "learner_fraction_of_bf16": learner_flops / max(learner_s, 1e-9) / 1e9 / roof["bf16_gflops"],
+        "sampler_gflops": sampled_flops / sampling_s / 1e9,
+        "sampler_fraction_of_bf16": sampled_flops / sampling_s / 1e9 / roof["bf16_gflops"],
+        "evaluations": [{"minutes": minutes, "accuracy": accuracy} for minutes, accuracy in evaluations],
+        "minutes_to_0.9": next((minutes for minutes, accuracy in evaluations if accuracy >= 0.9), None),
+        "sampled_tokens_per_s_first_steps": [record["throughput/sampled_tokens_per_s"] for record in steps[:3]],
+        "memory_at_steps": {str(record["step"] + 1): {key.removeprefix("memory/"): value
+                                                      for key, value in record.items() if key.startswith("memory/")}
+                            for record in steps if record["step"] + 1 in SOAK_STEPS},
+    }
+
+
+def report(result: dict) -> None:
+    roof_before, roof_after = result["roofline_before"], result["roofline_after"]
+    print(f"machine: {result['cpu']}; matmul roofline bf16 {roof_before['bf16_gflops']:.0f} / "
+          f"{roof_after['bf16_gflops']:.0f} GFLOP/s (before / after), fp32 {roof_before['fp32_gflops']:.0f} / "
+          f"{roof_after['fp32_gflops']:.0f}")
+    run = result["run"]
+    spread = run["max_step_s"] / run["median_step_s"]
+    print(f"{result['config']}: {run['steps']} steps in {run['minutes_of_steps']:.2f} min of steps "
+          f"({result['wall_s']:.0f} s in all): {run['steps_per_s']:.3f} steps/s, step mean {run['mean_step_s']:.2f} s,"
+          f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median; evaluation apart)")
+    print("seconds per step: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in
+                                          run["seconds_per_phase"].items()))
+    print(f"learner {run['learner_gflops']:.0f} GFLOP/s = {run['learner_fraction_of_bf16']:.0%} of bf16 roofline; "
+          f"sampler {run['sampler_gflops']:.0f} GFLOP/s = {run['sampler_fraction_of_bf16']:.0%}")
+    if run["evaluations"]:
+        print("held-out accuracy at minutes of steps: " + ", ".join(
+            f"{e['accuracy']:.2f} @ {e['minutes']:.2f}" for e in run["evaluations"])
+              + f"; >= 0.9 after {run['minutes_to_0.9']} min")
+    if "raw_vllm_tokens_per_s" in result:
+        ours, raw = run["sampled_tokens_per_s_first_steps"], result["raw_vllm_tokens_per_s"]
+        print(f"sampling, first steps: run {statistics.mean(ours):.0f} tok/s vs raw vLLM {statistics.mean(raw):.0f} "
+              f"tok/s = {statistics.mean(ours) / statistics.mean(raw):.2f}")
+    print("resident memory (GiB), peak / final: " + ", ".join(
+        f"{name} {figures['peak_gib']:.2f} / {figures['final_gib']:.2f}" for name, figures in result["memory"].items())
+          + f"; all {result['memory_total_peak_gib']:.2f} at peak (sum of each role's peak)")
+    for step, figures in run["memory_at_steps"].items():
+        print(f"  after step {step}: " + ", ".join(f"{name} {gib:.2f}" for name, gib in sorted(figures.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=CONFIGS, default="main")
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--no-raw-vllm", action="store_true", help="skip the raw vLLM comparison")
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    result: dict = {"config": args.config, "cpu": f"{cpu}, {os.cpu_count()} cores, {'AMX' if amx else 'no AMX'}",
+                    "roofline_before": roofline()}
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "rl.train", "recipe=arithmetic_rl", f"hydra.run.dir={folder}",
+                   "logger.wandb_mode=disabled", *CONFIGS[args.config]]
+        started = time.perf_counter()
+        result["memory"] = watch(command)
+        result["wall_s"] = time.perf_counter() - started
+        result["memory_total_peak_gib"] = sum(figures["peak_gib"] for figures in result["memory"].values())
+        records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((Path(folder) / "config.json").read_text())
+    result["roofline_after"] = roofline()
+    from rl.models import resolve_model
+
+    weights = matrix_weights(resolve_model(config["model"]["name"]))
+    result["run"] = summarize(records, config, result["roofline_before"], weights)
+    if not args.no_raw_vllm and args.config != "soak":
+        result["raw_vllm_tokens_per_s"] = raw_vllm(config, [0, 1, 2])
+    report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
