@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench/main_job.py                  # the recipe: 16 prompts x 4, 30 steps, eval every 5
     .venv/bin/python scripts/bench/main_job.py --config small   # 8 prompts x 4, 64 new tokens, 4 steps, no eval
-    .venv/bin/python scripts/bench/main_job.py --config soak    # 200 steps of the tiny model: memory over time
+    .venv/bin/python scripts/bench/main_job.py --config soak    # 200 steps of the tiny model (digits task): memory
     ... [--json FILE] [--no-raw-vllm]
 
 The run is the user's command in a process of its own (`python -m rl.train recipe=arithmetic_rl ...`, wandb
@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {
     "main": [],
     "small": ["algo.prompts_per_step=8", "algo.max_tokens=64", "steps=4", "eval_every=0", "checkpoint_every=0"],
-    "soak": ["model=tiny", "steps=200", "eval_every=0", "checkpoint_every=0"],
+    # soak: the digits task, which the tiny model scores unevenly, so that every step trains
+    "soak": ["model=tiny", "task=digits", "steps=200", "eval_every=0", "checkpoint_every=0"],
 }
 SOAK_STEPS = (10, 50, 100, 200)
 ROLES = ("Learner", "Sampler", "raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard")
