@@ -90,12 +90,16 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
         next_rollout = None
+
+        async def evaluate(step: int) -> dict:  # the weights sampled last: `version` as it is at the call
+            return {"eval/accuracy": await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)}
+
         for step in tqdm(range(run.start_step, config.steps), desc=config.recipe, unit="step", disable=None):
             started = time.perf_counter()
             record: dict = {"step": step}
             if run.evaluates(step):
                 with timed(record, "eval"):
-                    record["eval/accuracy"] = await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)
+                    record.update(await evaluate(step))
 
             # Rollout: a group of samples per prompt (off-policy: sampled while the previous step trained).
             with timed(record, "sampling"):
@@ -154,10 +158,6 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 **await run.memory(), "step_time_s": time.perf_counter() - started})
             run.record(record)
             run.checkpoint(step + 1)
-
-        async def evaluate(step: int) -> dict:
-            return {"eval/accuracy": await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)}
-
         await run.final_evaluation(evaluate)
         return run.log.history
 

@@ -84,10 +84,10 @@ def watch(command: list[str]) -> dict[str, dict[str, float]]:
         now: dict[str, float] = {}
         for process in [driver, *driver.children(recursive=True)]:
             try:
-                now[role(process, child.pid)] = now.get(role(process, child.pid), 0.0) + \
-                    process.memory_info().rss / 2**30
+                name, gib = role(process, child.pid), process.memory_info().rss / 2**30
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+            now[name] = now.get(name, 0.0) + gib
         if "Learner" in now:  # the run is up; the last such sample is the run's final memory
             last = now
         for name, gib in now.items():
