@@ -92,34 +92,41 @@ def _check_ids(where: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{where} holds token id {int(bad[0])}, outside the vocabulary [0, {vocab_size})")
 
 
-def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int) -> list[list[PreparedDatum]]:
-    """Splits the batch into micro-batches of whole groups whose packed rows (`pack_rows`) fill at most
+def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int) -> list[list[PackedRow]]:
+    """Splits the batch into micro-batches of whole groups, each its packed rows (`pack_rows`), that fill at most
     `token_budget` tokens, padding included; a unit wider than the budget forms a micro-batch of its own.
 
     The batch is packed in its own order first, so datums that share a prefix (an RL group, a DPO pair) share a
     row; units of rows that hold whole groups are then sorted by width, so each micro-batch pads little. The
     budget bounds what a micro-batch keeps alive for backward (about 1.3 MB a token for SmolLM2-135M in bf16).
     """
-    units: list[tuple[list[PreparedDatum], int, int]] = []  # (datums, rows, widest row)
-    datums: list[PreparedDatum] = []
-    rows = width = taken = 0
+    units: list[list[PackedRow]] = []
+    unit: list[PackedRow] = []
+    taken = 0
     for row in pack_rows(batch):
-        datums += batch[taken:taken + len(row.members)]
-        taken += len(row.members)
-        rows, width = rows + 1, max(width, len(row.tokens))
+        unit.append(row)
+        taken += len(row.datums)
         if taken % group_size == 0:
-            units.append((datums, rows, width))
-            datums, rows, width = [], 0, 0
-    units.sort(key=lambda unit: unit[2], reverse=True)
-    result: list[list[PreparedDatum]] = []
-    current: list[PreparedDatum] = []
-    rows = width = 0
-    for unit_datums, unit_rows, unit_width in units:
-        if current and (rows + unit_rows) * max(width, unit_width) > token_budget:
+            units.append(unit)
+            unit = []
+    units.sort(key=row_width, reverse=True)
+    result: list[list[PackedRow]] = []
+    current: list[PackedRow] = []
+    for unit in units:
+        if current and (len(current) + len(unit)) * max(row_width(current), row_width(unit)) > token_budget:
             result.append(current)
-            current, rows, width = [], 0, 0
-        current, rows, width = current + unit_datums, rows + unit_rows, max(width, unit_width)
+            current = []
+        current = current + unit
     return result + [current] if current else result
+
+
+def row_width(rows: list[PackedRow]) -> int:
+    return max(len(row.tokens) for row in rows)
+
+
+def row_datums(rows: list[PackedRow]) -> list[PreparedDatum]:
+    """The datums of `rows`, in the order `target_logprobs` returns their logprobs."""
+    return [datum for row in rows for datum in row.datums]
 
 
 SHARED_PREFIX_MIN = 8
@@ -138,6 +145,7 @@ class PackedRow:
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     """Each token's position within the datums that hold it."""
+    datums: list[PreparedDatum] = field(default_factory=list, repr=False)
     members: list[list[int]] = field(default_factory=list)
     """For each datum of the row, the row indices of its tokens in order: its path down the tree."""
     children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
@@ -153,7 +161,8 @@ class PackedRow:
             path.append(index)
         return path
 
-    def add(self, tokens: list[int]) -> None:
+    def add(self, datum: PreparedDatum, tokens: list[int]) -> None:
+        self.datums.append(datum)
         path = self.shared(tokens)
         for position in range(len(path), len(tokens)):
             self.children[(path[-1] if path else -1, tokens[position])] = len(self.tokens)
@@ -174,10 +183,10 @@ def pack_rows(batch: list[PreparedDatum]) -> list[PackedRow]:
             shared = len(rows[-1].shared(tokens))
             if (shared >= max(SHARED_PREFIX_MIN, len(tokens) / 2)
                     and len(rows[-1].tokens) + len(tokens) - shared <= PACKED_ROW_MAX):
-                rows[-1].add(tokens)
+                rows[-1].add(datum, tokens)
                 continue
         rows.append(PackedRow())
-        rows[-1].add(tokens)
+        rows[-1].add(datum, tokens)
     return rows
 
 
@@ -194,11 +203,12 @@ def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype) -> Tens
     return mask[:, None]
 
 
-def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, batch: list[PreparedDatum], *,
+def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, rows: list[PackedRow], *,
                     pad_id: int, chunk_tokens: int, device: torch.device) -> list[Tensor]:
-    """log p(target | prefix) for every target of every datum, shaped like each datum's `target_tokens`."""
-    rows = pack_rows(batch)
-    width = max(len(row.tokens) for row in rows)
+    """log p(target | prefix) for every target of every datum of `rows`, in `row_datums` order, each shaped like
+    its datum's `target_tokens`."""
+    batch = row_datums(rows)
+    width = row_width(rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)  # (R, W), right-padded
     positions = torch.zeros_like(ids)
     for index, row in enumerate(rows):

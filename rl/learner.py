@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from rl import losses
-from rl.batch import PreparedDatum, micro_batches, pack_rows, prepare_batch, target_logprobs
+from rl.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
 from rl.checkpoints import ADAPTER_WEIGHTS, CheckpointStore, SamplerWeights, adapter_content_hash, read_adapter
 from rl.memory import resident_memory
 from rl.models import resolve_model
@@ -173,26 +173,27 @@ class Learner:
         logprobs_by_index: dict[int, torch.Tensor] = {}
         metric_parts: list[tuple[losses.Metrics, int]] = []
         with self._gradients_set_aside(run.params, keep=backward), torch.set_grad_enabled(backward):
-            for micro in micro_batches(prepared, spec.datums_per_group, self.micro_batch_tokens):
-                logprobs_D = self._target_logprobs(micro)
+            for rows in micro_batches(prepared, spec.datums_per_group, self.micro_batch_tokens):
+                micro = row_datums(rows)
+                logprobs_D = self._target_logprobs(rows)
                 inputs_D = [{name: value.to(self.device) for name, value in datum.inputs.items()}
                             for datum in micro]
                 loss, metrics = spec.fn(logprobs_D, inputs_D, config)
                 if backward:
                     loss.backward()
                 # What the model computed after prefix sharing: the figure a FLOP count starts from.
-                metrics["computed_tokens:sum"] = float(sum(len(row.tokens) for row in pack_rows(micro)))
+                metrics["computed_tokens:sum"] = float(sum(len(row.tokens) for row in rows))
                 metric_parts.append((metrics, len(micro) // spec.datums_per_group))
                 logprobs_by_index.update({datum.index: lp.detach().cpu() for datum, lp in zip(micro, logprobs_D,
                                                                                                 strict=True)})
         outputs = [{"logprobs": TensorData.from_torch(logprobs_by_index[index])} for index in range(len(prepared))]
         return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=losses.merge_metrics(metric_parts))
 
-    def _target_logprobs(self, micro: list[PreparedDatum]) -> list[torch.Tensor]:
+    def _target_logprobs(self, rows: list[PackedRow]) -> list[torch.Tensor]:
         model = self._peft.get_base_model()
         dtype = _DTYPES[self.dtype]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return target_logprobs(model.get_decoder(), model.get_output_embeddings(), micro, pad_id=self._pad_id,
+            return target_logprobs(model.get_decoder(), model.get_output_embeddings(), rows, pad_id=self._pad_id,
                                    chunk_tokens=self.logits_chunk_tokens, device=self.device)
 
     def _fill_reference(self, prepared: list[PreparedDatum], name: str, group_size: int) -> None:
@@ -202,9 +203,9 @@ class Learner:
             return
         with self._peft.disable_adapter(), torch.no_grad():
             # Whole groups stay together, so a pair's prompt is computed once (rl.batch.pack_rows).
-            for micro in micro_batches(lacking, group_size if len(lacking) == len(prepared) else 1,
-                                       self.micro_batch_tokens):
-                for datum, logprobs in zip(micro, self._target_logprobs(micro), strict=True):
+            for rows in micro_batches(lacking, group_size if len(lacking) == len(prepared) else 1,
+                                      self.micro_batch_tokens):
+                for datum, logprobs in zip(row_datums(rows), self._target_logprobs(rows), strict=True):
                     datum.inputs[name] = logprobs.float().cpu()
 
     @staticmethod

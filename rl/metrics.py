@@ -18,12 +18,12 @@ SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo/accuracy":
            "eval/dpo_accuracy": "eval dpo acc", "loss": "loss", "eval/loss": "eval loss",
            "throughput/sampled_tokens_per_s": "sampled tok/s", "throughput/trained_tokens_per_s": "trained tok/s",
            "throughput/pairs_per_s": "pairs/s", "step_time_s": "step s", "time/sampling_s": "sampling",
-           "time/forward_backward_s": "fwd-bwd", "time/optim_step_s": "optim", "time/publish_s": "publish",
-           "time/eval_s": "eval"}
+           "time/reference_s": "reference", "time/forward_backward_s": "fwd-bwd", "time/optim_step_s": "optim",
+           "time/publish_s": "publish", "time/eval_s": "eval"}
 """The keys of the line printed per step, with their labels, then each process's resident GiB (`memory/*_gib`);
 metrics.jsonl and wandb get every key."""
-PHASES = ("sampling", "forward_backward", "optim_step", "publish", "eval")
-"""The parts of a step timed as `time/{phase}_s`."""
+PHASES = ("sampling", "reference", "forward_backward", "optim_step", "publish", "eval")
+"""The parts of a step timed as `time/{phase}_s` (reference: the base model's logprobs for a KL penalty)."""
 CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo/accuracy", "eval/dpo_accuracy"),
           "loss": ("loss", "eval/loss")}
 """Panels against the step; curves.png adds accuracy against minutes, seconds per phase, and memory."""

@@ -19,6 +19,7 @@ import itertools
 import json
 import random
 import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,11 @@ class Sampler:
 
     def alive(self) -> bool:
         return self._engine.dead is None
+
+    def close(self) -> None:
+        """Removes the adapter folders this replica wrote (they live as long as it does: vLLM reads an evicted
+        adapter's folder again when a request asks for it)."""
+        shutil.rmtree(self._adapters, ignore_errors=True)
 
     def memory(self, *, reset_peak: bool = False) -> dict[str, float]:
         """This process's resident memory in GiB: now, and its peak since the last reset (rl.memory)."""
@@ -403,5 +409,9 @@ class SamplerPool:
                                       for replica in self._replicas))
 
     def shutdown(self) -> None:
+        """Stops every replica, each after removing its adapter folders (one that does not answer is stopped
+        anyway)."""
+        closing = [replica.actor.close.remote() for replica in self._replicas]
+        ray.wait(closing, num_returns=len(closing), timeout=30)
         for replica in self._replicas:
             ray.kill(replica.actor, no_restart=True)

@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rl import losses
-from rl.batch import pack_rows, prepare_batch, target_logprobs
+from rl.batch import micro_batches, pack_rows, prepare_batch, row_datums, row_width, target_logprobs
 from rl.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_content_hash, read_adapter
 from rl.learner import Learner
 from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
@@ -170,6 +170,25 @@ def test_packed_rows_stay_within_their_width_limit():
     assert len(rows[0].tokens) == 40 + 16 * 29, "as many replies as fit: the shared prompt, then 29 tokens each"
 
 
+def test_micro_batches_hold_whole_groups_within_the_token_budget():
+    # Six RL-like groups: a prompt of 10-30 tokens, four replies of 2-20 tokens each.
+    data = [sft_datum(list(range(100 * g, 100 * g + 10 + 4 * g)) + [7 + r] * (2 + 3 * ((g + r) % 7)))
+            for g in range(6) for r in range(4)]
+    prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
+    budget = 120
+    micro = micro_batches(prepared, 4, budget)
+    assert len(micro) > 1
+    indices = [datum.index for rows in micro for datum in row_datums(rows)]
+    assert sorted(indices) == list(range(len(data))), "every datum exactly once"
+    for rows in micro:
+        groups = [datum.index // 4 for datum in row_datums(rows)]
+        assert all(groups.count(group) == 4 for group in groups), "groups stay whole"
+        one_group = len(set(groups)) == 1
+        assert one_group or len(rows) * row_width(rows) <= budget, "within the budget, padding included"
+    assert sum(len(row.tokens) for rows in micro for row in rows) < sum(len(d.tokens) for d in prepared), \
+        "a group's prompt is computed once"
+
+
 def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)
@@ -267,7 +286,7 @@ def test_sampler_weights_are_a_peft_folder_with_a_content_hash(learner, tiny_mod
 
     prepared = prepare_batch(PATTERN, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
     with torch.no_grad():
-        expected = target_logprobs(model.get_decoder(), model.get_output_embeddings(), prepared, pad_id=0,
+        expected = target_logprobs(model.get_decoder(), model.get_output_embeddings(), pack_rows(prepared), pad_id=0,
                                    chunk_tokens=1024, device=torch.device("cpu"))
     output = learner.forward(model_id, sft())
     for record, logprobs in zip(output.loss_fn_outputs, expected, strict=True):

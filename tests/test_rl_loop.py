@@ -85,6 +85,7 @@ def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path)
     assert [r["sampler/weights_step"] for r in steps] == [0, 0, 1], "step k+1 samples the weights of step k"
     assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first samples come from the base model itself"
     assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
+    assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
 
 
 @dataclass(frozen=True)

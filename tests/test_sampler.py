@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 import itertools
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import ray
@@ -290,6 +292,7 @@ def test_bfloat16_samples_match_the_bfloat16_learner(ray_local, tiny_model_dir, 
     # differently again, so the allowance is the pool's own bf16 verification tolerance: 0.05 plus 2% of the
     # mean |logprob|, about 0.1 here (measured on AVX512-BF16: 0.001-0.01; other weights: 4 and more).
     learner = LearnerActor.options(num_cpus=1).remote(str(tiny_model_dir), storage=str(tmp_path), dtype="bfloat16")
+    adapter_folders = set(Path(tempfile.gettempdir()).glob("rl-adapters-*"))
     pool = SamplerPool(str(tiny_model_dir), max_model_len=256, max_lora_rank=8, max_loras=1, dtype="bfloat16")
     try:
         assert pool.info["dtype"] == "bfloat16" and pool.tolerance == SYNC_TOLERANCE["bfloat16"]
@@ -310,6 +313,7 @@ def test_bfloat16_samples_match_the_bfloat16_learner(ray_local, tiny_model_dir, 
     finally:
         pool.shutdown()
         ray.kill(learner)
+    assert set(Path(tempfile.gettempdir()).glob("rl-adapters-*")) == adapter_folders, "the replica cleaned up"
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
 
             # KL penalty: each token's advantage pays for how far the sampler has moved from the base model.
             if base_id is not None:
-                with timed(record, "forward_backward"):
+                with timed(record, "reference"):
                     base_S = await base_logprobs(run, base_id, prompts_S, sequences_S)
                 advantages_S, record["kl/sampler_vs_base"] = kl_penalty(
                     advantages_S, [s.logprobs for s in sequences_S], base_S, algo.kl_coef)
@@ -144,8 +144,8 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                     record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
                 with timed(record, "publish"):
                     version = await run.publish(f"step-{int(record['step:max'])}")
-            training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("forward_backward", "optim_step",
-                                                                                 "publish"))
+            training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward",
+                                                                                 "optim_step", "publish"))
             trained_tokens = sum(d.model_input.length for d in datums_D)
 
             record.update({
