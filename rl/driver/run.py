@@ -129,12 +129,12 @@ class Run:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
         self.placement = reserve(config)
+        self._pool: SamplerPool | None = None
         try:
             self._start(config, state)
         except BaseException:  # a run that cannot start gives its reservation back, or a sweep's next run starves
             remove_placement_group(self.placement)
             raise
-        self._pool: SamplerPool | None = None
 
     def _start(self, config: TrainConfig, state: dict | None) -> None:
         model, learner = config.model, config.learner
@@ -144,6 +144,8 @@ class Run:
         ).remote(self.base_model, storage=str(self.folder / "checkpoints"), storage_uri=config.storage_uri,
                  dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens, threads=learner.threads)
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
+        if config.algo.loop == "rl" or config.eval_every > 0:
+            self._start_pool()  # while the learner loads: starting, each mostly imports, on a core of its own
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
                                                            model_id=state and state["model_id"]))
         self.start_step, self.totals = 0, {}
@@ -169,14 +171,17 @@ class Run:
     @property
     def pool(self) -> SamplerPool:
         if self._pool is None:
-            sampler, model = self.config.sampler, self.config.model
-            self._pool = SamplerPool(self.base_model, replicas=sampler.replicas, num_cpus=sampler.num_cpus,
-                                     num_gpus=sampler.num_gpus, resources=sampler.resources,
-                                     placement_group=self.placement, first_bundle=1, max_model_len=model.max_model_len,
-                                     max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
-                                     publish_mode=sampler.publish_mode,
-                                     threads=sampler.threads or os.cpu_count())
+            self._start_pool()
         return self._pool
+
+    def _start_pool(self) -> None:
+        sampler, model = self.config.sampler, self.config.model
+        self._pool = SamplerPool(self.base_model, replicas=sampler.replicas, num_cpus=sampler.num_cpus,
+                                 num_gpus=sampler.num_gpus, resources=sampler.resources,
+                                 placement_group=self.placement, first_bundle=1, max_model_len=model.max_model_len,
+                                 max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
+                                 publish_mode=sampler.publish_mode,
+                                 threads=sampler.threads or os.cpu_count())
 
     async def publish(self, name: str) -> AdapterVersion:
         """save_weights_for_sampler, then every replica loads and verifies it."""

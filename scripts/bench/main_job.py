@@ -13,9 +13,9 @@ off, its folder in a temporary directory); everything it measures comes from its
   for every token the learner computed (forward, and backward to the activations: LoRA leaves the base weights
   frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward + optim_step; 2
   per weight per prompt token (once per request) and sampled token over the seconds of sampling;
-- sampling against raw vLLM: `LLM.generate` on the first steps' prompts with the same settings, in a Ray actor
-  with the replica's threads, against the run's own sampled tokens/s on those steps (the base model and its
-  first updates: the same engine speed in merge mode);
+- sampling against raw vLLM: after the run, a replica like the run's samples the first steps' rollouts through
+  the run's path (`sample_all` -> pool -> replica -> engine loop) and, on the same engine in the same process,
+  with `LLM.generate`, interleaved three times (medians: the machines are noisy);
 - every process's resident memory, sampled every 0.5 s: driver, Ray's own processes, learner, sampler, at
   their peak and at the end of the run (the last sample before the driver exits).
 The machines are noisy: compare only figures from the same invocation.
@@ -110,54 +110,58 @@ def matrix_weights(model_folder: Path) -> int:
     return config.num_hidden_layers * (attention + mlp) + hidden * config.vocab_size
 
 
-def raw_vllm(run_config: dict, steps: list[int]) -> list[float]:
-    """Sampled tokens/s of raw vLLM `LLM.generate` on each of `steps`' prompts, in a Ray actor like a sampler's."""
+def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dict[str, list[float]]:
+    """Seconds of the run's sampling path (`sample_all` -> SamplerPool -> replica -> EngineLoop) and of raw vLLM
+    `LLM.generate` on the same engine in the same replica process, on each of `steps`' rollouts, interleaved."""
+    import asyncio
+
     import ray
     from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
 
     from rl.config import load
     from rl.driver.rl import step_prompts
+    from rl.driver.run import sample_all
     from rl.models import resolve_model
+    from rl.sampler import SamplerPool
     from rl.tasks import make_task
 
+    def raw(replica, prompts: list[list[int]], samples: int, params: dict) -> float:  # runs in the replica
+        from vllm import SamplingParams, TokensPrompt
+
+        llm = replica._engine.llm
+        requests = [SamplingParams(n=samples, seed=params["seed"] + index, max_tokens=params["max_tokens"],
+                                   temperature=params["temperature"], logprobs=0) for index in range(len(prompts))]
+        started = time.perf_counter()
+        replica._engine.call(lambda: llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests,
+                                                  use_tqdm=False)).result()
+        return time.perf_counter() - started
+
+    async def ours(pool, prompts, samples, params) -> float:
+        started = time.perf_counter()
+        await sample_all(pool, prompts, model_path=None, group_size=samples, params=params)
+        return time.perf_counter() - started
+
     config = load(OmegaConf.create(run_config))
-
-    @ray.remote(num_cpus=1)
-    class RawVllm:
-        def __init__(self, folder: str, dtype: str, max_model_len: int):
-            from rl.engine import start_vllm_engine
-
-            self.llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len)
-
-        def tokens_per_s(self, prompts: list[list[int]], samples: int, params: dict) -> float:
-            from vllm import SamplingParams, TokensPrompt
-
-            requests = [SamplingParams(n=samples, seed=params["seed"] + index, max_tokens=params["max_tokens"],
-                                       temperature=params["temperature"], logprobs=0)
-                        for index in range(len(prompts))]
-            started = time.perf_counter()
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests,
-                                        use_tqdm=False)
-            tokens = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
-            return tokens / (time.perf_counter() - started)
-
-    from transformers import AutoTokenizer
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     folder = str(resolve_model(config.model.name))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    threads = config.sampler.threads or os.cpu_count()  # as many as the run's replica had
-    engine = RawVllm.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
-        folder, config.model.dtype, config.model.max_model_len)
+    pool = SamplerPool(folder, max_model_len=config.model.max_model_len, max_lora_rank=config.model.lora_rank,
+                       dtype=config.model.dtype, seed=config.seed, publish_mode=config.sampler.publish_mode,
+                       threads=config.sampler.threads or os.cpu_count())  # as the run's replica had
+    replica = pool._replicas[0].actor
     task = make_task(config.task.name, format_reward=config.task.format_reward)
-    speeds = []
-    for index, step in enumerate([steps[0], *steps]):  # the first call warms the engine up and is dropped
+    seconds: dict[str, list[float]] = {"ours_s": [], "raw_s": []}
+    for index, step in enumerate([steps[0]] * (repeats > 0) + steps * repeats):  # the first pair warms up
         _, prompts, params = step_prompts(config, task, tokenizer, step)
-        speed = ray.get(engine.tokens_per_s.remote(prompts, config.algo.group_size, params.model_dump()))
+        pair = (asyncio.run(ours(pool, prompts, config.algo.group_size, params)),
+                ray.get(replica.__ray_call__.remote(raw, prompts, config.algo.group_size, params.model_dump())))
         if index:
-            speeds.append(speed)
+            seconds["ours_s"].append(pair[0])
+            seconds["raw_s"].append(pair[1])
+    pool.shutdown()
     ray.shutdown()
-    return speeds
+    return seconds
 
 
 def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> dict:
@@ -209,10 +213,10 @@ def report(result: dict) -> None:
         print("held-out accuracy at minutes of steps: " + ", ".join(
             f"{e['accuracy']:.2f} @ {e['minutes']:.2f}" for e in run["evaluations"])
               + f"; >= 0.9 after {run['minutes_to_0.9']} min")
-    if "raw_vllm_tokens_per_s" in result:
-        ours, raw = run["sampled_tokens_per_s_first_steps"], result["raw_vllm_tokens_per_s"]
-        print(f"sampling, first steps: run {statistics.mean(ours):.0f} tok/s vs raw vLLM {statistics.mean(raw):.0f} "
-              f"tok/s = {statistics.mean(ours) / statistics.mean(raw):.2f}")
+    if "sampling_vs_raw_vllm" in result:
+        ours, raw = (statistics.median(result["sampling_vs_raw_vllm"][key]) for key in ("ours_s", "raw_s"))
+        print(f"sampling path vs raw vLLM on the same engine, first steps' rollouts interleaved: {ours:.2f} vs "
+              f"{raw:.2f} s (medians of {len(result['sampling_vs_raw_vllm']['raw_s'])}): {raw / ours:.2f}x raw speed")
     print("resident memory (GiB), peak / final: " + ", ".join(
         f"{name} {figures['peak_gib']:.2f} / {figures['final_gib']:.2f}" for name, figures in result["memory"].items())
           + f"; all {result['memory_total_peak_gib']:.2f} at peak (sum of each role's peak)")
@@ -246,7 +250,7 @@ def main() -> None:
     weights = matrix_weights(resolve_model(config["model"]["name"]))
     result["run"] = summarize(records, config, result["roofline_before"], weights)
     if not args.no_raw_vllm and args.config != "soak":
-        result["raw_vllm_tokens_per_s"] = raw_vllm(config, [0, 1, 2])
+        result["sampling_vs_raw_vllm"] = sampling_vs_raw(config, [0, 1, 2])
     report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
