@@ -116,7 +116,7 @@ def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int
         if current and (len(current) + len(unit)) * max(row_width(current), row_width(unit)) > token_budget:
             result.append(current)
             current = []
-        current = current + unit
+        current += unit
     return result + [current] if current else result
 
 

@@ -160,7 +160,7 @@ class Sampler:
                 await self.load(version)
             lora = LoRARequest(self._loaded[version.lora_int_id].name, version.lora_int_id,
                                str(self._loaded[version.lora_int_id]))
-        params = _vllm_params(request, max_tokens=self._max_tokens(request, len(prompt)))
+        params = vllm_sampling_params(request, max_tokens=self._max_tokens(request, len(prompt)))
         output = await asyncio.wrap_future(self._engine.generate(prompt, params, lora))
         return _response(output, request, version)
 
@@ -198,7 +198,7 @@ class Sampler:
         return resident_memory(reset_peak=reset_peak)
 
 
-def _vllm_params(request: SampleRequest, *, max_tokens: int):
+def vllm_sampling_params(request: SampleRequest, *, max_tokens: int):
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 

@@ -92,13 +92,19 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> l
     return indices
 
 
+def sample_requests(prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
+                    params: SamplingParams) -> list[SampleRequest]:
+    """A request for `group_size` samples of each prompt; each draws from its own seed (one seed for all would
+    correlate the samples of different prompts)."""
+    return [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
+                          sampling_params=params if params.seed is None else
+                          params.model_copy(update={"seed": params.seed + index}))
+            for index, prompt in enumerate(prompts_P)]
+
+
 async def sample_all(pool: SamplerPool, prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
                      params: SamplingParams) -> list[SampleResponse]:
-    # Each request draws from its own seed: one seed for all would correlate the samples of different prompts.
-    requests = [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
-                              sampling_params=params if params.seed is None else
-                              params.model_copy(update={"seed": params.seed + index}))
-                for index, prompt in enumerate(prompts_P)]
+    requests = sample_requests(prompts_P, model_path=model_path, group_size=group_size, params=params)
     return await asyncio.gather(*(pool.sample(request) for request in requests))
 
 

@@ -111,8 +111,9 @@ def matrix_weights(model_folder: Path) -> int:
 
 
 def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dict[str, list[float]]:
-    """Seconds of the run's sampling path (`sample_all` -> SamplerPool -> replica -> EngineLoop) and of raw vLLM
-    `LLM.generate` on the same engine in the same replica process, on each of `steps`' rollouts, interleaved."""
+    """Seconds of the run's sampling path (its requests -> SamplerPool -> replica -> EngineLoop) and of raw vLLM
+    `LLM.generate` of the same requests on the same engine in the same replica process, on each of `steps`'
+    rollouts, interleaved."""
     import asyncio
 
     import ray
@@ -121,25 +122,25 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
 
     from rl.config import load
     from rl.driver.rl import step_prompts
-    from rl.driver.run import sample_all
+    from rl.driver.run import sample_requests
     from rl.models import resolve_model
-    from rl.sampler import SamplerPool
+    from rl.sampler import SamplerPool, vllm_sampling_params
     from rl.tasks import make_task
 
-    def raw(replica, prompts: list[list[int]], samples: int, params: dict) -> float:  # runs in the replica
-        from vllm import SamplingParams, TokensPrompt
+    def raw(replica, requests) -> float:  # runs in the replica: what Sampler.sample gives the engine, at once
+        from vllm import TokensPrompt
 
-        llm = replica._engine.llm
-        requests = [SamplingParams(n=samples, seed=params["seed"] + index, max_tokens=params["max_tokens"],
-                                   temperature=params["temperature"], logprobs=0) for index in range(len(prompts))]
+        prompts = [replica._checked_prompt(request) for request in requests]
+        params = [vllm_sampling_params(request, max_tokens=replica._max_tokens(request, len(prompt)))
+                  for request, prompt in zip(requests, prompts, strict=True)]
+        prompts = [TokensPrompt(prompt_token_ids=prompt) for prompt in prompts]
         started = time.perf_counter()
-        replica._engine.call(lambda: llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests,
-                                                  use_tqdm=False)).result()
+        replica._engine.call(lambda: replica._engine.llm.generate(prompts, params, use_tqdm=False)).result()
         return time.perf_counter() - started
 
-    async def ours(pool, prompts, samples, params) -> float:
+    async def ours(pool, requests) -> float:
         started = time.perf_counter()
-        await sample_all(pool, prompts, model_path=None, group_size=samples, params=params)
+        await asyncio.gather(*(pool.sample(request) for request in requests))
         return time.perf_counter() - started
 
     config = load(OmegaConf.create(run_config))
@@ -152,13 +153,14 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     replica = pool._replicas[0].actor
     task = make_task(config.task.name, format_reward=config.task.format_reward)
     seconds: dict[str, list[float]] = {"ours_s": [], "raw_s": []}
-    for index, step in enumerate([steps[0]] * (repeats > 0) + steps * repeats):  # the first pair warms up
+    for index, step in enumerate([steps[0], *steps * repeats]):  # the first pair warms the engine up
         _, prompts, params = step_prompts(config, task, tokenizer, step)
-        pair = (asyncio.run(ours(pool, prompts, config.algo.group_size, params)),
-                ray.get(replica.__ray_call__.remote(raw, prompts, config.algo.group_size, params.model_dump())))
+        requests = sample_requests(prompts, model_path=None, group_size=config.algo.group_size, params=params)
+        ours_s = asyncio.run(ours(pool, requests))
+        raw_s = ray.get(replica.__ray_call__.remote(raw, requests))
         if index:
-            seconds["ours_s"].append(pair[0])
-            seconds["raw_s"].append(pair[1])
+            seconds["ours_s"].append(ours_s)
+            seconds["raw_s"].append(raw_s)
     pool.shutdown()
     ray.shutdown()
     return seconds
