@@ -17,7 +17,8 @@ off, its folder in a temporary directory); everything it measures comes from its
   the run's path (`sample_all` -> pool -> replica -> engine loop) and, on the same engine in the same process,
   with `LLM.generate`, interleaved three times (medians: the machines are noisy);
 - every process's resident memory, sampled every 0.5 s: driver, Ray's own processes, learner, sampler, at
-  their peak and at the end of the run (the last sample before the driver exits).
+  their peak and at the end of the run (the last sample before the driver exits); and the whole job's PSS
+  (what it costs the machine: a library page that every process maps counts once, not once per process).
 The machines are noisy: compare only figures from the same invocation.
 """
 
@@ -44,6 +45,7 @@ CONFIGS = {
     "soak": ["model=tiny", "task=digits", "steps=200", "eval_every=0", "checkpoint_every=0"],
 }
 SOAK_STEPS = (10, 50, 100, 200)
+ALL_PSS = "all (PSS)"
 ROLES = ("Learner", "Sampler", "raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard")
 
 
@@ -74,7 +76,9 @@ def role(process: psutil.Process, driver_pid: int) -> str:
 
 
 def watch(command: list[str]) -> dict[str, dict[str, float]]:
-    """Runs `command`; returns each role's resident memory in GiB (summed over its processes): peak and final."""
+    """Runs `command`; returns each role's resident memory in GiB (summed over its processes), peak and final,
+    and under "all (PSS)" the whole job's proportional set size (shared pages split between the processes that
+    share them, so the libraries every process maps count once), at its peak and at the end."""
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     driver = psutil.Process(child.pid)
@@ -84,10 +88,11 @@ def watch(command: list[str]) -> dict[str, dict[str, float]]:
         now: dict[str, float] = {}
         for process in [driver, *driver.children(recursive=True)]:
             try:
-                name, gib = role(process, child.pid), process.memory_info().rss / 2**30
+                name, memory = role(process, child.pid), process.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            now[name] = now.get(name, 0.0) + gib
+            now[name] = now.get(name, 0.0) + memory.rss / 2**30
+            now[ALL_PSS] = now.get(ALL_PSS, 0.0) + memory.pss / 2**30
         if "Learner" in now:  # the run is up; the last such sample is the run's final memory
             last = now
         for name, gib in now.items():
@@ -221,7 +226,8 @@ def report(result: dict) -> None:
               f"{raw:.2f} s (medians of {len(result['sampling_vs_raw_vllm']['raw_s'])}): {raw / ours:.2f}x raw speed")
     print("resident memory (GiB), peak / final: " + ", ".join(
         f"{name} {figures['peak_gib']:.2f} / {figures['final_gib']:.2f}" for name, figures in result["memory"].items())
-          + f"; all {result['memory_total_peak_gib']:.2f} at peak (sum of each role's peak)")
+          + f"; resident, summed: {result['memory_total_peak_gib']:.2f} (each role's peak; shared pages counted in "
+            "every process that maps them)")
     for step, figures in run["memory_at_steps"].items():
         print(f"  after step {step}: " + ", ".join(f"{name} {gib:.2f}" for name, gib in sorted(figures.items())))
 
@@ -243,7 +249,8 @@ def main() -> None:
         started = time.perf_counter()
         result["memory"] = watch(command)
         result["wall_s"] = time.perf_counter() - started
-        result["memory_total_peak_gib"] = sum(figures["peak_gib"] for figures in result["memory"].values())
+        result["memory_total_peak_gib"] = sum(figures["peak_gib"] for name, figures in result["memory"].items()
+                                              if name != ALL_PSS)
         records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((Path(folder) / "config.json").read_text())
     result["roofline_after"] = roofline()
