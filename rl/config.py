@@ -67,7 +67,7 @@ class LearnerConfig:
     backward grows with it (about 1.3 MB a token for SmolLM2-135M in bf16)."""
     threads: int | None = None
     """torch's CPU threads in the learner; None: every core of its node (learner and samplers take turns in an
-    on-policy loop, so each may use them all while it works)."""
+    on-policy loop, so each may use them all while it works), half the driver machine's off-policy (they overlap)."""
     max_restarts: int = 3
     """Times a learner that dies (its process or node lost) is restarted within a run, from the last checkpoint."""
 
@@ -83,7 +83,8 @@ class SamplerConfig:
     """merge: the run's adapter folded into its replicas' weights (base-model speed); adapter: LoRA hot-loading."""
     threads: int | None = None
     """Each replica's CPU threads; None: every core of the driver's machine (on-policy, the learner and the
-    samplers take turns; replicas that share a machine, or nodes unlike the driver's, need it set)."""
+    samplers take turns), half of them off-policy (they overlap); replicas that share a machine, or nodes unlike
+    the driver's, need it set."""
 
 
 @dataclass

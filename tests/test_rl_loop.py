@@ -2,9 +2,11 @@
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass, replace
 
 import pytest
+import ray
 
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.rl import base_logprobs, train
@@ -86,6 +88,18 @@ def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path)
     assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first samples come from the base model itself"
     assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
     assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
+
+
+def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_dir, tmp_path):
+    """They work at the same time: with threads unset, each takes half the cores (on-policy, each takes all)."""
+    half = max(1, os.cpu_count() // 2)
+
+    def threads(actor) -> int:
+        return ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
+
+    with Run(tiny_config(tiny_model_dir, tmp_path, algo={"off_policy": True})) as run:
+        assert threads(run.learner) == half
+        assert [threads(replica.actor) for replica in run.pool._replicas] == [half]
 
 
 @dataclass(frozen=True)

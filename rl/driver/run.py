@@ -121,6 +121,13 @@ class LearnerLost(RuntimeError):
     """The run's learner actor died (its process or its node): the run can go on from its last checkpoint."""
 
 
+def overlap_threads(config: TrainConfig) -> int | None:
+    """CPU threads for a learner or replica whose `threads` is unset, when they work at the same time (off-policy):
+    half the driver machine's cores each. OpenMP threads of two busy processes on the same cores spin against each
+    other (a learner step of 8.3 s alone took 27 s beside a busy sampler on 2 cores). None: they take turns."""
+    return max(1, (os.cpu_count() or 2) // 2) if config.algo.off_policy else None
+
+
 class Run:
     """The learner with this run's adapter, its log and checkpoints, and (on first use) a sampler pool."""
 
@@ -148,7 +155,8 @@ class Run:
             num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0),
         ).remote(self.base_model, storage=str(self.folder / "checkpoints"), storage_uri=config.storage_uri,
-                 dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens, threads=learner.threads)
+                 dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens,
+                 threads=learner.threads or overlap_threads(config))
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
         if config.algo.loop == "rl" or config.eval_every > 0:
             self._start_pool()  # while the learner loads: starting, each mostly imports, on a core of its own
@@ -187,7 +195,7 @@ class Run:
                                  placement_group=self.placement, first_bundle=1, max_model_len=model.max_model_len,
                                  max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
                                  publish_mode=sampler.publish_mode,
-                                 threads=sampler.threads or os.cpu_count())
+                                 threads=sampler.threads or overlap_threads(self.config) or os.cpu_count())
 
     async def publish(self, name: str) -> AdapterVersion:
         """save_weights_for_sampler, then every replica loads and verifies it."""
