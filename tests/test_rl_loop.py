@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import ray
+import torch
 
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.rl import base_logprobs, train
@@ -95,7 +96,7 @@ def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_di
     half = max(1, os.cpu_count() // 2)
 
     def threads(actor) -> int:
-        return ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
+        return ray.get(actor.__ray_call__.remote(lambda self: torch.get_num_threads()))
 
     with Run(tiny_config(tiny_model_dir, tmp_path, algo={"off_policy": True})) as run:
         assert threads(run.learner) == half

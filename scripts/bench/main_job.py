@@ -45,7 +45,6 @@ CONFIGS = {
     "soak": ["model=tiny", "task=digits", "steps=200", "eval_every=0", "checkpoint_every=0"],
 }
 SOAK_STEPS = (10, 50, 100, 200)
-ALL_PSS = "all (PSS)"
 ROLES = ("Learner", "Sampler", "raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard")
 
 
@@ -75,32 +74,35 @@ def role(process: psutil.Process, driver_pid: int) -> str:
     return next((role for role in ROLES if role in name), "other")
 
 
-def watch(command: list[str]) -> dict[str, dict[str, float]]:
+def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Runs `command`; returns each role's resident memory in GiB (summed over its processes), peak and final,
-    and under "all (PSS)" the whole job's proportional set size (shared pages split between the processes that
-    share them, so the libraries every process maps count once), at its peak and at the end."""
+    and the whole job's proportional set size (shared pages split between the processes that share them, so the
+    libraries every process maps count once), peak and final."""
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     driver = psutil.Process(child.pid)
     peak: dict[str, float] = {}
     last: dict[str, float] = {}
+    pss = {"peak_gib": 0.0, "final_gib": 0.0}
     while child.poll() is None:
         now: dict[str, float] = {}
+        pss_now = 0.0
         for process in [driver, *driver.children(recursive=True)]:
             try:
                 name, memory = role(process, child.pid), process.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             now[name] = now.get(name, 0.0) + memory.rss / 2**30
-            now[ALL_PSS] = now.get(ALL_PSS, 0.0) + memory.pss / 2**30
+            pss_now += memory.pss / 2**30
         if "Learner" in now:  # the run is up; the last such sample is the run's final memory
-            last = now
+            last, pss["final_gib"] = now, pss_now
+        pss["peak_gib"] = max(pss["peak_gib"], pss_now)
         for name, gib in now.items():
             peak[name] = max(peak.get(name, 0.0), gib)
         time.sleep(0.5)
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit status {child.returncode})")
-    return {name: {"peak_gib": peak[name], "final_gib": last.get(name, 0.0)} for name in peak}
+    return {name: {"peak_gib": peak[name], "final_gib": last.get(name, 0.0)} for name in peak}, pss
 
 
 def matrix_weights(model_folder: Path) -> int:
@@ -226,8 +228,9 @@ def report(result: dict) -> None:
               f"{raw:.2f} s (medians of {len(result['sampling_vs_raw_vllm']['raw_s'])}): {raw / ours:.2f}x raw speed")
     print("resident memory (GiB), peak / final: " + ", ".join(
         f"{name} {figures['peak_gib']:.2f} / {figures['final_gib']:.2f}" for name, figures in result["memory"].items())
-          + f"; resident, summed: {result['memory_total_peak_gib']:.2f} (each role's peak; shared pages counted in "
-            "every process that maps them)")
+          + f"; all {result['memory_total_peak_gib']:.2f} at peak (sum of each role's peak)")
+    print(f"the whole job's PSS (a page shared by several processes counted once), peak / final: "
+          f"{result['memory_pss']['peak_gib']:.2f} / {result['memory_pss']['final_gib']:.2f} GiB")
     for step, figures in run["memory_at_steps"].items():
         print(f"  after step {step}: " + ", ".join(f"{name} {gib:.2f}" for name, gib in sorted(figures.items())))
 
@@ -247,10 +250,9 @@ def main() -> None:
         command = [sys.executable, "-m", "rl.train", "recipe=arithmetic_rl", f"hydra.run.dir={folder}",
                    "logger.wandb_mode=disabled", *CONFIGS[args.config]]
         started = time.perf_counter()
-        result["memory"] = watch(command)
+        result["memory"], result["memory_pss"] = watch(command)
         result["wall_s"] = time.perf_counter() - started
-        result["memory_total_peak_gib"] = sum(figures["peak_gib"] for name, figures in result["memory"].items()
-                                              if name != ALL_PSS)
+        result["memory_total_peak_gib"] = sum(figures["peak_gib"] for figures in result["memory"].values())
         records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((Path(folder) / "config.json").read_text())
     result["roofline_after"] = roofline()
