@@ -13,13 +13,11 @@ restarted on another node) is downloaded from the URI on first use. The local fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,34 +27,11 @@ import fsspec
 from rl.types import Checkpoint, CheckpointType, ParsedCheckpointTinkerPath, check_checkpoint_name
 
 METADATA_FILE = "checkpoint.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _FOLDERS: dict[CheckpointType, str] = {"training": "weights", "sampler": "sampler_weights"}
 
 
 def tinker_path(run_id: str, kind: CheckpointType, name: str) -> str:
     return f"tinker://{run_id}/{_FOLDERS[kind]}/{name}"
-
-
-def adapter_content_hash(files: dict[str, bytes]) -> str:
-    """sha256 over a PEFT adapter's config and weights: what a sampler proves it loaded."""
-    digest = hashlib.sha256()
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        digest.update(files[name])
-    return digest.hexdigest()
-
-
-def read_adapter(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
-
-
-@dataclass(frozen=True)
-class SamplerWeights:
-    """A published adapter as bytes, to travel through Ray's object store to samplers on any node."""
-
-    tinker_path: str
-    content_hash: str
-    files: dict[str, bytes]
 
 
 def folder_size(folder: Path) -> int:

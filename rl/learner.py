@@ -11,10 +11,12 @@ are written atomically by the checkpoint store.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import secrets
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,26 +24,28 @@ import ray
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from transformers import AutoModelForCausalLM
 
 from rl import losses
 from rl.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
-from rl.checkpoints import ADAPTER_WEIGHTS, CheckpointStore, SamplerWeights, adapter_content_hash, read_adapter
+from rl.checkpoints import CheckpointStore
 from rl.memory import resident_memory
 from rl.models import resolve_model
 from rl.types import (
     AdamParams,
     CheckpointsListResponse,
+    Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoadWeightsResponse,
     LoraConfig,
     OptimStepResponse,
-    SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     TensorData,
 )
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SamplerWeights, adapter_content_hash
 
 # Which modules LoRA adapts, per architecture family.
 _TARGET_MODULES = {
@@ -51,6 +55,13 @@ _TARGET_MODULES = {
 }
 KNOWN_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_LENGTH = 24
+
+
+def probe_tokens(vocab_size: int) -> list[int]:
+    """The fixed token sequence on which a sampler replica must reproduce the learner's logprobs."""
+    rng = random.Random(0)
+    return [rng.randrange(vocab_size) for _ in range(PROBE_LENGTH)]
 
 
 def default_device() -> torch.device:
@@ -201,12 +212,31 @@ class Learner:
         lacking = [datum for datum in prepared if name not in datum.inputs]
         if not lacking:
             return
-        with self._peft.disable_adapter(), torch.no_grad():
-            # Whole groups stay together, so a pair's prompt is computed once (rl.batch.pack_rows).
-            for rows in micro_batches(lacking, group_size if len(lacking) == len(prepared) else 1,
-                                      self.micro_batch_tokens):
+        # Whole groups stay together, so a pair's prompt is computed once (rl.batch.pack_rows).
+        with self._peft.disable_adapter():
+            for datum, logprobs in self._logprobs_without_gradients(
+                    lacking, group_size if len(lacking) == len(prepared) else 1):
+                datum.inputs[name] = logprobs
+
+    def logprobs(self, model_id: str, sequences: list[list[int]], *, adapter: bool = True) -> list[list[float]]:
+        """Each sequence's logprobs of its tokens after the first (token t given those before it), under the
+        run's adapter, or with no adapter (the base model) when `adapter` is False. No gradients."""
+        run = self._run(model_id)
+        data = [Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences]
+        prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size)
+        self._peft.set_adapter(run.adapter)
+        found: dict[int, list[float]] = {}
+        with nullcontext() if adapter else self._peft.disable_adapter():
+            for datum, logprobs in self._logprobs_without_gradients(prepared, 1):
+                found[datum.index] = logprobs.tolist()
+        return [found[index] for index in range(len(sequences))]
+
+    def _logprobs_without_gradients(self, prepared: list[PreparedDatum], group_size: int):
+        """(datum, its target logprobs as float32 on the CPU) for each datum, in micro-batches of whole groups."""
+        with torch.no_grad():
+            for rows in micro_batches(prepared, group_size, self.micro_batch_tokens):
                 for datum, logprobs in zip(row_datums(rows), self._target_logprobs(rows), strict=True):
-                    datum.inputs[name] = logprobs.float().cpu()
+                    yield datum, logprobs.float().cpu()
 
     @staticmethod
     @contextmanager
@@ -265,17 +295,40 @@ class Learner:
         return SaveWeightsResponse(path=checkpoint.tinker_path)
 
     def save_weights_for_sampler(self, model_id: str, name: str | None = None, *,
-                                 overwrite: bool = False) -> SaveWeightsForSamplerResponse:
-        """Publishes the adapter as a PEFT folder at `tinker://RUN/sampler_weights/NAME`, with a content hash."""
+                                 overwrite: bool = False) -> SamplerWeights:
+        """Publishes the adapter as a PEFT folder at `tinker://RUN/sampler_weights/NAME`, with everything a sampler
+        needs (rl.weights): the files (in Ray's object store), their content hash and the probe's logprobs, the
+        last two recorded with the checkpoint."""
         run = self._run(model_id)
+        probe = probe_tokens(self.vocab_size)
+        written: dict[str, bytes] = {}
 
         def fill(folder: Path) -> dict:
-            self._write_adapter(run, folder)
-            return {"content_hash": adapter_content_hash(read_adapter(folder))}
+            written.update(self._write_adapter(run, folder))
+            return {"content_hash": adapter_content_hash(written), "probe_tokens": probe,
+                    "probe_logprobs": self.logprobs(model_id, [probe])[0]}
 
         checkpoint = self.store.write(model_id, "sampler", name or f"step-{run.step:06d}", fill,
                                       metadata=self._run_metadata(run), overwrite=overwrite)
-        return SaveWeightsForSamplerResponse(path=checkpoint.tinker_path)
+        return self._sampler_weights(checkpoint.tinker_path, self.store.metadata(checkpoint.tinker_path), written)
+
+    def sampler_weights(self, path: str) -> SamplerWeights:
+        """A `sampler_weights` checkpoint saved earlier (by any run on this base model), ready to publish."""
+        files = {name: (self.store.folder(path, kind="sampler") / name).read_bytes()
+                 for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+        metadata = self.store.metadata(path)
+        if adapter_content_hash(files) != metadata["content_hash"]:
+            raise ValueError(f"{path} no longer matches the content hash recorded when it was saved")
+        if "probe_logprobs" not in metadata:
+            raise ValueError(f"{path} was saved without probe logprobs (by an older version of rl); load it with "
+                             "load_weights and save it again")
+        return self._sampler_weights(path, metadata, files)
+
+    @staticmethod
+    def _sampler_weights(path: str, metadata: dict, files: dict[str, bytes]) -> SamplerWeights:
+        return SamplerWeights(tinker_path=path, step=metadata["step"], content_hash=metadata["content_hash"],
+                              files=ray.put(files), probe_tokens=metadata["probe_tokens"],
+                              probe_logprobs=metadata["probe_logprobs"])
 
     def load_weights(self, path: str, *, optimizer: bool, model_id: str | None = None) -> LoadWeightsResponse:
         """Loads a checkpoint into run `model_id`, or into a new run (named `model_id` if given) when there is none.
@@ -307,26 +360,23 @@ class Learner:
             run.step = 0
         return LoadWeightsResponse(path=path, model_id=model_id)
 
-    def sampler_weights(self, path: str) -> SamplerWeights:
-        """The adapter at a `sampler_weights` path as bytes, for samplers that share no filesystem with us."""
-        files = read_adapter(self.store.folder(path, kind="sampler"))
-        content_hash = self.store.metadata(path)["content_hash"]
-        if adapter_content_hash(files) != content_hash:
-            raise ValueError(f"{path} no longer matches the content hash recorded when it was saved")
-        return SamplerWeights(tinker_path=path, content_hash=content_hash, files=files)
-
     def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
         return CheckpointsListResponse(checkpoints=self.store.list(model_id))
 
-    def _write_adapter(self, run: _Run, folder: Path) -> None:
-        """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    def _write_adapter(self, run: _Run, folder: Path) -> dict[str, bytes]:
+        """Writes a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors); returns the
+        bytes written."""
         # The base output layer is frozen: an adapter of lm_head needs only its LoRA matrices.
         state = get_peft_model_state_dict(self._peft, adapter_name=run.adapter, save_embedding_layers=False)
-        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()},
-                  folder / ADAPTER_WEIGHTS)
-        config = self._peft.peft_config[run.adapter]
-        config.base_model_name_or_path = str(resolve_model(self.base_model))
-        config.save_pretrained(str(folder))
+        config = {key: sorted(value) if isinstance(value, set) else value  # JSON has no sets; sorted: one hash
+                  for key, value in self._peft.peft_config[run.adapter].to_dict().items()}
+        config["base_model_name_or_path"] = str(resolve_model(self.base_model))
+        files = {ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+                 ADAPTER_WEIGHTS: safetensors_bytes({name: tensor.detach().cpu().contiguous()
+                                                     for name, tensor in state.items()})}
+        for name, content in files.items():
+            (folder / name).write_bytes(content)
+        return files
 
     def _run_metadata(self, run: _Run) -> dict:
         return {"base_model": self.base_model, "step": run.step, "lora_config": run.lora.model_dump(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import random
 import secrets
 import shutil
 import tempfile
@@ -26,29 +25,20 @@ from pathlib import Path
 
 import ray
 
-from rl.checkpoints import ADAPTER_CONFIG, SamplerWeights, adapter_content_hash
 from rl.engine import EngineDeadError, EngineLoop, start_vllm_engine
 from rl.memory import resident_memory
 from rl.models import resolve_model
-from rl.types import (
-    Datum,
-    ForwardBackwardInput,
-    ModelInput,
-    SampledSequence,
-    SampleRequest,
-    SampleResponse,
-    SamplingParams,
-)
+from rl.types import ModelInput, SampledSequence, SampleRequest, SampleResponse, SamplingParams
+from rl.weights import ADAPTER_CONFIG, SamplerWeights, adapter_content_hash
 
-PROBE_LENGTH = 24
+PUBLISH_MODES = ("adapter", "merge")
+"""adapter: LoRA adapters hot-loaded side by side, any published version servable (many tenants, one engine).
+merge: the latest version folded into the engine's weights, base-model speed (a run that owns its replicas)."""
 # Mean |difference| allowed between a replica's and the learner's probe logprobs: an absolute part plus a part
 # relative to the probe's mean |logprob|, by engine dtype. Measured: ~2e-6 in float32. In bfloat16 the two
 # implementations (PEFT adds LoRA in float32, vLLM in bf16) drift apart as the adapter grows, and the probe's
 # random tokens have large |logprob| that bf16 rounds coarsely: 0.16 (about 1% of the mean |logprob|) after 17
 # steps of the main job, so bf16 gets a relative allowance.
-PUBLISH_MODES = ("adapter", "merge")
-"""adapter: LoRA adapters hot-loaded side by side, any published version servable (many tenants, one engine).
-merge: the latest version folded into the engine's weights, base-model speed (a run that owns its replicas)."""
 SYNC_TOLERANCE = {"float32": (1e-3, 0.0), "bfloat16": (0.05, 0.02), "float16": (0.05, 0.02)}
 
 
@@ -60,28 +50,17 @@ class WeightSyncError(RuntimeError):
 class AdapterVersion:
     """One published weight version, as replicas receive it."""
 
-    tinker_path: str
-    content_hash: str
+    weights: SamplerWeights
     lora_int_id: int
     """Unique per version: vLLM keeps serving old weights when an id is reused."""
-    files: ray.ObjectRef
-    """The adapter files (dict[str, bytes]) in Ray's object store."""
-    probe_logprobs: list[float]
-    """The learner's logprobs of the probe sequence under these weights."""
 
+    @property
+    def tinker_path(self) -> str:
+        return self.weights.tinker_path
 
-def probe_tokens(vocab_size: int) -> list[int]:
-    """A fixed token sequence on which replica and learner must agree."""
-    rng = random.Random(0)
-    return [rng.randrange(vocab_size) for _ in range(PROBE_LENGTH)]
-
-
-def probe_batch(vocab_size: int) -> ForwardBackwardInput:
-    """The probe as a learner batch: its forward logprobs are what a replica must reproduce."""
-    tokens = probe_tokens(vocab_size)
-    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                  loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)})
-    return ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")
+    @property
+    def step(self) -> int:
+        return self.weights.step
 
 
 class Sampler:
@@ -126,24 +105,26 @@ class Sampler:
         """
         from vllm.lora.request import LoRARequest
 
+        files: dict[str, bytes] = await version.weights.files
+        if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"]:
+            raise ValueError(f"{version.tinker_path} adapts lm_head, which vLLM's LoRA cannot serve (it adapts the "
+                             "decoder's linear layers only): train runs meant for sampling with "
+                             "LoraConfig(train_unembed=False)")
         if self._merger is not None:
-            files: dict[str, bytes] = await version.files
             self._merged = -1  # set before the merge is queued: no request queued after it is stamped as older
             await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
             self._merged = version.lora_int_id
             return adapter_content_hash(files)
         if version.lora_int_id not in self._loaded:
-            files: dict[str, bytes] = await version.files
-            folder = self._adapters / f"{version.lora_int_id}-{version.content_hash[:12]}"
+            folder = self._adapters / f"{version.lora_int_id}-{version.weights.content_hash[:12]}"
             folder.mkdir()
             for name, content in files.items():
                 (folder / name).write_bytes(content)
             self._loaded[version.lora_int_id] = folder
         folder = self._loaded[version.lora_int_id]
-        written = {path.name: path.read_bytes() for path in folder.iterdir()}
         request = LoRARequest(folder.name, version.lora_int_id, str(folder))
         await asyncio.wrap_future(self._engine.call(lambda: self._engine.llm.llm_engine.add_lora(request)))
-        return adapter_content_hash(written)
+        return adapter_content_hash(files)
 
     async def sample(self, request: SampleRequest, version: AdapterVersion | None = None) -> SampleResponse:
         from vllm.lora.request import LoRARequest
@@ -237,7 +218,7 @@ def _response(output, request: SampleRequest, version: AdapterVersion | None) ->
                     for step in output.prompt_logprobs]
     return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs if request.prompt_logprobs else None,
                           topk_prompt_logprobs=topk, model_path=version and version.tinker_path,
-                          content_hash=version and version.content_hash)
+                          content_hash=version and version.weights.content_hash)
 
 
 @dataclass
@@ -297,29 +278,14 @@ class SamplerPool:
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
-    async def publish(self, weights: SamplerWeights, probe_logprobs: list[float]) -> AdapterVersion:
-        """Loads new weights into every replica and verifies each; returns the version now servable."""
-        if adapter_content_hash(weights.files) != weights.content_hash:
-            raise WeightSyncError(f"{weights.tinker_path}: the bytes do not match their content hash")
-        targets = json.loads(weights.files[ADAPTER_CONFIG])["target_modules"]
-        if "lm_head" in targets:
-            raise ValueError(f"{weights.tinker_path} adapts lm_head, which vLLM's LoRA cannot serve (it adapts the "
-                             "decoder's linear layers only): train runs meant for sampling with "
-                             "LoraConfig(train_unembed=False)")
-        version = AdapterVersion(tinker_path=weights.tinker_path, content_hash=weights.content_hash,
-                                 lora_int_id=next(self._lora_ids), files=ray.put(weights.files),
-                                 probe_logprobs=list(probe_logprobs))
+    async def publish(self, weights: SamplerWeights) -> AdapterVersion:
+        """Loads weights the learner saved for sampling into every replica and verifies each; returns the version
+        now servable. The driver and the service publish through this alone."""
+        version = AdapterVersion(weights=weights, lora_int_id=next(self._lora_ids))
         await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
         self._versions[version.tinker_path] = version
         self._latest = version
         return version
-
-    async def publish_from_learner(self, learner: ray.actor.ActorHandle, model_id: str, name: str) -> AdapterVersion:
-        """save_weights_for_sampler on a learner actor, then publish what it saved, verified against it."""
-        saved = await learner.save_weights_for_sampler.remote(model_id, name, overwrite=True)
-        weights = await learner.sampler_weights.remote(saved.path)
-        probe = await learner.forward.remote(model_id, probe_batch(self.info["vocab_size"]))
-        return await self.publish(weights, probe.loss_fn_outputs[0]["logprobs"].data)
 
     async def _verify_or_replace(self, replica: _Replica, version: AdapterVersion) -> None:
         """A replica that died is replaced; its successor loads and verifies the version on first use."""
@@ -331,17 +297,17 @@ class SamplerPool:
     async def _verify(self, replica: _Replica, version: AdapterVersion) -> None:
         if self.publish_mode == "merge":  # the load replaces what the replica served, verified or not
             replica.verified.clear()
+        weights = version.weights
         loaded_hash = await replica.actor.load.remote(version)
-        if loaded_hash != version.content_hash:
+        if loaded_hash != weights.content_hash:
             raise WeightSyncError(f"a replica loaded {version.tinker_path} with content hash {loaded_hash[:12]}, "
-                                  f"expected {version.content_hash[:12]}")
-        tokens = probe_tokens(self.info["vocab_size"])
-        request = SampleRequest(prompt=ModelInput.from_ints(tokens), prompt_logprobs=True,
+                                  f"expected {weights.content_hash[:12]}")
+        request = SampleRequest(prompt=ModelInput.from_ints(weights.probe_tokens), prompt_logprobs=True,
                                 sampling_params=SamplingParams(max_tokens=1, temperature=0.0))
         served = (await replica.actor.sample.remote(request, version)).prompt_logprobs[1:]
-        difference = sum(abs(a - b) for a, b in zip(served, version.probe_logprobs, strict=True)) / len(served)
+        difference = sum(abs(a - b) for a, b in zip(served, weights.probe_logprobs, strict=True)) / len(served)
         absolute, relative = self.tolerance
-        allowed = absolute + relative * sum(map(abs, version.probe_logprobs)) / len(served)
+        allowed = absolute + relative * sum(map(abs, weights.probe_logprobs)) / len(served)
         if difference > allowed:
             raise WeightSyncError(f"a replica serving {version.tinker_path} disagrees with the learner on the probe "
                                   f"sequence: mean |logprob difference| {difference:.4f} > tolerance {allowed:.4f} "

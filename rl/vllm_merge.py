@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rl.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 PEFT_PREFIX = "base_model.model."

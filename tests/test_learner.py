@@ -3,15 +3,16 @@
 import json
 
 import pytest
+import ray
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rl import losses
 from rl.batch import micro_batches, pack_rows, prepare_batch, row_datums, row_width, target_logprobs
-from rl.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_content_hash, read_adapter
-from rl.learner import Learner
+from rl.learner import PROBE_LENGTH, Learner, probe_tokens
 from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_content_hash
 
 LORA = LoraConfig(rank=4, seed=0)
 ADAM = AdamParams(learning_rate=1e-2)
@@ -23,9 +24,7 @@ def learner(tiny_model_dir, tmp_path_factory):
 
 
 def sft_datum(tokens: list[int], prompt_length: int = 1) -> Datum:
-    weights = [0.0] * prompt_length + [1.0] * (len(tokens) - 1 - prompt_length)
-    return Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                 loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+    return Datum.next_token(tokens, weights=[0.0] * (prompt_length + 1) + [1.0] * (len(tokens) - 1 - prompt_length))
 
 
 PATTERN = [sft_datum([5, 17, 33, 17, 33, 17, 33, 17, 33, 9]), sft_datum([8, 40, 41, 42, 40, 41, 42, 40])]
@@ -102,8 +101,7 @@ def test_importance_sampling_raises_the_logprob_of_rewarded_tokens(learner, tiny
     tokens = [3, 50, 60, 70, 80, 90]
     probe = sft([sft_datum(tokens)])  # the same input and targets, read with cross_entropy
     before = learner.forward(model_id, probe).loss_fn_outputs[0]["logprobs"].to_torch()
-    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
-        "target_tokens": tokens[1:], "logprobs": before.tolist(), "advantages": [0.0, 1.0, 1.0, 1.0, 1.0]})
+    datum = Datum.next_token(tokens, logprobs=[0.0] + before.tolist(), advantages=[0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     for _ in range(3):
         learner.forward_backward(model_id, ForwardBackwardInput(data=[datum], loss_fn="importance_sampling"))
         learner.optim_step(model_id, AdamParams(learning_rate=5e-3))
@@ -267,16 +265,32 @@ def test_bfloat16_training_halves_the_loss(tiny_model_dir, tmp_path):
     assert final < seen[0] / 2, seen + [final]
 
 
-def test_sampler_weights_are_a_peft_folder_with_a_content_hash(learner, tiny_model_dir):
+def read_adapter(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+
+
+def test_sampler_weights_are_a_peft_folder_with_a_content_hash_and_a_probe(ray_local, learner, tiny_model_dir):
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 2)
-    path = learner.save_weights_for_sampler(model_id, "for-sampling").path
-    assert path == f"tinker://{model_id}/sampler_weights/for-sampling"
+    saved = learner.save_weights_for_sampler(model_id, "for-sampling")
+    path = saved.tinker_path
+    assert path == f"tinker://{model_id}/sampler_weights/for-sampling" and saved.step == 2
     folder = learner.store.folder(path)
     assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= {p.name for p in folder.iterdir()}
-    assert learner.store.metadata(path)["content_hash"] == adapter_content_hash(read_adapter(folder))
+    assert ray.get(saved.files) == read_adapter(folder), "the bytes written are the bytes published"
+    assert learner.store.metadata(path)["content_hash"] == saved.content_hash == adapter_content_hash(
+        read_adapter(folder))
+    assert json.loads(read_adapter(folder)[ADAPTER_CONFIG])["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+    # The probe: the learner's logprobs of a fixed sequence under these weights, recorded with the checkpoint.
+    assert saved.probe_tokens == probe_tokens(learner.vocab_size) and len(saved.probe_tokens) == PROBE_LENGTH
+    probe = Datum.next_token(saved.probe_tokens, weights=[0.0] * PROBE_LENGTH)
+    expected = learner.forward(model_id, ForwardBackwardInput(data=[probe], loss_fn="cross_entropy"))
+    assert saved.probe_logprobs == pytest.approx(expected.loss_fn_outputs[0]["logprobs"].data, abs=1e-6)
     exported = learner.sampler_weights(path)
-    assert exported.files == read_adapter(folder) and exported.content_hash == adapter_content_hash(exported.files)
+    assert ray.get(exported.files) == read_adapter(folder)
+    assert (exported.content_hash, exported.probe_logprobs, exported.step) == (saved.content_hash,
+                                                                               saved.probe_logprobs, 2)
     assert (folder / ADAPTER_WEIGHTS).stat().st_size < 500_000, "LoRA matrices only, not the output layer"
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -300,6 +314,31 @@ def test_sampler_weights_are_a_peft_folder_with_a_content_hash(learner, tiny_mod
     train(learner, model_id, 1)
     learner.save_weights_for_sampler(model_id, "for-sampling", overwrite=True)
     assert learner.store.metadata(path)["step"] == 3
+    (folder / ADAPTER_WEIGHTS).write_bytes((folder / ADAPTER_WEIGHTS).read_bytes()[:-4] + b"\0" * 4)
+    with pytest.raises(ValueError, match="no longer matches the content hash"):
+        learner.sampler_weights(path)
+
+
+def test_logprobs_of_given_tokens_with_the_adapter_or_without(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 3)
+    sequences = [[5, 17, 33, 17, 33, 9], [8, 40, 41]]
+    with_adapter = learner.logprobs(model_id, sequences)
+    assert [len(logprobs) for logprobs in with_adapter] == [5, 2]
+    batch = ForwardBackwardInput(data=[Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences],
+                                 loss_fn="cross_entropy")
+    trained = learner.forward(model_id, batch).loss_fn_outputs
+    for logprobs, output in zip(with_adapter, trained, strict=True):
+        assert logprobs == pytest.approx(output["logprobs"].data, abs=1e-6)
+    fresh = learner.create(str(tiny_model_dir), LORA.model_copy(update={"seed": 7}))  # B = 0: the base model
+    base = learner.forward(fresh, batch).loss_fn_outputs
+    without = learner.logprobs(model_id, sequences, adapter=False)
+    for logprobs, output, tuned in zip(without, base, with_adapter, strict=True):
+        assert logprobs == pytest.approx(output["logprobs"].data, abs=1e-6)
+        assert max(abs(a - b) for a, b in zip(logprobs, tuned, strict=True)) > 1e-3, "the adapter was on before"
+    assert learner.logprobs(model_id, sequences) == with_adapter, "the adapter is on again"
+    with pytest.raises(ValueError, match=r"data\[1\].model_input holds token id 4096"):
+        learner.logprobs(model_id, [[1, 2], [4096, 3]])
 
 
 def test_dpo_reference_defaults_to_the_base_model(learner, tiny_model_dir):
@@ -396,10 +435,10 @@ def test_bad_input_is_refused_and_changes_nothing(learner, tiny_model_dir):
     assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
 
 
-def test_checkpoint_errors(learner, tiny_model_dir, tmp_path):
+def test_checkpoint_errors(ray_local, learner, tiny_model_dir, tmp_path):
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)
-    sampler_path = learner.save_weights_for_sampler(model_id, "s").path
+    sampler_path = learner.save_weights_for_sampler(model_id, "s").tinker_path
     with pytest.raises(ValueError, match="is a sampler checkpoint"):
         learner.load_weights(sampler_path, optimizer=True)  # a sampler checkpoint holds no optimizer state
     adapter_only = learner.load_weights(sampler_path, optimizer=False).model_id  # its adapter loads

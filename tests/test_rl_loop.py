@@ -9,9 +9,10 @@ import pytest
 import ray
 import torch
 
+from rl.chat import chat_tokens
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.rl import base_logprobs, train
-from rl.driver.run import Run, chat_tokens, read_state, sample_all
+from rl.driver.run import Run, read_state, sample_all
 from rl.tasks import Digits, Problem
 from rl.types import SamplingParams
 
@@ -55,7 +56,8 @@ def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
     assert [r["sampler/weights_step"] for r in lines[:2]] == [0, 1], "each step samples the newest weights"
     assert lines[1]["tokens_total/sampled"] == lines[0]["tokens/sampled"] + lines[1]["tokens/sampled"]
     run_folder = next((tmp_path / "checkpoints").iterdir())
-    assert sorted(p.name for p in (run_folder / "sampler_weights").iterdir()) == ["step-0", "step-1", "step-2"]
+    assert sorted(p.name for p in (run_folder / "sampler_weights").iterdir()) == ["step-000000", "step-000001",
+                                                                                  "step-000002"]
     assert sorted(p.name for p in (run_folder / "weights").iterdir()) == ["step-2"], "the last step is saved"
     assert read_state(tmp_path)["step"] == 2
     assert (tmp_path / "curves.png").stat().st_size > 10_000
@@ -168,9 +170,10 @@ async def sampled_and_learner_logprobs(run: Run) -> tuple[list[float], list[floa
     responses_P = await sample_all(run.pool, prompts_P, model_path=version.tinker_path, group_size=4, params=params)
     prompts_S = [prompt for prompt, response in zip(prompts_P, responses_P, strict=True) for _ in response.sequences]
     sequences_S = [sequence for response in responses_P for sequence in response.sequences]
-    base_id = await run.learner.create.remote(run.base_model, run.lora)  # a fresh adapter: the base model
-    trained_S, base_S = [await base_logprobs(run, model_id, prompts_S, sequences_S)  # any run's logprobs
-                         for model_id in (run.model_id, base_id)]
+    sequences = [prompt + sequence.tokens for prompt, sequence in zip(prompts_S, sequences_S, strict=True)]
+    trained_S = [logprobs[len(prompt) - 1:] for logprobs, prompt in zip(
+        await run.learner.logprobs.remote(run.model_id, sequences), prompts_S, strict=True)]
+    base_S = await base_logprobs(run, prompts_S, sequences_S)
     return flat([s.logprobs for s in sequences_S]), flat(trained_S), flat(base_S)
 
 

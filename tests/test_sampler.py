@@ -20,9 +20,8 @@ import pytest
 import ray
 from pydantic import ValidationError
 
-from rl.checkpoints import SamplerWeights
-from rl.learner import LearnerActor
-from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError, probe_batch
+from rl.learner import PROBE_LENGTH, LearnerActor, probe_tokens
+from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
 
 PROMPT = ModelInput.from_ints([1, 382, 201, 289, 270, 223, 20, 294, 223, 21])
@@ -75,11 +74,21 @@ def base_run(learner, tiny_model_dir):
 
 def teach_lesson(learner, model_id: str) -> None:
     tokens = PROMPT.to_ints() + LESSON
-    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                  loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum.next_token(tokens, weights=[1.0] * len(tokens))
     for _ in range(30):
         ray.get(learner.forward_backward.remote(model_id, ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")))
         ray.get(learner.optim_step.remote(model_id, AdamParams(learning_rate=3e-3)))
+
+
+def publish(pool: SamplerPool, learner, model_id: str, name: str):
+    """What the driver and the service do: save for sampling on the learner, publish what it saved."""
+    return run(pool.publish(ray.get(learner.save_weights_for_sampler.remote(model_id, name, overwrite=True))))
+
+
+def momentum_batch() -> ForwardBackwardInput:
+    """A batch whose loss has no gradient: an optimizer step after it moves the weights by momentum alone."""
+    tokens = probe_tokens(2048)
+    return ForwardBackwardInput(data=[Datum.next_token(tokens, weights=[0.0] * PROBE_LENGTH)], loss_fn="cross_entropy")
 
 
 def request(**params) -> SampleRequest:
@@ -90,11 +99,7 @@ def request(**params) -> SampleRequest:
 
 
 def learner_logprobs(learner, model_id, prompt: list[int], sampled: list[int]) -> list[float]:
-    tokens = prompt + sampled
-    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                  loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)})
-    output = ray.get(learner.forward.remote(model_id, ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")))
-    return output.loss_fn_outputs[0]["logprobs"].data[len(prompt) - 1:]
+    return ray.get(learner.logprobs.remote(model_id, [prompt + sampled]))[0][len(prompt) - 1:]
 
 
 def served_logprobs(pool, model_path: str | None, sampled: list[int]) -> list[float]:
@@ -148,10 +153,10 @@ def test_prompt_logprobs_and_top_k(pool, learner, tiny_model_dir):
 
 def test_published_weights_change_samples_and_match_the_new_learner(pool, learner, trained, base_run):
     base = run(pool.sample(request(temperature=0.0)))
-    version = run(pool.publish_from_learner(learner, trained, "published"))
+    version = publish(pool, learner, trained, "published")
     assert version.tinker_path == f"tinker://{trained}/sampler_weights/published"
     tuned = run(pool.sample(request(temperature=0.0, model_path=version.tinker_path)))
-    assert tuned.model_path == version.tinker_path and tuned.content_hash == version.content_hash
+    assert tuned.model_path == version.tinker_path and tuned.content_hash == version.weights.content_hash
     assert tuned.sequences[0].tokens[:6] == LESSON, "the adapter's lesson is served"
     assert tuned.sequences[0].tokens != base.sequences[0].tokens
     expected = learner_logprobs(learner, trained, PROMPT.to_ints(), tuned.sequences[0].tokens)
@@ -167,40 +172,39 @@ def test_published_weights_change_samples_and_match_the_new_learner(pool, learne
                                                sampling_params=SamplingParams(max_tokens=12, temperature=0.0))))
     assert by_session.model_path == version.tinker_path
     for response in responses + [by_session]:
-        assert response.content_hash == version.content_hash
+        assert response.content_hash == version.weights.content_hash
         sequence = response.sequences[0]
         expected = learner_logprobs(learner, trained, PROMPT.to_ints(), sequence.tokens)
         assert mean_abs_difference(sequence.logprobs, expected) < 1e-3
 
 
 def test_stale_or_corrupted_weights_are_caught(pool, learner, trained, tiny_model_dir):
-    good = run(pool.publish_from_learner(learner, trained, "good"))
+    good = publish(pool, learner, trained, "good")
     weights = ray.get(learner.sampler_weights.remote(good.tinker_path))
+    assert weights == dataclasses.replace(good.weights, files=weights.files), "what the learner recorded at saving"
     fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2, train_unembed=False)))
-    base_probe = ray.get(learner.forward.remote(fresh_run, probe_batch(pool.info["vocab_size"])))
-    stale_probe = base_probe.loss_fn_outputs[0]["logprobs"].data
+    stale_probe = ray.get(learner.logprobs.remote(fresh_run, [weights.probe_tokens]))[0]
     with pytest.raises(WeightSyncError, match="disagrees with the learner on the probe"):
-        run(pool.publish(weights, stale_probe))  # the learner says "base model", the replica serves the adapter
+        # the learner says "base model", the replica serves the adapter
+        run(pool.publish(dataclasses.replace(weights, probe_logprobs=stale_probe)))
 
-    corrupted = dict(weights.files)
+    corrupted = dict(ray.get(weights.files))
     corrupted["adapter_model.safetensors"] = corrupted["adapter_model.safetensors"][:-8] + b"\0" * 8
-    with pytest.raises(WeightSyncError, match="do not match their content hash"):
-        run(pool.publish(dataclasses.replace(weights, files=corrupted), good.probe_logprobs))
+    with pytest.raises(WeightSyncError, match=f"loaded {good.tinker_path} with content hash .*, expected"):
+        run(pool.publish(dataclasses.replace(weights, files=ray.put(corrupted))))
 
     # vLLM serves the old weights when a LoRA id is reused: the verification must notice.
     retrained = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0, train_unembed=False)))
-    newer = ray.get(learner.sampler_weights.remote(
-        ray.get(learner.save_weights_for_sampler.remote(retrained, "newer")).path))
-    newer_probe = ray.get(learner.forward.remote(retrained, probe_batch(pool.info["vocab_size"])))
+    newer = ray.get(learner.save_weights_for_sampler.remote(retrained, "newer"))
     ids = pool._lora_ids
     pool._lora_ids = itertools.repeat(good.lora_int_id)
     try:
         with pytest.raises(WeightSyncError):
-            run(pool.publish(SamplerWeights(newer.tinker_path, newer.content_hash, newer.files),
-                             newer_probe.loss_fn_outputs[0]["logprobs"].data))
+            run(pool.publish(newer))
     finally:
         pool._lora_ids = ids
-    assert run(pool.sample(request(temperature=0.0, model_path=good.tinker_path))).content_hash == good.content_hash
+    served = run(pool.sample(request(temperature=0.0, model_path=good.tinker_path)))
+    assert served.content_hash == good.weights.content_hash
 
 
 def test_bad_requests_fail_alone(pool):
@@ -226,12 +230,12 @@ def test_bad_requests_fail_alone(pool):
 
 
 def test_evicted_adapters_are_reloaded_on_demand(pool, learner, trained):
-    first = run(pool.publish_from_learner(learner, trained, "lru-0"))
+    first = publish(pool, learner, trained, "lru-0")
     before = run(pool.sample(request(temperature=0.0, model_path=first.tinker_path))).sequences[0]
     for index in range(1, 4):  # max_loras is 2: these push lru-0 out of every engine
-        ray.get(learner.forward_backward.remote(trained, probe_batch(2048)))
+        ray.get(learner.forward_backward.remote(trained, momentum_batch()))
         ray.get(learner.optim_step.remote(trained, AdamParams(learning_rate=1e-3)))
-        last = run(pool.publish_from_learner(learner, trained, f"lru-{index}"))
+        last = publish(pool, learner, trained, f"lru-{index}")
     # The reloaded lru-0 scores the tokens it sampled before as it did then (float32: prefill and decode agree
     # to ~1e-6), and unlike the newest version (three small steps away: 0.009 apart).
     after = served_logprobs(pool, first.tinker_path, before.tokens)
@@ -264,7 +268,7 @@ def test_a_killed_replica_loses_no_request(pool):
 def test_an_adapter_of_lm_head_is_refused_clearly(pool, learner, tiny_model_dir):
     model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0)))  # train_unembed
     with pytest.raises(ValueError, match="adapts lm_head, which vLLM's LoRA cannot serve"):
-        run(pool.publish_from_learner(learner, model_id, "with-unembed"))
+        publish(pool, learner, model_id, "with-unembed")
 
 
 def test_stop_tokens_stop_strings_and_top_k(pool, tiny_model_dir):
@@ -301,7 +305,7 @@ def test_bfloat16_samples_match_the_bfloat16_learner(ray_local, tiny_model_dir, 
         base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1,
                                                                                   train_unembed=False)))
         teach_lesson(learner, model_id)
-        version = run(pool.publish_from_learner(learner, model_id, "bf16"))  # verified on the probe
+        version = publish(pool, learner, model_id, "bf16")  # verified on the probe
         response = run(pool.sample(request(num_samples=4, seed=0, temperature=1.0, model_path=version.tinker_path)))
         absolute, relative = SYNC_TOLERANCE["bfloat16"]
         for sequence in response.sequences:
@@ -331,14 +335,14 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
 
     other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=5, train_unembed=False)))
     for _ in range(3):
-        ray.get(learner.forward_backward.remote(other, probe_batch(2048)))
+        ray.get(learner.forward_backward.remote(other, momentum_batch()))
         ray.get(learner.optim_step.remote(other, AdamParams(learning_rate=1e-2)))
-    first = run(merge_pool.publish_from_learner(learner, other, "merge-first"))
-    version = run(merge_pool.publish_from_learner(learner, trained, "merge-second"))  # replaces, never adds up
-    reference = run(pool.publish_from_learner(learner, trained, "merge-reference"))
+    first = publish(merge_pool, learner, other, "merge-first")
+    version = publish(merge_pool, learner, trained, "merge-second")  # replaces, never adds up
+    reference = publish(pool, learner, trained, "merge-reference")
     for params in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7, "num_samples": 3}):
         merged = run(merge_pool.sample(request(model_path=version.tinker_path, **params)))
-        assert merged.content_hash == version.content_hash
+        assert merged.content_hash == version.weights.content_hash
         for served in merged.sequences:
             expected = served_logprobs(pool, reference.tinker_path, served.tokens)
             assert mean_abs_difference(served.logprobs, expected) < 1e-4
@@ -352,12 +356,11 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
 
 
 def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_model_dir):
-    good = run(merge_pool.publish_from_learner(learner, trained, "merge-good"))
-    weights = ray.get(learner.sampler_weights.remote(good.tinker_path))
+    good = publish(merge_pool, learner, trained, "merge-good")
     fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2, train_unembed=False)))
-    stale_probe = ray.get(learner.forward.remote(fresh_run, probe_batch(2048))).loss_fn_outputs[0]["logprobs"].data
+    stale_probe = ray.get(learner.logprobs.remote(fresh_run, [good.weights.probe_tokens]))[0]
     with pytest.raises(WeightSyncError, match="disagrees with the learner on the probe"):
-        run(merge_pool.publish(weights, stale_probe))
+        run(merge_pool.publish(dataclasses.replace(good.weights, probe_logprobs=stale_probe)))
     served = run(merge_pool.sample(request(temperature=0.0, model_path=good.tinker_path)))
-    assert served.content_hash == good.content_hash, "the rejected weights were replaced by the last good ones"
+    assert served.content_hash == good.weights.content_hash, "the rejected weights were replaced by the last good ones"
     assert served.sequences[0].tokens[:6] == LESSON

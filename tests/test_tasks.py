@@ -3,8 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
+from rl.chat import conversation_datum
 from rl.driver.rl import group_advantages, kl_penalty
-from rl.driver.run import batch_indices, conversation_datum
+from rl.driver.run import batch_indices
 from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations, strict_answer
 
 

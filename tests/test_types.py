@@ -151,6 +151,16 @@ def test_datum_converts_arrays_on_construction():
         T.Datum(model_input=T.ModelInput.from_ints([1]), loss_fn_inputs={"weights": [[1.0], [2.0, 3.0]]})
 
 
+def test_next_token_datum_shifts_tokens_and_per_token_inputs_together():
+    datum = T.Datum.next_token([10, 11, 12, 13], weights=[0.0, 0.0, 1.0, 1.0], advantages=[9.0, 0.5, 0.5, 0.5])
+    assert datum.model_input.to_ints() == [10, 11, 12]
+    assert datum.loss_fn_inputs["target_tokens"].data == [11, 12, 13]
+    assert datum.loss_fn_inputs["weights"].data == [0.0, 1.0, 1.0], "the weight of token t scores its prediction"
+    assert datum.loss_fn_inputs["advantages"].data == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="weights has 3 values for 4 tokens"):
+        T.Datum.next_token([10, 11, 12, 13], weights=[1.0, 1.0, 1.0])
+
+
 def test_tinker_paths():
     parsed = T.ParsedCheckpointTinkerPath.from_tinker_path("tinker://s:train:0/weights/step-10")
     assert (parsed.training_run_id, parsed.checkpoint_type, parsed.checkpoint_id, parsed.name) == (

@@ -12,7 +12,7 @@ import torch
 from rl import vllm_lora_fastpath
 from rl.engine import start_vllm_engine
 from rl.learner import Learner
-from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput
+from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig
 
 LORA_IDS: dict = {}
 PROMPTS = [[1, 382, 201, 289, 270, 223, 20, 294, 223, 21], [1, 50, 60, 70], [1, 9, 8, 7, 6, 5, 4, 3]]
@@ -21,19 +21,18 @@ APART = 0.05  # mean |logprob difference| of different weights is above this (me
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory):
+def adapters(ray_local, tiny_model_dir, tmp_path_factory):
     """Two different trained adapters (decoder layers only), as PEFT folders."""
     learner = Learner(str(tiny_model_dir), storage=tmp_path_factory.mktemp("fastpath"))
     folders = []
     for seed, target in ((0, [600, 601, 602]), (1, [700, 701, 702])):
         model_id = learner.create(str(tiny_model_dir), LoraConfig(rank=8, seed=seed, train_unembed=False))
         tokens = PROMPTS[0] + target
-        datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                      loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+        datum = Datum.next_token(tokens, weights=[1.0] * len(tokens))
         for _ in range(10):
             learner.forward_backward(model_id, ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"))
             learner.optim_step(model_id, AdamParams(learning_rate=3e-3))
-        path = learner.save_weights_for_sampler(model_id, "v").path
+        path = learner.save_weights_for_sampler(model_id, "v").tinker_path
         folders.append(learner.store.folder(path))
     return folders
 

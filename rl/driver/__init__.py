@@ -1,1 +1,1 @@
-"""Training loops that users launch: RL (`rl.driver.rl`), with DPO and SFT to follow."""
+"""Training loops that users launch: RL (`rl.driver.rl`), DPO (`rl.driver.dpo`) and SFT (`rl.driver.sft`)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
+from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices, conversation_datum
+from rl.driver.run import Run, batch_indices
 from rl.tasks import PreferencePair, Task, checked_problems, preference_pairs
 from rl.types import Datum, ForwardBackwardInput
 

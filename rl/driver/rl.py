@@ -16,24 +16,24 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from rl.chat import chat_tokens
 from rl.config import TrainConfig
-from rl.driver.run import Run, chat_tokens, sample_all, score
+from rl.driver.run import Run, sample_all, score
 from rl.metrics import timed
-from rl.tasks import Task, checked_problems
-from rl.types import AdamParams, Datum, ForwardBackwardInput, ModelInput, SampledSequence, SamplingParams
+from rl.sampler import AdapterVersion
+from rl.tasks import Problem, Task, checked_problems
+from rl.types import AdamParams, Datum, ForwardBackwardInput, SampledSequence, SampleResponse, SamplingParams
 
 
 def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantages: list[float]) -> Datum:
     """One sample as a datum: prompt tokens carry no advantage; sampled tokens carry the sampler's logprobs."""
-    tokens_T = prompt_T + sequence.tokens
-    prompt_zeros = [0.0] * (len(prompt_T) - 1)
-    return Datum(model_input=ModelInput.from_ints(tokens_T[:-1]), loss_fn_inputs={
-        "target_tokens": tokens_T[1:], "logprobs": prompt_zeros + sequence.logprobs,
-        "advantages": prompt_zeros + advantages,
-    })
+    prompt_zeros = [0.0] * len(prompt_T)
+    return Datum.next_token(prompt_T + sequence.tokens, logprobs=prompt_zeros + sequence.logprobs,
+                            advantages=prompt_zeros + advantages)
 
 
 def group_advantages(rewards_G: list[float], normalize: bool) -> list[float]:
@@ -52,41 +52,56 @@ def kl_penalty(advantages_S: list[list[float]], logprobs_S: list[list[float]], b
     return penalized_S, sum(map(sum, kl_S)) / max(sum(map(len, kl_S)), 1)
 
 
+STEPS_PER_SEED = 100_003
+"""Step seeds are seed * STEPS_PER_SEED + step: distinct for every (seed, step) of runs under 100,003 steps."""
+PROMPTS_PER_STEP_SEED = 1_000
+"""A step's sampling seeds are step seed * PROMPTS_PER_STEP_SEED + prompt index (`sample_requests`): distinct
+for steps of up to 1,000 prompts."""
+
+
 def step_prompts(config: TrainConfig, task: Task, tokenizer, step: int):
     """The step's problems, their prompt tokens, and the sampling parameters (seeded by seed and step)."""
     algo = config.algo
-    problems_P = checked_problems(task, algo.prompts_per_step, seed=config.seed * 100_003 + step)
+    step_seed = config.seed * STEPS_PER_SEED + step
+    problems_P = checked_problems(task, algo.prompts_per_step, seed=step_seed)
     prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
     params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
-                            seed=(config.seed * 100_003 + step) * 1_000)
+                            seed=step_seed * PROMPTS_PER_STEP_SEED)
     return problems_P, prompts_P, params
 
 
-async def rollout(run: Run, task: Task, step: int, model_path: str):
-    """The step's problems, their prompt tokens and a group of samples for each, from `model_path`."""
+@dataclass
+class Rollout:
+    problems_P: list[Problem]
+    prompts_P: list[list[int]]
+    responses_P: list[SampleResponse]
+    """A group of samples for each prompt."""
+    weights_step: int
+    """The learner step of the weights that sampled."""
+
+
+async def rollout(run: Run, task: Task, step: int, version: AdapterVersion) -> Rollout:
+    """The step's problems, their prompt tokens and a group of samples for each, from weights `version`."""
     algo = run.config.algo
     problems_P, prompts_P, params = step_prompts(run.config, task, run.tokenizer, step)
-    responses_P = await sample_all(run.pool, prompts_P, model_path=model_path, group_size=algo.group_size,
-                                   params=params)
-    return problems_P, prompts_P, responses_P
+    responses_P = await sample_all(run.pool, prompts_P, model_path=version.tinker_path,
+                                   group_size=algo.group_size, params=params)
+    return Rollout(problems_P, prompts_P, responses_P, version.step)
 
 
-async def base_logprobs(run: Run, base_id: str, prompts_S: list[list[int]],
-                        sequences_S: list[SampledSequence]) -> list[list[float]]:
-    """The base model's logprobs of each sampled sequence (from a fresh adapter, which leaves it unchanged)."""
-    data = [Datum(model_input=ModelInput.from_ints((p + s.tokens)[:-1]),
-                  loss_fn_inputs={"target_tokens": (p + s.tokens)[1:], "weights": [0.0] * (len(p) + len(s.tokens) - 1)})
-            for p, s in zip(prompts_S, sequences_S, strict=True)]
-    output = await run.learner.forward.remote(base_id, ForwardBackwardInput(data=data, loss_fn="cross_entropy"))
-    return [o["logprobs"].data[len(p) - 1:] for o, p in zip(output.loss_fn_outputs, prompts_S, strict=True)]
+async def base_logprobs(run: Run, prompts_S: list[list[int]], sequences_S: list[SampledSequence]) -> list[list[float]]:
+    """The base model's logprobs of each sampled sequence's tokens."""
+    logprobs_S = await run.learner.logprobs.remote(run.model_id, [p + s.tokens for p, s in zip(prompts_S, sequences_S,
+                                                                                                  strict=True)],
+                                                   adapter=False)
+    return [logprobs[len(p) - 1:] for logprobs, p in zip(logprobs_S, prompts_S, strict=True)]
 
 
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
     with Run(config) as run:
-        # Weight versions are named by the learner's optimizer step: "sampler/weights_step" shows any lag.
-        version = await run.publish(f"step-{await run.learner.step.remote(run.model_id)}")
-        base_id = await run.learner.create.remote(run.base_model, run.lora) if algo.kl_coef else None
+        # Weight versions carry the learner's optimizer step: "sampler/weights_step" shows any lag.
+        version = await run.publish()
         held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
         next_rollout = None
@@ -103,15 +118,14 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
 
             # Rollout: a group of samples per prompt (off-policy: sampled while the previous step trained).
             with timed(record, "sampling"):
-                problems_P, prompts_P, responses_P = await (next_rollout or rollout(run, task, step,
-                                                                                    version.tinker_path))
+                sampled = await (next_rollout or rollout(run, task, step, version))
             if algo.off_policy and step + 1 < config.steps:
-                next_rollout = asyncio.ensure_future(rollout(run, task, step + 1, version.tinker_path))
+                next_rollout = asyncio.ensure_future(rollout(run, task, step + 1, version))
 
             # Reward and group-relative advantages, one per sample, spread over its tokens.
             prompts_S, sequences_S, advantages_S, rewards_S = [], [], [], []
-            for index, (problem, prompt_T, response) in enumerate(zip(problems_P, prompts_P, responses_P,
-                                                                      strict=True)):
+            for index, (problem, prompt_T, response) in enumerate(zip(sampled.problems_P, sampled.prompts_P,
+                                                                      sampled.responses_P, strict=True)):
                 rewards_G = [score(task, task.reward, problem, run.decode(s.tokens), where=f"step {step}, prompt "
                                    f"{index}") for s in response.sequences]
                 rewards_S += rewards_G
@@ -122,9 +136,9 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                     advantages_S.append([advantage] * len(sequence.tokens))
 
             # KL penalty: each token's advantage pays for how far the sampler has moved from the base model.
-            if base_id is not None:
+            if algo.kl_coef:
                 with timed(record, "reference"):
-                    base_S = await base_logprobs(run, base_id, prompts_S, sequences_S)
+                    base_S = await base_logprobs(run, prompts_S, sequences_S)
                 advantages_S, record["kl/sampler_vs_base"] = kl_penalty(
                     advantages_S, [s.logprobs for s in sequences_S], base_S, algo.kl_coef)
 
@@ -143,15 +157,15 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 with timed(record, "optim_step"):
                     record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
                 with timed(record, "publish"):
-                    version = await run.publish(f"step-{int(record['step:max'])}")
+                    version = await run.publish()
             training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward",
                                                                                  "optim_step", "publish"))
             trained_tokens = sum(d.model_input.length for d in datums_D)
 
             record.update({
                 "reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
-                "sampler/weights_step": int(responses_P[0].model_path.rsplit("-", 1)[1]),
-                "tokens/prompt": sum(map(len, prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
+                "sampler/weights_step": sampled.weights_step,
+                "tokens/prompt": sum(map(len, sampled.prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
                 "tokens/trained": trained_tokens, "time/training_s": training_s,
                 "throughput/sampled_tokens_per_s": sampled_tokens / max(record["time/sampling_s"], 1e-9),
                 "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9),

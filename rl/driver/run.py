@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from rl.chat import chat_tokens
 from rl.config import TrainConfig
 from rl.learner import LearnerActor
 from rl.memory import resident_memory
@@ -36,7 +37,6 @@ from rl.sampler import AdapterVersion, SamplerPool
 from rl.tasks import Problem, Task
 from rl.types import (
     AdamParams,
-    Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
@@ -47,36 +47,6 @@ from rl.types import (
 )
 
 STATE = "state.json"
-
-
-def chat_tokens(tokenizer, text: str) -> list[int]:
-    """A user message rendered with the chat template, ready for the assistant's reply."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
-
-
-def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
-    """A conversation as a cross-entropy datum whose weights select the assistant's tokens (1) from the rest (0).
-
-    Each assistant turn's tokens are those its rendering adds to the conversation before it (rendered with the
-    generation prompt), so the template's own markers around the reply are trained as the model will emit them.
-    """
-    def render(upto: int, generation_prompt: bool) -> list[int]:
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=True, return_dict=False,
-                                             add_generation_prompt=generation_prompt)
-
-    tokens_T = render(len(messages), False)
-    weights_T = [0.0] * len(tokens_T)
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
-            upto = render(index + 1, False)
-            start, end = len(render(index, True)), len(upto)
-            if upto != tokens_T[:end]:
-                raise ValueError(f"the chat template renders turn {index} differently inside the conversation: "
-                                 "assistant tokens cannot be located")
-            weights_T[start:end] = [1.0] * (end - start)
-    return Datum(model_input=ModelInput.from_ints(tokens_T[:-1]),
-                 loss_fn_inputs={"target_tokens": tokens_T[1:], "weights": weights_T[1:]})
 
 
 def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
@@ -197,9 +167,11 @@ class Run:
                                  publish_mode=sampler.publish_mode,
                                  threads=sampler.threads or overlap_threads(self.config) or os.cpu_count())
 
-    async def publish(self, name: str) -> AdapterVersion:
-        """save_weights_for_sampler, then every replica loads and verifies it."""
-        return await self.pool.publish_from_learner(self.learner, self.model_id, name)
+    async def publish(self, name: str | None = None) -> AdapterVersion:
+        """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
+        loads and verifies it."""
+        return await self.pool.publish(await self.learner.save_weights_for_sampler.remote(self.model_id, name,
+                                                                                           overwrite=True))
 
     def evaluates(self, step: int) -> bool:
         """Whether `step` begins with an evaluation: every eval_every steps and after the last (0: never)."""
@@ -217,7 +189,7 @@ class Run:
 
     async def evaluate_weights(self, task: Task, problems: list[Problem], step: int) -> float:
         """Publishes the weights as they are after `step` steps and evaluates them (for loops that do not sample)."""
-        version = await self.publish(f"step-{step}")
+        version = await self.publish()
         return await self.evaluate(task, problems, version.tinker_path, self.config.algo.max_tokens)
 
     async def train_on_batches(self, make_batch: Callable[[int], ForwardBackwardInput],

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
+from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices, conversation_datum
+from rl.driver.run import Run, batch_indices
 from rl.tasks import Task, checked_problems, sft_conversations
 from rl.types import Datum, ForwardBackwardInput
 

@@ -18,7 +18,7 @@ import ray
 from rl.checkpoints import CheckpointStore
 from rl.learner import LearnerActor
 from rl.models import resolve_model
-from rl.sampler import SamplerPool, probe_batch
+from rl.sampler import SamplerPool
 from rl.service.futures import FutureStore
 from rl.service.registry import Registry
 from rl.types import (
@@ -114,7 +114,8 @@ class Service:
         name = body.get("path") or f"sampler-{body['seq_id']}-{secrets.token_hex(3)}"
 
         async def save() -> dict:
-            version = await self.pools[base].publish_from_learner(learner, model_id, name)
+            version = await self.pools[base].publish(
+                await learner.save_weights_for_sampler.remote(model_id, name, overwrite=True))
             if body.get("sampling_session_seq_id") is None:
                 return {"path": version.tinker_path}
             return {"sampling_session_id": self._new_sampler(user, base, version.tinker_path)}
@@ -156,17 +157,8 @@ class Service:
 
     async def _publish(self, base: str, path: str) -> None:
         """Publishes a sampler checkpoint saved earlier (another run's, or before a restart), verified."""
-        pool, learner = self.pools[base], self.learners[base]
-        if pool.published(path):
-            return
-        weights = await learner.sampler_weights.remote(path)
-        probe_run = f"probe-{secrets.token_hex(4)}"
-        await learner.load_weights.remote(path, optimizer=False, model_id=probe_run)
-        try:
-            probe = await learner.forward.remote(probe_run, probe_batch(pool.info["vocab_size"]))
-        finally:
-            await learner.delete.remote(probe_run)
-        await pool.publish(weights, probe.loss_fn_outputs[0]["logprobs"].data)
+        if not self.pools[base].published(path):
+            await self.pools[base].publish(await self.learners[base].sampler_weights.remote(path))
 
     def _new_sampler(self, user: str, base: str, path: str | None) -> str:
         sampler_id = self.pools[base].create_sampling_session(path)

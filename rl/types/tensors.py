@@ -223,3 +223,18 @@ class Datum(StrictModel):
         if not isinstance(value, dict):
             return value
         return {name: as_tensor_data(name, array) for name, array in value.items()}
+
+    @classmethod
+    def next_token(cls, tokens_T: list[int], **per_token_T: list[float]) -> Datum:
+        """A next-token datum: the model reads tokens_T[:-1] and each position is scored on the token after it.
+
+        Each of `per_token_T` (weights, advantages, logprobs...) is given one value per token of tokens_T and
+        shifted with the targets: the value of token t goes with the position that predicts it (the first
+        token's value is dropped, as no position predicts it).
+        """
+        for name, values in per_token_T.items():
+            if len(values) != len(tokens_T):
+                raise ValueError(f"{name} has {len(values)} values for {len(tokens_T)} tokens")
+        return cls(model_input=ModelInput.from_ints(tokens_T[:-1]),
+                   loss_fn_inputs={"target_tokens": tokens_T[1:],
+                                   **{name: values[1:] for name, values in per_token_T.items()}})

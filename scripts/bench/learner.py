@@ -23,7 +23,7 @@ import torch
 
 from rl.learner import LearnerActor
 from rl.models import resolve_model
-from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput
+from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig
 
 DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAM = AdamParams(learning_rate=1e-4)
@@ -78,9 +78,7 @@ def make_sequences(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def as_datums(sequences: list[list[int]]) -> ForwardBackwardInput:
-    data = [Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                  loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
-            for tokens in sequences]
+    data = [Datum.next_token(tokens, weights=[1.0] * len(tokens)) for tokens in sequences]
     return ForwardBackwardInput(data=data, loss_fn="cross_entropy")
 
 

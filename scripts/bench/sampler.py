@@ -23,7 +23,7 @@ import time
 
 import ray
 
-from rl.driver.run import chat_tokens
+from rl.chat import chat_tokens
 from rl.learner import LearnerActor
 from rl.models import resolve_model
 from rl.sampler import SamplerPool
@@ -79,14 +79,13 @@ async def publish_latencies(pool: SamplerPool, learner, model_id: str, prompt: l
     """Seconds from `save_weights_for_sampler` to the first sample from the new weights, per version."""
     latencies = []
     tokens = prompt + prompt
-    step = ForwardBackwardInput(loss_fn="cross_entropy", data=[Datum(
-        model_input=ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})])
+    step = ForwardBackwardInput(loss_fn="cross_entropy", data=[Datum.next_token(tokens, weights=[1.0] * len(tokens))])
     for index in range(count):
         await learner.forward_backward.remote(model_id, step)
         await learner.optim_step.remote(model_id, AdamParams(learning_rate=1e-4))
         started = time.perf_counter()
-        version = await pool.publish_from_learner(learner, model_id, f"bench-{tag}-{index}")
+        version = await pool.publish(await learner.save_weights_for_sampler.remote(model_id, f"bench-{tag}-{index}",
+                                                                                  overwrite=True))
         await pool.sample(SampleRequest(prompt=ModelInput.from_ints(prompt), model_path=version.tinker_path,
                                         sampling_params=SamplingParams(max_tokens=1)))
         latencies.append(time.perf_counter() - started)

@@ -23,7 +23,7 @@ from rl.learner import LearnerActor
 from rl.models import resolve_model
 from rl.service.app import ServerThread
 from rl.service.service import Service
-from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput
+from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig
 
 
 def batch_tokens(batch: int, tokens: int, vocab: int = 2000) -> list[list[int]]:
@@ -34,8 +34,7 @@ def batch_tokens(batch: int, tokens: int, vocab: int = 2000) -> list[list[int]]:
 def direct(model: str, sequences: list[list[int]], steps: int) -> float:
     learner = LearnerActor.remote(model, storage=tempfile.mkdtemp())
     run = ray.get(learner.create.remote(model, LoraConfig(rank=8, seed=0, train_unembed=False)))
-    data = [Datum(model_input=ModelInput.from_ints(s[:-1]),
-                  loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)}) for s in sequences]
+    data = [Datum.next_token(s, weights=[1.0] * len(s)) for s in sequences]
     batch = ForwardBackwardInput(data=data, loss_fn="cross_entropy")
 
     def step() -> None:

@@ -1,0 +1,38 @@
+"""Chat rendering: prompts and conversations as the tokens the model reads, through the tokenizer's chat template.
+
+The multi-turn environments build on this: a turn's prompt is rendered from messages once, and what the model
+then says stays as the tokens it sampled (never re-rendered from text).
+"""
+
+from __future__ import annotations
+
+from rl.types import Datum
+
+
+def chat_tokens(tokenizer, text: str) -> list[int]:
+    """A user message rendered with the chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)
+
+
+def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
+    """A conversation as a cross-entropy datum whose weights select the assistant's tokens (1) from the rest (0).
+
+    Each assistant turn's tokens are those its rendering adds to the conversation before it (rendered with the
+    generation prompt), so the template's own markers around the reply are trained as the model will emit them.
+    """
+    def render(upto: int, generation_prompt: bool) -> list[int]:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=True, return_dict=False,
+                                             add_generation_prompt=generation_prompt)
+
+    tokens_T = render(len(messages), False)
+    weights_T = [0.0] * len(tokens_T)
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            upto = render(index + 1, False)
+            start, end = len(render(index, True)), len(upto)
+            if upto != tokens_T[:end]:
+                raise ValueError(f"the chat template renders turn {index} differently inside the conversation: "
+                                 "assistant tokens cannot be located")
+            weights_T[start:end] = [1.0] * (end - start)
+    return Datum.next_token(tokens_T, weights=weights_T)
