@@ -63,7 +63,7 @@ class LearnerConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs, e.g. {learner_node: 1} to pin it to nodes that offer it."""
     micro_batch_tokens: int = 512
-    """Tokens per forward/backward pass, padding included (rl.batch.micro_batches): what a pass keeps alive for
+    """Tokens per forward/backward pass, padding included (rl.learner.batch.micro_batches): what a pass keeps alive for
     backward grows with it (about 1.3 MB a token for SmolLM2-135M in bf16)."""
     threads: int | None = None
     """torch's CPU threads in the learner; None: every core of its node (learner and samplers take turns in an

@@ -9,8 +9,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rl import losses
-from rl.batch import micro_batches, pack_rows, prepare_batch, row_datums, row_width, target_logprobs
 from rl.learner import PROBE_LENGTH, Learner, probe_tokens
+from rl.learner.batch import micro_batches, pack_rows, prepare_batch, row_datums, row_width, target_logprobs
 from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
 from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_content_hash
 
@@ -158,7 +158,7 @@ def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradi
 
 
 def test_packed_rows_stay_within_their_width_limit():
-    from rl.batch import PACKED_ROW_MAX
+    from rl.learner.batch import PACKED_ROW_MAX
 
     data = [sft_datum(list(range(40)) + [100 + i] * 30) for i in range(20)]  # one prompt, 20 replies
     prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
@@ -296,7 +296,7 @@ def test_sampler_weights_are_a_peft_folder_with_a_content_hash_and_a_probe(ray_l
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     plain = PeftModel.from_pretrained(base, folder).eval()
     model = plain.get_base_model()
-    from rl.batch import prepare_batch
+    from rl.learner.batch import prepare_batch
 
     prepared = prepare_batch(PATTERN, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rl import models
-from rl.engine import start_vllm_engine
+from rl.sampler.engine import start_vllm_engine
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:

@@ -9,9 +9,9 @@ logprobs) and compares logprobs with a tolerance far below what a wrong adapter 
 import pytest
 import torch
 
-from rl import vllm_lora_fastpath
-from rl.engine import start_vllm_engine
 from rl.learner import Learner
+from rl.sampler import vllm_lora_fastpath
+from rl.sampler.engine import start_vllm_engine
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig
 
 LORA_IDS: dict = {}

@@ -131,7 +131,8 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     from rl.driver.rl import step_prompts
     from rl.driver.run import sample_requests
     from rl.models import resolve_model
-    from rl.sampler import SamplerPool, vllm_sampling_params
+    from rl.sampler import SamplerPool
+    from rl.sampler.replica import vllm_sampling_params
     from rl.tasks import make_task
 
     def raw(replica, requests) -> float:  # runs in the replica: what Sampler.sample gives the engine, at once

@@ -35,8 +35,8 @@ class RawVllm:
     """The baseline: vLLM's own batch API, one call for all prompts."""
 
     def __init__(self, folder: str, dtype: str, max_model_len: int):
-        from rl import vllm_lora_fastpath
-        from rl.engine import start_vllm_engine
+        from rl.sampler import vllm_lora_fastpath
+        from rl.sampler.engine import start_vllm_engine
 
         vllm_lora_fastpath.install()  # the same engine as the pool's replicas: only the pool's own cost differs
         self.llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, max_lora_rank=16,

@@ -39,8 +39,8 @@ class AdapterMerger:
 
         if vllm.__version__.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
             raise RuntimeError(f"publish_mode=merge supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
-                               f"{vllm.__version__}: use publish_mode=adapter, or check rl/vllm_merge.py against "
-                               "that version before extending the list")
+                               f"{vllm.__version__}: use publish_mode=adapter, or check rl/sampler/vllm_merge.py "
+                               "against that version before extending the list")
         model = llm.apply_model(lambda model: model)[0]  # in-process engine: the model object itself
         packed = getattr(model, "packed_modules_mapping", {})
         self._layers: dict[str, tuple[torch.nn.Module, list[str]]] = {}

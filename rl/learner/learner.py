@@ -29,8 +29,8 @@ from safetensors.torch import save as safetensors_bytes
 from transformers import AutoModelForCausalLM
 
 from rl import losses
-from rl.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
 from rl.checkpoints import CheckpointStore
+from rl.learner.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
 from rl.memory import resident_memory
 from rl.models import resolve_model
 from rl.types import (
@@ -212,7 +212,7 @@ class Learner:
         lacking = [datum for datum in prepared if name not in datum.inputs]
         if not lacking:
             return
-        # Whole groups stay together, so a pair's prompt is computed once (rl.batch.pack_rows).
+        # Whole groups stay together, so a pair's prompt is computed once (rl.learner.batch.pack_rows).
         with self._peft.disable_adapter():
             for datum, logprobs in self._logprobs_without_gradients(
                     lacking, group_size if len(lacking) == len(prepared) else 1):

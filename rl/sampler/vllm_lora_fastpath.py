@@ -108,7 +108,7 @@ def _wrapper_class() -> type:
     if version not in SUPPORTED_VLLM_VERSIONS:
         # The replacements depend on private details (slot layout [slots, 1, out, in], batch_size, the prefill
         # metadata); on another version they may silently compute something else.
-        raise RuntimeError(f"rl.vllm_lora_fastpath supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
+        raise RuntimeError(f"rl.sampler.vllm_lora_fastpath supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
                            f"{vllm.__version__}: check PunicaWrapperCPU there before extending the list")
     return PunicaWrapperCPU
 

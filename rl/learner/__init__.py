@@ -1,0 +1,6 @@
+"""The learner: a base model with many LoRA training runs (`learner`), and how a batch becomes checked tensors,
+micro-batches and target logprobs (`batch`). The losses it computes are named in `rl.losses`."""
+
+from rl.learner.learner import KNOWN_ARCHITECTURES, PROBE_LENGTH, Learner, LearnerActor, default_device, probe_tokens
+
+__all__ = ["KNOWN_ARCHITECTURES", "PROBE_LENGTH", "Learner", "LearnerActor", "default_device", "probe_tokens"]

@@ -1,0 +1,201 @@
+"""One sampler replica: a vLLM engine with LoRA in a Ray actor, which loads published weights and samples.
+
+The silent failure this package exists to prevent: new weights never reach the engine and rollouts keep coming
+from stale ones while training looks normal. So every weight version gets a fresh LoRA id (vLLM silently keeps
+serving the old weights when an id is reused) and its bytes come through Ray's object store (no shared
+filesystem); the replica reports the content hash of what it loaded, and the pool (`rl.sampler.pool`) checks
+it and the replica's logprobs on the learner's probe sequence before the version serves. Each response names
+the weights that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl.memory import resident_memory
+from rl.models import resolve_model
+from rl.sampler.engine import EngineLoop, start_vllm_engine
+from rl.types import SampledSequence, SampleRequest, SampleResponse, SamplingParams
+from rl.weights import ADAPTER_CONFIG, SamplerWeights, adapter_content_hash
+
+PUBLISH_MODES = ("adapter", "merge")
+"""adapter: LoRA adapters hot-loaded side by side, any published version servable (many tenants, one engine).
+merge: the latest version folded into the engine's weights, base-model speed (a run that owns its replicas)."""
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One published weight version, as replicas receive it."""
+
+    weights: SamplerWeights
+    lora_int_id: int
+    """Unique per version: vLLM keeps serving old weights when an id is reused."""
+
+    @property
+    def tinker_path(self) -> str:
+        return self.weights.tinker_path
+
+    @property
+    def step(self) -> int:
+        return self.weights.step
+
+
+class Sampler:
+    """One vLLM engine with LoRA; many concurrent requests are batched together by its engine loop."""
+
+    def __init__(self, base_model: str, *, max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4,
+                 dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter"):
+        from vllm.platforms import current_platform
+
+        if publish_mode not in PUBLISH_MODES:
+            raise ValueError(f"publish_mode {publish_mode!r}: choose one of {', '.join(PUBLISH_MODES)}")
+        if lora_fast_path and current_platform.is_cpu() and publish_mode == "adapter":
+            from rl.sampler import vllm_lora_fastpath
+
+            vllm_lora_fastpath.install()
+        folder = resolve_model(base_model)
+        llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras)
+        self._engine = EngineLoop(llm)
+        self._merger = None
+        if publish_mode == "merge":
+            from rl.sampler.vllm_merge import AdapterMerger
+
+            self._merger = AdapterMerger(llm, folder)
+        self._merged: int | None = None
+        """Merge mode: the lora_int_id of the version in the engine's weights (None: the base model)."""
+        config = llm.llm_engine.model_config
+        self.vocab_size = config.get_vocab_size()
+        self.max_model_len = config.max_model_len
+        self.dtype = str(config.dtype).removeprefix("torch.")
+        self._adapters = Path(tempfile.mkdtemp(prefix="rl-adapters-"))
+        self._loaded: dict[int, Path] = {}
+
+    def describe(self) -> dict[str, int | str]:
+        return {"vocab_size": self.vocab_size, "max_model_len": self.max_model_len, "dtype": self.dtype}
+
+    async def load(self, version: AdapterVersion) -> str:
+        """Loads a version into the engine; returns the content hash of what it loaded.
+
+        Adapter mode writes the adapter locally and adds it as a LoRA; merge mode folds it into the weights once
+        the requests already queued have finished (those queued later see the new weights).
+        """
+        from vllm.lora.request import LoRARequest
+
+        files: dict[str, bytes] = await version.weights.files
+        if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"]:
+            raise ValueError(f"{version.tinker_path} adapts lm_head, which vLLM's LoRA cannot serve (it adapts the "
+                             "decoder's linear layers only): train runs meant for sampling with "
+                             "LoraConfig(train_unembed=False)")
+        if self._merger is not None:
+            self._merged = -1  # set before the merge is queued: no request queued after it is stamped as older
+            await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
+            self._merged = version.lora_int_id
+            return adapter_content_hash(files)
+        if version.lora_int_id not in self._loaded:
+            folder = self._adapters / f"{version.lora_int_id}-{version.weights.content_hash[:12]}"
+            folder.mkdir()
+            for name, content in files.items():
+                (folder / name).write_bytes(content)
+            self._loaded[version.lora_int_id] = folder
+        folder = self._loaded[version.lora_int_id]
+        request = LoRARequest(folder.name, version.lora_int_id, str(folder))
+        await asyncio.wrap_future(self._engine.call(lambda: self._engine.llm.llm_engine.add_lora(request)))
+        return adapter_content_hash(files)
+
+    async def sample(self, request: SampleRequest, version: AdapterVersion | None = None) -> SampleResponse:
+        from vllm.lora.request import LoRARequest
+
+        prompt = self._checked_prompt(request)
+        lora = None
+        if self._merger is not None:
+            wanted = version and version.lora_int_id
+            if wanted != self._merged:
+                raise ValueError(f"this replica (publish_mode=merge) serves one weight version, not "
+                                 f"{version.tinker_path if version else 'the base model'}: publish it first")
+        elif version is not None:
+            if version.lora_int_id not in self._loaded:
+                await self.load(version)
+            lora = LoRARequest(self._loaded[version.lora_int_id].name, version.lora_int_id,
+                               str(self._loaded[version.lora_int_id]))
+        params = vllm_sampling_params(request, max_tokens=self._max_tokens(request, len(prompt)))
+        output = await asyncio.wrap_future(self._engine.generate(prompt, params, lora))
+        return _response(output, request, version)
+
+    def _merge(self, files: dict[str, bytes]) -> None:
+        self._merger.merge(files)
+        self._engine.llm.reset_prefix_cache()  # cached KV blocks were computed by the previous weights
+
+    def _checked_prompt(self, request: SampleRequest) -> list[int]:
+        prompt = request.prompt.to_ints()
+        if not prompt:
+            raise ValueError("prompt is empty: sampling needs at least one token")
+        bad = [token for token in prompt if not 0 <= token < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+        return prompt
+
+    def _max_tokens(self, request: SampleRequest, prompt_length: int) -> int:
+        room = self.max_model_len - prompt_length
+        wanted = request.sampling_params.max_tokens or room
+        if wanted > room:
+            raise ValueError(f"prompt ({prompt_length} tokens) + max_tokens ({wanted}) exceeds the context of "
+                             f"{self.max_model_len} tokens")
+        return wanted
+
+    def alive(self) -> bool:
+        return self._engine.dead is None
+
+    def close(self) -> None:
+        """Removes the adapter folders this replica wrote (they live as long as it does: vLLM reads an evicted
+        adapter's folder again when a request asks for it)."""
+        shutil.rmtree(self._adapters, ignore_errors=True)
+
+    def memory(self, *, reset_peak: bool = False) -> dict[str, float]:
+        """This process's resident memory in GiB: now, and its peak since the last reset (rl.memory)."""
+        return resident_memory(reset_peak=reset_peak)
+
+
+def vllm_sampling_params(request: SampleRequest, *, max_tokens: int):
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params: SamplingParams = request.sampling_params
+    stop = params.stop
+    stop_strings = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+    stop_ids = [s for s in stop or [] if isinstance(s, int)] if not isinstance(stop, str) else []
+    prompt_logprobs = None
+    if request.prompt_logprobs or request.topk_prompt_logprobs:
+        prompt_logprobs = request.topk_prompt_logprobs
+    return VllmSamplingParams(
+        n=request.num_samples, max_tokens=max_tokens, seed=params.seed, temperature=params.temperature,
+        top_k=0 if params.top_k == -1 else params.top_k, top_p=params.top_p, stop=stop_strings or None,
+        stop_token_ids=stop_ids or None, ignore_eos=stop == [], logprobs=0, prompt_logprobs=prompt_logprobs,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _response(output, request: SampleRequest, version: AdapterVersion | None) -> SampleResponse:
+    sequences = [
+        SampledSequence(stop_reason="length" if sample.finish_reason == "length" else "stop",
+                        tokens=list(sample.token_ids),
+                        logprobs=[step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids,
+                                                                              strict=True)])
+        for sample in output.outputs
+    ]
+    prompt_logprobs = topk = None
+    if output.prompt_logprobs is not None:
+        tokens = output.prompt_token_ids
+        prompt_logprobs = [None if step is None else step[token].logprob
+                           for step, token in zip(output.prompt_logprobs, tokens, strict=True)]
+        if request.topk_prompt_logprobs:
+            topk = [None if step is None else sorted(((token, entry.logprob) for token, entry in step.items()
+                                                      if entry.rank <= request.topk_prompt_logprobs),
+                                                     key=lambda pair: -pair[1])
+                    for step in output.prompt_logprobs]
+    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs if request.prompt_logprobs else None,
+                          topk_prompt_logprobs=topk, model_path=version and version.tinker_path,
+                          content_hash=version and version.weights.content_hash)
