@@ -15,6 +15,11 @@ def chat_tokens(tokenizer, text: str) -> list[int]:
                                          add_generation_prompt=True, return_dict=False)
 
 
+def completion_text(tokenizer, tokens: list[int]) -> str:
+    """What the model said in `tokens`, as the task's scorer reads it (special tokens left out)."""
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
     """A conversation as a cross-entropy datum whose weights select the assistant's tokens (1) from the rest (0).
 

@@ -160,3 +160,84 @@ def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[tuple[str,
         elif dataclasses.is_dataclass(types[key]) and isinstance(value, dict):
             unknown += _unknown_keys(value, types[key], f"{prefix}{key}.")
     return unknown
+
+
+LOOPS = ("rl", "dpo", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check(config: TrainConfig) -> None:
+    """Refuses a configuration that cannot run as asked, before anything starts; the ValueError names every bad
+    value (its key, the value, and what it must be)."""
+    problems = [f"{key}={value!r}: {rule}" for key, value, rule in _problems(config)]
+    if problems:
+        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+
+
+def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
+    from rl import losses
+    from rl.sampler.replica import PUBLISH_MODES
+    from rl.tasks import TASKS
+
+    model, algo, learner, sampler = config.model, config.algo, config.learner, config.sampler
+    rules: list[tuple[str, object, bool, str]] = [
+        ("steps", config.steps, config.steps >= 1, "at least 1"),
+        ("seed", config.seed, config.seed >= 0, "0 or more"),
+        ("eval_every", config.eval_every, config.eval_every >= 0, "0 (never) or more"),
+        ("eval_prompts", config.eval_prompts, config.eval_prompts >= 1 or config.eval_every == 0,
+         "at least 1 while eval_every > 0"),
+        ("checkpoint_every", config.checkpoint_every, config.checkpoint_every >= 0, "0 (the last step only) or more"),
+        ("model.dtype", model.dtype, model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+        ("model.lora_rank", model.lora_rank, model.lora_rank >= 1, "at least 1"),
+        ("model.max_model_len", model.max_model_len, model.max_model_len > algo.max_tokens,
+         f"more than algo.max_tokens ({algo.max_tokens}), so a prompt fits beside the answer"),
+        ("algo.loop", algo.loop, algo.loop in LOOPS, f"one of {', '.join(LOOPS)}"),
+        ("algo.loss_fn", algo.loss_fn, algo.loss_fn in losses.LOSSES, f"one of {', '.join(losses.LOSSES)}"),
+        ("algo.learning_rate", algo.learning_rate, algo.learning_rate > 0, "more than 0"),
+        ("algo.grad_clip_norm", algo.grad_clip_norm, algo.grad_clip_norm >= 0, "0 (no clipping) or more"),
+        ("algo.prompts_per_step", algo.prompts_per_step, algo.prompts_per_step >= 1, "at least 1"),
+        ("algo.max_tokens", algo.max_tokens, algo.max_tokens >= 1, "at least 1"),
+        ("algo.kl_coef", algo.kl_coef, algo.kl_coef >= 0, "0 (off) or more"),
+        ("algo.train_examples", algo.train_examples, algo.train_examples >= 1, "at least 1"),
+        ("task.name", config.task.name, config.task.name in TASKS, f"one of {', '.join(TASKS)}"),
+        ("learner.num_cpus", learner.num_cpus, learner.num_cpus >= 0, "0 or more"),
+        ("learner.num_gpus", learner.num_gpus, learner.num_gpus >= 0, "0 or more"),
+        ("learner.micro_batch_tokens", learner.micro_batch_tokens, learner.micro_batch_tokens >= 1, "at least 1"),
+        ("learner.threads", learner.threads, learner.threads is None or learner.threads >= 1, "unset or at least 1"),
+        ("learner.max_restarts", learner.max_restarts, learner.max_restarts >= 0, "0 or more"),
+        ("sampler.replicas", sampler.replicas, sampler.replicas >= 1, "at least 1"),
+        ("sampler.num_cpus", sampler.num_cpus, sampler.num_cpus >= 0, "0 or more"),
+        ("sampler.num_gpus", sampler.num_gpus, sampler.num_gpus >= 0, "0 or more"),
+        ("sampler.publish_mode", sampler.publish_mode, sampler.publish_mode in PUBLISH_MODES,
+         f"one of {', '.join(PUBLISH_MODES)}"),
+        ("sampler.threads", sampler.threads, sampler.threads is None or sampler.threads >= 1, "unset or at least 1"),
+        ("cluster.placement_strategy", config.cluster.placement_strategy,
+         config.cluster.placement_strategy in PLACEMENT_STRATEGIES, f"one of {', '.join(PLACEMENT_STRATEGIES)}"),
+        ("cluster.placement_timeout_s", config.cluster.placement_timeout_s, config.cluster.placement_timeout_s > 0,
+         "more than 0"),
+        ("logger.wandb_mode", config.logger.wandb_mode, config.logger.wandb_mode in WANDB_MODES,
+         f"one of {', '.join(WANDB_MODES)}"),
+    ]
+    if algo.loop == "rl":
+        rules += [
+            ("algo.group_size", algo.group_size, algo.group_size >= 2,
+             "at least 2: advantages are relative to the group, so a group of one never trains"),
+            ("algo.temperature", algo.temperature, algo.temperature > 0,
+             "more than 0: greedy samples of a prompt are all alike, so their advantages are all 0"),
+        ]
+    found = [(key, value, rule) for key, value, ok, rule in rules if not ok]
+    if algo.loss_fn in losses.LOSSES:
+        fits = {"rl": "advantages" in losses.LOSSES[algo.loss_fn].inputs, "dpo": algo.loss_fn == "dpo",
+                "sft": algo.loss_fn == "cross_entropy"}
+        if not fits.get(algo.loop, True):
+            wanted = {"rl": "a policy loss (one that reads advantages: "
+                            + ", ".join(name for name, spec in losses.LOSSES.items() if "advantages" in spec.inputs)
+                            + ")", "dpo": "dpo", "sft": "cross_entropy"}[algo.loop]
+            found.append(("algo.loss_fn", algo.loss_fn, f"the {algo.loop} loop trains with {wanted}"))
+        try:
+            losses.resolve_config(algo.loss_fn, algo.loss_fn_config)
+        except ValueError as error:
+            found.append(("algo.loss_fn_config", algo.loss_fn_config, str(error)))
+    return found

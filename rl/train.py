@@ -17,7 +17,7 @@ import ray
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from rl.config import ClusterConfig, TrainConfig, load
+from rl.config import ClusterConfig, TrainConfig, check, load
 from rl.driver import dpo, rl, sft
 from rl.driver.run import STATE, LearnerLost, read_state
 from rl.tasks import make_task
@@ -49,8 +49,7 @@ def resume_folder(config: TrainConfig) -> Path:
 
 
 def run(config: TrainConfig) -> list[dict]:
-    if config.algo.loop not in LOOPS:
-        raise ValueError(f"unknown algo.loop {config.algo.loop!r}: known loops are {', '.join(LOOPS)}")
+    check(config)  # every bad value is named before Ray, wandb or a model starts
     if config.resume:
         config = replace(config, output_dir=str(resume_folder(config)))
     task = make_task(config.task.name, format_reward=config.task.format_reward)

@@ -62,6 +62,10 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     wrong_type = rl_train("steps=many", cwd=tmp_path)
     assert wrong_type.returncode != 0 and "Value 'many' of type 'str' could not be converted to Integer" in \
         wrong_type.stderr and "full_key: steps" in wrong_type.stderr
+    bad_values = rl_train("algo.loss_fn=nosuch", "steps=-1", *SMALL, cwd=tmp_path)
+    assert bad_values.returncode != 0 and "steps=-1: at least 1" in bad_values.stderr
+    assert "algo.loss_fn='nosuch': one of cross_entropy" in bad_values.stderr
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("wandb")), "nothing started"
     nothing_to_resume = rl_train("resume=true", *SMALL, cwd=tmp_path)
     assert nothing_to_resume.returncode != 0 and "resume=true: no run with a checkpoint" in nothing_to_resume.stderr
     no_pairs = rl_train("recipe=arithmetic_dpo", "task=digits", *SMALL, cwd=tmp_path)

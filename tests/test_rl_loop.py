@@ -12,7 +12,8 @@ import torch
 from rl.chat import chat_tokens
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.rl import base_logprobs, train
-from rl.driver.run import Run, read_state, sample_all
+from rl.driver.run import Run, read_state
+from rl.driver.sampling import sample_all
 from rl.tasks import Digits, Problem
 from rl.types import SamplingParams
 
@@ -186,15 +187,20 @@ def mean_abs_difference(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def test_evaluations_fall_every_eval_every_steps_and_after_the_last_and_never_at_zero():
-    from types import SimpleNamespace
-
-    from rl.driver.run import Run
+def test_evaluations_fall_every_eval_every_steps_and_after_the_last_and_checkpoints_likewise():
+    from rl.driver.run import checkpoint_due, evaluates
 
     def evaluated(eval_every: int, steps: int) -> list[int]:
-        run = SimpleNamespace(config=TrainConfig(eval_every=eval_every, steps=steps))
-        return [step for step in range(steps + 1) if Run.evaluates(run, step)]
+        return [step for step in range(steps + 1) if evaluates(TrainConfig(eval_every=eval_every, steps=steps), step)]
 
     assert evaluated(5, 12) == [0, 5, 10, 12]
     assert evaluated(5, 10) == [0, 5, 10]
     assert evaluated(0, 12) == []
+
+    def saved(checkpoint_every: int, steps: int) -> list[int]:
+        config = TrainConfig(checkpoint_every=checkpoint_every, steps=steps)
+        return [next_step for next_step in range(1, steps + 1) if checkpoint_due(config, next_step)]
+
+    assert saved(10, 25) == [10, 20, 25]
+    assert saved(5, 10) == [5, 10]
+    assert saved(0, 12) == [12], "0: after the last step only"

@@ -12,12 +12,17 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices
+from rl.driver.run import Run, batch_indices, steps
+from rl.driver.sampling import greedy_accuracy
 from rl.tasks import PreferencePair, Task, checked_problems, preference_pairs
-from rl.types import Datum, ForwardBackwardInput
+from rl.types import AdamParams, Datum, ForwardBackwardInput
 
 DPO_METRICS = {"dpo_accuracy:mean": "dpo/accuracy", "dpo_margin:mean": "dpo/margin",
                "dpo_chosen_reward:mean": "dpo/chosen_reward", "dpo_rejected_reward:mean": "dpo/rejected_reward"}
+
+
+def dpo_batch(data: list[Datum], loss_fn_config: dict[str, float]) -> ForwardBackwardInput:
+    return ForwardBackwardInput(data=data, loss_fn="dpo", loss_fn_config=loss_fn_config or None)
 
 
 def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
@@ -29,31 +34,39 @@ def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
 
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
+    adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
     with Run(config) as run:
         pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
-        held_out_pairs = pair_datums(run.tokenizer, preference_pairs(task, config.eval_prompts, seed=config.seed,
-                                                                      split="eval"))
+        held_out_pairs = dpo_batch(pair_datums(run.tokenizer, preference_pairs(task, config.eval_prompts,
+                                                                                seed=config.seed, split="eval")),
+                                   algo.loss_fn_config)
         held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
 
-        def dpo_batch(data: list[Datum]) -> ForwardBackwardInput:
-            return ForwardBackwardInput(data=data, loss_fn="dpo", loss_fn_config=algo.loss_fn_config or None)
-
-        def make_batch(step: int) -> ForwardBackwardInput:
-            indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
-            return dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]))
-
-        def step_metrics(batch: ForwardBackwardInput, output, seconds: float) -> dict:
-            pairs_in_batch = len(batch.data) // 2
-            return {"loss": output.metrics["loss:sum"] / pairs_in_batch,
-                    "throughput/pairs_per_s": pairs_in_batch / seconds,
-                    **{name: output.metrics[key] for key, name in DPO_METRICS.items()}}
-
         async def evaluate(step: int) -> dict:
-            output = await run.learner.forward.remote(run.model_id, dpo_batch(held_out_pairs))
+            output = await run.learner.forward.remote(run.model_id, held_out_pairs)
+            version = await run.publish()
             return {"eval/dpo_accuracy": output.metrics["dpo_accuracy:mean"],
-                    "eval/accuracy": await run.evaluate_weights(task, held_out, step)}
+                    "eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
+                                                           version.tinker_path, algo.max_tokens)}
 
-        return await run.train_on_batches(make_batch, step_metrics, evaluate)
+        for step in steps(run):
+            record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
+
+            # The step's pairs, in this epoch's order, then one update on them.
+            indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
+            batch = dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]), algo.loss_fn_config)
+            output = await run.train_step(batch, adam, record)
+
+            seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
+            tokens = sum(datum.model_input.length for datum in batch.data)
+            record.update({"loss": output.metrics["loss:sum"] / len(indices),
+                           **{name: output.metrics[key] for key, name in DPO_METRICS.items()},
+                           "tokens/trained": tokens, "time/training_s": seconds,
+                           "throughput/trained_tokens_per_s": tokens / seconds,
+                           "throughput/pairs_per_s": len(indices) / seconds})
+            await run.end_step(record)  # logged, and a checkpoint when one is due
+        await run.final_evaluation(evaluate)
+        return run.log.history
 
 
 def train(config: TrainConfig, task: Task) -> list[dict]:

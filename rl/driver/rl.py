@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
-from rl.chat import chat_tokens
+from rl.chat import chat_tokens, completion_text
 from rl.config import TrainConfig
-from rl.driver.run import Run, sample_all, score
+from rl.driver.run import Run, steps
+from rl.driver.sampling import greedy_accuracy, sample_all, score
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
 from rl.tasks import Problem, Task, checked_problems
@@ -107,14 +105,11 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         next_rollout = None
 
         async def evaluate(step: int) -> dict:  # the weights sampled last: `version` as it is at the call
-            return {"eval/accuracy": await run.evaluate(task, held_out, version.tinker_path, algo.max_tokens)}
+            return {"eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
+                                                           version.tinker_path, algo.max_tokens)}
 
-        for step in tqdm(range(run.start_step, config.steps), desc=config.recipe, unit="step", disable=None):
-            started = time.perf_counter()
-            record: dict = {"step": step}
-            if run.evaluates(step):
-                with timed(record, "eval"):
-                    record.update(await evaluate(step))
+        for step in steps(run):
+            record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
 
             # Rollout: a group of samples per prompt (off-policy: sampled while the previous step trained).
             with timed(record, "sampling"):
@@ -126,8 +121,8 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
             prompts_S, sequences_S, advantages_S, rewards_S = [], [], [], []
             for index, (problem, prompt_T, response) in enumerate(zip(sampled.problems_P, sampled.prompts_P,
                                                                       sampled.responses_P, strict=True)):
-                rewards_G = [score(task, task.reward, problem, run.decode(s.tokens), where=f"step {step}, prompt "
-                                   f"{index}") for s in response.sequences]
+                rewards_G = [score(task, task.reward, problem, completion_text(run.tokenizer, s.tokens),
+                                   where=f"step {step}, prompt {index}") for s in response.sequences]
                 rewards_S += rewards_G
                 for sequence, advantage in zip(response.sequences, group_advantages(rewards_G, algo.normalize_std),
                                                strict=True):
@@ -150,12 +145,9 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
             if datums_D:
                 batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
                                              loss_fn_config=algo.loss_fn_config or None)
-                with timed(record, "forward_backward"):
-                    output = await run.learner.forward_backward.remote(run.model_id, batch)
+                output = await run.train_step(batch, adam, record)
                 record.update({"loss": output.metrics["loss:sum"],
                                "tokens/computed": output.metrics["computed_tokens:sum"]})
-                with timed(record, "optim_step"):
-                    record.update((await run.learner.optim_step.remote(run.model_id, adam)).metrics)
                 with timed(record, "publish"):
                     version = await run.publish()
             training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward",
@@ -168,10 +160,8 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 "tokens/prompt": sum(map(len, sampled.prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
                 "tokens/trained": trained_tokens, "time/training_s": training_s,
                 "throughput/sampled_tokens_per_s": sampled_tokens / max(record["time/sampling_s"], 1e-9),
-                "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9),
-                **await run.memory(), "step_time_s": time.perf_counter() - started})
-            run.record(record)
-            run.checkpoint(step + 1)
+                "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)})
+            await run.end_step(record)  # logged, and a checkpoint when one is due
         await run.final_evaluation(evaluate)
         return run.log.history
 

@@ -13,7 +13,6 @@ Random state: every random choice a loop makes (problems, sampling seeds, data o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -27,23 +26,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rl.chat import chat_tokens
 from rl.config import TrainConfig
 from rl.learner import LearnerActor
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
 from rl.models import resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
-from rl.tasks import Problem, Task
 from rl.types import (
     AdamParams,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
-    ModelInput,
-    SampleRequest,
-    SampleResponse,
-    SamplingParams,
 )
 
 STATE = "state.json"
@@ -60,31 +53,6 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> l
             random.Random(f"{seed}:{epoch}").shuffle(orders[epoch])
         indices.append(orders[epoch][offset])
     return indices
-
-
-def sample_requests(prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
-                    params: SamplingParams) -> list[SampleRequest]:
-    """A request for `group_size` samples of each prompt; each draws from its own seed (one seed for all would
-    correlate the samples of different prompts)."""
-    return [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=group_size, model_path=model_path,
-                          sampling_params=params if params.seed is None else
-                          params.model_copy(update={"seed": params.seed + index}))
-            for index, prompt in enumerate(prompts_P)]
-
-
-async def sample_all(pool: SamplerPool, prompts_P: list[list[int]], *, model_path: str | None, group_size: int,
-                     params: SamplingParams) -> list[SampleResponse]:
-    requests = sample_requests(prompts_P, model_path=model_path, group_size=group_size, params=params)
-    return await asyncio.gather(*(pool.sample(request) for request in requests))
-
-
-def score(task: Task, scorer, problem: Problem, completion: str, *, where: str) -> float:
-    """The task's reward or accuracy for one completion; a scorer that fails is named with its input."""
-    try:
-        return float(scorer(problem, completion))
-    except Exception as error:
-        raise RuntimeError(f"task {task.name!r}: {scorer.__name__} raised on {where} (prompt {problem.prompt!r}, "
-                           f"completion {completion!r}): {error!r}") from error
 
 
 class LearnerLost(RuntimeError):
@@ -173,65 +141,38 @@ class Run:
         return await self.pool.publish(await self.learner.save_weights_for_sampler.remote(self.model_id, name,
                                                                                            overwrite=True))
 
-    def evaluates(self, step: int) -> bool:
-        """Whether `step` begins with an evaluation: every eval_every steps and after the last (0: never)."""
-        every = self.config.eval_every
-        return every > 0 and (step % every == 0 or step == self.config.steps)
+    async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]]) -> dict:
+        """The record of step `step`, which begins with `evaluate(step)` when an evaluation is due (`evaluates`)."""
+        self._step_started = time.perf_counter()
+        record: dict = {"step": step}
+        if evaluates(self.config, step):
+            with timed(record, "eval"):
+                record.update(await evaluate(step))
+        return record
 
-    async def evaluate(self, task: Task, problems: list[Problem], model_path: str, max_tokens: int) -> float:
-        """Greedy accuracy (the task's unshaped score) on held-out problems."""
-        prompts_P = [chat_tokens(self.tokenizer, problem.prompt) for problem in problems]
-        greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        responses = await sample_all(self.pool, prompts_P, model_path=model_path, group_size=1, params=greedy)
-        scores = [score(task, task.accuracy, problem, self.decode(response.sequences[0].tokens), where="evaluation")
-                  for problem, response in zip(problems, responses, strict=True)]
-        return sum(scores) / len(scores)
+    async def end_step(self, record: dict) -> None:
+        """Logs the step's record with each process's memory, then saves a checkpoint when one is due
+        (`checkpoint_due`)."""
+        self.record({**record, **await self.memory()}, started=self._step_started)
+        if checkpoint_due(self.config, record["step"] + 1):
+            self.save_checkpoint(record["step"] + 1)
 
-    async def evaluate_weights(self, task: Task, problems: list[Problem], step: int) -> float:
-        """Publishes the weights as they are after `step` steps and evaluates them (for loops that do not sample)."""
-        version = await self.publish()
-        return await self.evaluate(task, problems, version.tinker_path, self.config.algo.max_tokens)
-
-    async def train_on_batches(self, make_batch: Callable[[int], ForwardBackwardInput],
-                               step_metrics: Callable[[ForwardBackwardInput, ForwardBackwardOutput, float], dict],
-                               evaluate: Callable[[int], Awaitable[dict]]) -> list[dict]:
-        """The loop DPO and SFT share: each step, an evaluation when due, then forward_backward and optim_step on
-        `make_batch(step)`, logged with `step_metrics(batch, output, seconds)` and checkpointed; a last evaluation
-        after the last step."""
-        algo = self.config.algo
-        adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
-        for step in tqdm(range(self.start_step, self.config.steps), desc=self.config.recipe, unit="step",
-                         disable=None):
-            started = time.perf_counter()
-            record: dict = {"step": step}
-            if self.evaluates(step):
-                with timed(record, "eval"):
-                    record.update(await evaluate(step))
-            batch = make_batch(step)
-            with timed(record, "forward_backward"):
-                output = await self.learner.forward_backward.remote(self.model_id, batch)
-            with timed(record, "optim_step"):
-                record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
-            seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
-            tokens = sum(datum.model_input.length for datum in batch.data)
-            record.update({**step_metrics(batch, output, seconds), "tokens/trained": tokens, "time/training_s": seconds,
-                           "throughput/trained_tokens_per_s": tokens / seconds, **await self.memory(),
-                           "step_time_s": time.perf_counter() - started})
-            self.record(record)
-            self.checkpoint(step + 1)
-        await self.final_evaluation(evaluate)
-        return self.log.history
+    async def train_step(self, batch: ForwardBackwardInput, adam: AdamParams, record: dict) -> ForwardBackwardOutput:
+        """forward_backward then optim_step on `batch`, each timed into `record`, which gains the optimizer's
+        metrics."""
+        with timed(record, "forward_backward"):
+            output = await self.learner.forward_backward.remote(self.model_id, batch)
+        with timed(record, "optim_step"):
+            record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
+        return output
 
     async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
         """The evaluation after the last step (when evaluation is on), logged as a record of its own."""
-        if self.evaluates(self.config.steps):
+        if evaluates(self.config, self.config.steps):
             record: dict = {"step": self.config.steps}
             with timed(record, "eval"):
                 record.update(await evaluate(self.config.steps))
-            self.record({**record, "step_time_s": record["time/eval_s"]})
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+            self.record(record, started=time.perf_counter() - record["time/eval_s"])
 
     async def memory(self) -> dict[str, float]:
         """Each process's resident memory in GiB: now (`memory/NAME_gib`), and the learner's and samplers' peak
@@ -245,9 +186,11 @@ class Run:
             record.update({f"memory/{name}_gib": figures["rss_gib"], f"memory/{name}_peak_gib": figures["peak_gib"]})
         return record
 
-    def record(self, record: dict) -> None:
-        """Logs one step's record, with running totals of its `tokens/*` counts added as `tokens_total/*` and of
-        its `step_time_s` as `time_total/minutes` (minutes of steps since the run began, start-up excluded)."""
+    def record(self, record: dict, *, started: float) -> None:
+        """Logs one step's record, begun at perf_counter() `started`, with its `step_time_s`, running totals of its
+        `tokens/*` counts as `tokens_total/*` and of its step time as `time_total/minutes` (minutes of steps since
+        the run began, start-up excluded)."""
+        record = {**record, "step_time_s": time.perf_counter() - started}
         for key, value in record.items():
             if key.startswith("tokens/"):
                 total = "tokens_total/" + key.removeprefix("tokens/")
@@ -255,14 +198,28 @@ class Run:
         self.totals["time_total/minutes"] = self.totals.get("time_total/minutes", 0.0) + record["step_time_s"] / 60
         self.log.log({**record, **self.totals})
 
-    def checkpoint(self, next_step: int) -> None:
-        """Saves a resumable checkpoint when `next_step` is due for one (every checkpoint_every, and the last)."""
-        every = self.config.checkpoint_every
-        if next_step != self.config.steps and not (every and next_step % every == 0):
-            return
+    def save_checkpoint(self, next_step: int) -> None:
+        """Saves the adapter with its optimizer state, then state.json naming it: the run resumes at `next_step`."""
         saved = ray.get(self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True))
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
                                   "totals": self.totals, "wandb_id": self.log.wandb_id})
+
+
+def evaluates(config: TrainConfig, step: int) -> bool:
+    """Whether `step` begins with an evaluation: every eval_every steps and after the last (0: never)."""
+    every = config.eval_every
+    return every > 0 and (step % every == 0 or step == config.steps)
+
+
+def checkpoint_due(config: TrainConfig, next_step: int) -> bool:
+    """Whether the steps before `next_step` end with a checkpoint: every checkpoint_every, and after the last."""
+    every = config.checkpoint_every
+    return next_step == config.steps or bool(every and next_step % every == 0)
+
+
+def steps(run: Run) -> tqdm:
+    """The steps still to run, with a progress bar."""
+    return tqdm(range(run.start_step, run.config.steps), desc=run.config.recipe, unit="step", disable=None)
 
 
 def reserve(config: TrainConfig):

@@ -11,9 +11,10 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices
+from rl.driver.run import Run, batch_indices, steps
+from rl.driver.sampling import greedy_accuracy
 from rl.tasks import Task, checked_problems, sft_conversations
-from rl.types import Datum, ForwardBackwardInput
+from rl.types import AdamParams, Datum, ForwardBackwardInput
 
 
 def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
@@ -28,6 +29,7 @@ def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
 
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
+    adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
     with Run(config) as run:
         conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
         held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation) for conversation in
@@ -35,19 +37,28 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                                                             split="eval")])
         held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
 
-        def make_batch(step: int) -> ForwardBackwardInput:
-            indices = batch_indices(step, algo.prompts_per_step, len(conversations), config.seed)
-            return mean_loss_batch([conversation_datum(run.tokenizer, conversations[i]) for i in indices])
-
         async def evaluate(step: int) -> dict:
             output = await run.learner.forward.remote(run.model_id, held_out_batch)
+            version = await run.publish()
             return {"eval/loss": output.metrics["loss:sum"],
-                    "eval/accuracy": await run.evaluate_weights(task, held_out, step)}
+                    "eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
+                                                           version.tinker_path, algo.max_tokens)}
 
-        def step_metrics(batch: ForwardBackwardInput, output, seconds: float) -> dict:
-            return {"loss": output.metrics["loss:sum"]}
+        for step in steps(run):
+            record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
 
-        return await run.train_on_batches(make_batch, step_metrics, evaluate)
+            # The step's conversations, in this epoch's order, then one update on them.
+            indices = batch_indices(step, algo.prompts_per_step, len(conversations), config.seed)
+            batch = mean_loss_batch([conversation_datum(run.tokenizer, conversations[i]) for i in indices])
+            output = await run.train_step(batch, adam, record)
+
+            seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
+            tokens = sum(datum.model_input.length for datum in batch.data)
+            record.update({"loss": output.metrics["loss:sum"], "tokens/trained": tokens, "time/training_s": seconds,
+                           "throughput/trained_tokens_per_s": tokens / seconds})
+            await run.end_step(record)  # logged, and a checkpoint when one is due
+        await run.final_evaluation(evaluate)
+        return run.log.history
 
 
 def train(config: TrainConfig, task: Task) -> list[dict]:

@@ -69,7 +69,7 @@ def default_device() -> torch.device:
 
 
 @dataclass
-class _Run:
+class _LoraRun:
     adapter: str  # the PEFT adapter name (model ids may hold characters PEFT does not allow)
     lora: LoraConfig
     optimizer: torch.optim.AdamW
@@ -107,7 +107,7 @@ class Learner:
         self.vocab_size = config.vocab_size
         self._pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self._peft: PeftModel | None = None
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, _LoraRun] = {}
 
     # ---- runs ------------------------------------------------------------------------------------------------
 
@@ -143,7 +143,7 @@ class Learner:
         for param in params:
             param.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-        self._runs[model_id] = _Run(adapter=adapter, lora=lora, optimizer=optimizer, params=params)
+        self._runs[model_id] = _LoraRun(adapter=adapter, lora=lora, optimizer=optimizer, params=params)
         return model_id
 
     def delete(self, model_id: str) -> None:
@@ -158,7 +158,7 @@ class Learner:
         """This process's resident memory in GiB: now, and its peak since the last reset (rl.memory)."""
         return resident_memory(reset_peak=reset_peak)
 
-    def _run(self, model_id: str) -> _Run:
+    def _run(self, model_id: str) -> _LoraRun:
         if model_id not in self._runs:
             raise ValueError(f"unknown model_id {model_id!r}")
         return self._runs[model_id]
@@ -363,7 +363,7 @@ class Learner:
     def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
         return CheckpointsListResponse(checkpoints=self.store.list(model_id))
 
-    def _write_adapter(self, run: _Run, folder: Path) -> dict[str, bytes]:
+    def _write_adapter(self, run: _LoraRun, folder: Path) -> dict[str, bytes]:
         """Writes a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors); returns the
         bytes written."""
         # The base output layer is frozen: an adapter of lm_head needs only its LoRA matrices.
@@ -378,7 +378,7 @@ class Learner:
             (folder / name).write_bytes(content)
         return files
 
-    def _run_metadata(self, run: _Run) -> dict:
+    def _run_metadata(self, run: _LoraRun) -> dict:
         return {"base_model": self.base_model, "step": run.step, "lora_config": run.lora.model_dump(),
                 "dtype": self.dtype}
 

@@ -24,7 +24,7 @@ GAP_SECONDS = 10.0
 
 
 @dataclass
-class _Run:
+class _RunQueue:
     """One training run's queue: jobs wait for their seq_id's turn."""
 
     next_seq_id: int = 1
@@ -39,7 +39,7 @@ class FutureStore:
     def __init__(self):
         self._results: dict[str, asyncio.Future] = {}
         self._owners: dict[str, str] = {}
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, _RunQueue] = {}
         self._keys: dict[tuple, str] = {}
 
     def submit(self, owner: str, job: Callable[[], Awaitable[Any]], *, key: tuple | None = None) -> str:
@@ -55,7 +55,7 @@ class FutureStore:
 
     def submit_ordered(self, owner: str, model_id: str, seq_id: int, job: Callable[[], Awaitable[Any]]) -> str:
         """Runs `job` after every lower seq_id of `model_id`; a repeated (model_id, seq_id) is the same request."""
-        run = self._runs.setdefault(model_id, _Run())
+        run = self._runs.setdefault(model_id, _RunQueue())
         if seq_id in run.seen:
             return run.seen[seq_id]
         request_id = run.seen[seq_id] = self._new(owner)
@@ -67,7 +67,7 @@ class FutureStore:
         asyncio.ensure_future(self._drain(run))
         return request_id
 
-    async def _drain(self, run: _Run) -> None:
+    async def _drain(self, run: _RunQueue) -> None:
         async with run.lock:
             while run.waiting:
                 if run.next_seq_id not in run.waiting:

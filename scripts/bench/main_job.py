@@ -129,7 +129,7 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
 
     from rl.config import load
     from rl.driver.rl import step_prompts
-    from rl.driver.run import sample_requests
+    from rl.driver.sampling import sample_requests
     from rl.models import resolve_model
     from rl.sampler import SamplerPool
     from rl.sampler.replica import vllm_sampling_params

@@ -1,0 +1,53 @@
+"""The configuration is checked whole before anything starts: every bad value is named with its rule."""
+
+import pytest
+
+from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, TrainConfig, check
+
+
+def refusal(config: TrainConfig) -> str:
+    with pytest.raises(ValueError) as caught:
+        check(config)
+    return str(caught.value)
+
+
+def test_the_defaults_and_every_recipe_pass():
+    check(TrainConfig())
+    check(TrainConfig(algo=AlgoConfig(loop="dpo", loss_fn="dpo", loss_fn_config={"beta": 0.1})))
+    check(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy")))
+    for loss in ("importance_sampling", "ppo", "cispo", "dro"):
+        check(TrainConfig(algo=AlgoConfig(loss_fn=loss)))
+
+
+def test_every_bad_value_is_named_at_once():
+    message = refusal(TrainConfig(steps=-1, eval_every=-2, model=ModelConfig(dtype="fp8", lora_rank=0),
+                                  learner=LearnerConfig(micro_batch_tokens=0), sampler=SamplerConfig(replicas=0,
+                                                                                                      publish_mode="x")))
+    for expected in ("steps=-1: at least 1", "eval_every=-2: 0 (never) or more",
+                     "model.dtype='fp8': one of float32, bfloat16, float16", "model.lora_rank=0: at least 1",
+                     "learner.micro_batch_tokens=0: at least 1", "sampler.replicas=0: at least 1",
+                     "sampler.publish_mode='x': one of adapter, merge"):
+        assert expected in message, (expected, message)
+    assert message.count("\n") == 7, "one line per bad value, no more"
+
+
+def test_unknown_loss_and_loops_that_do_not_fit_their_loss():
+    assert "algo.loss_fn='nosuch': one of cross_entropy, importance_sampling" in refusal(
+        TrainConfig(algo=AlgoConfig(loss_fn="nosuch")))
+    assert "algo.loss_fn='cross_entropy': the rl loop trains with a policy loss (one that reads advantages: " \
+           "importance_sampling, ppo, cispo, dro)" in refusal(TrainConfig(algo=AlgoConfig(loss_fn="cross_entropy")))
+    assert "algo.loss_fn='importance_sampling': the dpo loop trains with dpo" in refusal(
+        TrainConfig(algo=AlgoConfig(loop="dpo")))
+    assert "algo.loss_fn='dpo': the sft loop trains with cross_entropy" in refusal(
+        TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="dpo")))
+    assert "algo.loop='ppo': one of rl, dpo, sft" in refusal(TrainConfig(algo=AlgoConfig(loop="ppo")))
+    assert "loss_fn_config['beta'] is not used by ppo" in refusal(
+        TrainConfig(algo=AlgoConfig(loss_fn="ppo", loss_fn_config={"beta": 0.1})))
+
+
+def test_impossible_sizes_for_rl():
+    message = refusal(TrainConfig(algo=AlgoConfig(group_size=1, temperature=0.0, max_tokens=600)))
+    assert "algo.group_size=1: at least 2" in message
+    assert "algo.temperature=0.0: more than 0" in message
+    assert "model.max_model_len=512: more than algo.max_tokens (600)" in message
+    check(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", group_size=1, temperature=0.0)))
