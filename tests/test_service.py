@@ -22,13 +22,18 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
                       max_model_len=256, max_lora_rank=8)
     running = ServerThread(service, max_body_bytes=2**20)
+    running.clients = []
     yield running
+    for sdk_client in running.clients:  # before the server stops: a client's last telemetry goes to it
+        sdk_client.close("success").result()
     running.stop()
     service.close()
 
 
 def client(server: ServerThread, key: str = ALICE) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=server.url, api_key=key)
+    """An SDK client of the module's server, closed when the server stops."""
+    server.clients.append(tinker.ServiceClient(base_url=server.url, api_key=key))
+    return server.clients[-1]
 
 
 def datum(tokens=PATTERN) -> types.Datum:
@@ -238,18 +243,22 @@ def test_rl_serve_starts_from_the_command_line(tmp_path):
         assert f"tiny on http://127.0.0.1:{port}" in banner and "single user, loopback only" in banner
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
-        while True:
+        health = None
+        while health != {"status": "ok"}:
+            assert time.time() < deadline, f"rl-serve did not answer OK: {health}"
             try:
-                if httpx.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}:
-                    break
+                health = httpx.get(f"{url}/api/v1/healthz").json()
             except httpx.TransportError:
-                assert time.time() < deadline, "rl-serve did not answer"
                 time.sleep(0.2)
-        capabilities = tinker.RestClient(base_url=url, api_key="tml-anyone").get_server_capabilities().result()
+        rest = tinker.RestClient(base_url=url, api_key="tml-anyone")
+        capabilities = rest.get_server_capabilities().result()
+        rest.holder.close()
         assert [model.model_name for model in capabilities.supported_models] == ["tiny"]
-        service = tinker.ServiceClient(base_url=url, api_key="tml-anyone")
-        trainer = service.create_lora_training_client(base_model="tiny", rank=4, train_unembed=False).result()
-        assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
+        with tinker.ServiceClient(base_url=url, api_key="tml-anyone") as service:
+            trainer = service.create_lora_training_client(base_model="tiny", rank=4, train_unembed=False).result()
+            loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+        tokens = PATTERN  # a fresh adapter (B = 0) is the base model: its loss is the tiny model's, ~ln(2048) a token
+        assert 6.0 * (len(tokens) - 1) < loss < 9.0 * (len(tokens) - 1), loss
     finally:
         process.terminate()
         process.wait(timeout=60)
