@@ -22,18 +22,32 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
                       max_model_len=256, max_lora_rank=8)
     running = ServerThread(service, max_body_bytes=2**20)
-    running.clients = []
     yield running
-    for sdk_client in running.clients:  # before the server stops: a client's last telemetry goes to it
-        sdk_client.close("success").result()
-    running.stop()
-    service.close()
+    stop(running)
+
+
+CLOSERS: dict[str, list] = {}
+"""Per server URL, how to close the SDK clients made for it: before the server stops, or their last telemetry
+fails at exit with tracebacks after pytest's result."""
 
 
 def client(server: ServerThread, key: str = ALICE) -> tinker.ServiceClient:
-    """An SDK client of the module's server, closed when the server stops."""
-    server.clients.append(tinker.ServiceClient(base_url=server.url, api_key=key))
-    return server.clients[-1]
+    sdk_client = tinker.ServiceClient(base_url=server.url, api_key=key)
+    CLOSERS.setdefault(server.url, []).append(lambda: sdk_client.close("success").result())
+    return sdk_client
+
+
+def rest_client(server: ServerThread, key: str = ALICE) -> tinker.RestClient:
+    rest = tinker.RestClient(base_url=server.url, api_key=key)
+    CLOSERS.setdefault(server.url, []).append(rest.holder.close)
+    return rest
+
+
+def stop(server: ServerThread) -> None:
+    for close in CLOSERS.pop(server.url, []):
+        close()
+    server.stop()
+    server.service.close()
 
 
 def datum(tokens=PATTERN) -> types.Datum:
@@ -93,7 +107,9 @@ def test_policy_losses_and_a_custom_loss(server):
     for loss_fn, config in (("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9,
                                                                     "clip_high_threshold": 1.1})):
         output = trainer.forward_backward([policy], loss_fn, loss_fn_config=config).result()
-        assert np.isfinite(output.metrics["loss:sum"]) and output.metrics["loss:sum"] != 0.0
+        ratio = np.exp(np.asarray(output.loss_fn_outputs[0]["logprobs"].tolist()) + 2.0)  # sampler logprobs: -2
+        kept = ratio if config is None else np.minimum(ratio, np.clip(ratio, 0.9, 1.1))  # advantages > 0
+        assert output.metrics["loss:sum"] == pytest.approx(-(kept * 0.5).sum(), rel=1e-4), loss_fn
 
     def mean_logprob(data, logprobs_list):
         loss = -sum(lp.sum() for lp in logprobs_list) / 9
@@ -122,8 +138,11 @@ def test_save_state_and_resume_with_optimizer(server):
 
 def test_rest_listings_and_two_users_isolated(server):
     trainer = training_client(server, seed=4)
+    trainer.forward_backward([datum()], "cross_entropy").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     path = trainer.save_state("listed").result().path
-    rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
+    saved_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    rest = rest_client(server, ALICE)
     run_id = path.removeprefix("tinker://").split("/")[0]
     runs = rest.list_training_runs().result()
     assert run_id in [run.training_run_id for run in runs.training_runs]
@@ -131,7 +150,7 @@ def test_rest_listings_and_two_users_isolated(server):
     assert [c.tinker_path for c in checkpoints] == [path] and checkpoints[0].checkpoint_type == "training"
     assert rest.get_weights_info_by_tinker_path(path).result().lora_rank == 8
 
-    bob = tinker.RestClient(base_url=server.url, api_key=BOB)
+    bob = rest_client(server, BOB)
     assert run_id not in [run.training_run_id for run in bob.list_training_runs().result().training_runs]
     with pytest.raises(Exception, match="unknown model_id"):
         bob.list_checkpoints(run_id).result()
@@ -139,11 +158,13 @@ def test_rest_listings_and_two_users_isolated(server):
         client(server, BOB).create_training_client_from_state(path).result()
     rest.publish_checkpoint_from_tinker_path(path).result()
     public = client(server, BOB).create_training_client_from_state(path).result()  # public: Bob may load it
-    assert public.forward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
+    assert public.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(saved_loss,
+                                                                                                   rel=1e-5)
 
 
 def test_bad_input_is_named_and_the_server_goes_on(server):
     trainer = training_client(server, seed=5)
+    before = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
     with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary"):
         trainer.forward_backward([datum([1, 2, 4096])], "cross_entropy").result()
     headers = {"X-API-Key": ALICE}
@@ -166,7 +187,12 @@ def test_bad_input_is_named_and_the_server_goes_on(server):
     assert oversized.status_code == 413 and "exceeds the limit" in oversized.json()["error"]
     stranger = httpx.post(f"{api}/create_session", json={}, headers={"X-API-Key": "tml-stranger"})
     assert stranger.status_code == 401
-    assert trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0, "still works"
+    missing_field = httpx.post(f"{api}/optim_step", json={"model_id": trainer.model_id, "seq_id": 9}, headers=headers)
+    assert missing_field.status_code == 400 and "adam_params" in missing_field.json()["error"]
+    unknown_field = httpx.post(f"{api}/get_info", json={"model_id": trainer.model_id, "colour": 1}, headers=headers)
+    assert unknown_field.status_code == 400 and "colour" in unknown_field.json()["error"]
+    after = trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    assert after == pytest.approx(before, rel=1e-6), "still works, and nothing refused changed the run"
 
 
 def test_eight_concurrent_clients_finish_five_steps_each(server):
@@ -199,11 +225,10 @@ def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_p
         prompt, greedy = types.ModelInput.from_ints(PATTERN[:4]), types.SamplingParams(max_tokens=6, temperature=0)
         sampled = trainer.create_sampling_client(sampler_path).result().sample(prompt, 1, greedy).result().sequences[0]
     finally:
-        first.stop()
-        first.service.close()
+        stop(first)
     second = ServerThread(Service([model], tmp_path, [ALICE], max_model_len=256, max_lora_rank=8))
     try:
-        rest = tinker.RestClient(base_url=second.url, api_key=ALICE)
+        rest = rest_client(second, ALICE)
         run_id = path.removeprefix("tinker://").split("/")[0]
         assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
         assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path, sampler_path]
@@ -216,8 +241,7 @@ def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_p
         assert again.sequences[0].tokens == sampled.tokens
         assert again.sequences[0].logprobs == pytest.approx(sampled.logprobs, abs=1e-4)
     finally:
-        second.stop()
-        second.service.close()
+        stop(second)
 
 
 def test_rl_serve_starts_from_the_command_line(tmp_path):
@@ -267,12 +291,14 @@ def test_rl_serve_starts_from_the_command_line(tmp_path):
 def test_checkpoint_housekeeping_and_loading_into_a_run(server):
     trainer = training_client(server, seed=6)
     first = trainer.save_state("first").result().path
+    saved_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
     trainer.forward_backward([datum()], "cross_entropy").result()
     trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-    at_first = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] < saved_loss - 0.1
     trainer.load_state(first).result()  # back to the saved adapter, into the same run
-    assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] != at_first
-    rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
+    assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(saved_loss,
+                                                                                                    rel=1e-5)
+    rest = rest_client(server, ALICE)
     assert first in [c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints]
     rest.publish_checkpoint_from_tinker_path(first).result()
     assert any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)

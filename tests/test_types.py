@@ -19,7 +19,10 @@ DATUM = T.Datum(model_input=T.ModelInput.from_ints([1, 2, 3]),
 EXAMPLES: list[BaseModel] = [
     T.AdamParams(learning_rate=3e-4, weight_decay=0.01, grad_clip_norm=1.0),
     T.AdamOptimizerConfig(),
+    T.OptimStepRequest(model_id="s:train:0", adam_params=T.AdamParams(learning_rate=1e-3), seq_id=2),
     T.OptimStepResponse(metrics={"grad_norm:mean": 0.5}),
+    T.GetInfoRequest(model_id="s:train:0"),
+    T.WeightsInfoRequest(tinker_path="tinker://s:train:0/weights/step-2"),
     T.EncodedTextChunk(tokens=[5, 6]),
     T.ImageChunk(data=b"\x89PNG\x00\xff", format="png", expected_tokens=4),
     T.ImageAssetPointerChunk(format="jpeg", location="s3://bucket/cat.jpg", expected_tokens=3),
@@ -69,6 +72,56 @@ EXAMPLES: list[BaseModel] = [
                            platform="linux", sdk_version="0.38.0", session_id="s", process_uuid="u"),
     T.TelemetryBatch(events=[], platform="linux", sdk_version="0.38.0", session_id="s", process_uuid="u"),
 ]
+
+
+def sdk_wire(request) -> dict:
+    """A request as the tinker SDK puts it on the wire (its resources' model_dump settings)."""
+    return request.model_dump(exclude_unset=False, exclude_none=True, mode="json")
+
+
+def test_what_the_sdk_sends_validates_as_our_request_types():
+    import tinker.types as sdk
+
+    prompt = sdk.ModelInput.from_ints([1, 2])
+    sent = [
+        (T.CreateModelRequest, sdk.CreateModelRequest(session_id="s", model_seq_id=0, base_model="tiny",
+                                                      lora_config=sdk.LoraConfig(rank=4, seed=1))),
+        (T.GetInfoRequest, sdk.GetInfoRequest(model_id="s:train:0")),
+        (T.OptimStepRequest, sdk.OptimStepRequest(model_id="s:train:0", seq_id=2,
+                                                  optim_params=sdk.AdamParams(learning_rate=1e-3))),
+        (T.SaveWeightsRequest, sdk.SaveWeightsRequest(model_id="s:train:0", path="a", seq_id=3)),
+        (T.SaveWeightsForSamplerRequest, sdk.SaveWeightsForSamplerRequest(model_id="s:train:0", path="b", seq_id=4)),
+        (T.SaveWeightsForSamplerRequest, sdk.SaveWeightsForSamplerRequest(model_id="s:train:0", seq_id=5,
+                                                                          sampling_session_seq_id=0)),
+        (T.LoadWeightsRequest, sdk.LoadWeightsRequest(path="tinker://s:train:0/weights/a", optimizer=True,
+                                                      session_id="s", model_seq_id=1)),
+        (T.CreateSamplingSessionRequest, sdk.CreateSamplingSessionRequest(session_id="s", sampling_session_seq_id=0,
+                                                                          base_model="tiny")),
+        (T.SampleRequest, sdk.SampleRequest(prompt=prompt, num_samples=2, sampling_session_id="s:sample:0", seq_id=0,
+                                            sampling_params=sdk.SamplingParams(max_tokens=4, temperature=0.5))),
+        (T.FutureRetrieveRequest, sdk.FutureRetrieveRequest(request_id="r1")),
+    ]
+    for ours, request in sent:
+        wire = sdk_wire(request)
+        validated = ours.model_validate(wire)
+        assert validated.model_dump(mode="json", exclude_none=True) == wire, ours.__name__
+    assert T.OptimStepRequest.model_validate(sdk_wire(sent[2][1])).adam_params.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize(("request_type", "payload", "field"), [
+    (T.SaveWeightsForSamplerRequest, {"model_id": "m", "path": "p", "kind": "inflight"}, "kind='inflight'"),
+    (T.SaveWeightsRequest, {"model_id": "m", "user_metadata": {"a": "b"}}, "user_metadata"),
+    (T.LoadWeightsRequest, {"path": "p", "optimizer": False, "model_id": "m", "weights_access_token": "t"},
+     "weights_access_token"),
+    (T.SampleRequest, {"prompt": {"chunks": []}, "sampling_params": {}, "topk_sample_logprobs": 3},
+     "topk_sample_logprobs=3"),
+    (T.SampleRequest, {"prompt": {"chunks": []}, "sampling_params": {}, "record_stability_info": True},
+     "record_stability_info=True"),
+    (T.OptimStepRequest, {"model_id": "m", "optimizer_params": {}}, "adam_params"),
+])
+def test_sdk_options_not_served_are_refused_by_name(request_type, payload, field):
+    with pytest.raises(ValidationError, match=field):
+        request_type.model_validate(payload)
 
 
 def test_every_exported_model_has_an_example():

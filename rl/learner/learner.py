@@ -44,6 +44,7 @@ from rl.types import (
     OptimStepResponse,
     SaveWeightsResponse,
     TensorData,
+    WeightsInfoResponse,
 )
 from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SamplerWeights, adapter_content_hash
 
@@ -362,6 +363,17 @@ class Learner:
 
     def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
         return CheckpointsListResponse(checkpoints=self.store.list(model_id))
+
+    def weights_info(self, path: str) -> WeightsInfoResponse:
+        """What a checkpoint needs to load: its base model and adapter shape."""
+        metadata = self.store.metadata(path)
+        lora = LoraConfig.model_validate(metadata["lora_config"])
+        return WeightsInfoResponse(base_model=metadata["base_model"], lora_rank=lora.rank,
+                                   train_unembed=lora.train_unembed, train_mlp=lora.train_mlp,
+                                   train_attn=lora.train_attn)
+
+    def delete_checkpoint(self, path: str) -> None:
+        self.store.delete(path)
 
     def _write_adapter(self, run: _LoraRun, folder: Path) -> dict[str, bytes]:
         """Writes a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors); returns the

@@ -8,6 +8,7 @@ protobuf; everything else is JSON.
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 import threading
@@ -24,7 +25,21 @@ from starlette.routing import Route
 from rl.service.codec import decode_forward_backward, encode_forward_backward_output, encode_sample_response
 from rl.service.registry import AccessDenied
 from rl.service.service import Service
-from rl.types import ForwardBackwardOutput, SampleResponse
+from rl.types import (
+    CreateModelRequest,
+    CreateSamplingSessionRequest,
+    ForwardBackwardOutput,
+    FutureRetrieveRequest,
+    GetInfoRequest,
+    LoadWeightsRequest,
+    OptimStepRequest,
+    SampleRequest,
+    SampleResponse,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+    TryAgainResponse,
+    WeightsInfoRequest,
+)
 
 PROTOBUF = "application/x-protobuf"
 
@@ -57,9 +72,7 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
                 return failure(401, str(error))
             except BodyTooLarge as error:
                 return failure(413, f"body of {error.args[0]} bytes exceeds the limit of {max_body_bytes}")
-            except KeyError as error:
-                return failure(400, f"missing field {error.args[0]!r}")
-            except (ValueError, TypeError) as error:
+            except ValueError as error:  # bad input, pydantic's ValidationError included: named by its field
                 return failure(400, str(error))
             except Exception as error:  # the server's fault; the server goes on
                 return failure(500, f"{type(error).__name__}: {error}", "server")
@@ -69,16 +82,14 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
     def future(request_id: str, **extra) -> Response:
         return JSONResponse({"request_id": request_id, **extra})
 
-    def plain(function):
-        """A JSON endpoint whose answer comes straight from `function(user, body)`."""
+    def typed(request_type: type[BaseModel], function, *, queued: bool = False):
+        """A JSON endpoint: the body is validated as `request_type` (a 400 names a bad field) and handed to
+        `function(user, request)`; the answer is its result, awaited if need be, or a future over it (`queued`)."""
         async def handler(request: Request, user: str) -> Response:
-            return as_json(function(user, await json_of(request)))
-        return handler
-
-    def queued(function):
-        """A JSON endpoint whose answer is a future over `function(user, body)`."""
-        async def handler(request: Request, user: str) -> Response:
-            return future(function(user, await json_of(request)))
+            result = function(user, request_type.model_validate(await json_of(request)))
+            if queued:
+                return future(result)
+            return as_json(await result if inspect.isawaitable(result) else result)
         return handler
 
     async def forward_backward(request: Request, user: str) -> Response:
@@ -91,18 +102,16 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
         await json_of(request)
         return JSONResponse({"session_id": service.registry.new_session(user)})
 
-    async def create_sampling_session(request: Request, user: str) -> Response:
-        return JSONResponse(await service.create_sampling_session(user, await json_of(request)))
-
     async def asample(request: Request, user: str) -> Response:
-        request_id, count = service.sample(user, await json_of(request))
-        return future(request_id, sample_sequence_ids=[f"{request_id}-{index}" for index in range(count)])
+        sample = SampleRequest.model_validate(await json_of(request))
+        request_id = service.sample(user, sample)
+        return future(request_id, sample_sequence_ids=[f"{request_id}-{index}" for index in range(sample.num_samples)])
 
     async def retrieve_future(request: Request, user: str) -> Response:
-        body = await json_of(request)
-        result = await service.futures.retrieve(user, body["request_id"])
+        request_id = FutureRetrieveRequest.model_validate(await json_of(request)).request_id
+        result = await service.futures.retrieve(user, request_id)
         if result is None:
-            return JSONResponse({"type": "try_again", "request_id": body["request_id"], "queue_state": "active"})
+            return as_json(TryAgainResponse(request_id=request_id, queue_state="active"))
         if isinstance(result, ForwardBackwardOutput):
             return Response(encode_forward_backward_output(result), media_type=PROTOBUF)
         if isinstance(result, SampleResponse):
@@ -119,25 +128,23 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
         return int(request.query_params.get("limit", default_limit)), int(request.query_params.get("offset", 0))
 
     async def training_runs(request: Request, user: str) -> Response:
-        return as_json(service.training_runs(user, *page(request, 20)))
+        return as_json(await service.training_runs(user, *page(request, 20)))
 
     async def training_run(request: Request, user: str) -> Response:
-        return as_json(service.training_run(user, request.path_params["run"]))
+        return as_json(await service.training_run(user, request.path_params["run"]))
 
     async def run_checkpoints(request: Request, user: str) -> Response:
-        return as_json(service.run_checkpoints(user, request.path_params["run"]))
+        return as_json(await service.run_checkpoints(user, request.path_params["run"]))
 
     async def user_checkpoints(request: Request, user: str) -> Response:
-        return as_json(service.user_checkpoints(user, *page(request, 100)))
+        return as_json(await service.user_checkpoints(user, *page(request, 100)))
 
     async def checkpoint(request: Request, user: str) -> Response:
         run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]
         if checkpoint_id.endswith("/publish"):
-            path = service.checkpoint_path(user, run, checkpoint_id.removesuffix("/publish"))
-            service.checkpoints.metadata(path)  # it must exist
-            service.registry.set_public(path, request.method == "POST")
+            await service.set_public(user, run, checkpoint_id.removesuffix("/publish"), request.method == "POST")
         elif request.method == "DELETE":
-            service.delete_checkpoint(user, run, checkpoint_id)
+            await service.delete_checkpoint(user, run, checkpoint_id)
         else:
             raise ValueError(f"{request.method} {request.url.path} is not supported")
         return JSONResponse({})
@@ -156,18 +163,19 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
         route("telemetry", lambda r, u: ok(r, u, {"status": "accepted"})),
         route("healthz", lambda r, u: ok(r, u, {"status": "ok"}), methods=("GET",)),
         route("get_server_capabilities", lambda r, u: ok(r, u, service.capabilities()), methods=("GET",)),
-        route("create_model", queued(service.create_model)),
-        route("get_info", plain(service.get_info)),
+        route("create_model", typed(CreateModelRequest, service.create_model, queued=True)),
+        route("get_info", typed(GetInfoRequest, service.get_info)),
         route("forward_backward", forward_backward),
-        route("optim_step", queued(service.optim_step)),
-        route("save_weights", queued(service.save_weights)),
-        route("save_weights_for_sampler", queued(service.save_weights_for_sampler)),
-        route("load_weights", queued(service.load_weights)),
-        route("create_sampling_session", create_sampling_session),
+        route("optim_step", typed(OptimStepRequest, service.optim_step, queued=True)),
+        route("save_weights", typed(SaveWeightsRequest, service.save_weights, queued=True)),
+        route("save_weights_for_sampler", typed(SaveWeightsForSamplerRequest, service.save_weights_for_sampler,
+                                                queued=True)),
+        route("load_weights", typed(LoadWeightsRequest, service.load_weights, queued=True)),
+        route("create_sampling_session", typed(CreateSamplingSessionRequest, service.create_sampling_session)),
         route("samplers/{sampler_id}", sampler, methods=("GET",)),
         route("asample", asample),
         route("retrieve_future", retrieve_future),
-        route("weights_info", plain(service.weights_info)),
+        route("weights_info", typed(WeightsInfoRequest, service.weights_info)),
         route("training_runs", training_runs, methods=("GET",)),
         route("training_runs/{run}", training_run, methods=("GET",)),
         route("training_runs/{run}/checkpoints", run_checkpoints, methods=("GET",)),

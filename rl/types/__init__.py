@@ -19,6 +19,7 @@ from rl.types.checkpoints import (
     SaveWeightsResponse,
     TrainingRun,
     TrainingRunsResponse,
+    WeightsInfoRequest,
     WeightsInfoResponse,
     check_checkpoint_name,
 )
@@ -59,20 +60,23 @@ from rl.types.training import (
     CreateModelRequest,
     ForwardBackwardInput,
     ForwardBackwardOutput,
+    GetInfoRequest,
     LoraConfig,
     LossFnType,
+    OptimStepRequest,
     OptimStepResponse,
 )
 
 __all__ = [
     "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointArchiveUrlResponse", "CheckpointType",
-    "CheckpointsListResponse", "CreateModelRequest", "CreateSamplingSessionRequest",
-    "CreateSamplingSessionResponse", "Cursor", "Datum", "EncodedTextChunk", "ForwardBackwardInput",
-    "ForwardBackwardOutput", "FutureRetrieveRequest", "GenericEvent", "ImageAssetPointerChunk", "ImageChunk",
-    "LoadWeightsRequest", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput", "ModelInputChunk",
+    "CheckpointsListResponse", "CreateModelRequest", "CreateSamplingSessionRequest", "CreateSamplingSessionResponse",
+    "Cursor", "Datum", "EncodedTextChunk", "ForwardBackwardInput", "ForwardBackwardOutput", "FutureRetrieveRequest",
+    "GenericEvent", "GetInfoRequest", "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsRequest",
+    "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput", "ModelInputChunk", "OptimStepRequest",
     "OptimStepResponse", "ParsedCheckpointTinkerPath", "SampleRequest", "SampleResponse", "SampledSequence",
     "SamplingParams", "SaveWeightsForSamplerRequest", "SaveWeightsForSamplerResponse", "SaveWeightsRequest",
     "SaveWeightsResponse", "SessionEndEvent", "SessionStartEvent", "Severity", "StopReason", "TelemetryBatch",
     "TelemetryEvent", "TelemetrySendRequest", "TensorData", "TensorDtype", "TrainingRun", "TrainingRunsResponse",
-    "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoResponse", "check_checkpoint_name",
+    "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoRequest", "WeightsInfoResponse",
+    "check_checkpoint_name"
 ]

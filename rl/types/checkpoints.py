@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, NonNegativeInt, model_validator
 
-from rl.types._base import StrictModel
+from rl.types._base import StrictModel, refuse_unsupported
 from rl.types.training import AdamOptimizerConfig
 
 CheckpointType = Literal["training", "sampler"]
@@ -62,7 +62,14 @@ class SaveWeightsRequest(StrictModel):
     seq_id: NonNegativeInt | None = None
     ttl_seconds: int | None = Field(default=None, ge=1)
     overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+    """Not supported here (refused when set)."""
     type: Literal["save_weights"] = "save_weights"
+
+    @model_validator(mode="after")
+    def _check_supported(self) -> SaveWeightsRequest:
+        refuse_unsupported(self, {"user_metadata": None})
+        return self
 
 
 class SaveWeightsResponse(StrictModel):
@@ -76,14 +83,19 @@ class SaveWeightsForSamplerRequest(StrictModel):
     model_id: str
     path: str | None = None
     sampling_session_seq_id: NonNegativeInt | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    """snapshot: the weights as they are now. inflight (weights that follow training) is not supported here."""
     seq_id: NonNegativeInt | None = None
     ttl_seconds: int | None = Field(default=None, ge=1)
+    user_metadata: dict[str, str] | None = None
+    """Not supported here (refused when set)."""
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
     @model_validator(mode="after")
     def _check_target(self) -> SaveWeightsForSamplerRequest:
         if (self.path is None) == (self.sampling_session_seq_id is None):
             raise ValueError("give exactly one of path and sampling_session_seq_id")
+        refuse_unsupported(self, {"kind": "snapshot", "user_metadata": None})
         return self
 
 
@@ -110,6 +122,13 @@ class LoadWeightsRequest(StrictModel):
     seq_id: NonNegativeInt | None = None
     session_id: str | None = None
     model_seq_id: NonNegativeInt | None = None
+    base_model: str | None = None
+    """The checkpoint's base model, when the client knows it (the checkpoint records its own)."""
+    user_metadata: dict[str, Any] | None = None
+    """Kept with a run created from the checkpoint."""
+    optimizer_config: AdamOptimizerConfig | None = None
+    weights_access_token: str | None = None
+    """For weights outside this server: not supported here (refused when set)."""
     type: Literal["load_weights"] = "load_weights"
 
     @model_validator(mode="after")
@@ -118,6 +137,7 @@ class LoadWeightsRequest(StrictModel):
             raise ValueError("give model_id (load into a run) or session_id with model_seq_id (create from it)")
         if self.session_id is not None and self.model_seq_id is None:
             raise ValueError("model_seq_id is required with session_id")
+        refuse_unsupported(self, {"weights_access_token": None})
         return self
 
 
@@ -157,6 +177,13 @@ class CheckpointArchiveUrlResponse(StrictModel):
 
     url: str
     expires: datetime
+
+
+class WeightsInfoRequest(StrictModel):
+    """Asks what a checkpoint needs to load: its base model and adapter shape."""
+
+    tinker_path: str
+    type: Literal["weights_info"] = "weights_info"
 
 
 class TrainingRun(StrictModel):

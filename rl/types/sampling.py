@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from rl.types._base import StrictModel
+from rl.types._base import StrictModel, refuse_unsupported
 from rl.types.tensors import ModelInput
 
 StopReason = Literal["length", "stop"]
@@ -52,12 +52,20 @@ class SampleRequest(StrictModel):
     """Also return the logprob of each prompt token given the tokens before it."""
     topk_prompt_logprobs: NonNegativeInt = 0
     """Also return the k most likely tokens at each prompt position, with their logprobs."""
+    topk_sample_logprobs: NonNegativeInt = 0
+    prompt_alt_tokens_k: NonNegativeInt = 0
+    prompt_logprobs_last_n: NonNegativeInt | None = None
+    target_prompt_logprobs: list[int] | None = None
+    record_stability_info: bool | None = None
+    """The last five: SDK 0.38 options not supported here (refused unless at their defaults)."""
     type: Literal["sample"] = "sample"
 
     @model_validator(mode="after")
     def _check_session(self) -> SampleRequest:
         if self.sampling_session_id is not None and self.seq_id is None:
             raise ValueError("seq_id is required when sampling_session_id is given")
+        refuse_unsupported(self, {"topk_sample_logprobs": 0, "prompt_alt_tokens_k": 0, "prompt_logprobs_last_n": None,
+                                  "target_prompt_logprobs": None, "record_stability_info": None})
         return self
 
 

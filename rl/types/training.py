@@ -46,6 +46,15 @@ class AdamParams(StrictModel):
     """Clip the global gradient norm to this value before the step; 0 turns clipping off."""
 
 
+class OptimStepRequest(StrictModel):
+    """One AdamW step on a run's accumulated gradients, in the run's seq_id order."""
+
+    model_id: str
+    adam_params: AdamParams
+    seq_id: NonNegativeInt | None = None
+    type: Literal["optim_step"] = "optim_step"
+
+
 class OptimStepResponse(StrictModel):
     metrics: dict[str, float] | None = None
     """Keys are `name:reduction`, e.g. `grad_norm:mean` (before clipping), `learning_rate:mean`, `step:max`."""
@@ -61,6 +70,13 @@ class CreateModelRequest(StrictModel):
     lora_config: LoraConfig | None = None
     optimizer_config: AdamOptimizerConfig = Field(default_factory=AdamOptimizerConfig)
     type: Literal["create_model"] = "create_model"
+
+
+class GetInfoRequest(StrictModel):
+    """Asks for a training run's base model, tokenizer and adapter rank."""
+
+    model_id: str
+    type: Literal["get_info"] = "get_info"
 
 
 class ForwardBackwardInput(StrictModel):
