@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from rl.config import ClusterConfig, TrainConfig, check, load
-from rl.driver import dpo, rl, sft
-from rl.driver.run import STATE, LearnerLost, read_state
+from rl.driver.state import STATE, LearnerLost, read_state
 from rl.tasks import make_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LOOPS = {"rl": rl.train, "dpo": dpo.train, "sft": sft.train}
 ConfigStore.instance().store(name="schema", node=TrainConfig)  # every key overridable, typed, with its default
 
 
@@ -53,11 +52,14 @@ def run(config: TrainConfig) -> list[dict]:
     if config.resume:
         config = replace(config, output_dir=str(resume_folder(config)))
     task = make_task(config.task.name, format_reward=config.task.format_reward)
+    # Imported here, not at the top: the loops import torch and transformers (~6 s), which a refused
+    # configuration does not wait for.
+    loop = importlib.import_module(f"rl.driver.{config.algo.loop}")
     connect(config.cluster)
     restarts = 0
     while True:
         try:
-            return LOOPS[config.algo.loop](config, task)
+            return loop.train(config, task)
         except LearnerLost as lost:
             state = read_state(Path(config.output_dir))
             if restarts == config.learner.max_restarts:

@@ -33,7 +33,7 @@ from rl.config import (
     TaskConfig,
     TrainConfig,
 )
-from rl.driver.run import read_state
+from rl.driver.state import read_state
 
 
 def logged_steps(folder: Path) -> list[int]:

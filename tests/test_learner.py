@@ -27,7 +27,8 @@ def sft_datum(tokens: list[int], prompt_length: int = 1) -> Datum:
     return Datum.next_token(tokens, weights=[0.0] * (prompt_length + 1) + [1.0] * (len(tokens) - 1 - prompt_length))
 
 
-PATTERN = [sft_datum([5, 17, 33, 17, 33, 17, 33, 17, 33, 9]), sft_datum([8, 40, 41, 42, 40, 41, 42, 40])]
+PATTERN_TOKENS = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
+PATTERN = [sft_datum(PATTERN_TOKENS), sft_datum([8, 40, 41, 42, 40, 41, 42, 40])]
 
 
 def sft(data=PATTERN) -> ForwardBackwardInput:
@@ -208,6 +209,40 @@ def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
     assert all(g is None for g in grads(learner, model_id))
     with pytest.raises(ValueError, match="no gradients"):
         learner.optim_step(model_id, ADAM)
+
+
+def test_gradient_clipping_clips_what_adam_sees(learner, tiny_model_dir):
+    # AdamW's first moment after one step is (1 - beta1) * the gradient it was given: its norm shows the clipping.
+    for clip in (1e-3, 0.0):
+        model_id = learner.create(str(tiny_model_dir), LORA)
+        learner.forward_backward(model_id, sft())
+        raw = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads(learner, model_id))))
+        reported = learner.optim_step(model_id, AdamParams(learning_rate=1e-3, beta1=0.9,
+                                                           grad_clip_norm=clip)).metrics["grad_norm:mean"]
+        optimizer = learner._runs[model_id].optimizer
+        given = float(torch.sqrt(sum(((state["exp_avg"] / 0.1).double() ** 2).sum()
+                                     for state in optimizer.state.values())))
+        assert reported == pytest.approx(raw, rel=1e-5), "the norm reported is the one before clipping"
+        assert given == pytest.approx(clip if clip else raw, rel=1e-4), (clip, raw, given)
+        assert raw > 100 * 1e-3, "the clip bound is well below the raw norm"
+
+
+def test_a_non_finite_gradient_norm_is_refused_and_changes_nothing(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)
+    huge = [Datum.next_token(PATTERN_TOKENS, weights=[3e38] * len(PATTERN_TOKENS))]  # the loss overflows float32
+    learner.forward_backward(model_id, sft(huge))
+    before = {name: value.clone() for name, value in learner._peft.named_parameters() if value.requires_grad}
+    held = [None if g is None else g.clone() for g in grads(learner, model_id)]
+    with pytest.raises(ValueError, match=r"gradient norm is (inf|nan); the step is refused"):
+        learner.optim_step(model_id, ADAM)
+    after = {name: value for name, value in learner._peft.named_parameters() if value.requires_grad}
+    assert all(torch.equal(before[name], after[name]) for name in before), "no weight moved"
+    assert learner.step(model_id) == 1
+    kept = grads(learner, model_id)
+    assert all(b is None if a is None else torch.allclose(a, b, equal_nan=True) for a, b in zip(held, kept,
+                                                                                               strict=True)), \
+        "the gradients are still there, for the caller to inspect"
 
 
 def test_runs_are_isolated(learner, tiny_model_dir):

@@ -12,8 +12,9 @@ import torch
 from rl.chat import chat_tokens
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.rl import base_logprobs, train
-from rl.driver.run import Run, read_state
+from rl.driver.run import Run
 from rl.driver.sampling import sample_all
+from rl.driver.state import read_state
 from rl.tasks import Digits, Problem
 from rl.types import SamplingParams
 

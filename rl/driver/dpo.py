@@ -35,12 +35,12 @@ def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
     adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
+    # The data first: a task that cannot give pairs fails before any actor starts.
+    pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
+    eval_pairs = preference_pairs(task, config.eval_prompts, seed=config.seed, split="eval")
+    held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
     with Run(config) as run:
-        pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
-        held_out_pairs = dpo_batch(pair_datums(run.tokenizer, preference_pairs(task, config.eval_prompts,
-                                                                                seed=config.seed, split="eval")),
-                                   algo.loss_fn_config)
-        held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
+        held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
 
         async def evaluate(step: int) -> dict:
             output = await run.learner.forward.remote(run.model_id, held_out_pairs)

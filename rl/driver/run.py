@@ -13,7 +13,6 @@ Random state: every random choice a loop makes (problems, sampling seeds, data o
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import TrainConfig
+from rl.driver.state import STATE, LearnerLost, read_state, write_state
 from rl.learner import LearnerActor
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
@@ -38,8 +38,6 @@ from rl.types import (
     ForwardBackwardOutput,
     LoraConfig,
 )
-
-STATE = "state.json"
 
 
 def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
@@ -53,10 +51,6 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> l
             random.Random(f"{seed}:{epoch}").shuffle(orders[epoch])
         indices.append(orders[epoch][offset])
     return indices
-
-
-class LearnerLost(RuntimeError):
-    """The run's learner actor died (its process or its node): the run can go on from its last checkpoint."""
 
 
 def overlap_threads(config: TrainConfig) -> int | None:
@@ -241,17 +235,3 @@ def reserve(config: TrainConfig):
                            f"needs {bundles} (learner, then each sampler replica; strategy "
                            f"{cluster.placement_strategy}); free now: {ray.available_resources()}") from None
     return group
-
-
-def read_state(folder: Path) -> dict | None:
-    path = folder / STATE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_state(folder: Path, state: dict) -> None:
-    staging = folder / f".{STATE}.tmp"
-    with open(staging, "w") as file:
-        json.dump(state, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())
-    staging.replace(folder / STATE)

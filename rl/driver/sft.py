@@ -30,12 +30,13 @@ def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
     adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
+    # The data first: a task that cannot give conversations fails before any actor starts.
+    conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
+    eval_conversations = sft_conversations(task, config.eval_prompts, seed=config.seed, split="eval")
+    held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
     with Run(config) as run:
-        conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
-        held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation) for conversation in
-                                          sft_conversations(task, config.eval_prompts, seed=config.seed,
-                                                            split="eval")])
-        held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
+        held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation)
+                                          for conversation in eval_conversations])
 
         async def evaluate(step: int) -> dict:
             output = await run.learner.forward.remote(run.model_id, held_out_batch)

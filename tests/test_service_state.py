@@ -1,0 +1,134 @@
+"""The service's own state, without HTTP: futures in seq_id order (gaps, late arrivals, repeats), the sample
+de-duplication key, and the registry of users, runs and public checkpoints."""
+
+import asyncio
+
+import pytest
+
+from rl.service import futures
+from rl.service.futures import FutureStore
+from rl.service.registry import LOCAL_USER, AccessDenied, Registry
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def recorder(order: list, name: str, result=None, *, fail: Exception | None = None):
+    async def job():
+        order.append(name)
+        if fail is not None:
+            raise fail
+        return result if result is not None else name
+    return job
+
+
+def test_a_run_executes_in_seq_id_order_whatever_the_arrival_order():
+    async def scenario():
+        store, order = FutureStore(), []
+        ids = {seq: store.submit_ordered("alice", "m", seq, recorder(order, f"job{seq}")) for seq in (3, 1, 2)}
+        results = [await store.retrieve("alice", ids[seq], timeout=5) for seq in (1, 2, 3)]
+        return order, results
+
+    order, results = run(scenario())
+    assert order == ["job1", "job2", "job3"] and results == ["job1", "job2", "job3"]
+
+
+def test_a_missing_seq_id_holds_the_run_for_the_gap_only_and_a_late_one_runs_out_of_turn(monkeypatch):
+    monkeypatch.setattr(futures, "GAP_SECONDS", 0.2)
+
+    async def scenario():
+        store, order = FutureStore(), []
+        second = store.submit_ordered("alice", "m", 2, recorder(order, "job2"))
+        await asyncio.sleep(0.05)
+        assert order == [], "seq 2 waits for seq 1"
+        assert await store.retrieve("alice", second, timeout=2) == "job2", "then goes on without it"
+        late = store.submit_ordered("alice", "m", 1, recorder(order, "job1"))
+        assert await store.retrieve("alice", late, timeout=2) == "job1"
+        return order
+
+    assert run(scenario()) == ["job2", "job1"]
+
+
+def test_a_repeated_seq_id_is_the_same_request_and_runs_once():
+    async def scenario():
+        store, order = FutureStore(), []
+        first = store.submit_ordered("alice", "m", 1, recorder(order, "job1"))
+        again = store.submit_ordered("alice", "m", 1, recorder(order, "job1-again"))
+        other_run = store.submit_ordered("alice", "n", 1, recorder(order, "other"))
+        await store.retrieve("alice", first, timeout=2)
+        await store.retrieve("alice", other_run, timeout=2)
+        return first, again, other_run, order
+
+    first, again, other_run, order = run(scenario())
+    assert first == again and other_run != first
+    assert sorted(order) == ["job1", "other"]
+
+
+def test_samples_deduplicate_on_their_key_and_failures_are_kept_by_category():
+    async def scenario():
+        store, order = FutureStore(), []
+        key = ("sampling-1", 0)
+        first = store.submit("alice", recorder(order, "sample"), key=key)
+        resent = store.submit("alice", recorder(order, "sample-again"), key=key)
+        unkeyed = [store.submit("alice", recorder(order, "unkeyed")) for _ in range(2)]
+        user_error = store.submit("alice", recorder(order, "bad", fail=ValueError("max_tokens too large")))
+        server_error = store.submit("alice", recorder(order, "bug", fail=RuntimeError("engine died")))
+        results = [await store.retrieve("alice", request_id, timeout=2)
+                   for request_id in (first, *unkeyed, user_error, server_error)]
+        return first, resent, unkeyed, results, order
+
+    first, resent, unkeyed, results, order = run(scenario())
+    assert first == resent and len(set(unkeyed)) == 2
+    assert order.count("sample") == 1 and "sample-again" not in order and order.count("unkeyed") == 2
+    assert results[3] == {"error": "max_tokens too large", "category": "user"}
+    assert results[4] == {"error": "RuntimeError: engine died", "category": "server"}
+
+
+def test_a_result_not_ready_answers_none_and_others_cannot_read_it():
+    async def scenario():
+        store = FutureStore()
+        started = asyncio.Event()
+
+        async def slow():
+            started.set()
+            await asyncio.sleep(10)
+
+        request_id = store.submit("alice", slow)
+        await started.wait()
+        pending = await store.retrieve("alice", request_id, timeout=0.05)
+        with pytest.raises(ValueError, match="unknown request_id"):
+            await store.retrieve("bob", request_id, timeout=0.05)
+        return pending
+
+    assert run(scenario()) is None, "the app answers try_again"
+
+
+def test_registry_users_sessions_runs_and_public_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="must start with 'tml-'"):
+        Registry(tmp_path, ["secret"])
+    assert Registry(tmp_path, []).user(None) == LOCAL_USER, "no keys: one local user"
+    registry = Registry(tmp_path, ["tml-a", "tml-b"])
+    alice, bob = registry.user("tml-a"), registry.user("tml-b")
+    assert alice != bob
+    with pytest.raises(AccessDenied):
+        registry.user("tml-stranger")
+    session = registry.new_session(alice)
+    registry.check_session(alice, session)
+    with pytest.raises(ValueError, match="unknown session_id"):
+        registry.check_session(bob, session)
+
+    registry.add_run(alice, "s:train:0", "tiny", {"rank": 8}, {"note": "x"})
+    assert registry.run(alice, "s:train:0")["base_model"] == "tiny"
+    with pytest.raises(ValueError, match="unknown model_id 's:train:0'"):
+        registry.run(bob, "s:train:0")  # someone else's run is "unknown", like one that does not exist
+    path = "tinker://s:train:0/weights/step-2"
+    assert registry.readable(alice, path) and not registry.readable(bob, path)
+    registry.set_public(path, True)
+    assert registry.readable(bob, path)
+
+    reloaded = Registry(tmp_path, ["tml-a", "tml-b"])  # a restarted server on the same folder
+    assert [model_id for model_id, _ in reloaded.owned_runs(alice)] == ["s:train:0"]
+    assert reloaded.owned_runs(bob) == [] and reloaded.readable(bob, path)
+    reloaded.set_public(path, False)
+    assert not Registry(tmp_path, ["tml-a"]).readable(bob, path)
