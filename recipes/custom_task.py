@@ -17,7 +17,7 @@ from datetime import datetime
 
 from hydra import compose, initialize_config_dir
 
-from rl.config import load
+from rl.config import check, load
 from rl.driver import rl as rl_loop
 from rl.tasks import INSTRUCTION, Problem, strict_answer
 from rl.train import CONFIGS, connect
@@ -47,5 +47,6 @@ if __name__ == "__main__":
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         composed = compose("config", overrides=["recipe=arithmetic_rl", f"output_dir={folder}", *sys.argv[1:]])
     config = load(composed)
+    check(config)
     connect(config.cluster)
     rl_loop.train(config, Multiplication())

@@ -176,68 +176,75 @@ def check(config: TrainConfig) -> None:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
 
 
-def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
+AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
+NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
+POSITIVE = (lambda value: value > 0, "more than 0")
+UNSET_OR_AT_LEAST_1 = (lambda value: value is None or value >= 1, "unset or at least 1")
+
+
+def one_of(*choices: str) -> tuple:
+    return (lambda value: value in choices), f"one of {', '.join(choices)}"
+
+
+def _rules(loop: str) -> dict[str, tuple]:
+    """Each key's rule: (whether a value keeps it, what it must be)."""
     from rl import losses
     from rl.sampler.replica import PUBLISH_MODES
     from rl.tasks import TASKS
 
-    model, algo, learner, sampler = config.model, config.algo, config.learner, config.sampler
-    rules: list[tuple[str, object, bool, str]] = [
-        ("steps", config.steps, config.steps >= 1, "at least 1"),
-        ("seed", config.seed, config.seed >= 0, "0 or more"),
-        ("eval_every", config.eval_every, config.eval_every >= 0, "0 (never) or more"),
-        ("eval_prompts", config.eval_prompts, config.eval_prompts >= 1 or config.eval_every == 0,
-         "at least 1 while eval_every > 0"),
-        ("checkpoint_every", config.checkpoint_every, config.checkpoint_every >= 0, "0 (the last step only) or more"),
-        ("model.dtype", model.dtype, model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
-        ("model.lora_rank", model.lora_rank, model.lora_rank >= 1, "at least 1"),
-        ("model.max_model_len", model.max_model_len, model.max_model_len > algo.max_tokens,
-         f"more than algo.max_tokens ({algo.max_tokens}), so a prompt fits beside the answer"),
-        ("algo.loop", algo.loop, algo.loop in LOOPS, f"one of {', '.join(LOOPS)}"),
-        ("algo.loss_fn", algo.loss_fn, algo.loss_fn in losses.LOSSES, f"one of {', '.join(losses.LOSSES)}"),
-        ("algo.learning_rate", algo.learning_rate, algo.learning_rate > 0, "more than 0"),
-        ("algo.grad_clip_norm", algo.grad_clip_norm, algo.grad_clip_norm >= 0, "0 (no clipping) or more"),
-        ("algo.prompts_per_step", algo.prompts_per_step, algo.prompts_per_step >= 1, "at least 1"),
-        ("algo.max_tokens", algo.max_tokens, algo.max_tokens >= 1, "at least 1"),
-        ("algo.kl_coef", algo.kl_coef, algo.kl_coef >= 0, "0 (off) or more"),
-        ("algo.train_examples", algo.train_examples, algo.train_examples >= 1, "at least 1"),
-        ("task.name", config.task.name, config.task.name in TASKS, f"one of {', '.join(TASKS)}"),
-        ("learner.num_cpus", learner.num_cpus, learner.num_cpus >= 0, "0 or more"),
-        ("learner.num_gpus", learner.num_gpus, learner.num_gpus >= 0, "0 or more"),
-        ("learner.micro_batch_tokens", learner.micro_batch_tokens, learner.micro_batch_tokens >= 1, "at least 1"),
-        ("learner.threads", learner.threads, learner.threads is None or learner.threads >= 1, "unset or at least 1"),
-        ("learner.max_restarts", learner.max_restarts, learner.max_restarts >= 0, "0 or more"),
-        ("sampler.replicas", sampler.replicas, sampler.replicas >= 1, "at least 1"),
-        ("sampler.num_cpus", sampler.num_cpus, sampler.num_cpus >= 0, "0 or more"),
-        ("sampler.num_gpus", sampler.num_gpus, sampler.num_gpus >= 0, "0 or more"),
-        ("sampler.publish_mode", sampler.publish_mode, sampler.publish_mode in PUBLISH_MODES,
-         f"one of {', '.join(PUBLISH_MODES)}"),
-        ("sampler.threads", sampler.threads, sampler.threads is None or sampler.threads >= 1, "unset or at least 1"),
-        ("cluster.placement_strategy", config.cluster.placement_strategy,
-         config.cluster.placement_strategy in PLACEMENT_STRATEGIES, f"one of {', '.join(PLACEMENT_STRATEGIES)}"),
-        ("cluster.placement_timeout_s", config.cluster.placement_timeout_s, config.cluster.placement_timeout_s > 0,
-         "more than 0"),
-        ("logger.wandb_mode", config.logger.wandb_mode, config.logger.wandb_mode in WANDB_MODES,
-         f"one of {', '.join(WANDB_MODES)}"),
-    ]
-    if algo.loop == "rl":
-        rules += [
-            ("algo.group_size", algo.group_size, algo.group_size >= 2,
-             "at least 2: advantages are relative to the group, so a group of one never trains"),
-            ("algo.temperature", algo.temperature, algo.temperature > 0,
-             "more than 0: greedy samples of a prompt are all alike, so their advantages are all 0"),
-        ]
-    found = [(key, value, rule) for key, value, ok, rule in rules if not ok]
+    rules = {
+        "steps": AT_LEAST_1, "seed": NOT_NEGATIVE, "eval_every": (NOT_NEGATIVE[0], "0 (never) or more"),
+        "checkpoint_every": (NOT_NEGATIVE[0], "0 (the last step only) or more"),
+        "model.dtype": one_of(*DTYPES), "model.lora_rank": AT_LEAST_1, "algo.loop": one_of(*LOOPS),
+        "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
+        "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
+        "algo.max_tokens": AT_LEAST_1, "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
+        "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
+        "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": NOT_NEGATIVE, "learner.micro_batch_tokens": AT_LEAST_1,
+        "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,
+        "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": NOT_NEGATIVE,
+        "sampler.publish_mode": one_of(*PUBLISH_MODES), "sampler.threads": UNSET_OR_AT_LEAST_1,
+        "cluster.placement_strategy": one_of(*PLACEMENT_STRATEGIES), "cluster.placement_timeout_s": POSITIVE,
+        "logger.wandb_mode": one_of(*WANDB_MODES),
+    }
+    if loop == "rl":
+        rules["algo.group_size"] = (lambda value: value >= 2, "at least 2: advantages are relative to the group, "
+                                                              "so a group of one never trains")
+        rules["algo.temperature"] = (lambda value: value > 0, "more than 0: greedy samples of a prompt are all "
+                                                              "alike, so their advantages are all 0")
+    return rules
+
+
+def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
+    """(key, value, rule) for each value that breaks its rule or does not fit the values beside it."""
+    from rl import losses
+
+    found = []
+    for key, (keeps, rule) in _rules(config.algo.loop).items():
+        value = _value(config, key)
+        if not keeps(value):
+            found.append((key, value, rule))
+    algo = config.algo
+    if config.eval_every > 0 and config.eval_prompts < 1:
+        found.append(("eval_prompts", config.eval_prompts, "at least 1 while eval_every > 0"))
+    if config.model.max_model_len <= algo.max_tokens:
+        found.append(("model.max_model_len", config.model.max_model_len,
+                      f"more than algo.max_tokens ({algo.max_tokens}), so a prompt fits beside the answer"))
     if algo.loss_fn in losses.LOSSES:
-        fits = {"rl": "advantages" in losses.LOSSES[algo.loss_fn].inputs, "dpo": algo.loss_fn == "dpo",
-                "sft": algo.loss_fn == "cross_entropy"}
-        if not fits.get(algo.loop, True):
-            wanted = {"rl": "a policy loss (one that reads advantages: "
-                            + ", ".join(name for name, spec in losses.LOSSES.items() if "advantages" in spec.inputs)
-                            + ")", "dpo": "dpo", "sft": "cross_entropy"}[algo.loop]
-            found.append(("algo.loss_fn", algo.loss_fn, f"the {algo.loop} loop trains with {wanted}"))
+        policy_losses = [name for name, spec in losses.LOSSES.items() if "advantages" in spec.inputs]
+        wanted = {"rl": policy_losses, "dpo": ["dpo"], "sft": ["cross_entropy"]}.get(algo.loop, [algo.loss_fn])
+        if algo.loss_fn not in wanted:
+            what = f"a policy loss (one that reads advantages: {', '.join(wanted)})" if algo.loop == "rl" else wanted[0]
+            found.append(("algo.loss_fn", algo.loss_fn, f"the {algo.loop} loop trains with {what}"))
         try:
             losses.resolve_config(algo.loss_fn, algo.loss_fn_config)
         except ValueError as error:
             found.append(("algo.loss_fn_config", algo.loss_fn_config, str(error)))
     return found
+
+
+def _value(config: TrainConfig, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value

@@ -84,9 +84,11 @@ def ppo(logprobs_D, inputs_D, config):
         low, high = _clip_bounds(inputs, config, ratio)
         clipped_ratio = torch.clamp(ratio, low, high)
         unclipped, clipped_term = ratio * advantages, clipped_ratio * advantages
-        loss = loss - (_token_weights(logprobs, inputs) * torch.minimum(unclipped, clipped_term)).sum()
-        clipped += float((clipped_term < unclipped).sum())  # tokens whose gradient the clip removes
-        tokens += float((advantages != 0).sum())
+        weights = _token_weights(logprobs, inputs)
+        loss = loss - (weights * torch.minimum(unclipped, clipped_term)).sum()
+        trained = (weights != 0) & (advantages != 0)  # the tokens that carry a gradient at all
+        clipped += float((trained & (clipped_term < unclipped)).sum())  # those whose gradient the clip removes
+        tokens += float(trained.sum())
     return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped / max(tokens, 1.0)}
 
 

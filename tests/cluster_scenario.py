@@ -52,7 +52,7 @@ def main(model_dir: str, output_dir: str) -> None:
             "learner_node": node_of(run.learner),
             "replica_nodes": [node_of(replica.actor) for replica in replicas],
             "served_hashes": [response.content_hash for response in served],
-            "published_hash": version.content_hash,
+            "published_hash": version.weights.content_hash,
             "served_tokens": [response.sequences[0].tokens for response in served],
         }
     print("REPORT " + json.dumps(report), flush=True)

@@ -115,6 +115,22 @@ def test_ppo_value_and_gradient_at_both_clip_bounds():
     _gradcheck(losses.ppo, logprobs_D, inputs_D, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1})
 
 
+def test_ppo_with_weights_matches_a_hand_calculation():
+    logprobs_D, inputs_D = _policy_batch()  # weights 0, 1, 1, 0.5: a token of weight 0 counts for nothing
+    config = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    loss, metrics = losses.ppo(logprobs_D, inputs_D, config)
+    expected, clipped, tokens = 0.0, 0, 0
+    for lp, x in zip(_numpy(logprobs_D), inputs_D, strict=True):
+        ratio = np.exp(lp - x["logprobs"].numpy())
+        advantage, weight = x["advantages"].numpy(), x["weights"].numpy()
+        expected -= (weight * np.minimum(ratio * advantage, np.clip(ratio, 0.9, 1.1) * advantage)).sum()
+        trained = (weight != 0) & (advantage != 0)
+        clipped += int((trained & (ratio * advantage > np.clip(ratio, 0.9, 1.1) * advantage)).sum())
+        tokens += int(trained.sum())
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["clip_fraction:mean"] == pytest.approx(clipped / tokens)
+
+
 def test_ppo_per_datum_clip_bounds_override_the_config():
     logprobs_D = [torch.log(torch.tensor([1.5], dtype=torch.float64)).requires_grad_()]
     inputs_D = [{"logprobs": torch.zeros(1, dtype=torch.float64), "advantages": torch.ones(1, dtype=torch.float64),

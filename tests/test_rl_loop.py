@@ -5,13 +5,15 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+import matplotlib.pyplot as plt
 import pytest
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from rl.chat import chat_tokens
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.rl import base_logprobs, train
+from rl.driver.rl import base_logprobs, step_prompts, train
 from rl.driver.run import Run
 from rl.driver.sampling import sample_all
 from rl.driver.state import read_state
@@ -34,15 +36,23 @@ def metrics(folder) -> list[dict]:
 
 
 def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
-    history = train(tiny_config(tiny_model_dir, tmp_path, eval_every=1), Digits())
+    config = tiny_config(tiny_model_dir, tmp_path, eval_every=1)
+    history = train(config, Digits())
     lines = metrics(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert lines == history and [record["step"] for record in lines] == [0, 1, 2]
     assert {"eval/accuracy", "tokens_total/sampled"} <= lines[2].keys() and "loss" not in lines[2]
-    for record in lines[:2]:
+    for step, record in enumerate(lines[:2]):
         assert {"loss", "step_time_s", "reward/mean", "eval/accuracy", "grad_norm:mean", "time/sampling_s",
                 "time/training_s", "throughput/sampled_tokens_per_s"} <= record.keys()
-        assert 0.0 <= record["reward/mean"] <= 1.0 and record["datums"] > 0
-        assert 0 < record["tokens/sampled"] <= 8 * 8 * 8 and record["tokens/trained"] > 0
+        assert 0.0 <= record["reward/mean"] <= 1.0 and 0 < record["datums"] <= 64
+        # The step's prompts are known (seeded by seed and step): each of the 8 is sampled 8 times.
+        prompt_lengths = [len(prompt) for prompt in step_prompts(config, Digits(), tokenizer, step)[1]]
+        assert record["tokens/prompt"] == 8 * sum(prompt_lengths)
+        assert 64 <= record["tokens/sampled"] <= 64 * 8, "at least one token and at most max_tokens a sample"
+        # A trained datum is its prompt and its sample less the last token: bounded by the whole rollout's.
+        most = record["tokens/prompt"] + record["tokens/sampled"] - record["datums"]
+        assert record["datums"] * min(prompt_lengths) <= record["tokens/trained"] <= most
         phases = [record[f"time/{phase}_s"] for phase in ("sampling", "forward_backward", "optim_step", "publish",
                                                            "eval")]
         assert all(seconds > 0 for seconds in phases) and sum(phases) <= record["step_time_s"]
@@ -62,7 +72,9 @@ def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
                                                                                   "step-000002"]
     assert sorted(p.name for p in (run_folder / "weights").iterdir()) == ["step-2"], "the last step is saved"
     assert read_state(tmp_path)["step"] == 2
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    curves = plt.imread(tmp_path / "curves.png")
+    assert curves.shape[0] > 400 and curves.shape[1] > 800, "a figure of several panels"
+    assert curves[..., :3].std() > 0.05, "with something drawn on it"
 
 
 def test_the_tiny_model_learns_a_task(ray_local, tiny_model_dir, tmp_path):

@@ -95,6 +95,38 @@ async def base_logprobs(run: Run, prompts_S: list[list[int]], sequences_S: list[
     return [logprobs[len(p) - 1:] for logprobs, p in zip(logprobs_S, prompts_S, strict=True)]
 
 
+def rewards_and_advantages(run: Run, task: Task, sampled: Rollout, step: int):
+    """Each sample's prompt, sequence, reward and per-token advantages (its group-relative advantage on each of
+    its tokens), flattened over the groups."""
+    prompts_S, sequences_S, rewards_S, advantages_S = [], [], [], []
+    for index, (problem, prompt_T, response) in enumerate(zip(sampled.problems_P, sampled.prompts_P,
+                                                              sampled.responses_P, strict=True)):
+        rewards_G = [score(task, task.reward, problem, completion_text(run.tokenizer, s.tokens),
+                           where=f"step {step}, prompt {index}") for s in response.sequences]
+        rewards_S += rewards_G
+        for sequence, advantage in zip(response.sequences, group_advantages(rewards_G, run.config.algo.normalize_std),
+                                       strict=True):
+            prompts_S.append(prompt_T)
+            sequences_S.append(sequence)
+            advantages_S.append([advantage] * len(sequence.tokens))
+    return prompts_S, sequences_S, rewards_S, advantages_S
+
+
+def step_metrics(record: dict, sampled: Rollout, rewards_S: list[float], sampled_tokens: int,
+                 datums_D: list[Datum]) -> dict:
+    """The step's reward, sizes and throughputs; training time is every phase after sampling."""
+    training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward", "optim_step",
+                                                                         "publish"))
+    trained_tokens = sum(d.model_input.length for d in datums_D)
+    return {"reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
+            "sampler/weights_step": sampled.weights_step,
+            "tokens/prompt": sum(len(prompt) * len(response.sequences)
+                                 for prompt, response in zip(sampled.prompts_P, sampled.responses_P, strict=True)),
+            "tokens/sampled": sampled_tokens, "tokens/trained": trained_tokens, "time/training_s": training_s,
+            "throughput/sampled_tokens_per_s": sampled_tokens / max(record["time/sampling_s"], 1e-9),
+            "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)}
+
+
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
     with Run(config) as run:
@@ -118,17 +150,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 next_rollout = asyncio.ensure_future(rollout(run, task, step + 1, version))
 
             # Reward and group-relative advantages, one per sample, spread over its tokens.
-            prompts_S, sequences_S, advantages_S, rewards_S = [], [], [], []
-            for index, (problem, prompt_T, response) in enumerate(zip(sampled.problems_P, sampled.prompts_P,
-                                                                      sampled.responses_P, strict=True)):
-                rewards_G = [score(task, task.reward, problem, completion_text(run.tokenizer, s.tokens),
-                                   where=f"step {step}, prompt {index}") for s in response.sequences]
-                rewards_S += rewards_G
-                for sequence, advantage in zip(response.sequences, group_advantages(rewards_G, algo.normalize_std),
-                                               strict=True):
-                    prompts_S.append(prompt_T)
-                    sequences_S.append(sequence)
-                    advantages_S.append([advantage] * len(sequence.tokens))
+            prompts_S, sequences_S, rewards_S, advantages_S = rewards_and_advantages(run, task, sampled, step)
 
             # KL penalty: each token's advantage pays for how far the sampler has moved from the base model.
             if algo.kl_coef:
@@ -150,17 +172,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                                "tokens/computed": output.metrics["computed_tokens:sum"]})
                 with timed(record, "publish"):
                     version = await run.publish()
-            training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward",
-                                                                                 "optim_step", "publish"))
-            trained_tokens = sum(d.model_input.length for d in datums_D)
-
-            record.update({
-                "reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
-                "sampler/weights_step": sampled.weights_step,
-                "tokens/prompt": sum(map(len, sampled.prompts_P)) * algo.group_size, "tokens/sampled": sampled_tokens,
-                "tokens/trained": trained_tokens, "time/training_s": training_s,
-                "throughput/sampled_tokens_per_s": sampled_tokens / max(record["time/sampling_s"], 1e-9),
-                "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)})
+            record.update(step_metrics(record, sampled, rewards_S, sampled_tokens, datums_D))
             await run.end_step(record)  # logged, and a checkpoint when one is due
         await run.final_evaluation(evaluate)
         return run.log.history

@@ -45,33 +45,59 @@ PROTOBUF = "application/x-protobuf"
 
 
 def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlette:
-    async def body_of(request: Request) -> bytes:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > max_body_bytes:
-            raise BodyTooLarge(declared)
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise BodyTooLarge(len(body))
-        return body
+    return Starlette(routes=TinkerRoutes(service, max_body_bytes).routes())
 
-    async def json_of(request: Request) -> dict:
-        try:
-            body = json.loads(await body_of(request) or b"{}")
-        except json.JSONDecodeError as error:
-            raise ValueError(f"malformed JSON body: {error}") from None
-        if not isinstance(body, dict):
-            raise ValueError("the JSON body must be an object")
-        return body
 
-    def route(path: str, handler, methods=("POST",)) -> Route:
+class TinkerRoutes:
+    """Each route reads the caller's API key, parses the body (JSON into a request type, or protobuf) and answers
+    with the service's result, a future over it, or a failure in the shape the SDK reads."""
+
+    def __init__(self, service: Service, max_body_bytes: int):
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    def routes(self) -> list[Route]:
+        service, route, typed = self.service, self.route, self.typed
+        return [
+            route("client/config", lambda r, u: self.ok(r, {"use_pyqwest_transport": False})),
+            route("client/dynamic_config", lambda r, u: self.ok(r)),
+            route("create_session", self.create_session),
+            route("session_heartbeat", lambda r, u: self.ok(r)),
+            route("sessions/{session_id}/finish", lambda r, u: self.ok(r)),
+            route("telemetry", lambda r, u: self.ok(r, {"status": "accepted"})),
+            route("healthz", lambda r, u: self.ok(r, {"status": "ok"}), methods=("GET",)),
+            route("get_server_capabilities", lambda r, u: self.ok(r, service.capabilities()), methods=("GET",)),
+            route("create_model", typed(CreateModelRequest, service.create_model, queued=True)),
+            route("get_info", typed(GetInfoRequest, service.get_info)),
+            route("forward_backward", self.forward_backward),
+            route("optim_step", typed(OptimStepRequest, service.optim_step, queued=True)),
+            route("save_weights", typed(SaveWeightsRequest, service.save_weights, queued=True)),
+            route("save_weights_for_sampler", typed(SaveWeightsForSamplerRequest, service.save_weights_for_sampler,
+                                                    queued=True)),
+            route("load_weights", typed(LoadWeightsRequest, service.load_weights, queued=True)),
+            route("create_sampling_session", typed(CreateSamplingSessionRequest, service.create_sampling_session)),
+            route("samplers/{sampler_id}", self.sampler, methods=("GET",)),
+            route("asample", self.asample),
+            route("retrieve_future", self.retrieve_future),
+            route("weights_info", typed(WeightsInfoRequest, service.weights_info)),
+            route("training_runs", self.training_runs, methods=("GET",)),
+            route("training_runs/{run}", self.training_run, methods=("GET",)),
+            route("training_runs/{run}/checkpoints", self.run_checkpoints, methods=("GET",)),
+            route("training_runs/{run}/checkpoints/{checkpoint:path}", self.checkpoint, methods=("DELETE", "POST")),
+            route("checkpoints", self.user_checkpoints, methods=("GET",)),
+        ]
+
+    # ---- plumbing --------------------------------------------------------------------------------------------
+
+    def route(self, path: str, handler, methods=("POST",)) -> Route:
         async def endpoint(request: Request) -> Response:
             try:
-                user = service.registry.user(request.headers.get("x-api-key"))
+                user = self.service.registry.user(request.headers.get("x-api-key"))
                 return await handler(request, user)
             except AccessDenied as error:
                 return failure(401, str(error))
             except BodyTooLarge as error:
-                return failure(413, f"body of {error.args[0]} bytes exceeds the limit of {max_body_bytes}")
+                return failure(413, f"body of {error.args[0]} bytes exceeds the limit of {self.max_body_bytes}")
             except ValueError as error:  # bad input, pydantic's ValidationError included: named by its field
                 return failure(400, str(error))
             except Exception as error:  # the server's fault; the server goes on
@@ -79,37 +105,59 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
 
         return Route(f"/api/v1/{path}", endpoint, methods=list(methods))
 
-    def future(request_id: str, **extra) -> Response:
-        return JSONResponse({"request_id": request_id, **extra})
-
-    def typed(request_type: type[BaseModel], function, *, queued: bool = False):
+    def typed(self, request_type: type[BaseModel], function, *, queued: bool = False):
         """A JSON endpoint: the body is validated as `request_type` (a 400 names a bad field) and handed to
         `function(user, request)`; the answer is its result, awaited if need be, or a future over it (`queued`)."""
         async def handler(request: Request, user: str) -> Response:
-            result = function(user, request_type.model_validate(await json_of(request)))
+            result = function(user, request_type.model_validate(await self.json_of(request)))
             if queued:
                 return future(result)
             return as_json(await result if inspect.isawaitable(result) else result)
         return handler
 
-    async def forward_backward(request: Request, user: str) -> Response:
+    async def body_of(self, request: Request) -> bytes:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > self.max_body_bytes:
+            raise BodyTooLarge(declared)
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            raise BodyTooLarge(len(body))
+        return body
+
+    async def json_of(self, request: Request) -> dict:
+        try:
+            body = json.loads(await self.body_of(request) or b"{}")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"malformed JSON body: {error}") from None
+        if not isinstance(body, dict):
+            raise ValueError("the JSON body must be an object")
+        return body
+
+    async def ok(self, request: Request, answer: dict | None = None) -> Response:
+        if request.method == "POST":
+            await self.json_of(request)
+        return JSONResponse(answer or {})
+
+    # ---- endpoints that are more than a typed body -----------------------------------------------------------
+
+    async def forward_backward(self, request: Request, user: str) -> Response:
         if request.headers.get("content-encoding", "identity") != "identity":
             raise ValueError("compressed forward_backward bodies are not accepted (client/config says so)")
-        model_id, seq_id, batch, forward_only = decode_forward_backward(await body_of(request))
-        return future(service.forward_backward(user, model_id, seq_id, batch, forward_only))
+        model_id, seq_id, batch, forward_only = decode_forward_backward(await self.body_of(request))
+        return future(self.service.forward_backward(user, model_id, seq_id, batch, forward_only))
 
-    async def create_session(request: Request, user: str) -> Response:
-        await json_of(request)
-        return JSONResponse({"session_id": service.registry.new_session(user)})
+    async def create_session(self, request: Request, user: str) -> Response:
+        await self.json_of(request)
+        return JSONResponse({"session_id": self.service.registry.new_session(user)})
 
-    async def asample(request: Request, user: str) -> Response:
-        sample = SampleRequest.model_validate(await json_of(request))
-        request_id = service.sample(user, sample)
+    async def asample(self, request: Request, user: str) -> Response:
+        sample = SampleRequest.model_validate(await self.json_of(request))
+        request_id = self.service.sample(user, sample)
         return future(request_id, sample_sequence_ids=[f"{request_id}-{index}" for index in range(sample.num_samples)])
 
-    async def retrieve_future(request: Request, user: str) -> Response:
-        request_id = FutureRetrieveRequest.model_validate(await json_of(request)).request_id
-        result = await service.futures.retrieve(user, request_id)
+    async def retrieve_future(self, request: Request, user: str) -> Response:
+        request_id = FutureRetrieveRequest.model_validate(await self.json_of(request)).request_id
+        result = await self.service.futures.retrieve(user, request_id)
         if result is None:
             return as_json(TryAgainResponse(request_id=request_id, queue_state="active"))
         if isinstance(result, ForwardBackwardOutput):
@@ -118,71 +166,41 @@ def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlett
             return Response(encode_sample_response(result), media_type=PROTOBUF)
         return as_json(result)
 
-    async def sampler(request: Request, user: str) -> Response:
+    async def sampler(self, request: Request, user: str) -> Response:
         sampler_id = request.path_params["sampler_id"]
-        found = service.sampler(user, sampler_id)
+        found = self.service.sampler(user, sampler_id)
         return JSONResponse({"sampler_id": sampler_id, "base_model": found["base_model"],
                              "model_path": found["model_path"]})
 
-    def page(request: Request, default_limit: int) -> tuple[int, int]:
-        return int(request.query_params.get("limit", default_limit)), int(request.query_params.get("offset", 0))
+    async def training_runs(self, request: Request, user: str) -> Response:
+        return as_json(await self.service.training_runs(user, *page(request, 20)))
 
-    async def training_runs(request: Request, user: str) -> Response:
-        return as_json(await service.training_runs(user, *page(request, 20)))
+    async def training_run(self, request: Request, user: str) -> Response:
+        return as_json(await self.service.training_run(user, request.path_params["run"]))
 
-    async def training_run(request: Request, user: str) -> Response:
-        return as_json(await service.training_run(user, request.path_params["run"]))
+    async def run_checkpoints(self, request: Request, user: str) -> Response:
+        return as_json(await self.service.run_checkpoints(user, request.path_params["run"]))
 
-    async def run_checkpoints(request: Request, user: str) -> Response:
-        return as_json(await service.run_checkpoints(user, request.path_params["run"]))
+    async def user_checkpoints(self, request: Request, user: str) -> Response:
+        return as_json(await self.service.user_checkpoints(user, *page(request, 100)))
 
-    async def user_checkpoints(request: Request, user: str) -> Response:
-        return as_json(await service.user_checkpoints(user, *page(request, 100)))
-
-    async def checkpoint(request: Request, user: str) -> Response:
+    async def checkpoint(self, request: Request, user: str) -> Response:
         run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]
         if checkpoint_id.endswith("/publish"):
-            await service.set_public(user, run, checkpoint_id.removesuffix("/publish"), request.method == "POST")
+            await self.service.set_public(user, run, checkpoint_id.removesuffix("/publish"), request.method == "POST")
         elif request.method == "DELETE":
-            await service.delete_checkpoint(user, run, checkpoint_id)
+            await self.service.delete_checkpoint(user, run, checkpoint_id)
         else:
             raise ValueError(f"{request.method} {request.url.path} is not supported")
         return JSONResponse({})
 
-    async def ok(request: Request, user: str, answer: dict | None = None) -> Response:
-        if request.method == "POST":
-            await json_of(request)
-        return JSONResponse(answer or {})
 
-    routes = [
-        route("client/config", lambda r, u: ok(r, u, {"use_pyqwest_transport": False})),
-        route("client/dynamic_config", ok),
-        route("create_session", create_session),
-        route("session_heartbeat", ok),
-        route("sessions/{session_id}/finish", ok),
-        route("telemetry", lambda r, u: ok(r, u, {"status": "accepted"})),
-        route("healthz", lambda r, u: ok(r, u, {"status": "ok"}), methods=("GET",)),
-        route("get_server_capabilities", lambda r, u: ok(r, u, service.capabilities()), methods=("GET",)),
-        route("create_model", typed(CreateModelRequest, service.create_model, queued=True)),
-        route("get_info", typed(GetInfoRequest, service.get_info)),
-        route("forward_backward", forward_backward),
-        route("optim_step", typed(OptimStepRequest, service.optim_step, queued=True)),
-        route("save_weights", typed(SaveWeightsRequest, service.save_weights, queued=True)),
-        route("save_weights_for_sampler", typed(SaveWeightsForSamplerRequest, service.save_weights_for_sampler,
-                                                queued=True)),
-        route("load_weights", typed(LoadWeightsRequest, service.load_weights, queued=True)),
-        route("create_sampling_session", typed(CreateSamplingSessionRequest, service.create_sampling_session)),
-        route("samplers/{sampler_id}", sampler, methods=("GET",)),
-        route("asample", asample),
-        route("retrieve_future", retrieve_future),
-        route("weights_info", typed(WeightsInfoRequest, service.weights_info)),
-        route("training_runs", training_runs, methods=("GET",)),
-        route("training_runs/{run}", training_run, methods=("GET",)),
-        route("training_runs/{run}/checkpoints", run_checkpoints, methods=("GET",)),
-        route("training_runs/{run}/checkpoints/{checkpoint:path}", checkpoint, methods=("DELETE", "POST")),
-        route("checkpoints", user_checkpoints, methods=("GET",)),
-    ]
-    return Starlette(routes=routes)
+def future(request_id: str, **extra) -> Response:
+    return JSONResponse({"request_id": request_id, **extra})
+
+
+def page(request: Request, default_limit: int) -> tuple[int, int]:
+    return int(request.query_params.get("limit", default_limit)), int(request.query_params.get("offset", 0))
 
 
 class BodyTooLarge(Exception):
