@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -209,6 +210,23 @@ def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
     assert all(g is None for g in grads(learner, model_id))
     with pytest.raises(ValueError, match="no gradients"):
         learner.optim_step(model_id, ADAM)
+
+
+@pytest.mark.parametrize("loss_fn", ["cispo", "dro"])
+def test_policy_losses_through_the_learner_match_their_formulas(learner, tiny_model_dir, loss_fn):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 2)
+    tokens = PATTERN_TOKENS
+    current = np.array(learner.logprobs(model_id, [tokens])[0])
+    sampler = current + np.linspace(-0.5, 0.5, len(current))  # the sampler saw somewhat other weights
+    advantages = np.linspace(-1.0, 1.0, len(current))
+    datum = Datum.next_token(tokens, logprobs=[0.0, *sampler], advantages=[0.0, *advantages])
+    output = learner.forward(model_id, ForwardBackwardInput(data=[datum], loss_fn=loss_fn))
+    if loss_fn == "cispo":  # -sum sg[clip(r, 0.8, 1.2)] * logp * A, default thresholds
+        expected = -(np.clip(np.exp(current - sampler), 0.8, 1.2) * current * advantages).sum()
+    else:  # dro: -sum (logp * A - beta/2 * (logp - q)^2), default beta 0.1
+        expected = -(current * advantages - 0.05 * (current - sampler) ** 2).sum()
+    assert output.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_gradient_clipping_clips_what_adam_sees(learner, tiny_model_dir):

@@ -40,13 +40,17 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
 
 
 def test_resume_true_continues_the_latest_run_and_its_wandb_run(tmp_path):
-    first = rl_train("recipe=arithmetic_rl", "steps=1", *SMALL, cwd=tmp_path)
+    # algo=ppo: the ppo config group (clipped ratio) through rl-train
+    first = rl_train("recipe=arithmetic_rl", "algo=ppo", "steps=1", *SMALL, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "arithmetic_rl").iterdir()
-    resumed = rl_train("recipe=arithmetic_rl", "steps=2", "resume=true", *SMALL, cwd=tmp_path)
+    resumed = rl_train("recipe=arithmetic_rl", "algo=ppo", "steps=2", "resume=true", *SMALL, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {run.resolve()} at step 1" in resumed.stdout
     assert [r["step"] for r in records(run)] == [0, 1, 2]
+    config = json.loads((run / "config.json").read_text())["algo"]
+    assert config["loss_fn"] == "ppo" and config["loss_fn_config"] == {"clip_low_threshold": 0.8,
+                                                                       "clip_high_threshold": 1.2}
     wandb_runs = sorted(path.name for path in (run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, "one wandb run id"
 

@@ -98,8 +98,8 @@ def test_resume_continues_exactly(ray_local, tiny_model_dir, tmp_path):
 
 
 def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path):
-    history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, algo={"kl_coef": 0.1, "off_policy": True}),
-                    Digits())
+    algo = {"kl_coef": 0.1, "off_policy": True, "loss_fn": "cispo"}  # cispo: a policy loss of its own, too
+    history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, algo=algo), Digits())
     steps = history[:3]
     assert [r["sampler/weights_step"] for r in steps] == [0, 0, 1], "step k+1 samples the weights of step k"
     assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first samples come from the base model itself"
@@ -145,7 +145,7 @@ _calls: list[str] = []
 
 def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, tiny_model_dir, tmp_path):
     _calls.clear()
-    config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1)
+    config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1, algo={"loss_fn": "dro"})
     with pytest.raises(RuntimeError, match=r"task 'flaky': reward raised on step 1, prompt 0 .*KeyError"):
         train(config, FlakyTask())
     assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
