@@ -133,9 +133,10 @@ class EngineLoop:
 
     def _step(self) -> None:
         for output in self.llm.llm_engine.step():
-            future = self._pending.pop(output.request_id, None)
-            if future is not None and output.finished:
-                future.set_result(output)
+            if output.finished:  # FINAL_ONLY requests report once, finished; any other stays pending
+                future = self._pending.pop(output.request_id, None)
+                if future is not None:
+                    future.set_result(output)
 
     def _run(self) -> None:
         engine = self.llm.llm_engine

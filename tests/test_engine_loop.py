@@ -1,0 +1,100 @@
+"""EngineLoop's bookkeeping when things fail, on a scripted stand-in for vLLM's engine (the loop's contract with
+the engine is three calls: add_request, step, has_unfinished_requests). The real engine under the loop is tested
+in test_sampler.py and test_vllm_lora_fastpath.py; here the engine fails on cue, which a real one cannot be made
+to do reliably."""
+
+import concurrent.futures
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from rl.sampler.engine import EngineDeadError, EngineLoop
+
+
+class ScriptedEngine:
+    """Requests finish after `steps_per_request` steps; step number `die_at` raises; prompts of [666] are refused
+    by add_request, as vLLM's validation refuses a bad request."""
+
+    def __init__(self, *, die_at: int | None = None, steps_per_request: int = 2):
+        self.die_at, self.steps_per_request = die_at, steps_per_request
+        self.requests: dict[str, int] = {}
+        self.steps = 0
+        self.stepping = threading.Event()
+
+    def add_request(self, request_id, prompt, params, lora_request=None):
+        if prompt["prompt_token_ids"] == [666]:
+            raise ValueError("prompt token 666 is not allowed")
+        self.requests[request_id] = 0
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self):
+        self.steps += 1
+        self.stepping.set()
+        if self.steps == self.die_at:
+            raise RuntimeError("CPU attention kernel crashed")
+        outputs = []
+        for request_id in list(self.requests):
+            self.requests[request_id] += 1
+            finished = self.requests[request_id] >= self.steps_per_request
+            if finished:
+                del self.requests[request_id]
+            outputs.append(SimpleNamespace(request_id=request_id, finished=finished))
+        return outputs
+
+
+def loop_over(engine: ScriptedEngine) -> EngineLoop:
+    return EngineLoop(SimpleNamespace(llm_engine=engine))
+
+
+def test_requests_finish_and_a_refused_one_fails_alone():
+    engine = ScriptedEngine()
+    loop = loop_over(engine)
+    good = [loop.generate([1, 2], params=None, lora=None) for _ in range(3)]
+    bad = loop.generate([666], params=None, lora=None)
+    with pytest.raises(ValueError, match="666 is not allowed"):
+        bad.result(timeout=5)
+    assert sorted(future.result(timeout=5).request_id for future in good) == ["r0", "r1", "r2"]
+    assert loop.dead is None
+
+
+def test_an_engine_that_dies_fails_every_request_in_flight_and_every_later_one():
+    engine = ScriptedEngine(die_at=2, steps_per_request=5)
+    loop = loop_over(engine)
+    in_flight = [loop.generate([1], params=None, lora=None) for _ in range(2)]
+    for future in in_flight:
+        with pytest.raises(EngineDeadError, match="the vLLM engine failed: RuntimeError"):
+            future.result(timeout=5)
+    assert isinstance(loop.dead, RuntimeError)
+    later = loop.generate([1], params=None, lora=None)
+    with pytest.raises(EngineDeadError, match="failed earlier"):
+        later.result(timeout=5)
+    with pytest.raises(EngineDeadError, match="failed earlier"):
+        loop.call(lambda: "weights loaded").result(timeout=5)
+
+
+def test_a_drain_that_the_engine_dies_under_fails_the_call_and_what_waits_behind_it():
+    engine = ScriptedEngine(die_at=3, steps_per_request=10)
+    loop = loop_over(engine)
+    running = loop.generate([1], params=None, lora=None)
+    assert engine.stepping.wait(5)
+    merged = loop.call(lambda: "merged", drain=True)  # would run after `running` finishes; the engine dies first
+    with pytest.raises(EngineDeadError):
+        merged.result(timeout=5)
+    with pytest.raises(EngineDeadError):
+        running.result(timeout=5)
+    with pytest.raises(EngineDeadError):
+        loop.generate([1], params=None, lora=None).result(timeout=5)
+
+
+def test_a_drained_call_runs_after_the_requests_before_it():
+    engine = ScriptedEngine(steps_per_request=3)
+    loop = loop_over(engine)
+    before = loop.generate([1], params=None, lora=None)
+    seen: list[bool] = []
+    merged = loop.call(lambda: seen.append(before.done()) or "merged", drain=True)
+    assert merged.result(timeout=5) == "merged" and seen == [True], "the request before it had finished"
+    assert isinstance(before.result(timeout=5), SimpleNamespace)
+    assert concurrent.futures.wait([loop.generate([1], params=None, lora=None)], timeout=5).done
