@@ -1,5 +1,6 @@
 """The DPO and SFT loops on the tiny model: they learn what they train on, and leave what a run leaves."""
 
+import pytest
 from test_rl_loop import metrics, tiny_config
 
 from rl.config import AlgoConfig
@@ -18,7 +19,11 @@ def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
             "tokens/trained"} <= steps[0].keys()
     assert abs(steps[0]["dpo/margin"]) < 1e-4, "at step 0 the policy is the reference: every margin is zero"
     assert steps[-1]["dpo/accuracy"] > 0.9 and steps[-1]["loss"] < steps[0]["loss"] / 2, steps[-1]
-    assert {"eval/dpo_accuracy", "eval/accuracy"} <= history[-1].keys()
+    # At step 0 the policy is the reference (the adapter adds exact zeros): every held-out margin is 0, and
+    # accuracy counts margins > 0.
+    assert history[0]["eval/dpo_accuracy"] == 0.0
+    for record in (history[0], history[-1]):  # greedy accuracy over 8 held-out prompts
+        assert record["eval/accuracy"] * 8 == pytest.approx(round(record["eval/accuracy"] * 8)), record
 
 
 def test_sft_halves_its_loss(ray_local, tiny_model_dir, tmp_path):
@@ -29,4 +34,7 @@ def test_sft_halves_its_loss(ray_local, tiny_model_dir, tmp_path):
     losses = [record["loss"] for record in history if "loss" in record]
     assert len(losses) == 8 and losses[-1] < losses[0] / 2, losses
     assert 6.0 < losses[0] < 9.0, "a random model starts near ln(2048) = 7.6 nats per token"
+    assert 6.0 < history[0]["eval/loss"] < 9.0, "held-out, the random model is as lost"
     assert history[0]["eval/loss"] > history[-1]["eval/loss"], "held-out loss falls too"
+    for record in (history[0], history[-1]):  # greedy accuracy over 4 held-out prompts
+        assert record["eval/accuracy"] * 4 == pytest.approx(round(record["eval/accuracy"] * 4)), record

@@ -13,12 +13,12 @@ from transformers import AutoTokenizer
 
 from rl.chat import chat_tokens
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.rl import base_logprobs, step_prompts, train
+from rl.driver.rl import base_logprobs, group_advantages, policy_datum, step_prompts, train
 from rl.driver.run import Run
 from rl.driver.sampling import sample_all
 from rl.driver.state import read_state
 from rl.tasks import Digits, Problem
-from rl.types import SamplingParams
+from rl.types import SampledSequence, SamplingParams
 
 
 def tiny_config(model_dir, output_dir, **fields) -> TrainConfig:
@@ -33,6 +33,18 @@ def tiny_config(model_dir, output_dir, **fields) -> TrainConfig:
 
 def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_policy_datum_and_group_advantages():
+    sequence = SampledSequence(tokens=[7, 8, 9], logprobs=[-0.1, -0.2, -0.3], stop_reason="stop")
+    datum = policy_datum([1, 2], sequence, [0.5, 0.5, 0.5])
+    assert datum.model_input.to_ints() == [1, 2, 7, 8]
+    assert datum.loss_fn_inputs["target_tokens"].data == [2, 7, 8, 9]
+    assert datum.loss_fn_inputs["logprobs"].data == pytest.approx([0.0, -0.1, -0.2, -0.3])
+    assert datum.loss_fn_inputs["advantages"].data == [0.0, 0.5, 0.5, 0.5], "the prompt carries no advantage"
+    assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=False) == [0.5, -0.5, -0.5, 0.5]
+    assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=True) == pytest.approx([1.0, -1.0, -1.0, 1.0], rel=1e-5)
+    assert group_advantages([0.2, 0.2], normalize=True) == [0.0, 0.0], "a group that scored alike teaches nothing"
 
 
 def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
