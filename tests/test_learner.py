@@ -361,7 +361,7 @@ def test_sampler_weights_are_a_peft_folder_with_a_content_hash_and_a_probe(ray_l
 
     listed = learner.list_checkpoints(model_id).checkpoints
     assert [(c.checkpoint_type, c.checkpoint_id) for c in listed] == [("sampler", "sampler_weights/for-sampling")]
-    assert listed[0].size_bytes > 0
+    assert listed[0].size_bytes == sum(map(len, read_adapter(folder).values())), "the files, checkpoint.json aside"
     with pytest.raises(ValueError, match="exists; pass overwrite=True"):
         learner.save_weights_for_sampler(model_id, "for-sampling")
     train(learner, model_id, 1)

@@ -31,8 +31,16 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         lines = records(run)
         assert [r["step"] for r in lines] == [0, 1, 2] and "eval/accuracy" in lines[0], recipe
         assert all("loss" in r and "step_time_s" in r for r in lines[:2]), recipe
-        key = "dpo/accuracy" if recipe.endswith("dpo") else "reward/mean" if recipe.endswith("rl") else "eval/loss"
-        assert key in lines[0], (recipe, lines[0])
+        first = lines[0]
+        if recipe.endswith("dpo"):  # at step 0 the policy is the reference: no margin is above 0
+            assert first["dpo/accuracy"] == 0.0 and abs(first["dpo/margin"]) < 1e-4, first
+        elif recipe.endswith("rl"):  # 2 prompts x group_size samples (4, or 8 in gsm_rl), each rewarded in [0, 1]
+            group = 8 if recipe == "gsm_rl" else 4
+            assert 0.0 <= first["reward/mean"] <= 1.0 and 2 * group <= first["tokens/sampled"] <= 2 * group * 8, first
+            assert first["tokens/prompt"] % group == 0, "each prompt counted once per sample"
+        else:  # the tiny random model is about as lost as a uniform guess over its 2048 tokens
+            assert 6.0 < first["eval/loss"] < 9.0, first
+        assert first["eval/accuracy"] * 2 == round(first["eval/accuracy"] * 2), "a count over 2 prompts"
         assert (run / "curves.png").is_file() and (run / "wandb").is_dir()
         config = json.loads((run / "config.json").read_text())
         assert config["recipe"] == recipe and config["model"]["name"] == "tiny"
@@ -95,4 +103,6 @@ def test_a_custom_task_trains_from_python(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "custom_task").iterdir()
     assert [r["step"] for r in records(run)] == [0, 1]
-    assert records(run)[0]["tokens/prompt"] > 0 and "reward/mean" in records(run)[0]
+    first = records(run)[0]
+    assert first["tokens/sampled"] <= 2 * 4 * 8 and 0.0 <= first["reward/mean"] <= 1.0, first
+    assert first["tokens/prompt"] % 4 == 0 and first["tokens/prompt"] > 0, "two prompts, counted once per sample"
