@@ -19,8 +19,9 @@ PATTERN = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
 
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, tmp_path_factory):
+    # The learner keeps its checkpoints in a folder of its own, as it would on another node.
     service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
-                      max_model_len=256, max_lora_rank=8)
+                      max_model_len=256, max_lora_rank=8, learner_storage=str(tmp_path_factory.mktemp("learner-node")))
     running = ServerThread(service, max_body_bytes=2**20)
     yield running
     stop(running)
@@ -309,3 +310,16 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
     wrong_type = httpx.post(f"{server.url}/api/v1/optim_step", headers={"X-API-Key": ALICE}, json={
         "model_id": trainer.model_id, "seq_id": 99, "adam_params": {"learning_rate": "fast"}})
     assert wrong_type.status_code == 400 and "learning_rate" in wrong_type.json()["error"]
+
+
+def test_the_server_reads_and_keeps_no_checkpoint_itself(server):
+    # Everything about checkpoints goes through the learner (import-linter keeps rl.checkpoints out of the
+    # service): the server's own folder holds its registry only, whatever the runs saved.
+    trainer = training_client(server, seed=8)
+    path = trainer.save_state("elsewhere").result().path
+    sampler_path = trainer.save_weights_for_sampler("elsewhere-sampler").result().path
+    rest = rest_client(server, ALICE)
+    assert [c.tinker_path for c in rest.list_checkpoints(trainer.model_id).result().checkpoints] == [path,
+                                                                                                     sampler_path]
+    assert rest.get_weights_info_by_tinker_path(path).result().lora_rank == 8
+    assert sorted(entry.name for entry in server.service.storage.iterdir()) == ["service.json"]
