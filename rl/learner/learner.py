@@ -126,6 +126,8 @@ class Learner:
             raise ValueError("lora_config trains nothing: set train_attn, train_mlp or train_unembed")
         lora = lora.model_copy(update={"seed": lora.seed if lora.seed is not None else secrets.randbits(31)})
         adapter = f"run{len(self._runs)}_{secrets.token_hex(2)}"
+        # alpha = 2 * rank: the update is scaled by alpha / rank = 2 at every rank, the scale the recipes' learning
+        # rates were tuned with (Tinker's own scaling differs; a learning rate does not port from it as is).
         peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=2 * lora.rank, lora_dropout=0.0, target_modules=modules,
                                      bias="none", task_type="CAUSAL_LM")
         with torch.random.fork_rng(devices=[]):
