@@ -128,6 +128,10 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tiny_model
         while "saved 3" not in process.stdout.readline():
             assert process.poll() is None, "the saving process failed"
         time.sleep(random.uniform(0.05, 0.5))
+        weights = local / "run" / "weights"
+        deadline = time.monotonic() + 5  # then aim at a write: kill as soon as a staging folder shows
+        while time.monotonic() < deadline and not any(path.name.startswith(".") for path in weights.iterdir()):
+            pass
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         killed_mid_write |= any(path.name.startswith(".") for path in (local / "run" / "weights").iterdir())
