@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from rl.config import TrainConfig
 
-SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo/accuracy": "dpo acc",
-           "eval/dpo_accuracy": "eval dpo acc", "loss": "loss", "eval/loss": "eval loss",
+SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo_accuracy:mean": "dpo acc",
+           "eval/dpo_accuracy:mean": "eval dpo acc", "loss": "loss", "eval/loss": "eval loss",
            "throughput/sampled_tokens_per_s": "sampled tok/s", "throughput/trained_tokens_per_s": "trained tok/s",
            "throughput/pairs_per_s": "pairs/s", "step_time_s": "step s", "time/sampling_s": "sampling",
            "time/reference_s": "reference", "time/forward_backward_s": "fwd-bwd", "time/optim_step_s": "optim",
@@ -24,7 +24,7 @@ SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo/accuracy":
 metrics.jsonl and wandb get every key."""
 PHASES = ("sampling", "reference", "forward_backward", "optim_step", "publish", "eval")
 """The parts of a step timed as `time/{phase}_s` (reference: the base model's logprobs for a KL penalty)."""
-CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo/accuracy", "eval/dpo_accuracy"),
+CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo_accuracy:mean", "eval/dpo_accuracy:mean"),
           "loss": ("loss", "eval/loss")}
 """Panels against the step; curves.png adds accuracy against minutes, seconds per phase, and memory."""
 

@@ -15,13 +15,13 @@ def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
     history = dpo.train(config, Addition())
     steps = [record for record in history if "loss" in record]
     assert len(steps) == 8 and metrics(tmp_path) == history
-    assert {"dpo/accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward", "throughput/pairs_per_s",
-            "tokens/trained"} <= steps[0].keys()
-    assert abs(steps[0]["dpo/margin"]) < 1e-4, "at step 0 the policy is the reference: every margin is zero"
-    assert steps[-1]["dpo/accuracy"] > 0.9 and steps[-1]["loss"] < steps[0]["loss"] / 2, steps[-1]
+    assert {"dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean",
+            "throughput/pairs_per_s", "tokens/trained"} <= steps[0].keys()
+    assert abs(steps[0]["dpo_margin:mean"]) < 1e-4, "at step 0 the policy is the reference: every margin is zero"
+    assert steps[-1]["dpo_accuracy:mean"] > 0.9 and steps[-1]["loss"] < steps[0]["loss"] / 2, steps[-1]
     # At step 0 the policy is the reference (the adapter adds exact zeros): every held-out margin is 0, and
     # accuracy counts margins > 0.
-    assert history[0]["eval/dpo_accuracy"] == 0.0
+    assert history[0]["eval/dpo_accuracy:mean"] == 0.0
     for record in (history[0], history[-1]):  # greedy accuracy over 8 held-out prompts
         assert record["eval/accuracy"] * 8 == pytest.approx(round(record["eval/accuracy"] * 8)), record
 

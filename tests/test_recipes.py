@@ -33,7 +33,7 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         assert all("loss" in r and "step_time_s" in r for r in lines[:2]), recipe
         first = lines[0]
         if recipe.endswith("dpo"):  # at step 0 the policy is the reference: no margin is above 0
-            assert first["dpo/accuracy"] == 0.0 and abs(first["dpo/margin"]) < 1e-4, first
+            assert first["dpo_accuracy:mean"] == 0.0 and abs(first["dpo_margin:mean"]) < 1e-4, first
         elif recipe.endswith("rl"):  # 2 prompts x group_size samples (4, or 8 in gsm_rl), each rewarded in [0, 1]
             group = 8 if recipe == "gsm_rl" else 4
             assert 0.0 <= first["reward/mean"] <= 1.0 and 2 * group <= first["tokens/sampled"] <= 2 * group * 8, first

@@ -17,8 +17,8 @@ from rl.driver.sampling import greedy_accuracy
 from rl.tasks import PreferencePair, Task, checked_problems, preference_pairs
 from rl.types import AdamParams, Datum, ForwardBackwardInput
 
-DPO_METRICS = {"dpo_accuracy:mean": "dpo/accuracy", "dpo_margin:mean": "dpo/margin",
-               "dpo_chosen_reward:mean": "dpo/chosen_reward", "dpo_rejected_reward:mean": "dpo/rejected_reward"}
+DPO_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
+"""The dpo loss's metrics, logged under the learner's own names."""
 
 
 def dpo_batch(data: list[Datum], loss_fn_config: dict[str, float]) -> ForwardBackwardInput:
@@ -45,7 +45,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         async def evaluate(step: int) -> dict:
             output = await run.learner.forward.remote(run.model_id, held_out_pairs)
             version = await run.publish()
-            return {"eval/dpo_accuracy": output.metrics["dpo_accuracy:mean"],
+            return {"eval/dpo_accuracy:mean": output.metrics["dpo_accuracy:mean"],
                     "eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
                                                            version.tinker_path, algo.max_tokens)}
 
@@ -60,7 +60,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
             tokens = sum(datum.model_input.length for datum in batch.data)
             record.update({"loss": output.metrics["loss:sum"] / len(indices),
-                           **{name: output.metrics[key] for key, name in DPO_METRICS.items()},
+                           **{key: output.metrics[key] for key in DPO_METRICS},
                            "tokens/trained": tokens, "time/training_s": seconds,
                            "throughput/trained_tokens_per_s": tokens / seconds,
                            "throughput/pairs_per_s": len(indices) / seconds})
