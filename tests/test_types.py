@@ -99,6 +99,9 @@ def test_what_the_sdk_sends_validates_as_our_request_types():
                                                                           base_model="tiny")),
         (T.SampleRequest, sdk.SampleRequest(prompt=prompt, num_samples=2, sampling_session_id="s:sample:0", seq_id=0,
                                             sampling_params=sdk.SamplingParams(max_tokens=4, temperature=0.5))),
+        # the SDK's SamplingClient sends record_stability_info=False where the wire default is None
+        (T.SampleRequest, sdk.SampleRequest(prompt=prompt, sampling_params=sdk.SamplingParams(max_tokens=4),
+                                            base_model="tiny", record_stability_info=False)),
         (T.FutureRetrieveRequest, sdk.FutureRetrieveRequest(request_id="r1")),
     ]
     for ours, request in sent:

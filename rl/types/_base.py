@@ -13,10 +13,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
 
-def refuse_unsupported(model: BaseModel, defaults: dict[str, object]) -> None:
-    """A ValueError naming the first field of `defaults` that `model` sets to anything but its default: fields the
-    SDK sends whose other values this server does not serve (refused, never silently ignored)."""
-    for name, default in defaults.items():
+def refuse_unsupported(model: BaseModel, served: dict[str, object]) -> None:
+    """A ValueError naming the first field of `served` that `model` sets to a value this server does not serve:
+    fields the SDK sends whose other values are refused, never silently ignored. `served` maps each field to its
+    one served value, or to a tuple of them (the SDK sends `False` where the wire default is `None`)."""
+    for name, values in served.items():
+        values = values if isinstance(values, tuple) else (values,)
         value = getattr(model, name)
-        if value != default:
-            raise ValueError(f"{name}={value!r} is not supported by this server (only {default!r})")
+        if value not in values:
+            served_values = " or ".join(map(repr, values))
+            raise ValueError(f"{name}={value!r} is not supported by this server (only {served_values})")

@@ -65,7 +65,7 @@ class SampleRequest(StrictModel):
         if self.sampling_session_id is not None and self.seq_id is None:
             raise ValueError("seq_id is required when sampling_session_id is given")
         refuse_unsupported(self, {"topk_sample_logprobs": 0, "prompt_alt_tokens_k": 0, "prompt_logprobs_last_n": None,
-                                  "target_prompt_logprobs": None, "record_stability_info": None})
+                                  "target_prompt_logprobs": None, "record_stability_info": (None, False)})
         return self
 
 
