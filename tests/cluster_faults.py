@@ -1,14 +1,17 @@
-"""Faults on a `ray.cluster_utils.Cluster` (several Ray nodes on this machine), printed as JSON for a test to check.
+"""An RL run on a `ray.cluster_utils.Cluster` (several Ray nodes on this machine) and the faults it survives,
+printed as JSON for a test to check. A script of its own because Ray allows one `ray.init` per process and the
+test session has its own local Ray.
 
-One RL run (learner on node A, two sampler replicas spread over nodes B, C and D) suffers, in order: a sampler
-replica's process SIGKILLed during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by
-`rl-train` from the checkpoint of step 2); the node of a replica removed during step 4. Then `rl-train` runs as
-its own driver process, is SIGKILLed after its second checkpoint, and `resume=true` finishes it. Last, a Hydra
-multirun of two runs on the same cluster.
+First, where the run's actors land (learner on node A, two sampler replicas spread over nodes B, C and D) and
+what each replica serves after a publish. Then one run suffers, in order: a sampler replica's process SIGKILLed
+during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by `rl-train` from the
+checkpoint of step 2); the node of a replica removed during step 4. Last, `rl-train` runs as its own driver
+process (algo=ppo, wandb offline), is SIGKILLed after its second checkpoint, and `resume=true` finishes it.
 
     python tests/cluster_faults.py MODEL_DIR OUTPUT_DIR
 """
 
+import asyncio
 import json
 import os
 import signal
@@ -33,7 +36,9 @@ from rl.config import (
     TaskConfig,
     TrainConfig,
 )
+from rl.driver.run import Run
 from rl.driver.state import read_state
+from rl.types import ModelInput, SampleRequest, SamplingParams
 
 
 def logged_steps(folder: Path) -> list[int]:
@@ -52,6 +57,24 @@ def wait_until(condition, timeout: float = 300):
 
 def alive(class_name: str) -> list:
     return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+
+
+def node_of(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
+def placement(config: TrainConfig) -> dict:
+    """The run's placement kept open to look inside: where each actor runs, and what each replica serves."""
+    with Run(config) as run:
+        version = asyncio.run(run.publish("inspect"))
+        replicas = run.pool._replicas
+        request = SampleRequest(prompt=ModelInput.from_ints([1, 2, 3]), model_path=version.tinker_path,
+                                sampling_params=SamplingParams(max_tokens=4, temperature=0.0))
+        served = [ray.get(replica.actor.sample.remote(request, version)) for replica in replicas]
+        return {"learner_node": node_of(run.learner), "replica_nodes": [node_of(r.actor) for r in replicas],
+                "served_hashes": [response.content_hash for response in served],
+                "published_hash": version.weights.content_hash,
+                "served_tokens": [response.sequences[0].tokens for response in served]}
 
 
 def sigkill(actor) -> None:
@@ -83,32 +106,26 @@ def inject_faults(cluster: Cluster, nodes: dict, folder: Path, events: dict) -> 
 def rl_train(address: str, model_dir: str, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "rl.train", "recipe=arithmetic_rl", "task=digits", f"model.name={model_dir}",
             "model.dtype=float32", "model.lora_rank=8", "model.max_model_len=256", "eval_every=100", "eval_prompts=4",
-            "algo.prompts_per_step=4", "algo.max_tokens=8", "logger.wandb_mode=disabled", "cluster=ray",
+            "algo.prompts_per_step=4", "algo.max_tokens=8", "cluster=ray",
             f"cluster.address={address}", *overrides]
 
 
-def sweep(address: str, model_dir: str, folder: Path) -> dict:
-    """A Hydra multirun on the cluster: each run reserves its own placement group and gives it back."""
-    command = rl_train(address, model_dir, "steps=1", "seed=0,1", f"hydra.sweep.dir={folder}")
-    swept = subprocess.run(command[:3] + ["--multirun"] + command[3:], capture_output=True, text=True, timeout=600)
-    return {"returncode": swept.returncode, "output": (swept.stdout + swept.stderr)[-3000:],
-            "runs": {path.name: logged_steps(path) for path in sorted(folder.glob("*")) if path.is_dir()},
-            "placement_groups_left": [group["state"] for group in ray.util.placement_group_table().values()
-                                      if group["state"] != "REMOVED"]}
-
-
 def kill_and_resume_the_driver(address: str, model_dir: str, folder: Path) -> dict:
-    command = rl_train(address, model_dir, "steps=5", "checkpoint_every=1", f"hydra.run.dir={folder}")
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = rl_train(address, model_dir, "algo=ppo", "steps=5", "checkpoint_every=1", f"hydra.run.dir={folder}")
+    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     wait_until(lambda: (read_state(folder) or {"step": 0})["step"] >= 2 or driver.poll() is not None)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     killed_at = read_state(folder)["step"]
     steps_when_killed = logged_steps(folder)
-    resumed = subprocess.run(command + ["resume=true"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command + ["resume=true"], capture_output=True, text=True, timeout=600, env=environment)
     return {"killed_at_checkpoint": killed_at, "steps_when_killed": steps_when_killed,
             "resume_returncode": resumed.returncode, "resume_output": (resumed.stdout + resumed.stderr)[-3000:],
-            "steps": logged_steps(folder)}
+            "steps": logged_steps(folder), "algo": json.loads((folder / "config.json").read_text())["algo"],
+            "wandb_runs": sorted(path.name for path in (folder / "wandb").glob("offline-run-*")),
+            "placement_groups_left": [group["state"] for group in ray.util.placement_group_table().values()
+                                      if group["state"] != "REMOVED"]}
 
 
 def main(model_dir: str, output_dir: str) -> None:
@@ -126,16 +143,17 @@ def main(model_dir: str, output_dir: str) -> None:
         task=TaskConfig(name="digits"), learner=LearnerConfig(resources={"learner_node": 1}),
         sampler=SamplerConfig(replicas=2, resources={"sampler_node": 1}, threads=1),
         cluster=ClusterConfig(placement_strategy="SPREAD"), logger=LoggerConfig(wandb_mode="disabled"))
+    inspected = placement(config)
     events: dict = {}
     injector = threading.Thread(target=inject_faults, args=(cluster, nodes, folder, events), daemon=True)
     injector.start()
     history = train.run(config)
     injector.join(timeout=300)
-    report = {"node_ids": {name: node.node_id for name, node in nodes.items()}, "events": events,
+    report = {"node_ids": {name: node.node_id for name, node in nodes.items()}, "placement": inspected,
+              "events": events,
               "history_steps": [record["step"] for record in history], "logged_steps": logged_steps(folder),
               "bucket": sorted(path.name for path in (Path(output_dir) / "bucket").glob("*/weights/*")),
-              "driver": kill_and_resume_the_driver(cluster.address, model_dir, Path(output_dir) / "driver"),
-              "sweep": sweep(cluster.address, model_dir, Path(output_dir) / "sweep")}
+              "driver": kill_and_resume_the_driver(cluster.address, model_dir, Path(output_dir) / "driver")}
     print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()

@@ -1,25 +1,13 @@
 """The RL loop across Ray nodes (ray.cluster_utils.Cluster on this machine): the learner on one node, sampler
-replicas on two others, placed by custom resources in one placement group per run."""
+replicas on others, placed by custom resources in one placement group per run; the faults it survives; and the
+cluster scripts a user runs."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCENARIO = Path(__file__).with_name("cluster_scenario.py")
-
-
-def test_learner_and_samplers_on_separate_nodes_and_weights_reach_both(tiny_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(SCENARIO), str(tiny_model_dir), str(tmp_path)], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
-    nodes = report["node_ids"]
-    assert report["steps"] == [0, 1, 2, 3] and report["weights_steps"][:3] == [0, 1, 2]
-    assert report["learner_node"] == nodes["A"]
-    assert sorted(report["replica_nodes"]) == sorted([nodes["B"], nodes["C"]]), "one replica on each sampler node"
-    assert report["served_hashes"] == [report["published_hash"]] * 2, "both nodes serve the published weights"
-    assert report["served_tokens"][0] == report["served_tokens"][1]
+FAULTS = Path(__file__).with_name("cluster_faults.py")
 
 
 def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job(tmp_path):
@@ -39,12 +27,20 @@ def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job(tmp_path):
         subprocess.run([str(scripts / "stop.sh")], capture_output=True, timeout=120)
 
 
-def test_a_run_survives_a_killed_sampler_a_killed_learner_a_lost_node_and_a_killed_driver(tiny_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(SCENARIO.with_name("cluster_faults.py")), str(tiny_model_dir),
-                             str(tmp_path)], capture_output=True, text=True, timeout=900)
+def test_a_run_on_three_nodes_survives_a_killed_sampler_a_killed_learner_a_lost_node_and_a_killed_driver(
+        tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(FAULTS), str(tiny_model_dir), str(tmp_path)], capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
-    events, nodes = report["events"], report["node_ids"]
+    events, nodes, placed = report["events"], report["node_ids"], report["placement"]
+    # The learner on the node with the learner resource, one replica on each of two sampler nodes, and both
+    # replicas serve the weights just published.
+    assert placed["learner_node"] == nodes["A"]
+    replica_nodes = placed["replica_nodes"]
+    assert len(set(replica_nodes)) == 2 and set(replica_nodes) <= {nodes["B"], nodes["C"], nodes["D"]}
+    assert placed["served_hashes"] == [placed["published_hash"]] * 2, "both nodes serve the published weights"
+    assert placed["served_tokens"][0] == placed["served_tokens"][1]
     assert "error" not in events, events
     # The sampler killed mid-step 1 was replaced and the step completed; the learner killed after step 2 was
     # restarted from the checkpoint of step 2, which redid step 2: every step is logged once, none lost.
@@ -62,7 +58,8 @@ def test_a_run_survives_a_killed_sampler_a_killed_learner_a_lost_node_and_a_kill
     assert driver["killed_at_checkpoint"] >= 2 and driver["resume_returncode"] == 0, driver["resume_output"]
     assert f"at step {driver['killed_at_checkpoint']}" in driver["resume_output"]
     assert driver["steps"] == [0, 1, 2, 3, 4, 5], "steps logged before the kill are kept once, the rest redone"
-    # A sweep of two runs on the cluster: both ran, and each gave its placement group back.
-    sweep = report["sweep"]
-    assert sweep["returncode"] == 0, sweep["output"]
-    assert sweep["runs"] == {"0": [0, 1], "1": [0, 1]} and sweep["placement_groups_left"] == []
+    assert driver["algo"]["loss_fn"] == "ppo" and driver["algo"]["loss_fn_config"] == {
+        "clip_low_threshold": 0.8, "clip_high_threshold": 1.2}, "the ppo config group, through rl-train"
+    wandb_runs = driver["wandb_runs"]
+    assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, "one wandb run id"
+    assert driver["placement_groups_left"] == [], "each run gave its placement group back"

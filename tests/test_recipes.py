@@ -1,4 +1,5 @@
-"""`rl-train` as a user launches it: every recipe on the tiny model, sweeps, resume, and clear errors."""
+"""`rl-train` as a user launches it: every recipe on the tiny model in one sweep, and clear errors. (resume=true
+through rl-train is tested with a killed driver in test_cluster.py.)"""
 
 import json
 import os
@@ -22,7 +23,8 @@ def records(run: Path) -> list[dict]:
 
 
 def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
-    # One Hydra multirun: the four recipes share one Ray instance, as a sweep's runs do.
+    # One Hydra multirun: the four recipes share one Ray instance, as a sweep's runs do, one after another, each
+    # with a folder, a wandb run and a placement group of its own (a group kept would starve the next run).
     result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for recipe in RECIPES:
@@ -41,26 +43,10 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         else:  # the tiny random model is about as lost as a uniform guess over its 2048 tokens
             assert 6.0 < first["eval/loss"] < 9.0, first
         assert first["eval/accuracy"] * 2 == round(first["eval/accuracy"] * 2), "a count over 2 prompts"
-        assert (run / "curves.png").is_file() and (run / "wandb").is_dir()
+        assert (run / "curves.png").is_file() and len(list((run / "wandb").glob("offline-run-*"))) == 1, recipe
         config = json.loads((run / "config.json").read_text())
         assert config["recipe"] == recipe and config["model"]["name"] == "tiny"
         assert json.loads((run / "state.json").read_text())["step"] == 2
-
-
-def test_resume_true_continues_the_latest_run_and_its_wandb_run(tmp_path):
-    # algo=ppo: the ppo config group (clipped ratio) through rl-train
-    first = rl_train("recipe=arithmetic_rl", "algo=ppo", "steps=1", *SMALL, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    (run,) = (tmp_path / "outputs" / "arithmetic_rl").iterdir()
-    resumed = rl_train("recipe=arithmetic_rl", "algo=ppo", "steps=2", "resume=true", *SMALL, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {run.resolve()} at step 1" in resumed.stdout
-    assert [r["step"] for r in records(run)] == [0, 1, 2]
-    config = json.loads((run / "config.json").read_text())["algo"]
-    assert config["loss_fn"] == "ppo" and config["loss_fn_config"] == {"clip_low_threshold": 0.8,
-                                                                       "clip_high_threshold": 1.2}
-    wandb_runs = sorted(path.name for path in (run / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, "one wandb run id"
 
 
 def test_rl_train_names_what_is_wrong(tmp_path):
@@ -83,17 +69,6 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     no_pairs = rl_train("recipe=arithmetic_dpo", "task=digits", *SMALL, cwd=tmp_path)
     assert "task 'digits' has no integer reference answers" in no_pairs.stderr
     assert "rl-train: the run in" in no_pairs.stderr and "it had saved no checkpoint yet" in no_pairs.stderr
-
-
-def test_a_sweep_gives_each_run_its_own_folder_and_wandb_run(tmp_path):
-    result = rl_train("-m", "recipe=arithmetic_rl", "steps=1", *SMALL, "algo.learning_rate=1e-4,3e-4", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "multirun" / "arithmetic_rl").iterdir()
-    runs = sorted(sweep.iterdir())
-    assert [run.name for run in runs if run.is_dir() and run.name != ".hydra"] == ["0", "1"]
-    rates = [json.loads((sweep / name / "config.json").read_text())["algo"]["learning_rate"] for name in "01"]
-    assert rates == [1e-4, 3e-4]
-    assert all(len(list((sweep / name / "wandb").glob("offline-run-*"))) == 1 for name in "01")
 
 
 def test_a_custom_task_trains_from_python(tmp_path):

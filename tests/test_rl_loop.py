@@ -1,6 +1,5 @@
 """The RL loop end to end on the tiny model: real learner actor, real vLLM pool, verified publishing."""
 
-import asyncio
 import json
 import os
 from dataclasses import dataclass, replace
@@ -11,14 +10,12 @@ import ray
 import torch
 from transformers import AutoTokenizer
 
-from rl.chat import chat_tokens
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.rl import base_logprobs, group_advantages, policy_datum, step_prompts, train
+from rl.driver.rl import group_advantages, policy_datum, sampler_vs_learner, step_prompts, train
 from rl.driver.run import Run
-from rl.driver.sampling import sample_all
 from rl.driver.state import read_state
 from rl.tasks import Digits, Problem
-from rl.types import SampledSequence, SamplingParams
+from rl.types import SampledSequence
 
 
 def tiny_config(model_dir, output_dir, **fields) -> TrainConfig:
@@ -45,11 +42,23 @@ def test_policy_datum_and_group_advantages():
     assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=False) == [0.5, -0.5, -0.5, 0.5]
     assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=True) == pytest.approx([1.0, -1.0, -1.0, 1.0], rel=1e-5)
     assert group_advantages([0.2, 0.2], normalize=True) == [0.0, 0.0], "a group that scored alike teaches nothing"
+    # Two sampled tokens: sampler - learner = 0.5 and 0.0.
+    assert sampler_vs_learner([[-1.0, -2.0]], [[-1.5, -2.0]]) == {"kl/sampler_vs_learner": 0.25,
+                                                                  "kl/sampler_vs_learner_sq": 0.0625}
 
 
-def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
-    config = tiny_config(tiny_model_dir, tmp_path, eval_every=1)
-    history = train(config, Digits())
+@pytest.fixture(scope="module")
+def two_steps(ray_local, tiny_model_dir, tmp_path_factory):
+    """Two steps of Digits in each publish mode: merged into the engine's weights, and a LoRA beside them."""
+    folders = {mode: tmp_path_factory.mktemp(mode) for mode in ("merge", "adapter")}
+    configs = {mode: tiny_config(tiny_model_dir, folder, eval_every=1, sampler=SamplerConfig(publish_mode=mode))
+               for mode, folder in folders.items()}
+    return {mode: (config, folders[mode], train(config, Digits())) for mode, config in configs.items()}
+
+
+@pytest.mark.parametrize("mode", ["merge", "adapter"])
+def test_two_steps_train_publish_and_log(two_steps, tiny_model_dir, mode):
+    config, tmp_path, history = two_steps[mode]
     lines = metrics(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert lines == history and [record["step"] for record in lines] == [0, 1, 2]
@@ -73,6 +82,10 @@ def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
         assert 0.2 < record["memory/learner_gib"] <= record["memory/learner_peak_gib"] < 20
         assert 0.2 < record["memory/sampler0_gib"] <= record["memory/sampler0_peak_gib"] < 20
         assert 0.05 < record["memory/driver_gib"] < 20
+        # The learner's logprobs of the sampled tokens, from the pass that trained, are the sampler's: the sampler
+        # served the weights the learner holds (serving the base model instead would put this near 0.1).
+        assert record["kl/sampler_vs_learner_sq"] < 1e-6, record  # measured: ~1e-13
+        assert abs(record["kl/sampler_vs_learner"]) < 1e-3, record
     minutes = [record["time_total/minutes"] for record in lines]
     assert minutes[0] == pytest.approx(lines[0]["step_time_s"] / 60) and minutes[0] < minutes[1] < minutes[2]
     assert lines[2]["time/eval_s"] > 0, "the final evaluation is timed too"
@@ -89,24 +102,31 @@ def test_two_steps_train_publish_and_log(ray_local, tiny_model_dir, tmp_path):
     assert curves[..., :3].std() > 0.05, "with something drawn on it"
 
 
-def test_the_tiny_model_learns_a_task(ray_local, tiny_model_dir, tmp_path):
-    history = train(tiny_config(tiny_model_dir, tmp_path, steps=12, eval_every=12, eval_prompts=16), Digits())
-    rewards = [record["reward/mean"] for record in history if "reward/mean" in record]
+LEARNING = {"steps": 12, "eval_every": 12, "eval_prompts": 16}
+
+
+@pytest.fixture(scope="module")
+def learned(ray_local, tiny_model_dir, tmp_path_factory) -> list[dict]:
+    return train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("learned"), **LEARNING), Digits())
+
+
+def test_the_tiny_model_learns_a_task(learned):
+    rewards = [record["reward/mean"] for record in learned if "reward/mean" in record]
     assert rewards[0] < 0.3, rewards
     assert min(rewards[-2:]) > 0.8, rewards
-    assert history[0]["eval/accuracy"] < 0.3 and history[-1]["eval/accuracy"] > 0.8, history[-1]
+    assert learned[0]["eval/accuracy"] < 0.3 and learned[-1]["eval/accuracy"] > 0.8, learned[-1]
 
 
-def test_resume_continues_exactly(ray_local, tiny_model_dir, tmp_path):
-    straight = train(tiny_config(tiny_model_dir, tmp_path / "straight", steps=4), Digits())
-    interrupted = tiny_config(tiny_model_dir, tmp_path / "interrupted", steps=4, checkpoint_every=2)
+def test_resume_continues_exactly(learned, tiny_model_dir, tmp_path):
+    interrupted = tiny_config(tiny_model_dir, tmp_path, **{**LEARNING, "steps": 4}, checkpoint_every=2)
     train(replace(interrupted, steps=2), Digits())  # stops after step 1, as if killed there
     resumed = train(replace(interrupted, resume=True), Digits())
     keys = ("reward/mean", "loss", "grad_norm:mean", "tokens/sampled", "sampler/weights_step", "tokens_total/sampled")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4], "no step lost or counted twice"
-    for expected, actual in zip(straight[:4], resumed[:4], strict=True):
+    # The first four steps of the 12-step run, which went straight through (its length changes none of them).
+    for expected, actual in zip(learned[:4], resumed[:4], strict=True):
         assert [actual[k] for k in keys] == pytest.approx([expected[k] for k in keys], rel=1e-5, abs=1e-6)
-    assert resumed[4]["eval/accuracy"] == straight[4]["eval/accuracy"]
+    assert resumed[0]["eval/accuracy"] == learned[0]["eval/accuracy"]
 
 
 def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path):
@@ -166,50 +186,17 @@ def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, ti
 
     with pytest.raises(ValueError, match=r"task 'flaky' gave no prompts \(asked for 8 from split 'eval'"):
         train(tiny_config(tiny_model_dir, tmp_path / "empty"), FlakyTask(prompts=False, fail_at_step=None))
+    assert not (tmp_path / "empty").exists(), "refused before a learner or sampler started"
 
 
-def test_adapter_publish_mode_trains_the_same(ray_local, tiny_model_dir, tmp_path):
+def test_the_publish_modes_train_the_same(two_steps):
     # Merged weights and a LoRA beside them sum in different orders: their logprobs agree within ~1e-6, not to the
     # bit, so a near-tie may send a seeded sample another way and everything after it with it. The modes are
-    # compared on rewards with a tolerance, and each is checked against the learner on the weights it trained.
-    configs = {"merge": tiny_config(tiny_model_dir, tmp_path / "merge"),
-               "adapter": tiny_config(tiny_model_dir, tmp_path / "adapter",
-                                      sampler=SamplerConfig(publish_mode="adapter"))}
-    histories = {mode: train(config, Digits()) for mode, config in configs.items()}
-    for history in histories.values():
-        assert [r["sampler/weights_step"] for r in history[:2]] == [0, 1], "each step samples the newest weights"
-    for merged, adapted in zip(histories["merge"][:2], histories["adapter"][:2], strict=True):
+    # compared on rewards with a tolerance; each is checked against its learner in the test above.
+    merged, adapted = (two_steps[mode][2] for mode in ("merge", "adapter"))
+    for merged_step, adapted_step in zip(merged[:2], adapted[:2], strict=True):
         # A mean over 64 samples, equal when no near-tie flips a sample (measured: equal).
-        assert merged["reward/mean"] == pytest.approx(adapted["reward/mean"], abs=0.1)
-    for mode, config in configs.items():
-        with Run(replace(config, resume=True)) as run:
-            served, trained, base = asyncio.run(sampled_and_learner_logprobs(run))
-        assert mean_abs_difference(served, trained) < 1e-3, mode  # measured: 6e-7
-        assert mean_abs_difference(served, base) > 0.05, f"{mode}: not the base model's"  # measured: 0.48
-
-
-async def sampled_and_learner_logprobs(run: Run) -> tuple[list[float], list[float], list[float]]:
-    """A fresh rollout of the run's last weights: the sampler's logprobs, the learner's and the base model's."""
-    version = await run.publish("check")
-    prompts_P = [chat_tokens(run.tokenizer, problem.prompt) for problem in Digits().problems(4, seed=99)]
-    params = SamplingParams(max_tokens=8, temperature=1.0, seed=0)
-    responses_P = await sample_all(run.pool, prompts_P, model_path=version.tinker_path, group_size=4, params=params)
-    prompts_S = [prompt for prompt, response in zip(prompts_P, responses_P, strict=True) for _ in response.sequences]
-    sequences_S = [sequence for response in responses_P for sequence in response.sequences]
-    sequences = [prompt + sequence.tokens for prompt, sequence in zip(prompts_S, sequences_S, strict=True)]
-    trained_S = [logprobs[len(prompt) - 1:] for logprobs, prompt in zip(
-        await run.learner.logprobs.remote(run.model_id, sequences), prompts_S, strict=True)]
-    base_S = await base_logprobs(run, prompts_S, sequences_S)
-    return flat([s.logprobs for s in sequences_S]), flat(trained_S), flat(base_S)
-
-
-def flat(logprobs_S: list[list[float]]) -> list[float]:
-    return [logprob for logprobs in logprobs_S for logprob in logprobs]
-
-
-def mean_abs_difference(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b)
-    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+        assert merged_step["reward/mean"] == pytest.approx(adapted_step["reward/mean"], abs=0.1)
 
 
 def test_evaluations_fall_every_eval_every_steps_and_after_the_last_and_checkpoints_likewise():

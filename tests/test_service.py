@@ -10,6 +10,7 @@ import tinker
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
+from rl.service import futures
 from rl.service.app import ServerThread, free_port
 from rl.service.service import Service
 
@@ -196,6 +197,37 @@ def test_bad_input_is_named_and_the_server_goes_on(server):
     assert after == pytest.approx(before, rel=1e-6), "still works, and nothing refused changed the run"
 
 
+def test_a_result_not_ready_is_answered_try_again_and_the_sdk_asks_again(server, monkeypatch):
+    answers: list[bool] = []  # per retrieve_future: whether the result was ready
+    retrieve = server.service.futures.retrieve
+
+    async def counted(*args, **kwargs):
+        result = await retrieve(*args, **kwargs)
+        answers.append(result is not None)
+        return result
+
+    monkeypatch.setattr(futures, "POLL_SECONDS", 0.0)  # each retrieve answers at once: try_again until it is done
+    monkeypatch.setattr(server.service.futures, "retrieve", counted)
+    headers, api = {"X-API-Key": ALICE}, f"{server.url}/api/v1"
+    sample = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PATTERN[:4]}]}, "num_samples": 4,
+              "base_model": server.service_model, "sampling_params": {"max_tokens": 64, "seed": 0}}
+    request_id = httpx.post(f"{api}/asample", json=sample, headers=headers).json()["request_id"]
+    replies = [httpx.post(f"{api}/retrieve_future", json={"request_id": request_id}, headers=headers)]
+    while replies[-1].headers["content-type"] == "application/json":
+        replies.append(httpx.post(f"{api}/retrieve_future", json={"request_id": request_id}, headers=headers))
+    # 64 tokens take the engine many steps, so the first ask comes before the result.
+    assert replies[0].json() == {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+    assert replies[-1].status_code == 200 and replies[-1].headers["content-type"] == "application/x-protobuf"
+    assert answers == [False] * (len(replies) - 1) + [True]
+
+    answers.clear()
+    sampler = client(server).create_sampling_client(base_model=server.service_model)
+    sampled = sampler.sample(types.ModelInput.from_ints(PATTERN[:4]), 4,
+                             types.SamplingParams(max_tokens=64, seed=0)).result()
+    assert len(sampled.sequences) == 4 and all(len(s.tokens) == len(s.logprobs) for s in sampled.sequences)
+    assert answers[0] is False and answers[-1] is True, "the SDK got try_again and asked until the result came"
+
+
 def test_eight_concurrent_clients_finish_five_steps_each(server):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -212,40 +244,7 @@ def test_eight_concurrent_clients_finish_five_steps_each(server):
     assert len(results) == 8 and all(len(losses) == 5 and losses[-1] < losses[0] for losses in results)
 
 
-def test_runs_and_checkpoints_survive_a_restart(ray_local, tiny_model_dir, tmp_path):
-    model = str(tiny_model_dir)
-    first = ServerThread(Service([model], tmp_path, [ALICE], max_model_len=256, max_lora_rank=8))
-    try:
-        trainer = client(first).create_lora_training_client(base_model=model, rank=8, seed=7,
-                                                            train_unembed=False).result()
-        trainer.forward_backward([datum()], "cross_entropy").result()
-        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-        path = trainer.save_state("kept").result().path
-        sampler_path = trainer.save_weights_for_sampler("kept-sampler").result().path
-        expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
-        prompt, greedy = types.ModelInput.from_ints(PATTERN[:4]), types.SamplingParams(max_tokens=6, temperature=0)
-        sampled = trainer.create_sampling_client(sampler_path).result().sample(prompt, 1, greedy).result().sequences[0]
-    finally:
-        stop(first)
-    second = ServerThread(Service([model], tmp_path, [ALICE], max_model_len=256, max_lora_rank=8))
-    try:
-        rest = rest_client(second, ALICE)
-        run_id = path.removeprefix("tinker://").split("/")[0]
-        assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
-        assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path, sampler_path]
-        restored = client(second).create_training_client_from_state(path).result()
-        assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
-            expected, rel=1e-5)
-        # A sampler checkpoint saved before the restart is published again, verified, on first use.
-        sampler = client(second).create_sampling_client(model_path=sampler_path).result()
-        again = sampler.sample(prompt, 1, greedy).result()
-        assert again.sequences[0].tokens == sampled.tokens
-        assert again.sequences[0].logprobs == pytest.approx(sampled.logprobs, abs=1e-4)
-    finally:
-        stop(second)
-
-
-def test_rl_serve_starts_from_the_command_line(tmp_path):
+def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_restart(ray_local, tmp_path):
     import os
     import subprocess
     import sys
@@ -260,6 +259,7 @@ def test_rl_serve_starts_from_the_command_line(tmp_path):
     process = subprocess.Popen([rl_serve, f"port={port}", "models=[tiny]", f"storage={tmp_path}", "max_model_len=256",
                                 "max_lora_rank=8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "TINKER_TELEMETRY": "0"})
+    prompt, greedy = types.ModelInput.from_ints(PATTERN[:4]), types.SamplingParams(max_tokens=6, temperature=0)
     try:
         banner = process.stdout.readline()
         while not banner.startswith("rl-serve:"):
@@ -280,13 +280,38 @@ def test_rl_serve_starts_from_the_command_line(tmp_path):
         rest.holder.close()
         assert [model.model_name for model in capabilities.supported_models] == ["tiny"]
         with tinker.ServiceClient(base_url=url, api_key="tml-anyone") as service:
-            trainer = service.create_lora_training_client(base_model="tiny", rank=4, train_unembed=False).result()
-            loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+            trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7,
+                                                          train_unembed=False).result()
+            fresh_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+            trainer.forward_backward([datum()], "cross_entropy").result()
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            path = trainer.save_state("kept").result().path
+            sampler_path = trainer.save_weights_for_sampler("kept-sampler").result().path
+            expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+            sampled = trainer.create_sampling_client(sampler_path).result().sample(prompt, 1, greedy).result()
         tokens = PATTERN  # a fresh adapter (B = 0) is the base model: its loss is the tiny model's, ~ln(2048) a token
-        assert 6.0 * (len(tokens) - 1) < loss < 9.0 * (len(tokens) - 1), loss
+        assert 6.0 * (len(tokens) - 1) < fresh_loss < 9.0 * (len(tokens) - 1), fresh_loss
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+    # The same storage served again (here in this process): the run, its checkpoints and its weights are back.
+    second = ServerThread(Service(["tiny"], tmp_path, [], max_model_len=256, max_lora_rank=8))
+    try:
+        rest = rest_client(second, "tml-anyone")
+        run_id = path.removeprefix("tinker://").split("/")[0]
+        assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
+        assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path, sampler_path]
+        restored = client(second, "tml-anyone").create_training_client_from_state(path).result()
+        assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+            expected, rel=1e-5)
+        # A sampler checkpoint saved before the restart is published again, verified, on first use.
+        sampler = client(second, "tml-anyone").create_sampling_client(model_path=sampler_path).result()
+        again = sampler.sample(prompt, 1, greedy).result()
+        assert again.sequences[0].tokens == sampled.sequences[0].tokens
+        assert again.sequences[0].logprobs == pytest.approx(sampled.sequences[0].logprobs, abs=1e-4)
+    finally:
+        stop(second)
 
 
 def test_checkpoint_housekeeping_and_loading_into_a_run(server):

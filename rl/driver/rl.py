@@ -50,6 +50,17 @@ def kl_penalty(advantages_S: list[list[float]], logprobs_S: list[list[float]], b
     return penalized_S, sum(map(sum, kl_S)) / max(sum(map(len, kl_S)), 1)
 
 
+def sampler_vs_learner(sampler_S: list[list[float]], learner_S: list[list[float]]) -> dict[str, float]:
+    """How far the learner's logprobs of the sampled tokens are from the sampler's: the mean of (sampler - learner)
+    and half its mean square, two estimates of KL(sampler || learner) per token (tinker-cookbook logs them as
+    kl_sample_train_v1 and _v2). On-policy both weights are the same, so they measure the mismatch between the
+    engines (~1e-6: other kernels); off-policy they add the one step of lag the importance ratio corrects."""
+    gaps = [s - lp for sampled, learned in zip(sampler_S, learner_S, strict=True)
+            for s, lp in zip(sampled, learned, strict=True)]
+    return {"kl/sampler_vs_learner": sum(gaps) / len(gaps),
+            "kl/sampler_vs_learner_sq": sum(gap * gap for gap in gaps) / (2 * len(gaps))}
+
+
 STEPS_PER_SEED = 100_003
 """Step seeds are seed * STEPS_PER_SEED + step: distinct for every (seed, step) of runs under 100,003 steps."""
 PROMPTS_PER_STEP_SEED = 1_000
@@ -129,10 +140,10 @@ def step_metrics(record: dict, sampled: Rollout, rewards_S: list[float], sampled
 
 async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     algo = config.algo
+    held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")  # before any actor starts
     with Run(config) as run:
         # Weight versions carry the learner's optimizer step: "sampler/weights_step" shows any lag.
         version = await run.publish()
-        held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
         next_rollout = None
 
@@ -161,8 +172,9 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
 
             # Update: one optimizer step on the samples that carry signal, then publish the new weights.
             sampled_tokens = sum(len(s.tokens) for s in sequences_S)
-            datums_D = [policy_datum(p, s, [a / sampled_tokens for a in adv])
-                        for p, s, adv in zip(prompts_S, sequences_S, advantages_S, strict=True) if any(adv)]
+            trained_D = [s for s, advantages in enumerate(advantages_S) if any(advantages)]
+            datums_D = [policy_datum(prompts_S[s], sequences_S[s], [a / sampled_tokens for a in advantages_S[s]])
+                        for s in trained_D]
             record["loss"] = 0.0  # a step in which every group scored alike has nothing to train on
             if datums_D:
                 batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
@@ -170,6 +182,11 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 output = await run.train_step(batch, adam, record)
                 record.update({"loss": output.metrics["loss:sum"],
                                "tokens/computed": output.metrics["computed_tokens:sum"]})
+                # The forward pass that trained also scored the sampled tokens: the last len(tokens) targets.
+                sampler_D = [sequences_S[s].logprobs for s in trained_D]
+                learner_D = [out["logprobs"].data[-len(lp):] for out, lp in zip(output.loss_fn_outputs, sampler_D,
+                                                                                 strict=True)]
+                record.update(sampler_vs_learner(sampler_D, learner_D))
                 with timed(record, "publish"):
                     version = await run.publish()
             record.update(step_metrics(record, sampled, rewards_S, sampled_tokens, datums_D))

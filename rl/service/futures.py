@@ -100,12 +100,13 @@ class FutureStore:
             else:
                 future.set_result({"error": f"{type(cause).__name__}: {cause}", "category": "server"})
 
-    async def retrieve(self, owner: str, request_id: str, timeout: float = POLL_SECONDS) -> Any | None:
-        """The result, or None if it is not ready within `timeout` seconds (the caller answers try_again)."""
+    async def retrieve(self, owner: str, request_id: str, timeout: float | None = None) -> Any | None:
+        """The result, or None if it is not ready within `timeout` seconds (default POLL_SECONDS; the caller
+        answers try_again)."""
         if self._owners.get(request_id) != owner:
             raise ValueError(f"unknown request_id {request_id!r}")
         future = self._results[request_id]
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await asyncio.wait_for(asyncio.shield(future), POLL_SECONDS if timeout is None else timeout)
         except TimeoutError:
             return None
