@@ -2,16 +2,15 @@
 printed as JSON for a test to check. A script of its own because Ray allows one `ray.init` per process and the
 test session has its own local Ray.
 
-First, where the run's actors land (learner on node A, two sampler replicas spread over nodes B, C and D) and
-what each replica serves after a publish. Then one run suffers, in order: a sampler replica's process SIGKILLed
-during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by `rl-train` from the
-checkpoint of step 2); the node of a replica removed during step 4. Last, `rl-train` runs as its own driver
-process (algo=ppo, wandb offline), is SIGKILLed after its second checkpoint, and `resume=true` finishes it.
+The run (learner on node A, two sampler replicas spread over nodes B, C and D) suffers, in order: a sampler
+replica's process SIGKILLed during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by
+`rl-train` from the checkpoint of step 2); the node of a replica removed during step 4. Last, `rl-train` runs as
+its own driver process (algo=ppo, wandb offline), is SIGKILLed after its second checkpoint, and `resume=true`
+finishes it.
 
     python tests/cluster_faults.py MODEL_DIR OUTPUT_DIR
 """
 
-import asyncio
 import json
 import os
 import signal
@@ -36,9 +35,7 @@ from rl.config import (
     TaskConfig,
     TrainConfig,
 )
-from rl.driver.run import Run
 from rl.driver.state import read_state
-from rl.types import ModelInput, SampleRequest, SamplingParams
 
 
 def logged_steps(folder: Path) -> list[int]:
@@ -59,24 +56,6 @@ def alive(class_name: str) -> list:
     return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
 
 
-def node_of(actor) -> str:
-    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-
-
-def placement(config: TrainConfig) -> dict:
-    """The run's placement kept open to look inside: where each actor runs, and what each replica serves."""
-    with Run(config) as run:
-        version = asyncio.run(run.publish("inspect"))
-        replicas = run.pool._replicas
-        request = SampleRequest(prompt=ModelInput.from_ints([1, 2, 3]), model_path=version.tinker_path,
-                                sampling_params=SamplingParams(max_tokens=4, temperature=0.0))
-        served = [ray.get(replica.actor.sample.remote(request, version)) for replica in replicas]
-        return {"learner_node": node_of(run.learner), "replica_nodes": [node_of(r.actor) for r in replicas],
-                "served_hashes": [response.content_hash for response in served],
-                "published_hash": version.weights.content_hash,
-                "served_tokens": [response.sequences[0].tokens for response in served]}
-
-
 def sigkill(actor) -> None:
     os.kill(actor.pid, signal.SIGKILL)
 
@@ -84,6 +63,8 @@ def sigkill(actor) -> None:
 def inject_faults(cluster: Cluster, nodes: dict, folder: Path, events: dict) -> None:
     try:
         wait_until(lambda: 0 in logged_steps(folder))
+        events["learner_node"] = alive("Learner")[0].node_id
+        events["replica_nodes"] = [actor.node_id for actor in alive("Sampler")]
         victim = alive("Sampler")[0]
         sigkill(victim)
         events["sampler_killed_on"] = victim.node_id
@@ -143,15 +124,14 @@ def main(model_dir: str, output_dir: str) -> None:
         task=TaskConfig(name="digits"), learner=LearnerConfig(resources={"learner_node": 1}),
         sampler=SamplerConfig(replicas=2, resources={"sampler_node": 1}, threads=1),
         cluster=ClusterConfig(placement_strategy="SPREAD"), logger=LoggerConfig(wandb_mode="disabled"))
-    inspected = placement(config)
     events: dict = {}
     injector = threading.Thread(target=inject_faults, args=(cluster, nodes, folder, events), daemon=True)
     injector.start()
     history = train.run(config)
     injector.join(timeout=300)
-    report = {"node_ids": {name: node.node_id for name, node in nodes.items()}, "placement": inspected,
-              "events": events,
+    report = {"node_ids": {name: node.node_id for name, node in nodes.items()}, "events": events,
               "history_steps": [record["step"] for record in history], "logged_steps": logged_steps(folder),
+              "sampler_vs_learner": [record.get("kl/sampler_vs_learner_sq") for record in history],
               "bucket": sorted(path.name for path in (Path(output_dir) / "bucket").glob("*/weights/*")),
               "driver": kill_and_resume_the_driver(cluster.address, model_dir, Path(output_dir) / "driver")}
     print("REPORT " + json.dumps(report), flush=True)

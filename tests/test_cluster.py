@@ -33,14 +33,14 @@ def test_a_run_on_three_nodes_survives_a_killed_sampler_a_killed_learner_a_lost_
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
-    events, nodes, placed = report["events"], report["node_ids"], report["placement"]
-    # The learner on the node with the learner resource, one replica on each of two sampler nodes, and both
-    # replicas serve the weights just published.
-    assert placed["learner_node"] == nodes["A"]
-    replica_nodes = placed["replica_nodes"]
+    events, nodes = report["events"], report["node_ids"]
+    # The learner on the node with the learner resource, one replica on each of two sampler nodes; each step's
+    # samples, from both nodes, have the logprobs the learner computes for them: both serve its weights.
+    assert events["learner_node"] == nodes["A"]
+    replica_nodes = events["replica_nodes"]
     assert len(set(replica_nodes)) == 2 and set(replica_nodes) <= {nodes["B"], nodes["C"], nodes["D"]}
-    assert placed["served_hashes"] == [placed["published_hash"]] * 2, "both nodes serve the published weights"
-    assert placed["served_tokens"][0] == placed["served_tokens"][1]
+    trained = [gap for gap in report["sampler_vs_learner"] if gap is not None]
+    assert len(trained) >= 3 and max(trained) < 1e-6, report["sampler_vs_learner"]  # measured: ~1e-13
     assert "error" not in events, events
     # The sampler killed mid-step 1 was replaced and the step completed; the learner killed after step 2 was
     # restarted from the checkpoint of step 2, which redid step 2: every step is logged once, none lost.

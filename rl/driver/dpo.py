@@ -13,7 +13,6 @@ import asyncio
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
 from rl.driver.run import Run, batch_indices, steps
-from rl.driver.sampling import greedy_accuracy
 from rl.tasks import PreferencePair, Task, checked_problems, preference_pairs
 from rl.types import AdamParams, Datum, ForwardBackwardInput
 
@@ -43,11 +42,8 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
 
         async def evaluate(step: int) -> dict:
-            output = await run.learner.forward.remote(run.model_id, held_out_pairs)
-            version = await run.publish()
-            return {"eval/dpo_accuracy:mean": output.metrics["dpo_accuracy:mean"],
-                    "eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
-                                                           version.tinker_path, algo.max_tokens)}
+            metrics, accuracy = await run.held_out(held_out_pairs, task, held_out)
+            return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], "eval/accuracy": accuracy}
 
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due

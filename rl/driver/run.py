@@ -26,12 +26,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import TrainConfig
+from rl.driver.sampling import greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
 from rl.learner import LearnerActor
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
 from rl.models import resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
+from rl.tasks import Problem, Task
 from rl.types import (
     AdamParams,
     ForwardBackwardInput,
@@ -159,6 +161,14 @@ class Run:
         with timed(record, "optim_step"):
             record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
         return output
+
+    async def held_out(self, batch: ForwardBackwardInput, task: Task, problems: list[Problem]) -> tuple[dict, float]:
+        """The learner's metrics on a held-out batch (no update), and the greedy accuracy on held-out problems
+        of the weights it holds now, published for that."""
+        output = await self.learner.forward.remote(self.model_id, batch)
+        version = await self.publish()
+        return output.metrics, await greedy_accuracy(self.pool, self.tokenizer, task, problems, version.tinker_path,
+                                                     self.config.algo.max_tokens)
 
     async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
         """The evaluation after the last step (when evaluation is on), logged as a record of its own."""

@@ -12,7 +12,6 @@ import asyncio
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
 from rl.driver.run import Run, batch_indices, steps
-from rl.driver.sampling import greedy_accuracy
 from rl.tasks import Task, checked_problems, sft_conversations
 from rl.types import AdamParams, Datum, ForwardBackwardInput
 
@@ -39,11 +38,8 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                                           for conversation in eval_conversations])
 
         async def evaluate(step: int) -> dict:
-            output = await run.learner.forward.remote(run.model_id, held_out_batch)
-            version = await run.publish()
-            return {"eval/loss": output.metrics["loss:sum"],
-                    "eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
-                                                           version.tinker_path, algo.max_tokens)}
+            metrics, accuracy = await run.held_out(held_out_batch, task, held_out)
+            return {"eval/loss": metrics["loss:sum"], "eval/accuracy": accuracy}
 
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
