@@ -137,6 +137,9 @@ def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path)
     assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first samples come from the base model itself"
     assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
     assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
+    # Steps 1 and 2 wait only for what is left of a rollout started during the previous step: their throughput
+    # counts the rollout's own seconds, not that wait (which gave tens of millions of tokens/s).
+    assert all(0 < r["throughput/sampled_tokens_per_s"] < 1e6 for r in steps), steps
 
 
 def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_dir, tmp_path):

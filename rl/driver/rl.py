@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from dataclasses import dataclass
 
 from rl.chat import chat_tokens, completion_text
@@ -87,15 +88,18 @@ class Rollout:
     """A group of samples for each prompt."""
     weights_step: int
     """The learner step of the weights that sampled."""
+    seconds: float
+    """How long the sampling took (off-policy, the step that uses it waits only for what is left of it)."""
 
 
 async def rollout(run: Run, task: Task, step: int, version: AdapterVersion) -> Rollout:
     """The step's problems, their prompt tokens and a group of samples for each, from weights `version`."""
     algo = run.config.algo
     problems_P, prompts_P, params = step_prompts(run.config, task, run.tokenizer, step)
+    started = time.perf_counter()
     responses_P = await sample_all(run.pool, prompts_P, model_path=version.tinker_path,
                                    group_size=algo.group_size, params=params)
-    return Rollout(problems_P, prompts_P, responses_P, version.step)
+    return Rollout(problems_P, prompts_P, responses_P, version.step, time.perf_counter() - started)
 
 
 async def base_logprobs(run: Run, prompts_S: list[list[int]], sequences_S: list[SampledSequence]) -> list[list[float]]:
@@ -134,7 +138,7 @@ def step_metrics(record: dict, sampled: Rollout, rewards_S: list[float], sampled
             "tokens/prompt": sum(len(prompt) * len(response.sequences)
                                  for prompt, response in zip(sampled.prompts_P, sampled.responses_P, strict=True)),
             "tokens/sampled": sampled_tokens, "tokens/trained": trained_tokens, "time/training_s": training_s,
-            "throughput/sampled_tokens_per_s": sampled_tokens / max(record["time/sampling_s"], 1e-9),
+            "throughput/sampled_tokens_per_s": sampled_tokens / sampled.seconds,
             "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)}
 
 
