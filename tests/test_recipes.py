@@ -81,3 +81,19 @@ def test_a_custom_task_trains_from_python(tmp_path):
     first = records(run)[0]
     assert first["tokens/sampled"] <= 2 * 4 * 8 and 0.0 <= first["reward/mean"] <= 1.0, first
     assert first["tokens/prompt"] % 4 == 0 and first["tokens/prompt"] > 0, "two prompts, counted once per sample"
+
+
+def test_resume_true_continues_the_latest_run_beside_the_new_folder(tmp_path):
+    # rl-train gives each launch a new folder; resume=true without hydra.run.dir continues the run beside it
+    # whose state was written last (rl-train's whole resume path, killed and continued, is in test_cluster.py).
+    from rl.config import TrainConfig
+    from rl.driver.state import STATE
+    from rl.train import resume_folder
+
+    older, newer, launched = (tmp_path / name for name in ("10-00-00", "09-00-00", "11-00-00"))
+    for folder, mtime in ((older, 1_000), (newer, 2_000)):  # by when its state was written, not by name
+        folder.mkdir()
+        (folder / STATE).write_text("{}")
+        os.utime(folder / STATE, (mtime, mtime))
+    assert resume_folder(TrainConfig(output_dir=str(launched))) == newer
+    assert resume_folder(TrainConfig(output_dir=str(older))) == older, "a folder with a state is itself the run"

@@ -10,7 +10,6 @@ import tinker
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from rl.service import futures
 from rl.service.app import ServerThread, free_port
 from rl.service.service import Service
 
@@ -206,7 +205,7 @@ def test_a_result_not_ready_is_answered_try_again_and_the_sdk_asks_again(server,
         answers.append(result is not None)
         return result
 
-    monkeypatch.setattr(futures, "POLL_SECONDS", 0.0)  # each retrieve answers at once: try_again until it is done
+    monkeypatch.setattr(server.service.futures, "poll_seconds", 0.0)  # each retrieve answers at once: try_again
     monkeypatch.setattr(server.service.futures, "retrieve", counted)
     headers, api = {"X-API-Key": ALICE}, f"{server.url}/api/v1"
     sample = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PATTERN[:4]}]}, "num_samples": 4,

@@ -186,11 +186,10 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 output = await run.train_step(batch, adam, record)
                 record.update({"loss": output.metrics["loss:sum"],
                                "tokens/computed": output.metrics["computed_tokens:sum"]})
-                # The forward pass that trained also scored the sampled tokens: the last len(tokens) targets.
-                sampler_D = [sequences_S[s].logprobs for s in trained_D]
-                learner_D = [out["logprobs"].data[-len(lp):] for out, lp in zip(output.loss_fn_outputs, sampler_D,
-                                                                                 strict=True)]
-                record.update(sampler_vs_learner(sampler_D, learner_D))
+                # The forward pass that trained also scored the sampled tokens: the targets after the prompt's.
+                learner_D = [out["logprobs"].data[len(prompts_S[s]) - 1:]
+                             for s, out in zip(trained_D, output.loss_fn_outputs, strict=True)]
+                record.update(sampler_vs_learner([sequences_S[s].logprobs for s in trained_D], learner_D))
                 with timed(record, "publish"):
                     version = await run.publish()
             record.update(step_metrics(record, sampled, rewards_S, sampled_tokens, datums_D))

@@ -36,7 +36,8 @@ class _RunQueue:
 
 
 class FutureStore:
-    def __init__(self):
+    def __init__(self, poll_seconds: float = POLL_SECONDS):
+        self.poll_seconds = poll_seconds
         self._results: dict[str, asyncio.Future] = {}
         self._owners: dict[str, str] = {}
         self._runs: dict[str, _RunQueue] = {}
@@ -101,12 +102,12 @@ class FutureStore:
                 future.set_result({"error": f"{type(cause).__name__}: {cause}", "category": "server"})
 
     async def retrieve(self, owner: str, request_id: str, timeout: float | None = None) -> Any | None:
-        """The result, or None if it is not ready within `timeout` seconds (default POLL_SECONDS; the caller
-        answers try_again)."""
+        """The result, or None if it is not ready within `timeout` seconds (default: the store's poll_seconds;
+        the caller answers try_again)."""
         if self._owners.get(request_id) != owner:
             raise ValueError(f"unknown request_id {request_id!r}")
         future = self._results[request_id]
         try:
-            return await asyncio.wait_for(asyncio.shield(future), POLL_SECONDS if timeout is None else timeout)
+            return await asyncio.wait_for(asyncio.shield(future), self.poll_seconds if timeout is None else timeout)
         except TimeoutError:
             return None
