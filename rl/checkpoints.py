@@ -1,7 +1,9 @@
 """The checkpoint store: every checkpoint of every run, in one folder tree, written atomically.
 
 Layout: `ROOT/RUN/weights/NAME/` (training state) and `ROOT/RUN/sampler_weights/NAME/` (a PEFT adapter folder),
-each with a `checkpoint.json` that records when it was written and what its writer wants to remember.
+each with a `checkpoint.json` that records when it was written, when it expires (if it has a time to live),
+the user's metadata and what its writer wants to remember. An expired checkpoint is removed the next time its
+run's checkpoints are listed or written, or it is asked for.
 A checkpoint is written into a hidden staging folder beside its final place and renamed into it: a crash at
 any moment leaves the previous checkpoint of that name intact and never a half-written one under the name.
 
@@ -18,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +60,26 @@ class CheckpointStore:
             self._download(self._remote_folder(parsed.training_run_id, parsed.checkpoint_id), folder)
         if not (folder / METADATA_FILE).is_file():
             raise ValueError(f"no checkpoint at {path}" + (f" (nor in {self.storage_uri})" if self._remote else ""))
+        expires_at = json.loads((folder / METADATA_FILE).read_text()).get("expires_at")
+        if _expired(expires_at):
+            self._remove(parsed, folder)
+            raise ValueError(f"no checkpoint at {path}: it expired at {expires_at} and was removed")
         return folder
 
     def metadata(self, path: str) -> dict[str, Any]:
         return json.loads((self.folder(path) / METADATA_FILE).read_text())
 
     def write(self, run_id: str, kind: CheckpointType, name: str, fill: Callable[[Path], dict[str, Any]], *,
-              metadata: dict[str, Any], overwrite: bool = False) -> Checkpoint:
+              metadata: dict[str, Any], overwrite: bool = False, ttl_seconds: int | None = None,
+              user_metadata: dict[str, str] | None = None) -> Checkpoint:
         """Creates checkpoint `name` of `run_id` atomically.
 
         `fill(folder)` writes the checkpoint's files and returns metadata of its own (a content hash, say),
-        recorded with `metadata` in checkpoint.json; then the folder is renamed into place.
+        recorded with `metadata` in checkpoint.json; then the folder is renamed into place. With `ttl_seconds`
+        the checkpoint expires that long after it is written.
         """
         check_checkpoint_name(name)
+        self.list(run_id)  # removes the run's expired checkpoints, this name's included
         parent = self.root / run_id / _FOLDERS[kind]
         final = parent / name
         if final.exists() and not overwrite:
@@ -79,8 +88,9 @@ class CheckpointStore:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent))
         try:
             written = fill(staging)
-            record = {"time": datetime.now(UTC).isoformat(), "size_bytes": folder_size(staging), **metadata,
-                      **written}
+            now = datetime.now(UTC)
+            record = {"time": now.isoformat(), "size_bytes": folder_size(staging), **metadata, **written,
+                      "expires_at": _expiry(now, ttl_seconds), "user_metadata": user_metadata}
             (staging / METADATA_FILE).write_text(json.dumps(record, indent=1))
             _sync_folder(staging)
             if self._remote is not None:
@@ -97,7 +107,7 @@ class CheckpointStore:
         return self._describe(run_id, kind, name, record)
 
     def list(self, run_id: str) -> list[Checkpoint]:
-        """The run's checkpoints (here and in the storage URI), oldest first."""
+        """The run's checkpoints (here and in the storage URI), oldest first; expired ones are removed."""
         found: dict[str, Checkpoint] = {}
         for kind, folder_name in _FOLDERS.items():
             if self._remote is not None:
@@ -111,23 +121,44 @@ class CheckpointStore:
                     if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():
                         found[tinker_path(run_id, kind, folder.name)] = self._describe(
                             run_id, kind, folder.name, json.loads((folder / METADATA_FILE).read_text()))
+        for checkpoint in [c for c in found.values() if _expired(c.expires_at and c.expires_at.isoformat())]:
+            self._remove(ParsedCheckpointTinkerPath.from_tinker_path(checkpoint.tinker_path))
+            del found[checkpoint.tinker_path]
         return sorted(found.values(), key=lambda checkpoint: checkpoint.time)
 
     def delete(self, path: str) -> None:
-        folder = self.folder(path)
+        self._remove(ParsedCheckpointTinkerPath.from_tinker_path(path), self.folder(path))
+
+    def set_ttl(self, path: str, ttl_seconds: int | None) -> Checkpoint:
+        """The checkpoint expires `ttl_seconds` from now (None: never), recorded atomically here and in the URI."""
+        parsed, folder = ParsedCheckpointTinkerPath.from_tinker_path(path), self.folder(path)
+        record = json.loads((folder / METADATA_FILE).read_text())
+        record["expires_at"] = _expiry(datetime.now(UTC), ttl_seconds)
+        staged = folder / f".{METADATA_FILE}.staging"
+        staged.write_text(json.dumps(record, indent=1))
         if self._remote is not None:
-            parsed = ParsedCheckpointTinkerPath.from_tinker_path(path)
+            self._remote.put_file(str(staged), f"{self._remote_folder(parsed.training_run_id, parsed.checkpoint_id)}"
+                                               f"/{METADATA_FILE}")
+        os.replace(staged, folder / METADATA_FILE)
+        return self._describe(parsed.training_run_id, parsed.checkpoint_type, parsed.name, record)
+
+    def _remove(self, parsed: ParsedCheckpointTinkerPath, folder: Path | None = None) -> None:
+        if self._remote is not None:
             remote = self._remote_folder(parsed.training_run_id, parsed.checkpoint_id)
             if self._remote.exists(remote):
                 self._remote.rm(remote, recursive=True)
-        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.retired-", dir=folder.parent))
-        folder.rename(retired / folder.name)
-        shutil.rmtree(retired)
+        folder = folder or self.root / parsed.training_run_id / parsed.checkpoint_id
+        if folder.is_dir():
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.retired-", dir=folder.parent))
+            folder.rename(retired / folder.name)
+            shutil.rmtree(retired)
 
     def _describe(self, run_id: str, kind: CheckpointType, name: str, record: dict[str, Any]) -> Checkpoint:
+        expires_at = record.get("expires_at")
         return Checkpoint(checkpoint_id=f"{_FOLDERS[kind]}/{name}", checkpoint_type=kind,
                           time=datetime.fromisoformat(record["time"]), size_bytes=record["size_bytes"],
-                          tinker_path=tinker_path(run_id, kind, name))
+                          tinker_path=tinker_path(run_id, kind, name), user_metadata=record.get("user_metadata"),
+                          expires_at=expires_at and datetime.fromisoformat(expires_at))
 
     # ---- the storage URI -------------------------------------------------------------------------------------
 
@@ -158,6 +189,14 @@ class CheckpointStore:
             staging.rename(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _expiry(now: datetime, ttl_seconds: int | None) -> str | None:
+    return None if ttl_seconds is None else (now + timedelta(seconds=ttl_seconds)).isoformat()
+
+
+def _expired(expires_at: str | None) -> bool:
+    return expires_at is not None and datetime.fromisoformat(expires_at) <= datetime.now(UTC)
 
 
 def _sync_folder(folder: Path) -> None:

@@ -20,6 +20,8 @@ class ModelConfig:
     name: str = "SmolLM2-135M-Instruct"
     dtype: str = "bfloat16"
     lora_rank: int = 16
+    train_unembed: bool = True
+    """Adapt the output layer (lm_head) too, as Tinker's LoraConfig does by default."""
     max_model_len: int = 512
 
 

@@ -92,10 +92,37 @@ def ppo(logprobs_D, inputs_D, config):
     return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped / max(tokens, 1.0)}
 
 
+def gspo(logprobs_D, inputs_D, config):
+    """GSPO-token: PPO's clipped objective on one importance ratio per sequence (per datum), not per token.
+
+    s = exp(mean_{t in M} (logp_t - q_t)), the geometric mean of the token ratios over the tokens M that
+    `sequence_ratio_mask` marks (nonzero; without it, the tokens of nonzero weight). Every token carries s's
+    value with its own logprob's gradient, s_t = sg[s] * exp(logp_t - sg[logp_t]), and
+    loss = -sum_t w_t * min(s_t * A_t, clip(s_t, low, high) * A_t), so clipping keeps or drops whole sequences
+    while per-token advantages still work. Bounds: `clip_low_threshold`, `clip_high_threshold` (default
+    0.9997, 1.0004, the GSPO paper's: a sequence ratio moves far less than a token's).
+    """
+    loss, clipped, tokens = 0.0, 0.0, 0.0
+    for logprobs, inputs in zip(logprobs_D, inputs_D, strict=True):
+        weights, advantages = _token_weights(logprobs, inputs), inputs["advantages"]
+        in_ratio = inputs.get("sequence_ratio_mask", weights) != 0
+        log_ratio = (logprobs.detach() - inputs["logprobs"])[in_ratio].mean() if in_ratio.any() else 0.0
+        ratio = torch.exp(log_ratio + logprobs - logprobs.detach())
+        low, high = _clip_bounds(inputs, config, ratio)
+        unclipped, clipped_term = ratio * advantages, torch.clamp(ratio, low, high) * advantages
+        loss = loss - (weights * torch.minimum(unclipped, clipped_term)).sum()
+        trained = (weights != 0) & (advantages != 0)
+        clipped += float((trained & (clipped_term < unclipped)).sum())
+        tokens += float(trained.sum())
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped / max(tokens, 1.0)}
+
+
 def cispo(logprobs_D, inputs_D, config):
     """loss = -sum_t w_t * sg[clip(r_t, low, high)] * logp_t * A_t, sg = stop-gradient.
 
-    The clipped importance weight scales a REINFORCE term; unlike PPO no token's gradient is dropped.
+    The clipped importance weight scales a REINFORCE term; unlike PPO no token's gradient is dropped. Tinker's
+    default bounds are one-sided, (0, 4): no lower bound, so a token whose ratio fell keeps its plain
+    importance weight.
     """
     loss = 0.0
     for logprobs, inputs in zip(logprobs_D, inputs_D, strict=True):
@@ -142,22 +169,36 @@ def dpo(logprobs_D, inputs_D, config):
 
 
 _POLICY_INPUTS = ("target_tokens", "logprobs", "advantages")
-_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 _PER_DATUM_CLIP = ("weights", "clip_low_threshold", "clip_high_threshold")
 
 LOSSES: dict[str, LossSpec] = {
     "cross_entropy": LossSpec(cross_entropy, inputs=("target_tokens", "weights")),
     "importance_sampling": LossSpec(importance_sampling, inputs=_POLICY_INPUTS, optional_inputs=("weights",)),
-    "ppo": LossSpec(ppo, inputs=_POLICY_INPUTS, optional_inputs=_PER_DATUM_CLIP, config=_CLIP),
-    "cispo": LossSpec(cispo, inputs=_POLICY_INPUTS, optional_inputs=_PER_DATUM_CLIP, config=_CLIP),
+    "ppo": LossSpec(ppo, inputs=_POLICY_INPUTS, optional_inputs=_PER_DATUM_CLIP,
+                    config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+    "gspo": LossSpec(gspo, inputs=_POLICY_INPUTS, optional_inputs=(*_PER_DATUM_CLIP, "sequence_ratio_mask"),
+                     config={"clip_low_threshold": 0.9997, "clip_high_threshold": 1.0004}),
+    "cispo": LossSpec(cispo, inputs=_POLICY_INPUTS, optional_inputs=_PER_DATUM_CLIP,
+                      config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
     "dro": LossSpec(dro, inputs=_POLICY_INPUTS, optional_inputs=("weights",), config={"beta": 0.1}),
     "dpo": LossSpec(dpo, inputs=("target_tokens", "weights"), optional_inputs=("ref_logprobs",),
                     config={"beta": 0.1}, datums_per_group=2, reference_input="ref_logprobs"),
 }
 
 
+NOT_SUPPORTED = {
+    "stable_reinforce": "its objective uses information Tinker records at sampling time (record_stability_info) "
+                        "and does not document; use cispo or ppo for off-policy RL",
+    "custom": "server-side custom losses are not served; the SDK's forward_backward_custom runs the loss on the "
+              "client",
+}
+"""Losses the SDK names that are refused here, and why."""
+
+
 def resolve_config(loss_fn: str, config: dict[str, float | str] | None) -> dict[str, float]:
     """The loss's config with defaults filled in; a ValueError names an unknown loss, key or non-number."""
+    if loss_fn in NOT_SUPPORTED:
+        raise ValueError(f"loss_fn {loss_fn!r} is not supported: {NOT_SUPPORTED[loss_fn]}")
     if loss_fn not in LOSSES:
         raise ValueError(f"loss_fn {loss_fn!r} is unknown; known losses: {', '.join(LOSSES)}")
     defaults = LOSSES[loss_fn].config

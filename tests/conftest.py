@@ -9,7 +9,7 @@ from rl.models import build_tiny_model
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random Qwen2 model (seed 0), built once per test session."""
+    """The tiny random Llama model (seed 0), built once per test session."""
     folder = tmp_path_factory.mktemp("tiny-model")
     build_tiny_model(folder, seed=0)
     return folder

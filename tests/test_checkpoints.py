@@ -1,5 +1,8 @@
 """The checkpoint store: atomic writes, listing, overwrite and delete."""
 
+import time
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from rl.checkpoints import CheckpointStore
@@ -22,7 +25,8 @@ def test_write_list_and_read_back(tmp_path):
     assert [c.tinker_path for c in listed] == [first.tinker_path, second.tinker_path], "oldest first"
     assert listed[0].size_bytes == 3 and listed[1].size_bytes == 4
     assert store.metadata(first.tinker_path) | {"time": None} == {"time": None, "size_bytes": 3, "step": 1,
-                                                                   "note": "one"}
+                                                                   "note": "one", "expires_at": None,
+                                                                   "user_metadata": None}
     assert (store.folder(second.tinker_path) / "payload.txt").read_text() == "two!"
     assert store.list("nobody") == []
 
@@ -73,6 +77,31 @@ def test_a_storage_uri_holds_the_checkpoints_for_a_learner_on_another_node(tmp_p
     assert not (tmp_path / "bucket" / "runs" / "run-1" / "weights" / "a").exists()
     with pytest.raises(ValueError, match=r"no checkpoint at .* \(nor in file://"):
         CheckpointStore(tmp_path / "node-c", storage_uri=uri).folder(path)
+
+
+def test_time_to_live_and_user_metadata(tmp_path):
+    uri = f"file://{tmp_path / 'bucket'}"
+    store = CheckpointStore(tmp_path / "node-a", storage_uri=uri)
+    before = datetime.now(UTC)
+    kept = store.write("run-1", "training", "kept", write_text("k"), metadata={}, ttl_seconds=1,
+                       user_metadata={"stage": "warmup"})
+    assert kept.user_metadata == {"stage": "warmup"}
+    assert before + timedelta(seconds=1) <= kept.expires_at <= datetime.now(UTC) + timedelta(seconds=1)
+    doomed = store.write("run-1", "sampler", "doomed", write_text("d"), metadata={}, ttl_seconds=1).tinker_path
+    forever = store.write("run-1", "sampler", "forever", write_text("f"), metadata={}).tinker_path
+    assert store.set_ttl(kept.tinker_path, None).expires_at is None, "None removes the expiry"
+    assert store.set_ttl(forever, 3600).expires_at > datetime.now(UTC) + timedelta(seconds=3500)
+    elsewhere = CheckpointStore(tmp_path / "node-b", storage_uri=uri)
+    assert {c.checkpoint_id: c.expires_at for c in elsewhere.list("run-1")}["weights/kept"] is None, "in the URI too"
+
+    time.sleep(1.1)
+    with pytest.raises(ValueError, match=r"no checkpoint at .*doomed: it expired at .* and was removed"):
+        store.folder(doomed)
+    listed = {c.checkpoint_id: c for c in store.list("run-1")}
+    assert listed.keys() == {"weights/kept", "sampler_weights/forever"}
+    assert listed["weights/kept"].user_metadata == {"stage": "warmup"}
+    assert not (tmp_path / "bucket" / "run-1" / "sampler_weights" / "doomed").exists(), "removed from the URI too"
+    assert not (tmp_path / "node-a" / "run-1" / "sampler_weights" / "doomed").exists()
 
 
 def test_an_upload_without_its_checkpoint_json_is_no_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """The learner on the tiny model: real PEFT adapters, real AdamW, real checkpoints on disk."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -154,8 +155,8 @@ def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradi
     for output, single in zip(together.loss_fn_outputs, alone, strict=True):
         assert torch.allclose(output["logprobs"].to_torch(), single.loss_fn_outputs[0]["logprobs"].to_torch(),
                               atol=1e-5)
-    for a, b in zip(packed, grads(learner, model_id), strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(packed, grads(learner, model_id), strict=True):  # float32 sums in another order: ~1e-6 of scale
+        assert torch.allclose(a, b, atol=1e-5 * a.abs().max().item(), rtol=1e-4), ((a - b).abs().max(), a.shape)
     learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
 
 
@@ -222,8 +223,8 @@ def test_policy_losses_through_the_learner_match_their_formulas(learner, tiny_mo
     advantages = np.linspace(-1.0, 1.0, len(current))
     datum = Datum.next_token(tokens, logprobs=[0.0, *sampler], advantages=[0.0, *advantages])
     output = learner.forward(model_id, ForwardBackwardInput(data=[datum], loss_fn=loss_fn))
-    if loss_fn == "cispo":  # -sum sg[clip(r, 0.8, 1.2)] * logp * A, default thresholds
-        expected = -(np.clip(np.exp(current - sampler), 0.8, 1.2) * current * advantages).sum()
+    if loss_fn == "cispo":  # -sum sg[clip(r, 0, 4)] * logp * A, default thresholds
+        expected = -(np.clip(np.exp(current - sampler), 0.0, 4.0) * current * advantages).sum()
     else:  # dro: -sum (logp * A - beta/2 * (logp - q)^2), default beta 0.1
         expected = -(current * advantages - 0.05 * (current - sampler) ** 2).sum()
     assert output.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
@@ -245,22 +246,29 @@ def test_gradient_clipping_clips_what_adam_sees(learner, tiny_model_dir):
         assert raw > 100 * 1e-3, "the clip bound is well below the raw norm"
 
 
-def test_a_non_finite_gradient_norm_is_refused_and_changes_nothing(learner, tiny_model_dir):
+def test_a_non_finite_gradient_is_skipped_cleared_and_the_run_trains_on(learner, tiny_model_dir):
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)
+    optimizer = learner._runs[model_id].optimizer
+    moments = [{key: value.clone() for key, value in state.items()} for state in optimizer.state.values()]
     huge = [Datum.next_token(PATTERN_TOKENS, weights=[3e38] * len(PATTERN_TOKENS))]  # the loss overflows float32
     learner.forward_backward(model_id, sft(huge))
     before = {name: value.clone() for name, value in learner._peft.named_parameters() if value.requires_grad}
-    held = [None if g is None else g.clone() for g in grads(learner, model_id)]
-    with pytest.raises(ValueError, match=r"gradient norm is (inf|nan); the step is refused"):
-        learner.optim_step(model_id, ADAM)
+    metrics = learner.optim_step(model_id, ADAM).metrics
+    assert metrics["skipped_steps:sum"] == 1.0 and not math.isfinite(metrics["grad_norm:mean"])
     after = {name: value for name, value in learner._peft.named_parameters() if value.requires_grad}
     assert all(torch.equal(before[name], after[name]) for name in before), "no weight moved"
-    assert learner.step(model_id) == 1
-    kept = grads(learner, model_id)
-    assert all(b is None if a is None else torch.allclose(a, b, equal_nan=True) for a, b in zip(held, kept,
-                                                                                               strict=True)), \
-        "the gradients are still there, for the caller to inspect"
+    assert learner.step(model_id) == 1 and metrics["step:max"] == 1.0
+    assert all(g is None for g in grads(learner, model_id)), "the gradients were cleared"
+    assert all(torch.equal(kept[key], value) for kept, state in zip(moments, optimizer.state.values(), strict=True)
+               for key, value in state.items()), "Adam's moments did not see the bad gradient"
+
+    loss_before = learner.forward(model_id, sft()).metrics["loss:sum"]
+    learner.forward_backward(model_id, sft())
+    metrics = learner.optim_step(model_id, ADAM).metrics
+    assert metrics["skipped_steps:sum"] == 0.0 and math.isfinite(metrics["grad_norm:mean"])
+    assert learner.step(model_id) == 2
+    assert learner.forward(model_id, sft()).metrics["loss:sum"] < loss_before, "the run trains on"
 
 
 def test_runs_are_isolated(learner, tiny_model_dir):

@@ -47,7 +47,10 @@ def _gradcheck(loss_fn, logprobs_D, inputs_D, config):
 
 
 def test_registry_matches_the_api_type():
-    assert set(losses.LOSSES) == set(LossFnType.__args__)
+    assert set(losses.LOSSES) | set(losses.NOT_SUPPORTED) == set(LossFnType.__args__)
+    assert not set(losses.LOSSES) & set(losses.NOT_SUPPORTED)
+    with pytest.raises(ValueError, match="loss_fn 'stable_reinforce' is not supported: its objective uses"):
+        losses.resolve_config("stable_reinforce", None)
 
 
 def test_cross_entropy_with_negative_weights():
@@ -141,7 +144,8 @@ def test_ppo_per_datum_clip_bounds_override_the_config():
 
 def test_cispo_weights_a_reinforce_term_by_the_clipped_stopped_ratio():
     logprobs_D, inputs_D = _policy_batch()
-    config = losses.resolve_config("cispo", None)
+    assert losses.resolve_config("cispo", None) == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
+    config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}  # both bounds bite on this batch
     loss, _ = losses.cispo(logprobs_D, inputs_D, config)
     expected, expected_grads = 0.0, []
     for lp, x in zip(_numpy(logprobs_D), inputs_D, strict=True):
@@ -152,6 +156,33 @@ def test_cispo_weights_a_reinforce_term_by_the_clipped_stopped_ratio():
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     for grad, expected_grad in zip(_grads(losses.cispo, logprobs_D, inputs_D, config), expected_grads, strict=True):
         assert np.allclose(grad.numpy(), expected_grad)
+
+
+def test_gspo_clips_one_ratio_per_sequence():
+    # Sequence 1: tokens 1-3 in the ratio (mask), log-ratios 0.3, -0.1, 0.4 -> s = exp(0.2), above high = 1.1 with
+    # advantages of both signs. Sequence 2: no mask, so the tokens of nonzero weight; log-ratios 0.02, 0.04 ->
+    # s = exp(0.03), inside the bounds.
+    config = losses.resolve_config("gspo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1})
+    sampler_1 = torch.tensor([-1.0, -2.0, -0.5, -1.5], dtype=torch.float64)
+    sampler_2 = torch.tensor([-0.7, -0.2, -0.9], dtype=torch.float64)
+    logprobs_D = [(sampler_1 + torch.tensor([5.0, 0.3, -0.1, 0.4], dtype=torch.float64)).requires_grad_(),
+                  (sampler_2 + torch.tensor([0.0, 0.02, 0.04], dtype=torch.float64)).requires_grad_()]
+    advantages_1 = torch.tensor([0.0, 1.0, -2.0, 0.5], dtype=torch.float64)
+    advantages_2 = torch.tensor([0.0, -1.0, 3.0], dtype=torch.float64)
+    inputs_D = [{"logprobs": sampler_1, "advantages": advantages_1,
+                 "sequence_ratio_mask": torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)},
+                {"logprobs": sampler_2, "advantages": advantages_2,
+                 "weights": torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)}]
+    loss, metrics = losses.gspo(logprobs_D, inputs_D, config)
+    s1, s2 = math.exp(0.2), math.exp(0.03)
+    terms_1 = [min(s1 * a, min(s1, 1.1) * a) for a in (0.0, 1.0, -2.0, 0.5)]
+    terms_2 = [0.0] + [s2 * a for a in (-1.0, 3.0)]  # weight 0 on the first token
+    assert loss.item() == pytest.approx(-(sum(terms_1) + sum(terms_2)), rel=1e-12)
+    assert metrics["clip_fraction:mean"] == pytest.approx(2 / 5), "positive advantages of sequence 1 are clipped"
+    # d/dlogp_t of s_t * A_t is s * A_t (s carries no gradient of its own); a clipped term has none.
+    grads = _grads(losses.gspo, logprobs_D, inputs_D, config)
+    assert torch.allclose(grads[0], torch.tensor([0.0, 0.0, 2.0 * s1, 0.0], dtype=torch.float64))
+    assert torch.allclose(grads[1], torch.tensor([0.0, s2, -3.0 * s2], dtype=torch.float64))
 
 
 def test_dro():

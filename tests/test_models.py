@@ -26,11 +26,12 @@ def test_tiny_model_is_identical_across_builds_with_the_same_seed(tiny_model_dir
     assert other["tokenizer.json"] == first["tokenizer.json"], "the tokenizer does not depend on the seed"
 
 
-def test_tiny_model_is_a_small_qwen2_with_a_chatml_tokenizer(tiny_model_dir):
+def test_tiny_model_is_a_small_tied_llama_with_a_chatml_tokenizer(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert model.config.model_type == "qwen2"
-    assert 2_000_000 < sum(parameter.numel() for parameter in model.parameters()) < 2_500_000
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings, "shaped like SmolLM2"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert 1_500_000 < sum(parameter.numel() for parameter in model.parameters()) < 2_000_000
     assert len(tokenizer) == model.config.vocab_size == 2048, "the BPE vocabulary fills the model's"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
                                          add_generation_prompt=True)

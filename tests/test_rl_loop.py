@@ -14,6 +14,7 @@ from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, Trai
 from rl.driver.rl import group_advantages, policy_datum, sampler_vs_learner, step_prompts, train
 from rl.driver.run import Run
 from rl.driver.state import read_state
+from rl.losses import LOSSES, resolve_config
 from rl.tasks import Digits, Problem
 from rl.types import SampledSequence
 
@@ -39,12 +40,29 @@ def test_policy_datum_and_group_advantages():
     assert datum.loss_fn_inputs["target_tokens"].data == [2, 7, 8, 9]
     assert datum.loss_fn_inputs["logprobs"].data == pytest.approx([0.0, -0.1, -0.2, -0.3])
     assert datum.loss_fn_inputs["advantages"].data == [0.0, 0.5, 0.5, 0.5], "the prompt carries no advantage"
+    assert datum.loss_fn_inputs["weights"].data == [0.0, 1.0, 1.0, 1.0], "nor any loss"
     assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=False) == [0.5, -0.5, -0.5, 0.5]
     assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=True) == pytest.approx([1.0, -1.0, -1.0, 1.0], rel=1e-5)
     assert group_advantages([0.2, 0.2], normalize=True) == [0.0, 0.0], "a group that scored alike teaches nothing"
     # Two sampled tokens: sampler - learner = 0.5 and 0.0.
     assert sampler_vs_learner([[-1.0, -2.0]], [[-1.5, -2.0]]) == {"kl/sampler_vs_learner": 0.25,
                                                                   "kl/sampler_vs_learner_sq": 0.0625}
+
+
+@pytest.mark.parametrize("loss_fn", [name for name, spec in LOSSES.items() if "advantages" in spec.inputs])
+def test_prompt_tokens_carry_no_loss_in_any_policy_loss(loss_fn):
+    # The learner's logprobs of the prompt are far from the 0 that policy_datum gives them as sampler logprobs:
+    # any loss that reads them (dro's quadratic penalty did) would put a gradient there. On the sampled tokens
+    # learner and sampler agree (on-policy), so no clip bound removes their gradient.
+    datum = policy_datum([1, 2, 3], SampledSequence(tokens=[7, 8], logprobs=[-0.1, -0.2], stop_reason="stop"),
+                         [0.5, -0.25])
+    inputs = {name: torch.tensor(tensor.data) for name, tensor in datum.loss_fn_inputs.items()
+              if name != "target_tokens"}
+    logprobs = torch.tensor([-2.0, -3.0, -0.1, -0.2], requires_grad=True)
+    loss, _ = LOSSES[loss_fn].fn([logprobs], [inputs], resolve_config(loss_fn, None))
+    loss.backward()
+    assert logprobs.grad[:2].tolist() == [0.0, 0.0], "prompt tokens"
+    assert torch.all(logprobs.grad[2:] != 0), "sampled tokens"
 
 
 @pytest.fixture(scope="module")

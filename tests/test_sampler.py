@@ -60,8 +60,9 @@ def learner(ray_local, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(learner, tiny_model_dir):
-    """A run trained hard enough that its samples differ clearly from the base model's."""
-    model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0, train_unembed=False)))
+    """A run trained hard enough that its samples differ clearly from the base model's. Like every run here it
+    adapts lm_head too (Tinker's default), so each test below also checks the output layer's LoRA is served."""
+    model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0)))
     teach_lesson(learner, model_id)
     return model_id
 
@@ -69,7 +70,7 @@ def trained(learner, tiny_model_dir):
 @pytest.fixture(scope="module")
 def base_run(learner, tiny_model_dir):
     """A fresh adapter: B = 0, so its logprobs are the base model's."""
-    return ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1, train_unembed=False)))
+    return ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1)))
 
 
 def teach_lesson(learner, model_id: str) -> None:
@@ -130,7 +131,7 @@ def test_seeded_samples_repeat_and_n_samples_differ(pool):
 
 def test_sampled_logprobs_match_the_learner(pool, learner, tiny_model_dir):
     # A fresh adapter has B = 0: its logprobs are the base model's.
-    base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1, train_unembed=False)))
+    base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1)))
     response = run(pool.sample(request(num_samples=2, seed=0, temperature=1.0)))
     for sequence in response.sequences:
         expected = learner_logprobs(learner, base_run, PROMPT.to_ints(), sequence.tokens)
@@ -138,7 +139,7 @@ def test_sampled_logprobs_match_the_learner(pool, learner, tiny_model_dir):
 
 
 def test_prompt_logprobs_and_top_k(pool, learner, tiny_model_dir):
-    base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1, train_unembed=False)))
+    base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1)))
     response = run(pool.sample(SampleRequest(prompt=PROMPT, prompt_logprobs=True, topk_prompt_logprobs=3,
                                              sampling_params=SamplingParams(max_tokens=1, temperature=0.0))))
     prompt = PROMPT.to_ints()
@@ -182,7 +183,7 @@ def test_stale_or_corrupted_weights_are_caught(pool, learner, trained, tiny_mode
     good = publish(pool, learner, trained, "good")
     weights = ray.get(learner.sampler_weights.remote(good.tinker_path))
     assert weights == dataclasses.replace(good.weights, files=weights.files), "what the learner recorded at saving"
-    fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2, train_unembed=False)))
+    fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2)))
     stale_probe = ray.get(learner.logprobs.remote(fresh_run, [weights.probe_tokens]))[0]
     with pytest.raises(WeightSyncError, match="disagrees with the learner on the probe"):
         # the learner says "base model", the replica serves the adapter
@@ -194,7 +195,7 @@ def test_stale_or_corrupted_weights_are_caught(pool, learner, trained, tiny_mode
         run(pool.publish(dataclasses.replace(weights, files=ray.put(corrupted))))
 
     # vLLM serves the old weights when a LoRA id is reused: the verification must notice.
-    retrained = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0, train_unembed=False)))
+    retrained = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0)))
     newer = ray.get(learner.save_weights_for_sampler.remote(retrained, "newer"))
     ids = pool._lora_ids
     pool._lora_ids = itertools.repeat(good.lora_int_id)
@@ -265,12 +266,6 @@ def test_a_killed_replica_loses_no_request(pool):
     assert all(ray.get([replica.actor.alive.remote() for replica in pool._replicas]))
 
 
-def test_an_adapter_of_lm_head_is_refused_clearly(pool, learner, tiny_model_dir):
-    model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0)))  # train_unembed
-    with pytest.raises(ValueError, match="adapts lm_head, which vLLM's LoRA cannot serve"):
-        publish(pool, learner, model_id, "with-unembed")
-
-
 def test_stop_tokens_stop_strings_and_top_k(pool, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -300,10 +295,8 @@ def test_bfloat16_samples_match_the_bfloat16_learner(ray_local, tiny_model_dir, 
     pool = SamplerPool(str(tiny_model_dir), max_model_len=256, max_lora_rank=8, max_loras=1, dtype="bfloat16")
     try:
         assert pool.info["dtype"] == "bfloat16" and pool.tolerance == SYNC_TOLERANCE["bfloat16"]
-        model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0,
-                                                                                  train_unembed=False)))
-        base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1,
-                                                                                  train_unembed=False)))
+        model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=0)))
+        base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1)))
         teach_lesson(learner, model_id)
         version = publish(pool, learner, model_id, "bf16")  # verified on the probe
         response = run(pool.sample(request(num_samples=4, seed=0, temperature=1.0, model_path=version.tinker_path)))
@@ -333,7 +326,7 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
     base = run(merge_pool.sample(request(temperature=0.0))).sequences[0]
     assert mean_abs_difference(served_logprobs(pool, None, base.tokens), base.logprobs) < 1e-4
 
-    other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=5, train_unembed=False)))
+    other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=5)))
     for _ in range(3):
         ray.get(learner.forward_backward.remote(other, momentum_batch()))
         ray.get(learner.optim_step.remote(other, AdamParams(learning_rate=1e-2)))
@@ -357,7 +350,7 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
 
 def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_model_dir):
     good = publish(merge_pool, learner, trained, "merge-good")
-    fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2, train_unembed=False)))
+    fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2)))
     stale_probe = ray.get(learner.logprobs.remote(fresh_run, [good.weights.probe_tokens]))[0]
     with pytest.raises(WeightSyncError, match="disagrees with the learner on the probe"):
         run(merge_pool.publish(dataclasses.replace(good.weights, probe_logprobs=stale_probe)))

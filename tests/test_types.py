@@ -44,7 +44,8 @@ EXAMPLES: list[BaseModel] = [
                      model_path="tinker://r/sampler_weights/s", content_hash="ab12"),
     T.LoraConfig(rank=8, seed=0, train_unembed=False),
     T.CreateModelRequest(session_id="s", model_seq_id=0, base_model="tiny", lora_config=T.LoraConfig(rank=4)),
-    T.SaveWeightsRequest(model_id="s:train:0", path="step-2", seq_id=3),
+    T.SaveWeightsRequest(model_id="s:train:0", path="step-2", seq_id=3, ttl_seconds=3600, user_metadata={"a": "b"}),
+    T.SetCheckpointTtlRequest(ttl_seconds=7200),
     T.SaveWeightsResponse(path="tinker://s:train:0/weights/step-2"),
     T.SaveWeightsForSamplerRequest(model_id="s:train:0", sampling_session_seq_id=1, seq_id=4),
     T.SaveWeightsForSamplerResponse(path="tinker://s:train:0/sampler_weights/step-2"),
@@ -113,7 +114,6 @@ def test_what_the_sdk_sends_validates_as_our_request_types():
 
 @pytest.mark.parametrize(("request_type", "payload", "field"), [
     (T.SaveWeightsForSamplerRequest, {"model_id": "m", "path": "p", "kind": "inflight"}, "kind='inflight'"),
-    (T.SaveWeightsRequest, {"model_id": "m", "user_metadata": {"a": "b"}}, "user_metadata"),
     (T.LoadWeightsRequest, {"path": "p", "optimizer": False, "model_id": "m", "weights_access_token": "t"},
      "weights_access_token"),
     (T.SampleRequest, {"prompt": {"chunks": []}, "sampling_params": {}, "topk_sample_logprobs": 3},

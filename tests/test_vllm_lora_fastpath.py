@@ -6,6 +6,8 @@ token. Each check therefore scores the SAME tokens under both configurations (te
 logprobs) and compares logprobs with a tolerance far below what a wrong adapter changes.
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -18,15 +20,17 @@ LORA_IDS: dict = {}
 PROMPTS = [[1, 382, 201, 289, 270, 223, 20, 294, 223, 21], [1, 50, 60, 70], [1, 9, 8, 7, 6, 5, 4, 3]]
 TOLERANCE = 1e-4  # max |logprob difference| of the same weights in float32 (measured: 3e-6)
 APART = 0.05  # mean |logprob difference| of different weights is above this (measured: 0.3 and more)
+SHRINK = ("PunicaWrapperCPU", "_shrink_prefill")
 
 
 @pytest.fixture(scope="module")
 def adapters(ray_local, tiny_model_dir, tmp_path_factory):
-    """Two different trained adapters (decoder layers only), as PEFT folders."""
+    """Two different trained adapters as PEFT folders: of the decoder's layers (which vLLM's own path can serve
+    with prompt logprobs, for comparison), and of those and lm_head (which only the fast path can)."""
     learner = Learner(str(tiny_model_dir), storage=tmp_path_factory.mktemp("fastpath"))
     folders = []
-    for seed, target in ((0, [600, 601, 602]), (1, [700, 701, 702])):
-        model_id = learner.create(str(tiny_model_dir), LoraConfig(rank=8, seed=seed, train_unembed=False))
+    for seed, target, train_unembed in ((0, [600, 601, 602], False), (1, [700, 701, 702], True)):
+        model_id = learner.create(str(tiny_model_dir), LoraConfig(rank=8, seed=seed, train_unembed=train_unembed))
         tokens = PROMPTS[0] + target
         datum = Datum.next_token(tokens, weights=[1.0] * len(tokens))
         for _ in range(10):
@@ -84,23 +88,41 @@ def mean_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().mean().item()
 
 
+@contextmanager
+def vllm_linear_kernels():
+    """vLLM's own LoRA kernels for the linear layers, with the fast path's output layer: vLLM 0.32's own cannot
+    give prompt logprobs on a model whose lm_head takes a LoRA (it indexes one adapter per request, not per row)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    names = ("_shrink_prefill", "_expand_slice_prefill")
+    with vllm_lora_fastpath.fastpath(enabled=True):
+        patched = {name: getattr(PunicaWrapperCPU, name) for name in names}
+        for name in names:
+            setattr(PunicaWrapperCPU, name, vllm_lora_fastpath._originals[name])
+        try:
+            yield
+        finally:
+            for name, replacement in patched.items():
+                setattr(PunicaWrapperCPU, name, replacement)
+
+
 def test_one_adapter_batches_match_the_unpatched_engine(llm, adapters, monkeypatch):
     calls = []
-    replacement = vllm_lora_fastpath._REPLACEMENTS["_shrink_prefill"]
+    replacement = vllm_lora_fastpath._REPLACEMENTS[SHRINK]
 
     def counted(*args):
         calls.append(1)
         return replacement(*args)
 
-    monkeypatch.setitem(vllm_lora_fastpath._REPLACEMENTS, "_shrink_prefill", counted)
+    monkeypatch.setitem(vllm_lora_fastpath._REPLACEMENTS, SHRINK, counted)
     first, _ = adapters
-    with vllm_lora_fastpath.fastpath(enabled=False):
+    with vllm_linear_kernels():
         expected_tokens, expected_logprobs = generate(llm, [first] * 3)
     with vllm_lora_fastpath.fastpath(enabled=True):
         tokens, logprobs = generate(llm, [first] * 3)
         patched_scores = score(llm, expected_tokens, [first] * 3)
     assert calls, "the patched engine went through the replacement"
-    with vllm_lora_fastpath.fastpath(enabled=False):
+    with vllm_linear_kernels():
         unpatched_scores = score(llm, tokens, [first] * 3)
         base_scores = score(llm, tokens, [None] * 3)
     # Each engine's decoded tokens, scored by the other: the patched prefill and decode both match vLLM's own.

@@ -29,10 +29,11 @@ from rl.types import AdamParams, Datum, ForwardBackwardInput, SampledSequence, S
 
 
 def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantages: list[float]) -> Datum:
-    """One sample as a datum: prompt tokens carry no advantage; sampled tokens carry the sampler's logprobs."""
-    prompt_zeros = [0.0] * len(prompt_T)
-    return Datum.next_token(prompt_T + sequence.tokens, logprobs=prompt_zeros + sequence.logprobs,
-                            advantages=prompt_zeros + advantages)
+    """One sample as a datum: prompt tokens carry weight 0 (no loss in any policy loss: dro's penalty would pull
+    their logprobs toward the 0 given here), sampled tokens weight 1, the sampler's logprobs and the advantages."""
+    prompt_zeros, sampled_ones = [0.0] * len(prompt_T), [1.0] * len(sequence.tokens)
+    return Datum.next_token(prompt_T + sequence.tokens, weights=prompt_zeros + sampled_ones,
+                            logprobs=prompt_zeros + sequence.logprobs, advantages=prompt_zeros + advantages)
 
 
 def group_advantages(rewards_G: list[float], normalize: bool) -> list[float]:

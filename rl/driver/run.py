@@ -91,7 +91,7 @@ class Run:
         ).remote(self.base_model, storage=str(self.folder / "checkpoints"), storage_uri=config.storage_uri,
                  dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens,
                  threads=learner.threads or overlap_threads(config))
-        self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=False)
+        self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=model.train_unembed)
         if config.algo.loop == "rl" or config.eval_every > 0:
             self._start_pool()  # while the learner loads: starting, each mostly imports, on a core of its own
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,

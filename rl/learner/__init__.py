@@ -1,6 +1,15 @@
 """The learner: a base model with many LoRA training runs (`learner`), and how a batch becomes checked tensors,
 micro-batches and target logprobs (`batch`). The losses it computes are named in `rl.losses`."""
 
-from rl.learner.learner import KNOWN_ARCHITECTURES, PROBE_LENGTH, Learner, LearnerActor, default_device, probe_tokens
+from rl.learner.learner import (
+    KNOWN_ARCHITECTURES,
+    LORA_ALPHA,
+    PROBE_LENGTH,
+    Learner,
+    LearnerActor,
+    default_device,
+    probe_tokens,
+)
 
-__all__ = ["KNOWN_ARCHITECTURES", "PROBE_LENGTH", "Learner", "LearnerActor", "default_device", "probe_tokens"]
+__all__ = ["KNOWN_ARCHITECTURES", "LORA_ALPHA", "PROBE_LENGTH", "Learner", "LearnerActor", "default_device",
+           "probe_tokens"]

@@ -54,6 +54,7 @@ _TARGET_MODULES = {
     "mlp": ["gate_proj", "up_proj", "down_proj"],
     "unembed": ["lm_head"],
 }
+LORA_ALPHA = 32
 KNOWN_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_LENGTH = 24
@@ -126,9 +127,10 @@ class Learner:
             raise ValueError("lora_config trains nothing: set train_attn, train_mlp or train_unembed")
         lora = lora.model_copy(update={"seed": lora.seed if lora.seed is not None else secrets.randbits(31)})
         adapter = f"run{len(self._runs)}_{secrets.token_hex(2)}"
-        # alpha = 2 * rank: the update is scaled by alpha / rank = 2 at every rank, the scale the recipes' learning
-        # rates were tuned with (Tinker's own scaling differs; a learning rate does not port from it as is).
-        peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=2 * lora.rank, lora_dropout=0.0, target_modules=modules,
+        # Tinker's scaling: the update is (LORA_ALPHA / rank) * B @ A, alpha fixed whatever the rank (as in LoRA
+        # Without Regret and tinker-cookbook's hyperparameter helpers), so a learning rate tuned there means the
+        # same step here, and the best learning rate hardly moves with the rank.
+        peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=modules,
                                      bias="none", task_type="CAUSAL_LM")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(lora.seed)
@@ -263,14 +265,22 @@ class Learner:
     # ---- optimizer -------------------------------------------------------------------------------------------
 
     def optim_step(self, model_id: str, params: AdamParams) -> OptimStepResponse:
-        """One AdamW step on the gradients accumulated since the last; clears them."""
+        """One AdamW step on the gradients accumulated since the last; clears them.
+
+        Gradients that are not finite are cleared without a step (the weights, the optimizer's moments and the
+        step count stay as they were) and reported as `skipped_steps:sum` = 1, so the run trains on.
+        """
         run = self._run(model_id)
         grads = [param.grad for param in run.params if param.grad is not None]
         if not grads:
             raise ValueError(f"optim_step on {model_id!r}: no gradients; call forward_backward first")
         grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        metrics = {"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate}
         if not math.isfinite(grad_norm):
-            raise ValueError(f"optim_step on {model_id!r}: the gradient norm is {grad_norm}; the step is refused")
+            run.optimizer.zero_grad(set_to_none=True)
+            print(f"optim_step on {model_id}: the gradient norm is {grad_norm}; step skipped, gradients cleared",
+                  flush=True)
+            return OptimStepResponse(metrics={**metrics, "skipped_steps:sum": 1.0, "step:max": float(run.step)})
         if params.grad_clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(run.params, params.grad_clip_norm, torch.tensor(grad_norm))
         for group in run.optimizer.param_groups:
@@ -279,13 +289,15 @@ class Learner:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        return OptimStepResponse(metrics={"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate,
-                                          "step:max": float(run.step)})
+        return OptimStepResponse(metrics={**metrics, "skipped_steps:sum": 0.0, "step:max": float(run.step)})
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
-    def save_weights(self, model_id: str, name: str | None = None, *, overwrite: bool = False) -> SaveWeightsResponse:
-        """Saves adapter, optimizer state and step as `tinker://RUN/weights/NAME`, to resume exactly."""
+    def save_weights(self, model_id: str, name: str | None = None, *, overwrite: bool = False,
+                     ttl_seconds: int | None = None,
+                     user_metadata: dict[str, str] | None = None) -> SaveWeightsResponse:
+        """Saves adapter, optimizer state and step as `tinker://RUN/weights/NAME`, to resume exactly; it expires
+        after `ttl_seconds` if given, and keeps `user_metadata` to list with it."""
         run = self._run(model_id)
 
         def fill(folder: Path) -> dict:
@@ -294,14 +306,16 @@ class Learner:
             return {}
 
         checkpoint = self.store.write(model_id, "training", name or f"step-{run.step:06d}", fill,
-                                      metadata=self._run_metadata(run), overwrite=overwrite)
+                                      metadata=self._run_metadata(run), overwrite=overwrite, ttl_seconds=ttl_seconds,
+                                      user_metadata=user_metadata)
         return SaveWeightsResponse(path=checkpoint.tinker_path)
 
-    def save_weights_for_sampler(self, model_id: str, name: str | None = None, *,
-                                 overwrite: bool = False) -> SamplerWeights:
+    def save_weights_for_sampler(self, model_id: str, name: str | None = None, *, overwrite: bool = False,
+                                 ttl_seconds: int | None = None,
+                                 user_metadata: dict[str, str] | None = None) -> SamplerWeights:
         """Publishes the adapter as a PEFT folder at `tinker://RUN/sampler_weights/NAME`, with everything a sampler
         needs (rl.weights): the files (in Ray's object store), their content hash and the probe's logprobs, the
-        last two recorded with the checkpoint."""
+        last two recorded with the checkpoint. `ttl_seconds` and `user_metadata` as in save_weights."""
         run = self._run(model_id)
         probe = probe_tokens(self.vocab_size)
         written: dict[str, bytes] = {}
@@ -312,7 +326,8 @@ class Learner:
                     "probe_logprobs": self.logprobs(model_id, [probe])[0]}
 
         checkpoint = self.store.write(model_id, "sampler", name or f"step-{run.step:06d}", fill,
-                                      metadata=self._run_metadata(run), overwrite=overwrite)
+                                      metadata=self._run_metadata(run), overwrite=overwrite, ttl_seconds=ttl_seconds,
+                                      user_metadata=user_metadata)
         return self._sampler_weights(checkpoint.tinker_path, self.store.metadata(checkpoint.tinker_path), written)
 
     def sampler_weights(self, path: str) -> SamplerWeights:
@@ -376,6 +391,9 @@ class Learner:
 
     def delete_checkpoint(self, path: str) -> None:
         self.store.delete(path)
+
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: int | None) -> None:
+        self.store.set_ttl(path, ttl_seconds)
 
     def _write_adapter(self, run: _LoraRun, folder: Path) -> dict[str, bytes]:
         """Writes a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors); returns the

@@ -61,6 +61,10 @@ class Sampler:
                                 max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras)
         self._engine = EngineLoop(llm)
         self._merger = None
+        # vLLM applies a LoRA of the output layer only for architectures that declare lm_head an embedding module
+        self._serves_output_lora = publish_mode == "merge" or llm.apply_model(
+            lambda model: "lm_head" in (getattr(model, "embedding_modules", None) or {}))[0]
+        self._architecture = llm.llm_engine.model_config.architecture
         if publish_mode == "merge":
             from rl.sampler.vllm_merge import AdapterMerger
 
@@ -86,9 +90,9 @@ class Sampler:
         from vllm.lora.request import LoRARequest
 
         files: dict[str, bytes] = await version.weights.files
-        if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"]:
-            raise ValueError(f"{version.tinker_path} adapts lm_head, which vLLM's LoRA cannot serve (it adapts the "
-                             "decoder's linear layers only): train runs meant for sampling with "
+        if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"] and not self._serves_output_lora:
+            raise ValueError(f"{version.tinker_path} adapts lm_head, which vLLM's LoRA does not serve for "
+                             f"{self._architecture}: sample it with publish_mode=merge, or train with "
                              "LoraConfig(train_unembed=False)")
         if self._merger is not None:
             self._merged = -1  # set before the merge is queued: no request queued after it is stamped as older

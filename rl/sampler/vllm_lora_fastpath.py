@@ -3,8 +3,9 @@ none was asked for.
 
 Replaces `PunicaWrapperCPU._shrink_prefill`, `._expand_slice_prefill` and `.add_lora_logits`
 (vllm/lora/punica_wrapper/punica_cpu.py), i.e. their calls to `sgmv_shrink` / `sgmv_expand_slice` / `bgmv_*`
-(vllm/lora/ops/torch_ops/lora_ops.py). vLLM's V1 runner always marks the LoRA mapping as prefill, so the first
-two do every LoRA linear layer's A and B products, in prefill and decode alike.
+(vllm/lora/ops/torch_ops/lora_ops.py), and wraps the runner's `_get_prompt_logprobs_dict` so that the output
+layer's LoRA knows which request's rows it is given there. vLLM's V1 runner always marks the LoRA mapping as
+prefill, so the first two do every LoRA linear layer's A and B products, in prefill and decode alike.
 
 Why, speed: those ops give every token its own copy of the adapter weights (`weights[indices]`, tokens x out x
 rank), cast it, and run a batched matrix-vector einsum: memory traffic grows as tokens x weight size, gigabytes
@@ -78,39 +79,76 @@ def _add_lora_logits(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked
     """The output layer's LoRA, per adapter slot in use; skipped for slots whose lm_head adapter is zero.
 
     vLLM's version gathers a vocabulary-sized B matrix per token (tokens x vocab x rank) at every step, even
-    when no adapter touches lm_head, and applies the last slot's to base requests (slot -1).
+    when no adapter touches lm_head, applies the last slot's to base requests (slot -1), and fails on prompt
+    logprobs (their rows are not one per request).
     """
     y2d, x2d = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-    indices = self.sampler_indices[: x2d.shape[0]]
-    for slot in torch.unique(indices).tolist():
+    slots = _logit_row_slots(self, x)
+    for slot in torch.unique(slots).tolist():
         b = lora_b_stacked[slot].reshape(lora_b_stacked.shape[-2:])  # (vocab, rank)
         if slot < 0 or not torch.any(b):
             continue
         a = lora_a_stacked[slot].reshape(lora_a_stacked.shape[-2:])  # (rank, hidden)
-        rows = indices == slot
+        rows = slots == slot
         shrunk = scale * (x2d[rows].float() @ a.float().t())
         common = min(b.shape[0], y2d.shape[1])
         y2d[rows, :common] += (shrunk.to(y.dtype) @ b.to(y.dtype).t())[:, :common]
 
 
-_REPLACEMENTS: dict[str, Callable[..., Any]] = {
-    "_shrink_prefill": _shrink_prefill,
-    "_expand_slice_prefill": _expand_slice_prefill,
-    "add_lora_logits": _add_lora_logits,
+_prompt_hidden_states: list[torch.Tensor] = []
+"""While vLLM computes prompt logprobs: the batch's hidden states, whose rows it slices one request at a time."""
+
+
+def _get_prompt_logprobs_dict(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    _prompt_hidden_states.append(hidden_states)
+    try:
+        return _originals["_get_prompt_logprobs_dict"](self, hidden_states, *args, **kwargs)
+    finally:
+        _prompt_hidden_states.pop()
+
+
+def _logit_row_slots(wrapper: Any, x: torch.Tensor) -> torch.Tensor:
+    """The adapter slot of each row of hidden states whose logits vLLM computes.
+
+    Sampled positions come one row per request (the sampler indices). Prompt logprobs come as one request's
+    rows sliced out of the batch's hidden states, with no word of which request: the slice's offset in the
+    batch locates its tokens, and the per-token indices give their slot.
+    """
+    rows = x.shape[0]
+    if not _prompt_hidden_states:
+        slots = wrapper.sampler_indices
+        if len(slots) != rows:
+            raise RuntimeError(f"vllm_lora_fastpath: {rows} rows of sampled logits for {len(slots)} requests")
+        return slots
+    batch = _prompt_hidden_states[-1]
+    offset, remainder = divmod(x.data_ptr() - batch.data_ptr(), batch.stride(0) * batch.element_size())
+    slots = wrapper.token_lora_indices[offset : offset + rows]
+    if remainder or offset < 0 or len(slots) != rows:
+        raise RuntimeError("vllm_lora_fastpath: prompt-logprob rows are not a slice of the batch's hidden states")
+    return slots
+
+
+_REPLACEMENTS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("PunicaWrapperCPU", "_shrink_prefill"): _shrink_prefill,
+    ("PunicaWrapperCPU", "_expand_slice_prefill"): _expand_slice_prefill,
+    ("PunicaWrapperCPU", "add_lora_logits"): _add_lora_logits,
+    ("GPUModelRunner", "_get_prompt_logprobs_dict"): _get_prompt_logprobs_dict,
 }
 
 
-def _wrapper_class() -> type:
+def _patched_classes() -> dict[str, type]:
     import vllm
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the CPU runner's base class
 
     version = vllm.__version__.split("+")[0]
     if version not in SUPPORTED_VLLM_VERSIONS:
         # The replacements depend on private details (slot layout [slots, 1, out, in], batch_size, the prefill
-        # metadata); on another version they may silently compute something else.
+        # metadata, how prompt logprobs slice the hidden states); on another version they may silently compute
+        # something else.
         raise RuntimeError(f"rl.sampler.vllm_lora_fastpath supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
                            f"{vllm.__version__}: check PunicaWrapperCPU there before extending the list")
-    return PunicaWrapperCPU
+    return {"PunicaWrapperCPU": PunicaWrapperCPU, "GPUModelRunner": GPUModelRunner}
 
 
 def is_installed() -> bool:
@@ -118,22 +156,22 @@ def is_installed() -> bool:
 
 
 def install() -> None:
-    """Patches PunicaWrapperCPU (all engines in this process, existing ones included). Idempotent."""
-    cls = _wrapper_class()
+    """Patches PunicaWrapperCPU and the runner (all engines in this process, existing ones included). Idempotent."""
+    classes = _patched_classes()
     if is_installed():
         return
-    for name, replacement in _REPLACEMENTS.items():
-        _originals[name] = getattr(cls, name)
-        setattr(cls, name, replacement)
+    for (cls, name), replacement in _REPLACEMENTS.items():
+        _originals[name] = getattr(classes[cls], name)
+        setattr(classes[cls], name, replacement)
 
 
 def uninstall() -> None:
     """Restores vLLM's own implementation. A no-op when not installed."""
     if not is_installed():
         return
-    cls = _wrapper_class()
-    for name, original in _originals.items():
-        setattr(cls, name, original)
+    classes = _patched_classes()
+    for cls, name in _REPLACEMENTS:
+        setattr(classes[cls], name, _originals[name])
     _originals.clear()
 
 

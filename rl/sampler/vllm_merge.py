@@ -4,12 +4,14 @@ For a run that owns its replicas. The engine runs with LoRA off and serves one w
 until the first publish) at the speed of the base model: no LoRA products at all. Adapter mode (many adapters,
 many tenants, one engine) stays the default.
 
-Each merge rebuilds every adapted linear layer from the base weights in the model folder, W = W0 + s * B @ A
-(s = alpha / r, or alpha / sqrt(r) with rsLoRA), computed in float32 and cast to the engine's dtype, so versions
-never accumulate rounding. vLLM packs q/k/v and gate/up into one layer each (the model's
-`packed_modules_mapping`); the parts are concatenated in that order. On CPU, vLLM drops `layer.weight` after
-loading and keeps only a prepacked copy for its GEMM kernel, so the merged weight is installed as a new
-parameter and the kernel dispatched again; on CUDA the weight is overwritten in place.
+Each merge rebuilds every adapted linear layer, lm_head included, from the base weights in the model folder,
+W = W0 + s * B @ A (s = alpha / r, or alpha / sqrt(r) with rsLoRA), computed in float32 and cast to the engine's
+dtype, so versions never accumulate rounding. vLLM packs q/k/v and gate/up into one layer each (the model's
+`packed_modules_mapping`); the parts are concatenated in that order. Each merged weight is installed as a new
+parameter, never written in place: a tied lm_head shares its weight with the input embedding, which a LoRA of
+the output layer leaves alone (as PEFT does), and the engine runs eagerly, so no captured graph holds the old
+one. On CPU, vLLM keeps a prepacked copy for its GEMM kernel (and drops a linear layer's `weight`), so the
+kernel is dispatched again.
 
 Touches vLLM internals (the layer classes, their names, the CPU GEMM dispatch): pinned to the version it was
 checked against. Caller's duty: no request is running while `merge` runs (EngineLoop.call(..., drain=True)).
@@ -27,6 +29,7 @@ from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 PEFT_PREFIX = "base_model.model."
+OUTPUT_LAYER = "lm_head"
 
 
 class AdapterMerger:
@@ -36,6 +39,7 @@ class AdapterMerger:
         import vllm
         from safetensors import safe_open
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
         if vllm.__version__.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
             raise RuntimeError(f"publish_mode=merge supports vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
@@ -51,12 +55,20 @@ class AdapterMerger:
                     raise RuntimeError(f"publish_mode=merge needs unquantized weights; {name} is quantized")
                 prefix, _, last = name.rpartition(".")
                 self._layers[name] = (layer, [f"{prefix}.{part}" for part in packed.get(last, [last])])
+            elif isinstance(layer, ParallelLMHead):
+                self._layers[name] = (layer, [name])
         wanted = {part for _, parts in self._layers.values() for part in parts}
+        # A model with tied embeddings stores no lm_head: its output layer starts as the input embedding.
+        stored_as = {name: name for name in wanted}
+        if json.loads((Path(model_folder) / "config.json").read_text()).get("tie_word_embeddings"):
+            stored_as[OUTPUT_LAYER] = "model.embed_tokens"
         self._base: dict[str, torch.Tensor] = {}
         for file in sorted(Path(model_folder).glob("*.safetensors")):
             with safe_open(file, framework="pt") as weights:
-                for name in wanted & {key.removesuffix(".weight") for key in weights.keys()}:  # noqa: SIM118
-                    self._base[name] = weights.get_tensor(f"{name}.weight")
+                stored = {key.removesuffix(".weight") for key in weights.keys()}  # noqa: SIM118
+                for name in wanted:
+                    if stored_as[name] in stored:
+                        self._base[name] = weights.get_tensor(f"{stored_as[name]}.weight")
         missing = wanted - self._base.keys()
         if missing:
             raise RuntimeError(f"publish_mode=merge: no base weight in {model_folder} for {sorted(missing)[:3]}")
@@ -68,7 +80,7 @@ class AdapterMerger:
         unknown = deltas.keys() - self._base.keys()
         if unknown:
             raise ValueError(f"the adapter adapts {sorted(unknown)[:3]}, which the engine's model has no linear "
-                             "layer for (publish_mode=merge serves the decoder's linear layers)")
+                             "layer for (publish_mode=merge serves the decoder's linear layers and lm_head)")
         for name, (layer, parts) in self._layers.items():
             adapted = any(part in deltas for part in parts)
             if adapted or name in self._changed:
@@ -93,11 +105,14 @@ def adapter_deltas(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
 
 
 def _install(layer: torch.nn.Module, weight: torch.Tensor) -> None:
-    if hasattr(layer, "cpu_linear"):  # CPU: vLLM keeps a prepacked copy only; rebuild it from the new weight
+    """Gives `layer` a weight of its own (never written in place: a tied lm_head shares the input embedding's)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    output_layer = isinstance(layer, ParallelLMHead)
+    if output_layer and weight.shape[0] < layer.weight.shape[0]:  # vLLM pads the vocabulary
+        weight = torch.cat([weight, weight.new_zeros(layer.weight.shape[0] - weight.shape[0], weight.shape[1])])
+    layer.weight = torch.nn.Parameter(weight.to(layer.weight.dtype).to(layer.weight.device), requires_grad=False)
+    if hasattr(layer, "cpu_linear"):  # CPU: vLLM's GEMM uses a prepacked copy; rebuild it from the new weight
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-        dtype = layer.weight.dtype
-        layer.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-    else:
-        layer.weight.data.copy_(weight)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=not output_layer)

@@ -37,6 +37,7 @@ from rl.types import (
     SampleResponse,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
+    SetCheckpointTtlRequest,
     TryAgainResponse,
     WeightsInfoRequest,
 )
@@ -83,7 +84,8 @@ class TinkerRoutes:
             route("training_runs", self.training_runs, methods=("GET",)),
             route("training_runs/{run}", self.training_run, methods=("GET",)),
             route("training_runs/{run}/checkpoints", self.run_checkpoints, methods=("GET",)),
-            route("training_runs/{run}/checkpoints/{checkpoint:path}", self.checkpoint, methods=("DELETE", "POST")),
+            route("training_runs/{run}/checkpoints/{checkpoint:path}", self.checkpoint,
+                  methods=("DELETE", "POST", "PUT")),
             route("checkpoints", self.user_checkpoints, methods=("GET",)),
         ]
 
@@ -188,6 +190,9 @@ class TinkerRoutes:
         run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]
         if checkpoint_id.endswith("/publish"):
             await self.service.set_public(user, run, checkpoint_id.removesuffix("/publish"), request.method == "POST")
+        elif checkpoint_id.endswith("/ttl") and request.method == "PUT":
+            ttl = SetCheckpointTtlRequest.model_validate(await self.json_of(request)).ttl_seconds
+            await self.service.set_checkpoint_ttl(user, run, checkpoint_id.removesuffix("/ttl"), ttl)
         elif request.method == "DELETE":
             await self.service.delete_checkpoint(user, run, checkpoint_id)
         else:

@@ -113,7 +113,8 @@ class Service:
     def save_weights(self, user: str, request: SaveWeightsRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
         return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.save_weights.remote(
-            model_id, request.path, overwrite=request.overwrite))
+            model_id, request.path, overwrite=request.overwrite, ttl_seconds=request.ttl_seconds,
+            user_metadata=request.user_metadata))
 
     def save_weights_for_sampler(self, user: str, request: SaveWeightsForSamplerRequest) -> str:
         """Saves and publishes to the pool; with `sampling_session_seq_id`, answers with a sampling session."""
@@ -122,8 +123,8 @@ class Service:
         name = request.path or f"sampler-{request.seq_id}-{secrets.token_hex(3)}"
 
         async def save() -> dict:
-            version = await self.pools[base].publish(
-                await learner.save_weights_for_sampler.remote(model_id, name, overwrite=True))
+            version = await self.pools[base].publish(await learner.save_weights_for_sampler.remote(
+                model_id, name, ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata))
             if request.sampling_session_seq_id is None:
                 return {"path": version.tinker_path}
             return {"sampling_session_id": self._new_sampler(user, base, version.tinker_path)}
@@ -230,6 +231,11 @@ class Service:
         path = self._owned_checkpoint(user, model_id, checkpoint_id)
         await self.weights_info(user, WeightsInfoRequest(tinker_path=path))  # it must exist
         self.registry.set_public(path, public)
+
+    async def set_checkpoint_ttl(self, user: str, model_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
+        path = self._owned_checkpoint(user, model_id, checkpoint_id)
+        await self.learners[self.registry.run(user, model_id)["base_model"]].set_checkpoint_ttl.remote(path,
+                                                                                                      ttl_seconds)
 
     async def delete_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> None:
         path = self._owned_checkpoint(user, model_id, checkpoint_id)

@@ -17,6 +17,7 @@ from rl.types.checkpoints import (
     SaveWeightsForSamplerResponse,
     SaveWeightsRequest,
     SaveWeightsResponse,
+    SetCheckpointTtlRequest,
     TrainingRun,
     TrainingRunsResponse,
     WeightsInfoRequest,
@@ -75,8 +76,8 @@ __all__ = [
     "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput", "ModelInputChunk", "OptimStepRequest",
     "OptimStepResponse", "ParsedCheckpointTinkerPath", "SampleRequest", "SampleResponse", "SampledSequence",
     "SamplingParams", "SaveWeightsForSamplerRequest", "SaveWeightsForSamplerResponse", "SaveWeightsRequest",
-    "SaveWeightsResponse", "SessionEndEvent", "SessionStartEvent", "Severity", "StopReason", "TelemetryBatch",
-    "TelemetryEvent", "TelemetrySendRequest", "TensorData", "TensorDtype", "TrainingRun", "TrainingRunsResponse",
-    "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoRequest", "WeightsInfoResponse",
+    "SaveWeightsResponse", "SessionEndEvent", "SessionStartEvent", "SetCheckpointTtlRequest", "Severity", "StopReason",
+    "TelemetryBatch", "TelemetryEvent", "TelemetrySendRequest", "TensorData", "TensorDtype", "TrainingRun",
+    "TrainingRunsResponse", "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoRequest", "WeightsInfoResponse",
     "check_checkpoint_name"
 ]

@@ -61,15 +61,11 @@ class SaveWeightsRequest(StrictModel):
     """The checkpoint's name; None names it after the step."""
     seq_id: NonNegativeInt | None = None
     ttl_seconds: int | None = Field(default=None, ge=1)
+    """The checkpoint is removed this long after it is saved; None keeps it."""
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
-    """Not supported here (refused when set)."""
+    """Kept with the checkpoint and listed with it."""
     type: Literal["save_weights"] = "save_weights"
-
-    @model_validator(mode="after")
-    def _check_supported(self) -> SaveWeightsRequest:
-        refuse_unsupported(self, {"user_metadata": None})
-        return self
 
 
 class SaveWeightsResponse(StrictModel):
@@ -87,15 +83,16 @@ class SaveWeightsForSamplerRequest(StrictModel):
     """snapshot: the weights as they are now. inflight (weights that follow training) is not supported here."""
     seq_id: NonNegativeInt | None = None
     ttl_seconds: int | None = Field(default=None, ge=1)
+    """As in SaveWeightsRequest."""
     user_metadata: dict[str, str] | None = None
-    """Not supported here (refused when set)."""
+    """As in SaveWeightsRequest."""
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
     @model_validator(mode="after")
     def _check_target(self) -> SaveWeightsForSamplerRequest:
         if (self.path is None) == (self.sampling_session_seq_id is None):
             raise ValueError("give exactly one of path and sampling_session_seq_id")
-        refuse_unsupported(self, {"kind": "snapshot", "user_metadata": None})
+        refuse_unsupported(self, {"kind": "snapshot"})
         return self
 
 
@@ -156,7 +153,18 @@ class Checkpoint(StrictModel):
     tinker_path: str
     size_bytes: NonNegativeInt | None = None
     public: bool = False
+    user_metadata: dict[str, str] | None = None
     expires_at: datetime | None = None
+    """None: never expires."""
+
+
+TTL_SECONDS_RANGE = (3600, 10 * 365 * 24 * 3600)
+"""What set_checkpoint_ttl accepts, as Tinker documents it: one hour to ten years."""
+
+
+class SetCheckpointTtlRequest(StrictModel):
+    ttl_seconds: int | None = Field(ge=TTL_SECONDS_RANGE[0], le=TTL_SECONDS_RANGE[1])
+    """None removes the expiry."""
 
 
 class Cursor(StrictModel):

@@ -9,8 +9,10 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 from rl.types._base import StrictModel
 from rl.types.tensors import Datum, TensorData
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dpo"]
-"""The losses a forward_backward can name. Tinker's five, plus a native one-pass `dpo`."""
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce",
+                     "custom", "dpo"]
+"""The losses a forward_backward can name: the SDK's (rl.losses says which are refused, and why), plus a native
+one-pass `dpo`."""
 
 
 class LoraConfig(StrictModel):
