@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from pydantic import ValidationError
 
 from rl.learner import PROBE_LENGTH, LearnerActor, probe_tokens
@@ -95,7 +96,8 @@ def momentum_batch() -> ForwardBackwardInput:
 def request(**params) -> SampleRequest:
     num_samples = params.pop("num_samples", 1)
     model_path = params.pop("model_path", None)
-    return SampleRequest(prompt=PROMPT, num_samples=num_samples, model_path=model_path,
+    topk = params.pop("topk_sample_logprobs", 0)
+    return SampleRequest(prompt=PROMPT, num_samples=num_samples, model_path=model_path, topk_sample_logprobs=topk,
                          sampling_params=SamplingParams(**{"max_tokens": 12, **params}))
 
 
@@ -150,6 +152,55 @@ def test_prompt_logprobs_and_top_k(pool, learner, tiny_model_dir):
     for top, actual in zip(response.topk_prompt_logprobs[1:], response.prompt_logprobs[1:], strict=True):
         assert len(top) == 3 and top == sorted(top, key=lambda pair: -pair[1])
         assert top[0][1] >= actual - 1e-6
+
+
+def test_prompt_logprobs_of_the_last_n_and_limits_named(pool):
+    full = run(pool.sample(SampleRequest(prompt=PROMPT, prompt_logprobs=True, topk_prompt_logprobs=2,
+                                         sampling_params=SamplingParams(max_tokens=1, temperature=0.0))))
+    last = run(pool.sample(SampleRequest(prompt=PROMPT, prompt_logprobs=True, topk_prompt_logprobs=2,
+                                         prompt_logprobs_last_n=3,
+                                         sampling_params=SamplingParams(max_tokens=1, temperature=0.0))))
+    cut = PROMPT.length - 3
+    assert last.prompt_logprobs[:cut] == [None] * cut and last.topk_prompt_logprobs[:cut] == [None] * cut
+    assert last.prompt_logprobs[cut:] == pytest.approx(full.prompt_logprobs[cut:], abs=1e-5)
+    assert [[token for token, _ in top] for top in last.topk_prompt_logprobs[cut:]] == \
+        [[token for token, _ in top] for top in full.topk_prompt_logprobs[cut:]]
+    for field, value, message in (("prompt_logprobs_last_n", PROMPT.length, "the prompt has 9 tokens with a"),
+                                  ("topk_sample_logprobs", 21, "at most 20 are served"),
+                                  ("topk_prompt_logprobs", 21, "at most 20 are served")):
+        with pytest.raises(ValueError, match=f"{field}={value}: {message}"):
+            run(pool.sample(SampleRequest(prompt=PROMPT, prompt_logprobs=True, **{field: value},
+                                          sampling_params=SamplingParams(max_tokens=1))))
+
+
+@pytest.mark.parametrize("truncation", [{}, {"top_k": 5}, {"top_p": 0.5}])
+def test_sampled_logprobs_are_those_of_the_distribution_sampled(pool, tiny_model_dir, truncation):
+    # Tinker's convention: temperature applied, truncation renormalised. Checked against the base model's logits
+    # from transformers, and the top-k of each sampled position against the same distribution.
+    from transformers import AutoModelForCausalLM
+
+    temperature = 0.5
+    response = run(pool.sample(request(num_samples=2, seed=1, temperature=temperature, topk_sample_logprobs=4,
+                                       **truncation)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for sequence in response.sequences:
+        tokens = PROMPT.to_ints() + sequence.tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[0, PROMPT.length - 1 : -1] / temperature
+        if "top_k" in truncation:
+            logits = logits.masked_fill(logits < logits.topk(truncation["top_k"], dim=-1).values[:, -1:], -torch.inf)
+        if "top_p" in truncation:  # keep the most likely tokens whose mass reaches top_p (the sampled one at least)
+            probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+            dropped = (probs.cumsum(-1) - probs) >= truncation["top_p"]
+            logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(dropped, -torch.inf))
+        expected = logits.log_softmax(-1)
+        sampled = expected.gather(-1, torch.tensor(sequence.tokens)[:, None])[:, 0]
+        assert max(abs(a - b) for a, b in zip(sequence.logprobs, sampled.tolist(), strict=True)) < 1e-3
+        for top, row in zip(sequence.topk_logprobs, expected, strict=True):
+            values, ids = row.topk(4)
+            kept = [(int(i), float(v)) for i, v in zip(ids, values, strict=True) if v > -torch.inf]
+            assert [token for token, _ in top] == [token for token, _ in kept]
+            assert [value for _, value in top] == pytest.approx([value for _, value in kept], abs=1e-3)
 
 
 def test_published_weights_change_samples_and_match_the_new_learner(pool, learner, trained, base_run):

@@ -2,6 +2,7 @@
 learner and vLLM actors. One server is shared by the module; each test uses runs of its own."""
 
 import time
+from datetime import UTC, datetime
 
 import httpx
 import numpy as np
@@ -57,8 +58,9 @@ def datum(tokens=PATTERN) -> types.Datum:
 
 
 def training_client(server: ServerThread, key: str = ALICE, seed: int = 0):
-    return client(server, key).create_lora_training_client(base_model=server.service_model, rank=8, seed=seed,
-                                                            train_unembed=False).result()
+    """The SDK's defaults (train_unembed=True: lm_head adapted too), at the server's rank limit."""
+    return client(server, key).create_lora_training_client(base_model=server.service_model, rank=8,
+                                                            seed=seed).result()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,6 +100,17 @@ def test_sampling_with_seeds_and_logprobs_that_match_the_learner(server):
     prompt_logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     assert prompt_logprobs[0] is None and np.allclose(prompt_logprobs[1:], learner.loss_fn_outputs[0][
         "logprobs"].tolist(), atol=1e-3)
+    last = sampler.compute_logprobs(types.ModelInput.from_ints(tokens), prompt_logprobs_last_n=4).result()
+    assert last[:-4] == [None] * (len(tokens) - 4) and np.allclose(last[-4:], prompt_logprobs[-4:], atol=1e-5)
+    # Top-k of each sampled token (distillation), through the SDK's protobuf: sorted, holding the sampled token
+    # whenever it is among the k most likely.
+    topk = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params, topk_sample_logprobs=3).result()
+    sequence = topk.sequences[0]
+    assert sequence.tokens == first.sequences[0].tokens and len(sequence.topk_logprobs) == 6
+    for pairs, token, logprob in zip(sequence.topk_logprobs, sequence.tokens, sequence.logprobs, strict=True):
+        assert len(pairs) == 3 and [lp for _, lp in pairs] == sorted((lp for _, lp in pairs), reverse=True)
+        assert pairs[0][1] >= logprob - 1e-6 and (token not in dict(pairs) or dict(pairs)[token] == pytest.approx(
+            logprob, abs=1e-5))
 
 
 def test_policy_losses_and_a_custom_loss(server):
@@ -105,12 +118,28 @@ def test_policy_losses_and_a_custom_loss(server):
     tokens = PATTERN
     policy = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
         "target_tokens": tokens[1:], "logprobs": [-2.0] * 9, "advantages": [0.5] * 9})
-    for loss_fn, config in (("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9,
-                                                                    "clip_high_threshold": 1.1})):
+    bounds = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    for loss_fn, config in (("importance_sampling", None), ("ppo", bounds), ("gspo", bounds)):
         output = trainer.forward_backward([policy], loss_fn, loss_fn_config=config).result()
-        ratio = np.exp(np.asarray(output.loss_fn_outputs[0]["logprobs"].tolist()) + 2.0)  # sampler logprobs: -2
+        log_ratio = np.asarray(output.loss_fn_outputs[0]["logprobs"].tolist()) + 2.0  # sampler logprobs: -2
+        if loss_fn == "gspo":  # one ratio for the sequence: the geometric mean of the tokens'
+            log_ratio = np.full_like(log_ratio, log_ratio.mean())
+        ratio = np.exp(log_ratio)
         kept = ratio if config is None else np.minimum(ratio, np.clip(ratio, 0.9, 1.1))  # advantages > 0
         assert output.metrics["loss:sum"] == pytest.approx(-(kept * 0.5).sum(), rel=1e-4), loss_fn
+    with pytest.raises(tinker.RequestFailedError, match="loss_fn 'stable_reinforce' is not supported"):
+        trainer.forward_backward([policy], "stable_reinforce").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+
+    # A gradient that overflows: the step is skipped and said so, and the run trains on.
+    huge = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": tokens[1:], "weights": [3e38] * 9})
+    trainer.forward_backward([huge], "cross_entropy").result()
+    assert trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["skipped_steps:sum"] == 1.0
+    before = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    trainer.forward_backward([datum()], "cross_entropy").result()
+    assert trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["skipped_steps:sum"] == 0.0
+    assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] < before
 
     def mean_logprob(data, logprobs_list):
         loss = -sum(lp.sum() for lp in logprobs_list) / 9
@@ -235,12 +264,12 @@ def test_eight_concurrent_clients_finish_five_steps_each(server):
         losses = []
         for _ in range(5):
             losses.append(trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"])
-            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            trainer.optim_step(types.AdamParams(learning_rate=3e-3)).result()
         return losses
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(five_steps, range(8)))
-    assert len(results) == 8 and all(len(losses) == 5 and losses[-1] < losses[0] for losses in results)
+    assert len(results) == 8 and all(len(losses) == 5 and losses[-1] < losses[0] for losses in results), results
 
 
 def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_restart(ray_local, tmp_path):
@@ -315,7 +344,7 @@ def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_r
 
 def test_checkpoint_housekeeping_and_loading_into_a_run(server):
     trainer = training_client(server, seed=6)
-    first = trainer.save_state("first").result().path
+    first = trainer.save_state("first", ttl_seconds=7200, user_metadata={"stage": "warmup"}).result().path
     saved_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
     trainer.forward_backward([datum()], "cross_entropy").result()
     trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -325,6 +354,17 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
                                                                                                     rel=1e-5)
     rest = rest_client(server, ALICE)
     assert first in [c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints]
+    listed = rest.list_checkpoints(trainer.model_id).result().checkpoints[0]
+    assert listed.user_metadata == {"stage": "warmup"}
+    assert 7100 < (listed.expires_at - datetime.now(UTC)).total_seconds() <= 7200
+    rest.set_checkpoint_ttl_from_tinker_path(first, None).result()  # PUT .../ttl
+    assert rest.list_checkpoints(trainer.model_id).result().checkpoints[0].expires_at is None
+    with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
+        rest.set_checkpoint_ttl_from_tinker_path(first, 60).result()  # under an hour
+    trainer.save_weights_for_sampler("for-sampling").result()
+    with pytest.raises(tinker.RequestFailedError, match="for-sampling exists"):
+        trainer.save_weights_for_sampler("for-sampling").result()
+    rest.delete_checkpoint_from_tinker_path(f"tinker://{trainer.model_id}/sampler_weights/for-sampling").result()
     rest.publish_checkpoint_from_tinker_path(first).result()
     assert any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)
     rest.unpublish_checkpoint_from_tinker_path(first).result()

@@ -268,19 +268,20 @@ class Learner:
         """One AdamW step on the gradients accumulated since the last; clears them.
 
         Gradients that are not finite are cleared without a step (the weights, the optimizer's moments and the
-        step count stay as they were) and reported as `skipped_steps:sum` = 1, so the run trains on.
+        step count stay as they were) and reported as `skipped_steps:sum` = 1, with no grad_norm (JSON has no
+        inf or NaN), so the run trains on.
         """
         run = self._run(model_id)
         grads = [param.grad for param in run.params if param.grad is not None]
         if not grads:
             raise ValueError(f"optim_step on {model_id!r}: no gradients; call forward_backward first")
         grad_norm = float(torch.nn.utils.get_total_norm(grads))
-        metrics = {"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate}
+        metrics = {"learning_rate:mean": params.learning_rate, "step:max": float(run.step)}
         if not math.isfinite(grad_norm):
             run.optimizer.zero_grad(set_to_none=True)
             print(f"optim_step on {model_id}: the gradient norm is {grad_norm}; step skipped, gradients cleared",
                   flush=True)
-            return OptimStepResponse(metrics={**metrics, "skipped_steps:sum": 1.0, "step:max": float(run.step)})
+            return OptimStepResponse(metrics={**metrics, "skipped_steps:sum": 1.0})
         if params.grad_clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(run.params, params.grad_clip_norm, torch.tensor(grad_norm))
         for group in run.optimizer.param_groups:
@@ -289,7 +290,8 @@ class Learner:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        return OptimStepResponse(metrics={**metrics, "skipped_steps:sum": 0.0, "step:max": float(run.step)})
+        return OptimStepResponse(metrics={**metrics, "grad_norm:mean": grad_norm, "skipped_steps:sum": 0.0,
+                                          "step:max": float(run.step)})
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 

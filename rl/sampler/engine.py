@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 
+MAX_LOGPROBS = 20
+"""The most top-k logprobs a request may ask for, per sampled or prompt position."""
+
+
 def start_vllm_engine(
     model_folder: Path | str,
     *,
@@ -43,6 +47,9 @@ def start_vllm_engine(
     prefix caching shares whole blocks only, so with 128 an RL group's samples (and the chat template's system
     prompt, shared by every prompt) each prefilled the full prompt; with 32, a step of the main job prefills
     half the tokens and samples in ~20% less time.
+
+    Sampled tokens' logprobs are those of the distribution actually sampled (temperature, top_k and top_p
+    applied: vLLM's processed_logprobs), as Tinker returns them; prompt logprobs are at temperature 1 either way.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -56,7 +63,8 @@ def start_vllm_engine(
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     return LLM(
         model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
-        enable_chunked_prefill=False, enable_prefix_caching=True, **cpu_blocks, **lora,
+        enable_chunked_prefill=False, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora,
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rl.memory import resident_memory
 from rl.models import resolve_model
-from rl.sampler.engine import EngineLoop, start_vllm_engine
+from rl.sampler.engine import MAX_LOGPROBS, EngineLoop, start_vllm_engine
 from rl.types import SampledSequence, SampleRequest, SampleResponse, SamplingParams
 from rl.weights import ADAPTER_CONFIG, SamplerWeights, adapter_content_hash
 
@@ -137,6 +137,12 @@ class Sampler:
         prompt = request.prompt.to_ints()
         if not prompt:
             raise ValueError("prompt is empty: sampling needs at least one token")
+        for field in ("topk_sample_logprobs", "topk_prompt_logprobs"):
+            if getattr(request, field) > MAX_LOGPROBS:
+                raise ValueError(f"{field}={getattr(request, field)}: at most {MAX_LOGPROBS} are served")
+        if (request.prompt_logprobs_last_n or 0) > len(prompt) - 1:
+            raise ValueError(f"prompt_logprobs_last_n={request.prompt_logprobs_last_n}: the prompt has "
+                             f"{len(prompt) - 1} tokens with a logprob (all but the first)")
         bad = [token for token in prompt if not 0 <= token < self.vocab_size]
         if bad:
             raise ValueError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
@@ -177,29 +183,37 @@ def vllm_sampling_params(request: SampleRequest, *, max_tokens: int):
     return VllmSamplingParams(
         n=request.num_samples, max_tokens=max_tokens, seed=params.seed, temperature=params.temperature,
         top_k=0 if params.top_k == -1 else params.top_k, top_p=params.top_p, stop=stop_strings or None,
-        stop_token_ids=stop_ids or None, ignore_eos=stop == [], logprobs=0, prompt_logprobs=prompt_logprobs,
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        stop_token_ids=stop_ids or None, ignore_eos=stop == [], logprobs=request.topk_sample_logprobs,
+        prompt_logprobs=prompt_logprobs, output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
 
+def _top(step, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, logprob) pairs of one position's vLLM logprobs (which add the chosen token)."""
+    return sorted(((token, entry.logprob) for token, entry in step.items() if entry.rank <= k),
+                  key=lambda pair: -pair[1])
+
+
 def _response(output, request: SampleRequest, version: AdapterVersion | None) -> SampleResponse:
+    k = request.topk_sample_logprobs
     sequences = [
         SampledSequence(stop_reason="length" if sample.finish_reason == "length" else "stop",
                         tokens=list(sample.token_ids),
                         logprobs=[step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids,
-                                                                              strict=True)])
+                                                                              strict=True)],
+                        topk_logprobs=[_top(step, k) for step in sample.logprobs] if k else None)
         for sample in output.outputs
     ]
     prompt_logprobs = topk = None
     if output.prompt_logprobs is not None:
         tokens = output.prompt_token_ids
-        prompt_logprobs = [None if step is None else step[token].logprob
-                           for step, token in zip(output.prompt_logprobs, tokens, strict=True)]
+        # prompt_logprobs_last_n: only the last n positions are asked for
+        first = len(tokens) - request.prompt_logprobs_last_n if request.prompt_logprobs_last_n else 0
+        steps = [None if index < first else step for index, step in enumerate(output.prompt_logprobs)]
+        prompt_logprobs = [None if step is None else step[token].logprob for step, token in zip(steps, tokens,
+                                                                                                 strict=True)]
         if request.topk_prompt_logprobs:
-            topk = [None if step is None else sorted(((token, entry.logprob) for token, entry in step.items()
-                                                      if entry.rank <= request.topk_prompt_logprobs),
-                                                     key=lambda pair: -pair[1])
-                    for step in output.prompt_logprobs]
+            topk = [None if step is None else _top(step, request.topk_prompt_logprobs) for step in steps]
     return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs if request.prompt_logprobs else None,
                           topk_prompt_logprobs=topk, model_path=version and version.tinker_path,
                           content_hash=version and version.weights.content_hash)

@@ -151,6 +151,8 @@ def _encode_sequence(sequence: SampledSequence) -> pb.SampledSequence:
                                  tokens=np.asarray(sequence.tokens, dtype=_INT32).tobytes())
     if sequence.logprobs is not None:
         message.logprobs = np.asarray(sequence.logprobs, dtype=_FLOAT32).tobytes()
+    if sequence.topk_logprobs is not None:
+        message.topk_sampled_logprobs.CopyFrom(_encode_topk(sequence.topk_logprobs))
     return message
 
 

@@ -53,19 +53,23 @@ class SampleRequest(StrictModel):
     topk_prompt_logprobs: NonNegativeInt = 0
     """Also return the k most likely tokens at each prompt position, with their logprobs."""
     topk_sample_logprobs: NonNegativeInt = 0
+    """Also return the k most likely tokens at each sampled position, with their logprobs (distillation)."""
+    prompt_logprobs_last_n: PositiveInt | None = None
+    """Prompt logprobs (and top-k) only for the last n prompt tokens; the earlier ones come back as None."""
     prompt_alt_tokens_k: NonNegativeInt = 0
-    prompt_logprobs_last_n: NonNegativeInt | None = None
     target_prompt_logprobs: list[int] | None = None
     record_stability_info: bool | None = None
-    """The last five: SDK 0.38 options not supported here (refused unless at their defaults)."""
+    """The last three: SDK 0.38 options not supported here (refused unless at their defaults)."""
     type: Literal["sample"] = "sample"
 
     @model_validator(mode="after")
     def _check_session(self) -> SampleRequest:
         if self.sampling_session_id is not None and self.seq_id is None:
             raise ValueError("seq_id is required when sampling_session_id is given")
-        refuse_unsupported(self, {"topk_sample_logprobs": 0, "prompt_alt_tokens_k": 0, "prompt_logprobs_last_n": None,
-                                  "target_prompt_logprobs": None, "record_stability_info": (None, False)})
+        if self.prompt_logprobs_last_n is not None and not self.prompt_logprobs:
+            raise ValueError("prompt_logprobs_last_n needs prompt_logprobs=True")
+        refuse_unsupported(self, {"prompt_alt_tokens_k": 0, "target_prompt_logprobs": None,
+                                  "record_stability_info": (None, False)})
         return self
 
 
@@ -75,6 +79,8 @@ class SampledSequence(StrictModel):
     stop_reason: StopReason
     tokens: list[int]
     logprobs: list[float] | None = None
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
+    """With topk_sample_logprobs=k: per sampled token, the k most likely (token id, logprob) pairs."""
 
 
 class SampleResponse(StrictModel):
