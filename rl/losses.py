@@ -189,8 +189,6 @@ LOSSES: dict[str, LossSpec] = {
 NOT_SUPPORTED = {
     "stable_reinforce": "its objective uses information Tinker records at sampling time (record_stability_info) "
                         "and does not document; use cispo or ppo for off-policy RL",
-    "custom": "server-side custom losses are not served; the SDK's forward_backward_custom runs the loss on the "
-              "client",
 }
 """Losses the SDK names that are refused here, and why."""
 

@@ -30,12 +30,14 @@ from transformers import AutoModelForCausalLM
 
 from rl import losses
 from rl.checkpoints import CheckpointStore
+from rl.custom_loss import custom_loss_spec
 from rl.learner.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
 from rl.memory import resident_memory
 from rl.models import resolve_model
 from rl.types import (
     AdamParams,
     CheckpointsListResponse,
+    CreateCustomLossRequest,
     Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
@@ -170,18 +172,27 @@ class Learner:
 
     # ---- forward and backward --------------------------------------------------------------------------------
 
-    def forward(self, model_id: str, batch: ForwardBackwardInput) -> ForwardBackwardOutput:
-        """The loss and target logprobs of a batch, without gradients."""
-        return self._forward_backward(model_id, batch, backward=False)
+    def forward(self, model_id: str, batch: ForwardBackwardInput, *,
+                custom_loss: CreateCustomLossRequest | None = None) -> ForwardBackwardOutput:
+        """The loss and target logprobs of a batch, without gradients. With loss_fn="custom", `custom_loss` is
+        the loss to run (rl.custom_loss)."""
+        return self._forward_backward(model_id, batch, custom_loss, backward=False)
 
-    def forward_backward(self, model_id: str, batch: ForwardBackwardInput) -> ForwardBackwardOutput:
+    def forward_backward(self, model_id: str, batch: ForwardBackwardInput, *,
+                         custom_loss: CreateCustomLossRequest | None = None) -> ForwardBackwardOutput:
         """The loss and target logprobs of a batch; its gradients add to the run's until `optim_step`."""
-        return self._forward_backward(model_id, batch, backward=True)
+        return self._forward_backward(model_id, batch, custom_loss, backward=True)
 
-    def _forward_backward(self, model_id: str, batch: ForwardBackwardInput, *, backward: bool):
+    def _forward_backward(self, model_id: str, batch: ForwardBackwardInput,
+                          custom_loss: CreateCustomLossRequest | None, *, backward: bool):
         run = self._run(model_id)
-        config = losses.resolve_config(batch.loss_fn, batch.loss_fn_config)
-        spec = losses.LOSSES[batch.loss_fn]
+        if batch.loss_fn == "custom":
+            if custom_loss is None:
+                raise ValueError("loss_fn='custom' runs a loss stored by create_custom_loss; none was given")
+            spec, config = custom_loss_spec(custom_loss.name, custom_loss.inputs, custom_loss.graph), {}
+        else:
+            config = losses.resolve_config(batch.loss_fn, batch.loss_fn_config)
+            spec = losses.LOSSES[batch.loss_fn]
         prepared = prepare_batch(batch.data, spec, batch.loss_fn, self.vocab_size)
         self._peft.set_adapter(run.adapter)
         if spec.reference_input is not None:

@@ -26,6 +26,7 @@ from rl.service.codec import decode_forward_backward, encode_forward_backward_ou
 from rl.service.registry import AccessDenied
 from rl.service.service import Service
 from rl.types import (
+    CreateCustomLossRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     ForwardBackwardOutput,
@@ -60,7 +61,8 @@ class TinkerRoutes:
     def routes(self) -> list[Route]:
         service, route, typed = self.service, self.route, self.typed
         return [
-            route("client/config", lambda r, u: self.ok(r, {"use_pyqwest_transport": False})),
+            route("client/config", lambda r, u: self.ok(r, {"use_pyqwest_transport": False,
+                                                             "custom_loss_server_side": True})),
             route("client/dynamic_config", lambda r, u: self.ok(r)),
             route("create_session", self.create_session),
             route("session_heartbeat", lambda r, u: self.ok(r)),
@@ -72,6 +74,7 @@ class TinkerRoutes:
             route("get_info", typed(GetInfoRequest, service.get_info)),
             route("forward_backward", self.forward_backward),
             route("optim_step", typed(OptimStepRequest, service.optim_step, queued=True)),
+            route("create_custom_loss", typed(CreateCustomLossRequest, service.create_custom_loss, queued=True)),
             route("save_weights", typed(SaveWeightsRequest, service.save_weights, queued=True)),
             route("save_weights_for_sampler", typed(SaveWeightsForSamplerRequest, service.save_weights_for_sampler,
                                                     queued=True)),

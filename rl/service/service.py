@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from rl.custom_loss import custom_loss_spec
 from rl.learner import LearnerActor
 from rl.models import resolve_model
 from rl.sampler import SamplerPool
@@ -25,6 +26,7 @@ from rl.service.registry import Registry
 from rl.types import (
     Checkpoint,
     CheckpointsListResponse,
+    CreateCustomLossRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     Cursor,
@@ -62,6 +64,8 @@ class Service:
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
         """sampling_session_id -> {"owner", "base_model", "model_path"}."""
+        self.custom_losses: dict[str, tuple[str, CreateCustomLossRequest]] = {}
+        """loss_id -> (owner, the loss as created); kept for the server's lifetime, as the SDK's session is."""
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -99,11 +103,34 @@ class Service:
         return {"model_id": request.model_id, "is_lora": True, "lora_rank": run["lora"]["rank"],
                 "model_data": {"model_name": run["base_model"], "tokenizer_id": self.models[run["base_model"]]}}
 
+    def create_custom_loss(self, user: str, request: CreateCustomLossRequest) -> str:
+        """Checks the traced graph against rl.custom_loss's allow-list (a ValueError names the node) and keeps it."""
+        self.registry.check_session(user, request.session_id)
+        custom_loss_spec(request.name, request.inputs, request.graph)
+        loss_id = f"{request.session_id}:loss:{request.custom_loss_seq_id}"
+        self.custom_losses[loss_id] = (user, request)
+
+        async def created() -> dict:
+            return {"loss_id": loss_id}
+
+        return self.futures.submit(user, created)
+
+    def _custom_loss(self, user: str, batch: ForwardBackwardInput) -> CreateCustomLossRequest | None:
+        if batch.loss_fn != "custom":
+            return None
+        loss_id = (batch.loss_fn_config or {}).get("loss_id")
+        owner, request = self.custom_losses.get(loss_id, (None, None))
+        if owner != user:
+            raise ValueError(f"loss_fn_config['loss_id'] {loss_id!r} names no custom loss of this user's "
+                             "sessions (create it with ServiceClient.create_custom_loss)")
+        return request
+
     def forward_backward(self, user: str, model_id: str, seq_id: int, batch: ForwardBackwardInput,
                          forward_only: bool) -> str:
-        learner = self._learner(user, model_id)
+        learner, custom_loss = self._learner(user, model_id), self._custom_loss(user, batch)
         call = learner.forward if forward_only else learner.forward_backward
-        return self.futures.submit_ordered(user, model_id, seq_id, lambda: call.remote(model_id, batch))
+        return self.futures.submit_ordered(user, model_id, seq_id,
+                                           lambda: call.remote(model_id, batch, custom_loss=custom_loss))
 
     def optim_step(self, user: str, request: OptimStepRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
@@ -191,6 +218,9 @@ class Service:
         else:
             path = request.model_path
             base = self._checkpoint_base(user, path) if path else self._base(request.base_model or "")
+            if request.base_model is not None and request.base_model != base:
+                raise ValueError(f"base_model {request.base_model!r} disagrees with model_path {path!r}, whose base "
+                                 f"model is {base!r}")
             request = request.model_copy(update={"base_model": None})
         key = (request.sampling_session_id, request.seq_id) if request.sampling_session_id else None
         return self.futures.submit(user, lambda: self.pools[base].sample(request), key=key)

@@ -58,7 +58,12 @@ from rl.types.tensors import (
 from rl.types.training import (
     AdamOptimizerConfig,
     AdamParams,
+    CreateCustomLossRequest,
+    CreateCustomLossResponse,
     CreateModelRequest,
+    CustomLossGraph,
+    CustomLossInput,
+    CustomLossNode,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     GetInfoRequest,
@@ -70,14 +75,15 @@ from rl.types.training import (
 
 __all__ = [
     "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointArchiveUrlResponse", "CheckpointType",
-    "CheckpointsListResponse", "CreateModelRequest", "CreateSamplingSessionRequest", "CreateSamplingSessionResponse",
-    "Cursor", "Datum", "EncodedTextChunk", "ForwardBackwardInput", "ForwardBackwardOutput", "FutureRetrieveRequest",
-    "GenericEvent", "GetInfoRequest", "ImageAssetPointerChunk", "ImageChunk", "LoadWeightsRequest",
-    "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput", "ModelInputChunk", "OptimStepRequest",
-    "OptimStepResponse", "ParsedCheckpointTinkerPath", "SampleRequest", "SampleResponse", "SampledSequence",
-    "SamplingParams", "SaveWeightsForSamplerRequest", "SaveWeightsForSamplerResponse", "SaveWeightsRequest",
-    "SaveWeightsResponse", "SessionEndEvent", "SessionStartEvent", "SetCheckpointTtlRequest", "Severity", "StopReason",
-    "TelemetryBatch", "TelemetryEvent", "TelemetrySendRequest", "TensorData", "TensorDtype", "TrainingRun",
-    "TrainingRunsResponse", "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoRequest", "WeightsInfoResponse",
-    "check_checkpoint_name"
+    "CheckpointsListResponse", "CreateCustomLossRequest", "CreateCustomLossResponse", "CreateModelRequest",
+    "CreateSamplingSessionRequest", "CreateSamplingSessionResponse", "Cursor", "CustomLossGraph", "CustomLossInput",
+    "CustomLossNode", "Datum", "EncodedTextChunk", "ForwardBackwardInput", "ForwardBackwardOutput",
+    "FutureRetrieveRequest", "GenericEvent", "GetInfoRequest", "ImageAssetPointerChunk", "ImageChunk",
+    "LoadWeightsRequest", "LoadWeightsResponse", "LoraConfig", "LossFnType", "ModelInput", "ModelInputChunk",
+    "OptimStepRequest", "OptimStepResponse", "ParsedCheckpointTinkerPath", "SampleRequest", "SampleResponse",
+    "SampledSequence", "SamplingParams", "SaveWeightsForSamplerRequest", "SaveWeightsForSamplerResponse",
+    "SaveWeightsRequest", "SaveWeightsResponse", "SessionEndEvent", "SessionStartEvent", "SetCheckpointTtlRequest",
+    "Severity", "StopReason", "TelemetryBatch", "TelemetryEvent", "TelemetrySendRequest", "TensorData", "TensorDtype",
+    "TrainingRun", "TrainingRunsResponse", "TryAgainResponse", "UnhandledExceptionEvent", "WeightsInfoRequest",
+    "WeightsInfoResponse", "check_checkpoint_name"
 ]

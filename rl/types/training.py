@@ -89,6 +89,44 @@ class ForwardBackwardInput(StrictModel):
     loss_fn_config: dict[str, float | str] | None = None
 
 
+class CustomLossInput(StrictModel):
+    """One input of a custom loss: `logprobs` first, then the `loss_fn_inputs` keys it reads, with their ranks."""
+
+    name: str
+    rank: Literal[0, 1, 2]
+
+
+class CustomLossNode(StrictModel):
+    """One node of a traced custom loss, as torch.fx records it (see rl.custom_loss for how it is read)."""
+
+    op: Literal["placeholder", "get_attr", "call_function", "call_method", "call_module", "output"]
+    name: str
+    target: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CustomLossGraph(StrictModel):
+    format: Literal[1] = 1
+    nodes: list[CustomLossNode]
+
+
+class CreateCustomLossRequest(StrictModel):
+    """Stores a custom loss traced by the SDK; `forward_backward` runs it as loss_fn="custom" by its id."""
+
+    session_id: str
+    custom_loss_seq_id: NonNegativeInt
+    name: str
+    inputs: list[CustomLossInput]
+    graph: CustomLossGraph
+    type: Literal["create_custom_loss"] = "create_custom_loss"
+
+
+class CreateCustomLossResponse(StrictModel):
+    loss_id: str
+    type: Literal["create_custom_loss"] = "create_custom_loss"
+
+
 class ForwardBackwardOutput(StrictModel):
     """Per-datum outputs of the loss (always `logprobs` of the target tokens) and batch metrics.
 
