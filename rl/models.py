@@ -15,6 +15,7 @@ place and renamed into it, so a crash never leaves a half-written model behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,11 @@ def resolve_model(name: str) -> Path:
         return folder.resolve()
     raise ValueError(f"unknown base model {name!r}: known models are {', '.join(known_models())}, or give the "
                      "path of a local Hugging Face model folder (one with a config.json)")
+
+
+def context_length(name: str) -> int:
+    """The context a base model was trained for: its config's max_position_embeddings."""
+    return int(json.loads((resolve_model(name) / "config.json").read_text())["max_position_embeddings"])
 
 
 def _cached(folder_name: str, build: Callable[[Path], None]) -> Path:

@@ -34,8 +34,10 @@ class ServeConfig:
     """Each key is one user (tml-...); RL_API_KEYS (comma-separated) adds more. None: single user, loopback."""
     replicas: int = 1
     dtype: str = "float32"
-    max_model_len: int = 1024
-    max_lora_rank: int = 32
+    context: dict[str, int] = field(default_factory=dict)
+    """Context length per model (`+context.tiny=512`); a model not named gets its own (max_position_embeddings)."""
+    max_lora_rank: int = 128
+    """The largest LoRA rank a run may ask for (Tinker serves up to 128 on dense models)."""
     max_loras: int = 4
     max_body_mb: int = 64
 
@@ -57,7 +59,7 @@ def serve(config: ServeConfig) -> None:
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     service = Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
-                      max_model_len=config.max_model_len, max_lora_rank=config.max_lora_rank,
+                      context=config.context, max_lora_rank=config.max_lora_rank,
                       max_loras=config.max_loras)
     who = f"{len(keys)} API keys" if keys else "no API keys: single user, loopback only"
     print(f"rl-serve: {', '.join(config.models)} on http://{config.host}:{config.port} ({who}); storage "

@@ -22,7 +22,8 @@ PATTERN = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     # The learner keeps its checkpoints in a folder of its own, as it would on another node.
     service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
-                      max_model_len=256, max_lora_rank=8, learner_storage=str(tmp_path_factory.mktemp("learner-node")))
+                      context={str(tiny_model_dir): 256}, max_lora_rank=8,
+                      learner_storage=str(tmp_path_factory.mktemp("learner-node")))
     running = ServerThread(service, max_body_bytes=2**20)
     yield running
     stop(running)
@@ -148,6 +149,44 @@ def test_policy_losses_and_a_custom_loss(server):
     custom = trainer.forward_backward_custom([datum()], mean_logprob).result()
     reference = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
     assert custom.metrics["custom:mean"] == pytest.approx(reference / 9, rel=1e-4)
+
+
+def test_a_custom_loss_traced_by_the_sdk_runs_on_the_server(server):
+    service = client(server)
+    on_server, on_client = (service.create_lora_training_client(base_model=server.service_model, rank=8,
+                                                                seed=9).result() for _ in range(2))
+
+    def weighted_mean(logprobs, weights):
+        return -(logprobs * weights).sum() / 9, {"custom/mean_logprob:mean": logprobs.mean()}
+
+    handle = service.create_custom_loss(weighted_mean, {"logprobs": 1, "weights": 1}).result()
+    assert handle.loss_id is not None, "uploaded: client/config says the server runs custom losses"
+    logprobs = np.asarray(on_server.forward([datum()], "cross_entropy").result().loss_fn_outputs[0][
+        "logprobs"].tolist())
+    output = on_server.forward_backward_custom([datum()], handle).result()  # one server-side pass
+    assert output.metrics["loss:sum"] == pytest.approx(-logprobs.sum() / 9, rel=1e-5)
+    assert output.metrics["custom/mean_logprob:mean"] == pytest.approx(logprobs.mean(), rel=1e-5)
+
+    # The same loss on the client (a forward, then cross_entropy with the gradients as weights): the same step.
+    def client_side(data, logprobs_list):
+        return weighted_mean(logprobs_list[0], data[0].loss_fn_inputs["weights"].to_torch())
+
+    on_client.forward_backward_custom([datum()], client_side).result()
+    for trainer in (on_server, on_client):
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = [trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+             for trainer in (on_server, on_client)]
+    assert after[0] == pytest.approx(after[1], rel=1e-5) and after[0] < -logprobs.sum() - 0.1
+
+    evil = {"session_id": service.holder.get_session_id(), "custom_loss_seq_id": 99, "name": "evil",
+            "inputs": [{"name": "logprobs", "rank": 1}],
+            "graph": {"format": 1, "nodes": [
+                {"op": "placeholder", "name": "logprobs", "target": "logprobs"},
+                {"op": "call_function", "name": "boom", "target": "builtins.eval", "args": ["1 + 1"]},
+                {"op": "output", "name": "output", "target": "output",
+                 "args": [{"tuple": [{"ref": "boom"}, {"dict": {}}]}]}]}}
+    refused = httpx.post(f"{server.url}/api/v1/create_custom_loss", headers={"X-API-Key": ALICE}, json=evil)
+    assert refused.status_code == 400 and "node 'boom' calls 'builtins.eval'" in refused.json()["error"]
 
 
 def test_save_state_and_resume_with_optimizer(server):
@@ -284,7 +323,7 @@ def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_r
     assert refused.returncode != 0 and "only listens on loopback" in refused.stderr
 
     port = free_port()
-    process = subprocess.Popen([rl_serve, f"port={port}", "models=[tiny]", f"storage={tmp_path}", "max_model_len=256",
+    process = subprocess.Popen([rl_serve, f"port={port}", "models=[tiny]", f"storage={tmp_path}", "+context.tiny=256",
                                 "max_lora_rank=8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "TINKER_TELEMETRY": "0"})
     prompt, greedy = types.ModelInput.from_ints(PATTERN[:4]), types.SamplingParams(max_tokens=6, temperature=0)
@@ -306,10 +345,12 @@ def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_r
         rest = tinker.RestClient(base_url=url, api_key="tml-anyone")
         capabilities = rest.get_server_capabilities().result()
         rest.holder.close()
-        assert [model.model_name for model in capabilities.supported_models] == ["tiny"]
+        assert [(model.model_name, model.max_context_length) for model in capabilities.supported_models] == [
+            ("tiny", 256)]
         with tinker.ServiceClient(base_url=url, api_key="tml-anyone") as service:
-            trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7,
-                                                          train_unembed=False).result()
+            with pytest.raises(tinker.BadRequestError, match="rank 16 exceeds this server's max_lora_rank 8"):
+                service.create_lora_training_client(base_model="tiny", rank=16).result()
+            trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7).result()
             fresh_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
             trainer.forward_backward([datum()], "cross_entropy").result()
             trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -324,9 +365,11 @@ def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_r
         process.wait(timeout=60)
 
     # The same storage served again (here in this process): the run, its checkpoints and its weights are back.
-    second = ServerThread(Service(["tiny"], tmp_path, [], max_model_len=256, max_lora_rank=8))
+    second = ServerThread(Service(["tiny"], tmp_path, [], max_lora_rank=8))
     try:
         rest = rest_client(second, "tml-anyone")
+        assert rest.get_server_capabilities().result().supported_models[0].max_context_length == 1024, \
+            "the model's own context when the config names none"
         run_id = path.removeprefix("tinker://").split("/")[0]
         assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
         assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path, sampler_path]
@@ -361,9 +404,13 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
     assert rest.list_checkpoints(trainer.model_id).result().checkpoints[0].expires_at is None
     with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
         rest.set_checkpoint_ttl_from_tinker_path(first, 60).result()  # under an hour
-    trainer.save_weights_for_sampler("for-sampling").result()
+    sampler_path = trainer.save_weights_for_sampler("for-sampling").result().path
     with pytest.raises(tinker.RequestFailedError, match="for-sampling exists"):
         trainer.save_weights_for_sampler("for-sampling").result()
+    mismatched = httpx.post(f"{server.url}/api/v1/asample", headers={"X-API-Key": ALICE}, json={
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PATTERN[:4]}]}, "model_path": sampler_path,
+        "base_model": "SmolLM2-135M-Instruct", "sampling_params": {"max_tokens": 2}})
+    assert mismatched.status_code == 400 and "disagrees with model_path" in mismatched.json()["error"]
     rest.delete_checkpoint_from_tinker_path(f"tinker://{trainer.model_id}/sampler_weights/for-sampling").result()
     rest.publish_checkpoint_from_tinker_path(first).result()
     assert any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)

@@ -43,7 +43,9 @@ def adapters(ray_local, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return start_vllm_engine(tiny_model_dir, dtype="float32", max_model_len=128, max_lora_rank=8, max_loras=2)
+    # Slots of rank 16 for adapters of rank 8: vLLM pads each adapter to the slot's rank, and the fast path
+    # multiplies only the rank an adapter uses.
+    return start_vllm_engine(tiny_model_dir, dtype="float32", max_model_len=128, max_lora_rank=16, max_loras=2)
 
 
 def lora_requests(adapters_per_prompt):

@@ -53,9 +53,12 @@ def _shrink_prefill(self: Any, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.
         # Same einsum as the original, but on a stride-0 view of the one slot instead of a per-token copy: this
         # reproduces the original's float32 sums bit for bit (a plain matmul sums in another order, and in a
         # bf16 model those last-bit differences flip later roundings and so about 1 in 5 greedy completions),
-        # while costing about as little as a matmul.
+        # while costing about as little as a matmul. Only the rank the adapter uses is multiplied (vLLM pads
+        # every adapter to the slots' max_lora_rank with zeros).
         a = w_t_all[slot, 0].to(y.dtype)
-        y[rows, : a.shape[0]] = scale * torch.einsum("bi,boi->bo", x[rows].to(y.dtype), a.expand(length, -1, -1))
+        rank = _used(a.any(dim=1))
+        y[rows, rank : a.shape[0]] = 0
+        y[rows, :rank] = scale * torch.einsum("bi,boi->bo", x[rows].to(y.dtype), a[:rank].expand(length, -1, -1))
 
 
 def _expand_slice_prefill(self: Any, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, y_offset: int,
@@ -65,12 +68,20 @@ def _expand_slice_prefill(self: Any, y: torch.Tensor, x: torch.Tensor, w_t_all: 
             continue
         rows = slice(start, start + length)
         # The original multiplies in the output's dtype (bf16 here), then adds; over rank-sized sums a plain
-        # matmul gives the same bits (checked), so no per-token view is needed here.
-        out = x[rows].to(y.dtype) @ w_t_all[slot, 0].to(y.dtype).t()
+        # matmul gives the same bits (checked), so no per-token view is needed here. The padded rank adds zeros.
+        b = w_t_all[slot, 0].to(y.dtype)
+        rank = _used(b.any(dim=0))
+        out = x[rows, :rank].to(y.dtype) @ b[:, :rank].t()
         if add_inputs:
             y[rows, y_offset : y_offset + y_slice_size] += out
         else:
             y[rows, y_offset : y_offset + y_slice_size] = out
+
+
+def _used(nonzero: torch.Tensor) -> int:
+    """How many leading entries of a rank dimension an adapter uses: up to its last nonzero row or column."""
+    indices = nonzero.nonzero()
+    return int(indices[-1]) + 1 if len(indices) else 0
 
 
 def _add_lora_logits(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,

@@ -19,7 +19,7 @@ import ray
 
 from rl.custom_loss import custom_loss_spec
 from rl.learner import LearnerActor
-from rl.models import resolve_model
+from rl.models import context_length, resolve_model
 from rl.sampler import SamplerPool
 from rl.service.futures import FutureStore
 from rl.service.registry import Registry
@@ -48,18 +48,20 @@ from rl.types import (
 
 class Service:
     def __init__(self, models: list[str], storage: Path | str, api_keys: list[str], *, replicas: int = 1,
-                 dtype: str = "float32", max_model_len: int = 1024, max_lora_rank: int = 32, max_loras: int = 4,
-                 learner_storage: str | None = None):
+                 dtype: str = "float32", context: dict[str, int] | None = None, max_lora_rank: int = 128,
+                 max_loras: int = 4, learner_storage: str | None = None):
         """`storage` holds the registry (runs, ownership, public checkpoints); the learners keep checkpoints in
-        `learner_storage` (default: storage/checkpoints), a path on the learners' nodes."""
+        `learner_storage` (default: storage/checkpoints), a path on the learners' nodes. `context` sets a
+        model's context length; a model it does not name gets its own (rl.models.context_length)."""
         self.storage = Path(storage)
         self.registry = Registry(self.storage, api_keys)
         self.futures = FutureStore()
         self.models = {name: str(resolve_model(name)) for name in models}
-        self.max_model_len = max_model_len
+        self.context = {name: (context or {}).get(name) or context_length(name) for name in models}
+        self.max_lora_rank = max_lora_rank
         checkpoints = learner_storage or str(self.storage / "checkpoints")
         self.learners = {name: LearnerActor.remote(name, storage=checkpoints, dtype=dtype) for name in models}
-        self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=max_model_len, dtype=dtype,
+        self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=self.context[name], dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
@@ -89,6 +91,8 @@ class Service:
         self.registry.check_session(user, request.session_id)
         base = self._base(request.base_model)
         lora = request.lora_config or LoraConfig(rank=32)
+        if lora.rank > self.max_lora_rank:
+            raise ValueError(f"lora_config.rank {lora.rank} exceeds this server's max_lora_rank {self.max_lora_rank}")
         model_id = f"{request.session_id}:train:{request.model_seq_id}"
 
         async def create() -> dict:
@@ -281,5 +285,5 @@ class Service:
         return await self.learners[base].weights_info.remote(request.tinker_path)
 
     def capabilities(self) -> dict:
-        return {"supported_models": [{"model_name": name, "max_context_length": self.max_model_len,
+        return {"supported_models": [{"model_name": name, "max_context_length": self.context[name],
                                       "trainable": True, "sampleable": True} for name in self.models]}
