@@ -29,7 +29,8 @@ import fsspec
 from rl.types import Checkpoint, CheckpointType, ParsedCheckpointTinkerPath, check_checkpoint_name
 
 METADATA_FILE = "checkpoint.json"
-_FOLDERS: dict[CheckpointType, str] = {"training": "weights", "sampler": "sampler_weights"}
+_FOLDERS: dict[CheckpointType, str] = {"training": "weights", "sampler": "sampler_weights",
+                                       "external": "external_weights"}
 
 
 def tinker_path(run_id: str, kind: CheckpointType, name: str) -> str:
@@ -125,6 +126,12 @@ class CheckpointStore:
             self._remove(ParsedCheckpointTinkerPath.from_tinker_path(checkpoint.tinker_path))
             del found[checkpoint.tinker_path]
         return sorted(found.values(), key=lambda checkpoint: checkpoint.time)
+
+    def files(self, path: str) -> dict[str, Path]:
+        """A checkpoint's files by their path relative to its folder (its checkpoint.json aside)."""
+        folder = self.folder(path)
+        return {file.relative_to(folder).as_posix(): file for file in sorted(folder.rglob("*"))
+                if file.is_file() and file.name != METADATA_FILE}
 
     def delete(self, path: str) -> None:
         self._remove(ParsedCheckpointTinkerPath.from_tinker_path(path), self.folder(path))

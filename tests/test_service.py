@@ -1,13 +1,18 @@
 """The official tinker SDK (0.38.0), unchanged, against `rl-serve`'s app on the tiny model: real HTTP, real
 learner and vLLM actors. One server is shared by the module; each test uses runs of its own."""
 
+import os
+import subprocess
+import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tinker
+import torch
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
@@ -312,11 +317,6 @@ def test_eight_concurrent_clients_finish_five_steps_each(server):
 
 
 def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_restart(ray_local, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     rl_serve = str(Path(sys.executable).parent / "rl-serve")
     refused = subprocess.run([rl_serve, "host=0.0.0.0", "models=[tiny]", f"storage={tmp_path}"], capture_output=True,
                              text=True, timeout=300)
@@ -412,6 +412,8 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
         "base_model": "SmolLM2-135M-Instruct", "sampling_params": {"max_tokens": 2}})
     assert mismatched.status_code == 400 and "disagrees with model_path" in mismatched.json()["error"]
     rest.delete_checkpoint_from_tinker_path(f"tinker://{trainer.model_id}/sampler_weights/for-sampling").result()
+    with pytest.raises(tinker.NotFoundError, match=r"GET /api/v1/sessions is not served by rl-serve"):
+        rest.list_sessions().result()
     rest.publish_checkpoint_from_tinker_path(first).result()
     assert any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)
     rest.unpublish_checkpoint_from_tinker_path(first).result()
@@ -421,6 +423,47 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
     wrong_type = httpx.post(f"{server.url}/api/v1/optim_step", headers={"X-API-Key": ALICE}, json={
         "model_id": trainer.model_id, "seq_id": 99, "adam_params": {"learning_rate": "fast"}})
     assert wrong_type.status_code == 400 and "learning_rate" in wrong_type.json()["error"]
+
+
+def test_external_weights_download_as_a_peft_folder_with_the_sdk_cli(server, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = training_client(server, seed=10)
+    trainer.forward_backward([datum()], "cross_entropy").result()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    exported = trainer.save_weights_external("export", ttl_seconds=3600).result().path
+    assert exported == f"tinker://{trainer.model_id}/external_weights/export"
+    rest = rest_client(server, ALICE)
+    signed = rest.get_external_weights_urls(exported).result()
+    assert set(signed.urls) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert 3500 < (signed.expires - datetime.now(UTC)).total_seconds() <= 3600
+    url = signed.urls["adapter_config.json"]
+    assert httpx.get(url).status_code == 200, "no API key: the signature is the key"
+    forged = httpx.get(url[:-1] + ("0" if url[-1] != "0" else "1"))
+    assert forged.status_code == 403 and "signature is not valid" in forged.json()["error"]
+    stale = server.service._sign(exported, "adapter_config.json", datetime.now(UTC) - timedelta(seconds=1))
+    expired = httpx.get(f"{server.url}/api/v1/external_files/{stale}")
+    assert expired.status_code == 403 and "has expired" in expired.json()["error"]
+    with pytest.raises(tinker.BadRequestError, match="unknown model_id"):  # Alice's run, as Bob sees it
+        rest_client(server, BOB).get_external_weights_urls(exported).result()
+
+    # The SDK's own CLI: an external checkpoint, and a training checkpoint (exported through a temporary one).
+    state = trainer.save_state("for-download").result().path
+    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": ALICE, "TINKER_TELEMETRY": "0"}
+    cli = str(Path(sys.executable).parent / "tinker")
+    for path in (exported, state):
+        done = subprocess.run([cli, "checkpoint", "download", path, "--output", str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    expected = np.asarray(trainer.forward([datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist())
+    for path in (exported, state):
+        folder = tmp_path / path.removeprefix("tinker://").replace("/", "_")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+        with torch.no_grad():
+            logits = model(torch.tensor([PATTERN[:-1]])).logits[0]
+        logprobs = logits.log_softmax(-1).gather(-1, torch.tensor(PATTERN[1:])[:, None])[:, 0].numpy()
+        assert np.allclose(logprobs, expected, atol=1e-4), (path, logprobs, expected)
 
 
 def test_the_server_reads_and_keeps_no_checkpoint_itself(server):

@@ -44,6 +44,7 @@ from rl.types import (
     LoadWeightsResponse,
     LoraConfig,
     OptimStepResponse,
+    SaveWeightsExternalResponse,
     SaveWeightsResponse,
     TensorData,
     WeightsInfoResponse,
@@ -342,6 +343,30 @@ class Learner:
                                       metadata=self._run_metadata(run), overwrite=overwrite, ttl_seconds=ttl_seconds,
                                       user_metadata=user_metadata)
         return self._sampler_weights(checkpoint.tinker_path, self.store.metadata(checkpoint.tinker_path), written)
+
+    def save_weights_external(self, model_id: str, name: str, *,
+                              ttl_seconds: int | None = None) -> SaveWeightsExternalResponse:
+        """Exports the adapter as a PEFT folder (what transformers + PEFT and vLLM load) at
+        `tinker://RUN/external_weights/NAME`, for download (`checkpoint_file`)."""
+        run = self._run(model_id)
+
+        def fill(folder: Path) -> dict:
+            self._write_adapter(run, folder)
+            return {}
+
+        checkpoint = self.store.write(model_id, "external", name, fill, metadata=self._run_metadata(run),
+                                      ttl_seconds=ttl_seconds)
+        return SaveWeightsExternalResponse(path=checkpoint.tinker_path, size_bytes=checkpoint.size_bytes)
+
+    def checkpoint_files(self, path: str) -> list[str]:
+        return list(self.store.files(path))
+
+    def checkpoint_file(self, path: str, name: str) -> bytes:
+        """One file of a checkpoint, by its path relative to the checkpoint's folder."""
+        files = self.store.files(path)
+        if name not in files:
+            raise ValueError(f"{path} has no file {name!r}")
+        return files[name].read_bytes()
 
     def sampler_weights(self, path: str) -> SamplerWeights:
         """A `sampler_weights` checkpoint saved earlier (by any run on this base model), ready to publish."""

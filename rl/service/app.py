@@ -36,6 +36,7 @@ from rl.types import (
     OptimStepRequest,
     SampleRequest,
     SampleResponse,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     SetCheckpointTtlRequest,
@@ -79,6 +80,9 @@ class TinkerRoutes:
             route("save_weights_for_sampler", typed(SaveWeightsForSamplerRequest, service.save_weights_for_sampler,
                                                     queued=True)),
             route("load_weights", typed(LoadWeightsRequest, service.load_weights, queued=True)),
+            route("save_weights_external", typed(SaveWeightsExternalRequest, service.save_weights_external,
+                                                 queued=True)),
+            Route("/api/v1/external_files/{token}", self.external_file, methods=["GET"]),  # the signature is the key
             route("create_sampling_session", typed(CreateSamplingSessionRequest, service.create_sampling_session)),
             route("samplers/{sampler_id}", self.sampler, methods=("GET",)),
             route("asample", self.asample),
@@ -88,8 +92,9 @@ class TinkerRoutes:
             route("training_runs/{run}", self.training_run, methods=("GET",)),
             route("training_runs/{run}/checkpoints", self.run_checkpoints, methods=("GET",)),
             route("training_runs/{run}/checkpoints/{checkpoint:path}", self.checkpoint,
-                  methods=("DELETE", "POST", "PUT")),
+                  methods=("GET", "DELETE", "POST", "PUT")),
             route("checkpoints", self.user_checkpoints, methods=("GET",)),
+            route("{unknown:path}", self.not_served, methods=("GET", "POST", "PUT", "DELETE")),  # last: the rest
         ]
 
     # ---- plumbing --------------------------------------------------------------------------------------------
@@ -145,6 +150,19 @@ class TinkerRoutes:
 
     # ---- endpoints that are more than a typed body -----------------------------------------------------------
 
+    async def external_file(self, request: Request) -> Response:
+        try:
+            content = await self.service.external_file(request.path_params["token"])
+        except AccessDenied as error:
+            return failure(403, str(error))
+        except (ValueError, KeyError) as error:
+            return failure(404, f"no such file: {error}")
+        return Response(content, media_type="application/octet-stream")
+
+    async def not_served(self, request: Request, user: str) -> Response:
+        return failure(404, f"{request.method} {request.url.path} is not served by rl-serve (docs/tinker.md lists "
+                            "what is)")
+
     async def forward_backward(self, request: Request, user: str) -> Response:
         if request.headers.get("content-encoding", "identity") != "identity":
             raise ValueError("compressed forward_backward bodies are not accepted (client/config says so)")
@@ -191,6 +209,9 @@ class TinkerRoutes:
 
     async def checkpoint(self, request: Request, user: str) -> Response:
         run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]
+        if checkpoint_id.endswith("/external_weights_urls") and request.method == "GET":
+            return as_json(await self.service.external_weights_urls(
+                user, run, checkpoint_id.removesuffix("/external_weights_urls"), str(request.base_url)))
         if checkpoint_id.endswith("/publish"):
             await self.service.set_public(user, run, checkpoint_id.removesuffix("/publish"), request.method == "POST")
         elif checkpoint_id.endswith("/ttl") and request.method == "PUT":

@@ -11,7 +11,13 @@ filesystem shared with its learners (they may run on other nodes).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import secrets
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ from rl.learner import LearnerActor
 from rl.models import context_length, resolve_model
 from rl.sampler import SamplerPool
 from rl.service.futures import FutureStore
-from rl.service.registry import Registry
+from rl.service.registry import AccessDenied, Registry
 from rl.types import (
     Checkpoint,
     CheckpointsListResponse,
@@ -30,6 +36,7 @@ from rl.types import (
     CreateModelRequest,
     CreateSamplingSessionRequest,
     Cursor,
+    ExternalWeightsUrlsResponse,
     ForwardBackwardInput,
     GetInfoRequest,
     LoadWeightsRequest,
@@ -37,6 +44,7 @@ from rl.types import (
     OptimStepRequest,
     ParsedCheckpointTinkerPath,
     SampleRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     TrainingRun,
@@ -44,6 +52,9 @@ from rl.types import (
     WeightsInfoRequest,
     WeightsInfoResponse,
 )
+
+DOWNLOAD_URL_SECONDS = 3600
+"""How long a signed download URL of external weights works."""
 
 
 class Service:
@@ -66,6 +77,8 @@ class Service:
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
         """sampling_session_id -> {"owner", "base_model", "model_path"}."""
+        self._url_key = secrets.token_bytes(32)
+        """Signs download URLs of external weights; a restarted server signs anew (URLs expire within the hour)."""
         self.custom_losses: dict[str, tuple[str, CreateCustomLossRequest]] = {}
         """loss_id -> (owner, the loss as created); kept for the server's lifetime, as the SDK's session is."""
 
@@ -161,6 +174,39 @@ class Service:
             return {"sampling_session_id": self._new_sampler(user, base, version.tinker_path)}
 
         return self.futures.submit_ordered(user, model_id, request.seq_id, save)
+
+    def save_weights_external(self, user: str, request: SaveWeightsExternalRequest) -> str:
+        learner, model_id = self._learner(user, request.model_id), request.model_id
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.save_weights_external.remote(
+            model_id, request.path, ttl_seconds=request.ttl_seconds))
+
+    async def external_weights_urls(self, user: str, model_id: str, checkpoint_id: str,
+                                    base_url: str) -> ExternalWeightsUrlsResponse:
+        """Download URLs for each file of an external-weights checkpoint, signed by this server, valid an hour."""
+        path = self._owned_checkpoint(user, model_id, checkpoint_id)
+        if ParsedCheckpointTinkerPath.from_tinker_path(path).checkpoint_type != "external":
+            raise ValueError(f"{path} is not an external_weights checkpoint (save_weights_external makes them)")
+        learner = self.learners[self.registry.run(user, model_id)["base_model"]]
+        expires = datetime.now(UTC) + timedelta(seconds=DOWNLOAD_URL_SECONDS)
+        names = await learner.checkpoint_files.remote(path)
+        return ExternalWeightsUrlsResponse(expires=expires, urls={
+            name: f"{base_url.rstrip('/')}/api/v1/external_files/{self._sign(path, name, expires)}" for name in names})
+
+    def _sign(self, path: str, name: str, expires: datetime) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps([path, name, int(expires.timestamp())]).encode()).decode()
+        return f"{payload}.{hmac.new(self._url_key, payload.encode(), hashlib.sha256).hexdigest()}"
+
+    async def external_file(self, token: str) -> bytes:
+        """The file a signed URL names, if its signature is this server's and it has not expired."""
+        payload, _, signature = token.partition(".")
+        expected = hmac.new(self._url_key, payload.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected):
+            raise AccessDenied("this download URL's signature is not valid")
+        path, name, expires = json.loads(base64.urlsafe_b64decode(payload))
+        if time.time() > expires:
+            raise AccessDenied("this download URL has expired; ask for new ones (get_external_weights_urls)")
+        run = self.registry.runs[ParsedCheckpointTinkerPath.from_tinker_path(path).training_run_id]
+        return await self.learners[run["base_model"]].checkpoint_file.remote(path, name)
 
     def load_weights(self, user: str, request: LoadWeightsRequest) -> str:
         path, optimizer = request.path, request.optimizer

@@ -1,7 +1,8 @@
 """Saving and loading weights, `tinker://` checkpoint paths, and the listings of runs and checkpoints.
 
 A training run's checkpoints live at `tinker://RUN/weights/NAME` (adapter, optimizer state and step, to resume
-training) and `tinker://RUN/sampler_weights/NAME` (a PEFT adapter folder, for sampling).
+training), `tinker://RUN/sampler_weights/NAME` (a PEFT adapter folder, for sampling) and
+`tinker://RUN/external_weights/NAME` (a PEFT adapter folder to download, through URLs the server signs).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pydantic import Field, NonNegativeInt, model_validator
 from rl.types._base import StrictModel, refuse_unsupported
 from rl.types.training import AdamOptimizerConfig
 
-CheckpointType = Literal["training", "sampler"]
-_PATH_SEGMENTS: dict[str, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
+CheckpointType = Literal["training", "sampler", "external"]
+_PATH_SEGMENTS: dict[str, CheckpointType] = {"weights": "training", "sampler_weights": "sampler",
+                                             "external_weights": "external"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
@@ -35,15 +37,15 @@ class ParsedCheckpointTinkerPath(StrictModel):
     training_run_id: str
     checkpoint_type: CheckpointType
     checkpoint_id: str
-    """`weights/NAME` or `sampler_weights/NAME`, as Tinker's REST routes name a checkpoint."""
+    """`weights/NAME`, `sampler_weights/NAME` or `external_weights/NAME`, as Tinker's REST routes name one."""
 
     @classmethod
     def from_tinker_path(cls, tinker_path: str) -> ParsedCheckpointTinkerPath:
         prefix = "tinker://"
         parts = tinker_path[len(prefix):].split("/") if tinker_path.startswith(prefix) else []
         if len(parts) != 3 or parts[1] not in _PATH_SEGMENTS or not parts[0] or not parts[2]:
-            raise ValueError(f"{tinker_path!r} is not a checkpoint path; expected tinker://RUN/weights/NAME or "
-                             "tinker://RUN/sampler_weights/NAME")
+            raise ValueError(f"{tinker_path!r} is not a checkpoint path; expected tinker://RUN/weights/NAME, "
+                             "tinker://RUN/sampler_weights/NAME or tinker://RUN/external_weights/NAME")
         check_checkpoint_name(parts[2])
         return cls(tinker_path=tinker_path, training_run_id=parts[0], checkpoint_type=_PATH_SEGMENTS[parts[1]],
                    checkpoint_id=f"{parts[1]}/{parts[2]}")
@@ -106,6 +108,36 @@ class SaveWeightsForSamplerResponse(StrictModel):
         if self.path is None and self.sampling_session_id is None:
             raise ValueError("give path or sampling_session_id")
         return self
+
+
+class SaveWeightsExternalRequest(StrictModel):
+    """Exports a run's adapter as a PEFT folder at `tinker://RUN/external_weights/{path}`, to download."""
+
+    model_id: str
+    path: str
+    seq_id: NonNegativeInt | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1)
+    age_encryption_recipients: list[str] | None = None
+    """Not supported here (refused when set)."""
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+    @model_validator(mode="after")
+    def _check_supported(self) -> SaveWeightsExternalRequest:
+        refuse_unsupported(self, {"age_encryption_recipients": None})
+        return self
+
+
+class SaveWeightsExternalResponse(StrictModel):
+    path: str
+    size_bytes: NonNegativeInt | None = None
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class ExternalWeightsUrlsResponse(StrictModel):
+    """Where to download each file of an external-weights checkpoint (relative path -> URL), and until when."""
+
+    urls: dict[str, str]
+    expires: datetime
 
 
 class LoadWeightsRequest(StrictModel):

@@ -1,0 +1,97 @@
+"""tinker-cookbook (0.6.1), unchanged, against `rl-serve`: its arithmetic RL, chat SL and DPO recipes run from
+their own command lines on the tiny model, offline, through the official SDK over HTTP.
+
+Needs the `compat` extra (`scripts/setup.sh auto compat`; CI installs it). Each recipe runs in a process of its
+own, pointed at one server: the model is named by its folder (the same name the server serves), the renderer
+is the cookbook's ChatML one (`qwen3_instruct`), and nothing reaches a hub (HF_HUB_OFFLINE; the DPO recipe's
+`Anthropic/hh-rlhf` is a local folder of that name, which `datasets.load_dataset` reads first).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tinker_cookbook", reason="tinker-cookbook is not installed: scripts/setup.sh auto compat")
+pytest.importorskip("chz", reason="the compat extra is not installed: scripts/setup.sh auto compat")
+
+from rl.service.app import ServerThread  # noqa: E402
+from rl.service.service import Service  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model_dir, tmp_path_factory):
+    # Rank 32: the DPO recipe's command line cannot set it (the cookbook's default).
+    running = ServerThread(Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [],
+                                   context={str(tiny_model_dir): 256}, max_lora_rank=32))
+    yield running
+    running.stop()
+    running.service.close()
+
+
+def run_recipe(server, module: str, arguments: list[str], folder: Path) -> Path:
+    """Runs `python -m module arguments...` against the server; returns its log folder."""
+    log = folder / "log"
+    env = {**os.environ, "TINKER_API_KEY": "tml-compat", "TINKER_TELEMETRY": "0", "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
+    done = subprocess.run([sys.executable, "-m", module, *arguments, f"base_url={server.url}", f"log_path={log}",
+                           "behavior_if_log_dir_exists=raise"], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return log
+
+
+def final_checkpoint(log: Path) -> dict:
+    records = [json.loads(line) for line in (log / "checkpoints.jsonl").read_text().splitlines()]
+    final = [record for record in records if record.get("name") == "final"]
+    assert final and final[-1]["sampler_path"].startswith("tinker://"), records
+    return final[-1]
+
+
+def metrics(log: Path) -> list[dict]:
+    return [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_math_rl_arithmetic(server, tiny_model_dir, tmp_path):
+    # The recipe's default loss is stable_reinforce, which rl-serve refuses by name (docs/tinker.md).
+    log = run_recipe(server, "tinker_cookbook.recipes.math_rl.train", [
+        f"model_name={tiny_model_dir}", "renderer_name=qwen3_instruct", "env=arithmetic", "group_size=4",
+        "groups_per_batch=2", "max_tokens=8", "max_steps=2", "lora_rank=8", "learning_rate=1e-4",
+        "loss_fn=importance_sampling", "eval_every=0", "save_every=0"], tmp_path)
+    final_checkpoint(log)
+    rows = [row for row in metrics(log) if "env/all/reward/total" in row]
+    assert len(rows) == 2, metrics(log)
+    # The cookbook's own check that sampler and learner agree on the sampled tokens (its kl_sample_train).
+    assert all(abs(row["optim/kl_sample_train_v1"]) < 1e-3 for row in rows), rows
+
+
+def test_chat_sl(server, tiny_model_dir, tmp_path):
+    import tinker_cookbook
+
+    conversations = Path(tinker_cookbook.__file__).parent / "example_data" / "conversations.jsonl"
+    log = run_recipe(server, "tinker_cookbook.recipes.chat_sl.train", [
+        f"model_name={tiny_model_dir}", "renderer_name=qwen3_instruct", f"dataset={conversations}", "batch_size=8",
+        "max_length=256", "max_steps=2", "lora_rank=8", "learning_rate=1e-4", "save_every=0", "eval_every=0",
+        "infrequent_eval_every=0"], tmp_path)
+    final_checkpoint(log)
+    rows = [row for row in metrics(log) if "train_mean_nll" in row]
+    assert len(rows) == 2 and all(0 < row["train_mean_nll"] < 20 for row in rows), rows
+
+
+def test_dpo(server, tiny_model_dir, tmp_path):
+    data = tmp_path / "Anthropic" / "hh-rlhf"
+    data.mkdir(parents=True)
+    pairs = [(a, b) for a in range(2, 6) for b in (3, 6)]
+    for split, rows in (("train", pairs[:8]), ("test", pairs[:1])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({
+            "chosen": f"\n\nHuman: What is {a} + {b}?\n\nAssistant: {a + b}",
+            "rejected": f"\n\nHuman: What is {a} + {b}?\n\nAssistant: {a + b + 1}"}) + "\n" for a, b in rows))
+    log = run_recipe(server, "tinker_cookbook.recipes.preference.dpo.train", [
+        f"model_name={tiny_model_dir}", "renderer_name=qwen3_instruct", "dataset=hhh", "batch_size=4",
+        "max_length=256", "max_steps=2", "learning_rate=1e-5", "dpo_beta=0.1"], tmp_path)
+    final_checkpoint(log)
+    rows = [row for row in metrics(log) if "dpo_loss" in row]
+    assert len(rows) == 2 and all(0 < row["dpo_loss"] < 5 for row in rows), rows
