@@ -39,8 +39,8 @@ CLOSERS: dict[str, list] = {}
 fails at exit with tracebacks after pytest's result."""
 
 
-def client(server: ServerThread, key: str = ALICE) -> tinker.ServiceClient:
-    sdk_client = tinker.ServiceClient(base_url=server.url, api_key=key)
+def client(server: ServerThread, key: str = ALICE, **options) -> tinker.ServiceClient:
+    sdk_client = tinker.ServiceClient(base_url=server.url, api_key=key, **options)
     CLOSERS.setdefault(server.url, []).append(lambda: sdk_client.close("success").result())
     return sdk_client
 
@@ -192,6 +192,21 @@ def test_a_custom_loss_traced_by_the_sdk_runs_on_the_server(server):
                  "args": [{"tuple": [{"ref": "boom"}, {"dict": {}}]}]}]}}
     refused = httpx.post(f"{server.url}/api/v1/create_custom_loss", headers={"X-API-Key": ALICE}, json=evil)
     assert refused.status_code == 400 and "node 'boom' calls 'builtins.eval'" in refused.json()["error"]
+
+
+def test_sessions_list_their_runs_and_samplers(server):
+    service = client(server, ALICE, user_metadata={"purpose": "listing"}, display_name="listing test")
+    trainer = service.create_lora_training_client(base_model=server.service_model, rank=8, seed=11).result()
+    trainer.save_weights_and_get_sampling_client().result()
+    session_id = service.holder.get_session_id()
+    rest = rest_client(server, ALICE)
+    assert session_id in rest.list_sessions().result().sessions
+    found = rest.get_session(session_id).result()
+    assert found.training_run_ids == [trainer.model_id] and len(found.sampler_ids) == 1
+    assert found.user_metadata == {"purpose": "listing"} and found.display_name == "listing test"
+    assert session_id not in rest_client(server, BOB).list_sessions().result().sessions
+    with pytest.raises(tinker.BadRequestError, match="unknown session_id"):
+        rest_client(server, BOB).get_session(session_id).result()
 
 
 def test_save_state_and_resume_with_optimizer(server):
@@ -412,8 +427,9 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
         "base_model": "SmolLM2-135M-Instruct", "sampling_params": {"max_tokens": 2}})
     assert mismatched.status_code == 400 and "disagrees with model_path" in mismatched.json()["error"]
     rest.delete_checkpoint_from_tinker_path(f"tinker://{trainer.model_id}/sampler_weights/for-sampling").result()
-    with pytest.raises(tinker.NotFoundError, match=r"GET /api/v1/sessions is not served by rl-serve"):
-        rest.list_sessions().result()
+    unserved = httpx.get(f"{server.url}/api/v1/billing/usage/events", headers={"X-API-Key": ALICE})
+    assert unserved.status_code == 404 and "GET /api/v1/billing/usage/events is not served by rl-serve" in \
+        unserved.json()["error"]
     rest.publish_checkpoint_from_tinker_path(first).result()
     assert any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)
     rest.unpublish_checkpoint_from_tinker_path(first).result()

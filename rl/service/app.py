@@ -68,6 +68,9 @@ class TinkerRoutes:
             route("create_session", self.create_session),
             route("session_heartbeat", lambda r, u: self.ok(r)),
             route("sessions/{session_id}/finish", lambda r, u: self.ok(r)),
+            route("sessions", lambda r, u: self.ok(r, service.list_sessions(u, *page(r, 20))), methods=("GET",)),
+            route("sessions/{session_id}", lambda r, u: self.ok(r, service.get_session(u, r.path_params["session_id"])),
+                  methods=("GET",)),
             route("telemetry", lambda r, u: self.ok(r, {"status": "accepted"})),
             route("healthz", lambda r, u: self.ok(r, {"status": "ok"}), methods=("GET",)),
             route("get_server_capabilities", lambda r, u: self.ok(r, service.capabilities()), methods=("GET",)),
@@ -170,8 +173,9 @@ class TinkerRoutes:
         return future(self.service.forward_backward(user, model_id, seq_id, batch, forward_only))
 
     async def create_session(self, request: Request, user: str) -> Response:
-        await self.json_of(request)
-        return JSONResponse({"session_id": self.service.registry.new_session(user)})
+        body = await self.json_of(request)
+        return JSONResponse({"session_id": self.service.registry.new_session(
+            user, body.get("user_metadata"), body.get("display_name"))})
 
     async def asample(self, request: Request, user: str) -> Response:
         sample = SampleRequest.model_validate(await self.json_of(request))

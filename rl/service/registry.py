@@ -34,7 +34,8 @@ class Registry:
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.runs: dict[str, dict] = saved.get("runs", {})
         self.public: set[str] = set(saved.get("public", []))
-        self.sessions: dict[str, str] = {}
+        self.sessions: dict[str, dict] = {}
+        """session_id -> {"owner", "user_metadata", "display_name"}, for this server's lifetime (as the SDK's)."""
         self._lock = threading.Lock()
 
     def user(self, api_key: str | None) -> str:
@@ -44,15 +45,17 @@ class Registry:
             raise AccessDenied("unknown API key")
         return self.users[api_key]
 
-    def new_session(self, user: str) -> str:
+    def new_session(self, user: str, user_metadata: dict | None = None, display_name: str | None = None) -> str:
         session_id = f"session-{secrets.token_hex(6)}"
-        self.sessions[session_id] = user
+        self.sessions[session_id] = {"owner": user, "user_metadata": user_metadata, "display_name": display_name}
         return session_id
 
-    def check_session(self, user: str, session_id: str) -> None:
-        """A ValueError unless `session_id` is one of `user`'s sessions."""
-        if self.sessions.get(session_id) != user:
+    def check_session(self, user: str, session_id: str) -> dict:
+        """The session, if it is one of `user`'s; a ValueError otherwise."""
+        session = self.sessions.get(session_id)
+        if session is None or session["owner"] != user:
             raise ValueError(f"unknown session_id {session_id!r}")
+        return session
 
     def add_run(self, user: str, model_id: str, base_model: str, lora: dict, user_metadata: dict | None) -> None:
         self.runs[model_id] = {"owner": user, "base_model": base_model, "lora": lora, "created": now(),

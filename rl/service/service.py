@@ -76,7 +76,7 @@ class Service:
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
-        """sampling_session_id -> {"owner", "base_model", "model_path"}."""
+        """sampling_session_id -> {"owner", "session_id", "base_model", "model_path"}."""
         self._url_key = secrets.token_bytes(32)
         """Signs download URLs of external weights; a restarted server signs anew (URLs expire within the hour)."""
         self.custom_losses: dict[str, tuple[str, CreateCustomLossRequest]] = {}
@@ -171,7 +171,8 @@ class Service:
                 model_id, name, ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata))
             if request.sampling_session_seq_id is None:
                 return {"path": version.tinker_path}
-            return {"sampling_session_id": self._new_sampler(user, base, version.tinker_path)}
+            return {"sampling_session_id": self._new_sampler(user, model_id.split(":")[0], base,
+                                                             version.tinker_path)}
 
         return self.futures.submit_ordered(user, model_id, request.seq_id, save)
 
@@ -241,20 +242,34 @@ class Service:
         self.registry.check_session(user, request.session_id)
         path = request.model_path
         if path is None:
-            return {"sampling_session_id": self._new_sampler(user, self._base(request.base_model or ""), None)}
+            return {"sampling_session_id": self._new_sampler(user, request.session_id,
+                                                             self._base(request.base_model or ""), None)}
         base = self._checkpoint_base(user, path)
         await self._publish(base, path)
-        return {"sampling_session_id": self._new_sampler(user, base, path)}
+        return {"sampling_session_id": self._new_sampler(user, request.session_id, base, path)}
 
     async def _publish(self, base: str, path: str) -> None:
         """Publishes a sampler checkpoint saved earlier (another run's, or before a restart), verified."""
         if not self.pools[base].published(path):
             await self.pools[base].publish(await self.learners[base].sampler_weights.remote(path))
 
-    def _new_sampler(self, user: str, base: str, path: str | None) -> str:
+    def _new_sampler(self, user: str, session_id: str, base: str, path: str | None) -> str:
         sampler_id = self.pools[base].create_sampling_session(path)
-        self.samplers[sampler_id] = {"owner": user, "base_model": base, "model_path": path}
+        self.samplers[sampler_id] = {"owner": user, "session_id": session_id, "base_model": base, "model_path": path}
         return sampler_id
+
+    def list_sessions(self, user: str, limit: int, offset: int) -> dict:
+        """The user's sessions on this server since it started, newest first."""
+        owned = [sid for sid, session in reversed(self.registry.sessions.items()) if session["owner"] == user]
+        return {"sessions": owned[offset:offset + limit]}
+
+    def get_session(self, user: str, session_id: str) -> dict:
+        """A session's training runs (theirs by id: SESSION:train:N) and sampling sessions, with its metadata."""
+        session = self.registry.check_session(user, session_id)
+        runs = [model_id for model_id, _ in self.registry.owned_runs(user) if model_id.startswith(f"{session_id}:")]
+        samplers = [sid for sid, sampler in self.samplers.items() if sampler["session_id"] == session_id]
+        return {"training_run_ids": runs, "sampler_ids": samplers, "user_metadata": session["user_metadata"],
+                "display_name": session["display_name"]}
 
     def sampler(self, user: str, sampler_id: str) -> dict:
         found = self.samplers.get(sampler_id)
