@@ -3,7 +3,7 @@
 Layout: `ROOT/RUN/weights/NAME/` (training state) and `ROOT/RUN/sampler_weights/NAME/` (a PEFT adapter folder),
 each with a `checkpoint.json` that records when it was written, when it expires (if it has a time to live),
 the user's metadata and what its writer wants to remember. An expired checkpoint is removed the next time its
-run's checkpoints are listed or written, or it is asked for.
+run's checkpoints are listed, it is asked for, or its name is written again.
 A checkpoint is written into a hidden staging folder beside its final place and renamed into it: a crash at
 any moment leaves the previous checkpoint of that name intact and never a half-written one under the name.
 
@@ -80,9 +80,11 @@ class CheckpointStore:
         the checkpoint expires that long after it is written.
         """
         check_checkpoint_name(name)
-        self.list(run_id)  # removes the run's expired checkpoints, this name's included
         parent = self.root / run_id / _FOLDERS[kind]
         final = parent / name
+        if (final / METADATA_FILE).is_file() and _expired(json.loads((final / METADATA_FILE).read_text())
+                                                          .get("expires_at")):
+            self._remove(ParsedCheckpointTinkerPath.from_tinker_path(tinker_path(run_id, kind, name)), final)
         if final.exists() and not overwrite:
             raise ValueError(f"checkpoint {tinker_path(run_id, kind, name)} exists; pass overwrite=True to replace it")
         parent.mkdir(parents=True, exist_ok=True)

@@ -89,16 +89,19 @@ def test_time_to_live_and_user_metadata(tmp_path):
     assert before + timedelta(seconds=1) <= kept.expires_at <= datetime.now(UTC) + timedelta(seconds=1)
     doomed = store.write("run-1", "sampler", "doomed", write_text("d"), metadata={}, ttl_seconds=1).tinker_path
     forever = store.write("run-1", "sampler", "forever", write_text("f"), metadata={}).tinker_path
+    reused = store.write("run-1", "training", "reused", write_text("old"), metadata={}, ttl_seconds=1).tinker_path
     assert store.set_ttl(kept.tinker_path, None).expires_at is None, "None removes the expiry"
     assert store.set_ttl(forever, 3600).expires_at > datetime.now(UTC) + timedelta(seconds=3500)
     elsewhere = CheckpointStore(tmp_path / "node-b", storage_uri=uri)
     assert {c.checkpoint_id: c.expires_at for c in elsewhere.list("run-1")}["weights/kept"] is None, "in the URI too"
 
     time.sleep(1.1)
+    store.write("run-1", "training", "reused", write_text("new"), metadata={})  # expired: the name is free again
+    assert (store.folder(reused) / "payload.txt").read_text() == "new" and store.metadata(reused)["expires_at"] is None
     with pytest.raises(ValueError, match=r"no checkpoint at .*doomed: it expired at .* and was removed"):
         store.folder(doomed)
     listed = {c.checkpoint_id: c for c in store.list("run-1")}
-    assert listed.keys() == {"weights/kept", "sampler_weights/forever"}
+    assert listed.keys() == {"weights/kept", "sampler_weights/forever", "weights/reused"}
     assert listed["weights/kept"].user_metadata == {"stage": "warmup"}
     assert not (tmp_path / "bucket" / "run-1" / "sampler_weights" / "doomed").exists(), "removed from the URI too"
     assert not (tmp_path / "node-a" / "run-1" / "sampler_weights" / "doomed").exists()
