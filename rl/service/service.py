@@ -195,13 +195,15 @@ class Service:
 
     def _sign(self, path: str, name: str, expires: datetime) -> str:
         payload = base64.urlsafe_b64encode(json.dumps([path, name, int(expires.timestamp())]).encode()).decode()
-        return f"{payload}.{hmac.new(self._url_key, payload.encode(), hashlib.sha256).hexdigest()}"
+        return f"{payload}.{self._signature(payload)}"
+
+    def _signature(self, payload: str) -> str:
+        return hmac.new(self._url_key, payload.encode(), hashlib.sha256).hexdigest()
 
     async def external_file(self, token: str) -> bytes:
         """The file a signed URL names, if its signature is this server's and it has not expired."""
         payload, _, signature = token.partition(".")
-        expected = hmac.new(self._url_key, payload.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(signature, expected):
+        if not hmac.compare_digest(signature, self._signature(payload)):
             raise AccessDenied("this download URL's signature is not valid")
         path, name, expires = json.loads(base64.urlsafe_b64decode(payload))
         if time.time() > expires:
