@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from rl.learner import PROBE_LENGTH, LearnerActor, probe_tokens
 from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError
+from rl.sampler.replica import output_lora_refusal
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
 
 PROMPT = ModelInput.from_ints([1, 382, 201, 289, 270, 223, 20, 294, 223, 21])
@@ -408,3 +409,11 @@ def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_mod
     served = run(merge_pool.sample(request(temperature=0.0, model_path=good.tinker_path)))
     assert served.content_hash == good.weights.content_hash, "the rejected weights were replaced by the last good ones"
     assert served.sequences[0].tokens[:6] == LESSON
+
+
+def test_which_engines_serve_an_lm_head_adapter():
+    assert output_lora_refusal("merge", False, "Qwen2ForCausalLM", False) is None
+    assert output_lora_refusal("adapter", True, "LlamaForCausalLM", True) is None
+    assert "does not serve for Qwen2ForCausalLM" in output_lora_refusal("adapter", True, "Qwen2ForCausalLM", False)
+    # CUDA, or CPU with lora_fast_path=false: vLLM's own output-layer LoRA gives prompt rows the wrong adapter
+    assert "wrong adapter" in output_lora_refusal("adapter", False, "LlamaForCausalLM", True)

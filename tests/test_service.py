@@ -400,8 +400,17 @@ def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_r
         stop(second)
 
 
-def test_checkpoint_housekeeping_and_loading_into_a_run(server):
+def storage_usage(server: ServerThread, key: str = ALICE) -> tuple[int, int]:
+    admin = tinker.AdminClient(base_url=server.url, api_key=key)
+    CLOSERS.setdefault(server.url, []).append(admin.holder.close)
+    [usage] = admin.get_current_checkpoint_storage_usage().result().data
+    assert usage.size_gigabytes == pytest.approx(usage.size_bytes / 1e9)
+    return usage.checkpoint_count, usage.size_bytes
+
+
+def test_checkpoint_housekeeping_and_loading_into_a_run(server, tmp_path_factory):
     trainer = training_client(server, seed=6)
+    alice_before, bob_before = storage_usage(server), storage_usage(server, BOB)
     first = trainer.save_state("first", ttl_seconds=7200, user_metadata={"stage": "warmup"}).result().path
     saved_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
     trainer.forward_backward([datum()], "cross_entropy").result()
@@ -420,6 +429,13 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server):
     with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
         rest.set_checkpoint_ttl_from_tinker_path(first, 60).result()  # under an hour
     sampler_path = trainer.save_weights_for_sampler("for-sampling").result().path
+    [run_folder] = tmp_path_factory.getbasetemp().glob(f"learner-node[0-9]*/{trainer.model_id}")
+    on_disk = sum(f.stat().st_size for f in run_folder.rglob("*") if f.is_file() and f.name != "checkpoint.json")
+    alice_after = storage_usage(server)
+    assert alice_after == (alice_before[0] + 2, alice_before[1] + on_disk) and on_disk > 10_000
+    assert storage_usage(server, BOB) == bob_before
+    with pytest.raises(tinker.BadRequestError, match="project_id 'p1': rl-serve has no projects"):
+        tinker.AdminClient(base_url=server.url, api_key=ALICE).get_current_checkpoint_storage_usage("p1").result()
     with pytest.raises(tinker.RequestFailedError, match="for-sampling exists"):
         trainer.save_weights_for_sampler("for-sampling").result()
     mismatched = httpx.post(f"{server.url}/api/v1/asample", headers={"X-API-Key": ALICE}, json={

@@ -52,7 +52,8 @@ class Sampler:
 
         if publish_mode not in PUBLISH_MODES:
             raise ValueError(f"publish_mode {publish_mode!r}: choose one of {', '.join(PUBLISH_MODES)}")
-        if lora_fast_path and current_platform.is_cpu() and publish_mode == "adapter":
+        fast_path = lora_fast_path and current_platform.is_cpu() and publish_mode == "adapter"
+        if fast_path:
             from rl.sampler import vllm_lora_fastpath
 
             vllm_lora_fastpath.install()
@@ -61,10 +62,9 @@ class Sampler:
                                 max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras)
         self._engine = EngineLoop(llm)
         self._merger = None
-        # vLLM applies a LoRA of the output layer only for architectures that declare lm_head an embedding module
-        self._serves_output_lora = publish_mode == "merge" or llm.apply_model(
-            lambda model: "lm_head" in (getattr(model, "embedding_modules", None) or {}))[0]
-        self._architecture = llm.llm_engine.model_config.architecture
+        self._output_lora_refusal = output_lora_refusal(
+            publish_mode, fast_path, llm.llm_engine.model_config.architecture,
+            llm.apply_model(lambda model: "lm_head" in (getattr(model, "embedding_modules", None) or {}))[0])
         if publish_mode == "merge":
             from rl.sampler.vllm_merge import AdapterMerger
 
@@ -90,10 +90,9 @@ class Sampler:
         from vllm.lora.request import LoRARequest
 
         files: dict[str, bytes] = await version.weights.files
-        if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"] and not self._serves_output_lora:
-            raise ValueError(f"{version.tinker_path} adapts lm_head, which vLLM's LoRA does not serve for "
-                             f"{self._architecture}: sample it with publish_mode=merge, or train with "
-                             "LoraConfig(train_unembed=False)")
+        if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"] and self._output_lora_refusal:
+            raise ValueError(f"{version.tinker_path} adapts lm_head, {self._output_lora_refusal}: sample it with "
+                             "publish_mode=merge, or train with LoraConfig(train_unembed=False)")
         if self._merger is not None:
             self._merged = -1  # set before the merge is queued: no request queued after it is stamped as older
             await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
@@ -217,3 +216,17 @@ def _response(output, request: SampleRequest, version: AdapterVersion | None) ->
     return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs if request.prompt_logprobs else None,
                           topk_prompt_logprobs=topk, model_path=version and version.tinker_path,
                           content_hash=version and version.weights.content_hash)
+
+
+def output_lora_refusal(publish_mode: str, fast_path: bool, architecture: str, declares_lm_head: bool) -> str | None:
+    """Why this engine cannot serve an adapter of lm_head (None: it can)."""
+    if publish_mode == "merge":
+        return None  # folded into the weights like any layer
+    if not declares_lm_head:  # vLLM applies an output-layer LoRA only where lm_head is an "embedding module"
+        return f"which vLLM's LoRA does not serve for {architecture}"
+    if not fast_path:
+        # vLLM's own punica wrappers (punica_cpu / punica_gpu add_lora_logits) pick an output-layer adapter per
+        # request, not per row, so prompt logprobs (which verify every publish) would use the wrong weights
+        return ("whose prompt logprobs vLLM's own LoRA computes with the wrong adapter (rl's fast path, which fixes "
+                "it, runs on CPU only)")
+    return None

@@ -97,6 +97,7 @@ class TinkerRoutes:
             route("training_runs/{run}/checkpoints/{checkpoint:path}", self.checkpoint,
                   methods=("GET", "DELETE", "POST", "PUT")),
             route("checkpoints", self.user_checkpoints, methods=("GET",)),
+            route("billing/usage/checkpoints/current", self.checkpoint_storage_usage, methods=("GET",)),
             route("{unknown:path}", self.not_served, methods=("GET", "POST", "PUT", "DELETE")),  # last: the rest
         ]
 
@@ -210,6 +211,9 @@ class TinkerRoutes:
 
     async def user_checkpoints(self, request: Request, user: str) -> Response:
         return as_json(await self.service.user_checkpoints(user, *page(request, 100)))
+
+    async def checkpoint_storage_usage(self, request: Request, user: str) -> Response:
+        return as_json(await self.service.checkpoint_storage_usage(user, request.query_params.get("project_id")))
 
     async def checkpoint(self, request: Request, user: str) -> Response:
         run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]

@@ -32,6 +32,8 @@ from rl.service.registry import AccessDenied, Registry
 from rl.types import (
     Checkpoint,
     CheckpointsListResponse,
+    CheckpointStorageUsage,
+    CheckpointStorageUsageResponse,
     CreateCustomLossRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
@@ -315,11 +317,20 @@ class Service:
         listed = await self.learners[run["base_model"]].list_checkpoints.remote(model_id)
         return CheckpointsListResponse(checkpoints=[self._public(c) for c in listed.checkpoints])
 
-    async def user_checkpoints(self, user: str, limit: int, offset: int) -> CheckpointsListResponse:
+    async def user_checkpoints(self, user: str, limit: int | None, offset: int) -> CheckpointsListResponse:
         every = [checkpoint for model_id, _ in self.registry.owned_runs(user)
                  for checkpoint in (await self.run_checkpoints(user, model_id)).checkpoints]
+        limit = len(every) if limit is None else limit
         return CheckpointsListResponse(checkpoints=every[offset:offset + limit],
                                        cursor=Cursor(offset=offset, limit=limit, total_count=len(every)))
+
+    async def checkpoint_storage_usage(self, user: str, project_id: str | None) -> CheckpointStorageUsageResponse:
+        if project_id is not None:
+            raise ValueError(f"project_id {project_id!r}: rl-serve has no projects; ask without it for your own usage")
+        every = (await self.user_checkpoints(user, None, 0)).checkpoints
+        size = sum(checkpoint.size_bytes or 0 for checkpoint in every)
+        return CheckpointStorageUsageResponse(data=[CheckpointStorageUsage(
+            org_user_urn=user, checkpoint_count=len(every), size_bytes=size, size_gigabytes=size / 1e9)])
 
     def _public(self, checkpoint: Checkpoint) -> Checkpoint:
         return checkpoint.model_copy(update={"public": checkpoint.tinker_path in self.registry.public})

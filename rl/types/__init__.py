@@ -8,6 +8,8 @@ from rl.types.checkpoints import (
     Checkpoint,
     CheckpointArchiveUrlResponse,
     CheckpointsListResponse,
+    CheckpointStorageUsage,
+    CheckpointStorageUsageResponse,
     CheckpointType,
     Cursor,
     ExternalWeightsUrlsResponse,
@@ -78,7 +80,8 @@ from rl.types.training import (
 
 __all__ = [
     "AdamOptimizerConfig", "AdamParams", "Checkpoint", "CheckpointArchiveUrlResponse", "CheckpointType",
-    "CheckpointsListResponse", "CreateCustomLossRequest", "CreateCustomLossResponse", "CreateModelRequest",
+    "CheckpointsListResponse", "CheckpointStorageUsage", "CheckpointStorageUsageResponse", "CreateCustomLossRequest",
+    "CreateCustomLossResponse", "CreateModelRequest",
     "CreateSamplingSessionRequest", "CreateSamplingSessionResponse", "Cursor", "CustomLossGraph", "CustomLossInput",
     "CustomLossNode", "Datum", "EncodedTextChunk", "ExternalWeightsUrlsResponse", "ForwardBackwardInput",
     "ForwardBackwardOutput", "FutureRetrieveRequest", "GenericEvent", "GetInfoRequest", "ImageAssetPointerChunk",

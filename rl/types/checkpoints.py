@@ -212,6 +212,21 @@ class CheckpointsListResponse(StrictModel):
     cursor: Cursor | None = None
 
 
+class CheckpointStorageUsage(StrictModel):
+    """One owner's stored checkpoints: how many, and their bytes (gigabytes are decimal, 10**9 bytes)."""
+
+    org_user_urn: str
+    checkpoint_count: NonNegativeInt
+    size_bytes: NonNegativeInt
+    size_gigabytes: float
+
+
+class CheckpointStorageUsageResponse(StrictModel):
+    """GET /billing/usage/checkpoints/current: the caller's own checkpoints (there are no projects or rates here)."""
+
+    data: list[CheckpointStorageUsage]
+
+
 class CheckpointArchiveUrlResponse(StrictModel):
     """Where to download a checkpoint as one archive, and until when that address works."""
 
