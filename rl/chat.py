@@ -15,6 +15,24 @@ def chat_tokens(tokenizer, text: str) -> list[int]:
                                          add_generation_prompt=True, return_dict=False)
 
 
+_BEFORE = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+"""A finished exchange for `message_tokens` to render a new message after: its text never reaches the model."""
+
+
+def message_tokens(tokenizer, message: dict[str, str]) -> list[int]:
+    """The tokens the chat template puts after an assistant reply that ended with its end-of-turn token: the
+    new message (a tool result, the user's next line) with its markers, then the generation prompt of the next
+    reply. Appended to the sampled tokens, they give what rendering the whole conversation would, without ever
+    re-rendering the model's own tokens."""
+    before = tokenizer.apply_chat_template(_BEFORE, tokenize=True, return_dict=False)
+    after = tokenizer.apply_chat_template(_BEFORE + [message], tokenize=True, return_dict=False,
+                                          add_generation_prompt=True)
+    end_of_turn = max(index for index, token in enumerate(before) if token == tokenizer.eos_token_id)
+    if after[:end_of_turn + 1] != before[:end_of_turn + 1]:
+        raise ValueError("the chat template renders a finished reply differently once a message follows it")
+    return after[end_of_turn + 1:]
+
+
 def completion_text(tokenizer, tokens: list[int]) -> str:
     """What the model said in `tokens`, as the task's scorer reads it (special tokens left out)."""
     return tokenizer.decode(tokens, skip_special_tokens=True)

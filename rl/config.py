@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +57,24 @@ class TaskConfig:
     name: str = "addition"
     format_reward: float = 0.2
     """Training-only reward for the right format with a wrong answer (0 turns shaping off)."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "task"
+    """What the RL loop rolls out: "task" (the task group's task, one turn per episode) or an environment of
+    rl/environments.py (calculator, guess_number), which replaces the task."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The environment's own settings (its dataclass fields, e.g. max_number for guess_number)."""
+    max_turns: int = 8
+    """An episode that reaches it ends with stop "max_turns"."""
+    max_sampled_tokens: int | None = None
+    """Sampled tokens per episode (None: max_turns * algo.max_tokens); the episode then ends with that stop."""
+    advantage: str = "episode"
+    """episode: each action token carries the episode's total reward relative to its group; reward_to_go: the
+    reward from its turn on, relative to the same group mean."""
+    truncated: str = "train"
+    """An episode ended by a limit (turns, sampled tokens, context) is trained ("train") or left out ("drop")."""
 
 
 @dataclass
@@ -130,6 +149,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -191,6 +211,7 @@ def one_of(*choices: str) -> tuple:
 def _rules(loop: str) -> dict[str, tuple]:
     """Each key's rule: (whether a value keeps it, what it must be)."""
     from rl import losses
+    from rl.environments import ENVIRONMENTS
     from rl.sampler.replica import PUBLISH_MODES
     from rl.tasks import TASKS
 
@@ -207,7 +228,9 @@ def _rules(loop: str) -> dict[str, tuple]:
         "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": NOT_NEGATIVE,
         "sampler.publish_mode": one_of(*PUBLISH_MODES), "sampler.threads": UNSET_OR_AT_LEAST_1,
         "cluster.placement_strategy": one_of(*PLACEMENT_STRATEGIES), "cluster.placement_timeout_s": POSITIVE,
-        "logger.wandb_mode": one_of(*WANDB_MODES),
+        "logger.wandb_mode": one_of(*WANDB_MODES), "env.name": one_of("task", *ENVIRONMENTS),
+        "env.max_turns": AT_LEAST_1, "env.max_sampled_tokens": UNSET_OR_AT_LEAST_1,
+        "env.advantage": one_of("episode", "reward_to_go"), "env.truncated": one_of("train", "drop"),
     }
     if loop == "rl":
         rules["algo.group_size"] = (lambda value: value >= 2, "at least 2: advantages are relative to the group, "
@@ -227,6 +250,8 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         if not keeps(value):
             found.append((key, value, rule))
     algo = config.algo
+    if config.env.name != "task" and algo.loop != "rl":
+        found.append(("env.name", config.env.name, f"task: the {algo.loop} loop trains on a task's problems"))
     if config.eval_every > 0 and config.eval_prompts < 1:
         found.append(("eval_prompts", config.eval_prompts, "at least 1 while eval_every > 0"))
     if config.model.max_model_len <= algo.max_tokens:

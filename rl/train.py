@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from rl.config import ClusterConfig, TrainConfig, check, load
 from rl.driver.state import STATE, LearnerLost, read_state
+from rl.environments import make_environment
 from rl.tasks import make_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -51,7 +52,8 @@ def run(config: TrainConfig) -> list[dict]:
     check(config)  # every bad value is named before Ray, wandb or a model starts
     if config.resume:
         config = replace(config, output_dir=str(resume_folder(config)))
-    task = make_task(config.task.name, format_reward=config.task.format_reward)
+    task = (make_task(config.task.name, format_reward=config.task.format_reward) if config.env.name == "task" else
+            make_environment(config.env.name, config.env.params))
     # Imported here, not at the top: the loops import torch and transformers (~6 s), which a refused
     # configuration does not wait for.
     loop = importlib.import_module(f"rl.driver.{config.algo.loop}")

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
-RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft")
+RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl")
+MULTI_TURN = ("calculator_rl", "guess_number_rl")
 SMALL = ("model=tiny", "eval_prompts=2", "algo.prompts_per_step=2", "algo.max_tokens=8", "algo.train_examples=4")
 
 
@@ -23,7 +24,7 @@ def records(run: Path) -> list[dict]:
 
 
 def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
-    # One Hydra multirun: the four recipes share one Ray instance, as a sweep's runs do, one after another, each
+    # One Hydra multirun: the recipes share one Ray instance, as a sweep's runs do, one after another, each
     # with a folder, a wandb run and a placement group of its own (a group kept would starve the next run).
     result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,6 +37,9 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         first = lines[0]
         if recipe.endswith("dpo"):  # at step 0 the policy is the reference: no margin is above 0
             assert first["dpo_accuracy:mean"] == 0.0 and abs(first["dpo_margin:mean"]) < 1e-4, first
+        elif recipe in MULTI_TURN:  # 2 groups of 8 episodes of 1 to 4 turns, rewarded in [0, 1]
+            assert 0.0 <= first["reward/mean"] <= 1.0 and 1.0 <= first["env/turns"] <= 4.0, first
+            assert 16 <= first["tokens/sampled"] <= 16 * 4 * 8 and 0.0 <= first["env/accuracy"] <= 1.0, first
         elif recipe.endswith("rl"):  # 2 prompts x group_size samples (4, or 8 in gsm_rl), each rewarded in [0, 1]
             group = 8 if recipe == "gsm_rl" else 4
             assert 0.0 <= first["reward/mean"] <= 1.0 and 2 * group <= first["tokens/sampled"] <= 2 * group * 8, first

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoTokenizer
 
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.rl import group_advantages, policy_datum, sampler_vs_learner, step_prompts, train
+from rl.driver.episodes import Episode, Turn, episode_sequences
+from rl.driver.rl import STEPS_PER_SEED, group_advantages, kl_penalty, sampler_vs_learner, train, turn_advantages
 from rl.driver.run import Run
 from rl.driver.state import read_state
-from rl.losses import LOSSES, resolve_config
 from rl.tasks import Digits, Problem
 from rl.types import SampledSequence
 
@@ -33,9 +33,14 @@ def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_policy_datum_and_group_advantages():
-    sequence = SampledSequence(tokens=[7, 8, 9], logprobs=[-0.1, -0.2, -0.3], stop_reason="stop")
-    datum = policy_datum([1, 2], sequence, [0.5, 0.5, 0.5])
+def sampled(tokens: list[int], logprobs: list[float]) -> SampledSequence:
+    return SampledSequence(tokens=tokens, logprobs=logprobs, stop_reason="stop")
+
+
+def test_a_one_turn_episode_is_its_prompt_and_sample_and_group_advantages():
+    episode = Episode([Turn([1, 2], sampled([7, 8, 9], [-0.1, -0.2, -0.3]), 1.0, {})], "done")
+    [sequence] = episode_sequences(episode, [0.5])
+    datum = sequence.datum(advantage_scale=1.0)
     assert datum.model_input.to_ints() == [1, 2, 7, 8]
     assert datum.loss_fn_inputs["target_tokens"].data == [2, 7, 8, 9]
     assert datum.loss_fn_inputs["logprobs"].data == pytest.approx([0.0, -0.1, -0.2, -0.3])
@@ -49,20 +54,26 @@ def test_policy_datum_and_group_advantages():
                                                                   "kl/sampler_vs_learner_sq": 0.0625}
 
 
-@pytest.mark.parametrize("loss_fn", [name for name, spec in LOSSES.items() if "advantages" in spec.inputs])
-def test_prompt_tokens_carry_no_loss_in_any_policy_loss(loss_fn):
-    # The learner's logprobs of the prompt are far from the 0 that policy_datum gives them as sampler logprobs:
-    # any loss that reads them (dro's quadratic penalty did) would put a gradient there. On the sampled tokens
-    # learner and sampler agree (on-policy), so no clip bound removes their gradient.
-    datum = policy_datum([1, 2, 3], SampledSequence(tokens=[7, 8], logprobs=[-0.1, -0.2], stop_reason="stop"),
-                         [0.5, -0.25])
-    inputs = {name: torch.tensor(tensor.data) for name, tensor in datum.loss_fn_inputs.items()
-              if name != "target_tokens"}
-    logprobs = torch.tensor([-2.0, -3.0, -0.1, -0.2], requires_grad=True)
-    loss, _ = LOSSES[loss_fn].fn([logprobs], [inputs], resolve_config(loss_fn, None))
-    loss.backward()
-    assert logprobs.grad[:2].tolist() == [0.0, 0.0], "prompt tokens"
-    assert torch.all(logprobs.grad[2:] != 0), "sampled tokens"
+def test_multi_turn_episodes_become_one_growing_sequence_or_one_per_re_rendered_turn():
+    first, second = sampled([7, 8], [-0.1, -0.2]), sampled([9], [-0.3])
+    grown = Episode([Turn([1, 2], first, 0.0, {}), Turn([1, 2, 7, 8, 5, 6], second, 1.0, {})], "done")
+    [sequence] = episode_sequences(grown, [0.25, -0.5])
+    assert sequence.tokens == [1, 2, 7, 8, 5, 6, 9]
+    assert sequence.actions == [False, False, True, True, False, False, True], "observation tokens: weight 0"
+    assert sequence.logprobs == [0.0, 0.0, -0.1, -0.2, 0.0, 0.0, -0.3], "the sampler's, on the actions"
+    assert sequence.advantages == [0.0, 0.0, 0.25, 0.25, 0.0, 0.0, -0.5]
+    rerendered = Episode([Turn([1, 2], first, 0.0, {}), Turn([1, 3, 5, 6], second, 1.0, {})], "done", 1)
+    assert [s.tokens for s in episode_sequences(rerendered, [0.25, -0.5])] == [[1, 2, 7, 8], [1, 3, 5, 6, 9]]
+    # Rewards to go: 0 then 1 on turn 0 (total 1), 1 on turn 1; the other episode of the group scored 0.
+    lost = Episode([Turn([1, 2], first, 0.0, {})], "max_turns", group_reward=0.0)
+    assert turn_advantages([grown, lost], reward_to_go=False, normalize=False) == [[0.5, 0.5], [-0.5]]
+    assert turn_advantages([grown, lost], reward_to_go=True, normalize=False) == [[0.5, 0.5], [-0.5]]
+    grown.turns[0].reward = 0.5  # 0.5 then 1: to go 1.5 and 1.0; group mean of totals (1.5 + 0) / 2
+    assert turn_advantages([grown, lost], reward_to_go=True, normalize=False) == [[0.75, 0.25], [-0.75]]
+    # The KL penalty moves only action tokens' advantages: base logprobs per target (tokens[1:]).
+    [sequence] = episode_sequences(Episode([Turn([1, 2], first, 0.0, {})], "done"), [1.0])
+    assert kl_penalty([sequence], [[-9.0, -0.3, -0.1]], coef=0.5) == pytest.approx((0.2 - 0.1) / 2)
+    assert sequence.advantages == pytest.approx([0.0, 0.0, 1.0 - 0.5 * 0.2, 1.0 + 0.5 * 0.1])
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +97,9 @@ def test_two_steps_train_publish_and_log(two_steps, tiny_model_dir, mode):
                 "time/training_s", "throughput/sampled_tokens_per_s"} <= record.keys()
         assert 0.0 <= record["reward/mean"] <= 1.0 and 0 < record["datums"] <= 64
         # The step's prompts are known (seeded by seed and step): each of the 8 is sampled 8 times.
-        prompt_lengths = [len(prompt) for prompt in step_prompts(config, Digits(), tokenizer, step)[1]]
+        prompt_lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}],
+                                                            add_generation_prompt=True, return_dict=False))
+                          for problem in Digits().problems(8, seed=config.seed * STEPS_PER_SEED + step)]
         assert record["tokens/prompt"] == 8 * sum(prompt_lengths)
         assert 64 <= record["tokens/sampled"] <= 64 * 8, "at least one token and at most max_tokens a sample"
         # A trained datum is its prompt and its sample less the last token: bounded by the whole rollout's.
@@ -135,18 +148,6 @@ def test_the_tiny_model_learns_a_task(learned):
     assert learned[0]["eval/accuracy"] < 0.3 and learned[-1]["eval/accuracy"] > 0.8, learned[-1]
 
 
-def test_resume_continues_exactly(learned, tiny_model_dir, tmp_path):
-    interrupted = tiny_config(tiny_model_dir, tmp_path, **{**LEARNING, "steps": 4}, checkpoint_every=2)
-    train(replace(interrupted, steps=2), Digits())  # stops after step 1, as if killed there
-    resumed = train(replace(interrupted, resume=True), Digits())
-    keys = ("reward/mean", "loss", "grad_norm:mean", "tokens/sampled", "sampler/weights_step", "tokens_total/sampled")
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4], "no step lost or counted twice"
-    # The first four steps of the 12-step run, which went straight through (its length changes none of them).
-    for expected, actual in zip(learned[:4], resumed[:4], strict=True):
-        assert [actual[k] for k in keys] == pytest.approx([expected[k] for k in keys], rel=1e-5, abs=1e-6)
-    assert resumed[0]["eval/accuracy"] == learned[0]["eval/accuracy"]
-
-
 def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path):
     algo = {"kl_coef": 0.1, "off_policy": True, "loss_fn": "cispo"}  # cispo: a policy loss of its own, too
     history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, algo=algo), Digits())
@@ -155,6 +156,10 @@ def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path)
     assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first samples come from the base model itself"
     assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
     assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
+    # Agreement of the learner's logprobs of the sampled tokens with the sampler's: exact while both hold the same
+    # weights (step 0), apart once the learner holds weights the sampler lacks (a step of lag). Resuming in the
+    # middle of a run continues exactly: test_env.py, on episodes of several turns.
+    assert steps[0]["kl/sampler_vs_learner_sq"] < 1e-6 and steps[2]["kl/sampler_vs_learner_sq"] > 1e-4, steps
     # Steps 1 and 2 wait only for what is left of a rollout started during the previous step: their throughput
     # counts the rollout's own seconds, not that wait (which gave tens of millions of tokens/s).
     assert all(0 < r["throughput/sampled_tokens_per_s"] < 1e6 for r in steps), steps
@@ -184,7 +189,8 @@ class FlakyTask(Digits):
         return super().problems(count, seed=seed, split=split) if self.prompts else []
 
     def reward(self, problem: Problem, completion: str) -> float:
-        if self.fail_at_step is not None and len(_calls) >= 64 * self.fail_at_step:
+        # step 0's evaluation scores 8 held-out answers, then each step 64 samples
+        if self.fail_at_step is not None and len(_calls) >= 8 + 64 * self.fail_at_step:
             raise KeyError("no such answer")
         _calls.append(completion)
         return super().reward(problem, completion)
@@ -199,7 +205,8 @@ _calls: list[str] = []
 def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, tiny_model_dir, tmp_path):
     _calls.clear()
     config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1, algo={"loss_fn": "dro"})
-    with pytest.raises(RuntimeError, match=r"task 'flaky': reward raised on step 1, prompt 0 .*KeyError"):
+    with pytest.raises(RuntimeError, match=r"environment 'flaky' raised in step 1, group \d, episode \d, turn 0: "
+                                           r"step: KeyError\('no such answer'\)"):
         train(config, FlakyTask())
     assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
     history = train(replace(config, resume=True), Digits())

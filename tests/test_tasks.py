@@ -4,7 +4,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from rl.chat import conversation_datum
-from rl.driver.rl import group_advantages, kl_penalty
 from rl.driver.run import batch_indices
 from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations, strict_answer
 
@@ -80,13 +79,3 @@ def test_batch_indices_cycle_through_shuffled_epochs():
         assert sorted(flat[epoch * 7:(epoch + 1) * 7]) == list(range(7)), "each epoch visits every example once"
     assert flat[:7] != flat[7:14], "epochs are shuffled differently"
     assert seen == [batch_indices(step, 3, 7, seed=0) for step in range(7)], "a function of (seed, step) only"
-
-
-def test_group_advantages_and_kl_penalty():
-    assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=False) == [0.5, -0.5, -0.5, 0.5]
-    assert group_advantages([1.0, 0.0], normalize=True) == pytest.approx([1.0, -1.0], rel=1e-5)
-    assert group_advantages([0.3, 0.3], normalize=True) == [0.0, 0.0]
-    penalized, kl = kl_penalty([[1.0, 1.0], [-1.0]], [[-0.5, -2.0], [-1.0]], [[-1.0, -1.0], [-1.0]], coef=0.1)
-    # per-token KL terms: 0.5, -1.0, 0.0 -> advantages 1 - 0.05, 1 + 0.1, -1 - 0; mean KL (0.5 - 1 + 0) / 3
-    assert penalized[0] == pytest.approx([0.95, 1.1]) and penalized[1] == [-1.0]
-    assert kl == pytest.approx(-0.5 / 3)

@@ -12,8 +12,9 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices, steps
-from rl.tasks import PreferencePair, Task, checked_problems, preference_pairs
+from rl.driver.run import Run, batch_indices, held_out_groups, steps
+from rl.env import TaskEnvironment
+from rl.tasks import PreferencePair, Task, preference_pairs
 from rl.types import AdamParams, Datum, ForwardBackwardInput
 
 DPO_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
@@ -37,12 +38,12 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     # The data first: a task that cannot give pairs fails before any actor starts.
     pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
     eval_pairs = preference_pairs(task, config.eval_prompts, seed=config.seed, split="eval")
-    held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
+    held_out = held_out_groups(config, TaskEnvironment(task))
     with Run(config) as run:
         held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
 
         async def evaluate(step: int) -> dict:
-            metrics, accuracy = await run.held_out(held_out_pairs, task, held_out)
+            metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out)
             return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], "eval/accuracy": accuracy}
 
         for step in steps(run):

@@ -18,22 +18,22 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from rl.chat import chat_tokens, completion_text
 from rl.config import TrainConfig
-from rl.driver.run import Run, steps
-from rl.driver.sampling import greedy_accuracy, sample_all, score
+from rl.driver.episodes import (
+    STOPS,
+    Episode,
+    TrainingSequence,
+    episode_limits,
+    episode_sequences,
+    greedy_accuracy,
+    run_group,
+)
+from rl.driver.run import Run, held_out_groups, steps
+from rl.env import Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
-from rl.tasks import Problem, Task, checked_problems
-from rl.types import AdamParams, Datum, ForwardBackwardInput, SampledSequence, SampleResponse, SamplingParams
-
-
-def policy_datum(prompt_T: list[int], sequence: SampledSequence, advantages: list[float]) -> Datum:
-    """One sample as a datum: prompt tokens carry weight 0 (no loss in any policy loss: dro's penalty would pull
-    their logprobs toward the 0 given here), sampled tokens weight 1, the sampler's logprobs and the advantages."""
-    prompt_zeros, sampled_ones = [0.0] * len(prompt_T), [1.0] * len(sequence.tokens)
-    return Datum.next_token(prompt_T + sequence.tokens, weights=prompt_zeros + sampled_ones,
-                            logprobs=prompt_zeros + sequence.logprobs, advantages=prompt_zeros + advantages)
+from rl.tasks import Task
+from rl.types import AdamParams, ForwardBackwardInput, SamplingParams
 
 
 def group_advantages(rewards_G: list[float], normalize: bool) -> list[float]:
@@ -42,110 +42,126 @@ def group_advantages(rewards_G: list[float], normalize: bool) -> list[float]:
     return [(reward - mean) / scale for reward in rewards_G]
 
 
-def kl_penalty(advantages_S: list[list[float]], logprobs_S: list[list[float]], base_S: list[list[float]],
-               coef: float) -> tuple[list[list[float]], float]:
-    """Per-token advantages minus coef * (sampler logprob - base logprob), and that difference's mean: a
-    one-sample estimate of KL(sampler || base) per token."""
-    kl_S = [[a - b for a, b in zip(lp, base, strict=True)] for lp, base in zip(logprobs_S, base_S, strict=True)]
-    penalized_S = [[a - coef * k for a, k in zip(adv, kl, strict=True)] for adv, kl in zip(advantages_S, kl_S,
-                                                                                            strict=True)]
-    return penalized_S, sum(map(sum, kl_S)) / max(sum(map(len, kl_S)), 1)
+def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize: bool) -> list[list[float]]:
+    """Each episode's advantage on each of its turns: its total reward relative to the group's mean (on every turn
+    alike), or, with `reward_to_go`, the reward from that turn on relative to the same mean; divided by the
+    group's standard deviation with `normalize`."""
+    totals_G = [episode.total_reward for episode in episodes_G]
+    mean = sum(totals_G) / len(totals_G)
+    scale = statistics.pstdev(totals_G) + 1e-6 if normalize else 1.0
+    returns_G = [episode.rewards_to_go() if reward_to_go else [episode.total_reward] * len(episode.turns)
+                 for episode in episodes_G]
+    return [[(value - mean) / scale for value in returns] for returns in returns_G]
+
+
+def kl_penalty(sequences: list[TrainingSequence], base_S: list[list[float]], coef: float) -> float:
+    """Subtracts coef * (sampler logprob - base logprob) from each action token's advantage; returns that
+    difference's mean, a one-sample estimate of KL(sampler || base) per token. base_S: per target (tokens[1:])."""
+    gaps = []
+    for sequence, base_T in zip(sequences, base_S, strict=True):
+        for index in range(1, len(sequence.tokens)):
+            if sequence.actions[index]:
+                gap = sequence.logprobs[index] - base_T[index - 1]
+                sequence.advantages[index] -= coef * gap
+                gaps.append(gap)
+    return sum(gaps) / max(len(gaps), 1)
 
 
 def sampler_vs_learner(sampler_S: list[list[float]], learner_S: list[list[float]]) -> dict[str, float]:
     """How far the learner's logprobs of the sampled tokens are from the sampler's: the mean of (sampler - learner)
     and half its mean square, two estimates of KL(sampler || learner) per token (tinker-cookbook logs them as
     kl_sample_train_v1 and _v2). On-policy both weights are the same, so they measure the mismatch between the
-    engines (~1e-6: other kernels); off-policy they add the one step of lag the importance ratio corrects."""
+    engines (~1e-6: other kernels) and any token that was trained but not sampled as it stands (a template or
+    re-tokenisation bug); off-policy they add the one step of lag the importance ratio corrects."""
     gaps = [s - lp for sampled, learned in zip(sampler_S, learner_S, strict=True)
             for s, lp in zip(sampled, learned, strict=True)]
     return {"kl/sampler_vs_learner": sum(gaps) / len(gaps),
             "kl/sampler_vs_learner_sq": sum(gap * gap for gap in gaps) / (2 * len(gaps))}
 
 
+def action_values(sequence: TrainingSequence, per_target: list[float]) -> list[float]:
+    """The values of `per_target` (one per token after the first) at the sequence's action tokens."""
+    return [value for value, action in zip(per_target, sequence.actions[1:], strict=True) if action]
+
+
 STEPS_PER_SEED = 100_003
 """Step seeds are seed * STEPS_PER_SEED + step: distinct for every (seed, step) of runs under 100,003 steps."""
 PROMPTS_PER_STEP_SEED = 1_000
-"""A step's sampling seeds are step seed * PROMPTS_PER_STEP_SEED + prompt index (`sample_requests`): distinct
-for steps of up to 1,000 prompts."""
-
-
-def step_prompts(config: TrainConfig, task: Task, tokenizer, step: int):
-    """The step's problems, their prompt tokens, and the sampling parameters (seeded by seed and step)."""
-    algo = config.algo
-    step_seed = config.seed * STEPS_PER_SEED + step
-    problems_P = checked_problems(task, algo.prompts_per_step, seed=step_seed)
-    prompts_P = [chat_tokens(tokenizer, problem.prompt) for problem in problems_P]
-    params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature,
-                            seed=step_seed * PROMPTS_PER_STEP_SEED)
-    return problems_P, prompts_P, params
+"""A group's sampling seed is step seed * PROMPTS_PER_STEP_SEED + group index: distinct for steps of up to 1,000
+groups."""
 
 
 @dataclass
 class Rollout:
-    problems_P: list[Problem]
-    prompts_P: list[list[int]]
-    responses_P: list[SampleResponse]
-    """A group of samples for each prompt."""
+    episodes_P: list[list[Episode]]
+    """A group of episodes for each of the step's problems."""
     weights_step: int
     """The learner step of the weights that sampled."""
     seconds: float
-    """How long the sampling took (off-policy, the step that uses it waits only for what is left of it)."""
+    """How long the rollout took (off-policy, the step that uses it waits only for what is left of it)."""
 
 
-async def rollout(run: Run, task: Task, step: int, version: AdapterVersion) -> Rollout:
-    """The step's problems, their prompt tokens and a group of samples for each, from weights `version`."""
+async def rollout(run: Run, environment: Environment, step: int, version: AdapterVersion) -> Rollout:
+    """The step's groups of episodes (seeded by seed and step), from weights `version`."""
     algo = run.config.algo
-    problems_P, prompts_P, params = step_prompts(run.config, task, run.tokenizer, step)
+    step_seed = run.config.seed * STEPS_PER_SEED + step
+    groups_P = environment.groups(algo.prompts_per_step, seed=step_seed, split="train", group_size=algo.group_size,
+                                  tokenizer=run.tokenizer)
+    params = SamplingParams(max_tokens=algo.max_tokens, temperature=algo.temperature)
+    limits = episode_limits(run.config, run.tokenizer)
     started = time.perf_counter()
-    responses_P = await sample_all(run.pool, prompts_P, model_path=version.tinker_path,
-                                   group_size=algo.group_size, params=params)
-    return Rollout(problems_P, prompts_P, responses_P, version.step, time.perf_counter() - started)
+    episodes_P = await asyncio.gather(*(
+        run_group(run.pool, builder, name=environment.name, where=f"step {step}, group {index}",
+                  model_path=version.tinker_path, limits=limits,
+                  params=params.model_copy(update={"seed": step_seed * PROMPTS_PER_STEP_SEED + index}))
+        for index, builder in enumerate(groups_P)))
+    return Rollout(episodes_P, version.step, time.perf_counter() - started)
 
 
-async def base_logprobs(run: Run, prompts_S: list[list[int]], sequences_S: list[SampledSequence]) -> list[list[float]]:
-    """The base model's logprobs of each sampled sequence's tokens."""
-    logprobs_S = await run.learner.logprobs.remote(run.model_id, [p + s.tokens for p, s in zip(prompts_S, sequences_S,
-                                                                                                  strict=True)],
-                                                   adapter=False)
-    return [logprobs[len(p) - 1:] for logprobs, p in zip(logprobs_S, prompts_S, strict=True)]
+def training_sequences(config: TrainConfig, sampled: Rollout) -> tuple[list[TrainingSequence], list[float]]:
+    """Every episode's training sequences with its advantages (an episode that hit a limit is left out with
+    env.truncated=drop), and every episode's total reward."""
+    sequences, rewards = [], []
+    for episodes_G in sampled.episodes_P:
+        advantages_G = turn_advantages(episodes_G, reward_to_go=config.env.advantage == "reward_to_go",
+                                       normalize=config.algo.normalize_std)
+        for episode, advantages in zip(episodes_G, advantages_G, strict=True):
+            rewards.append(episode.total_reward)
+            if episode.stop == "done" or config.env.truncated == "train":
+                sequences += episode_sequences(episode, advantages)
+    return sequences, rewards
 
 
-def rewards_and_advantages(run: Run, task: Task, sampled: Rollout, step: int):
-    """Each sample's prompt, sequence, reward and per-token advantages (its group-relative advantage on each of
-    its tokens), flattened over the groups."""
-    prompts_S, sequences_S, rewards_S, advantages_S = [], [], [], []
-    for index, (problem, prompt_T, response) in enumerate(zip(sampled.problems_P, sampled.prompts_P,
-                                                              sampled.responses_P, strict=True)):
-        rewards_G = [score(task, task.reward, problem, completion_text(run.tokenizer, s.tokens),
-                           where=f"step {step}, prompt {index}") for s in response.sequences]
-        rewards_S += rewards_G
-        for sequence, advantage in zip(response.sequences, group_advantages(rewards_G, run.config.algo.normalize_std),
-                                       strict=True):
-            prompts_S.append(prompt_T)
-            sequences_S.append(sequence)
-            advantages_S.append([advantage] * len(sequence.tokens))
-    return prompts_S, sequences_S, rewards_S, advantages_S
+def episode_metrics(sampled: Rollout) -> dict[str, float]:
+    """Turns per episode, the share of episodes ended by each limit, re-rendered turns, and the environment's own
+    metrics (of each episode's last turn and its group reward) averaged over episodes."""
+    episodes = [episode for episodes_G in sampled.episodes_P for episode in episodes_G]
+    record = {"env/turns": sum(len(e.turns) for e in episodes) / len(episodes),
+              "env/rerendered_turns": sum(e.rerendered_turns for e in episodes)}
+    record.update({f"env/stop_{stop}": sum(e.stop == stop for e in episodes) / len(episodes) for stop in STOPS[1:]})
+    for name in sorted({name for episode in episodes for name in episode.metrics}):
+        values = [episode.metrics[name] for episode in episodes if name in episode.metrics]
+        record[f"env/{name}"] = sum(values) / len(values)
+    return record
 
 
-def step_metrics(record: dict, sampled: Rollout, rewards_S: list[float], sampled_tokens: int,
-                 datums_D: list[Datum]) -> dict:
+def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tokens: list[int]) -> dict:
     """The step's reward, sizes and throughputs; training time is every phase after sampling."""
     training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward", "optim_step",
                                                                          "publish"))
-    trained_tokens = sum(d.model_input.length for d in datums_D)
-    return {"reward/mean": sum(rewards_S) / len(rewards_S), "datums": len(datums_D),
-            "sampler/weights_step": sampled.weights_step,
-            "tokens/prompt": sum(len(prompt) * len(response.sequences)
-                                 for prompt, response in zip(sampled.prompts_P, sampled.responses_P, strict=True)),
+    turns = [turn for episodes_G in sampled.episodes_P for episode in episodes_G for turn in episode.turns]
+    sampled_tokens, trained_tokens = sum(len(turn.action.tokens) for turn in turns), sum(datum_tokens)
+    return {"reward/mean": sum(rewards) / len(rewards), "datums": len(datum_tokens),
+            "sampler/weights_step": sampled.weights_step, "tokens/prompt": sum(len(turn.prompt) for turn in turns),
             "tokens/sampled": sampled_tokens, "tokens/trained": trained_tokens, "time/training_s": training_s,
             "throughput/sampled_tokens_per_s": sampled_tokens / sampled.seconds,
             "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)}
 
 
-async def train_async(config: TrainConfig, task: Task) -> list[dict]:
+async def train_async(config: TrainConfig, environment: Environment) -> list[dict]:
     algo = config.algo
-    held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")  # before any actor starts
+    # The held-out groups are made before any actor starts: an environment that gives none fails at once.
+    held_out = held_out_groups(config, environment)
     with Run(config) as run:
         # Weight versions carry the learner's optimizer step: "sampler/weights_step" shows any lag.
         version = await run.publish()
@@ -153,33 +169,33 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         next_rollout = None
 
         async def evaluate(step: int) -> dict:  # the weights sampled last: `version` as it is at the call
-            return {"eval/accuracy": await greedy_accuracy(run.pool, run.tokenizer, task, held_out,
-                                                           version.tinker_path, algo.max_tokens)}
+            return {"eval/accuracy": await greedy_accuracy(run.pool, environment.name, held_out, version.tinker_path,
+                                                           episode_limits(config, run.tokenizer))}
 
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
 
-            # Rollout: a group of samples per prompt (off-policy: sampled while the previous step trained).
+            # Rollout: a group of episodes per problem (off-policy: run while the previous step trained).
             with timed(record, "sampling"):
-                sampled = await (next_rollout or rollout(run, task, step, version))
+                sampled = await (next_rollout or rollout(run, environment, step, version))
             if algo.off_policy and step + 1 < config.steps:
-                next_rollout = asyncio.ensure_future(rollout(run, task, step + 1, version))
+                next_rollout = asyncio.ensure_future(rollout(run, environment, step + 1, version))
 
-            # Reward and group-relative advantages, one per sample, spread over its tokens.
-            prompts_S, sequences_S, rewards_S, advantages_S = rewards_and_advantages(run, task, sampled, step)
+            # Rewards and group-relative advantages, spread over each episode's action tokens.
+            sequences, rewards = training_sequences(config, sampled)
+            record.update(episode_metrics(sampled))
 
-            # KL penalty: each token's advantage pays for how far the sampler has moved from the base model.
+            # KL penalty: each action token's advantage pays for how far the sampler has moved from the base model.
             if algo.kl_coef:
                 with timed(record, "reference"):
-                    base_S = await base_logprobs(run, prompts_S, sequences_S)
-                advantages_S, record["kl/sampler_vs_base"] = kl_penalty(
-                    advantages_S, [s.logprobs for s in sequences_S], base_S, algo.kl_coef)
+                    base_S = await run.learner.logprobs.remote(run.model_id, [s.tokens for s in sequences],
+                                                               adapter=False)
+                record["kl/sampler_vs_base"] = kl_penalty(sequences, base_S, algo.kl_coef)
 
-            # Update: one optimizer step on the samples that carry signal, then publish the new weights.
-            sampled_tokens = sum(len(s.tokens) for s in sequences_S)
-            trained_D = [s for s, advantages in enumerate(advantages_S) if any(advantages)]
-            datums_D = [policy_datum(prompts_S[s], sequences_S[s], [a / sampled_tokens for a in advantages_S[s]])
-                        for s in trained_D]
+            # Update: one optimizer step on the sequences that carry signal, then publish the new weights.
+            sampled_tokens = sum(map(sum, (s.actions for s in sequences))) or 1
+            trained = [s for s in sequences if any(s.advantages)]
+            datums_D = [s.datum(1 / sampled_tokens) for s in trained]
             record["loss"] = 0.0  # a step in which every group scored alike has nothing to train on
             if datums_D:
                 batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
@@ -187,19 +203,20 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
                 output = await run.train_step(batch, adam, record)
                 record.update({"loss": output.metrics["loss:sum"],
                                "tokens/computed": output.metrics["computed_tokens:sum"]})
-                # The forward pass that trained also scored the sampled tokens: the targets after the prompt's.
-                learner_D = [out["logprobs"].data[len(prompts_S[s]) - 1:]
-                             for s, out in zip(trained_D, output.loss_fn_outputs, strict=True)]
-                record.update(sampler_vs_learner([sequences_S[s].logprobs for s in trained_D], learner_D))
+                # The forward pass that trained also scored the action tokens: agreement with the sampler.
+                record.update(sampler_vs_learner(
+                    [action_values(s, s.logprobs[1:]) for s in trained],
+                    [action_values(s, out["logprobs"].data) for s, out in zip(trained, output.loss_fn_outputs,
+                                                                              strict=True)]))
                 with timed(record, "publish"):
                     version = await run.publish()
-            record.update(step_metrics(record, sampled, rewards_S, sampled_tokens, datums_D))
+            record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))
             await run.end_step(record)  # logged, and a checkpoint when one is due
         await run.final_evaluation(evaluate)
         return run.log.history
 
 
-def train(config: TrainConfig, task: Task) -> list[dict]:
-    """Runs the RL loop; returns one metrics record per step (and one for the final evaluation)."""
-    return asyncio.run(train_async(config, task))
-
+def train(config: TrainConfig, source: Task | Environment) -> list[dict]:
+    """Runs the RL loop on an environment, or on a task as its one-turn environment; returns one metrics record per
+    step (and one for the final evaluation)."""
+    return asyncio.run(train_async(config, as_environment(source)))

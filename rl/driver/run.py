@@ -26,14 +26,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import TrainConfig
-from rl.driver.sampling import greedy_accuracy
+from rl.driver.episodes import episode_limits, greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
+from rl.env import EnvGroupBuilder, Environment
 from rl.learner import LearnerActor
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
 from rl.models import resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
-from rl.tasks import Problem, Task
 from rl.types import (
     AdamParams,
     ForwardBackwardInput,
@@ -70,7 +70,7 @@ class Run:
         self.folder = Path(config.output_dir)
         model = config.model
         self.base_model = str(resolve_model(model.name))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self.tokenizer = tokenizer_of(config)
         state = read_state(self.folder) if config.resume else None
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
@@ -162,13 +162,14 @@ class Run:
             record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
         return output
 
-    async def held_out(self, batch: ForwardBackwardInput, task: Task, problems: list[Problem]) -> tuple[dict, float]:
-        """The learner's metrics on a held-out batch (no update), and the greedy accuracy on held-out problems
-        of the weights it holds now, published for that."""
+    async def held_out(self, batch: ForwardBackwardInput, name: str,
+                       groups: list[EnvGroupBuilder]) -> tuple[dict, float]:
+        """The learner's metrics on a held-out batch (no update), and the greedy accuracy on held-out groups of the
+        weights it holds now, published for that."""
         output = await self.learner.forward.remote(self.model_id, batch)
         version = await self.publish()
-        return output.metrics, await greedy_accuracy(self.pool, self.tokenizer, task, problems, version.tinker_path,
-                                                     self.config.algo.max_tokens)
+        return output.metrics, await greedy_accuracy(self.pool, name, groups, version.tinker_path,
+                                                     episode_limits(self.config, self.tokenizer))
 
     async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
         """The evaluation after the last step (when evaluation is on), logged as a record of its own."""
@@ -207,6 +208,17 @@ class Run:
         saved = ray.get(self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True))
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
                                   "totals": self.totals, "wandb_id": self.log.wandb_id})
+
+
+def tokenizer_of(config: TrainConfig):
+    return AutoTokenizer.from_pretrained(str(resolve_model(config.model.name)))
+
+
+def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGroupBuilder]:
+    """The held-out problems as groups of one episode: made before any actor starts, so that an environment that
+    gives none fails at once."""
+    return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=1,
+                              tokenizer=tokenizer_of(config))
 
 
 def evaluates(config: TrainConfig, step: int) -> bool:

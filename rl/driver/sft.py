@@ -11,8 +11,9 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices, steps
-from rl.tasks import Task, checked_problems, sft_conversations
+from rl.driver.run import Run, batch_indices, held_out_groups, steps
+from rl.env import TaskEnvironment
+from rl.tasks import Task, sft_conversations
 from rl.types import AdamParams, Datum, ForwardBackwardInput
 
 
@@ -32,13 +33,13 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
     # The data first: a task that cannot give conversations fails before any actor starts.
     conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
     eval_conversations = sft_conversations(task, config.eval_prompts, seed=config.seed, split="eval")
-    held_out = checked_problems(task, config.eval_prompts, seed=config.seed, split="eval")
+    held_out = held_out_groups(config, TaskEnvironment(task))
     with Run(config) as run:
         held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation)
                                           for conversation in eval_conversations])
 
         async def evaluate(step: int) -> dict:
-            metrics, accuracy = await run.held_out(held_out_batch, task, held_out)
+            metrics, accuracy = await run.held_out(held_out_batch, task.name, held_out)
             return {"eval/loss": metrics["loss:sum"], "eval/accuracy": accuracy}
 
         for step in steps(run):

@@ -14,8 +14,8 @@ off, its folder in a temporary directory); everything it measures comes from its
   frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward + optim_step; 2
   per weight per prompt token (once per request) and sampled token over the seconds of sampling;
 - sampling against raw vLLM: after the run, a replica like the run's samples the first steps' rollouts through
-  the run's path (`sample_all` -> pool -> replica -> engine loop) and, on the same engine in the same process,
-  with `LLM.generate`, interleaved three times (medians: the machines are noisy);
+  the run's path (each group's first-turn request -> pool -> replica -> engine loop) and, on the same engine in
+  the same process, with `LLM.generate`, interleaved three times (medians: the machines are noisy);
 - every process's resident memory, sampled every 0.5 s: driver, Ray's own processes, learner, sampler, at
   their peak and at the end of the run (the last sample before the driver exits); and the whole job's PSS
   (what it costs the machine: a library page that every process maps counts once, not once per process).
@@ -128,12 +128,13 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     from transformers import AutoTokenizer
 
     from rl.config import load
-    from rl.driver.rl import step_prompts
-    from rl.driver.sampling import sample_requests
+    from rl.driver.rl import PROMPTS_PER_STEP_SEED, STEPS_PER_SEED
+    from rl.env import TaskEnvironment
     from rl.models import resolve_model
     from rl.sampler import SamplerPool
     from rl.sampler.replica import vllm_sampling_params
     from rl.tasks import make_task
+    from rl.types import ModelInput, SampleRequest
 
     def raw(replica, requests) -> float:  # runs in the replica: what Sampler.sample gives the engine, at once
         from vllm import TokensPrompt
@@ -151,6 +152,16 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
         await asyncio.gather(*(pool.sample(request) for request in requests))
         return time.perf_counter() - started
 
+    async def first_turn_requests(config, environment, tokenizer, step) -> list[SampleRequest]:
+        """The requests that the run's rollout of `step` starts with: each group's first turn, G samples."""
+        algo, step_seed = config.algo, config.seed * STEPS_PER_SEED + step
+        groups = environment.groups(algo.prompts_per_step, seed=step_seed, split="train",
+                                    group_size=algo.group_size, tokenizer=tokenizer)
+        prompts = [(await (await group.make_envs())[0].initial_observation())[0] for group in groups]
+        return [SampleRequest(prompt=ModelInput.from_ints(prompt), num_samples=algo.group_size, sampling_params={
+            "max_tokens": algo.max_tokens, "temperature": algo.temperature,
+            "seed": step_seed * PROMPTS_PER_STEP_SEED + index}) for index, prompt in enumerate(prompts)]
+
     config = load(OmegaConf.create(run_config))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     folder = str(resolve_model(config.model.name))
@@ -162,8 +173,7 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     task = make_task(config.task.name, format_reward=config.task.format_reward)
     seconds: dict[str, list[float]] = {"ours_s": [], "raw_s": []}
     for index, step in enumerate([steps[0], *steps * repeats]):  # the first pair warms the engine up
-        _, prompts, params = step_prompts(config, task, tokenizer, step)
-        requests = sample_requests(prompts, model_path=None, group_size=config.algo.group_size, params=params)
+        requests = asyncio.run(first_turn_requests(config, TaskEnvironment(task), tokenizer, step))
         ours_s = asyncio.run(ours(pool, requests))
         raw_s = ray.get(replica.__ray_call__.remote(raw, requests))
         if index:

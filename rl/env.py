@@ -1,0 +1,123 @@
+"""Environments: what the RL loop rolls out. An episode is a conversation in tokens between the policy and an
+environment, over one or more turns.
+
+The shapes are tinker-cookbook's (rl/types.py there), in tokens: an `Env` gives an initial observation (the
+prompt's tokens) and a stop condition; the policy's action is exactly the tokens the sampler produced; `step`
+answers with a reward, whether the episode is done, and the next observation's tokens, which the loop appends to
+the conversation (prompt + action + observation: the model's own tokens are never re-rendered from text). An
+environment that keeps its own history format may instead give the whole next prompt (`next_prompt`); the loop
+then checks whether it still extends what was sampled, and counts the turns where it does not.
+
+An `EnvGroupBuilder` makes the G episodes of one problem (the group that advantages are relative to) and may add
+a reward per episode once the whole group has finished (`compute_group_rewards`, e.g. a pairwise judge). An
+`Environment` hands out group builders for a step, deterministically from a seed, as a `Task` hands out
+problems. A single-turn task is the one-step case (`TaskEnvironment`), so the RL loop has one rollout path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+from rl.chat import chat_tokens, completion_text
+from rl.tasks import Problem, Task, checked_problems
+
+StopCondition = list[str] | list[int]
+"""Stop strings or stop token ids for the next action; empty: the tokenizer's end of sequence only."""
+
+
+@dataclass
+class StepResult:
+    reward: float
+    episode_done: bool
+    next_observation: list[int] = field(default_factory=list)
+    """Tokens the loop appends to the conversation after the action (unused once the episode is done)."""
+    next_stop_condition: StopCondition | None = None
+    """None keeps the current one."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Averaged over episodes into the step's metrics as env/NAME. On the last step, `accuracy` (0 or 1) is what
+    evaluation reports; without it, evaluation reports the episode's total reward."""
+    next_prompt: list[int] | None = None
+    """A re-rendering environment's whole next prompt, instead of `next_observation`."""
+
+
+class Env(Protocol):
+    async def initial_observation(self) -> tuple[list[int], StopCondition]: ...
+
+    async def step(self, action: list[int]) -> StepResult: ...
+
+
+class EnvGroupBuilder(Protocol):
+    async def make_envs(self) -> Sequence[Env]: ...
+
+    async def compute_group_rewards(self, episodes: list, envs: Sequence[Env]) -> list[tuple[float, dict]]:
+        """A reward (and metrics) per finished episode that depends on the whole group; added to its return."""
+        ...
+
+
+class Environment(Protocol):
+    name: str
+
+    def groups(self, count: int, *, seed: int, split: str, group_size: int, tokenizer) -> list[EnvGroupBuilder]:
+        """`count` groups of `group_size` episodes each, the same for the same arguments."""
+        ...
+
+
+class NoGroupReward:
+    """Mixed into group builders whose rewards are all per episode."""
+
+    async def compute_group_rewards(self, episodes: list, envs: Sequence[Env]) -> list[tuple[float, dict]]:
+        return [(0.0, {}) for _ in episodes]
+
+
+# ---- a single-turn task as the one-step environment ----------------------------------------------------------
+
+
+@dataclass
+class TaskEnv:
+    """One problem of a task: the user's message rendered with the chat template, one reply, scored."""
+
+    task: Task
+    problem: Problem
+    tokenizer: object
+
+    async def initial_observation(self) -> tuple[list[int], StopCondition]:
+        return chat_tokens(self.tokenizer, self.problem.prompt), []
+
+    async def step(self, action: list[int]) -> StepResult:
+        completion = completion_text(self.tokenizer, action)
+        return StepResult(reward=float(self.task.reward(self.problem, completion)), episode_done=True,
+                          metrics={"accuracy": float(self.task.accuracy(self.problem, completion))})
+
+
+@dataclass
+class EnvGroup(NoGroupReward):
+    """`size` episodes of environments made by `make_env` (one problem, fresh state each)."""
+
+    make_env: Callable[[], Env]
+    size: int
+
+    async def make_envs(self) -> list[Env]:
+        return [self.make_env() for _ in range(self.size)]
+
+
+@dataclass
+class TaskEnvironment:
+    """A `Task` as an environment: each problem is a group of one-turn episodes."""
+
+    task: Task
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def groups(self, count: int, *, seed: int, split: str, group_size: int, tokenizer) -> list[EnvGroup]:
+        return [EnvGroup(partial(TaskEnv, self.task, problem, tokenizer), group_size)
+                for problem in checked_problems(self.task, count, seed=seed, split=split)]
+
+
+def as_environment(source: Task | Environment) -> Environment:
+    """An environment as it is; a task as its one-step environment."""
+    return source if hasattr(source, "groups") else TaskEnvironment(source)
