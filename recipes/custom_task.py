@@ -13,14 +13,9 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 
-from hydra import compose, initialize_config_dir
-
-from rl.config import check, load
-from rl.driver import rl as rl_loop
 from rl.tasks import INSTRUCTION, Problem, strict_answer
-from rl.train import CONFIGS, connect
+from rl.train import run_from_python
 
 
 @dataclass(frozen=True)
@@ -43,10 +38,4 @@ class Multiplication:
 
 
 if __name__ == "__main__":
-    folder = f"outputs/custom_task/{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        composed = compose("config", overrides=["recipe=arithmetic_rl", f"output_dir={folder}", *sys.argv[1:]])
-    config = load(composed)
-    check(config)
-    connect(config.cluster)
-    rl_loop.train(config, Multiplication())
+    run_from_python(Multiplication(), name="custom_task", overrides=["recipe=arithmetic_rl", *sys.argv[1:]])

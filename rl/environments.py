@@ -69,9 +69,9 @@ class GuessNumberEnv:
     taken: int = 0
 
     async def initial_observation(self) -> tuple[list[int], StopCondition]:
-        return chat_tokens(self.tokenizer, f"I am thinking of an integer from 1 to {self.max_number}. Guess it: "
-                                           f"reply with one number. After each guess I say higher or lower. You "
-                                           f"have {self.guesses} guesses."), []
+        return chat_tokens(self.tokenizer, f"Let's play a game. I picked a number from 1 to {self.max_number}. "
+                                           f"Guess it in {self.guesses} tries; after each guess I say higher or "
+                                           "lower. Reply with the number only."), []
 
     async def step(self, action: list[int]) -> StepResult:
         match = re.search(r"-?\d+", completion_text(self.tokenizer, action))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -83,6 +84,21 @@ def failed(config: TrainConfig, state: dict | None) -> None:
              f"recipe={config.recipe} resume=true hydra.run.dir={config.output_dir}`" if state else
              "it had saved no checkpoint yet")
     print(f"rl-train: the run in {config.output_dir} failed; {where}", file=sys.stderr)
+
+
+def run_from_python(source, *, name: str, overrides: list[str]) -> list[dict]:
+    """The RL loop on `source`, a task or an environment made in Python, configured as `rl-train` is: `overrides`
+    (recipe=NAME, key=value, ...) composed with configs/; the run folder is outputs/NAME/DATE_TIME."""
+    from hydra import compose, initialize_config_dir
+
+    from rl.driver import rl as rl_loop
+
+    folder = f"outputs/{name}/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        config = load(compose("config", overrides=[f"output_dir={folder}", *overrides]))
+    check(config)
+    connect(config.cluster)
+    return rl_loop.train(config, source)
 
 
 @hydra.main(config_path=str(CONFIGS), config_name="config", version_base="1.3")

@@ -95,3 +95,30 @@ def test_dpo(server, tiny_model_dir, tmp_path):
     final_checkpoint(log)
     rows = [row for row in metrics(log) if "dpo_loss" in row]
     assert len(rows) == 2 and all(0 < row["dpo_loss"] < 5 for row in rows), rows
+
+
+def test_a_cookbook_environment_runs_in_the_rl_loop(ray_local, tiny_model_dir, tmp_path):
+    """The cookbook's multi-turn guess-the-number game, unchanged, through rl.cookbook's adapter."""
+    import asyncio
+
+    from test_rl_loop import tiny_config
+    from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import GuessNumberDatasetBuilder
+
+    from rl.cookbook import CookbookEnvironment
+    from rl.driver.rl import train
+
+    train_set, test_set = asyncio.run(GuessNumberDatasetBuilder(
+        batch_size=2, renderer_name="qwen3_instruct", train_group_size=4, model_name=str(tiny_model_dir),
+        test_group_size=1)())
+    config = tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=2, eval_prompts=2,
+                         algo={"prompts_per_step": 2, "group_size": 4})
+    history = train(config, CookbookEnvironment("guess_number", train_set, test_set))
+    for record in history[:2]:
+        assert record["datums"] >= 0 and 1.0 <= record["env/turns"] <= 8.0, record
+        # The game re-renders its history with the model's turns as role "player", where the model was sampled
+        # after "assistant": its next prompts do not extend the sampled tokens, and the loop says so.
+        assert record["env/rerendered_turns"] > 0, record
+        if record["datums"]:
+            assert record["kl/sampler_vs_learner_sq"] < 1e-6, record
+    # It reports no `accuracy`: evaluation gives its mean return (-1 for each unparsable guess, 1 when found).
+    assert -8.0 <= history[2]["eval/accuracy"] <= 1.0

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
 RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl")
 MULTI_TURN = ("calculator_rl", "guess_number_rl")
@@ -75,16 +77,20 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     assert "rl-train: the run in" in no_pairs.stderr and "it had saved no checkpoint yet" in no_pairs.stderr
 
 
-def test_a_custom_task_trains_from_python(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "recipes" / "custom_task.py"
+@pytest.mark.parametrize("recipe", ["custom_task", "custom_env"])
+def test_your_own_task_or_environment_trains_from_python(tmp_path, recipe):
+    script = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
     result = subprocess.run([sys.executable, str(script), "steps=1", *SMALL], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = (tmp_path / "outputs" / "custom_task").iterdir()
+    (run,) = (tmp_path / "outputs" / recipe).iterdir()
     assert [r["step"] for r in records(run)] == [0, 1]
     first = records(run)[0]
-    assert first["tokens/sampled"] <= 2 * 4 * 8 and 0.0 <= first["reward/mean"] <= 1.0, first
-    assert first["tokens/prompt"] % 4 == 0 and first["tokens/prompt"] > 0, "two prompts, counted once per sample"
+    assert 0.0 <= first["reward/mean"] <= 1.0 and first["tokens/prompt"] > 0, first
+    if recipe == "custom_task":  # two prompts of one turn, each sampled 4 times
+        assert first["tokens/sampled"] <= 2 * 4 * 8 and first["tokens/prompt"] % 4 == 0, first
+    else:  # two groups of 4 episodes of 1 to 3 turns
+        assert 1.0 <= first["env/turns"] <= 3.0 and first["tokens/sampled"] <= 2 * 4 * 3 * 8, first
 
 
 def test_resume_true_continues_the_latest_run_beside_the_new_folder(tmp_path):
