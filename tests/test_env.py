@@ -208,3 +208,23 @@ def test_the_rl_loop_trains_on_episodes_and_resumes_in_the_middle_exactly(ray_lo
     for expected, actual in zip(straight[:4], resumed[:4], strict=True):
         assert [actual[k] for k in keys] == pytest.approx([expected[k] for k in keys], rel=1e-5, abs=1e-6)
     assert resumed[4]["eval/accuracy"] == straight[4]["eval/accuracy"]
+
+
+def test_kl_penalty_and_one_step_off_policy_on_episodes_of_two_turns(ray_local, tiny_model_dir, tmp_path):
+    # Merge mode (tiny_config's): a replica serves one weight version, so step k+1's episodes, second turns
+    # included, must all come from step k's weights before step k's are published.
+    algo = {"kl_coef": 0.1, "off_policy": True, "loss_fn": "cispo", "prompts_per_step": 4, "group_size": 4}
+    history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, eval_every=0, algo=algo),
+                    Scripted(options={"turns": 2}))
+    steps = history[:3]
+    assert [r["sampler/weights_step"] for r in steps] == [0, 0, 1], "step k+1 samples the weights of step k"
+    assert all(r["env/turns"] == 2.0 for r in steps)
+    assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first episodes come from the base model itself"
+    assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
+    assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
+    # Agreement of the learner's logprobs of the action tokens with the sampler's: exact while both hold the same
+    # weights (step 0), apart once the learner holds weights the sampler lacks (a step of lag).
+    assert steps[0]["kl/sampler_vs_learner_sq"] < 1e-6 and steps[2]["kl/sampler_vs_learner_sq"] > 1e-4, steps
+    # Steps 1 and 2 wait only for what is left of a rollout started during the previous step: their throughput
+    # counts the rollout's own seconds, not that wait (which gave tens of millions of tokens/s).
+    assert all(0 < r["throughput/sampled_tokens_per_s"] < 1e6 for r in steps), steps

@@ -148,23 +148,6 @@ def test_the_tiny_model_learns_a_task(learned):
     assert learned[0]["eval/accuracy"] < 0.3 and learned[-1]["eval/accuracy"] > 0.8, learned[-1]
 
 
-def test_kl_penalty_and_one_step_off_policy(ray_local, tiny_model_dir, tmp_path):
-    algo = {"kl_coef": 0.1, "off_policy": True, "loss_fn": "cispo"}  # cispo: a policy loss of its own, too
-    history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, algo=algo), Digits())
-    steps = history[:3]
-    assert [r["sampler/weights_step"] for r in steps] == [0, 0, 1], "step k+1 samples the weights of step k"
-    assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first samples come from the base model itself"
-    assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
-    assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
-    # Agreement of the learner's logprobs of the sampled tokens with the sampler's: exact while both hold the same
-    # weights (step 0), apart once the learner holds weights the sampler lacks (a step of lag). Resuming in the
-    # middle of a run continues exactly: test_env.py, on episodes of several turns.
-    assert steps[0]["kl/sampler_vs_learner_sq"] < 1e-6 and steps[2]["kl/sampler_vs_learner_sq"] > 1e-4, steps
-    # Steps 1 and 2 wait only for what is left of a rollout started during the previous step: their throughput
-    # counts the rollout's own seconds, not that wait (which gave tens of millions of tokens/s).
-    assert all(0 < r["throughput/sampled_tokens_per_s"] < 1e6 for r in steps), steps
-
-
 def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_dir, tmp_path):
     """They work at the same time: with threads unset, each takes half the cores (on-policy, each takes all)."""
     half = max(1, os.cpu_count() // 2)

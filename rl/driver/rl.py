@@ -1,14 +1,17 @@
 """The RL loop, top to bottom: rollout -> reward -> advantages -> forward_backward -> optim_step -> publish.
 
-Group-relative advantages (GRPO-style, without a learned critic): each prompt is sampled `group_size` times,
-and a sample's advantage is its reward minus its group's mean (optionally divided by the group's standard
-deviation), so only groups whose samples differ teach anything. The loss is normalised by the number of
-sampled tokens through the advantages, because Tinker's losses sum over tokens.
+Group-relative advantages (GRPO-style, without a learned critic): each problem is a group of `group_size`
+episodes (of one turn, for a task; rl/env.py), and an episode's advantage is its return minus its group's mean
+(optionally divided by the group's standard deviation), so only groups whose episodes differ teach anything.
+The loss is normalised by the number of sampled tokens through the advantages, because Tinker's losses sum over
+tokens.
 
 Options: a KL penalty against the base model (`algo.kl_coef`), folded into each token's advantage as
 -kl_coef * (sampler logprob - base logprob); and one-step off-policy (`algo.off_policy`): the rollout of step
-k+1 is sampled, from the weights of step k, while step k trains. The sampler's logprobs come from the weights
-that sampled (each response names them), so the importance ratio corrects for the lag.
+k+1 is sampled, from the weights of step k, while step k trains, and step k's weights are published once it has
+finished (so every turn of its episodes comes from one version, which merge mode's replicas need: they serve
+one). The sampler's logprobs come from the weights that sampled (each response names them), so the importance
+ratio corrects for the lag.
 """
 
 from __future__ import annotations
@@ -208,6 +211,8 @@ async def train_async(config: TrainConfig, environment: Environment) -> list[dic
                     [action_values(s, s.logprobs[1:]) for s in trained],
                     [action_values(s, out["logprobs"].data) for s, out in zip(trained, output.loss_fn_outputs,
                                                                               strict=True)]))
+                if next_rollout is not None:  # it samples one weight version throughout (later turns too)
+                    await asyncio.wait([next_rollout])
                 with timed(record, "publish"):
                     version = await run.publish()
             record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))
