@@ -9,10 +9,11 @@ from __future__ import annotations
 from rl.types import Datum
 
 
-def chat_tokens(tokenizer, text: str) -> list[int]:
-    """A user message rendered with the chat template, ready for the assistant's reply."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
+def chat_tokens(tokenizer, text: str | list[dict[str, str]]) -> list[int]:
+    """A user message (or a conversation of messages) rendered with the chat template, ready for the assistant's
+    reply."""
+    messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
 
 
 _BEFORE = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]

@@ -48,6 +48,11 @@ def tools_prompt(tools: list[Tool]) -> str:
             "\"arguments\": {...}}</tool_call> and wait for its result.")
 
 
+def tool_call_text(name: str, arguments: dict) -> str:
+    """A call as the model writes it (for examples in a prompt)."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
 def call_tool(tools: list[Tool], text: str) -> ToolCall | None:
     """Runs the first tool call in `text`; None if it has none."""
     match = TOOL_CALL.search(text)

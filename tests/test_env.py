@@ -161,7 +161,8 @@ def test_the_calculator_and_guess_number_environments(tokenizer):
     async def play():
         calculator = CalculatorEnv([123, 456, 789], tokenizer)
         prompt, _ = await calculator.initial_observation()
-        assert "123 + 456 + 789" in tokenizer.decode(prompt) and '"name": "calculator"' in tokenizer.decode(prompt)
+        assert tokenizer.decode(prompt).endswith("What is 123 + 456 + 789? Use the calculator.<|im_end|>\n"
+                                                 "<|im_start|>assistant\n")
         called = await calculator.step(reply('<tool_call>{"name": "calculator", "arguments": {"expression": '
                                              '"123+456+789"}}</tool_call>'))
         assert not called.episode_done and called.next_observation == message_tokens(
@@ -171,8 +172,13 @@ def test_the_calculator_and_guess_number_environments(tokenizer):
         final = await calculator.step(reply("Answer: 1368"))
         assert final.episode_done and final.reward == 1.0
         assert final.metrics == {"accuracy": 1.0, "tool_calls": 2, "used_tool": 1.0, "valid_call_rate": 0.5}
-        wrong = await CalculatorEnv([1, 2, 3], tokenizer).step(reply("Answer: 7"))
+        wrong = await CalculatorEnv([1, 2, 3], tokenizer, call_reward=0.1).step(reply("Answer: 7"))
         assert wrong.episode_done and wrong.reward == 0.0 and wrong.metrics["used_tool"] == 0.0
+        tried = CalculatorEnv([1, 2, 3], tokenizer, call_reward=0.1)
+        await tried.step(reply('<tool_call>{"name": "calculator", "arguments": {"expression": "1+2+3"}}</tool_call>'))
+        assert (await tried.step(reply("Answer: 7"))).reward == 0.1, "a valid call, then a wrong answer"
+        shown = tokenizer.decode((await CalculatorEnv([1, 2, 3], tokenizer).initial_observation())[0])
+        assert shown.count("<tool_call>") == 1 + 3 and "Answer: 824" in shown and "1 + 2 + 3" in shown, shown
 
         game = GuessNumberEnv(secret=6, max_number=8, guesses=4, tokenizer=tokenizer)
         assert (await game.step(reply("4"))).next_observation == message_tokens(tokenizer, {"role": "user",
@@ -180,9 +186,11 @@ def test_the_calculator_and_guess_number_environments(tokenizer):
         assert "Reply with one number." in tokenizer.decode((await game.step(reply("no idea"))).next_observation)
         found = await game.step(reply("6"))
         assert found.episode_done and found.reward == pytest.approx(1.0 - 0.5 * 2 / 3) and found.metrics == {
-            "accuracy": 1.0, "guesses": 3}
-        lost = GuessNumberEnv(secret=6, max_number=8, guesses=1, tokenizer=tokenizer)
-        assert (await lost.step(reply("7"))).episode_done and lost.taken == 1
+            "accuracy": 1.0, "guesses": 3, "well_formed": pytest.approx(2 / 3)}
+        lost = GuessNumberEnv(secret=6, max_number=8, guesses=2, tokenizer=tokenizer, format_reward=0.2)
+        await lost.step(reply("9"))  # out of range: not well formed
+        last = await lost.step(reply("7"))
+        assert last.episode_done and last.reward == pytest.approx(0.2 * 0.5) and last.metrics["accuracy"] == 0.0
 
     asyncio.run(play())
     with pytest.raises(ValueError, match="env.params for guess_number: .*unexpected keyword argument 'maximum'"):

@@ -211,10 +211,8 @@ async def train_async(config: TrainConfig, environment: Environment) -> list[dic
                     [action_values(s, s.logprobs[1:]) for s in trained],
                     [action_values(s, out["logprobs"].data) for s, out in zip(trained, output.loss_fn_outputs,
                                                                               strict=True)]))
-                if next_rollout is not None:  # it samples one weight version throughout (later turns too)
-                    await asyncio.wait([next_rollout])
-                with timed(record, "publish"):
-                    version = await run.publish()
+                with timed(record, "publish"):  # the next rollout samples one version throughout (later turns too)
+                    version = await run.publish(after=next_rollout)
             record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))
             await run.end_step(record)  # logged, and a checkpoint when one is due
         await run.final_evaluation(evaluate)

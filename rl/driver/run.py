@@ -13,6 +13,7 @@ Random state: every random choice a loop makes (problems, sampling seeds, data o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -131,11 +132,13 @@ class Run:
                                  publish_mode=sampler.publish_mode,
                                  threads=sampler.threads or overlap_threads(self.config) or os.cpu_count())
 
-    async def publish(self, name: str | None = None) -> AdapterVersion:
+    async def publish(self, name: str | None = None, *, after: asyncio.Future | None = None) -> AdapterVersion:
         """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
-        loads and verifies it."""
-        return await self.pool.publish(await self.learner.save_weights_for_sampler.remote(self.model_id, name,
-                                                                                           overwrite=True))
+        loads and verifies it, once `after` (a rollout still sampling from the current weights) has finished."""
+        weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
+        if after is not None:
+            await asyncio.wait([after])
+        return await self.pool.publish(weights)
 
     async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]]) -> dict:
         """The record of step `step`, which begins with `evaluate(step)` when an evaluation is due (`evaluates`)."""

@@ -36,6 +36,7 @@ def start_vllm_engine(
     max_lora_rank: int = 0,
     max_loras: int = 1,
     seed: int = 0,
+    prefix_caching: bool = True,
 ) -> LLM:
     """A vLLM engine in this process serving `model_folder`; LoRA enabled when `max_lora_rank` > 0.
 
@@ -63,7 +64,7 @@ def start_vllm_engine(
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     return LLM(
         model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
-        enable_chunked_prefill=False, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
         max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora,
     )
 

@@ -47,7 +47,8 @@ class Sampler:
     """One vLLM engine with LoRA; many concurrent requests are batched together by its engine loop."""
 
     def __init__(self, base_model: str, *, max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4,
-                 dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter"):
+                 dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter",
+                 prefix_caching: bool = True):
         from vllm.platforms import current_platform
 
         if publish_mode not in PUBLISH_MODES:
@@ -59,7 +60,8 @@ class Sampler:
             vllm_lora_fastpath.install()
         folder = resolve_model(base_model)
         llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras)
+                                max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras,
+                                prefix_caching=prefix_caching)
         self._engine = EngineLoop(llm)
         self._merger = None
         self._output_lora_refusal = output_lora_refusal(
