@@ -6,6 +6,8 @@ then says stays as the tokens it sampled (never re-rendered from text).
 
 from __future__ import annotations
 
+import functools
+
 from rl.types import Datum
 
 
@@ -25,13 +27,21 @@ def message_tokens(tokenizer, message: dict[str, str]) -> list[int]:
     new message (a tool result, the user's next line) with its markers, then the generation prompt of the next
     reply. Appended to the sampled tokens, they give what rendering the whole conversation would, without ever
     re-rendering the model's own tokens."""
-    before = tokenizer.apply_chat_template(_BEFORE, tokenize=True, return_dict=False)
+    finished = _finished_exchange(tokenizer)
     after = tokenizer.apply_chat_template(_BEFORE + [message], tokenize=True, return_dict=False,
                                           add_generation_prompt=True)
-    end_of_turn = max(index for index, token in enumerate(before) if token == tokenizer.eos_token_id)
-    if after[:end_of_turn + 1] != before[:end_of_turn + 1]:
+    if after[:len(finished)] != finished:
         raise ValueError("the chat template renders a finished reply differently once a message follows it")
-    return after[end_of_turn + 1:]
+    return after[len(finished):]
+
+
+@functools.cache
+def _finished_exchange(tokenizer) -> list[int]:
+    """`_BEFORE` rendered, up to its reply's end-of-turn token (rendered once per tokenizer: every observation
+    of every turn needs it)."""
+    before = tokenizer.apply_chat_template(_BEFORE, tokenize=True, return_dict=False)
+    end_of_turn = max(index for index, token in enumerate(before) if token == tokenizer.eos_token_id)
+    return before[:end_of_turn + 1]
 
 
 def completion_text(tokenizer, tokens: list[int]) -> str:

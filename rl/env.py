@@ -65,13 +65,6 @@ class Environment(Protocol):
         ...
 
 
-class NoGroupReward:
-    """Mixed into group builders whose rewards are all per episode."""
-
-    async def compute_group_rewards(self, episodes: list, envs: Sequence[Env]) -> list[tuple[float, dict]]:
-        return [(0.0, {}) for _ in episodes]
-
-
 # ---- a single-turn task as the one-step environment ----------------------------------------------------------
 
 
@@ -93,14 +86,18 @@ class TaskEnv:
 
 
 @dataclass
-class EnvGroup(NoGroupReward):
-    """`size` episodes of environments made by `make_env` (one problem, fresh state each)."""
+class EnvGroup:
+    """`size` episodes of environments made by `make_env` (one problem, fresh state each), rewarded per episode
+    only."""
 
     make_env: Callable[[], Env]
     size: int
 
     async def make_envs(self) -> list[Env]:
         return [self.make_env() for _ in range(self.size)]
+
+    async def compute_group_rewards(self, episodes: list, envs: Sequence[Env]) -> list[tuple[float, dict]]:
+        return [(0.0, {}) for _ in episodes]
 
 
 @dataclass

@@ -53,8 +53,8 @@ def run(config: TrainConfig) -> list[dict]:
     check(config)  # every bad value is named before Ray, wandb or a model starts
     if config.resume:
         config = replace(config, output_dir=str(resume_folder(config)))
-    task = (make_task(config.task.name, format_reward=config.task.format_reward) if config.env.name == "task" else
-            make_environment(config.env.name, config.env.params))
+    source = (make_task(config.task.name, format_reward=config.task.format_reward) if config.env.name == "task"
+              else make_environment(config.env.name, config.env.params))
     # Imported here, not at the top: the loops import torch and transformers (~6 s), which a refused
     # configuration does not wait for.
     loop = importlib.import_module(f"rl.driver.{config.algo.loop}")
@@ -62,7 +62,7 @@ def run(config: TrainConfig) -> list[dict]:
     restarts = 0
     while True:
         try:
-            return loop.train(config, task)
+            return loop.train(config, source)
         except LearnerLost as lost:
             state = read_state(Path(config.output_dir))
             if restarts == config.learner.max_restarts:

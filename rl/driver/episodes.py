@@ -81,9 +81,11 @@ def episode_limits(config: TrainConfig, tokenizer) -> Limits:
                   context=config.model.max_model_len, vocab_size=len(tokenizer))
 
 
-def turn_seed(base: int, episode: int, turn: int) -> int:
-    """A sampling seed for one turn of one episode, from the group's seed: distinct (up to 32-bit collisions)."""
-    return zlib.crc32(f"{base}:{episode}:{turn}".encode())
+def episode_seed(base: int, episode: int) -> int:
+    """The sampling seed of an episode's first turn, from its group's seed (turn t samples with this + t):
+    distinct up to 32-bit collisions. (The trailing ":0" keeps the seeds of the runs docs/environments.md
+    reports.)"""
+    return zlib.crc32(f"{base}:{episode}:0".encode())
 
 
 async def run_group(pool: SamplerPool, builder: EnvGroupBuilder, *, name: str, where: str, model_path: str | None,
@@ -106,7 +108,7 @@ async def run_group(pool: SamplerPool, builder: EnvGroupBuilder, *, name: str, w
         first_actions = response.sequences
     episodes = await asyncio.gather(*(
         run_episode(pool, env, start, first_action=first, name=name, where=f"{where}, episode {index}",
-                    model_path=model_path, params=params, seed=turn_seed(params.seed or 0, index, 0),
+                    model_path=model_path, params=params, seed=episode_seed(params.seed or 0, index),
                     limits=limits)
         for index, (env, start, first) in enumerate(zip(envs, starts, first_actions, strict=True))))
     group = await _env_call(builder.compute_group_rewards(episodes, envs), name, f"{where}: compute_group_rewards")

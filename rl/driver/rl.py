@@ -103,6 +103,10 @@ class Rollout:
     seconds: float
     """How long the rollout took (off-policy, the step that uses it waits only for what is left of it)."""
 
+    @property
+    def episodes(self) -> list[Episode]:
+        return [episode for episodes_G in self.episodes_P for episode in episodes_G]
+
 
 async def rollout(run: Run, environment: Environment, step: int, version: AdapterVersion) -> Rollout:
     """The step's groups of episodes (seeded by seed and step), from weights `version`."""
@@ -138,7 +142,7 @@ def training_sequences(config: TrainConfig, sampled: Rollout) -> tuple[list[Trai
 def episode_metrics(sampled: Rollout) -> dict[str, float]:
     """Turns per episode, the share of episodes ended by each limit, re-rendered turns, and the environment's own
     metrics (of each episode's last turn and its group reward) averaged over episodes."""
-    episodes = [episode for episodes_G in sampled.episodes_P for episode in episodes_G]
+    episodes = sampled.episodes
     record = {"env/turns": sum(len(e.turns) for e in episodes) / len(episodes),
               "env/rerendered_turns": sum(e.rerendered_turns for e in episodes)}
     record.update({f"env/stop_{stop}": sum(e.stop == stop for e in episodes) / len(episodes) for stop in STOPS[1:]})
@@ -152,7 +156,7 @@ def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tok
     """The step's reward, sizes and throughputs; training time is every phase after sampling."""
     training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward", "optim_step",
                                                                          "publish"))
-    turns = [turn for episodes_G in sampled.episodes_P for episode in episodes_G for turn in episode.turns]
+    turns = [turn for episode in sampled.episodes for turn in episode.turns]
     sampled_tokens, trained_tokens = sum(len(turn.action.tokens) for turn in turns), sum(datum_tokens)
     return {"reward/mean": sum(rewards) / len(rewards), "datums": len(datum_tokens),
             "sampler/weights_step": sampled.weights_step, "tokens/prompt": sum(len(turn.prompt) for turn in turns),

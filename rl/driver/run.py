@@ -14,6 +14,7 @@ Random state: every random choice a loop makes (problems, sampling seeds, data o
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import time
@@ -71,7 +72,7 @@ class Run:
         self.folder = Path(config.output_dir)
         model = config.model
         self.base_model = str(resolve_model(model.name))
-        self.tokenizer = tokenizer_of(config)
+        self.tokenizer = tokenizer_of(model.name)
         state = read_state(self.folder) if config.resume else None
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
@@ -213,15 +214,17 @@ class Run:
                                   "totals": self.totals, "wandb_id": self.log.wandb_id})
 
 
-def tokenizer_of(config: TrainConfig):
-    return AutoTokenizer.from_pretrained(str(resolve_model(config.model.name)))
+@functools.cache
+def tokenizer_of(model_name: str):
+    """The model's tokenizer, read once per process (the held-out groups and the run both need it)."""
+    return AutoTokenizer.from_pretrained(str(resolve_model(model_name)))
 
 
 def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGroupBuilder]:
     """The held-out problems as groups of one episode: made before any actor starts, so that an environment that
     gives none fails at once."""
     return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=1,
-                              tokenizer=tokenizer_of(config))
+                              tokenizer=tokenizer_of(config.model.name))
 
 
 def evaluates(config: TrainConfig, step: int) -> bool:
