@@ -49,6 +49,16 @@ class CheckpointStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.storage_uri = storage_uri
         self._remote, self._remote_root = fsspec.core.url_to_fs(storage_uri) if storage_uri else (None, "")
+        self._placed: dict[str, Path] = {}
+
+    def place(self, run_id: str, folder: Path | str) -> None:
+        """Keeps `run_id`'s checkpoints in `folder` instead of ROOT/RUN (a sweep's runs share one learner, and each
+        keeps its checkpoints in its own run folder)."""
+        self._placed[run_id] = Path(folder)
+        self._placed[run_id].mkdir(parents=True, exist_ok=True)
+
+    def _run_folder(self, run_id: str) -> Path:
+        return self._placed.get(run_id) or self.root / run_id
 
     def folder(self, path: str, *, kind: CheckpointType | None = None) -> Path:
         """The folder of an existing checkpoint; a ValueError if there is none or it is of the wrong kind."""
@@ -56,7 +66,7 @@ class CheckpointStore:
         if kind is not None and parsed.checkpoint_type != kind:
             wanted = _FOLDERS[kind]
             raise ValueError(f"{path} is a {parsed.checkpoint_type} checkpoint; this needs tinker://RUN/{wanted}/NAME")
-        folder = self.root / parsed.training_run_id / parsed.checkpoint_id
+        folder = self._run_folder(parsed.training_run_id) / parsed.checkpoint_id
         if not (folder / METADATA_FILE).is_file() and self._remote is not None:
             self._download(self._remote_folder(parsed.training_run_id, parsed.checkpoint_id), folder)
         if not (folder / METADATA_FILE).is_file():
@@ -80,7 +90,7 @@ class CheckpointStore:
         the checkpoint expires that long after it is written.
         """
         check_checkpoint_name(name)
-        parent = self.root / run_id / _FOLDERS[kind]
+        parent = self._run_folder(run_id) / _FOLDERS[kind]
         final = parent / name
         if (final / METADATA_FILE).is_file() and _expired(json.loads((final / METADATA_FILE).read_text())
                                                           .get("expires_at")):
@@ -118,7 +128,7 @@ class CheckpointStore:
                     name = metadata.rsplit("/", 2)[-2]
                     found[tinker_path(run_id, kind, name)] = self._describe(
                         run_id, kind, name, json.loads(self._remote.cat_file(metadata)))
-            parent = self.root / run_id / folder_name
+            parent = self._run_folder(run_id) / folder_name
             if parent.is_dir():
                 for folder in parent.iterdir():
                     if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():
@@ -156,7 +166,7 @@ class CheckpointStore:
             remote = self._remote_folder(parsed.training_run_id, parsed.checkpoint_id)
             if self._remote.exists(remote):
                 self._remote.rm(remote, recursive=True)
-        folder = folder or self.root / parsed.training_run_id / parsed.checkpoint_id
+        folder = folder or self._run_folder(parsed.training_run_id) / parsed.checkpoint_id
         if folder.is_dir():
             retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.retired-", dir=folder.parent))
             folder.rename(retired / folder.name)

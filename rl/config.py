@@ -88,7 +88,8 @@ class LearnerConfig:
     backward grows with it (about 1.3 MB a token for SmolLM2-135M in bf16)."""
     threads: int | None = None
     """torch's CPU threads in the learner; None: every core of its node (learner and samplers take turns in an
-    on-policy loop, so each may use them all while it works), half the driver machine's off-policy (they overlap)."""
+    on-policy loop, so each may use them all while it works), half the driver machine's off-policy or shared by a
+    sweep's runs (they overlap)."""
     max_restarts: int = 3
     """Times a learner that dies (its process or node lost) is restarted within a run, from the last checkpoint."""
 
@@ -104,8 +105,8 @@ class SamplerConfig:
     """merge: the run's adapter folded into its replicas' weights (base-model speed); adapter: LoRA hot-loading."""
     threads: int | None = None
     """Each replica's CPU threads; None: every core of the driver's machine (on-policy, the learner and the
-    samplers take turns), half of them off-policy (they overlap); replicas that share a machine, or nodes unlike
-    the driver's, need it set."""
+    samplers take turns), half of them off-policy or shared by a sweep's runs (they overlap); replicas that share a
+    machine, or nodes unlike the driver's, need it set."""
 
 
 @dataclass
@@ -127,6 +128,14 @@ class LoggerConfig:
     """"offline" writes a local wandb run; "online" syncs; "disabled" turns wandb off. WANDB_MODE overrides."""
     project: str = "rl"
     group: str | None = None
+
+
+@dataclass
+class SweepConfig:
+    share: bool = True
+    """In a sweep (`rl-train -m`), runs on the same base model with the same learner and sampler settings share
+    one learner and one sampler pool (serving their adapters in adapter mode); false: each run gets its own
+    (rl/sweep.py)."""
 
 
 @dataclass
@@ -154,6 +163,7 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def load(composed: DictConfig) -> TrainConfig:

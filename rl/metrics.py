@@ -63,7 +63,7 @@ class RunLog:
 
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", config.logger.project),
                                      group=config.logger.group or config.recipe, dir=str(self.folder), mode=mode,
-                                     config=asdict(config), reinit="finish_previous", id=wandb_id,
+                                     config=asdict(config), reinit="create_new", id=wandb_id,
                                      resume="allow" if wandb_id else None)
 
     @property
@@ -109,17 +109,15 @@ def _x(record: dict, key: str, x_label: str) -> float:
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Reward/accuracy and loss against step, accuracy against minutes of steps, seconds per phase, memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot, whose global state a sweep's runs (threads) would share
 
     memory_keys = sorted({key for record in history for key in record if key.startswith("memory/")})
     panels = [(title, "step", keys) for title, keys in CURVES.items()] + [
         ("accuracy against time", "minutes of steps", CURVES["reward / accuracy"]),
         ("seconds per phase", "step", tuple(f"time/{phase}_s" for phase in PHASES)),
         ("resident memory (GiB)", "step", tuple(memory_keys))]
-    figure, axes = plt.subplots(2, 3, figsize=(15, 7))
+    figure = Figure(figsize=(15, 7))
+    axes = figure.subplots(2, 3)
     for axis, (title, x_label, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             points = [(_x(record, key, x_label), record[key]) for record in history if key in record]
@@ -133,4 +131,3 @@ def plot_curves(history: list[dict], path: Path) -> None:
     axes.flat[-1].axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import ray
@@ -23,6 +24,9 @@ from rl.config import ClusterConfig, TrainConfig, check, load
 from rl.driver.state import STATE, LearnerLost, read_state
 from rl.environments import make_environment
 from rl.tasks import make_task
+
+if TYPE_CHECKING:
+    from rl.driver.run import Shared
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ConfigStore.instance().store(name="schema", node=TrainConfig)  # every key overridable, typed, with its default
@@ -49,7 +53,9 @@ def resume_folder(config: TrainConfig) -> Path:
     return runs[-1].parent
 
 
-def run(config: TrainConfig) -> list[dict]:
+def run(config: TrainConfig, shared: Shared | None = None) -> list[dict]:
+    """Runs `config`'s recipe; a run whose learner dies restarts from its last checkpoint (`learner.max_restarts`),
+    unless the learner was a sweep's, `shared` with other runs (`rl.sweep`)."""
     check(config)  # every bad value is named before Ray, wandb or a model starts
     if config.resume:
         config = replace(config, output_dir=str(resume_folder(config)))
@@ -62,10 +68,10 @@ def run(config: TrainConfig) -> list[dict]:
     restarts = 0
     while True:
         try:
-            return loop.train(config, source)
+            return loop.train(config, source, shared)
         except LearnerLost as lost:
             state = read_state(Path(config.output_dir))
-            if restarts == config.learner.max_restarts:
+            if shared is not None or restarts == config.learner.max_restarts:
                 failed(config, state)
                 raise
             restarts += 1

@@ -26,10 +26,16 @@ def records(run: Path) -> list[dict]:
 
 
 def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
-    # One Hydra multirun: the recipes share one Ray instance, as a sweep's runs do, one after another, each
-    # with a folder, a wandb run and a placement group of its own (a group kept would starve the next run).
+    # One Hydra multirun through rl's launcher (rl/sweep.py): the recipes run at once, each with a folder and a
+    # wandb run of its own; those alike in their actors' settings share a learner and a sampler pool: the three
+    # off-policy recipes one, the three on-policy ones another.
     result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    (summary,) = (tmp_path / "multirun" / RECIPES[0]).glob("*/sweep.json")
+    learners = {Path(job["output_dir"]).parts[-3]: job["learner"] for job in json.loads(summary.read_text())}
+    off_policy = ("arithmetic_rl", *MULTI_TURN)
+    assert len({learners[recipe] for recipe in RECIPES if recipe not in off_policy}) == 1, learners
+    assert len({learners[recipe] for recipe in off_policy}) == 1 and len(set(learners.values())) == 2, learners
     for recipe in RECIPES:
         (sweep,) = (tmp_path / "multirun" / recipe).iterdir()
         (run,) = [folder for folder in sweep.iterdir() if folder.is_dir() and folder.name != ".hydra"]

@@ -12,7 +12,7 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices, held_out_groups, steps
+from rl.driver.run import Run, Shared, batch_indices, held_out_groups, steps
 from rl.env import TaskEnvironment
 from rl.tasks import PreferencePair, Task, preference_pairs
 from rl.types import AdamParams, Datum, ForwardBackwardInput
@@ -32,14 +32,14 @@ def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
             for pair in pairs for reply in (pair.chosen, pair.rejected)]
 
 
-async def train_async(config: TrainConfig, task: Task) -> list[dict]:
+async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
     adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
     # The data first: a task that cannot give pairs fails before any actor starts.
     pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
     eval_pairs = preference_pairs(task, config.eval_prompts, seed=config.seed, split="eval")
     held_out = held_out_groups(config, TaskEnvironment(task))
-    with Run(config) as run:
+    with Run(config, shared) as run:
         held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
 
         async def evaluate(step: int) -> dict:
@@ -66,6 +66,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         return run.log.history
 
 
-def train(config: TrainConfig, task: Task) -> list[dict]:
-    """Runs the DPO loop; returns one metrics record per step (and one for the final evaluation)."""
-    return asyncio.run(train_async(config, task))
+def train(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
+    """Runs the DPO loop; returns one metrics record per step (and one for the final evaluation).
+    `shared`: a sweep's learner and sampler pool (`rl.sweep`)."""
+    return asyncio.run(train_async(config, task, shared))

@@ -31,7 +31,7 @@ from rl.driver.episodes import (
     greedy_accuracy,
     run_group,
 )
-from rl.driver.run import Run, held_out_groups, steps
+from rl.driver.run import Run, Shared, held_out_groups, steps
 from rl.env import Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
@@ -165,11 +165,11 @@ def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tok
             "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)}
 
 
-async def train_async(config: TrainConfig, environment: Environment) -> list[dict]:
+async def train_async(config: TrainConfig, environment: Environment, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
     # The held-out groups are made before any actor starts: an environment that gives none fails at once.
     held_out = held_out_groups(config, environment)
-    with Run(config) as run:
+    with Run(config, shared) as run:
         # Weight versions carry the learner's optimizer step: "sampler/weights_step" shows any lag.
         version = await run.publish()
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
@@ -223,7 +223,7 @@ async def train_async(config: TrainConfig, environment: Environment) -> list[dic
         return run.log.history
 
 
-def train(config: TrainConfig, source: Task | Environment) -> list[dict]:
+def train(config: TrainConfig, source: Task | Environment, shared: Shared | None = None) -> list[dict]:
     """Runs the RL loop on an environment, or on a task as its one-turn environment; returns one metrics record per
-    step (and one for the final evaluation)."""
-    return asyncio.run(train_async(config, as_environment(source)))
+    step (and one for the final evaluation). `shared`: a sweep's learner and sampler pool (`rl.sweep`)."""
+    return asyncio.run(train_async(config, as_environment(source), shared))

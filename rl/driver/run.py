@@ -19,7 +19,9 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -57,17 +59,84 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> l
     return indices
 
 
-def overlap_threads(config: TrainConfig) -> int | None:
-    """CPU threads for a learner or replica whose `threads` is unset, when they work at the same time (off-policy):
-    half the driver machine's cores each. OpenMP threads of two busy processes on the same cores spin against each
-    other (a learner step of 8.3 s alone took 27 s beside a busy sampler on 2 cores). None: they take turns."""
-    return max(1, (os.cpu_count() or 2) // 2) if config.algo.off_policy else None
+def overlap_threads(overlapping: bool) -> int | None:
+    """CPU threads for a learner or replica whose `threads` is unset, when they work at the same time (off-policy,
+    or shared by a sweep's runs): half the driver machine's cores each. OpenMP threads of two busy processes on
+    the same cores spin against each other (a learner step of 8.3 s alone took 27 s beside a busy sampler on 2
+    cores). None: they take turns."""
+    return max(1, (os.cpu_count() or 2) // 2) if overlapping else None
+
+
+@dataclass
+class Shared:
+    """A learner and a sampler pool that several runs use at once (a sweep's runs on one base model, `rl.sweep`):
+    each run adds its own adapter to the learner and publishes its own versions to the pool, which serves them in
+    adapter mode (merge mode folds one adapter into the weights, so it serves one run at a time)."""
+
+    placement: Any
+    learner: ray.actor.ActorHandle
+    pool: SamplerPool | None
+    """None when none of the runs samples (SFT or DPO without evaluation)."""
+
+    @classmethod
+    def start(cls, configs: list[TrainConfig]) -> Shared:
+        """The actors for runs configured alike (bar what `rl.sweep.share_key` ignores), once the cluster has room
+        for them. Each run keeps its checkpoints in its own folder (`Learner.create(storage=...)`)."""
+        config = configs[0]
+        placement = reserve(config, wait=True)
+        try:
+            overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
+            learner = start_learner(config, placement, Path(config.output_dir) / "checkpoints", overlapping)
+            pool = None
+            if any(samples(other) for other in configs):
+                # One run alone keeps its publish mode; in adapter mode a run's next version loads beside its last.
+                pool = start_pool(config, placement, overlapping, max_loras=max(4, 2 * len(configs)),
+                                  max_lora_rank=max(other.model.lora_rank for other in configs),
+                                  publish_mode=config.sampler.publish_mode if len(configs) == 1 else "adapter")
+            return cls(placement, learner, pool)
+        except BaseException:
+            remove_placement_group(placement)
+            raise
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        ray.kill(self.learner)
+        remove_placement_group(self.placement)
+
+
+def samples(config: TrainConfig) -> bool:
+    """Whether the run needs a sampler pool: to roll out (RL) or to evaluate."""
+    return config.algo.loop == "rl" or config.eval_every > 0
+
+
+def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool) -> ray.actor.ActorHandle:
+    """The learner actor in bundle 0 of the run's placement group."""
+    model, learner = config.model, config.learner
+    return LearnerActor.options(
+        num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
+    ).remote(str(resolve_model(model.name)), storage=str(storage), storage_uri=config.storage_uri, dtype=model.dtype,
+             micro_batch_tokens=learner.micro_batch_tokens, threads=learner.threads or overlap_threads(overlapping))
+
+
+def start_pool(config: TrainConfig, placement, overlapping: bool, *, publish_mode: str, max_loras: int = 4,
+               max_lora_rank: int | None = None) -> SamplerPool:
+    """The sampler replicas in bundles 1.. of the run's placement group."""
+    sampler, model = config.sampler, config.model
+    return SamplerPool(str(resolve_model(model.name)), replicas=sampler.replicas, num_cpus=sampler.num_cpus,
+                       num_gpus=sampler.num_gpus, resources=sampler.resources, placement_group=placement,
+                       first_bundle=1, max_model_len=model.max_model_len,
+                       max_lora_rank=max_lora_rank or model.lora_rank, max_loras=max_loras, dtype=model.dtype,
+                       seed=config.seed, publish_mode=publish_mode,
+                       threads=sampler.threads or overlap_threads(overlapping) or os.cpu_count())
 
 
 class Run:
-    """The learner with this run's adapter, its log and checkpoints, and (on first use) a sampler pool."""
+    """The learner with this run's adapter, its log and checkpoints, and (on first use) a sampler pool; with
+    `shared`, another's learner and pool (a sweep's), which the run leaves running when it ends."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, shared: Shared | None = None):
         self.config = config
         self.folder = Path(config.output_dir)
         model = config.model
@@ -77,27 +146,28 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
+        self.shared = shared
+        if shared is not None:
+            self.placement, self.learner, self._pool = shared.placement, shared.learner, shared.pool
+            self._start(config, state)
+            return
         self.placement = reserve(config)
         self._pool: SamplerPool | None = None
         try:
+            self.learner = start_learner(config, self.placement, self.folder / "checkpoints", config.algo.off_policy)
+            if samples(config):
+                self._start_pool()  # while the learner loads: starting, each mostly imports, on a core of its own
             self._start(config, state)
         except BaseException:  # a run that cannot start gives its reservation back, or a sweep's next run starves
             remove_placement_group(self.placement)
             raise
 
     def _start(self, config: TrainConfig, state: dict | None) -> None:
-        model, learner = config.model, config.learner
-        self.learner = LearnerActor.options(
-            num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0),
-        ).remote(self.base_model, storage=str(self.folder / "checkpoints"), storage_uri=config.storage_uri,
-                 dtype=model.dtype, micro_batch_tokens=learner.micro_batch_tokens,
-                 threads=learner.threads or overlap_threads(config))
+        model = config.model
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=model.train_unembed)
-        if config.algo.loop == "rl" or config.eval_every > 0:
-            self._start_pool()  # while the learner loads: starting, each mostly imports, on a core of its own
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
-                                                           model_id=state and state["model_id"]))
+                                                           model_id=state and state["model_id"],
+                                                           storage=str(self.folder / "checkpoints")))
         self.start_step, self.totals = 0, {}
         if state is not None:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
@@ -110,10 +180,14 @@ class Run:
 
     def __exit__(self, kind, error, traceback) -> None:
         self.log.close()
-        if self._pool is not None:
-            self._pool.shutdown()
-        ray.kill(self.learner)
-        remove_placement_group(self.placement)
+        if self.shared is not None:  # the others go on: only this run's adapter leaves the learner
+            if not isinstance(error, ray.exceptions.RayActorError):
+                ray.get(self.learner.delete.remote(self.model_id))
+        else:
+            if self._pool is not None:
+                self._pool.shutdown()
+            ray.kill(self.learner)
+            remove_placement_group(self.placement)
         if isinstance(error, ray.exceptions.RayActorError) and error.actor_id == self.learner._actor_id.hex():
             reason = str(error).splitlines()[0].rstrip(".")
             raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
@@ -125,13 +199,8 @@ class Run:
         return self._pool
 
     def _start_pool(self) -> None:
-        sampler, model = self.config.sampler, self.config.model
-        self._pool = SamplerPool(self.base_model, replicas=sampler.replicas, num_cpus=sampler.num_cpus,
-                                 num_gpus=sampler.num_gpus, resources=sampler.resources,
-                                 placement_group=self.placement, first_bundle=1, max_model_len=model.max_model_len,
-                                 max_lora_rank=model.lora_rank, dtype=model.dtype, seed=self.config.seed,
-                                 publish_mode=sampler.publish_mode,
-                                 threads=sampler.threads or overlap_threads(self.config) or os.cpu_count())
+        self._pool = start_pool(self.config, self.placement, self.config.algo.off_policy,
+                                publish_mode=self.config.sampler.publish_mode)
 
     async def publish(self, name: str | None = None, *, after: asyncio.Future | None = None) -> AdapterVersion:
         """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
@@ -155,7 +224,7 @@ class Run:
         (`checkpoint_due`)."""
         self.record({**record, **await self.memory()}, started=self._step_started)
         if checkpoint_due(self.config, record["step"] + 1):
-            self.save_checkpoint(record["step"] + 1)
+            await self.save_checkpoint(record["step"] + 1)
 
     async def train_step(self, batch: ForwardBackwardInput, adam: AdamParams, record: dict) -> ForwardBackwardOutput:
         """forward_backward then optim_step on `batch`, each timed into `record`, which gains the optimizer's
@@ -207,9 +276,9 @@ class Run:
         self.totals["time_total/minutes"] = self.totals.get("time_total/minutes", 0.0) + record["step_time_s"] / 60
         self.log.log({**record, **self.totals})
 
-    def save_checkpoint(self, next_step: int) -> None:
+    async def save_checkpoint(self, next_step: int) -> None:
         """Saves the adapter with its optimizer state, then state.json naming it: the run resumes at `next_step`."""
-        saved = ray.get(self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True))
+        saved = await self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True)
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
                                   "totals": self.totals, "wandb_id": self.log.wandb_id})
 
@@ -244,9 +313,10 @@ def steps(run: Run) -> tqdm:
     return tqdm(range(run.start_step, run.config.steps), desc=run.config.recipe, unit="step", disable=None)
 
 
-def reserve(config: TrainConfig):
+def reserve(config: TrainConfig, *, wait: bool = False):
     """A placement group holding the whole run (bundle 0: the learner; then one per sampler replica), so a run
-    starts only when the cluster has room for all of it, and a sweep's runs never starve each other."""
+    starts only when the cluster has room for all of it, and a sweep's runs never starve each other. `wait`: for
+    as long as the cluster's other work holds the room (a sweep's queue), if the cluster could ever hold it."""
     learner, sampler, cluster = config.learner, config.sampler, config.cluster
 
     def bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
@@ -254,9 +324,17 @@ def reserve(config: TrainConfig):
 
     bundles = [bundle(learner.num_cpus, learner.num_gpus, learner.resources)] + [
         bundle(sampler.num_cpus, sampler.num_gpus, sampler.resources)] * sampler.replicas
+    if wait:
+        total, needed = ray.cluster_resources(), {}
+        for one in bundles:
+            for key, value in one.items():
+                needed[key] = needed.get(key, 0) + value
+        if any(value > total.get(key, 0) for key, value in needed.items()):
+            raise RuntimeError(f"the Ray cluster can never hold this run: it needs {needed} in all (learner, then "
+                               f"each sampler replica), and the cluster has {total}")
     group = placement_group(bundles, strategy=cluster.placement_strategy)
     try:
-        ray.get(group.ready(), timeout=cluster.placement_timeout_s)
+        ray.get(group.ready(), timeout=None if wait else cluster.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise RuntimeError(f"the Ray cluster has no room for this run after {cluster.placement_timeout_s:.0f} s: it "

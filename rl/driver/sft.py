@@ -11,7 +11,7 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, batch_indices, held_out_groups, steps
+from rl.driver.run import Run, Shared, batch_indices, held_out_groups, steps
 from rl.env import TaskEnvironment
 from rl.tasks import Task, sft_conversations
 from rl.types import AdamParams, Datum, ForwardBackwardInput
@@ -27,14 +27,14 @@ def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
         for datum in data])
 
 
-async def train_async(config: TrainConfig, task: Task) -> list[dict]:
+async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
     adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
     # The data first: a task that cannot give conversations fails before any actor starts.
     conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
     eval_conversations = sft_conversations(task, config.eval_prompts, seed=config.seed, split="eval")
     held_out = held_out_groups(config, TaskEnvironment(task))
-    with Run(config) as run:
+    with Run(config, shared) as run:
         held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation)
                                           for conversation in eval_conversations])
 
@@ -59,6 +59,7 @@ async def train_async(config: TrainConfig, task: Task) -> list[dict]:
         return run.log.history
 
 
-def train(config: TrainConfig, task: Task) -> list[dict]:
-    """Runs the SFT loop; returns one metrics record per step (and one for the final evaluation)."""
-    return asyncio.run(train_async(config, task))
+def train(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
+    """Runs the SFT loop; returns one metrics record per step (and one for the final evaluation).
+    `shared`: a sweep's learner and sampler pool (`rl.sweep`)."""
+    return asyncio.run(train_async(config, task, shared))

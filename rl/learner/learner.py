@@ -116,8 +116,10 @@ class Learner:
 
     # ---- runs ------------------------------------------------------------------------------------------------
 
-    def create(self, base_model: str, lora: LoraConfig, *, model_id: str | None = None) -> str:
-        """Adds a LoRA run on the base model; returns its model id. The same seed gives the same adapter."""
+    def create(self, base_model: str, lora: LoraConfig, *, model_id: str | None = None,
+               storage: str | None = None) -> str:
+        """Adds a LoRA run on the base model; returns its model id. The same seed gives the same adapter.
+        `storage`: a folder whose MODEL_ID/ holds this run's checkpoints, instead of the learner's own storage."""
         if base_model != self.base_model:
             raise ValueError(f"base_model {base_model!r}: this learner holds {self.base_model!r}")
         model_id = model_id or f"run-{secrets.token_hex(4)}"
@@ -152,6 +154,8 @@ class Learner:
             param.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         self._runs[model_id] = _LoraRun(adapter=adapter, lora=lora, optimizer=optimizer, params=params)
+        if storage is not None:
+            self.store.place(model_id, Path(storage) / model_id)
         return model_id
 
     def delete(self, model_id: str) -> None:

@@ -1,0 +1,75 @@
+"""Sweeps (rl/sweep.py) on the tiny model: a sweep's runs at once on one learner and one sampler pool, each run as
+it would be alone, a failing run failing alone, and resume=true continuing the unfinished ones."""
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_rl_loop import tiny_config
+
+from rl.config import SamplerConfig, TaskConfig
+from rl.driver.state import read_state, write_state
+from rl.sweep import Job, run_sweep
+from rl.train import run
+
+pytestmark = pytest.mark.slow
+
+
+def adapter(folder: Path, checkpoint: str) -> dict:
+    """The LoRA tensors of a run's training checkpoint."""
+    (weights,) = (folder / "checkpoints").glob(f"*/weights/{checkpoint}/adapter_model.safetensors")
+    return load_file(weights)
+
+
+def assert_close(a: dict, b: dict, tolerance: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    assert max((a[key] - b[key]).abs().max().item() for key in a) < tolerance
+
+
+def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model_dir, ray_local, tmp_path):
+    def jobs(sweep: str, **fields) -> list[Job]:  # each run in SWEEP/N, as rl-train -m names them
+        return [Job([f"algo.learning_rate={rate}"], tiny_config(
+            tiny_model_dir, tmp_path / sweep / str(index), steps=2, eval_every=2, eval_prompts=4, checkpoint_every=1,
+            task=TaskConfig(name="digits"), algo={"learning_rate": rate, "prompts_per_step": 4, "group_size": 4},
+            **fields))
+            for index, rate in enumerate((1e-2, 3e-3, -1.0))]
+
+    swept = run_sweep(jobs("sweep"), tmp_path / "sweep")
+    assert "algo.learning_rate=-1.0: more than 0" in swept[2].error and swept[2].history is None
+    assert [job.error for job in swept[:2]] == [None, None]
+    for job in swept[:2]:
+        assert [record["step"] for record in job.history] == [0, 1, 2] and "eval/accuracy" in job.history[0]
+    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert record[0]["learner"] == record[1]["learner"] is not None and record[2]["learner"] is None, record
+    with open(tmp_path / "sweep" / "sweep.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["overrides"] for row in rows] == [job.overrides[0] for job in swept]
+    assert [row["status"][:6] for row in rows] == ["done", "done", "failed"]
+    assert rows[0]["eval/accuracy"] == str(swept[0].history[-1]["eval/accuracy"])
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+    # Each run's folder holds its own metrics and checkpoints, and its adapter is the one it trains alone.
+    folders = [Path(job.config.output_dir) for job in swept[:2]]
+    for folder, job in zip(folders, swept, strict=False):
+        assert len(list((folder / "checkpoints").iterdir())) == 1 and (folder / "curves.png").is_file()
+        alone = replace(job.config, output_dir=str(tmp_path / "alone" / folder.name),
+                        sampler=SamplerConfig(publish_mode="adapter"))
+        history = run(alone)
+        assert [r["reward/mean"] for r in history[:2]] == [r["reward/mean"] for r in job.history[:2]]
+        assert_close(adapter(folder, "step-2"), adapter(tmp_path / "alone" / folder.name, "step-2"))
+    assert not adapter(folders[0], "step-2").keys() - adapter(folders[1], "step-2").keys()
+    first_finals = [adapter(folder, "step-2") for folder in folders]
+
+    # Killed after step 1's checkpoint (as state.json says), run 0 continues from there, in its folder, when the
+    # sweep is run again with resume=true (in a new sweep folder); run 1 had finished and is not run again.
+    state = read_state(folders[0])
+    write_state(folders[0], {**state, "step": 1, "checkpoint": state["checkpoint"].replace("step-2", "step-1")})
+    finished_log = (folders[1] / "metrics.jsonl").read_text()
+    resumed = run_sweep(jobs("sweep-again", resume=True), tmp_path / "sweep-again")
+    assert [Path(job.config.output_dir) for job in resumed[:2]] == folders
+    assert [job.error for job in resumed[:2]] == [None, None] and "more than 0" in resumed[2].error
+    assert [record["step"] for record in resumed[0].history] == [0, 1, 2]
+    assert read_state(folders[0])["step"] == 2 and (folders[1] / "metrics.jsonl").read_text() == finished_log
+    assert_close(adapter(folders[0], "step-2"), first_finals[0])
