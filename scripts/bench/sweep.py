@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe_rate(recipe: str, overrides: list[str]) -> float:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    from rl.train import CONFIGS  # importing rl.train registers the config schema that configs/config.yaml names
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("config", overrides=[f"recipe={recipe}", *overrides]).algo.learning_rate
 
 
