@@ -61,17 +61,18 @@ def main() -> None:
     os.environ["WANDB_MODE"] = "disabled"
     base = recipe_rate(args.recipe, args.overrides)
     rates = [base * 2.0 ** (index - 1) for index in range(args.runs)]
-    train = [sys.executable, "-m", "rl.train", f"recipe={args.recipe}", *args.overrides]
+    train = [sys.executable, "-m", "rl.train"]
+    common = [f"recipe={args.recipe}", *args.overrides]
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as scratch:
         folder = Path(scratch)
         alone = []
         for index, rate in enumerate(rates):
             run = folder / "alone" / str(index)
-            seconds, memory, pss = timed_watch([*train, f"algo.learning_rate={rate}", f"hydra.run.dir={run}"])
+            seconds, memory, pss = timed_watch([*train, *common, f"algo.learning_rate={rate}", f"hydra.run.dir={run}"])
             alone.append({"rate": rate, "seconds": seconds, "memory": memory, "pss": pss, "folder": run})
             print(f"alone {index}: rate {rate:.3g}, {seconds:.0f} s", flush=True)
         shared_folder = folder / "shared"
-        seconds, memory, pss = timed_watch([*train, "-m", "algo.learning_rate=" + ",".join(map(str, rates)),
+        seconds, memory, pss = timed_watch([*train, "-m", *common, "algo.learning_rate=" + ",".join(map(str, rates)),
                                             f"hydra.sweep.dir={shared_folder}"])
         shared = {"seconds": seconds, "memory": memory, "pss": pss}
         print(f"shared: {seconds:.0f} s", flush=True)
