@@ -10,12 +10,10 @@ import pytest
 from safetensors.torch import load_file
 from test_rl_loop import tiny_config
 
-from rl.config import SamplerConfig, TaskConfig
+from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, TaskConfig, TrainConfig
 from rl.driver.state import read_state, write_state
-from rl.sweep import Job, run_sweep
+from rl.sweep import Job, run_sweep, share_key
 from rl.train import run
-
-pytestmark = pytest.mark.slow
 
 
 def adapter(folder: Path, checkpoint: str) -> dict:
@@ -29,6 +27,18 @@ def assert_close(a: dict, b: dict, tolerance: float = 1e-5) -> None:
     assert max((a[key] - b[key]).abs().max().item() for key in a) < tolerance
 
 
+def test_runs_share_actors_when_only_what_each_run_owns_differs():
+    base = TrainConfig()
+    alike = [replace(base, seed=3), replace(base, algo=AlgoConfig(learning_rate=1e-3, loss_fn="ppo")),
+             replace(base, model=replace(base.model, lora_rank=8), steps=5, task=TaskConfig(name="digits"))]
+    assert {share_key(config) for config in alike} == {share_key(base)}
+    unlike = [replace(base, model=ModelConfig(name="tiny")), replace(base, model=replace(base.model, dtype="float32")),
+              replace(base, learner=LearnerConfig(num_gpus=1)), replace(base, sampler=SamplerConfig(replicas=2)),
+              replace(base, algo=AlgoConfig(off_policy=True)), replace(base, storage_uri="file:///shared")]
+    assert len({share_key(config) for config in [base, *unlike]}) == len(unlike) + 1
+
+
+@pytest.mark.slow
 def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model_dir, ray_local, tmp_path):
     def jobs(sweep: str, **fields) -> list[Job]:  # each run in SWEEP/N, as rl-train -m names them
         return [Job([f"algo.learning_rate={rate}"], tiny_config(
