@@ -132,10 +132,12 @@ class LoggerConfig:
 
 @dataclass
 class SweepConfig:
-    share: bool = True
+    share: bool = False
     """In a sweep (`rl-train -m`), runs on the same base model with the same learner and sampler settings share
-    one learner and one sampler pool (serving their adapters in adapter mode); false: each run gets its own
-    (rl/sweep.py)."""
+    one learner and one sampler pool, which serves their adapters in adapter mode (rl/sweep.py); false: each run
+    gets its own, and the runs go side by side as the cluster has room. Off by default: on CPU, adapter-mode
+    sampling of several runs' adapters was ~5x slower per token than merge mode, so a 4-run sweep of the main job
+    shared ran ~2x slower than one run after another (docs/sweeps.md)."""
 
 
 @dataclass

@@ -47,8 +47,11 @@ class RunLog:
     (they are about to be redone) and continues the same wandb run (`wandb_id`).
     """
 
-    def __init__(self, config: TrainConfig, *, start_step: int = 0, wandb_id: str | None = None):
+    def __init__(self, config: TrainConfig, *, start_step: int = 0, wandb_id: str | None = None,
+                 label: str | None = None):
+        """`label` begins each printed line (a sweep's runs print side by side)."""
         self.folder = Path(config.output_dir)
+        self._prefix = f"[{label}] " if label else ""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(asdict(config), indent=1))
         metrics = self.folder / "metrics.jsonl"
@@ -76,7 +79,7 @@ class RunLog:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=record["step"])
-        tqdm.write(summary_line(record))  # above the progress bar, not through it
+        tqdm.write(self._prefix + summary_line(record))  # above the progress bar, not through it
 
     def close(self) -> None:
         self._file.close()

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 from test_rl_loop import tiny_config
 
-from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, TaskConfig, TrainConfig
+from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, SweepConfig, TaskConfig, TrainConfig
 from rl.driver.state import read_state, write_state
 from rl.sweep import Job, run_sweep, share_key
 from rl.train import run
@@ -44,7 +44,7 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
         return [Job([f"algo.learning_rate={rate}"], tiny_config(
             tiny_model_dir, tmp_path / sweep / str(index), steps=2, eval_every=2, eval_prompts=4, checkpoint_every=1,
             task=TaskConfig(name="digits"), algo={"learning_rate": rate, "prompts_per_step": 4, "group_size": 4},
-            **fields))
+            sweep=SweepConfig(share=True), **fields))
             for index, rate in enumerate((1e-2, 3e-3, -1.0))]
 
     swept = run_sweep(jobs("sweep"), tmp_path / "sweep")

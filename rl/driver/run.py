@@ -173,7 +173,10 @@ class Run:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
-        self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"])
+        # A sweep's runs print side by side: each line and progress bar names its run's folder.
+        self.label = f"{config.recipe} {self.folder.name}" if self.shared is not None else config.recipe
+        self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"],
+                          label=self.label if self.shared is not None else None)
 
     def __enter__(self) -> Run:
         return self
@@ -310,7 +313,7 @@ def checkpoint_due(config: TrainConfig, next_step: int) -> bool:
 
 def steps(run: Run) -> tqdm:
     """The steps still to run, with a progress bar."""
-    return tqdm(range(run.start_step, run.config.steps), desc=run.config.recipe, unit="step", disable=None)
+    return tqdm(range(run.start_step, run.config.steps), desc=run.label, unit="step", disable=None)
 
 
 def reserve(config: TrainConfig, *, wait: bool = False):
