@@ -70,7 +70,7 @@ def test_a_sweep_by_default_gives_each_run_its_own_actors(tmp_path):
     assert [job["status"] for job in jobs] == ["done", "done"] and len({job["learner"] for job in jobs}) == 2, jobs
     for job in jobs:
         assert [record["step"] for record in records(Path(job["output_dir"]))] == [0]
-    assert "algo.learning_rate=1e-3 | done" in result.stdout and "algo.learning_rate=2e-3 | done" in result.stdout
+    assert "algo.learning_rate=0.001 | done" in result.stdout and "algo.learning_rate=0.002 | done" in result.stdout
 
 
 def test_rl_train_names_what_is_wrong(tmp_path):
