@@ -69,9 +69,9 @@ def overlap_threads(overlapping: bool) -> int | None:
 
 @dataclass
 class Shared:
-    """A learner and a sampler pool that several runs use at once (a sweep's runs on one base model, `rl.sweep`):
-    each run adds its own adapter to the learner and publishes its own versions to the pool, which serves them in
-    adapter mode (merge mode folds one adapter into the weights, so it serves one run at a time)."""
+    """A run's learner and sampler pool, or those that several runs use at once (a sweep's runs on one base model,
+    `rl.sweep`): each run adds its own adapter to the learner and publishes its own versions to the pool, which
+    then serves them in adapter mode (merge mode folds one adapter into the weights: one run at a time)."""
 
     placement: Any
     learner: ray.actor.ActorHandle
@@ -79,11 +79,13 @@ class Shared:
     """None when none of the runs samples (SFT or DPO without evaluation)."""
 
     @classmethod
-    def start(cls, configs: list[TrainConfig]) -> Shared:
-        """The actors for runs configured alike (bar what `rl.sweep.share_key` ignores), once the cluster has room
-        for them. Each run keeps its checkpoints in its own folder (`Learner.create(storage=...)`)."""
+    def start(cls, configs: list[TrainConfig], *, wait: bool = True) -> Shared:
+        """The actors for runs configured alike (bar what `rl.sweep.share_key` ignores), or for one run alone,
+        once the cluster has room for them (`reserve`). Each run keeps its checkpoints in its own folder
+        (`Learner.create(storage=...)`). The pool starts while the learner loads: each mostly imports, on a core of
+        its own."""
         config = configs[0]
-        placement = reserve(config, wait=True)
+        placement = reserve(config, wait=wait)
         try:
             overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
             learner = start_learner(config, placement, Path(config.output_dir) / "checkpoints", overlapping)
@@ -133,8 +135,8 @@ def start_pool(config: TrainConfig, placement, overlapping: bool, *, publish_mod
 
 
 class Run:
-    """The learner with this run's adapter, its log and checkpoints, and (on first use) a sampler pool; with
-    `shared`, another's learner and pool (a sweep's), which the run leaves running when it ends."""
+    """The learner with this run's adapter, its log and checkpoints, and a sampler pool when it samples: its own,
+    or with `shared`, a sweep's, which the run leaves running when it ends."""
 
     def __init__(self, config: TrainConfig, shared: Shared | None = None):
         self.config = config
@@ -146,21 +148,16 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
-        self.shared = shared
-        if shared is not None:
-            self.placement, self.learner, self._pool = shared.placement, shared.learner, shared.pool
-            self._start(config, state)
-            return
-        self.placement = reserve(config)
-        self._pool: SamplerPool | None = None
+        self.shared = shared  # None: the run starts actors of its own, and stops them when it ends
+        actors = shared or Shared.start([config], wait=False)
+        self.learner, self.pool = actors.learner, actors.pool
         try:
-            self.learner = start_learner(config, self.placement, self.folder / "checkpoints", config.algo.off_policy)
-            if samples(config):
-                self._start_pool()  # while the learner loads: starting, each mostly imports, on a core of its own
             self._start(config, state)
         except BaseException:  # a run that cannot start gives its reservation back, or a sweep's next run starves
-            remove_placement_group(self.placement)
+            if shared is None:
+                actors.close()
             raise
+        self._own = None if shared is not None else actors
 
     def _start(self, config: TrainConfig, state: dict | None) -> None:
         model = config.model
@@ -174,36 +171,22 @@ class Run:
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
-        self.label = f"{config.recipe} {self.folder.name}" if self.shared is not None else config.recipe
-        self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"],
-                          label=self.label if self.shared is not None else None)
+        sweep_label = f"{config.recipe} {self.folder.name}" if self.shared is not None else None
+        self.label = sweep_label or config.recipe
+        self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"], label=sweep_label)
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
         self.log.close()
-        if self.shared is not None:  # the others go on: only this run's adapter leaves the learner
-            if not isinstance(error, ray.exceptions.RayActorError):
-                ray.get(self.learner.delete.remote(self.model_id))
-        else:
-            if self._pool is not None:
-                self._pool.shutdown()
-            ray.kill(self.learner)
-            remove_placement_group(self.placement)
+        if self._own is not None:
+            self._own.close()
+        elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this adapter leaves
+            ray.get(self.learner.delete.remote(self.model_id))
         if isinstance(error, ray.exceptions.RayActorError) and error.actor_id == self.learner._actor_id.hex():
             reason = str(error).splitlines()[0].rstrip(".")
             raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
-
-    @property
-    def pool(self) -> SamplerPool:
-        if self._pool is None:
-            self._start_pool()
-        return self._pool
-
-    def _start_pool(self) -> None:
-        self._pool = start_pool(self.config, self.placement, self.config.algo.off_policy,
-                                publish_mode=self.config.sampler.publish_mode)
 
     async def publish(self, name: str | None = None, *, after: asyncio.Future | None = None) -> AdapterVersion:
         """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
@@ -259,8 +242,8 @@ class Run:
         """Each process's resident memory in GiB: now (`memory/NAME_gib`), and the learner's and samplers' peak
         since the last call (`memory/NAME_peak_gib`): called once a step, it gives each step's peak."""
         processes = {"learner": await self.learner.memory.remote(reset_peak=True)}
-        if self._pool is not None:
-            replicas = await self._pool.memory(reset_peak=True)
+        if self.pool is not None:
+            replicas = await self.pool.memory(reset_peak=True)
             processes.update((f"sampler{index}", replica) for index, replica in enumerate(replicas))
         record = {"memory/driver_gib": resident_memory()["rss_gib"]}
         for name, figures in processes.items():
