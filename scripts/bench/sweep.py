@@ -4,13 +4,13 @@
     .venv/bin/python scripts/bench/sweep.py --runs 8 model=tiny    # how the cost grows with the number of runs
     ... [--recipe NAME] [--runs N] [--json FILE] [OVERRIDE ...]
 
-Shared: one `rl-train -m recipe=NAME algo.learning_rate=R1,R2,...`, whose runs train at once on one learner and
-one sampler pool (rl/sweep.py). One after another: `rl-train recipe=NAME algo.learning_rate=R` for each rate in
-turn, as a sweep ran before. The rates are the recipe's own times 0.5, 1, 2, 4, ... (`--runs` of them). Reported:
-each mode's wall-clock seconds (start-up included) and their ratio; every process's resident memory, peak and
-final, summed by role (driver, Learner, Sampler, Ray's own), and the whole job's PSS, for the shared sweep and
-for the largest of the single runs; each run's final held-out accuracy and mean reward in both modes, side by
-side. Each command is the user's, in a process of its own, wandb off, its folders in a temporary directory.
+Shared: one `rl-train -m recipe=NAME algo.learning_rate=R1,R2,... sweep.share=true`, whose runs train at once on one
+learner and one sampler pool (rl/sweep.py). One after another: `rl-train recipe=NAME algo.learning_rate=R` for each
+rate in turn, as a sweep ran before. The rates are the recipe's own times 0.5, 1, 2, 4, ... (`--runs` of them).
+Reported: each mode's wall-clock seconds (start-up included) and their ratio; every process's resident memory, peak
+and final, summed by role (driver, Learner, Sampler, Ray's own), and the whole job's PSS, for the shared sweep and for
+the largest of the single runs; each run's final held-out accuracy and mean reward in both modes, side by side. Each
+command is the user's, in a process of its own, wandb off, its folders in a temporary directory.
 The machines are noisy: compare only figures from the same invocation.
 """
 
@@ -73,7 +73,7 @@ def main() -> None:
             print(f"alone {index}: rate {rate:.3g}, {seconds:.0f} s", flush=True)
         shared_folder = folder / "shared"
         seconds, memory, pss = timed_watch([*train, "-m", *common, "algo.learning_rate=" + ",".join(map(str, rates)),
-                                            f"hydra.sweep.dir={shared_folder}"])
+                                            "sweep.share=true", f"hydra.sweep.dir={shared_folder}"])
         shared = {"seconds": seconds, "memory": memory, "pss": pss}
         print(f"shared: {seconds:.0f} s", flush=True)
         largest = max(alone, key=lambda run: run["pss"]["peak_gib"])
