@@ -43,7 +43,7 @@ def _rows_by_slot(wrapper: Any) -> list[tuple[int, slice | torch.Tensor, int]]:
     compute_meta() merged consecutive tokens with one slot into runs; a slot's runs are gathered into one index
     tensor (a slice when it has one run), so each slot costs one product per layer however its requests are
     interleaved. vLLM keeps requests in arrival order, so several runs' requests alternate: one product per run of
-    tokens made a 4-run sweep's decode steps ~3x slower than the same requests grouped by adapter.
+    tokens made a 4-run sweep's sampling 2.6x slower (80 against ~210 tokens/s on one core, 4 lm_head adapters).
     """
     count = wrapper.batch_size
     run_slots, lengths = wrapper._lora_indices_per_batch[:count], wrapper._seq_lengths[:count]
