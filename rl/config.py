@@ -136,8 +136,8 @@ class SweepConfig:
     """In a sweep (`rl-train -m`), runs on the same base model with the same learner and sampler settings share
     one learner and one sampler pool, which serves their adapters in adapter mode (rl/sweep.py); false: each run
     gets its own, and the runs go side by side as the cluster has room. Off by default: on CPU, adapter-mode
-    sampling of several runs' adapters was ~5x slower per token than merge mode, so a 4-run sweep of the main job
-    shared ran ~2x slower than one run after another (docs/sweeps.md)."""
+    sampling of several runs' adapters is slower per token than merge mode, enough that a 4-run sweep of the main
+    job ran slower shared than one run after another (docs/sweeps.md)."""
 
 
 @dataclass

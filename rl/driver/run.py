@@ -148,16 +148,15 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
-        self.shared = shared  # None: the run starts actors of its own, and stops them when it ends
-        actors = shared or Shared.start([config], wait=False)
-        self.learner, self.pool = actors.learner, actors.pool
+        self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
+        self.actors = shared or Shared.start([config], wait=False)
+        self.learner, self.pool = self.actors.learner, self.actors.pool
         try:
             self._start(config, state)
         except BaseException:  # a run that cannot start gives its reservation back, or a sweep's next run starves
-            if shared is None:
-                actors.close()
+            if not self.shared:
+                self.actors.close()
             raise
-        self._own = None if shared is not None else actors
 
     def _start(self, config: TrainConfig, state: dict | None) -> None:
         model = config.model
@@ -171,7 +170,7 @@ class Run:
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
-        sweep_label = f"{config.recipe} {self.folder.name}" if self.shared is not None else None
+        sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
         self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"], label=sweep_label)
 
@@ -180,8 +179,8 @@ class Run:
 
     def __exit__(self, kind, error, traceback) -> None:
         self.log.close()
-        if self._own is not None:
-            self._own.close()
+        if not self.shared:
+            self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this adapter leaves
             ray.get(self.learner.delete.remote(self.model_id))
         if isinstance(error, ray.exceptions.RayActorError) and error.actor_id == self.learner._actor_id.hex():
