@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 @dataclass
 class ModelConfig:
     name: str = "SmolLM2-135M-Instruct"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
+    """bfloat16 where the hardware computes in it natively, else float32 (`rl.models.resolve_dtype`)."""
     lora_rank: int = 16
     train_unembed: bool = True
     """Adapt the output layer (lm_head) too, as Tinker's LoraConfig does by default."""
@@ -197,7 +198,6 @@ def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[tuple[str,
 
 
 LOOPS = ("rl", "dpo", "sft")
-DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -224,6 +224,7 @@ def _rules(loop: str) -> dict[str, tuple]:
     """Each key's rule: (whether a value keeps it, what it must be)."""
     from rl import losses
     from rl.environments import ENVIRONMENTS
+    from rl.models import DTYPES
     from rl.sampler.replica import PUBLISH_MODES
     from rl.tasks import TASKS
 

@@ -63,6 +63,53 @@ def resolve_model(name: str) -> Path:
                      "path of a local Hugging Face model folder (one with a config.json)")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What a learner or sampler computes in; `auto` is resolved where it runs (`resolve_dtype`)."""
+
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # bf16: Arm's BF16 extension
+"""/proc/cpuinfo flags of CPUs whose matmul kernels compute in bf16 natively."""
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype to compute in on `device` ("cpu" or "cuda"): `dtype` itself, or for `auto`, bfloat16 where the
+    hardware computes in it natively (a CUDA GPU that supports it; a CPU with AVX512-BF16, AMX or Arm's BF16),
+    float32 elsewhere.
+
+    Why: without those instructions torch and vLLM emulate bf16, and it is not a little slower. Measured on a
+    2-core AMD EPYC with AVX2 only (2026-12-03), one core: a 4096x576 @ 576x1536 matmul at 1.1 GFLOP/s in bf16
+    against 68.5 in float32, and vLLM sampling SmolLM2-135M at 15 tokens/s in bf16 against 83 in float32.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    native = _native_bf16(device)
+    if dtype == "auto":
+        return "bfloat16" if native else "float32"
+    if dtype == "bfloat16" and not native:
+        log.warning("rl: dtype bfloat16 on a %s without native bf16 (%s): expect it to run many times slower than "
+                    "float32 (dtype auto picks float32 here)", device,
+                    "bf16 support" if device == "cuda" else "CPU flags " + ", ".join(sorted(NATIVE_BF16_CPU_FLAGS)))
+    return dtype
+
+
+def _native_bf16(device: str) -> bool:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    try:
+        cpuinfo = CPUINFO.read_text()
+    except OSError:  # not Linux: no flags to read, so no claim of native bf16
+        return False
+    return not NATIVE_BF16_CPU_FLAGS.isdisjoint(cpu_flags(cpuinfo))
+
+
+def cpu_flags(cpuinfo: str) -> list[str]:
+    """The first processor's flags (x86) or features (Arm) in the text of /proc/cpuinfo."""
+    return next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                 if line.startswith(("flags", "Features"))), [])
+
+
 def context_length(name: str) -> int:
     """The context a base model was trained for: its config's max_position_embeddings."""
     return int(json.loads((resolve_model(name) / "config.json").read_text())["max_position_embeddings"])

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from rl import losses
+from rl import losses, models
 from rl.learner import PROBE_LENGTH, Learner, probe_tokens
 from rl.learner.batch import micro_batches, pack_rows, prepare_batch, row_datums, row_width, target_logprobs
 from rl.types import AdamParams, Datum, EncodedTextChunk, ForwardBackwardInput, LoraConfig, ModelInput
@@ -587,3 +587,14 @@ def test_soft_targets_reduce_to_hard_targets_when_one_column_carries_the_weight(
     soft_logprobs = soft_out.loss_fn_outputs[0]["logprobs"].to_torch()
     assert soft_logprobs.shape == (len(targets), 2)
     assert torch.allclose(soft_logprobs[:, 0], hard_out.loss_fn_outputs[0]["logprobs"].to_torch(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [("avx2 amx_bf16", torch.bfloat16), ("avx2 fma", torch.float32)])
+def test_auto_dtype_is_resolved_for_the_learners_device_and_recorded(flags, expected, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(models, "CPUINFO", tmp_path / "cpuinfo")
+    models.CPUINFO.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    learner = Learner(str(tiny_model_dir), storage=tmp_path / "storage", dtype="auto")
+    assert learner._hf.dtype == expected and learner.dtype == str(expected).removeprefix("torch.")
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    assert learner._run_metadata(learner._runs[model_id])["dtype"] == learner.dtype, "checkpoints say what ran"

@@ -116,3 +116,24 @@ def test_smollm2_is_prepared_offline_and_served_by_transformers_and_vllm(tmp_pat
     for logprobs in (expected, served):  # measured in both: Paris -0.05, Berlin -9.6, banana -22.8
         paris = logprobs[" Paris"][-1]
         assert paris > -1.0 and paris > logprobs[" Berlin"][-1] + 4 and paris > logprobs[" banana"][-1] + 4
+
+
+XEON_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+EPYC_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(("cpuinfo", "native"), [(XEON_AMX, True), (EPYC_AVX2, False), (GRAVITON3, True), ("", False)])
+def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_in_it(cpuinfo, native, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "CPUINFO", tmp_path / "cpuinfo")
+    models.CPUINFO.write_text(cpuinfo)
+    assert models.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    for explicit in ("float32", "bfloat16", "float16"):
+        assert models.resolve_dtype(explicit, "cpu") == explicit, "an explicit dtype is kept, whatever the CPU"
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of auto, float32, bfloat16, float16"):
+        models.resolve_dtype("fp8", "cpu")
+
+
+def test_auto_dtype_makes_no_claim_where_cpu_flags_cannot_be_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "CPUINFO", tmp_path / "absent")
+    assert models.resolve_dtype("auto", "cpu") == "float32"

@@ -227,3 +227,18 @@ def test_evaluations_fall_every_eval_every_steps_and_after_the_last_and_checkpoi
     assert saved(10, 25) == [10, 20, 25]
     assert saved(5, 10) == [5, 10]
     assert saved(0, 12) == [12], "0: after the last step only"
+
+
+def test_a_learner_and_a_sampler_that_resolved_auto_differently_are_refused(capsys):
+    from types import SimpleNamespace
+
+    from rl.driver.run import check_dtypes
+
+    config = TrainConfig()  # model.dtype auto
+    learner = {"dtype": "bfloat16", "device": "cpu"}
+    check_dtypes(config, learner, SimpleNamespace(info={"dtype": "bfloat16"}))
+    assert "learner and sampler compute in bfloat16 on cpu (model.dtype=auto)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="model.dtype=auto became bfloat16 in the learner and float32 in the sampler"):
+        check_dtypes(config, learner, SimpleNamespace(info={"dtype": "float32"}))
+    check_dtypes(config, {"dtype": "float32", "device": "cpu"}, None)  # no sampler (SFT, no evaluation)
+    assert "learner computes in float32" in capsys.readouterr().out

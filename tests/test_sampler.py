@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 import itertools
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -417,3 +419,21 @@ def test_which_engines_serve_an_lm_head_adapter():
     assert "does not serve for Qwen2ForCausalLM" in output_lora_refusal("adapter", True, "Qwen2ForCausalLM", False)
     # CUDA, or CPU with lora_fast_path=false: vLLM's own output-layer LoRA gives prompt rows the wrong adapter
     assert "wrong adapter" in output_lora_refusal("adapter", False, "LlamaForCausalLM", True)
+
+
+def test_auto_dtype_is_resolved_where_the_sampler_runs(tiny_model_dir, tmp_path):
+    # The tiny model's folder is float32, so vLLM's own "auto" would serve float32: on a CPU with native bf16 our
+    # "auto" must mean bfloat16. A child process, since the CPU flags are faked by patching (and an engine holds
+    # its KV cache until its process ends).
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
+    script = f"""
+from pathlib import Path
+from rl import models
+from rl.sampler.replica import Sampler
+models.CPUINFO = Path({str(tmp_path / "cpuinfo")!r})
+sampler = Sampler({str(tiny_model_dir)!r}, max_model_len=256, max_lora_rank=8, max_loras=1, dtype="auto",
+                  lora_fast_path=False)
+print("DTYPE", sampler.describe()["dtype"])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "DTYPE bfloat16" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]

@@ -95,6 +95,7 @@ class Shared:
                 pool = start_pool(config, placement, overlapping, max_loras=max(4, 2 * len(configs)),
                                   max_lora_rank=max(other.model.lora_rank for other in configs),
                                   publish_mode=config.sampler.publish_mode if len(configs) == 1 else "adapter")
+            check_dtypes(config, ray.get(learner.describe.remote()), pool)
             return cls(placement, learner, pool)
         except BaseException:
             remove_placement_group(placement)
@@ -105,6 +106,18 @@ class Shared:
             self.pool.shutdown()
         ray.kill(self.learner)
         remove_placement_group(self.placement)
+
+
+def check_dtypes(config: TrainConfig, learner: dict[str, str], pool: SamplerPool | None) -> None:
+    """Says what `model.dtype` became where the actors run; refuses a learner and a sampler that disagree (`auto`
+    resolved on nodes whose CPUs differ), whose weight checks would fail on every publish."""
+    sampler = pool.info["dtype"] if pool is not None else learner["dtype"]
+    if sampler != learner["dtype"]:
+        raise ValueError(f"model.dtype={config.model.dtype} became {learner['dtype']} in the learner and {sampler} "
+                         "in the sampler (their nodes differ in native bf16 support): set model.dtype explicitly")
+    who = "learner and sampler compute" if pool is not None else "learner computes"
+    print(f"{config.model.name}: {who} in {sampler} on {learner['device']} (model.dtype={config.model.dtype})",
+          flush=True)
 
 
 def samples(config: TrainConfig) -> bool:

@@ -33,7 +33,7 @@ from rl.checkpoints import CheckpointStore
 from rl.custom_loss import custom_loss_spec
 from rl.learner.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
 from rl.memory import resident_memory
-from rl.models import resolve_model
+from rl.models import resolve_dtype, resolve_model
 from rl.types import (
     AdamParams,
     CheckpointsListResponse,
@@ -90,19 +90,17 @@ class Learner:
                  logits_chunk_tokens: int = 1024, threads: int | None = None):
         """`threads`: torch's CPU threads; None: every core this process may run on. (Ray sets a CPU actor's
         threads to its num_cpus, 1 by default, which would leave cores idle while the learner works.)"""
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = resolve_dtype(dtype, self.device.type)
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.base_model = base_model
-        self.device = torch.device(device) if device else default_device()
-        self.dtype = dtype
         self.micro_batch_tokens = micro_batch_tokens
         self.logits_chunk_tokens = logits_chunk_tokens
         self.store = CheckpointStore(storage, storage_uri=storage_uri)
         # On CPU, eager attention trains 13% faster than SDPA (whose CPU flash-attention backward is slow),
         # measured on SmolLM2 with 50- and 400-token sequences.
         attention = "eager" if self.device.type == "cpu" else "sdpa"
-        self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[dtype],
+        self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[self.dtype],
                                                         attn_implementation=attention)
         self._hf.to(self.device)
         config = self._hf.config
@@ -169,6 +167,10 @@ class Learner:
     def memory(self, *, reset_peak: bool = False) -> dict[str, float]:
         """This process's resident memory in GiB: now, and its peak since the last reset (rl.memory)."""
         return resident_memory(reset_peak=reset_peak)
+
+    def describe(self) -> dict[str, str]:
+        """What it computes in, and where: `dtype` as resolved (never "auto"), `device`."""
+        return {"dtype": self.dtype, "device": str(self.device)}
 
     def _run(self, model_id: str) -> _LoraRun:
         if model_id not in self._runs:

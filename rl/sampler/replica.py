@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl.memory import resident_memory
-from rl.models import resolve_model
+from rl.models import resolve_dtype, resolve_model
 from rl.sampler.engine import MAX_LOGPROBS, EngineLoop, start_vllm_engine
 from rl.types import SampledSequence, SampleRequest, SampleResponse, SamplingParams
 from rl.weights import ADAPTER_CONFIG, SamplerWeights, adapter_content_hash
@@ -59,6 +59,7 @@ class Sampler:
 
             vllm_lora_fastpath.install()
         folder = resolve_model(base_model)
+        dtype = resolve_dtype(dtype, "cpu" if current_platform.is_cpu() else "cuda")
         llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                 max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras,
                                 prefix_caching=prefix_caching)

@@ -3,8 +3,8 @@
     .venv/bin/python scripts/bench/episodes.py [--env guess_number] [--groups 8] [--group-size 8]
                                                [--max-tokens 8] [--repeats 3] [--json FILE]
 
-Two one-replica pools of SmolLM2-135M-Instruct (bf16, merge mode, as the recipes run), one with prefix caching
-(the default) and one without, roll out the same seeded episodes (the recipe's environment, its first step's
+Two one-replica pools of SmolLM2-135M-Instruct (dtype auto and merge mode, as the recipes run), one with prefix
+caching (the default) and one without, roll out the same seeded episodes (the recipe's environment, its first step's
 groups) in turn, `--repeats` times each; reported: each pool's median episodes, turns and sampled tokens per
 second, and the ratio of turns per second. Every turn of an episode resends the conversation so far: with the cache, a
 turn prefills only what its observation added. Only ratios from the same invocation mean anything here.
@@ -56,7 +56,7 @@ def main() -> None:
     folder = str(resolve_model("SmolLM2-135M-Instruct"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     environment = make_environment(args.env, {})
-    pools = {cache: SamplerPool(folder, max_model_len=512, dtype="bfloat16", publish_mode="merge", num_cpus=0,
+    pools = {cache: SamplerPool(folder, max_model_len=512, dtype="auto", publish_mode="merge", num_cpus=0,
                                 threads=ray.cluster_resources()["CPU"], prefix_caching=cache)
              for cache in (True, False)}
     runs: dict[bool, list[tuple[float, int, int, int]]] = {True: [], False: []}

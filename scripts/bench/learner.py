@@ -22,7 +22,7 @@ import ray
 import torch
 
 from rl.learner import LearnerActor
-from rl.models import resolve_model
+from rl.models import resolve_dtype, resolve_model
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig
 
 DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,11 +95,12 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--length", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes in it natively")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--grow", default="8,16,32,64,128", help="batch sizes for the memory curve ('' to skip)")
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     args = parser.parse_args()
+    args.dtype = resolve_dtype(args.dtype, "cpu")
 
     folder = str(resolve_model(args.model))
     from transformers import AutoConfig

@@ -9,10 +9,11 @@ The run is the user's command in a process of its own (`python -m rl.train recip
 off, its folder in a temporary directory); everything it measures comes from its metrics.jsonl. Around it:
 - the machine's matmul roofline, measured here before and after the run: bf16 and fp32 GFLOP/s of a 2048^3
   matmul on every core (the figure the learner and the sampler are compared with);
-- the learner's and the sampler's fraction of the bf16 roofline: 4 FLOPs per weight of the model's matrices
-  for every token the learner computed (forward, and backward to the activations: LoRA leaves the base weights
-  frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward + optim_step; 2
-  per weight per prompt token (once per request) and sampled token over the seconds of sampling;
+- the learner's and the sampler's fraction of the roofline of the dtype the run computed in (`model.dtype`;
+  `auto` is bf16 only on CPUs that compute in it natively, rl.models.resolve_dtype): 4 FLOPs per weight of the
+  model's matrices for every token the learner computed (forward, and backward to the activations: LoRA leaves
+  the base weights frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward +
+  optim_step; 2 per weight per prompt token (once per request) and sampled token over the seconds of sampling;
 - sampling against raw vLLM: after the run, a replica like the run's samples the first steps' rollouts through
   the run's path (each group's first-turn request -> pool -> replica -> engine loop) and, on the same engine in
   the same process, with `LLM.generate`, interleaved three times (medians: the machines are noisy);
@@ -185,6 +186,10 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
 
 
 def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> dict:
+    from rl.models import resolve_dtype
+
+    dtype = resolve_dtype(config["model"]["dtype"], "cpu")
+    bound = roof["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
     steps = [record for record in records if "tokens/trained" in record]
     seconds = [record["step_time_s"] - record.get("time/eval_s", 0.0) for record in steps]  # evaluation apart
     phases = {key.removeprefix("time/").removesuffix("_s"): statistics.mean(record.get(key, 0.0) for record in steps)
@@ -203,9 +208,9 @@ def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> di
         "median_step_s": statistics.median(seconds), "max_step_s": max(seconds),
         "minutes_of_steps": records[-1]["time_total/minutes"], "seconds_per_phase": phases,
         "learner_gflops": learner_flops / max(learner_s, 1e-9) / 1e9,
-        "learner_fraction_of_bf16": learner_flops / max(learner_s, 1e-9) / 1e9 / roof["bf16_gflops"],
+        "dtype": dtype, "learner_fraction_of_roofline": learner_flops / max(learner_s, 1e-9) / 1e9 / bound,
         "sampler_gflops": sampled_flops / sampling_s / 1e9,
-        "sampler_fraction_of_bf16": sampled_flops / sampling_s / 1e9 / roof["bf16_gflops"],
+        "sampler_fraction_of_roofline": sampled_flops / sampling_s / 1e9 / bound,
         "evaluations": [{"minutes": minutes, "accuracy": accuracy} for minutes, accuracy in evaluations],
         "minutes_to_0.9": next((minutes for minutes, accuracy in evaluations if accuracy >= 0.9), None),
         "sampled_tokens_per_s_first_steps": [record["throughput/sampled_tokens_per_s"] for record in steps[:3]],
@@ -227,8 +232,9 @@ def report(result: dict) -> None:
           f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median; evaluation apart)")
     print("seconds per step: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in
                                           run["seconds_per_phase"].items()))
-    print(f"learner {run['learner_gflops']:.0f} GFLOP/s = {run['learner_fraction_of_bf16']:.0%} of bf16 roofline; "
-          f"sampler {run['sampler_gflops']:.0f} GFLOP/s = {run['sampler_fraction_of_bf16']:.0%}")
+    print(f"{run['dtype']}: learner {run['learner_gflops']:.0f} GFLOP/s = {run['learner_fraction_of_roofline']:.0%} "
+          f"of the {run['dtype']} roofline; sampler {run['sampler_gflops']:.0f} GFLOP/s = "
+          f"{run['sampler_fraction_of_roofline']:.0%}")
     if run["evaluations"]:
         print("held-out accuracy at minutes of steps: " + ", ".join(
             f"{e['accuracy']:.2f} @ {e['minutes']:.2f}" for e in run["evaluations"])
@@ -252,10 +258,14 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--no-raw-vllm", action="store_true", help="skip the raw vLLM comparison")
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    result: dict = {"config": args.config, "cpu": f"{cpu}, {os.cpu_count()} cores, {'AMX' if amx else 'no AMX'}",
+    from rl.models import cpu_flags
+
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+               "unknown")
+    bf16 = [flag for flag in cpu_flags(cpuinfo) if "bf16" in flag]
+    result: dict = {"config": args.config, "cpu": f"{cpu}, {os.cpu_count()} cores, "
+                                                   f"{'native bf16: ' + ' '.join(bf16) if bf16 else 'no native bf16'}",
                     "roofline_before": roofline()}
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "rl.train", "recipe=arithmetic_rl", f"hydra.run.dir={folder}",

@@ -25,7 +25,7 @@ import ray
 
 from rl.chat import chat_tokens
 from rl.learner import LearnerActor
-from rl.models import resolve_model
+from rl.models import resolve_dtype, resolve_model
 from rl.sampler import SamplerPool
 from rl.tasks import Addition
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
@@ -111,10 +111,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes in it natively")
     parser.add_argument("--publishes", type=int, default=8)
     parser.add_argument("--skip-slow-path", action="store_true", help="do not measure vLLM's own LoRA path")
     args = parser.parse_args()
+    args.dtype = resolve_dtype(args.dtype, "cpu")
 
     folder = str(resolve_model(args.model))
     prompts = chat_prompts(folder, args.prompts)
