@@ -152,3 +152,16 @@ def test_fast_path_state_is_restored():
     with vllm_lora_fastpath.fastpath():
         assert vllm_lora_fastpath.is_installed()
     assert not vllm_lora_fastpath.is_installed()
+
+
+def test_the_used_rank_is_worked_out_again_when_a_slot_is_loaded():
+    # Slots [slots, 1, rank, in] padded to rank 16: slot 0 holds a rank-4 adapter, then (loaded in place, as
+    # vLLM's set_lora copies) a rank-12 one; slot 1 stays empty.
+    a = torch.zeros(2, 1, 16, 8)
+    a[0, 0, :4] = 1.0
+    assert vllm_lora_fastpath._used_rank(a, 0, 0) == 4 and vllm_lora_fastpath._used_rank(a, 1, 0) == 0
+    a[0, 0, :12].copy_(torch.ones(12, 8))
+    assert vllm_lora_fastpath._used_rank(a, 0, 0) == 12, "a cached rank would multiply only the first 4"
+    b = torch.zeros(2, 1, 8, 16)  # B: [slots, 1, out, rank]
+    b[1, 0, :, :6] = 1.0
+    assert vllm_lora_fastpath._used_rank(b, 1, 1) == 6
