@@ -82,7 +82,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    native = _native_bf16(device)
+    native = native_bf16(device)
     if dtype == "auto":
         return "bfloat16" if native else "float32"
     if dtype == "bfloat16" and not native:
@@ -92,7 +92,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def _native_bf16(device: str) -> bool:
+def native_bf16(device: str) -> bool:
+    """Whether `device` ("cpu" or "cuda") computes in bf16 natively (for a CPU: its /proc/cpuinfo flags)."""
     if device == "cuda":
         import torch
 

@@ -596,5 +596,6 @@ def test_auto_dtype_is_resolved_for_the_learners_device_and_recorded(flags, expe
     models.CPUINFO.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     learner = Learner(str(tiny_model_dir), storage=tmp_path / "storage", dtype="auto")
     assert learner._hf.dtype == expected and learner.dtype == str(expected).removeprefix("torch.")
+    assert learner.describe() == {"dtype": learner.dtype, "device": "cpu", "native_bf16": expected == torch.bfloat16}
     model_id = learner.create(str(tiny_model_dir), LORA)
     assert learner._run_metadata(learner._runs[model_id])["dtype"] == learner.dtype, "checkpoints say what ran"

@@ -235,10 +235,14 @@ def test_a_learner_and_a_sampler_that_resolved_auto_differently_are_refused(caps
     from rl.driver.run import check_dtypes
 
     config = TrainConfig()  # model.dtype auto
-    learner = {"dtype": "bfloat16", "device": "cpu"}
+    learner = {"dtype": "bfloat16", "device": "cpu", "native_bf16": True}
     check_dtypes(config, learner, SimpleNamespace(info={"dtype": "bfloat16"}))
-    assert "learner and sampler compute in bfloat16 on cpu (model.dtype=auto)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "learner and sampler compute in bfloat16 on cpu (model.dtype=auto)" in out and "warning" not in out
+    check_dtypes(config, {**learner, "native_bf16": False}, SimpleNamespace(info={"dtype": "bfloat16"}))
+    assert "warning: cpu has no native bf16" in capsys.readouterr().out
     with pytest.raises(ValueError, match="model.dtype=auto became bfloat16 in the learner and float32 in the sampler"):
         check_dtypes(config, learner, SimpleNamespace(info={"dtype": "float32"}))
-    check_dtypes(config, {"dtype": "float32", "device": "cpu"}, None)  # no sampler (SFT, no evaluation)
+    no_pool = None  # SFT without evaluation
+    check_dtypes(config, {"dtype": "float32", "device": "cpu", "native_bf16": False}, no_pool)
     assert "learner computes in float32" in capsys.readouterr().out

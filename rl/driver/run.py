@@ -108,9 +108,10 @@ class Shared:
         remove_placement_group(self.placement)
 
 
-def check_dtypes(config: TrainConfig, learner: dict[str, str], pool: SamplerPool | None) -> None:
-    """Says what `model.dtype` became where the actors run; refuses a learner and a sampler that disagree (`auto`
-    resolved on nodes whose CPUs differ), whose weight checks would fail on every publish."""
+def check_dtypes(config: TrainConfig, learner: dict, pool: SamplerPool | None) -> None:
+    """Says what `model.dtype` became where the actors run (`Learner.describe`), and warns of bf16 where it is
+    emulated; refuses a learner and a sampler that disagree (`auto` resolved on nodes whose CPUs differ), whose
+    weight checks would fail on every publish."""
     sampler = pool.info["dtype"] if pool is not None else learner["dtype"]
     if sampler != learner["dtype"]:
         raise ValueError(f"model.dtype={config.model.dtype} became {learner['dtype']} in the learner and {sampler} "
@@ -118,6 +119,9 @@ def check_dtypes(config: TrainConfig, learner: dict[str, str], pool: SamplerPool
     who = "learner and sampler compute" if pool is not None else "learner computes"
     print(f"{config.model.name}: {who} in {sampler} on {learner['device']} (model.dtype={config.model.dtype})",
           flush=True)
+    if sampler == "bfloat16" and not learner["native_bf16"]:
+        print(f"warning: {learner['device']} has no native bf16 (rl.models.NATIVE_BF16_CPU_FLAGS), so bf16 is emulated "
+              "there, many times slower than float32; model.dtype=auto would pick float32", flush=True)
 
 
 def samples(config: TrainConfig) -> bool:

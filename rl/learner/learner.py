@@ -33,7 +33,7 @@ from rl.checkpoints import CheckpointStore
 from rl.custom_loss import custom_loss_spec
 from rl.learner.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
 from rl.memory import resident_memory
-from rl.models import resolve_dtype, resolve_model
+from rl.models import native_bf16, resolve_dtype, resolve_model
 from rl.types import (
     AdamParams,
     CheckpointsListResponse,
@@ -168,9 +168,10 @@ class Learner:
         """This process's resident memory in GiB: now, and its peak since the last reset (rl.memory)."""
         return resident_memory(reset_peak=reset_peak)
 
-    def describe(self) -> dict[str, str]:
-        """What it computes in, and where: `dtype` as resolved (never "auto"), `device`."""
-        return {"dtype": self.dtype, "device": str(self.device)}
+    def describe(self) -> dict[str, str | bool]:
+        """What it computes in, and where: `dtype` as resolved (never "auto"), `device`, and whether the device
+        computes in bf16 natively."""
+        return {"dtype": self.dtype, "device": str(self.device), "native_bf16": native_bf16(self.device.type)}
 
     def _run(self, model_id: str) -> _LoraRun:
         if model_id not in self._runs:
