@@ -109,6 +109,8 @@ def test_two_steps_train_publish_and_log(two_steps, tiny_model_dir, mode):
                                                            "eval")]
         assert all(seconds > 0 for seconds in phases) and sum(phases) <= record["step_time_s"]
         assert record["time/training_s"] == pytest.approx(sum(phases[1:4]))
+        # On-policy the step waits for the whole rollout, so the wait holds the rollout's own length.
+        assert 0 < record["time/rollout_s"] <= record["time/sampling_s"]
         # Each process's resident memory: a learner holding a model, a sampler holding an engine, the driver.
         assert 0.2 < record["memory/learner_gib"] <= record["memory/learner_peak_gib"] < 20
         assert 0.2 < record["memory/sampler0_gib"] <= record["memory/sampler0_peak_gib"] < 20

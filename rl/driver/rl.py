@@ -161,6 +161,7 @@ def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tok
     return {"reward/mean": sum(rewards) / len(rewards), "datums": len(datum_tokens),
             "sampler/weights_step": sampled.weights_step, "tokens/prompt": sum(len(turn.prompt) for turn in turns),
             "tokens/sampled": sampled_tokens, "tokens/trained": trained_tokens, "time/training_s": training_s,
+            "time/rollout_s": sampled.seconds,  # its whole length; time/sampling_s is what the step waited for it
             "throughput/sampled_tokens_per_s": sampled_tokens / sampled.seconds,
             "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)}
 

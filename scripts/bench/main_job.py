@@ -13,7 +13,8 @@ off, its folder in a temporary directory); everything it measures comes from its
   `auto` is bf16 only on CPUs that compute in it natively, rl.models.resolve_dtype): 4 FLOPs per weight of the
   model's matrices for every token the learner computed (forward, and backward to the activations: LoRA leaves
   the base weights frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward +
-  optim_step; 2 per weight per prompt token (once per request) and sampled token over the seconds of sampling;
+  optim_step; 2 per weight per prompt token (once per request) and sampled token over the rollouts' own
+  seconds (`time/rollout_s`: off-policy, a step waits only for what is left of its rollout);
 - sampling against raw vLLM: after the run, a replica like the run's samples the first steps' rollouts through
   the run's path (each group's first-turn request -> pool -> replica -> engine loop) and, on the same engine in
   the same process, with `LLM.generate`, interleaved three times (medians: the machines are noisy);
@@ -197,7 +198,7 @@ def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> di
     learner_s = sum(record.get("time/forward_backward_s", 0.0) + record.get("time/optim_step_s", 0.0)
                     for record in steps)
     learner_flops = 4 * weights * sum(record.get("tokens/computed", 0) for record in steps)
-    sampling_s = sum(record["time/sampling_s"] for record in steps)
+    sampling_s = sum(record["time/rollout_s"] for record in steps)  # off-policy, sampling_s is only the wait
     sampled_flops = 2 * weights * sum(record["tokens/sampled"] + record["tokens/prompt"] / config["algo"]["group_size"]
                                       for record in steps)
     evaluations = [(record["time_total/minutes"] - (record["step_time_s"] - record["time/eval_s"]) / 60,
