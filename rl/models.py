@@ -86,10 +86,15 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "bfloat16" if native else "float32"
     if dtype == "bfloat16" and not native:
-        log.warning("rl: dtype bfloat16 on a %s without native bf16 (%s): expect it to run many times slower than "
-                    "float32 (dtype auto picks float32 here)", device,
-                    "bf16 support" if device == "cuda" else "CPU flags " + ", ".join(sorted(NATIVE_BF16_CPU_FLAGS)))
+        log.warning("rl: dtype bfloat16: %s", emulated_bf16_warning(device))
     return dtype
+
+
+def emulated_bf16_warning(device: str) -> str:
+    """What to tell a user who asks for bf16 on a device without native bf16."""
+    lacking = "bf16 support" if device == "cuda" else "CPU flags " + ", ".join(sorted(NATIVE_BF16_CPU_FLAGS))
+    return (f"{device} has no native bf16 ({lacking}), so bf16 is emulated there, many times slower than float32; "
+            "dtype auto picks float32 there")
 
 
 def native_bf16(device: str) -> bool:

@@ -36,7 +36,7 @@ from rl.env import EnvGroupBuilder, Environment
 from rl.learner import LearnerActor
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
-from rl.models import resolve_model
+from rl.models import emulated_bf16_warning, resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
 from rl.types import (
     AdamParams,
@@ -120,8 +120,7 @@ def check_dtypes(config: TrainConfig, learner: dict, pool: SamplerPool | None) -
     print(f"{config.model.name}: {who} in {sampler} on {learner['device']} (model.dtype={config.model.dtype})",
           flush=True)
     if sampler == "bfloat16" and not learner["native_bf16"]:
-        print(f"warning: {learner['device']} has no native bf16 (rl.models.NATIVE_BF16_CPU_FLAGS), so bf16 is emulated "
-              "there, many times slower than float32; model.dtype=auto would pick float32", flush=True)
+        print(f"warning: {emulated_bf16_warning(learner['device'])}", flush=True)
 
 
 def samples(config: TrainConfig) -> bool:

@@ -259,12 +259,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--no-raw-vllm", action="store_true", help="skip the raw vLLM comparison")
     args = parser.parse_args()
-    from rl.models import cpu_flags
+    from rl.models import CPUINFO, NATIVE_BF16_CPU_FLAGS, cpu_flags
 
-    cpuinfo = Path("/proc/cpuinfo").read_text()
+    cpuinfo = CPUINFO.read_text()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                "unknown")
-    bf16 = [flag for flag in cpu_flags(cpuinfo) if "bf16" in flag]
+    bf16 = sorted(NATIVE_BF16_CPU_FLAGS.intersection(cpu_flags(cpuinfo)))
     result: dict = {"config": args.config, "cpu": f"{cpu}, {os.cpu_count()} cores, "
                                                    f"{'native bf16: ' + ' '.join(bf16) if bf16 else 'no native bf16'}",
                     "roofline_before": roofline()}
