@@ -8,6 +8,7 @@ the machine has to hold.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 from pathlib import Path
@@ -15,6 +16,23 @@ from pathlib import Path
 import psutil
 
 GIB = 2**30
+MMAP_THRESHOLD = 2**20
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number (malloc.h)."""
+
+
+def release_large_blocks() -> None:
+    """Makes glibc's malloc return every freed block over 1 MiB to the OS (Linux with glibc; elsewhere nothing).
+
+    glibc serves a block over its mmap threshold from mmap and unmaps it on free, but it raises that threshold to
+    the largest such block freed (up to 32 MiB), after which large tensors come from the heap, whose freed space
+    stays resident and fragments. A learner's resident memory then grew with each long batch: one 2,048-token
+    datum of SmolLM2 peaked at 3.4 GiB on its first forward_backward and 4.8 GiB on its second, against 1.8 GiB
+    for both with a fixed threshold (which also turns the adjustment off); a batch of the main job's shape:
+    peak 2.93 -> 2.81 GiB, resident after 2.57 -> 2.18, ~5% slower (page faults on fresh mappings)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def resident_memory(*, reset_peak: bool = False) -> dict[str, float]:

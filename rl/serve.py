@@ -40,6 +40,15 @@ class ServeConfig:
     """The largest LoRA rank a run may ask for (Tinker serves up to 128 on dense models)."""
     max_loras: int = 4
     max_body_mb: int = 64
+    max_batch_datums: int = 1024
+    """Datums per forward_backward request."""
+    max_batch_tokens: int = 32768
+    """Tokens per forward_backward request, all datums together (one datum: at most the model's context)."""
+    max_sample_tokens: int = 32768
+    """num_samples x max_tokens per sample request."""
+    turn_tokens: int = 2048
+    """About how many tokens the SDK sends per forward_backward request (it splits larger batches): one request
+    is one user's turn at the learner, so this bounds how long a large batch holds other users up."""
 
 
 def api_keys(config: ServeConfig) -> list[str]:
@@ -60,7 +69,9 @@ def serve(config: ServeConfig) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     service = Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
                       context=config.context, max_lora_rank=config.max_lora_rank,
-                      max_loras=config.max_loras)
+                      max_loras=config.max_loras, max_batch_datums=config.max_batch_datums,
+                      max_batch_tokens=config.max_batch_tokens, max_sample_tokens=config.max_sample_tokens,
+                      turn_tokens=config.turn_tokens)
     who = f"{len(keys)} API keys" if keys else "no API keys: single user, loopback only"
     print(f"rl-serve: {', '.join(config.models)} on http://{config.host}:{config.port} ({who}); storage "
           f"{Path(config.storage).resolve()}", flush=True)

@@ -170,6 +170,34 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_datum_over_the_token_budget_keeps_less_for_backward_and_gets_the_same_gradient(learner, tiny_model_dir):
+    data = [sft_datum(list(range(10, 70))), sft_datum(list(range(20, 45)))]
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)
+
+    def kept_for_backward(micro_batch_tokens: int) -> tuple[int, list, list]:
+        learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
+        kept = []
+        learner.micro_batch_tokens = micro_batch_tokens
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+                output = learner.forward_backward(model_id, sft(data))
+        finally:
+            learner.micro_batch_tokens = 512
+        return sum(kept), output.loss_fn_outputs, grads(learner, model_id)
+
+    within, logprobs, expected = kept_for_backward(10_000)
+    over, logprobs_over, saved = kept_for_backward(8)  # both datums wider than the budget
+    model = learner._peft.get_base_model()
+    assert model.config._attn_implementation == "eager" and not model.training  # restored after the call
+    # Layer activations are recomputed in backward (the hook sees each layer's input, not its insides).
+    assert over < within / 2, (over, within)
+    for a, b in zip(logprobs, logprobs_over, strict=True):
+        assert torch.allclose(a["logprobs"].to_torch(), b["logprobs"].to_torch(), atol=1e-5)
+    for a, b in zip(expected, saved, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradients(learner, tiny_model_dir):
     prompt, other = list(range(40, 60)), list(range(100, 110))
     data = [sft_datum(prompt + [7, 8, 9]), sft_datum(prompt + [11, 12]),  # a pair: one row, the prompt once

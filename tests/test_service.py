@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import ray
 import tinker
 import torch
 from tinker import types
@@ -28,7 +29,8 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     # The learner keeps its checkpoints in a folder of its own, as it would on another node.
     service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
                       context={str(tiny_model_dir): 256}, max_lora_rank=8,
-                      learner_storage=str(tmp_path_factory.mktemp("learner-node")))
+                      learner_storage=str(tmp_path_factory.mktemp("learner-node")), max_batch_datums=64,
+                      max_batch_tokens=4096, max_sample_tokens=1024)
     running = ServerThread(service, max_body_bytes=2**20)
     yield running
     stop(running)
@@ -509,3 +511,116 @@ def test_the_server_reads_and_keeps_no_checkpoint_itself(server):
                                                                                                      sampler_path]
     assert rest.get_weights_info_by_tinker_path(path).result().lora_rank == 8
     assert sorted(entry.name for entry in server.service.storage.iterdir()) == ["service.json"]
+
+
+def raw_forward_backward(server: ServerThread, model_id: str, seq_id: int, data: list) -> httpx.Response:
+    request = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(
+            data=data, loss_fn="cross_entropy")))
+    return httpx.post(f"{server.url}/api/v1/forward_backward", content=request.SerializeToString(),
+                      headers={"X-API-Key": ALICE, "Content-Type": "application/x-protobuf"})
+
+
+def test_limits_are_listed_refused_by_name_before_any_work_and_the_sdk_splits_big_batches_to_fit(server):
+    listed = httpx.get(f"{server.url}/api/v1/get_server_capabilities", headers={"X-API-Key": ALICE}).json()
+    assert {key: listed["supported_models"][0][key] for key in ("max_context_length", "max_batch_datums",
+                                                                 "max_batch_tokens", "max_sample_tokens")} == {
+        "max_context_length": 256, "max_batch_datums": 64, "max_batch_tokens": 4096, "max_sample_tokens": 1024}
+    assert client(server).get_server_capabilities().supported_models[0].max_context_length == 256
+    trainer = training_client(server, seed=30)
+    before = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    with pytest.raises(tinker.BadRequestError, match=r"data\[0\].model_input has 298 tokens, over the model's "
+                                                     "context of 256"):
+        trainer.forward_backward([datum(list(range(1, 300)))], "cross_entropy").result()
+    # What the SDK would split, sent by hand as one request.
+    many = raw_forward_backward(server, trainer.model_id, 99, [datum()] * 65)
+    assert many.status_code == 400 and "data holds 65 datums" in many.json()["error"]
+    long = raw_forward_backward(server, trainer.model_id, 99, [datum(list(range(1, 251)))] * 17)
+    assert long.status_code == 400 and "data holds 4233 tokens in all" in long.json()["error"]
+    sampler = trainer.save_weights_and_get_sampling_client().result()
+    with pytest.raises(tinker.BadRequestError, match="8 x 200 = 1600 tokens; this server samples at most 1024"):
+        sampler.sample(prompt=types.ModelInput.from_ints(PATTERN[:4]), num_samples=8,
+                       sampling_params=types.SamplingParams(max_tokens=200)).result()
+    assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before,
+                                                                                                     rel=1e-6)
+    # 40 datums of 249 tokens (9,960 in all): the SDK sends them in requests within the limits (client/config
+    # tells it how), and the results come back as one batch's.
+    batch = [datum(list(range(index, index + 250))) for index in range(1, 41)]
+    split = trainer.forward(batch, "cross_entropy").result()
+    one_by_one = [trainer.forward([one], "cross_entropy").result().metrics["loss:sum"] for one in batch]
+    assert len(split.loss_fn_outputs) == 40
+    assert split.metrics["loss:sum"] == pytest.approx(sum(one_by_one), rel=1e-5)
+
+
+def test_a_datum_of_the_full_context_trains(server):
+    trainer = training_client(server, seed=31)
+    full = datum(list(range(3, 260)))  # 256 model_input tokens: the context
+    losses = []
+    for _ in range(3):
+        losses.append(trainer.forward_backward([full], "cross_entropy").result().metrics["loss:sum"])
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert losses[-1] < losses[0], losses
+
+
+def test_greedy_sampling_of_several_sequences_returns_that_many_with_logprobs(server):
+    sampler = client(server).create_sampling_client(base_model=server.service_model)
+    greedy = sampler.sample(prompt=types.ModelInput.from_ints(PATTERN[:4]), num_samples=4,
+                            sampling_params=types.SamplingParams(max_tokens=5, temperature=0.0)).result()
+    assert len(greedy.sequences) == 4
+    first = greedy.sequences[0]
+    assert len(first.tokens) == 5 and len(first.logprobs) == 5 and all(lp <= 0 for lp in first.logprobs)
+    assert all(s.tokens == first.tokens and s.logprobs == first.logprobs for s in greedy.sequences)
+
+
+def test_a_small_users_step_completes_while_another_users_large_batches_are_queued(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = [datum(list(range(index, index + 250))) for index in range(1, 65)]  # 8 requests each
+    alice = [training_client(server, ALICE, seed=40 + index) for index in range(2)]
+    bob = training_client(server, BOB, seed=42)
+    finished = {}
+
+    def timed(name, call):
+        call()
+        finished[name] = time.monotonic()
+
+    with ThreadPoolExecutor(3) as pool:
+        waits = [pool.submit(timed, f"alice{index}", lambda t=trainer: t.forward_backward(big, "cross_entropy")
+                             .result()) for index, trainer in enumerate(alice)]
+        turns = server.service.learners[server.service_model].turns
+        deadline = time.time() + 30
+        while "user-0" not in turns._waiting and not finished:  # Alice's work is queued at the learner
+            assert time.time() < deadline
+            time.sleep(0.005)
+        timed("bob", lambda: bob.forward_backward([datum()], "cross_entropy").result())
+        for wait in waits:
+            wait.result()
+    assert finished["bob"] < min(finished["alice0"], finished["alice1"]), finished
+
+
+def test_a_killed_learner_is_replaced_and_each_run_restored_from_its_last_save(server):
+    saved, unsaved = training_client(server, seed=50), training_client(server, seed=51)
+    adam = types.AdamParams(learning_rate=1e-2)
+    for trainer in (saved, unsaved):
+        trainer.forward_backward([datum()], "cross_entropy").result()
+        trainer.optim_step(adam).result()
+    path = saved.save_state("before-the-kill").result().path
+    at_save = saved.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    saved.forward_backward([datum()], "cross_entropy").result()
+    saved.optim_step(adam).result()  # a step after the save: lost with the learner
+    learner = server.service.learners[server.service_model]
+    dead = learner.actor
+    ray.kill(dead)
+    killed = time.time()
+    with pytest.raises(tinker.RequestFailedError, match=f"was restored from {path}: the steps and gradients after "
+                                                        "it are lost"):
+        saved.forward([datum()], "cross_entropy").result()
+    assert learner.actor is not dead and time.time() - killed < 60
+    assert saved.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(at_save, rel=1e-5)
+    with pytest.raises(tinker.RequestFailedError, match="from a new adapter .* after it are lost"):
+        unsaved.forward_backward([datum()], "cross_entropy").result()
+    losses = []
+    for _ in range(3):  # and it trains on
+        losses.append(unsaved.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"])
+        unsaved.optim_step(adam).result()
+    assert losses[-1] < losses[0]

@@ -1,5 +1,6 @@
 """The service's own state, without HTTP: futures in seq_id order (gaps, late arrivals, repeats), the sample
-de-duplication key, and the registry of users, runs and public checkpoints."""
+de-duplication key, the learner's turns between users, the registry of users, runs and public checkpoints, and
+the limits checked at the edge."""
 
 import asyncio
 
@@ -7,7 +8,10 @@ import pytest
 
 from rl.service import futures
 from rl.service.futures import FutureStore
+from rl.service.learners import Turns
+from rl.service.limits import Limits
 from rl.service.registry import LOCAL_USER, AccessDenied, Registry
+from rl.types import Datum, ForwardBackwardInput, ModelInput, SampleRequest, SamplingParams
 
 
 def run(coroutine):
@@ -132,3 +136,73 @@ def test_registry_users_sessions_runs_and_public_checkpoints(tmp_path):
     assert reloaded.owned_runs(bob) == [] and reloaded.readable(bob, path)
     reloaded.set_public(path, False)
     assert not Registry(tmp_path, ["tml-a"]).readable(bob, path)
+
+
+def test_users_take_turns_at_the_learner_and_each_users_jobs_keep_their_order():
+    async def scenario():
+        turns, order, release = Turns(), [], asyncio.Event()
+
+        async def first():
+            order.append("a1")
+            await release.wait()  # the learner busy while everyone else queues
+            return "a1"
+
+        calls = [asyncio.ensure_future(turns.run("alice", first))]
+        await asyncio.sleep(0)
+        calls += [asyncio.ensure_future(turns.run(user, recorder(order, name))) for user, name in
+                  (("alice", "a2"), ("alice", "a3"), ("alice", "a4"), ("bob", "b1"), ("carol", "c1"),
+                   ("bob", "b2"))]
+        failing = asyncio.ensure_future(turns.run("carol", recorder(order, "c2", fail=RuntimeError("boom"))))
+        await asyncio.sleep(0)
+        release.set()
+        results = await asyncio.gather(*calls)
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing
+        return order, results
+
+    order, results = run(scenario())
+    # One call per user in rotation: Alice's backlog delays Bob and Carol by one call each, not three.
+    assert order == ["a1", "a2", "b1", "c1", "a3", "b2", "c2", "a4"]
+    assert results == ["a1", "a2", "a3", "a4", "b1", "c1", "b2"]
+
+
+LIMITS = Limits(context=100, max_batch_datums=3, max_batch_tokens=150, max_sample_tokens=200)
+
+
+def forward_backward_input(*lengths: int) -> ForwardBackwardInput:
+    return ForwardBackwardInput(loss_fn="cross_entropy", data=[
+        Datum.next_token(list(range(1, n + 2)), weights=[1.0] * (n + 1)) for n in lengths])
+
+
+def sample(prompt: int, num_samples: int = 1, max_tokens: int | None = None) -> SampleRequest:
+    return SampleRequest(prompt=ModelInput.from_ints(list(range(prompt))), num_samples=num_samples,
+                         sampling_params=SamplingParams(max_tokens=max_tokens))
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    (forward_backward_input(40, 101), "data\\[1\\].model_input has 101 tokens, over the model's context of 100"),
+    (forward_backward_input(10, 10, 10, 10), "data holds 4 datums; .* at most 3 .*max_batch_datums"),
+    (forward_backward_input(100, 51), "data holds 151 tokens in all; .* at most 150 .*max_batch_tokens"),
+])
+def test_a_batch_over_a_limit_is_refused_naming_the_field_the_value_and_the_limit(batch, message):
+    with pytest.raises(ValueError, match=message):
+        LIMITS.check_batch(batch)
+
+
+def test_batches_and_samples_at_the_limits_are_accepted():
+    LIMITS.check_batch(forward_backward_input(100, 50))
+    LIMITS.check_batch(forward_backward_input(50, 50, 50))
+    LIMITS.check_sample(sample(99, 1, 1))
+    LIMITS.check_sample(sample(50, 4, 50))
+    LIMITS.check_sample(sample(80, 10))  # max_tokens unset: the 20 tokens left
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (sample(100), "prompt has 100 tokens; the model's context of 100 leaves no room"),
+    (sample(60, 1, 41), "prompt \\(60 tokens\\) \\+ sampling_params.max_tokens \\(41\\) exceeds .* 100"),
+    (sample(10, 5, 41), "num_samples x sampling_params.max_tokens = 5 x 41 = 205 tokens; .* at most 200"),
+    (sample(50, 5), "5 x 50 = 250 tokens"),
+])
+def test_a_sample_over_a_limit_is_refused_naming_the_field_the_value_and_the_limit(request_, message):
+    with pytest.raises(ValueError, match=message):
+        LIMITS.check_sample(request_)

@@ -215,7 +215,7 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
         ids[index, : len(row.tokens)] = torch.tensor(row.tokens)
         positions[index, : len(row.tokens)] = torch.tensor(row.positions)
     dtype = next(decoder.parameters()).dtype
-    hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device),
+    hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
                        attention_mask=row_attention(rows, width, dtype).to(device)).last_hidden_state  # (R, W, H)
     real = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
                          for position in range(len(row.tokens))])

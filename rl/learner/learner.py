@@ -18,6 +18,7 @@ import random
 import secrets
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -26,13 +27,23 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rl import losses
 from rl.checkpoints import CheckpointStore
 from rl.custom_loss import custom_loss_spec
-from rl.learner.batch import PackedRow, PreparedDatum, micro_batches, prepare_batch, row_datums, target_logprobs
-from rl.memory import resident_memory
+from rl.learner.batch import (
+    PackedRow,
+    PreparedDatum,
+    micro_batches,
+    prepare_batch,
+    row_datums,
+    row_width,
+    target_logprobs,
+)
+from rl.memory import release_large_blocks, resident_memory
 from rl.models import native_bf16, resolve_dtype, resolve_model
 from rl.types import (
     AdamParams,
@@ -90,6 +101,7 @@ class Learner:
                  logits_chunk_tokens: int = 1024, threads: int | None = None):
         """`threads`: torch's CPU threads; None: every core this process may run on. (Ray sets a CPU actor's
         threads to its num_cpus, 1 by default, which would leave cores idle while the learner works.)"""
+        release_large_blocks()
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device.type)
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
@@ -210,12 +222,14 @@ class Learner:
         with self._gradients_set_aside(run.params, keep=backward), torch.set_grad_enabled(backward):
             for rows in micro_batches(prepared, spec.datums_per_group, self.micro_batch_tokens):
                 micro = row_datums(rows)
-                logprobs_D = self._target_logprobs(rows)
-                inputs_D = [{name: value.to(self.device) for name, value in datum.inputs.items()}
-                            for datum in micro]
-                loss, metrics = spec.fn(logprobs_D, inputs_D, config)
-                if backward:
-                    loss.backward()
+                over_budget = backward and len(rows) * row_width(rows) > self.micro_batch_tokens
+                with self._saving_memory() if over_budget else nullcontext():  # the backward recomputes in it
+                    logprobs_D = self._target_logprobs(rows)
+                    inputs_D = [{name: value.to(self.device) for name, value in datum.inputs.items()}
+                                for datum in micro]
+                    loss, metrics = spec.fn(logprobs_D, inputs_D, config)
+                    if backward:
+                        loss.backward()
                 # What the model computed after prefix sharing: the figure a FLOP count starts from.
                 metrics["computed_tokens:sum"] = float(sum(len(row.tokens) for row in rows))
                 metric_parts.append((metrics, len(micro) // spec.datums_per_group))
@@ -230,6 +244,28 @@ class Learner:
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return target_logprobs(model.get_decoder(), model.get_output_embeddings(), rows, pad_id=self._pad_id,
                                    chunk_tokens=self.logits_chunk_tokens, device=self.device)
+
+    @contextmanager
+    def _saving_memory(self):
+        """For a micro-batch wider than the token budget (a single datum or group longer than it): SDPA attention,
+        which never forms the (width x width) score matrix, and each decoder layer's activations recomputed in the
+        backward pass instead of kept. A datum of the full context then trains in bounded memory, for one more
+        forward pass of its tokens."""
+        model = self._peft.get_base_model()
+        layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        attention, training = model.config._attn_implementation, model.training
+        model.config._attn_implementation = "sdpa"
+        model.train()  # transformers checkpoints a layer only in training mode (dropout is 0 in every adapter)
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = False
+            model.train(training)
+            model.config._attn_implementation = attention
 
     def _fill_reference(self, prepared: list[PreparedDatum], name: str, group_size: int) -> None:
         """Computes `name` (the base model's target logprobs, adapter off) for the datums that lack it."""

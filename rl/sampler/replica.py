@@ -182,8 +182,11 @@ def vllm_sampling_params(request: SampleRequest, *, max_tokens: int):
     prompt_logprobs = None
     if request.prompt_logprobs or request.topk_prompt_logprobs:
         prompt_logprobs = request.topk_prompt_logprobs
+    # Greedy decoding gives every sample the same sequence, and vLLM refuses n > 1 with temperature 0: ask for
+    # one and repeat it (`_response`).
     return VllmSamplingParams(
-        n=request.num_samples, max_tokens=max_tokens, seed=params.seed, temperature=params.temperature,
+        n=1 if params.temperature == 0 else request.num_samples, max_tokens=max_tokens, seed=params.seed,
+        temperature=params.temperature,
         top_k=0 if params.top_k == -1 else params.top_k, top_p=params.top_p, stop=stop_strings or None,
         stop_token_ids=stop_ids or None, ignore_eos=stop == [], logprobs=request.topk_sample_logprobs,
         prompt_logprobs=prompt_logprobs, output_kind=RequestOutputKind.FINAL_ONLY,
@@ -205,7 +208,7 @@ def _response(output, request: SampleRequest, version: AdapterVersion | None) ->
                                                                               strict=True)],
                         topk_logprobs=[_top(step, k) for step in sample.logprobs] if k else None)
         for sample in output.outputs
-    ]
+    ] * (request.num_samples // len(output.outputs))
     prompt_logprobs = topk = None
     if output.prompt_logprobs is not None:
         tokens = output.prompt_token_ids

@@ -62,8 +62,7 @@ class TinkerRoutes:
     def routes(self) -> list[Route]:
         service, route, typed = self.service, self.route, self.typed
         return [
-            route("client/config", lambda r, u: self.ok(r, {"use_pyqwest_transport": False,
-                                                             "custom_loss_server_side": True})),
+            route("client/config", lambda r, u: self.ok(r, service.client_config())),
             route("client/dynamic_config", lambda r, u: self.ok(r)),
             route("create_session", self.create_session),
             route("session_heartbeat", lambda r, u: self.ok(r)),

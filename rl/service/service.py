@@ -1,7 +1,9 @@
 """What each Tinker endpoint does, on our learner and sampler pool; `rl/service/app.py` maps HTTP onto it.
 
-One learner actor per base model holds every user's LoRA runs; one sampler pool per base model (adapter
-publish mode: many tenants on one engine) serves every published adapter. Model ids follow the SDK's own
+One learner actor per base model holds every user's LoRA runs (rl.service.learners: users served in turns,
+a dead actor replaced and its runs restored); one sampler pool per base model (adapter publish mode: many
+tenants on one engine) serves every published adapter. Each request is checked against the model's limits
+(rl.service.limits) before it is queued. Model ids follow the SDK's own
 scheme, `{session_id}:train:{model_seq_id}`, so runs created by `create_model` and by loading a checkpoint
 agree. Training requests run in seq_id order per run (FutureStore); requests arrive as our pydantic request
 types (validated at the HTTP edge) and results leave as our pydantic types, which the app encodes as JSON or
@@ -21,13 +23,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from rl.custom_loss import custom_loss_spec
-from rl.learner import LearnerActor
 from rl.models import context_length, resolve_model
 from rl.sampler import SamplerPool
 from rl.service.futures import FutureStore
+from rl.service.learners import SupervisedLearner
+from rl.service.limits import Limits
 from rl.service.registry import AccessDenied, Registry
 from rl.types import (
     Checkpoint,
@@ -62,18 +63,26 @@ DOWNLOAD_URL_SECONDS = 3600
 class Service:
     def __init__(self, models: list[str], storage: Path | str, api_keys: list[str], *, replicas: int = 1,
                  dtype: str = "float32", context: dict[str, int] | None = None, max_lora_rank: int = 128,
-                 max_loras: int = 4, learner_storage: str | None = None):
+                 max_loras: int = 4, learner_storage: str | None = None, max_batch_datums: int = 1024,
+                 max_batch_tokens: int = 32768, max_sample_tokens: int = 32768, turn_tokens: int = 2048):
         """`storage` holds the registry (runs, ownership, public checkpoints); the learners keep checkpoints in
         `learner_storage` (default: storage/checkpoints), a path on the learners' nodes. `context` sets a
-        model's context length; a model it does not name gets its own (rl.models.context_length)."""
+        model's context length; a model it does not name gets its own (rl.models.context_length). The `max_*`
+        limits bound each request (rl.service.limits); the SDK is told to split batches into requests of about
+        `turn_tokens` tokens, each one turn at the learner (`client_config`)."""
         self.storage = Path(storage)
         self.registry = Registry(self.storage, api_keys)
         self.futures = FutureStore()
         self.models = {name: str(resolve_model(name)) for name in models}
         self.context = {name: (context or {}).get(name) or context_length(name) for name in models}
+        self.limits = {name: Limits(context=self.context[name], max_batch_datums=max_batch_datums,
+                                    max_batch_tokens=max_batch_tokens, max_sample_tokens=max_sample_tokens)
+                       for name in models}
         self.max_lora_rank = max_lora_rank
+        self.turn_tokens = turn_tokens
         checkpoints = learner_storage or str(self.storage / "checkpoints")
-        self.learners = {name: LearnerActor.remote(name, storage=checkpoints, dtype=dtype) for name in models}
+        self.learners = {name: SupervisedLearner(name, self.registry, storage=checkpoints, dtype=dtype)
+                         for name in models}
         self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=self.context[name], dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
@@ -88,7 +97,7 @@ class Service:
         for pool in self.pools.values():
             pool.shutdown()
         for learner in self.learners.values():
-            ray.kill(learner)
+            learner.close()
 
     # ---- training runs ---------------------------------------------------------------------------------------
 
@@ -111,7 +120,7 @@ class Service:
         model_id = f"{request.session_id}:train:{request.model_seq_id}"
 
         async def create() -> dict:
-            await self.learners[base].create.remote(base, lora, model_id=model_id)
+            await self.learners[base].call(user, model_id, "create", base, lora, model_id=model_id)
             self.registry.add_run(user, model_id, base, lora.model_dump(), request.user_metadata)
             return {"model_id": model_id}
 
@@ -147,20 +156,22 @@ class Service:
     def forward_backward(self, user: str, model_id: str, seq_id: int, batch: ForwardBackwardInput,
                          forward_only: bool) -> str:
         learner, custom_loss = self._learner(user, model_id), self._custom_loss(user, batch)
-        call = learner.forward if forward_only else learner.forward_backward
-        return self.futures.submit_ordered(user, model_id, seq_id,
-                                           lambda: call.remote(model_id, batch, custom_loss=custom_loss))
+        self.limits[self.registry.run(user, model_id)["base_model"]].check_batch(batch)
+        method = "forward" if forward_only else "forward_backward"
+        return self.futures.submit_ordered(user, model_id, seq_id, lambda: learner.call(
+            user, model_id, method, model_id, batch, custom_loss=custom_loss))
 
     def optim_step(self, user: str, request: OptimStepRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
         return self.futures.submit_ordered(user, model_id, request.seq_id,
-                                           lambda: learner.optim_step.remote(model_id, request.adam_params))
+                                           lambda: learner.call(user, model_id, "optim_step", model_id,
+                                                                request.adam_params))
 
     def save_weights(self, user: str, request: SaveWeightsRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
-        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.save_weights.remote(
-            model_id, request.path, overwrite=request.overwrite, ttl_seconds=request.ttl_seconds,
-            user_metadata=request.user_metadata))
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
+            user, model_id, "save_weights", model_id, request.path, overwrite=request.overwrite,
+            ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata))
 
     def save_weights_for_sampler(self, user: str, request: SaveWeightsForSamplerRequest) -> str:
         """Saves and publishes to the pool; with `sampling_session_seq_id`, answers with a sampling session."""
@@ -169,8 +180,9 @@ class Service:
         name = request.path or f"sampler-{request.seq_id}-{secrets.token_hex(3)}"
 
         async def save() -> dict:
-            version = await self.pools[base].publish(await learner.save_weights_for_sampler.remote(
-                model_id, name, ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata))
+            version = await self.pools[base].publish(await learner.call(
+                user, model_id, "save_weights_for_sampler", model_id, name, ttl_seconds=request.ttl_seconds,
+                user_metadata=request.user_metadata))
             if request.sampling_session_seq_id is None:
                 return {"path": version.tinker_path}
             return {"sampling_session_id": self._new_sampler(user, model_id.split(":")[0], base,
@@ -180,8 +192,8 @@ class Service:
 
     def save_weights_external(self, user: str, request: SaveWeightsExternalRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
-        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.save_weights_external.remote(
-            model_id, request.path, ttl_seconds=request.ttl_seconds))
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
+            user, model_id, "save_weights_external", model_id, request.path, ttl_seconds=request.ttl_seconds))
 
     async def external_weights_urls(self, user: str, model_id: str, checkpoint_id: str,
                                     base_url: str) -> ExternalWeightsUrlsResponse:
@@ -191,7 +203,7 @@ class Service:
             raise ValueError(f"{path} is not an external_weights checkpoint (save_weights_external makes them)")
         learner = self.learners[self.registry.run(user, model_id)["base_model"]]
         expires = datetime.now(UTC) + timedelta(seconds=DOWNLOAD_URL_SECONDS)
-        names = await learner.checkpoint_files.remote(path)
+        names = await learner.ask("checkpoint_files", path)
         return ExternalWeightsUrlsResponse(expires=expires, urls={
             name: f"{base_url.rstrip('/')}/api/v1/external_files/{self._sign(path, name, expires)}" for name in names})
 
@@ -211,21 +223,22 @@ class Service:
         if time.time() > expires:
             raise AccessDenied("this download URL has expired; ask for new ones (get_external_weights_urls)")
         run = self.registry.runs[ParsedCheckpointTinkerPath.from_tinker_path(path).training_run_id]
-        return await self.learners[run["base_model"]].checkpoint_file.remote(path, name)
+        return await self.learners[run["base_model"]].ask("checkpoint_file", path, name)
 
     def load_weights(self, user: str, request: LoadWeightsRequest) -> str:
         path, optimizer = request.path, request.optimizer
         base = self._checkpoint_base(user, path)
         if request.model_id is not None:  # into an existing run, in its seq_id order
             learner, model_id = self._learner(user, request.model_id), request.model_id
-            return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.load_weights.remote(
-                path, optimizer=optimizer, model_id=model_id))
+            return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
+                user, model_id, "load_weights", path, optimizer=optimizer, model_id=model_id))
         self.registry.check_session(user, request.session_id)
         model_id = f"{request.session_id}:train:{request.model_seq_id}"
 
         async def load() -> dict:
-            await self.learners[base].load_weights.remote(path, optimizer=optimizer, model_id=model_id)
-            info = await self.learners[base].weights_info.remote(path)
+            await self.learners[base].call(user, model_id, "load_weights", path, optimizer=optimizer,
+                                           model_id=model_id)
+            info = await self.learners[base].ask("weights_info", path)
             lora = LoraConfig(rank=info.lora_rank, train_unembed=info.train_unembed, train_mlp=info.train_mlp,
                               train_attn=info.train_attn)
             self.registry.add_run(user, model_id, base, lora.model_dump(), request.user_metadata)
@@ -255,7 +268,7 @@ class Service:
     async def _publish(self, base: str, path: str) -> None:
         """Publishes a sampler checkpoint saved earlier (another run's, or before a restart), verified."""
         if not self.pools[base].published(path):
-            await self.pools[base].publish(await self.learners[base].sampler_weights.remote(path))
+            await self.pools[base].publish(await self.learners[base].ask("sampler_weights", path))
 
     def _new_sampler(self, user: str, session_id: str, base: str, path: str | None) -> str:
         sampler_id = self.pools[base].create_sampling_session(path)
@@ -291,6 +304,7 @@ class Service:
                 raise ValueError(f"base_model {request.base_model!r} disagrees with model_path {path!r}, whose base "
                                  f"model is {base!r}")
             request = request.model_copy(update={"base_model": None})
+        self.limits[base].check_sample(request)
         key = (request.sampling_session_id, request.seq_id) if request.sampling_session_id else None
         return self.futures.submit(user, lambda: self.pools[base].sample(request), key=key)
 
@@ -314,7 +328,7 @@ class Service:
 
     async def run_checkpoints(self, user: str, model_id: str) -> CheckpointsListResponse:
         run = self.registry.run(user, model_id)
-        listed = await self.learners[run["base_model"]].list_checkpoints.remote(model_id)
+        listed = await self.learners[run["base_model"]].ask("list_checkpoints", model_id)
         return CheckpointsListResponse(checkpoints=[self._public(c) for c in listed.checkpoints])
 
     async def user_checkpoints(self, user: str, limit: int | None, offset: int) -> CheckpointsListResponse:
@@ -342,12 +356,12 @@ class Service:
 
     async def set_checkpoint_ttl(self, user: str, model_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
         path = self._owned_checkpoint(user, model_id, checkpoint_id)
-        await self.learners[self.registry.run(user, model_id)["base_model"]].set_checkpoint_ttl.remote(path,
-                                                                                                      ttl_seconds)
+        await self.learners[self.registry.run(user, model_id)["base_model"]].ask("set_checkpoint_ttl", path,
+                                                                                 ttl_seconds)
 
     async def delete_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> None:
         path = self._owned_checkpoint(user, model_id, checkpoint_id)
-        await self.learners[self.registry.run(user, model_id)["base_model"]].delete_checkpoint.remote(path)
+        await self.learners[self.registry.run(user, model_id)["base_model"]].ask("delete_checkpoint", path)
         self.registry.set_public(path, False)
 
     def _owned_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> str:
@@ -356,8 +370,23 @@ class Service:
 
     async def weights_info(self, user: str, request: WeightsInfoRequest) -> WeightsInfoResponse:
         base = self._checkpoint_base(user, request.tinker_path)
-        return await self.learners[base].weights_info.remote(request.tinker_path)
+        return await self.learners[base].ask("weights_info", request.tinker_path)
+
+    def client_config(self) -> dict:
+        """What the SDK asks at start: among it, how to split a forward_backward batch into requests. Each
+        request is one turn at the learner (rl.service.learners), so requests of about `turn_tokens` tokens keep
+        a user's large batch from holding the others up for long, and keep each within max_batch_datums and
+        max_batch_tokens. (The SDK counts a datum's bytes; a token takes at least 8, its id and its target's,
+        and usually 12-24 with weights or advantages.)"""
+        limits = list(self.limits.values())
+        tokens = min([self.turn_tokens] + [limit.max_batch_tokens for limit in limits])
+        return {"use_pyqwest_transport": False, "custom_loss_server_side": True,
+                "fwdbwd_max_chunk_len": min(limit.max_batch_datums for limit in limits),
+                "fwdbwd_max_chunk_bytes_count": 8 * tokens}
 
     def capabilities(self) -> dict:
+        """Each served model with its limits (rl.service.limits; the SDK's SupportedModel reads model_name and
+        max_context_length, and ignores the other limits, which the raw JSON carries)."""
         return {"supported_models": [{"model_name": name, "max_context_length": self.context[name],
-                                      "trainable": True, "sampleable": True} for name in self.models]}
+                                      "trainable": True, "sampleable": True, **self.limits[name].as_dict()}
+                                     for name in self.models]}

@@ -1,0 +1,164 @@
+"""The service's learner for one base model: one actor shared by every user, served in turns, and kept alive.
+
+Turns: the calls that work on a run (create, forward_backward, optim_step, saves, loads) reach the actor one at a
+time, the users with calls waiting served in rotation, each user's calls in the order they came. A user sending
+a stream of large batches then delays another user's step by at most one call, not by everything queued before.
+
+Supervision: an actor found dead (killed, out of memory, its node lost) is replaced by the call that finds it,
+and every run on it is restored: from the checkpoint it was last saved to or loaded from in this server's
+lifetime, else its latest training checkpoint, else a new adapter. A run that had changed since (steps, or
+gradients not yet applied) lost that work: the call in flight, or else that run's next call, fails with a
+`RunRestored` that says what it resumed from; the calls after it work on the restored state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import ray
+
+from rl.learner import LearnerActor
+from rl.service.registry import Registry
+from rl.types import LoraConfig
+
+DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
+"""What a call on a dead actor raises (Ray's memory monitor's kill is an OutOfMemoryError)."""
+CHANGES_STATE = ("forward_backward", "optim_step")
+
+
+class RunRestored(RuntimeError):
+    """A run's learner died and the run was restored from a checkpoint; the message says which."""
+
+
+class Turns:
+    """Jobs run one at a time; the users with jobs waiting take turns (in the order they started waiting, a user
+    served going to the back), each user's jobs in the order they came."""
+
+    def __init__(self):
+        self._waiting: dict[str, deque[tuple[Callable[[], Awaitable[Any]], asyncio.Future]]] = {}
+        self._server: asyncio.Task | None = None
+
+    async def run(self, user: str, job: Callable[[], Awaitable[Any]]) -> Any:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(user, deque()).append((job, done))
+        if self._server is None or self._server.done():
+            self._server = asyncio.ensure_future(self._serve())
+        return await done
+
+    async def _serve(self) -> None:
+        while self._waiting:
+            user = next(iter(self._waiting))
+            queue = self._waiting.pop(user)
+            job, done = queue.popleft()
+            if queue:
+                self._waiting[user] = queue  # to the back of the rotation
+            try:
+                result = await job()
+            except Exception as error:  # the caller's to handle; the rotation goes on
+                result, error_raised = None, error
+            else:
+                error_raised = None
+            if not done.cancelled():  # its caller may have gone
+                done.set_exception(error_raised) if error_raised else done.set_result(result)
+
+
+class SupervisedLearner:
+    def __init__(self, base_model: str, registry: Registry, **options):
+        """`options` are the learner actor's (rl.learner.Learner's keyword arguments)."""
+        self.base_model = base_model
+        self.registry = registry
+        self.options = options
+        self.actor = LearnerActor.remote(base_model, **options)
+        self.turns = Turns()
+        self._restore_points: dict[str, tuple[str, bool]] = {}
+        """run -> (checkpoint path, with optimizer) that its state equals, as of its last save or load."""
+        self._changed: set[str] = set()
+        """Runs whose state differs from their restore point."""
+        self._lost: dict[str, str] = {}
+        """Runs restored with work lost -> what their next call is told."""
+        self._replacing = asyncio.Lock()
+
+    # ---- calls -----------------------------------------------------------------------------------------------
+
+    async def call(self, user: str, model_id: str, method: str, /, *args, **kwargs) -> Any:
+        """`method` of the learner (given `args` and `kwargs`) for run `model_id`, in `user`'s turn."""
+        if model_id in self._lost:
+            raise RunRestored(self._lost.pop(model_id))
+
+        async def job():
+            actor = self.actor
+            try:
+                return await getattr(actor, method).remote(*args, **kwargs)
+            except DEATH as error:  # replaced in this turn, so no other call reaches a half-restored actor
+                await self._replace(actor, error)
+                raise RunRestored(self._lost.pop(model_id, None) or self._message(model_id, error, lost=False)
+                                  ) from None
+
+        result = await self.turns.run(user, job)
+        self._track(model_id, method, args, kwargs, result)
+        return result
+
+    async def ask(self, method: str, /, *args, **kwargs) -> Any:
+        """A call that changes no run (listings, checkpoint files), at once; retried once on a replaced actor."""
+        actor = self.actor
+        try:
+            return await getattr(actor, method).remote(*args, **kwargs)
+        except DEATH as error:
+            await self._replace(actor, error)
+            return await getattr(self.actor, method).remote(*args, **kwargs)
+
+    def close(self) -> None:
+        ray.kill(self.actor)
+
+    # ---- supervision -----------------------------------------------------------------------------------------
+
+    def _track(self, model_id: str, method: str, args: tuple, kwargs: dict, result: Any) -> None:
+        if method in CHANGES_STATE:
+            self._changed.add(model_id)
+        elif method == "save_weights":
+            self._restore_points[model_id] = (result.path, True)
+            self._changed.discard(model_id)
+        elif method == "load_weights":  # load_weights(path, optimizer=..., model_id=...)
+            self._restore_points[model_id] = (args[0], kwargs["optimizer"])
+            self._changed.discard(model_id)
+
+    async def _replace(self, dead, cause: Exception) -> None:
+        """A new actor in place of `dead` (unless a concurrent call replaced it already), every run restored."""
+        async with self._replacing:
+            if self.actor is not dead:
+                return
+            ray.kill(dead, no_restart=True)
+            self.actor = LearnerActor.remote(self.base_model, **self.options)
+            for model_id, run in list(self.registry.runs.items()):
+                if run["base_model"] != self.base_model:
+                    continue
+                try:
+                    point = self._restore_points.get(model_id) or await self._latest_checkpoint(model_id)
+                    if point is None:
+                        await self.actor.create.remote(self.base_model, LoraConfig.model_validate(run["lora"]),
+                                                       model_id=model_id)
+                    else:
+                        await self.actor.load_weights.remote(point[0], optimizer=point[1], model_id=model_id)
+                        self._restore_points[model_id] = point
+                except Exception as error:  # this run's checkpoint is gone or unreadable: the others go on
+                    self._lost[model_id] = (f"run {model_id}: its learner died ({type(cause).__name__}) and the "
+                                            f"run could not be restored: {error}")
+                    continue
+                if model_id in self._changed:
+                    self._lost[model_id] = self._message(model_id, cause, lost=True)
+            self._changed.clear()
+
+    async def _latest_checkpoint(self, model_id: str) -> tuple[str, bool] | None:
+        listed = (await self.actor.list_checkpoints.remote(model_id)).checkpoints
+        training = [checkpoint for checkpoint in listed if checkpoint.checkpoint_type == "training"]
+        return (max(training, key=lambda c: c.time).tinker_path, True) if training else None
+
+    def _message(self, model_id: str, cause: Exception, *, lost: bool) -> str:
+        point = self._restore_points.get(model_id)
+        start = f"from {point[0]}" if point else "from a new adapter (the run had no training checkpoint)"
+        after = "the steps and gradients after it are lost" if lost else "it had not changed since"
+        return (f"run {model_id}: its learner died ({type(cause).__name__}) and was replaced; the run was restored "
+                f"{start}: {after}. This call did not run: send it again.")
