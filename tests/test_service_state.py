@@ -138,6 +138,23 @@ def test_registry_users_sessions_runs_and_public_checkpoints(tmp_path):
     assert not Registry(tmp_path, ["tml-a"]).readable(bob, path)
 
 
+def test_a_result_is_dropped_after_it_was_retrieved_and_its_request_still_runs_once(monkeypatch):
+    monkeypatch.setattr(futures, "KEEP_SECONDS", (0.05, 30.0))
+
+    async def scenario():
+        store, order = FutureStore(), []
+        request_id = store.submit_ordered("alice", "m", 1, recorder(order, "job1"))
+        first = await store.retrieve("alice", request_id, timeout=5)
+        again = await store.retrieve("alice", request_id, timeout=5)  # a resent retrieve, within the grace
+        await asyncio.sleep(0.2)
+        with pytest.raises(ValueError, match="unknown request_id"):
+            await store.retrieve("alice", request_id, timeout=5)
+        resent = store.submit_ordered("alice", "m", 1, recorder(order, "job1-again"))
+        return first, again, resent == request_id, order, len(store._results)
+
+    assert run(scenario()) == ("job1", "job1", True, ["job1"], 0)
+
+
 def test_users_take_turns_at_the_learner_and_each_users_jobs_keep_their_order():
     async def scenario():
         turns, order, release = Turns(), [], asyncio.Event()

@@ -6,7 +6,8 @@ Each training run executes its requests in `seq_id` order, whatever order they a
 chunks of one step concurrently, the first last); a seq_id that never comes (its client failed before sending)
 holds the run up for GAP_SECONDS only. A request seen again with the same (model_id, seq_id), as a retry is, gets
 the same request id and is not run twice. Sampling requests run as they come. A failure is kept as
-`{"error", "category"}`, the shape the SDK turns into a RequestFailedError.
+`{"error", "category"}`, the shape the SDK turns into a RequestFailedError. A result is dropped a minute after it
+was first retrieved (an hour after it settled, if never), so a server's memory does not grow with its traffic.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ POLL_SECONDS = 20.0
 """How long retrieve_future holds a request before answering try_again: well under the SDK's 45 s timeout."""
 GAP_SECONDS = 10.0
 """How long a run's later requests wait for a missing seq_id before going on without it."""
+KEEP_SECONDS = (60.0, 3600.0)
+"""How long a result is kept after it was first retrieved (for a resent retrieve), and at most after it settled."""
 
 
 @dataclass
@@ -92,6 +95,7 @@ class FutureStore:
 
     async def _settle(self, request_id: str, job: Callable[[], Awaitable[Any]]) -> None:
         future = self._results[request_id]
+        asyncio.get_running_loop().call_later(KEEP_SECONDS[1], self._forget, request_id)
         try:
             future.set_result(await job())
         except Exception as error:
@@ -108,6 +112,14 @@ class FutureStore:
             raise ValueError(f"unknown request_id {request_id!r}")
         future = self._results[request_id]
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.poll_seconds if timeout is None else timeout)
+            result = await asyncio.wait_for(asyncio.shield(future), self.poll_seconds if timeout is None else timeout)
         except TimeoutError:
             return None
+        asyncio.get_running_loop().call_later(KEEP_SECONDS[0], self._forget, request_id)
+        return result
+
+    def _forget(self, request_id: str) -> None:
+        """Drops a result (a long-running server would otherwise keep every result it ever gave); its request id
+        stays known to the run's queue, so a resent request is still not run twice."""
+        self._results.pop(request_id, None)
+        self._owners.pop(request_id, None)

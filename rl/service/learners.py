@@ -58,14 +58,17 @@ class Turns:
             try:
                 result = await job()
             except Exception as error:  # the caller's to handle; the rotation goes on
-                result, error_raised = None, error
-            else:
-                error_raised = None
-            if not done.cancelled():  # its caller may have gone
-                done.set_exception(error_raised) if error_raised else done.set_result(result)
+                if not done.cancelled():  # its caller may have gone
+                    done.set_exception(error)
+                continue
+            if not done.cancelled():
+                done.set_result(result)
 
 
 class SupervisedLearner:
+    """One base model's learner actor, as the service uses it: `call` for work on a run (in turns, supervised),
+    `ask` for the rest."""
+
     def __init__(self, base_model: str, registry: Registry, **options):
         """`options` are the learner actor's (rl.learner.Learner's keyword arguments)."""
         self.base_model = base_model
