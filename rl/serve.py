@@ -55,11 +55,20 @@ def api_keys(config: ServeConfig) -> list[str]:
     return list(config.api_keys) + [key for key in os.environ.get("RL_API_KEYS", "").split(",") if key.strip()]
 
 
+def build_service(config: ServeConfig, keys: list[str]):
+    """The `Service` that `config` describes, serving `keys` (what `serve` runs; benchmarks build it too)."""
+    from rl.service.service import Service
+
+    return Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
+                   context=config.context, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras,
+                   max_batch_datums=config.max_batch_datums, max_batch_tokens=config.max_batch_tokens,
+                   max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens)
+
+
 def serve(config: ServeConfig) -> None:
     import uvicorn
 
     from rl.service.app import build_app
-    from rl.service.service import Service
 
     keys = api_keys(config)
     if not keys and config.host not in LOOPBACK:
@@ -67,11 +76,7 @@ def serve(config: ServeConfig) -> None:
                          "so it only listens on loopback; set api_keys or RL_API_KEYS to serve other hosts")
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    service = Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
-                      context=config.context, max_lora_rank=config.max_lora_rank,
-                      max_loras=config.max_loras, max_batch_datums=config.max_batch_datums,
-                      max_batch_tokens=config.max_batch_tokens, max_sample_tokens=config.max_sample_tokens,
-                      turn_tokens=config.turn_tokens)
+    service = build_service(config, keys)
     who = f"{len(keys)} API keys" if keys else "no API keys: single user, loopback only"
     print(f"rl-serve: {', '.join(config.models)} on http://{config.host}:{config.port} ({who}); storage "
           f"{Path(config.storage).resolve()}", flush=True)

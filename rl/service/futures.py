@@ -95,7 +95,6 @@ class FutureStore:
 
     async def _settle(self, request_id: str, job: Callable[[], Awaitable[Any]]) -> None:
         future = self._results[request_id]
-        asyncio.get_running_loop().call_later(KEEP_SECONDS[1], self._forget, request_id)
         try:
             future.set_result(await job())
         except Exception as error:
@@ -104,6 +103,7 @@ class FutureStore:
                 future.set_result({"error": str(cause), "category": "user"})
             else:
                 future.set_result({"error": f"{type(cause).__name__}: {cause}", "category": "server"})
+        asyncio.get_running_loop().call_later(KEEP_SECONDS[1], self._forget, request_id)
 
     async def retrieve(self, owner: str, request_id: str, timeout: float | None = None) -> Any | None:
         """The result, or None if it is not ready within `timeout` seconds (default: the store's poll_seconds;

@@ -57,8 +57,8 @@ class Limits:
         if max_tokens is not None and prompt + max_tokens > self.context:
             raise ValueError(f"prompt ({prompt} tokens) + sampling_params.max_tokens ({max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens")
-        work = request.num_samples * (max_tokens or self.context - prompt)
-        if work > self.max_sample_tokens:
-            raise ValueError(f"num_samples x sampling_params.max_tokens = {request.num_samples} x "
-                             f"{max_tokens or self.context - prompt} = {work} tokens; this server samples at most "
+        each = max_tokens or self.context - prompt
+        if request.num_samples * each > self.max_sample_tokens:
+            raise ValueError(f"num_samples x sampling_params.max_tokens = {request.num_samples} x {each} = "
+                             f"{request.num_samples * each} tokens; this server samples at most "
                              f"{self.max_sample_tokens} per request (max_sample_tokens): ask in several requests")

@@ -74,8 +74,8 @@ class Service:
         self.registry = Registry(self.storage, api_keys)
         self.futures = FutureStore()
         self.models = {name: str(resolve_model(name)) for name in models}
-        self.context = {name: (context or {}).get(name) or context_length(name) for name in models}
-        self.limits = {name: Limits(context=self.context[name], max_batch_datums=max_batch_datums,
+        self.limits = {name: Limits(context=(context or {}).get(name) or context_length(name),
+                                    max_batch_datums=max_batch_datums,
                                     max_batch_tokens=max_batch_tokens, max_sample_tokens=max_sample_tokens)
                        for name in models}
         self.max_lora_rank = max_lora_rank
@@ -83,7 +83,7 @@ class Service:
         checkpoints = learner_storage or str(self.storage / "checkpoints")
         self.learners = {name: SupervisedLearner(name, self.registry, storage=checkpoints, dtype=dtype)
                          for name in models}
-        self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=self.context[name], dtype=dtype,
+        self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=self.limits[name].context, dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
@@ -156,7 +156,7 @@ class Service:
     def forward_backward(self, user: str, model_id: str, seq_id: int, batch: ForwardBackwardInput,
                          forward_only: bool) -> str:
         learner, custom_loss = self._learner(user, model_id), self._custom_loss(user, batch)
-        self.limits[self.registry.run(user, model_id)["base_model"]].check_batch(batch)
+        self.limits[learner.base_model].check_batch(batch)
         method = "forward" if forward_only else "forward_backward"
         return self.futures.submit_ordered(user, model_id, seq_id, lambda: learner.call(
             user, model_id, method, model_id, batch, custom_loss=custom_loss))
@@ -387,6 +387,6 @@ class Service:
     def capabilities(self) -> dict:
         """Each served model with its limits (rl.service.limits; the SDK's SupportedModel reads model_name and
         max_context_length, and ignores the other limits, which the raw JSON carries)."""
-        return {"supported_models": [{"model_name": name, "max_context_length": self.context[name],
+        return {"supported_models": [{"model_name": name, "max_context_length": self.limits[name].context,
                                       "trainable": True, "sampleable": True, **self.limits[name].as_dict()}
                                      for name in self.models]}

@@ -39,9 +39,8 @@ from tinker import types as sdk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from main_job import role  # noqa: E402
 
-from rl.serve import ServeConfig  # noqa: E402
+from rl.serve import ServeConfig, build_service  # noqa: E402
 from rl.service.app import ServerThread  # noqa: E402
-from rl.service.service import Service  # noqa: E402
 
 SMALL_DATUMS, SMALL_TOKENS, BIG_DATUM_TOKENS = 4, 64, 512
 ADAM = sdk.AdamParams(learning_rate=1e-5)
@@ -195,9 +194,8 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     keys = [f"tml-user-{index}" for index in range(9)]
     watch = MemoryWatch()
-    service = Service([args.model], tempfile.mkdtemp(prefix="serve-load-"), keys, dtype=defaults.dtype,
-                      max_batch_datums=defaults.max_batch_datums, max_batch_tokens=defaults.max_batch_tokens,
-                      max_sample_tokens=defaults.max_sample_tokens, turn_tokens=args.turn_tokens)
+    service = build_service(ServeConfig(models=[args.model], storage=tempfile.mkdtemp(prefix="serve-load-"),
+                                        turn_tokens=args.turn_tokens), keys)
     server = ServerThread(service)
     traffic = Traffic(server, args.model, keys, args.big_tokens)
     result = {"model": args.model, "big_tokens": args.big_tokens, "turn_tokens": args.turn_tokens,
