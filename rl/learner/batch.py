@@ -92,23 +92,27 @@ def _check_ids(where: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{where} holds token id {int(bad[0])}, outside the vocabulary [0, {vocab_size})")
 
 
-def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int) -> list[list[PackedRow]]:
-    """Splits the batch into micro-batches of whole groups, each its packed rows (`pack_rows`), that fill at most
+def micro_batches(parts: list[tuple[list[PreparedDatum], int]], token_budget: int) -> list[list[PackedRow]]:
+    """Splits batches into micro-batches of whole groups, each its packed rows (`pack_rows`), that fill at most
     `token_budget` tokens, padding included; a unit wider than the budget forms a micro-batch of its own.
 
-    The batch is packed in its own order first, so datums that share a prefix (an RL group, a DPO pair) share a
-    row; units of rows that hold whole groups are then sorted by width, so each micro-batch pads little. The
-    budget bounds what a micro-batch keeps alive for backward (about 1.3 MB a token for SmolLM2-135M in bf16).
+    `parts`: one or more batches (several runs' calls in one pass), each with its group size. Each batch is packed
+    in its own order first, so datums that share a prefix (an RL group, a DPO pair) share a row, and each row
+    holds datums of one batch (`PackedRow.part`); units of rows that hold whole groups are then sorted by width,
+    across batches, so each micro-batch pads little. The budget bounds what a micro-batch keeps alive for backward
+    (about 1.3 MB a token for SmolLM2-135M in bf16).
     """
     units: list[list[PackedRow]] = []
-    unit: list[PackedRow] = []
-    taken = 0
-    for row in pack_rows(batch):
-        unit.append(row)
-        taken += len(row.datums)
-        if taken % group_size == 0:
-            units.append(unit)
-            unit = []
+    for part, (batch, group_size) in enumerate(parts):
+        unit: list[PackedRow] = []
+        taken = 0
+        for row in pack_rows(batch):
+            row.part = part
+            unit.append(row)
+            taken += len(row.datums)
+            if taken % group_size == 0:
+                units.append(unit)
+                unit = []
     units.sort(key=row_width, reverse=True)
     result: list[list[PackedRow]] = []
     current: list[PackedRow] = []
@@ -117,7 +121,10 @@ def micro_batches(batch: list[PreparedDatum], group_size: int, token_budget: int
             result.append(current)
             current = []
         current += unit
-    return result + [current] if current else result
+    result += [current] if current else []
+    for rows in result:  # each batch's rows side by side: a layer adds each run's LoRA update to one slice
+        rows.sort(key=lambda row: row.part)
+    return result
 
 
 def row_width(rows: list[PackedRow]) -> int:
@@ -150,6 +157,8 @@ class PackedRow:
     """For each datum of the row, the row indices of its tokens in order: its path down the tree."""
     children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
     """(a token's row index, or -1 for the root; the next token id) -> the next token's row index."""
+    part: int = 0
+    """Which of the batches given to `micro_batches` the row's datums come from."""
 
     def shared(self, tokens: list[int]) -> list[int]:
         """The row indices of the longest prefix of `tokens` that the row holds already."""
@@ -204,9 +213,11 @@ def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype) -> Tens
 
 
 def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, rows: list[PackedRow], *,
-                    pad_id: int, chunk_tokens: int, device: torch.device) -> list[Tensor]:
+                    pad_id: int, chunk_tokens: int, device: torch.device,
+                    output_adapters: list[str] | None = None) -> list[Tensor]:
     """log p(target | prefix) for every target of every datum of `rows`, in `row_datums` order, each shaped like
-    its datum's `target_tokens`."""
+    its datum's `target_tokens`. `output_adapters`: when rows of several runs share the pass and LoRA adapts the
+    output layer, each row's PEFT adapter, which the output layer applies to that row's tokens."""
     batch = row_datums(rows)
     width = row_width(rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)  # (R, W), right-padded
@@ -228,13 +239,17 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
     source = torch.tensor([start + position for start, row in zip(starts, rows, strict=False)
                            for member in row.members for position in member])  # (N,)
     targets = torch.cat([datum.inputs["target_tokens"].reshape(len(datum.tokens), -1) for datum in batch])  # (N, K)
+    # The output layer sees tokens, not rows: each token gets its row's adapter.
+    token_adapters = None if output_adapters is None else [
+        output_adapters[index] for index, row in enumerate(rows) for _ in row.tokens]
     order = torch.argsort(source, stable=True)  # datum tokens by row token, so each chunk reads a contiguous run
     source_sorted = source[order]
     chunks = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         low, high = torch.searchsorted(source_sorted, torch.tensor([start, start + chunk_tokens])).tolist()
         piece = (hidden[start:start + chunk_tokens], (source_sorted[low:high] - start).to(device),
-                 targets[order[low:high]].to(device))
+                 targets[order[low:high]].to(device),
+                 None if token_adapters is None else token_adapters[start:start + chunk_tokens])
         # With several chunks, each chunk's logits are recomputed in backward rather than all kept at once; a
         # single chunk would only be computed twice for the same peak.
         if torch.is_grad_enabled() and hidden.shape[0] > chunk_tokens:
@@ -247,8 +262,11 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
             for part, datum in zip(flat.split(lengths), batch, strict=True)]
 
 
-def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, reads: Tensor, targets: Tensor) -> Tensor:
-    """(n, K) logprobs of `targets` at the row tokens `reads` indexes in `hidden` (u, H)."""
+def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, reads: Tensor, targets: Tensor,
+                         adapters: list[str] | None) -> Tensor:
+    """(n, K) logprobs of `targets` at the row tokens `reads` indexes in `hidden` (u, H); `adapters`: each row
+    token's PEFT adapter (PEFT's mixed-adapter batch), or None for the active one."""
+    logits = output_layer(hidden) if adapters is None else output_layer(hidden, adapter_names=adapters)
     # log_softmax is one fused kernel forward and backward; logsumexp + subtraction is several, and slower.
-    logprobs = torch.log_softmax(output_layer(hidden).float(), dim=-1)  # (u, V)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (u, V)
     return logprobs[reads[:, None], targets]
