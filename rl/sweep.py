@@ -46,7 +46,8 @@ def share_key(config: TrainConfig) -> tuple:
     actors (not the learning rate, loss, seed, LoRA rank, data or steps: each run has its own)."""
     model, learner, sampler = config.model, config.learner, config.sampler
     return (model.name, model.dtype, model.max_model_len, learner.num_cpus, learner.num_gpus,
-            tuple(sorted(learner.resources.items())), learner.micro_batch_tokens, learner.threads, sampler.replicas,
+            tuple(sorted(learner.resources.items())), learner.micro_batch_tokens, learner.threads, learner.batch_runs,
+            sampler.replicas,
             sampler.num_cpus, sampler.num_gpus, tuple(sorted(sampler.resources.items())), sampler.threads,
             config.algo.off_policy, config.storage_uri, config.cluster.placement_strategy)
 

@@ -1,19 +1,26 @@
 """Sweeps (rl/sweep.py) on the tiny model: a sweep's runs at once on one learner and one sampler pool, each run as
 it would be alone, a failing run failing alone, and resume=true continuing the unfinished ones."""
 
+import asyncio
 import csv
 import json
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 from safetensors.torch import load_file
 from test_rl_loop import tiny_config
 
 from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, SweepConfig, TaskConfig, TrainConfig
 from rl.driver.state import read_state, write_state
+from rl.learner import LearnerActor
+from rl.learner.batching import CoalescedCalls
 from rl.sweep import Job, run_sweep, share_key
 from rl.train import run
+from rl.types import Datum, ForwardBackwardInput, LoraConfig
 
 
 def adapter(folder: Path, checkpoint: str) -> dict:
@@ -34,8 +41,45 @@ def test_runs_share_actors_when_only_what_each_run_owns_differs():
     assert {share_key(config) for config in alike} == {share_key(base)}
     unlike = [replace(base, model=ModelConfig(name="tiny")), replace(base, model=replace(base.model, dtype="float32")),
               replace(base, learner=LearnerConfig(num_gpus=1)), replace(base, sampler=SamplerConfig(replicas=2)),
-              replace(base, algo=AlgoConfig(off_policy=True)), replace(base, storage_uri="file:///shared")]
+              replace(base, algo=AlgoConfig(off_policy=True)), replace(base, storage_uri="file:///shared"),
+              replace(base, learner=LearnerConfig(batch_runs=True))]
     assert len({share_key(config) for config in [base, *unlike]}) == len(unlike) + 1
+
+
+def test_runs_calls_that_arrive_while_the_learner_is_busy_share_a_pass_and_each_gets_its_own_result(
+        tiny_model_dir, ray_local, tmp_path):
+    learner = LearnerActor.remote(str(tiny_model_dir), storage=str(tmp_path))
+    runs = ray.get([learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=seed)) for seed in range(4)])
+    batches = [ForwardBackwardInput(data=[Datum.next_token(list(range(5 + i, 30 + 2 * i)), weights=[1.0] * (25 + i))],
+                                    loss_fn="cross_entropy") for i in range(3)]
+    batches.append(ForwardBackwardInput(data=[Datum.next_token([1, 2048, 3], weights=[1.0] * 3)],
+                                        loss_fn="cross_entropy"))  # a token outside the vocabulary
+    alone = ray.get([learner.forward.remote(run, batch) for run, batch in zip(runs[:3], batches, strict=False)])
+    calls = CoalescedCalls(learner)
+    # The learner is busy with a large call while the first run's call is sent; the others arrive meanwhile and
+    # wait together for the next pass.
+    busy = learner.forward_backward.remote(runs[0], ForwardBackwardInput(
+        data=[Datum.next_token(list(range(10, 250)), weights=[1.0] * 240)] * 48, loss_fn="cross_entropy"))
+    results: dict[int, object] = {}
+
+    def run_loop(index: int) -> None:
+        try:
+            results[index] = asyncio.run(calls.forward_backward(runs[index], batches[index]))[0]
+        except ValueError as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run_loop, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(timeout=120)
+    ray.get(busy)
+    assert calls.passes == 2, "the first call alone, then the three that arrived while the learner was busy"
+    for index, expected in enumerate(alone):
+        assert results[index].metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-5)
+    assert isinstance(results[3], ValueError) and "data[0].model_input holds token id 2048" in str(results[3])
+    ray.kill(learner)
 
 
 @pytest.mark.slow
@@ -44,7 +88,7 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
         return [Job([f"algo.learning_rate={rate}"], tiny_config(
             tiny_model_dir, tmp_path / sweep / str(index), steps=2, eval_every=2, eval_prompts=4, checkpoint_every=1,
             task=TaskConfig(name="digits"), algo={"learning_rate": rate, "prompts_per_step": 4, "group_size": 4},
-            sweep=SweepConfig(share=True), **fields))
+            sweep=SweepConfig(share=True), learner=LearnerConfig(batch_runs=True), **fields))
             for index, rate in enumerate((1e-2, 3e-3, -1.0))]
 
     swept = run_sweep(jobs("sweep"), tmp_path / "sweep")
@@ -52,6 +96,7 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
     assert [job.error for job in swept[:2]] == [None, None]
     for job in swept[:2]:
         assert [record["step"] for record in job.history] == [0, 1, 2] and "eval/accuracy" in job.history[0]
+        assert {record["learner/runs_in_pass"] for record in job.history[:2]} <= {1, 2}  # their calls coalesce
     record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert record[0]["learner"] == record[1]["learner"] is not None and record[2]["learner"] is None, record
     with open(tmp_path / "sweep" / "sweep.csv") as file:

@@ -34,6 +34,7 @@ from rl.driver.episodes import episode_limits, greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment
 from rl.learner import LearnerActor
+from rl.learner.batching import CoalescedCalls
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
 from rl.models import emulated_bf16_warning, resolve_model
@@ -77,6 +78,8 @@ class Shared:
     learner: ray.actor.ActorHandle
     pool: SamplerPool | None
     """None when none of the runs samples (SFT or DPO without evaluation)."""
+    calls: CoalescedCalls | None = None
+    """With `learner.batch_runs` and several runs: their forward_backward calls, coalesced into passes."""
 
     @classmethod
     def start(cls, configs: list[TrainConfig], *, wait: bool = True) -> Shared:
@@ -96,7 +99,8 @@ class Shared:
                                   max_lora_rank=max(other.model.lora_rank for other in configs),
                                   publish_mode=config.sampler.publish_mode if len(configs) == 1 else "adapter")
             check_dtypes(config, ray.get(learner.describe.remote()), pool)
-            return cls(placement, learner, pool)
+            return cls(placement, learner, pool,
+                       CoalescedCalls(learner) if config.learner.batch_runs and len(configs) > 1 else None)
         except BaseException:
             remove_placement_group(placement)
             raise
@@ -229,9 +233,12 @@ class Run:
 
     async def train_step(self, batch: ForwardBackwardInput, adam: AdamParams, record: dict) -> ForwardBackwardOutput:
         """forward_backward then optim_step on `batch`, each timed into `record`, which gains the optimizer's
-        metrics."""
+        metrics (and `learner/runs_in_pass` where a shared learner batches its runs' calls)."""
         with timed(record, "forward_backward"):
-            output = await self.learner.forward_backward.remote(self.model_id, batch)
+            if self.actors.calls is not None:
+                output, record["learner/runs_in_pass"] = await self.actors.calls.forward_backward(self.model_id, batch)
+            else:
+                output = await self.learner.forward_backward.remote(self.model_id, batch)
         with timed(record, "optim_step"):
             record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
         return output
