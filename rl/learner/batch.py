@@ -199,17 +199,26 @@ def pack_rows(batch: list[PreparedDatum]) -> list[PackedRow]:
     return rows
 
 
-def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype) -> Tensor:
-    """(R, 1, W, W) additive mask: a token sees itself and the earlier tokens of its own datum (its path down the
-    row's tree); padding sees only itself (a row of nothing would give NaN)."""
+def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(R, 1, W, W) additive mask on `device`: a token sees itself and the earlier tokens of its own datum (its
+    path down the row's tree); padding sees only itself (a row of nothing would give NaN).
+
+    Token j sees token i when i lies on j's path: i is no deeper than j, and j's ancestor at i's depth is i. Each
+    token's path is read off any datum that holds it (datums that share a token share its whole path), so the
+    mask costs one indexing operation per datum and a few (W x W) comparisons per row, not a loop over pairs;
+    it is built as booleans on the CPU and made additive on the device."""
     allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
     for index, row in enumerate(rows):
+        used = len(row.tokens)
+        depth = torch.tensor(row.positions)  # (U,): each token's position within its datums
+        ancestors = torch.full((used, int(depth.max()) + 1), -1, dtype=torch.int64)  # (U, D): the path to each
         for member in row.members:
             path = torch.tensor(member)
-            causal = torch.ones(len(path), len(path), dtype=torch.bool).tril()
-            allowed[index, path[:, None], path[None, :]] |= causal
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+            ancestors[path, : len(path)] = path
+        on_path = ancestors[:, depth] == torch.arange(used)  # (U, U): j's ancestor at i's depth is i
+        allowed[index, :used, :used] = on_path & (depth[None, :] <= depth[:, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed.to(device), torch.finfo(dtype).min)[:, None]
 
 
 def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, rows: list[PackedRow], *,
@@ -227,7 +236,7 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
         positions[index, : len(row.tokens)] = torch.tensor(row.positions)
     dtype = next(decoder.parameters()).dtype
     hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
-                       attention_mask=row_attention(rows, width, dtype).to(device)).last_hidden_state  # (R, W, H)
+                       attention_mask=row_attention(rows, width, dtype, device)).last_hidden_state  # (R, W, H)
     real = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
                          for position in range(len(row.tokens))])
     hidden = hidden_R.flatten(0, 1)[real.to(device)]  # (U, H): each row's tokens once, a shared prefix once

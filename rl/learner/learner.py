@@ -281,10 +281,7 @@ class Learner:
             if call.spec.reference_input is not None:
                 self._fill_reference(call.prepared, call.spec.reference_input, call.spec.datums_per_group)
         adapters = [call.run.adapter for call in calls]
-        if len(calls) == 1:
-            self._peft.set_adapter(adapters[0])
-        else:
-            self._peft.base_model.set_adapter(adapters)  # every run of the pass trainable
+        self._activate(adapters)
         logprobs_by_index: list[dict[int, torch.Tensor]] = [{} for _ in calls]
         metric_parts: list[list[tuple[losses.Metrics, int]]] = [[] for _ in calls]
         with ExitStack() as stack:
@@ -322,6 +319,16 @@ class Learner:
         return [ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(found[index])} for index in range(len(found))],
             metrics=losses.merge_metrics(parts)) for found, parts in zip(logprobs_by_index, metric_parts, strict=True)]
+
+    def _activate(self, adapters: list[str]) -> None:
+        """Makes `adapters` the active, trainable ones, only if they are not already: PEFT's set_adapter walks
+        every module of the model (0.14 s of a 1.5 s step of four runs on an H200)."""
+        if self._peft.active_adapters == adapters:
+            return
+        if len(adapters) == 1:
+            self._peft.set_adapter(adapters[0])
+        else:
+            self._peft.base_model.set_adapter(adapters)  # every run of a shared pass trainable
 
     def _target_logprobs(self, rows: list[PackedRow], row_adapters: list[str] | None = None) -> list[torch.Tensor]:
         model = self._peft.get_base_model()
@@ -414,7 +421,7 @@ class Learner:
         run = self._run(model_id)
         data = [Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences]
         prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size)
-        self._peft.set_adapter(run.adapter)
+        self._activate([run.adapter])
         found: dict[int, list[float]] = {}
         with nullcontext() if adapter else self._peft.disable_adapter():
             for datum, logprobs in self._logprobs_without_gradients(prepared, 1):
