@@ -227,6 +227,32 @@ def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradi
     learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
 
 
+def test_row_attention_lets_each_token_see_exactly_its_own_datums_earlier_tokens():
+    import random
+
+    from rl.learner.batch import row_attention
+
+    rng = random.Random(0)
+    for _ in range(20):  # groups that share a prompt, some replies forking off early, as pack_rows lays them out
+        data = []
+        for _ in range(rng.randint(1, 5)):
+            prompt = [rng.randrange(50) for _ in range(rng.randint(8, 40))]
+            for _ in range(rng.randint(1, 5)):
+                start = prompt[: rng.randint(0, len(prompt))] if rng.random() < 0.3 else prompt
+                data.append(sft_datum(start + [rng.randrange(50) for _ in range(rng.randint(2, 20))]))
+        rows = pack_rows(prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048))
+        width = row_width(rows) + 2
+        expected = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees only itself
+        for index, row in enumerate(rows):
+            for path in row.members:  # along a datum's path, each token sees itself and those before it
+                for later, token in enumerate(path):
+                    expected[index, token, path[: later + 1]] = True
+        mask = row_attention(rows, width, torch.float32, torch.device("cpu"))
+        assert mask.shape == (len(rows), 1, width, width)
+        assert torch.equal(mask[:, 0] == 0, expected)
+        assert (mask[:, 0][~expected] == torch.finfo(torch.float32).min).all()
+
+
 def test_packed_rows_stay_within_their_width_limit():
     from rl.learner.batch import PACKED_ROW_MAX
 
