@@ -98,9 +98,11 @@ def micro_batches(parts: list[tuple[list[PreparedDatum], int]], token_budget: in
 
     `parts`: one or more batches (several runs' calls in one pass), each with its group size. Each batch is packed
     in its own order first, so datums that share a prefix (an RL group, a DPO pair) share a row, and each row
-    holds datums of one batch (`PackedRow.part`); units of rows that hold whole groups are then sorted by width,
-    across batches, so each micro-batch pads little. The budget bounds what a micro-batch keeps alive for backward
-    (about 1.3 MB a token for SmolLM2-135M in bf16).
+    holds datums of one batch (`PackedRow.part`); each batch's units of rows that hold whole groups are then
+    sorted by width, so each micro-batch pads little. Batches follow each other: a micro-batch holds rows of
+    several only where one batch ends with room to spare, or where the budget holds several whole batches (a
+    micro-batch mixing runs costs each LoRA layer a product per run). The budget bounds what a micro-batch keeps
+    alive for backward (about 1.3 MB a token for SmolLM2-135M in bf16).
     """
     units: list[list[PackedRow]] = []
     for part, (batch, group_size) in enumerate(parts):
@@ -113,7 +115,7 @@ def micro_batches(parts: list[tuple[list[PreparedDatum], int]], token_budget: in
             if taken % group_size == 0:
                 units.append(unit)
                 unit = []
-    units.sort(key=row_width, reverse=True)
+    units.sort(key=lambda unit: (unit[0].part, -row_width(unit)))
     result: list[list[PackedRow]] = []
     current: list[PackedRow] = []
     for unit in units:
@@ -121,10 +123,7 @@ def micro_batches(parts: list[tuple[list[PreparedDatum], int]], token_budget: in
             result.append(current)
             current = []
         current += unit
-    result += [current] if current else []
-    for rows in result:  # each batch's rows side by side: a layer adds each run's LoRA update to one slice
-        rows.sort(key=lambda row: row.part)
-    return result
+    return result + [current] if current else result
 
 
 def row_width(rows: list[PackedRow]) -> int:

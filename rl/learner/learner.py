@@ -227,8 +227,8 @@ class Learner:
     def forward_backward_many(self, calls: list[tuple[str, ForwardBackwardInput, CreateCustomLossRequest | None]]
                               ) -> list[ForwardBackwardOutput | Exception]:
         """`forward_backward` of several runs in one pass: (model_id, batch, custom_loss) each, one call per run.
-        Their rows share micro-batches, each row through its own run's adapter (PEFT's mixed-adapter batch), so a
-        pass over many small batches computes like one over a large batch. Exact: rows never attend to each
+        Their rows share micro-batches, each row through its own run's adapter (`_adapter_per_row`), so a pass
+        over many small batches computes like one over a large batch. Exact: rows never attend to each
         other, a run's loss reads only its own rows, and an adapter's gradient comes only from its run's loss, so
         each run gets the result and gradients of its call alone (within rounding: the rows' padding differs).
 
