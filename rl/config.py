@@ -96,8 +96,8 @@ class LearnerConfig:
     batch_runs: bool = False
     """A learner shared by a sweep's runs (`sweep.share=true`) computes their concurrent forward_backward calls in
     one pass (rl.learner.batching). It pays on a GPU whose micro_batch_tokens holds several runs' batches
-    (0.67x the time for 4 runs of the main job's size at 16k tokens on an H200); on a CPU, or with small
-    micro-batches, it is slower (1.15x, 1.58x): docs/benchmarks.md."""
+    (0.67x the time for 4 runs of the main job's size at 16k tokens on an H200); about even on a CPU (0.95x);
+    not yet measured again on a GPU with small micro-batches: docs/benchmarks.md."""
 
 
 @dataclass

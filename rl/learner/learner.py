@@ -366,11 +366,10 @@ class Learner:
                 return output
             # One update tensor, added once: an in-place add per slice would make autograd clone the whole
             # output's gradient per slice.
-            update = torch.cat([
-                module.lora_B[name](module.lora_A[name](hidden[start:end])) * module.scaling[name]
-                if name in module.lora_A else output.new_zeros((end - start, *output.shape[1:]))
-                for name, start, end in parts])
-            return output + update.to(output.dtype)
+            updates = [module.lora_B[name](module.lora_A[name](hidden[start:end])) * module.scaling[name]
+                       if name in module.lora_A else output.new_zeros((end - start, *output.shape[1:]))
+                       for name, start, end in parts]
+            return output + (updates[0] if len(updates) == 1 else torch.cat(updates)).to(output.dtype)
 
         layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)]
         hooks = [hook for layer in layers for hook in (
