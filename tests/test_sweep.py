@@ -56,10 +56,11 @@ def test_runs_calls_that_arrive_while_the_learner_is_busy_share_a_pass_and_each_
                                         loss_fn="cross_entropy"))  # a token outside the vocabulary
     alone = ray.get([learner.forward.remote(run, batch) for run, batch in zip(runs[:3], batches, strict=False)])
     calls = CoalescedCalls(learner)
-    # The learner is busy with a large call while the first run's call is sent; the others arrive meanwhile and
-    # wait together for the next pass.
-    busy = learner.forward_backward.remote(runs[0], ForwardBackwardInput(
-        data=[Datum.next_token(list(range(10, 250)), weights=[1.0] * 240)] * 48, loss_fn="cross_entropy"))
+    # The learner is busy with large calls (seconds of work) when the first run's call is sent, which queues behind
+    # them; the others arrive meanwhile and wait together for the next pass.
+    large = ForwardBackwardInput(data=[Datum.next_token(list(range(10, 250)), weights=[1.0] * 240)] * 48,
+                                 loss_fn="cross_entropy")
+    busy = [learner.forward_backward.remote(runs[0], large) for _ in range(12)]
     results: dict[int, object] = {}
 
     def run_loop(index: int) -> None:
@@ -71,7 +72,7 @@ def test_runs_calls_that_arrive_while_the_learner_is_busy_share_a_pass_and_each_
     threads = [threading.Thread(target=run_loop, args=(index,)) for index in range(4)]
     for thread in threads:
         thread.start()
-        time.sleep(0.05)
+        time.sleep(0.01)
     for thread in threads:
         thread.join(timeout=120)
     ray.get(busy)
