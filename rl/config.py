@@ -93,11 +93,11 @@ class LearnerConfig:
     sweep's runs (they overlap)."""
     max_restarts: int = 3
     """Times a learner that dies (its process or node lost) is restarted within a run, from the last checkpoint."""
-    batch_runs: bool = False
+    batch_runs: bool = True
     """A learner shared by a sweep's runs (`sweep.share=true`) computes their concurrent forward_backward calls in
-    one pass (rl.learner.batching). It pays on a GPU whose micro_batch_tokens holds several runs' batches
-    (0.67x the time for 4 runs of the main job's size at 16k tokens on an H200); about even on a CPU (0.95x);
-    not yet measured again on a GPU with small micro-batches: docs/benchmarks.md."""
+    one pass (rl.learner.batching). 4 runs of the main job's size on an H200: 1.03x the time of a call per run at
+    512 micro-batch tokens, 0.70x at 2,048, 0.60x at 16k; 8 runs at 512: 0.81x; on a 2-core CPU 0.95x
+    (docs/benchmarks.md). False: one call per run, in arrival order."""
 
 
 @dataclass

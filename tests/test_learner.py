@@ -285,7 +285,8 @@ def test_micro_batches_hold_whole_groups_within_the_token_budget():
 
 def test_runs_batched_in_one_pass_get_what_each_gets_alone(learner, tiny_model_dir):
     # Three runs with different adapters (one without the output layer's LoRA), losses and group sizes (a DPO pair
-    # and its reference), in micro-batches that mix their rows; a fourth call is refused and fails alone.
+    # and its reference), in micro-batches that mix their rows and micro-batches of one run's rows; a fourth call
+    # is refused and fails alone.
     runs = [learner.create(str(tiny_model_dir), LORA),
             learner.create(str(tiny_model_dir), LoraConfig(rank=8, seed=3)),
             learner.create(str(tiny_model_dir), LoraConfig(rank=2, seed=5, train_unembed=False)),
@@ -308,7 +309,8 @@ def test_runs_batched_in_one_pass_get_what_each_gets_alone(learner, tiny_model_d
             learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
         mixed = micro_batches([(prepare_batch(batch.data, losses.LOSSES[batch.loss_fn], batch.loss_fn, 2048),
                                 losses.LOSSES[batch.loss_fn].datums_per_group) for batch in batches[:3]], 24)
-        assert any(len({row.part for row in rows}) > 1 for rows in mixed), [[r.part for r in rows] for rows in mixed]
+        runs_per_micro_batch = [len({row.part for row in rows}) for rows in mixed]
+        assert max(runs_per_micro_batch) > 1 and min(runs_per_micro_batch) == 1, runs_per_micro_batch
         together = learner.forward_backward_many([(model_id, batch, None) for model_id, batch in zip(runs, batches,
                                                                                                      strict=True)])
     finally:

@@ -42,7 +42,7 @@ def test_runs_share_actors_when_only_what_each_run_owns_differs():
     unlike = [replace(base, model=ModelConfig(name="tiny")), replace(base, model=replace(base.model, dtype="float32")),
               replace(base, learner=LearnerConfig(num_gpus=1)), replace(base, sampler=SamplerConfig(replicas=2)),
               replace(base, algo=AlgoConfig(off_policy=True)), replace(base, storage_uri="file:///shared"),
-              replace(base, learner=LearnerConfig(batch_runs=True))]
+              replace(base, learner=LearnerConfig(batch_runs=False))]
     assert len({share_key(config) for config in [base, *unlike]}) == len(unlike) + 1
 
 
@@ -89,7 +89,7 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
         return [Job([f"algo.learning_rate={rate}"], tiny_config(
             tiny_model_dir, tmp_path / sweep / str(index), steps=2, eval_every=2, eval_prompts=4, checkpoint_every=1,
             task=TaskConfig(name="digits"), algo={"learning_rate": rate, "prompts_per_step": 4, "group_size": 4},
-            sweep=SweepConfig(share=True), learner=LearnerConfig(batch_runs=True), **fields))
+            sweep=SweepConfig(share=True), **fields))
             for index, rate in enumerate((1e-2, 3e-3, -1.0))]
 
     swept = run_sweep(jobs("sweep"), tmp_path / "sweep")

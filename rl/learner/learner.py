@@ -289,11 +289,17 @@ class Learner:
                 stack.enter_context(self._gradients_set_aside(call.run.params, keep=backward))
             stack.enter_context(torch.set_grad_enabled(backward))
             parts = [(call.prepared, call.spec.datums_per_group) for call in calls]
+            layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)]
             for rows in micro_batches(parts, self.micro_batch_tokens):
-                row_adapters = [adapters[row.part] for row in rows] if len(calls) > 1 else None
+                row_adapters = [adapters[row.part] for row in rows]
+                if len(set(row_adapters)) > 1:
+                    adapter_choice = self._adapter_per_row(layers, row_adapters)
+                else:
+                    adapter_choice = self._only(layers, row_adapters[0]) if len(calls) > 1 else nullcontext()
+                    row_adapters = None
                 over_budget = backward and len(rows) * row_width(rows) > self.micro_batch_tokens
                 with (self._saving_memory() if over_budget else nullcontext(),  # the backward recomputes in both
-                      self._adapter_per_row(row_adapters)):
+                      adapter_choice):
                     logprobs_D = self._target_logprobs(rows, row_adapters)
                     by_part: list[list[tuple[PreparedDatum, torch.Tensor]]] = [[] for _ in calls]
                     for (part, datum), logprobs in zip(((row.part, datum) for row in rows for datum in row.datums),
@@ -340,25 +346,37 @@ class Learner:
                                    output_adapters=row_adapters if isinstance(output_layer, LoraLayer) else None)
 
     @contextmanager
-    def _adapter_per_row(self, row_adapters: list[str] | None):
-        """With `row_adapters` (one PEFT adapter per row of the micro-batch), every LoRA layer applies each row's
-        own adapter, through the backward pass too (which recomputes checkpointed layers); the output layer reads
-        one adapter per token from its `adapter_names` argument (`target_logprobs`). None: the active adapter.
+    def _only(self, layers: list[LoraLayer], adapter: str):
+        """Every LoRA layer applies `adapter` alone, for a micro-batch of one run's rows in a pass over several
+        runs. Sets the layers' active adapter directly: PEFT's set_adapter would also switch every other run's
+        parameters out of training and walks every module, per micro-batch."""
+        active = [layer._active_adapter for layer in layers]
+        for layer in layers:
+            layer._active_adapter = [adapter]
+        try:
+            yield
+        finally:
+            for layer, names in zip(layers, active, strict=True):
+                layer._active_adapter = names
+
+    @contextmanager
+    def _adapter_per_row(self, layers: list[LoraLayer], row_adapters: list[str]):
+        """Every LoRA layer applies each row's own adapter (`row_adapters`: one PEFT adapter per row of the
+        micro-batch), through the backward pass too (which recomputes checkpointed layers); the output layer reads
+        one adapter per token from its `adapter_names` argument (`target_logprobs`).
 
         PEFT computes the base layer alone ("__base__"); then each run's update is computed on its rows' slice of
         the input, rows being grouped by run (`micro_batches`), and the updates are added at once. PEFT's own
         mixed-adapter forward gathers and scatters the layer's output once per adapter instead, which made a pass
         of four runs' batches 30% slower than four passes on SmolLM2 (the output layer's vocabulary-wide logits
         most)."""
-        if row_adapters is None:
-            yield
-            return
         spans: dict[torch.nn.Module, list[tuple[str, int, int]]] = {}
+        row_spans, base_rows = _spans(row_adapters), ["__base__"] * len(row_adapters)
 
         def base_only(module, args, kwargs):
-            names = kwargs.get("adapter_names") or row_adapters
-            spans[module] = _spans(names)
-            return args, {**kwargs, "adapter_names": ["__base__"] * len(names)}
+            names = kwargs.get("adapter_names")  # the output layer's, one per token
+            spans[module] = _spans(names) if names else row_spans
+            return args, {**kwargs, "adapter_names": ["__base__"] * len(names) if names else base_rows}
 
         def add_updates(module, args, kwargs, output):
             hidden, parts = args[0], spans.pop(module)
@@ -369,9 +387,8 @@ class Learner:
             updates = [module.lora_B[name](module.lora_A[name](hidden[start:end])) * module.scaling[name]
                        if name in module.lora_A else output.new_zeros((end - start, *output.shape[1:]))
                        for name, start, end in parts]
-            return output + (updates[0] if len(updates) == 1 else torch.cat(updates)).to(output.dtype)
+            return output + torch.cat(updates).to(output.dtype)
 
-        layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)]
         hooks = [hook for layer in layers for hook in (
             layer.register_forward_pre_hook(base_only, with_kwargs=True),
             layer.register_forward_hook(add_updates, with_kwargs=True))]
