@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import hydra
 import ray
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rl.config import ClusterConfig, TrainConfig, check, load
 from rl.driver.state import STATE, LearnerLost, read_state
@@ -29,7 +29,17 @@ if TYPE_CHECKING:
     from rl.driver.run import Shared
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ConfigStore.instance().store(name="schema", node=TrainConfig)  # every key overridable, typed, with its default
+
+def _schema() -> DictConfig:
+    """`TrainConfig` as Hydra's schema: every key overridable, typed, with its default. The resource maps take any
+    key from the command line (`learner.resources={learner_node: 1}`), which Hydra's struct mode would refuse."""
+    schema = OmegaConf.structured(TrainConfig)
+    for part in ("learner", "sampler"):
+        OmegaConf.set_struct(schema[part].resources, False)
+    return schema
+
+
+ConfigStore.instance().store(name="schema", node=_schema())
 
 
 def connect(cluster: ClusterConfig) -> None:

@@ -4,9 +4,9 @@ test session has its own local Ray.
 
 The run (learner on node A, two sampler replicas spread over nodes B, C and D) suffers, in order: a sampler
 replica's process SIGKILLed during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by
-`rl-train` from the checkpoint of step 2); the node of a replica removed during step 4. Last, `rl-train` runs as
-its own driver process (algo=ppo, wandb offline), is SIGKILLed after its second checkpoint, and `resume=true`
-finishes it.
+`rl-train` from the checkpoint of step 2); the node of a replica removed during step 4. Then a sweep of two runs
+(`rl-train -m`, one driver) on two nodes added for it. Last, `rl-train` runs as its own driver process (algo=ppo,
+wandb offline), is SIGKILLed after its second checkpoint, and `resume=true` finishes it.
 
     python tests/cluster_faults.py MODEL_DIR OUTPUT_DIR
 """
@@ -84,8 +84,9 @@ def inject_faults(cluster: Cluster, nodes: dict, folder: Path, events: dict) -> 
         events["error"] = repr(error)
 
 
-def rl_train(address: str, model_dir: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "rl.train", "recipe=arithmetic_rl", "task=digits", f"model.name={model_dir}",
+def rl_train(address: str, model_dir: str, *overrides: str, multirun: bool = False) -> list[str]:
+    return [sys.executable, "-m", "rl.train", *(["-m"] if multirun else []), "recipe=arithmetic_rl", "task=digits",
+            f"model.name={model_dir}",
             "model.dtype=float32", "model.lora_rank=8", "model.max_model_len=256", "eval_every=100", "eval_prompts=4",
             "algo.prompts_per_step=4", "algo.max_tokens=8", "cluster=ray",
             f"cluster.address={address}", *overrides]
@@ -107,6 +108,35 @@ def kill_and_resume_the_driver(address: str, model_dir: str, folder: Path) -> di
             "wandb_runs": sorted(path.name for path in (folder / "wandb").glob("offline-run-*")),
             "placement_groups_left": [group["state"] for group in ray.util.placement_group_table().values()
                                       if group["state"] != "REMOVED"]}
+
+
+def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder: Path) -> dict:
+    """`rl-train -m` with two runs as one driver, on two nodes added for it that each hold one run (its learner and
+    sampler packed on one node): where each run's actors ran, and how many learners ran there at once."""
+    nodes = [cluster.add_node(num_cpus=2, resources={"sweep_node": 2}, object_store_memory=200 * 2**20)
+             for _ in range(2)]
+    cluster.wait_for_nodes()
+    node_ids = {node.node_id for node in nodes}
+    command = rl_train(address, model_dir, "algo.learning_rate=1e-2,3e-3", "steps=2",
+                       "learner.resources={sweep_node:1}", "sampler.resources={sweep_node:1}",
+                       "cluster.placement_strategy=STRICT_PACK", "logger.wandb_mode=disabled",
+                       f"hydra.sweep.dir={folder}", multirun=True)
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    at_once = 0
+    while driver.poll() is None:
+        at_once = max(at_once, sum(actor.node_id in node_ids for actor in alive("Learner")))
+        time.sleep(0.5)
+    record = folder / "sweep.json"
+    jobs = json.loads(record.read_text()) if record.exists() else []  # none: the driver's output says why
+    placed = {}
+    for job in jobs:
+        (learner,) = list_actors(filters=[("actor_id", "=", job["learner"])], detail=True)
+        samplers = list_actors(filters=[("class_name", "=", "Sampler"),
+                                        ("placement_group_id", "=", learner.placement_group_id)], detail=True)
+        placed[job["output_dir"]] = {"learner": learner.node_id, "samplers": [actor.node_id for actor in samplers]}
+    return {"node_ids": sorted(node_ids), "returncode": driver.returncode, "output": driver.stdout.read()[-3000:],
+            "status": [job["status"] for job in jobs], "placed": placed, "learners_at_once": at_once,
+            "steps": [logged_steps(Path(job["output_dir"])) for job in jobs]}
 
 
 def main(model_dir: str, output_dir: str) -> None:
@@ -133,6 +163,7 @@ def main(model_dir: str, output_dir: str) -> None:
               "history_steps": [record["step"] for record in history], "logged_steps": logged_steps(folder),
               "sampler_vs_learner": [record.get("kl/sampler_vs_learner_sq") for record in history],
               "bucket": sorted(path.name for path in (Path(output_dir) / "bucket").glob("*/weights/*")),
+              "sweep": sweep_over_two_nodes(cluster, cluster.address, model_dir, Path(output_dir) / "sweep"),
               "driver": kill_and_resume_the_driver(cluster.address, model_dir, Path(output_dir) / "driver")}
     print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()

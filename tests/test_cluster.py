@@ -27,7 +27,7 @@ def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job(tmp_path):
         subprocess.run([str(scripts / "stop.sh")], capture_output=True, timeout=120)
 
 
-def test_a_run_on_three_nodes_survives_a_killed_sampler_a_killed_learner_a_lost_node_and_a_killed_driver(
+def test_a_run_on_three_nodes_survives_faults_and_a_sweep_spreads_its_runs_over_nodes(
         tiny_model_dir, tmp_path):
     result = subprocess.run([sys.executable, str(FAULTS), str(tiny_model_dir), str(tmp_path)], capture_output=True,
                             text=True, timeout=900)
@@ -53,6 +53,13 @@ def test_a_run_on_three_nodes_survives_a_killed_sampler_a_killed_learner_a_lost_
     after = events["replica_nodes_after"]
     assert events["removed_node"] not in after and len(after) == 2
     assert set(after) <= {nodes["B"], nodes["C"], nodes["D"]} - {events["removed_node"]}
+    # A sweep submitted as one driver trains its two runs at once, one on each node that has room for a run.
+    sweep = report["sweep"]
+    assert sweep["returncode"] == 0 and sweep["status"] == ["done", "done"], sweep["output"]
+    assert sweep["steps"] == [[0, 1, 2], [0, 1, 2]] and sweep["learners_at_once"] == 2, sweep
+    placed = list(sweep["placed"].values())
+    assert sorted(run["learner"] for run in placed) == sweep["node_ids"], sweep
+    assert all(run["samplers"] == [run["learner"]] for run in placed), placed  # each run's actors on its node
     # The driver SIGKILLed after its checkpoint of step 2: resume=true continued from there to the end.
     driver = report["driver"]
     assert driver["killed_at_checkpoint"] >= 2 and driver["resume_returncode"] == 0, driver["resume_output"]

@@ -52,3 +52,22 @@ def test_impossible_sizes_for_rl():
     assert "algo.temperature=0.0: more than 0" in message
     assert "model.max_model_len=512: more than algo.max_tokens (600)" in message
     check(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", group_size=1, temperature=0.0)))
+
+
+def test_the_command_line_pins_actors_to_nodes_as_docs_cluster_md_shows():
+    from hydra import compose, initialize_config_dir
+
+    from rl.config import load
+    from rl.train import CONFIGS
+
+    def composed(*overrides: str) -> TrainConfig:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return load(compose("config", overrides=["output_dir=unused", *overrides]))
+
+    config = composed("learner.resources={learner_node: 1}", "sampler.resources={sampler_node: 1, big_disk: 0.5}")
+    assert config.learner.resources == {"learner_node": 1.0}
+    assert config.sampler.resources == {"sampler_node": 1.0, "big_disk": 0.5}
+    with pytest.raises(Exception, match="learner.resources={learner_node: many}"):
+        composed("learner.resources={learner_node: many}")
+    with pytest.raises(Exception, match="learner.micro_batch_tokenz"):
+        composed("learner.micro_batch_tokenz=1")  # the rest of the schema stays closed
