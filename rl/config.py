@@ -174,6 +174,24 @@ class TrainConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+def hydra_schema(config_type: type) -> DictConfig:
+    """A config dataclass as Hydra's schema: every key typed, with its default. Its maps (dict fields) take new keys
+    from the command line, `learner.resources='{learner_node: 1}'` as docs/cluster.md shows, which Hydra's struct
+    mode would refuse; the rest stays closed, so a misspelt key is still an error."""
+    schema = OmegaConf.structured(config_type)
+
+    def open_maps(node: DictConfig) -> None:
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                open_maps(child)
+            elif isinstance(child, DictConfig):
+                OmegaConf.set_struct(child, False)
+
+    open_maps(schema)
+    return schema
+
+
 def load(composed: DictConfig) -> TrainConfig:
     """Checks a composed Hydra config against `TrainConfig`; a ValueError names an unknown or mistyped key."""
     unknown = _unknown_keys(OmegaConf.to_container(composed, resolve=False), TrainConfig)

@@ -19,6 +19,8 @@ import ray
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from rl.config import hydra_schema
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -87,7 +89,7 @@ def serve(config: ServeConfig) -> None:
         service.close()
 
 
-ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+ConfigStore.instance().store(name="serve_schema", node=hydra_schema(ServeConfig))
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="serve",

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import hydra
 import ray
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rl.config import ClusterConfig, TrainConfig, check, load
+from rl.config import ClusterConfig, TrainConfig, check, hydra_schema, load
 from rl.driver.state import STATE, LearnerLost, read_state
 from rl.environments import make_environment
 from rl.tasks import make_task
@@ -30,16 +30,7 @@ if TYPE_CHECKING:
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-def _schema() -> DictConfig:
-    """`TrainConfig` as Hydra's schema: every key overridable, typed, with its default. The resource maps take any
-    key from the command line (`learner.resources={learner_node: 1}`), which Hydra's struct mode would refuse."""
-    schema = OmegaConf.structured(TrainConfig)
-    for part in ("learner", "sampler"):
-        OmegaConf.set_struct(schema[part].resources, False)
-    return schema
-
-
-ConfigStore.instance().store(name="schema", node=_schema())
+ConfigStore.instance().store(name="schema", node=hydra_schema(TrainConfig))
 
 
 def connect(cluster: ClusterConfig) -> None:

@@ -54,7 +54,7 @@ def test_impossible_sizes_for_rl():
     check(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", group_size=1, temperature=0.0)))
 
 
-def test_the_command_line_pins_actors_to_nodes_as_docs_cluster_md_shows():
+def test_the_command_line_sets_maps_whole_and_pins_actors_to_nodes_as_docs_cluster_md_shows():
     from hydra import compose, initialize_config_dir
 
     from rl.config import load
@@ -64,8 +64,10 @@ def test_the_command_line_pins_actors_to_nodes_as_docs_cluster_md_shows():
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             return load(compose("config", overrides=["output_dir=unused", *overrides]))
 
-    config = composed("learner.resources={learner_node: 1}", "sampler.resources={sampler_node: 1, big_disk: 0.5}")
+    config = composed("learner.resources={learner_node: 1}", "sampler.resources={sampler_node: 1, big_disk: 0.5}",
+                      "algo.loss_fn_config={clip_low_threshold: 0.7}")
     assert config.learner.resources == {"learner_node": 1.0}
+    assert config.algo.loss_fn_config == {"clip_low_threshold": 0.7}
     assert config.sampler.resources == {"sampler_node": 1.0, "big_disk": 0.5}
     with pytest.raises(Exception, match="learner.resources={learner_node: many}"):
         composed("learner.resources={learner_node: many}")
