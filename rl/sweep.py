@@ -9,7 +9,8 @@ cannot share (another base model, `sweep.share=false`) each get their own actors
 for yet wait in Ray's queue.
 
 Each run's loop runs in a thread of its own, so a run waiting for room or saving a checkpoint holds up no other,
-and a run that fails (a bad value, a NaN) fails alone. The sweep's folder gets `sweep.json` (each job's overrides
+and a run that fails (a bad value, a NaN) fails alone; if a shared learner dies, its runs go on from their last
+checkpoints on a new one (`learner.max_restarts`). The sweep's folder gets `sweep.json` (each job's overrides
 and folder), `sweep.csv` and `sweep.png` (every run's curves); the same command with `resume=true` continues each
 unfinished run from its last checkpoint, in the folder of the latest sweep that ran it.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rl.config import TrainConfig, check
-from rl.driver.state import STATE, read_state
+from rl.driver.state import STATE, LearnerLost, read_state
 from rl.train import connect, run
 
 SUMMARY_COLUMNS = ("eval/accuracy", "reward/mean", "loss", "time_total/minutes")
@@ -38,7 +39,9 @@ class Job:
     history: list[dict] | None = None
     error: str | None = None
     learner: str | None = None
-    """The id of the learner actor it ran on (runs that shared one have the same)."""
+    """The id of the learner actor it ran on last (runs that shared one have the same)."""
+    learner_lost: bool = False
+    """It failed because its learner died: it can go on from its last checkpoint on a new one."""
 
 
 def share_key(config: TrainConfig) -> tuple:
@@ -55,8 +58,6 @@ def share_key(config: TrainConfig) -> tuple:
 def run_sweep(jobs: list[Job], folder: Path) -> list[Job]:
     """Runs the jobs at once, grouped by `share_key` (each alone with sweep.share=false); returns them with their
     histories or errors, after writing the summary."""
-    from rl.driver.run import Shared  # the loops' imports (torch, transformers) wait until the configs are checked
-
     folder.mkdir(parents=True, exist_ok=True)
     print(f"sweep: {len(jobs)} runs in {folder}", flush=True)
     groups: dict[tuple, list[Job]] = {}
@@ -78,27 +79,48 @@ def run_sweep(jobs: list[Job], folder: Path) -> list[Job]:
     if groups:
         connect(next(iter(groups.values()))[0].config.cluster)
 
-    def run_group(group: list[Job]) -> None:
-        shared = None
-        try:
-            shared = Shared.start([job.config for job in group])
-            for job in group:
-                job.learner = shared.learner._actor_id.hex()
-            if len(group) > 1:
-                print(f"sweep: {len(group)} runs share a learner and a sampler pool: "
-                      + "; ".join(" ".join(job.overrides) or "(no overrides)" for job in group), flush=True)
-            all_at_once([lambda job=job: run_job(job, shared) for job in group])
-        except Exception as error:
-            for job in group:
-                job.error = job.error or f"{type(error).__name__}: {error}"
-        finally:
-            if shared is not None:
-                shared.close()
-
     all_at_once([lambda group=group: run_group(group) for group in groups.values()])
     write_record(jobs, folder)
     write_summary(jobs, folder)
     return jobs
+
+
+def run_group(group: list[Job]) -> None:
+    """The group's runs on one learner and sampler pool; if the learner dies, the runs it took down go on from
+    their last checkpoints on a new one, as a run alone does (`learner.max_restarts`)."""
+    max_restarts = min(job.config.learner.max_restarts for job in group)
+    run_together(group)
+    for restart in range(1, max_restarts + 1):
+        group = [job for job in group if job.learner_lost]
+        if not group:
+            return
+        print(f"sweep: the learner of {len(group)} runs died; they go on from their last checkpoints on a new "
+              f"one (restart {restart} of {max_restarts})", flush=True)
+        for job in group:
+            job.error, job.learner_lost = None, False
+            job.config = replace(job.config, resume=read_state(Path(job.config.output_dir)) is not None)
+        run_together(group)
+
+
+def run_together(group: list[Job]) -> None:
+    """The group's runs at once, on one learner and sampler pool of their own."""
+    from rl.driver.run import Shared  # the loops' imports (torch, transformers) wait until the configs are checked
+
+    shared = None
+    try:
+        shared = Shared.start([job.config for job in group])
+        for job in group:
+            job.learner = shared.learner._actor_id.hex()
+        if len(group) > 1:
+            print(f"sweep: {len(group)} runs share a learner and a sampler pool: "
+                  + "; ".join(" ".join(job.overrides) or "(no overrides)" for job in group), flush=True)
+        all_at_once([lambda job=job: run_job(job, shared) for job in group])
+    except Exception as error:
+        for job in group:
+            job.error = job.error or f"{type(error).__name__}: {error}"
+    finally:
+        if shared is not None:
+            shared.close()
 
 
 def write_record(jobs: list[Job], folder: Path) -> None:
@@ -128,6 +150,7 @@ def run_job(job: Job, shared) -> None:
         job.history = run(job.config, shared)
     except Exception as error:  # this run fails alone; run() said where its last checkpoint is
         job.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        job.learner_lost = isinstance(error, LearnerLost)
 
 
 def resumed(job: Job, folder: Path) -> TrainConfig:

@@ -1,18 +1,22 @@
 """Sweeps (rl/sweep.py) on the tiny model: a sweep's runs at once on one learner and one sampler pool, each run as
-it would be alone, a failing run failing alone, and resume=true continuing the unfinished ones."""
+it would be alone, a failing run failing alone, a dead shared learner replaced, and resume=true continuing the
+unfinished ones."""
 
 import asyncio
 import csv
 import json
+import os
+import signal
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 from safetensors.torch import load_file
-from test_rl_loop import tiny_config
+from test_rl_loop import metrics, tiny_config
 
 from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, SweepConfig, TaskConfig, TrainConfig
 from rl.driver.state import read_state, write_state
@@ -129,3 +133,45 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
     assert [record["step"] for record in resumed[0].history] == [0, 1, 2]
     assert read_state(folders[0])["step"] == 2 and (folders[1] / "metrics.jsonl").read_text() == finished_log
     assert_close(adapter(folders[0], "step-2"), first_finals[0])
+
+
+@pytest.mark.slow
+def test_a_shared_learner_that_dies_is_replaced_and_its_runs_go_on_from_their_checkpoints(
+        tiny_model_dir, ray_local, tmp_path, capsys):
+    jobs = [Job([f"algo.learning_rate={rate}"], tiny_config(
+        tiny_model_dir, tmp_path / "sweep" / str(index), steps=4, eval_every=0, checkpoint_every=1,
+        task=TaskConfig(name="digits"), algo={"learning_rate": rate, "prompts_per_step": 2, "group_size": 4},
+        sweep=SweepConfig(share=True))) for index, rate in enumerate((1e-2, 3e-3))]
+    folders = [Path(job.config.output_dir) for job in jobs]
+    def learner_processes() -> set[int]:  # Ray titles an actor's process after its class
+        return {process.pid for process in psutil.process_iter(["cmdline"])
+                if (process.info["cmdline"] or [""])[0].startswith("ray::Learner")}
+
+    earlier = learner_processes()
+    killed: dict = {}
+
+    def kill_the_learner_after_both_checkpoints() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            learners = learner_processes() - earlier
+            steps = [(read_state(folder) or {}).get("step", 0) for folder in folders]
+            if learners and min(steps) >= 1:
+                (pid,) = learners
+                os.kill(pid, signal.SIGKILL)
+                killed["steps"] = steps
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_learner_after_both_checkpoints, daemon=True)
+    killer.start()
+    swept = run_sweep(jobs, tmp_path / "sweep")
+    killer.join()
+    assert max(killed["steps"]) < 4, killed  # killed while both were still training
+    assert [job.error for job in swept] == [None, None]
+    assert "learner of 2 runs died; they go on from their last checkpoints on a new one (restart 1 of 3)" in (
+        capsys.readouterr().out)
+    assert swept[0].learner == swept[1].learner, "both on one new learner"
+    for folder in folders:
+        # Steps after a run's last checkpoint were redone, and the log keeps each step once.
+        assert [record["step"] for record in metrics(folder)] == [0, 1, 2, 3]
+        assert read_state(folder)["step"] == 4 and len(adapter(folder, "step-4")) > 0
