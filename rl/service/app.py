@@ -48,7 +48,7 @@ PROTOBUF = "application/x-protobuf"
 
 
 def build_app(service: Service, *, max_body_bytes: int = 64 * 2**20) -> Starlette:
-    return Starlette(routes=TinkerRoutes(service, max_body_bytes).routes())
+    return Starlette(routes=TinkerRoutes(service, max_body_bytes).routes(), lifespan=lambda app: service.supervising())
 
 
 class TinkerRoutes:

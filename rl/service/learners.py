@@ -4,11 +4,13 @@ Turns: the calls that work on a run (create, forward_backward, optim_step, saves
 time, the users with calls waiting served in rotation, each user's calls in the order they came. A user sending
 a stream of large batches then delays another user's step by at most one call, not by everything queued before.
 
-Supervision: an actor found dead (killed, out of memory, its node lost) is replaced by the call that finds it,
-and every run on it is restored: from the checkpoint it was last saved to or loaded from in this server's
-lifetime, else its latest training checkpoint, else a new adapter. A run that had changed since (steps, or
-gradients not yet applied) lost that work: the call in flight, or else that run's next call, fails with a
-`RunRestored` that says what it resumed from; the calls after it work on the restored state.
+Supervision: an actor that dies (killed, out of memory, its node lost) is replaced, in a turn of its own, as soon
+as a ping finds it dead (`watch`, every few seconds while the server runs; a ping waits behind work in flight,
+which a death ends too), or at once by the call that finds it, and every run on it is restored: from the
+checkpoint it was last saved to or loaded from in this server's lifetime, else its latest training checkpoint,
+else a new adapter. A run that had changed since (steps, or gradients not yet applied) lost that work: the call
+in flight, or else that run's next call, fails with a `RunRestored` that says what it resumed from; the calls
+after it work on the restored state.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from rl.types import LoraConfig
 DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 """What a call on a dead actor raises (Ray's memory monitor's kill is an OutOfMemoryError)."""
 CHANGES_STATE = ("forward_backward", "optim_step")
+WATCH_INTERVAL_S = 2.0
+SUPERVISOR = "supervisor"
+"""The turn in which `watch` replaces a dead actor (a name no user has: theirs are user-N or local)."""
 
 
 class RunRestored(RuntimeError):
@@ -88,10 +93,9 @@ class SupervisedLearner:
 
     async def call(self, user: str, model_id: str, method: str, /, *args, **kwargs) -> Any:
         """`method` of the learner (given `args` and `kwargs`) for run `model_id`, in `user`'s turn."""
-        if model_id in self._lost:
-            raise RunRestored(self._lost.pop(model_id))
-
         async def job():
+            if model_id in self._lost:  # checked in the call's turn: a replacement may come in the turns before it
+                raise RunRestored(self._lost.pop(model_id))
             actor = self.actor
             try:
                 return await getattr(actor, method).remote(*args, **kwargs)
@@ -115,6 +119,17 @@ class SupervisedLearner:
 
     def close(self) -> None:
         ray.kill(self.actor)
+
+    async def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Pings the actor every `interval_s` and replaces it as soon as it is found dead, so that a learner that
+        dies between calls is back, with its runs restored, before anyone calls it. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            actor = self.actor
+            try:
+                await actor.describe.remote()
+            except DEATH as error:  # in a turn, so no call reaches the new actor before every run is restored
+                await self.turns.run(SUPERVISOR, lambda actor=actor, error=error: self._replace(actor, error))
 
     # ---- supervision -----------------------------------------------------------------------------------------
 

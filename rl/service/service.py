@@ -13,12 +13,14 @@ filesystem shared with its learners (they may run on other nodes).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import secrets
 import time
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,16 @@ class Service:
         """Signs download URLs of external weights; a restarted server signs anew (URLs expire within the hour)."""
         self.custom_losses: dict[str, tuple[str, CreateCustomLossRequest]] = {}
         """loss_id -> (owner, the loss as created); kept for the server's lifetime, as the SDK's session is."""
+
+    @asynccontextmanager
+    async def supervising(self):
+        """While the server runs: each learner replaced as soon as it dies, not only when a call finds it dead."""
+        watchers = [asyncio.ensure_future(learner.watch()) for learner in self.learners.values()]
+        try:
+            yield
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
 
     def close(self) -> None:
         for pool in self.pools.values():
