@@ -359,36 +359,48 @@ def test_rl_serve_from_the_command_line_and_its_runs_and_checkpoints_survive_a_r
                 health = httpx.get(f"{url}/api/v1/healthz").json()
             except httpx.TransportError:
                 time.sleep(0.2)
-        rest = tinker.RestClient(base_url=url, api_key="tml-anyone")
+        rest = tinker.RestClient(base_url=url, api_key="tml-anyone")  # asked again after the restart
+        CLOSERS.setdefault(url, []).append(rest.holder.close)
         capabilities = rest.get_server_capabilities().result()
-        rest.holder.close()
         assert [(model.model_name, model.max_context_length) for model in capabilities.supported_models] == [
             ("tiny", 256)]
-        with tinker.ServiceClient(base_url=url, api_key="tml-anyone") as service:
-            with pytest.raises(tinker.BadRequestError, match="rank 16 exceeds this server's max_lora_rank 8"):
-                service.create_lora_training_client(base_model="tiny", rank=16).result()
-            trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7).result()
-            fresh_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
-            trainer.forward_backward([datum()], "cross_entropy").result()
-            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-            path = trainer.save_state("kept").result().path
-            sampler_path = trainer.save_weights_for_sampler("kept-sampler").result().path
-            expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
-            sampled = trainer.create_sampling_client(sampler_path).result().sample(prompt, 1, greedy).result()
+        service = tinker.ServiceClient(base_url=url, api_key="tml-anyone")
+        CLOSERS.setdefault(url, []).append(lambda: service.close("success").result())
+        with pytest.raises(tinker.BadRequestError, match="rank 16 exceeds this server's max_lora_rank 8"):
+            service.create_lora_training_client(base_model="tiny", rank=16).result()
+        trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7).result()
+        fresh_loss = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+        trainer.forward_backward([datum()], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        path = trainer.save_state("kept").result().path
+        sampler_path = trainer.save_weights_for_sampler("kept-sampler").result().path
+        expected = trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+        sampled = trainer.create_sampling_client(sampler_path).result().sample(prompt, 1, greedy).result()
+        unsaved = service.create_lora_training_client(base_model="tiny", rank=8, seed=8).result()
+        unsaved.forward_backward([datum()], "cross_entropy").result()  # trained, never saved
         tokens = PATTERN  # a fresh adapter (B = 0) is the base model: its loss is the tiny model's, ~ln(2048) a token
         assert 6.0 * (len(tokens) - 1) < fresh_loss < 9.0 * (len(tokens) - 1), fresh_loss
     finally:
         process.terminate()
         process.wait(timeout=60)
 
-    # The same storage served again (here in this process): the run, its checkpoints and its weights are back.
-    second = ServerThread(Service(["tiny"], tmp_path, [], max_lora_rank=8))
+    # The same storage served again (here in this process, on the same port): the runs, their checkpoints and
+    # weights are back, and the SDK's clients of the first server go on.
+    second = ServerThread(Service(["tiny"], tmp_path, [], max_lora_rank=8), port=port)
     try:
-        rest = rest_client(second, "tml-anyone")
+        # A run unchanged since its last save goes on where it was; one that trained since is told what it lost.
+        assert trainer.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+            expected, rel=1e-5)
+        with pytest.raises(tinker.RequestFailedError, match="the server restarted; the run was restored from a new "
+                                                            "adapter .*: the steps and gradients after it are lost"):
+            unsaved.forward([datum()], "cross_entropy").result()
+        assert unsaved.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+            fresh_loss, rel=1e-4), "a new adapter is the base model again"
         assert rest.get_server_capabilities().result().supported_models[0].max_context_length == 1024, \
             "the model's own context when the config names none"
         run_id = path.removeprefix("tinker://").split("/")[0]
-        assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [run_id]
+        assert [run.training_run_id for run in rest.list_training_runs().result().training_runs] == [
+            run_id, unsaved.model_id]
         assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path, sampler_path]
         restored = client(second, "tml-anyone").create_training_client_from_state(path).result()
         assert restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(

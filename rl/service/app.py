@@ -253,12 +253,12 @@ def as_json(value: Any) -> JSONResponse:
 
 
 class ServerThread:
-    """The app under uvicorn on a thread of this process, on a free loopback port: for tests, benchmarks and
-    notebooks (`rl-serve` runs it in the foreground instead)."""
+    """The app under uvicorn on a thread of this process, on a loopback port (a free one unless `port` is given):
+    for tests, benchmarks and notebooks (`rl-serve` runs it in the foreground instead)."""
 
-    def __init__(self, service: Service, **app_options):
+    def __init__(self, service: Service, *, port: int | None = None, **app_options):
         self.service = service
-        port = free_port()
+        port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(build_app(service, **app_options), host="127.0.0.1", port=port,
                                                     log_level="warning"))

@@ -34,6 +34,10 @@ SUPERVISOR = "supervisor"
 """The turn in which `watch` replaces a dead actor (a name no user has: theirs are user-N or local)."""
 
 
+def replaced(cause: Exception) -> str:
+    return f"its learner died ({type(cause).__name__}) and was replaced"
+
+
 class RunRestored(RuntimeError):
     """A run's learner died and the run was restored from a checkpoint; the message says which."""
 
@@ -81,10 +85,8 @@ class SupervisedLearner:
         self.options = options
         self.actor = LearnerActor.remote(base_model, **options)
         self.turns = Turns()
-        self._restore_points: dict[str, tuple[str, bool]] = {}
-        """run -> (checkpoint path, with optimizer) that its state equals, as of its last save or load."""
-        self._changed: set[str] = set()
-        """Runs whose state differs from their restore point."""
+        self._absent = {model_id for model_id, run in registry.runs.items() if run["base_model"] == base_model}
+        """Runs an earlier server on this storage made, restored on this actor when their next call comes."""
         self._lost: dict[str, str] = {}
         """Runs restored with work lost -> what their next call is told."""
         self._replacing = asyncio.Lock()
@@ -94,6 +96,8 @@ class SupervisedLearner:
     async def call(self, user: str, model_id: str, method: str, /, *args, **kwargs) -> Any:
         """`method` of the learner (given `args` and `kwargs`) for run `model_id`, in `user`'s turn."""
         async def job():
+            if model_id in self._absent:
+                await self._restore_after_restart(model_id)
             if model_id in self._lost:  # checked in the call's turn: a replacement may come in the turns before it
                 raise RunRestored(self._lost.pop(model_id))
             actor = self.actor
@@ -101,7 +105,8 @@ class SupervisedLearner:
                 return await getattr(actor, method).remote(*args, **kwargs)
             except DEATH as error:  # replaced in this turn, so no other call reaches a half-restored actor
                 await self._replace(actor, error)
-                raise RunRestored(self._lost.pop(model_id, None) or self._message(model_id, error, lost=False)
+                raise RunRestored(self._lost.pop(model_id, None) or self._message(
+                    model_id, replaced(error), self.registry.run_state(model_id)["restore_point"], lost=False)
                                   ) from None
 
         result = await self.turns.run(user, job)
@@ -134,14 +139,17 @@ class SupervisedLearner:
     # ---- supervision -----------------------------------------------------------------------------------------
 
     def _track(self, model_id: str, method: str, args: tuple, kwargs: dict, result: Any) -> None:
+        """Keeps the registry's record of what the run's state equals (its restore point) and whether it changed
+        since, across replacements and restarts of the server."""
+        state = self.registry.run_state(model_id)
         if method in CHANGES_STATE:
-            self._changed.add(model_id)
+            self.registry.set_run_state(model_id, state["restore_point"], changed=True)
+        elif method == "create":  # a new adapter, made again from the run's LoRA config and seed
+            self.registry.set_run_state(model_id, None, changed=False)
         elif method == "save_weights":
-            self._restore_points[model_id] = (result.path, True)
-            self._changed.discard(model_id)
+            self.registry.set_run_state(model_id, (result.path, True), changed=False)
         elif method == "load_weights":  # load_weights(path, optimizer=..., model_id=...)
-            self._restore_points[model_id] = (args[0], kwargs["optimizer"])
-            self._changed.discard(model_id)
+            self.registry.set_run_state(model_id, (args[0], kwargs["optimizer"]), changed=False)
 
     async def _replace(self, dead, cause: Exception) -> None:
         """A new actor in place of `dead` (unless a concurrent call replaced it already), every run restored."""
@@ -151,32 +159,51 @@ class SupervisedLearner:
             ray.kill(dead, no_restart=True)
             self.actor = LearnerActor.remote(self.base_model, **self.options)
             for model_id, run in list(self.registry.runs.items()):
-                if run["base_model"] != self.base_model:
+                if run["base_model"] != self.base_model or model_id in self._absent:
                     continue
+                changed = self.registry.run_state(model_id)["changed"]
                 try:
-                    point = self._restore_points.get(model_id) or await self._latest_checkpoint(model_id)
-                    if point is None:
-                        await self.actor.create.remote(self.base_model, LoraConfig.model_validate(run["lora"]),
-                                                       model_id=model_id)
-                    else:
-                        await self.actor.load_weights.remote(point[0], optimizer=point[1], model_id=model_id)
-                        self._restore_points[model_id] = point
+                    point = await self._restore(model_id)
                 except Exception as error:  # this run's checkpoint is gone or unreadable: the others go on
                     self._lost[model_id] = (f"run {model_id}: its learner died ({type(cause).__name__}) and the "
                                             f"run could not be restored: {error}")
                     continue
-                if model_id in self._changed:
-                    self._lost[model_id] = self._message(model_id, cause, lost=True)
-            self._changed.clear()
+                if changed:
+                    self._lost[model_id] = self._message(model_id, replaced(cause), point, lost=True)
+
+    async def _restore_after_restart(self, model_id: str) -> None:
+        """Restores a run that an earlier server made; if its state had changed since its restore point, the
+        call fails with a `RunRestored` that says so (the server cannot know what it lost)."""
+        self._absent.discard(model_id)
+        changed = self.registry.run_state(model_id)["changed"]
+        try:
+            point = await self._restore(model_id)
+        except Exception as error:
+            raise RunRestored(f"run {model_id}: the server restarted and the run could not be restored: {error}"
+                              ) from None
+        if changed:
+            raise RunRestored(self._message(model_id, "the server restarted", point, lost=True))
+
+    async def _restore(self, model_id: str) -> tuple[str, bool] | None:
+        """Puts the run on the actor as of its restore point, else its latest training checkpoint, else as a new
+        adapter; returns the checkpoint (path, with optimizer) it came from, None for a new adapter."""
+        run = self.registry.runs[model_id]
+        point = self.registry.run_state(model_id)["restore_point"] or await self._latest_checkpoint(model_id)
+        if point is None:
+            await self.actor.create.remote(self.base_model, LoraConfig.model_validate(run["lora"]), model_id=model_id)
+        else:
+            await self.actor.load_weights.remote(point[0], optimizer=point[1], model_id=model_id)
+        self.registry.set_run_state(model_id, point, changed=False)
+        return point
 
     async def _latest_checkpoint(self, model_id: str) -> tuple[str, bool] | None:
         listed = (await self.actor.list_checkpoints.remote(model_id)).checkpoints
         training = [checkpoint for checkpoint in listed if checkpoint.checkpoint_type == "training"]
         return (max(training, key=lambda c: c.time).tinker_path, True) if training else None
 
-    def _message(self, model_id: str, cause: Exception, *, lost: bool) -> str:
-        point = self._restore_points.get(model_id)
+    @staticmethod
+    def _message(model_id: str, what: str, point: tuple[str, bool] | None, *, lost: bool) -> str:
         start = f"from {point[0]}" if point else "from a new adapter (the run had no training checkpoint)"
         after = "the steps and gradients after it are lost" if lost else "it had not changed since"
-        return (f"run {model_id}: its learner died ({type(cause).__name__}) and was replaced; the run was restored "
-                f"{start}: {after}. This call did not run: send it again.")
+        return (f"run {model_id}: {what}; the run was restored {start}: {after}. This call did not run: "
+                "send it again.")

@@ -34,6 +34,10 @@ class Registry:
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.runs: dict[str, dict] = saved.get("runs", {})
         self.public: set[str] = set(saved.get("public", []))
+        self.run_states: dict[str, dict] = saved.get("run_states", {})
+        """model_id -> {"restore_point": [checkpoint path, with optimizer] or None (a new adapter), "changed":
+        whether the run trained since}: how a replaced learner or a restarted server restores the run, and
+        whether it tells the user that work was lost."""
         self.sessions: dict[str, dict] = {}
         """session_id -> {"owner", "user_metadata", "display_name"}, for this server's lifetime (as the SDK's)."""
         self._lock = threading.Lock()
@@ -81,6 +85,17 @@ class Registry:
         run = self.runs.get(ParsedCheckpointTinkerPath.from_tinker_path(tinker_path).training_run_id)
         return tinker_path in self.public or (run is not None and run["owner"] == user)
 
+    def run_state(self, model_id: str) -> dict:
+        """The run's restore point and whether it changed since; a run with no record (made by a server before
+        these were kept) counts as changed."""
+        return self.run_states.get(model_id, {"restore_point": None, "changed": True})
+
+    def set_run_state(self, model_id: str, restore_point: tuple[str, bool] | None, *, changed: bool) -> None:
+        state = {"restore_point": list(restore_point) if restore_point else None, "changed": changed}
+        if self.run_states.get(model_id) != state:  # saved on a change only: not on every training step
+            self.run_states[model_id] = state
+            self.save()
+
     def set_public(self, tinker_path: str, public: bool) -> None:
         (self.public.add if public else self.public.discard)(tinker_path)
         self.save()
@@ -88,7 +103,8 @@ class Registry:
     def save(self) -> None:
         with self._lock:
             staging = self.path.with_suffix(".tmp")
-            staging.write_text(json.dumps({"runs": self.runs, "public": sorted(self.public)}, indent=1))
+            staging.write_text(json.dumps({"runs": self.runs, "public": sorted(self.public),
+                                           "run_states": self.run_states}, indent=1))
             with open(staging) as file:
                 os.fsync(file.fileno())
             staging.replace(self.path)
