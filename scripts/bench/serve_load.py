@@ -4,6 +4,7 @@ alone, in one invocation; or a soak of such mixed traffic that reports the serve
     .venv/bin/python scripts/bench/serve_load.py                      # SmolLM2, rl-serve's defaults
     .venv/bin/python scripts/bench/serve_load.py --model tiny --big-tokens 32768
     .venv/bin/python scripts/bench/serve_load.py --soak-minutes 30    # memory every minute of mixed traffic
+    .venv/bin/python scripts/bench/serve_load.py --recovery           # the learner SIGKILLed under 8 users' runs
     ... [--small-steps 8] [--turn-tokens 2048] [--json FILE]
 
 The server is rl-serve's app in this process (`ServerThread`) with its default limits; every client is the
@@ -14,7 +15,11 @@ requests of about `turn_tokens` tokens. Reports: the small users' step latency, 
 load, and their ratio (goal p95 <= 3x alone); trained tokens/s alone and under load; resident memory, peak and
 final, of the server process, the learner and the sampler (sampled every 0.5 s). The soak runs the same traffic
 for `--soak-minutes` and reports memory each minute and its growth from the first minute to the last (goal:
-<= +10%). Only ratios within one invocation mean something: the machines are noisy.
+<= +10%). `--recovery`: eight users each train a step and save (`save_state`); the learner's process is
+SIGKILLed with no call in flight; reports the seconds until the server replaced it (no call made) and until
+every run answered its next call (all restored), and how far each run's loss then is from its loss at the save
+(goal: served again within 60 s, every run at its last saved state). Only ratios within one invocation mean
+something: the machines are noisy.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -180,6 +186,35 @@ def soak(traffic: Traffic, watch: MemoryWatch, minutes: float) -> dict:
     return {"per_minute": per_minute, "growth_first_to_last": growth, "trained_tokens": traffic.trained_tokens}
 
 
+def recovery(traffic: Traffic, service, runs: int = 8) -> dict:
+    """Each of `runs` users trains a step and saves; the learner's process is SIGKILLed; how soon the server
+    replaced it and served every run again, from its save."""
+    probe = data(1, SMALL_TOKENS, random.Random(-1))
+    trainers, at_save = [], []
+    for index in range(runs):
+        trainer = traffic.trainer(traffic.keys[index], index)
+        traffic._step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, random.Random(index)))
+        trainer.save_state("before-the-kill").result()
+        at_save.append(trainer.forward(probe, "cross_entropy").result().metrics["loss:sum"])
+        trainers.append(trainer)
+    learner = service.learners[traffic.model]
+    dead = learner.actor
+    me = psutil.Process()
+    (pid,) = [process.pid for process in me.children(recursive=True) if role(process, me.pid) == "Learner"]
+    killed = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    while learner.actor is dead:
+        time.sleep(0.05)
+    replaced = time.perf_counter() - killed
+    with ThreadPoolExecutor(runs) as pool:
+        losses = list(pool.map(lambda trainer: trainer.forward(probe, "cross_entropy").result().metrics["loss:sum"],
+                               trainers))
+    served = time.perf_counter() - killed
+    return {"runs": runs, "replaced_after_s": round(replaced, 1), "every_run_served_after_s": round(served, 1),
+            "largest_relative_loss_difference_from_save": max(abs(a - b) / abs(a) for a, b in zip(
+                at_save, losses, strict=True))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = ServeConfig()
@@ -188,6 +223,7 @@ def main() -> None:
     parser.add_argument("--small-steps", type=int, default=8)
     parser.add_argument("--turn-tokens", type=int, default=defaults.turn_tokens)
     parser.add_argument("--soak-minutes", type=float, default=0)
+    parser.add_argument("--recovery", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -204,6 +240,8 @@ def main() -> None:
     try:
         if args.soak_minutes:
             result["soak"] = soak(traffic, watch, args.soak_minutes)
+        elif args.recovery:
+            result["recovery"] = recovery(traffic, service)
         else:
             result.update(under_load(traffic, args.small_steps))
     finally:
