@@ -7,10 +7,11 @@ a stream of large batches then delays another user's step by at most one call, n
 Supervision: an actor that dies (killed, out of memory, its node lost) is replaced, in a turn of its own, as soon
 as a ping finds it dead (`watch`, every few seconds while the server runs; a ping waits behind work in flight,
 which a death ends too), or at once by the call that finds it, and every run on it is restored: from the
-checkpoint it was last saved to or loaded from in this server's lifetime, else its latest training checkpoint,
-else a new adapter. A run that had changed since (steps, or gradients not yet applied) lost that work: the call
-in flight, or else that run's next call, fails with a `RunRestored` that says what it resumed from; the calls
-after it work on the restored state.
+checkpoint it was last saved to or loaded from, else its latest training checkpoint, else a new adapter. A run
+that had changed since (steps, or gradients not yet applied) lost that work: the call in flight, or else that
+run's next call, fails with a `RunRestored` that says what it resumed from; the calls after it work on the
+restored state. The registry keeps each run's restore point and whether it changed since, so a server restarted
+on the same storage restores each run the same way, on the run's next call.
 """
 
 from __future__ import annotations
