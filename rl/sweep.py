@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rl.config import TrainConfig, check
 from rl.driver.state import STATE, LearnerLost, read_state
-from rl.train import connect, run
+from rl.train import connect, failed, run
 
 SUMMARY_COLUMNS = ("eval/accuracy", "reward/mean", "loss", "time_total/minutes")
 """The final metrics in the summary (each run's last value of each)."""
@@ -100,6 +100,9 @@ def run_group(group: list[Job]) -> None:
             job.error, job.learner_lost = None, False
             job.config = replace(job.config, resume=read_state(Path(job.config.output_dir)) is not None)
         run_together(group)
+    for job in group:
+        if job.learner_lost:  # the restarts are spent: where each run can resume from
+            failed(job.config, read_state(Path(job.config.output_dir)))
 
 
 def run_together(group: list[Job]) -> None:

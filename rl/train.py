@@ -71,8 +71,10 @@ def run(config: TrainConfig, shared: Shared | None = None) -> list[dict]:
         try:
             return loop.train(config, source, shared)
         except LearnerLost as lost:
+            if shared is not None:  # the learner held other runs too: the sweep restarts them together (rl.sweep)
+                raise
             state = read_state(Path(config.output_dir))
-            if shared is not None or restarts == config.learner.max_restarts:
+            if restarts == config.learner.max_restarts:
                 failed(config, state)
                 raise
             restarts += 1

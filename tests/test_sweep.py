@@ -168,8 +168,10 @@ def test_a_shared_learner_that_dies_is_replaced_and_its_runs_go_on_from_their_ch
     killer.join()
     assert max(killed["steps"]) < 4, killed  # killed while both were still training
     assert [job.error for job in swept] == [None, None]
+    printed = capsys.readouterr()
     assert "learner of 2 runs died; they go on from their last checkpoints on a new one (restart 1 of 3)" in (
-        capsys.readouterr().out)
+        printed.out)
+    assert "failed" not in printed.err, "a run that goes on is not reported as failed"
     assert swept[0].learner == swept[1].learner, "both on one new learner"
     for folder in folders:
         # Steps after a run's last checkpoint were redone, and the log keeps each step once.

@@ -102,15 +102,15 @@ def main() -> None:
         batches = [batch(1000 * number + index, args.groups, args.group_size, args.prompt, learner.vocab_size)
                    for index in range(args.runs)]
         order = list(modes) if number % 2 == 0 else list(reversed(modes))
+        taken = {}
         for mode in order:
             peak_reset(learner)
-            taken = step(learner, runs[mode], batches, modes[mode])
+            taken[mode] = step(learner, runs[mode], batches, modes[mode])
             peaks[mode] = max(peaks[mode], peak_gib(learner))
             if number:
-                seconds[mode].append(taken)
+                seconds[mode].append(taken[mode])
         tokens += sum(len(datum.loss_fn_inputs["target_tokens"].data) for data in batches for datum in data.data)
-        print(f"step {number}: " + ", ".join(f"{mode} {seconds[mode][-1] if number else taken:.2f} s"
-                                             for mode in modes), flush=True)
+        print(f"step {number}: " + ", ".join(f"{mode} {taken[mode]:.2f} s" for mode in modes), flush=True)
     tokens_per_step = tokens / (args.steps + 1)
     differences = []
     for alone, together in zip(runs["call per run"], runs["one pass"], strict=True):
