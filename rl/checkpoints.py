@@ -156,8 +156,8 @@ class CheckpointStore:
         staged = folder / f".{METADATA_FILE}.staging"
         staged.write_text(json.dumps(record, indent=1))
         if self._remote is not None:
-            self._remote.put_file(str(staged), f"{self._remote_folder(parsed.training_run_id, parsed.checkpoint_id)}"
-                                               f"/{METADATA_FILE}")
+            self._put_metadata(staged, f"{self._remote_folder(parsed.training_run_id, parsed.checkpoint_id)}"
+                                       f"/{METADATA_FILE}")
         os.replace(staged, folder / METADATA_FILE)
         return self._describe(parsed.training_run_id, parsed.checkpoint_type, parsed.name, record)
 
@@ -192,7 +192,18 @@ class CheckpointStore:
         for path in sorted(files, key=lambda path: path.name == METADATA_FILE):
             target = f"{remote}/{path.relative_to(folder).as_posix()}"
             self._remote.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # object stores have no folders: no-op
-            self._remote.put_file(str(path), target)
+            if path.name == METADATA_FILE:
+                self._put_metadata(path, target)
+            else:
+                self._remote.put_file(str(path), target)
+
+    def _put_metadata(self, path: Path, target: str) -> None:
+        """checkpoint.json into the URI whole or not at all: a process killed while copying it into a file:// URI
+        left it empty, which made every later listing of the run fail. An object store's put is whole already;
+        a filesystem's is a copy, so it goes to a staging name and is renamed."""
+        staged = f"{target}.staging-{os.getpid()}"
+        self._remote.put_file(str(path), staged)
+        self._remote.mv(staged, target)
 
     def _download(self, remote: str, folder: Path) -> None:
         """Copies a complete checkpoint from the URI into the local folder, atomically; nothing if it has none."""
