@@ -289,7 +289,9 @@ class Learner:
                 stack.enter_context(self._gradients_set_aside(call.run.params, keep=backward))
             stack.enter_context(torch.set_grad_enabled(backward))
             parts = [(call.prepared, call.spec.datums_per_group) for call in calls]
-            layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)]
+            # Found once a pass, and only for several runs: walking every module costs a lone call for nothing.
+            layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)
+                      ] if len(calls) > 1 else []
             for rows in micro_batches(parts, self.micro_batch_tokens):
                 row_adapters = [adapters[row.part] for row in rows]
                 if len(set(row_adapters)) > 1:
