@@ -51,6 +51,9 @@ class ServeConfig:
     turn_tokens: int = 2048
     """About how many tokens the SDK sends per forward_backward request (it splits larger batches): one request
     is one user's turn at the learner, so this bounds how long a large batch holds other users up."""
+    join_users: bool = True
+    """The forward_backward calls of the users waiting at a learner go in one pass of it, each row through its own
+    run's adapter (exact), rather than one call each (docs/tinker.md, "Turns")."""
 
 
 def api_keys(config: ServeConfig) -> list[str]:
@@ -64,7 +67,8 @@ def build_service(config: ServeConfig, keys: list[str]):
     return Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
                    context=config.context, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras,
                    max_batch_datums=config.max_batch_datums, max_batch_tokens=config.max_batch_tokens,
-                   max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens)
+                   max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens,
+                   join_users=config.join_users)
 
 
 def serve(config: ServeConfig) -> None:

@@ -638,3 +638,56 @@ def test_a_killed_learner_is_replaced_and_each_run_restored_from_its_last_save(s
         losses.append(unsaved.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"])
         unsaved.optim_step(adam).result()
     assert losses[-1] < losses[0]
+
+
+def test_waiting_users_forward_backward_calls_go_in_one_learner_pass_each_as_if_alone(server, monkeypatch):
+    import asyncio
+    import threading
+
+    adam = types.AdamParams(learning_rate=1e-2)
+    batches = {ALICE: [datum(), datum([9, 33, 17, 5, 5, 17])], BOB: [datum([7, 8, 9, 10, 11, 12])]}
+    bad = [datum([1, 2, 4096])]  # a token outside the tiny vocabulary: refused by the learner, not at the edge
+
+    def after_step(trainer, key, output) -> tuple[float, float]:
+        trainer.optim_step(adam).result()
+        return output.metrics["loss:sum"], trainer.forward(batches[key], "cross_entropy").result().metrics["loss:sum"]
+
+    alone = {}
+    for key, seed in ((ALICE, 60), (BOB, 61)):
+        trainer = training_client(server, key, seed)
+        alone[key] = after_step(trainer, key, trainer.forward_backward(batches[key], "cross_entropy").result())
+    trainers = {ALICE: training_client(server, ALICE, 60), BOB: training_client(server, BOB, 61)}
+    turns = server.service.learners[server.service_model].turns
+    joined, real_join = [], turns.join
+
+    async def spy(calls):
+        joined.append(sorted(model_id for model_id, _, _ in calls))
+        return await real_join(calls)
+
+    monkeypatch.setattr(turns, "join", spy)
+
+    def both_waiting(sent: dict):
+        """Sends each user's forward_backward while the learner is held, so both wait for the same turn."""
+        release = threading.Event()
+
+        async def hold():
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
+
+        held = asyncio.run_coroutine_threadsafe(turns.run("holder", hold), turns._server.get_loop())
+        futures = {key: trainers[key].forward_backward(data, "cross_entropy") for key, data in sent.items()}
+        deadline = time.time() + 30
+        while len(turns._waiting) < len(sent):
+            assert time.time() < deadline, turns._waiting
+            time.sleep(0.005)
+        release.set()
+        held.result(timeout=30)
+        return futures
+
+    outputs = {key: future.result() for key, future in both_waiting(batches).items()}
+    assert joined == [sorted(trainer.model_id for trainer in trainers.values())], "one pass for both users"
+    for key, trainer in trainers.items():
+        assert after_step(trainer, key, outputs[key]) == pytest.approx(alone[key], rel=1e-5), key
+    refused, fine = both_waiting({ALICE: bad, BOB: batches[BOB]}).values()
+    with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary"):
+        refused.result()
+    assert fine.result().metrics["loss:sum"] > 0 and len(joined) == 2, "Bob's call ran in the same pass"

@@ -3,6 +3,9 @@
 Turns: the calls that work on a run (create, forward_backward, optim_step, saves, loads) reach the actor one at a
 time, the users with calls waiting served in rotation, each user's calls in the order they came. A user sending
 a stream of large batches then delays another user's step by at most one call, not by everything queued before.
+When a user's turn is a forward_backward, every other waiting user whose next call is a forward_backward too
+goes along in the same learner pass (`Learner.forward_backward_many`: exact, each row through its own run's
+adapter; a batch refused fails alone): one pass a round for the users training, instead of one each.
 
 Supervision: an actor that dies (killed, out of memory, its node lost) is replaced, in a turn of its own, as soon
 as a ping finds it dead (`watch`, every few seconds while the server runs; a ping waits behind work in flight,
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -43,49 +47,73 @@ class RunRestored(RuntimeError):
     """A run's learner died and the run was restored from a checkpoint; the message says which."""
 
 
+@dataclass
+class _Job:
+    run: Callable[[], Awaitable[Any]]
+    done: asyncio.Future
+    joinable: Any = None
+    """What `Turns.join` needs to run this job together with other users' (None: the job runs alone)."""
+
+
 class Turns:
     """Jobs run one at a time; the users with jobs waiting take turns (in the order they started waiting, a user
-    served going to the back), each user's jobs in the order they came."""
+    served going to the back), each user's jobs in the order they came. With `join`: when a user's next job is
+    joinable, the next job of every other waiting user that is joinable too runs with it, in one
+    `join(joinables) -> [result or exception, ...]`, and each of those users goes to the back."""
 
-    def __init__(self):
-        self._waiting: dict[str, deque[tuple[Callable[[], Awaitable[Any]], asyncio.Future]]] = {}
+    def __init__(self, join: Callable[[list[Any]], Awaitable[list[Any]]] | None = None):
+        self.join = join
+        self._waiting: dict[str, deque[_Job]] = {}
         self._server: asyncio.Task | None = None
 
-    async def run(self, user: str, job: Callable[[], Awaitable[Any]]) -> Any:
+    async def run(self, user: str, job: Callable[[], Awaitable[Any]], joinable: Any = None) -> Any:
         done = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(user, deque()).append((job, done))
+        self._waiting.setdefault(user, deque()).append(_Job(job, done, joinable if self.join else None))
         if self._server is None or self._server.done():
             self._server = asyncio.ensure_future(self._serve())
         return await done
 
     async def _serve(self) -> None:
         while self._waiting:
-            user = next(iter(self._waiting))
-            queue = self._waiting.pop(user)
-            job, done = queue.popleft()
-            if queue:
-                self._waiting[user] = queue  # to the back of the rotation
+            first = next(iter(self._waiting))
+            users = [first]
+            if self._waiting[first][0].joinable is not None:
+                users += [user for user, queue in self._waiting.items()
+                          if user != first and queue[0].joinable is not None]
+            jobs = [self._next(user) for user in users]
             try:
-                result = await job()
-            except Exception as error:  # the caller's to handle; the rotation goes on
-                if not done.cancelled():  # its caller may have gone
-                    done.set_exception(error)
-                continue
-            if not done.cancelled():
-                done.set_result(result)
+                outcomes = [await jobs[0].run()] if len(jobs) == 1 else await self.join([j.joinable for j in jobs])
+            except Exception as error:  # the callers' to handle; the rotation goes on
+                outcomes = [error] * len(jobs)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if job.done.cancelled():  # its caller has gone
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.done.set_exception(outcome)
+                else:
+                    job.done.set_result(outcome)
+
+    def _next(self, user: str) -> _Job:
+        """The user's next job, taken from its queue; a user with more waiting goes to the back of the rotation."""
+        queue = self._waiting.pop(user)
+        job = queue.popleft()
+        if queue:
+            self._waiting[user] = queue
+        return job
 
 
 class SupervisedLearner:
     """One base model's learner actor, as the service uses it: `call` for work on a run (in turns, supervised),
     `ask` for the rest."""
 
-    def __init__(self, base_model: str, registry: Registry, **options):
-        """`options` are the learner actor's (rl.learner.Learner's keyword arguments)."""
+    def __init__(self, base_model: str, registry: Registry, *, join_users: bool = True, **options):
+        """`options` are the learner actor's (rl.learner.Learner's keyword arguments). `join_users`: waiting
+        users' forward_backward calls go in one learner pass (see the module's docstring)."""
         self.base_model = base_model
         self.registry = registry
         self.options = options
         self.actor = LearnerActor.remote(base_model, **options)
-        self.turns = Turns()
+        self.turns = Turns(join=self._forward_backward_together if join_users else None)
         self._absent = {model_id for model_id, run in registry.runs.items() if run["base_model"] == base_model}
         """Runs an earlier server on this storage made, restored on this actor when their next call comes."""
         self._lost: dict[str, str] = {}
@@ -97,22 +125,52 @@ class SupervisedLearner:
     async def call(self, user: str, model_id: str, method: str, /, *args, **kwargs) -> Any:
         """`method` of the learner (given `args` and `kwargs`) for run `model_id`, in `user`'s turn."""
         async def job():
-            if model_id in self._absent:
-                await self._restore_after_restart(model_id)
-            if model_id in self._lost:  # checked in the call's turn: a replacement may come in the turns before it
-                raise RunRestored(self._lost.pop(model_id))
+            await self._arrive(model_id)
             actor = self.actor
             try:
                 return await getattr(actor, method).remote(*args, **kwargs)
             except DEATH as error:  # replaced in this turn, so no other call reaches a half-restored actor
                 await self._replace(actor, error)
-                raise RunRestored(self._lost.pop(model_id, None) or self._message(
-                    model_id, replaced(error), self.registry.run_state(model_id)["restore_point"], lost=False)
-                                  ) from None
+                raise self._restored(model_id, error) from None
 
-        result = await self.turns.run(user, job)
+        joinable = (model_id, args[1], kwargs.get("custom_loss")) if method == "forward_backward" else None
+        result = await self.turns.run(user, job, joinable)
         self._track(model_id, method, args, kwargs, result)
         return result
+
+    async def _forward_backward_together(self, calls: list[tuple]) -> list[Any]:
+        """Several users' forward_backward calls, (model_id, batch, custom_loss) each, in one learner pass; each
+        call's output or the error it alone raised."""
+        outcomes: list[Any] = [None] * len(calls)
+        ready = []
+        for index, (model_id, _, _) in enumerate(calls):
+            try:
+                await self._arrive(model_id)
+                ready.append(index)
+            except Exception as error:
+                outcomes[index] = error
+        actor = self.actor
+        try:
+            outputs = await actor.forward_backward_many.remote([calls[index] for index in ready]) if ready else []
+        except DEATH as error:
+            await self._replace(actor, error)
+            outputs = [self._restored(calls[index][0], error) for index in ready]
+        for index, output in zip(ready, outputs, strict=True):
+            outcomes[index] = output
+        return outcomes
+
+    async def _arrive(self, model_id: str) -> None:
+        """Before a call's work, in its turn (a replacement may come in the turns before it): a run an earlier
+        server made is restored; a run restored with work lost fails this call, saying so."""
+        if model_id in self._absent:
+            await self._restore_after_restart(model_id)
+        if model_id in self._lost:
+            raise RunRestored(self._lost.pop(model_id))
+
+    def _restored(self, model_id: str, cause: Exception) -> RunRestored:
+        """What a call in flight when its learner died is told, once the run is restored."""
+        return RunRestored(self._lost.pop(model_id, None) or self._message(
+            model_id, replaced(cause), self.registry.run_state(model_id)["restore_point"], lost=False))
 
     async def ask(self, method: str, /, *args, **kwargs) -> Any:
         """A call that changes no run (listings, checkpoint files), at once; retried once on a replaced actor."""

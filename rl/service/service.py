@@ -66,12 +66,14 @@ class Service:
     def __init__(self, models: list[str], storage: Path | str, api_keys: list[str], *, replicas: int = 1,
                  dtype: str = "float32", context: dict[str, int] | None = None, max_lora_rank: int = 128,
                  max_loras: int = 4, learner_storage: str | None = None, max_batch_datums: int = 1024,
-                 max_batch_tokens: int = 32768, max_sample_tokens: int = 32768, turn_tokens: int = 2048):
+                 max_batch_tokens: int = 32768, max_sample_tokens: int = 32768, turn_tokens: int = 2048,
+                 join_users: bool = True):
         """`storage` holds the registry (runs, ownership, public checkpoints); the learners keep checkpoints in
         `learner_storage` (default: storage/checkpoints), a path on the learners' nodes. `context` sets a
         model's context length; a model it does not name gets its own (rl.models.context_length). The `max_*`
         limits bound each request (rl.service.limits); the SDK is told to split batches into requests of about
-        `turn_tokens` tokens, each one turn at the learner (`client_config`)."""
+        `turn_tokens` tokens, each one turn at the learner (`client_config`); with `join_users`, the waiting
+        users' forward_backward calls go in one learner pass (rl.service.learners)."""
         self.storage = Path(storage)
         self.registry = Registry(self.storage, api_keys)
         self.futures = FutureStore()
@@ -83,7 +85,8 @@ class Service:
         self.max_lora_rank = max_lora_rank
         self.turn_tokens = turn_tokens
         checkpoints = learner_storage or str(self.storage / "checkpoints")
-        self.learners = {name: SupervisedLearner(name, self.registry, storage=checkpoints, dtype=dtype)
+        self.learners = {name: SupervisedLearner(name, self.registry, join_users=join_users, storage=checkpoints,
+                                                dtype=dtype)
                          for name in models}
         self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=self.limits[name].context, dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")

@@ -5,7 +5,7 @@ alone, in one invocation; or a soak of such mixed traffic that reports the serve
     .venv/bin/python scripts/bench/serve_load.py --model tiny --big-tokens 32768
     .venv/bin/python scripts/bench/serve_load.py --soak-minutes 30    # memory every minute of mixed traffic
     .venv/bin/python scripts/bench/serve_load.py --recovery           # the learner SIGKILLed under 8 users' runs
-    ... [--small-steps 8] [--turn-tokens 2048] [--json FILE]
+    ... [--small-steps 8] [--turn-tokens 2048] [--no-join-users] [--json FILE]
 
 The server is rl-serve's app in this process (`ServerThread`) with its default limits; every client is the
 official SDK over HTTP, with its own API key (user). A small step is forward_backward on 4 datums of 64 tokens
@@ -29,7 +29,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -43,12 +42,12 @@ import tinker
 from tinker import types as sdk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import BIG_DATUM_TOKENS, SMALL_DATUMS, SMALL_TOKENS, latency  # noqa: E402
 from main_job import role  # noqa: E402
 
 from rl.serve import ServeConfig, build_service  # noqa: E402
 from rl.service.app import ServerThread  # noqa: E402
 
-SMALL_DATUMS, SMALL_TOKENS, BIG_DATUM_TOKENS = 4, 64, 512
 ADAM = sdk.AdamParams(learning_rate=1e-5)
 
 
@@ -128,16 +127,6 @@ class Traffic:
         trainer.optim_step(ADAM).result()
         with self._lock:
             self.trained_tokens += sum(datum.model_input.length for datum in batch)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def latency(values: list[float]) -> dict[str, float]:
-    return {"p50_s": round(statistics.median(values), 3), "p95_s": round(percentile(values, 0.95), 3),
-            "steps": len(values)}
 
 
 def under_load(traffic: Traffic, small_steps: int) -> dict:
@@ -222,6 +211,8 @@ def main() -> None:
     parser.add_argument("--big-tokens", type=int, default=defaults.max_batch_tokens)
     parser.add_argument("--small-steps", type=int, default=8)
     parser.add_argument("--turn-tokens", type=int, default=defaults.turn_tokens)
+    parser.add_argument("--no-join-users", dest="join_users", action="store_false",
+                        help="one learner call per user's forward_backward (before: join_users=false)")
     parser.add_argument("--soak-minutes", type=float, default=0)
     parser.add_argument("--recovery", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -231,10 +222,11 @@ def main() -> None:
     keys = [f"tml-user-{index}" for index in range(9)]
     watch = MemoryWatch()
     service = build_service(ServeConfig(models=[args.model], storage=tempfile.mkdtemp(prefix="serve-load-"),
-                                        turn_tokens=args.turn_tokens), keys)
+                                        turn_tokens=args.turn_tokens, join_users=args.join_users), keys)
     server = ServerThread(service)
     traffic = Traffic(server, args.model, keys, args.big_tokens)
     result = {"model": args.model, "big_tokens": args.big_tokens, "turn_tokens": args.turn_tokens,
+              "join_users": args.join_users,
               "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                            if line.startswith("model name")), "?"), "cores": len(os.sched_getaffinity(0))}
     try:
