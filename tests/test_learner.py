@@ -331,6 +331,36 @@ def test_runs_batched_in_one_pass_get_what_each_gets_alone(learner, tiny_model_d
         learner.delete(model_id)
 
 
+def test_runs_called_in_turn_train_as_alone_and_runs_deleted_after_a_shared_pass_leave_the_rest_working(
+        learner, tiny_model_dir):
+    # rl-serve's users: calls of different runs alternate on one learner, each switching the active adapter (set on
+    # the LoRA layers directly, `Learner._activate`), and runs are deleted while others stay.
+    alone = []
+    for seed in (7, 8):
+        model_id = learner.create(str(tiny_model_dir), LoraConfig(rank=4, seed=seed))
+        alone.append(train(learner, model_id, 3))
+        learner.delete(model_id)
+    assert all(seen[-1] < seen[0] for seen in alone), alone
+    runs = [learner.create(str(tiny_model_dir), LoraConfig(rank=4, seed=seed)) for seed in (7, 8)]
+    in_turn = [[], []]
+    for _ in range(3):
+        for index, model_id in enumerate(runs):
+            in_turn[index] += train(learner, model_id, 1)
+    for seen, expected in zip(in_turn, alone, strict=True):
+        assert seen == pytest.approx(expected, rel=1e-5)
+    runs.append(learner.create(str(tiny_model_dir), LoraConfig(rank=4, seed=9)))
+    learner.forward_backward_many([(model_id, sft(), None) for model_id in runs])  # three adapters active
+    learner.delete(runs[0])  # two stay active
+    pair = [sft_datum([4, 5, 6, 7, 8], prompt_length=2), sft_datum([4, 5, 9, 10, 11], prompt_length=2)]
+    dpo = learner.forward(runs[1], ForwardBackwardInput(data=pair, loss_fn="dpo"))  # its reference: adapters off
+    assert dpo.metrics["loss:sum"] > 0, "the other runs still answer"
+    learner.delete(runs[1])
+    learner.delete(runs[2])
+    again = learner.create(str(tiny_model_dir), LoraConfig(rank=4, seed=7))
+    assert train(learner, again, 3) == pytest.approx(alone[0], rel=1e-5)
+    learner.delete(again)
+
+
 def test_gradients_accumulate_until_optim_step(learner, tiny_model_dir):
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)
