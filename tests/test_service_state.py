@@ -183,6 +183,48 @@ def test_users_take_turns_at_the_learner_and_each_users_jobs_keep_their_order():
     assert results == ["a1", "a2", "a3", "a4", "b1", "c1", "b2"]
 
 
+def test_waiting_users_joinable_jobs_run_together_and_each_users_order_is_kept():
+    async def scenario():
+        passes, release = [], asyncio.Event()
+
+        async def join(items):
+            passes.append(sorted(items))
+            return [ValueError(f"{item} refused") if item.endswith("bad") else item.upper() for item in items]
+
+        turns = Turns(join=join)
+
+        async def first():
+            passes.append(["a1"])
+            await release.wait()
+            return "a1"
+
+        calls = {"a1": asyncio.ensure_future(turns.run("alice", first))}
+        await asyncio.sleep(0)
+        for user, name, joinable in (("alice", "a2", True), ("alice", "a3", False), ("alice", "a4", True),
+                                     ("bob", "b1", False), ("bob", "b2", True), ("carol", "c1", True),
+                                     ("dave", "d1-bad", True)):
+            async def alone(name=name):
+                passes.append([name])
+                return name
+            calls[name] = asyncio.ensure_future(turns.run(user, alone, name if joinable else None))
+        await asyncio.sleep(0)
+        release.set()
+        outcomes = {}
+        for name, call in calls.items():
+            try:
+                outcomes[name] = await call
+            except ValueError as error:
+                outcomes[name] = str(error)
+        return passes, outcomes
+
+    passes, outcomes = run(scenario())
+    # Alice's joinable a2 takes along the next job of each user whose next is joinable (Carol's, Dave's), not Bob's
+    # b1; b2 waits behind b1, and a4 behind a3, so each user's order holds; a refused item fails alone.
+    assert passes == [["a1"], ["a2", "c1", "d1-bad"], ["b1"], ["a3"], ["a4", "b2"]], passes
+    assert outcomes == {"a1": "a1", "a2": "A2", "a3": "a3", "a4": "A4", "b1": "b1", "b2": "B2", "c1": "C1",
+                        "d1-bad": "d1-bad refused"}
+
+
 LIMITS = Limits(context=100, max_batch_datums=3, max_batch_tokens=150, max_sample_tokens=200)
 
 
