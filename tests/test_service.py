@@ -21,13 +21,17 @@ from rl.service.app import ServerThread, free_port
 from rl.service.service import Service
 
 ALICE, BOB = "tml-alice-key", "tml-bob-key"
+CAROL, DAVE = "tml-carol-key", "tml-dave-key"
+"""Users of the joined-pass test alone: the learner's turns share it by tokens, so whether two users' calls are
+due together depends on what each sent before."""
 PATTERN = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
 
 
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     # The learner keeps its checkpoints in a folder of its own, as it would on another node.
-    service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"), [ALICE, BOB],
+    service = Service([str(tiny_model_dir)], tmp_path_factory.mktemp("storage"),
+                      [ALICE, BOB, CAROL, DAVE],
                       context={str(tiny_model_dir): 256}, max_lora_rank=8,
                       learner_storage=str(tmp_path_factory.mktemp("learner-node")), max_batch_datums=64,
                       max_batch_tokens=4096, max_sample_tokens=1024)
@@ -645,7 +649,8 @@ def test_waiting_users_forward_backward_calls_go_in_one_learner_pass_each_as_if_
     import threading
 
     adam = types.AdamParams(learning_rate=1e-2)
-    batches = {ALICE: [datum(), datum([9, 33, 17, 5, 5, 17])], BOB: [datum([7, 8, 9, 10, 11, 12])]}
+    # Carol's and Dave's batches have as many tokens (14), so their calls stay due together round after round.
+    batches = {CAROL: [datum(), datum([9, 33, 17, 5, 5, 17])], DAVE: [datum([7, 8, 9, 10, 11, 12]), datum()]}
     bad = [datum([1, 2, 4096])]  # a token outside the tiny vocabulary: refused by the learner, not at the edge
 
     def after_step(trainer, key, output) -> tuple[float, float]:
@@ -653,10 +658,10 @@ def test_waiting_users_forward_backward_calls_go_in_one_learner_pass_each_as_if_
         return output.metrics["loss:sum"], trainer.forward(batches[key], "cross_entropy").result().metrics["loss:sum"]
 
     alone = {}
-    for key, seed in ((ALICE, 60), (BOB, 61)):
-        trainer = training_client(server, key, seed)
+    for key, (user, seed) in {CAROL: (ALICE, 60), DAVE: (BOB, 61)}.items():  # the same runs, by other users
+        trainer = training_client(server, user, seed)
         alone[key] = after_step(trainer, key, trainer.forward_backward(batches[key], "cross_entropy").result())
-    trainers = {ALICE: training_client(server, ALICE, 60), BOB: training_client(server, BOB, 61)}
+    trainers = {CAROL: training_client(server, CAROL, 60), DAVE: training_client(server, DAVE, 61)}
     turns = server.service.learners[server.service_model].turns
     joined, real_join = [], turns.join
 
@@ -687,7 +692,7 @@ def test_waiting_users_forward_backward_calls_go_in_one_learner_pass_each_as_if_
     assert joined == [sorted(trainer.model_id for trainer in trainers.values())], "one pass for both users"
     for key, trainer in trainers.items():
         assert after_step(trainer, key, outputs[key]) == pytest.approx(alone[key], rel=1e-5), key
-    refused, fine = both_waiting({ALICE: bad, BOB: batches[BOB]}).values()
+    refused, fine = both_waiting({CAROL: bad, DAVE: batches[DAVE]}).values()
     with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary"):
         refused.result()
-    assert fine.result().metrics["loss:sum"] > 0 and len(joined) == 2, "Bob's call ran in the same pass"
+    assert fine.result().metrics["loss:sum"] > 0 and len(joined) == 2, "Dave's call ran in the same pass"

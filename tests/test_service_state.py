@@ -225,6 +225,36 @@ def test_waiting_users_joinable_jobs_run_together_and_each_users_order_is_kept()
                         "d1-bad": "d1-bad refused"}
 
 
+def test_users_share_the_learner_by_tokens_and_a_user_back_from_idling_has_no_credit_saved_up():
+    async def scenario():
+        turns, order, release = Turns(), [], asyncio.Event()
+
+        async def first():
+            order.append("x")
+            await release.wait()
+
+        calls = [asyncio.ensure_future(turns.run("xavier", first, cost=3))]
+        await asyncio.sleep(0)
+        # Bob sends requests four times Alice's and Carol's; each user's requests are queued at once.
+        for user, cost, count in (("bob", 4, 3), ("alice", 1, 4), ("carol", 1, 4)):
+            calls += [asyncio.ensure_future(turns.run(user, recorder(order, f"{user[0]}{index}"), cost=cost))
+                      for index in range(count)]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*calls)
+        late = [asyncio.ensure_future(turns.run(user, recorder(order, name), cost=1)) for user, name in
+                (("alice", "a4"), ("dave", "d0"), ("bob", "b3"))]
+        await asyncio.gather(*late)
+        return order
+
+    order = run(scenario())
+    # Bob's jobs stand at 0, 4 and 8, Alice's and Carol's at 0, 1, 2 and 3: one of Bob's per four of theirs.
+    assert order[:12] == ["x", "b0", "a0", "c0", "a1", "c1", "a2", "c2", "a3", "c3", "b1", "b2"], order
+    # Then Alice (whose jobs ended at 4) and Dave (new) both stand at the present, 8, where b2 started: Dave has no
+    # credit from before he came (at 0 he would go first); Bob stands at 12.
+    assert order[12:] == ["a4", "d0", "b3"], order
+
+
 LIMITS = Limits(context=100, max_batch_datums=3, max_batch_tokens=150, max_sample_tokens=200)
 
 

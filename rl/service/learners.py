@@ -1,11 +1,11 @@
 """The service's learner for one base model: one actor shared by every user, served in turns, and kept alive.
 
 Turns: the calls that work on a run (create, forward_backward, optim_step, saves, loads) reach the actor one at a
-time, the users with calls waiting served in rotation, each user's calls in the order they came. A user sending
-a stream of large batches then delays another user's step by at most one call, not by everything queued before.
-When a user's turn is a forward_backward, every other waiting user whose next call is a forward_backward too
-goes along in the same learner pass (`Learner.forward_backward_many`: exact, each row through its own run's
-adapter; a batch refused fails alone): one pass a round for the users training, instead of one each.
+time, each user's in the order they came, the users with calls waiting sharing the learner fairly by tokens
+(`Turns`): a user sending a stream of large batches gets as many tokens through as one sending small steps, not
+a call for each of theirs. When the next call is a forward_backward, every other waiting user whose next call is
+a forward_backward due about as soon goes along in the same learner pass (`Learner.forward_backward_many`: exact,
+each row through its own run's adapter; a batch refused fails alone): one pass a round for the users training.
 
 Supervision: an actor that dies (killed, out of memory, its node lost) is replaced, in a turn of its own, as soon
 as a ping finds it dead (`watch`, every few seconds while the server runs; a ping waits behind work in flight,
@@ -34,6 +34,8 @@ from rl.types import LoraConfig
 DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 """What a call on a dead actor raises (Ray's memory monitor's kill is an OutOfMemoryError)."""
 CHANGES_STATE = ("forward_backward", "optim_step")
+BATCH_METHODS = ("forward", "forward_backward")
+"""Calls whose second argument is a batch: their cost in turns is its tokens."""
 WATCH_INTERVAL_S = 2.0
 SUPERVISOR = "supervisor"
 """The turn in which `watch` replaces a dead actor (a name no user has: theirs are user-N or local)."""
@@ -51,35 +53,54 @@ class RunRestored(RuntimeError):
 class _Job:
     run: Callable[[], Awaitable[Any]]
     done: asyncio.Future
-    joinable: Any = None
+    joinable: Any
     """What `Turns.join` needs to run this job together with other users' (None: the job runs alone)."""
+    start: float
+    """Where the job stands in the learner's work (tokens): the work served when it came, or where its user's
+    previous job ends if later."""
+    end: float
+    """start + the job's cost."""
 
 
 class Turns:
-    """Jobs run one at a time; the users with jobs waiting take turns (in the order they started waiting, a user
-    served going to the back), each user's jobs in the order they came. With `join`: when a user's next job is
-    joinable, the next job of every other waiting user that is joinable too runs with it, in one
-    `join(joinables) -> [result or exception, ...]`, and each of those users goes to the back."""
+    """Jobs run one at a time, each user's in the order they came, the users sharing the learner's work fairly by
+    tokens (start-time fair queueing): the waiting job that stands earliest (`_Job.start`) runs next, ties going
+    round the users in turn (a user served goes to the back). A user whose requests are four times larger then
+    gets a turn a quarter as often, and a user back from idling starts from the present, with no credit saved
+    up. Calls that move no tokens (optim_step, saves, creates) cost nothing and come in their user's turn.
+    With `join`: when the next job is joinable, the next job of every other waiting user that is joinable too and
+    stands no later than that job's end runs with it, in one `join(joinables) -> [result or exception, ...]`."""
 
     def __init__(self, join: Callable[[list[Any]], Awaitable[list[Any]]] | None = None):
         self.join = join
         self._waiting: dict[str, deque[_Job]] = {}
+        self._ends: dict[str, float] = {}
+        """Where each user's latest job ends."""
+        self._clock = 0.0
+        """Where the job served last stands."""
         self._server: asyncio.Task | None = None
 
-    async def run(self, user: str, job: Callable[[], Awaitable[Any]], joinable: Any = None) -> Any:
+    async def run(self, user: str, job: Callable[[], Awaitable[Any]], joinable: Any = None, cost: float = 0.0
+                  ) -> Any:
+        """`job`'s result, run in `user`'s turn; `cost`: its work, in tokens."""
         done = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(user, deque()).append(_Job(job, done, joinable if self.join else None))
+        start = max(self._clock, self._ends.get(user, 0.0))
+        self._ends[user] = start + cost
+        self._waiting.setdefault(user, deque()).append(
+            _Job(job, done, joinable if self.join else None, start, start + cost))
         if self._server is None or self._server.done():
             self._server = asyncio.ensure_future(self._serve())
         return await done
 
     async def _serve(self) -> None:
         while self._waiting:
-            first = next(iter(self._waiting))
+            first = min(self._waiting, key=lambda user: self._waiting[user][0].start)  # ties: the rotation's order
+            head = self._waiting[first][0]
+            self._clock = head.start
             users = [first]
-            if self._waiting[first][0].joinable is not None:
-                users += [user for user, queue in self._waiting.items()
-                          if user != first and queue[0].joinable is not None]
+            if head.joinable is not None:
+                users += [user for user, queue in self._waiting.items() if user != first
+                          and queue[0].joinable is not None and queue[0].start <= head.end]
             jobs = [self._next(user) for user in users]
             try:
                 outcomes = [await jobs[0].run()] if len(jobs) == 1 else await self.join([j.joinable for j in jobs])
@@ -134,7 +155,8 @@ class SupervisedLearner:
                 raise self._restored(model_id, error) from None
 
         joinable = (model_id, args[1], kwargs.get("custom_loss")) if method == "forward_backward" else None
-        result = await self.turns.run(user, job, joinable)
+        tokens = sum(datum.model_input.length for datum in args[1].data) if method in BATCH_METHODS else 0
+        result = await self.turns.run(user, job, joinable, tokens)
         self._track(model_id, method, args, kwargs, result)
         return result
 

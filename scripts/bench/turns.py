@@ -66,9 +66,10 @@ class Users:
         """A user's step: its forward_backward requests (all sent at once, as the SDK sends a split batch), then
         optim_step."""
         async def forward_backward(request):
+            tokens = sum(datum.model_input.length for datum in request.data)
             await self.turns.run(user, lambda: self._on_learner(self.learner.forward_backward, run, request),
-                                 (run, request, None))
-            self.tokens += sum(datum.model_input.length for datum in request.data)
+                                 (run, request, None), tokens)
+            self.tokens += tokens
         await asyncio.gather(*(forward_backward(request) for request in requests))
         await self.turns.run(user, lambda: self._on_learner(self.learner.optim_step, run, ADAM))
 
