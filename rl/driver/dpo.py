@@ -55,7 +55,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
             output = await run.train_step(batch, adam, record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
-            tokens = sum(datum.model_input.length for datum in batch.data)
+            tokens = batch.tokens
             record.update({"loss": output.metrics["loss:sum"] / len(indices),
                            **{key: output.metrics[key] for key in DPO_METRICS},
                            "tokens/trained": tokens, "time/training_s": seconds,

@@ -51,7 +51,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
             output = await run.train_step(batch, adam, record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
-            tokens = sum(datum.model_input.length for datum in batch.data)
+            tokens = batch.tokens
             record.update({"loss": output.metrics["loss:sum"], "tokens/trained": tokens, "time/training_s": seconds,
                            "throughput/trained_tokens_per_s": tokens / seconds})
             await run.end_step(record)  # logged, and a checkpoint when one is due

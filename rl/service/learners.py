@@ -155,7 +155,7 @@ class SupervisedLearner:
                 raise self._restored(model_id, error) from None
 
         joinable = (model_id, args[1], kwargs.get("custom_loss")) if method == "forward_backward" else None
-        tokens = sum(datum.model_input.length for datum in args[1].data) if method in BATCH_METHODS else 0
+        tokens = args[1].tokens if method in BATCH_METHODS else 0
         result = await self.turns.run(user, job, joinable, tokens)
         self._track(model_id, method, args, kwargs, result)
         return result

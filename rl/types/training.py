@@ -88,6 +88,11 @@ class ForwardBackwardInput(StrictModel):
     loss_fn: LossFnType
     loss_fn_config: dict[str, float | str] | None = None
 
+    @property
+    def tokens(self) -> int:
+        """The model_input tokens of all its datums: the work it asks of the learner."""
+        return sum(datum.model_input.length for datum in self.data)
+
 
 class CustomLossInput(StrictModel):
     """One input of a custom loss: `logprobs` first, then the `loss_fn_inputs` keys it reads, with their ranks."""

@@ -8,10 +8,10 @@ users' forward_backward calls into one pass, measured side by side in one invoca
 Where serve_load.py cannot run (a GPU machine without Ray or vLLM), this measures what bounds the small users'
 latency: the learner's work per round of turns. Traffic as in serve_load.py: six users each send small steps
 (forward_backward on 4 datums of 64 tokens, then optim_step, one after the other), two users send large batches
-as requests of `--big-request-tokens` (datums of 512; what the SDK sends at rl-serve's turn_tokens), all their
-requests queued at once, then optim_step. Reports, per mode: a small user's step latency alone (p50 / p95) and
-under load, their ratio (rl-serve's goal: p95 <= 3x), and the learner's trained tokens/s. The learner runs on the
-GPU where there is one.
+(32 datums of 512, half serve_load.py's: the request size is what holds the others up) as requests of
+`--big-request-tokens` (what the SDK sends at rl-serve's turn_tokens), all queued at once, then optim_step.
+Reports, per mode: a small user's step latency alone (p50 / p95) and under load, their ratio (rl-serve's goal:
+p95 <= 3x), and the learner's trained tokens/s. The learner runs on the GPU where there is one.
 """
 
 from __future__ import annotations
@@ -66,10 +66,9 @@ class Users:
         """A user's step: its forward_backward requests (all sent at once, as the SDK sends a split batch), then
         optim_step."""
         async def forward_backward(request):
-            tokens = sum(datum.model_input.length for datum in request.data)
             await self.turns.run(user, lambda: self._on_learner(self.learner.forward_backward, run, request),
-                                 (run, request, None), tokens)
-            self.tokens += tokens
+                                 (run, request, None), request.tokens)
+            self.tokens += request.tokens
         await asyncio.gather(*(forward_backward(request) for request in requests))
         await self.turns.run(user, lambda: self._on_learner(self.learner.optim_step, run, ADAM))
 
@@ -88,7 +87,7 @@ class Users:
         per_request = max(1, request_tokens // BIG_DATUM_TOKENS)
         while not until.is_set():
             requests = [batch(per_request, BIG_DATUM_TOKENS, rng, self.learner.vocab_size)
-                        for _ in range(32 // per_request)]  # serve_load's largest batch: 32 datums of 512
+                        for _ in range(32 // per_request)]  # 32 datums of 512 a step (serve_load.py's: 64)
             await self.step(user, run, requests)
 
 
