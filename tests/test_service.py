@@ -69,7 +69,7 @@ def datum(tokens=PATTERN) -> types.Datum:
                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
 
 
-def training_client(server: ServerThread, key: str = ALICE, seed: int = 0):
+def training_client(server: ServerThread, key: str = ALICE, seed: int | None = 0):
     """The SDK's defaults (train_unembed=True: lm_head adapted too), at the server's rank limit."""
     return client(server, key).create_lora_training_client(base_model=server.service_model, rank=8,
                                                             seed=seed).result()
@@ -615,7 +615,9 @@ def test_a_small_users_step_completes_while_another_users_large_batches_are_queu
 
 
 def test_a_killed_learner_is_replaced_and_each_run_restored_from_its_last_save(server):
-    saved, unsaved = training_client(server, seed=50), training_client(server, seed=51)
+    saved, unsaved = training_client(server, seed=50), training_client(server, seed=None)
+    seed = server.service.registry.runs[unsaved.model_id]["lora"]["seed"]
+    assert isinstance(seed, int)  # drawn at creation and recorded: a new learner makes the same adapter again
     adam = types.AdamParams(learning_rate=1e-2)
     for trainer in (saved, unsaved):
         trainer.forward_backward([datum()], "cross_entropy").result()
@@ -637,11 +639,15 @@ def test_a_killed_learner_is_replaced_and_each_run_restored_from_its_last_save(s
     assert saved.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(at_save, rel=1e-5)
     with pytest.raises(tinker.RequestFailedError, match="from a new adapter .* after it are lost"):
         unsaved.forward_backward([datum()], "cross_entropy").result()
-    losses = []
-    for _ in range(3):  # and it trains on
-        losses.append(unsaved.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"])
-        unsaved.optim_step(adam).result()
-    assert losses[-1] < losses[0]
+    twin = training_client(server, seed=seed)  # the adapter the unsaved run started from, made anew
+    losses = {unsaved.model_id: [], twin.model_id: []}
+    for _ in range(3):  # and it trains on, as it would have from its first step
+        for trainer in (unsaved, twin):
+            losses[trainer.model_id].append(trainer.forward_backward([datum()], "cross_entropy").result()
+                                            .metrics["loss:sum"])
+            trainer.optim_step(adam).result()
+    assert losses[unsaved.model_id][-1] < losses[unsaved.model_id][0]
+    assert losses[unsaved.model_id] == pytest.approx(losses[twin.model_id], rel=1e-5)
 
 
 def test_waiting_users_forward_backward_calls_go_in_one_learner_pass_each_as_if_alone(server, monkeypatch):

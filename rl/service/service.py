@@ -130,6 +130,8 @@ class Service:
         self.registry.check_session(user, request.session_id)
         base = self._base(request.base_model)
         lora = request.lora_config or LoraConfig(rank=32)
+        if lora.seed is None:  # drawn here and recorded, so that a replaced learner makes the same adapter again
+            lora = lora.model_copy(update={"seed": secrets.randbits(31)})
         if lora.rank > self.max_lora_rank:
             raise ValueError(f"lora_config.rank {lora.rank} exceeds this server's max_lora_rank {self.max_lora_rank}")
         model_id = f"{request.session_id}:train:{request.model_seq_id}"
