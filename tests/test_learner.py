@@ -457,10 +457,16 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     path = straight.save_weights(model_id, "half").path
     assert path == f"tinker://{model_id}/weights/half"
     train(straight, model_id, 2)
+    saved = straight.store.folder(path) / "optimizer.pt"  # as a learner wrote it before the fused AdamW
+    state = torch.load(saved, weights_only=True)
+    for group in state["param_groups"]:
+        group["fused"] = None
+    torch.save(state, saved)
 
     resumed = Learner(str(tiny_model_dir), storage=tmp_path)
     resumed_id = resumed.load_weights(path, optimizer=True).model_id
     assert resumed.step(resumed_id) == 2
+    assert all(group["fused"] for group in resumed._runs[resumed_id].optimizer.param_groups)
     train(resumed, resumed_id, 2)
     for a, b in zip(adapter_state(straight, model_id), adapter_state(resumed, resumed_id), strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)

@@ -624,6 +624,8 @@ class Learner:
         set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
         run.optimizer.zero_grad(set_to_none=True)
         if optimizer_state is not None:
+            for group in optimizer_state["param_groups"]:  # a checkpoint from before the fused AdamW steps fused too
+                group["fused"] = True
             run.optimizer.load_state_dict(optimizer_state)
             run.step = metadata["step"]
         else:
