@@ -624,8 +624,10 @@ class Learner:
         set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
         run.optimizer.zero_grad(set_to_none=True)
         if optimizer_state is not None:
-            for group in optimizer_state["param_groups"]:  # a checkpoint from before the fused AdamW steps fused too
-                group["fused"] = True
+            # The checkpoint gives the moments and step counts; how the optimizer runs (fused) is this learner's,
+            # whatever learner wrote it (its rates and betas are set again by every optim_step).
+            for saved, own in zip(optimizer_state["param_groups"], run.optimizer.param_groups, strict=True):
+                saved.update({key: value for key, value in own.items() if key != "params"})
             run.optimizer.load_state_dict(optimizer_state)
             run.step = metadata["step"]
         else:
