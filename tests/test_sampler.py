@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ import torch
 from pydantic import ValidationError
 
 from rl.learner import PROBE_LENGTH, LearnerActor, probe_tokens
-from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError
+from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError, vllm_merge
 from rl.sampler.replica import output_lora_refusal
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
 
@@ -411,6 +412,30 @@ def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_mod
     served = run(merge_pool.sample(request(temperature=0.0, model_path=good.tinker_path)))
     assert served.content_hash == good.weights.content_hash, "the rejected weights were replaced by the last good ones"
     assert served.sequences[0].tokens[:6] == LESSON
+
+
+def test_a_merged_weight_is_base_plus_the_lora_update_rounded_once():
+    # Against the formula in float64: packed parts stacked in order, a part without factors left as its base, the
+    # padding rows zero, and chunk boundaries (17 rows a chunk here) inside every part.
+    torch.manual_seed(0)
+    columns = 64
+    bases = [torch.randn(rows, columns).bfloat16() for rows in (40, 23, 35)]
+    factors = [(torch.randn(40, 4) * 0.1, torch.randn(4, columns), 2.0), None,
+               (torch.randn(35, 4), torch.randn(4, columns), 0.5)]
+    terms = [(base.double(), 0.0 if f is None else f[2] * f[0].double() @ f[1].double()) for base, f in
+             zip(bases, factors, strict=True)]
+    exact = torch.cat([base + update for base, update in terms])
+    size = torch.cat([base.abs() + (0.0 if f is None else f[2] * f[0].double().abs() @ f[1].double().abs())
+                      for (base, _), f in zip(terms, factors, strict=True)])
+    with unittest.mock.patch.object(vllm_merge, "CHUNK_VALUES", 17 * columns):
+        merged32 = vllm_merge.merged_weight(bases, factors, torch.float32, rows=100)
+        merged16 = vllm_merge.merged_weight(bases, factors, torch.bfloat16, rows=100)
+    assert merged32.shape == merged16.shape == (100, columns) and merged16.dtype == torch.bfloat16
+    assert ((merged32[:98].double() - exact).abs() <= 8 * 2**-24 * size).all()  # float32's own error bound
+    # Rounded once from float32: the correctly rounded value, save where float32's error straddles a rounding
+    # boundary (summing in bfloat16, or rounding the update before adding it, misses on a large share)
+    assert (merged16[:98] != exact.to(torch.bfloat16)).double().mean() < 1e-3
+    assert (merged16[40:63] == bases[1]).all() and (merged32[98:] == 0).all() and (merged16[98:] == 0).all()
 
 
 def test_which_engines_serve_an_lm_head_adapter():
