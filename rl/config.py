@@ -113,6 +113,10 @@ class SamplerConfig:
     """Each replica's CPU threads; None: every core of the driver's machine (on-policy, the learner and the
     samplers take turns), half of them off-policy or shared by a sweep's runs (they overlap); replicas that share a
     machine, or nodes unlike the driver's, need it set."""
+    kv_cache_gib: float | None = None
+    """Each replica's KV cache in GiB, held from start to end; None: 1 on CPU (or VLLM_CPU_KVCACHE_SPACE), and on
+    a GPU what vLLM sizes from its gpu_memory_utilization. A recipe that knows its sequences can hold less: the
+    cache only has to fit the sequences sampled at once (more queue, never fail)."""
 
 
 @dataclass
@@ -237,6 +241,7 @@ AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
 NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
 POSITIVE = (lambda value: value > 0, "more than 0")
 UNSET_OR_AT_LEAST_1 = (lambda value: value is None or value >= 1, "unset or at least 1")
+UNSET_OR_POSITIVE = (lambda value: value is None or value > 0, "unset or more than 0")
 
 
 def one_of(*choices: str) -> tuple:
@@ -263,6 +268,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,
         "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": NOT_NEGATIVE,
         "sampler.publish_mode": one_of(*PUBLISH_MODES), "sampler.threads": UNSET_OR_AT_LEAST_1,
+        "sampler.kv_cache_gib": UNSET_OR_POSITIVE,
         "cluster.placement_strategy": one_of(*PLACEMENT_STRATEGIES), "cluster.placement_timeout_s": POSITIVE,
         "logger.wandb_mode": one_of(*WANDB_MODES), "env.name": one_of("task", *ENVIRONMENTS),
         "env.max_turns": AT_LEAST_1, "env.max_sampled_tokens": UNSET_OR_AT_LEAST_1,

@@ -12,6 +12,7 @@ token choices.
 import asyncio
 import dataclasses
 import itertools
+import json
 import re
 import subprocess
 import sys
@@ -368,11 +369,27 @@ def test_bfloat16_samples_match_the_bfloat16_learner(ray_local, tiny_model_dir, 
     assert set(Path(tempfile.gettempdir()).glob("rl-adapters-*")) == adapter_folders, "the replica cleaned up"
 
 
+MERGE_POOL_KV_GIB = 0.01
+"""Room for ~20 sequences of the tiny model's 256 tokens: requests beyond what fits at once wait their turn."""
+
+
 @pytest.fixture(scope="module")
 def merge_pool(ray_local, tiny_model_dir):
-    pool = SamplerPool(str(tiny_model_dir), replicas=1, max_model_len=256, dtype="float32", publish_mode="merge")
+    pool = SamplerPool(str(tiny_model_dir), replicas=1, max_model_len=256, dtype="float32", publish_mode="merge",
+                       kv_cache_gib=MERGE_POOL_KV_GIB)
     yield pool
     pool.shutdown()
+
+
+def test_a_replica_holds_the_kv_cache_it_was_given(merge_pool, tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    bytes_per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 4  # K and V, fp32
+    expected = MERGE_POOL_KV_GIB * 2**30 / bytes_per_token
+    assert expected - 32 <= merge_pool.info["kv_cache_tokens"] <= expected  # whole blocks of 32 tokens
+    # more sequences at once than it holds: they queue, and every one finishes
+    many = run(merge_pool.sample(request(temperature=1.0, seed=3, num_samples=40, max_tokens=200, stop=[])))
+    assert [len(sequence.tokens) for sequence in many.sequences] == [200] * 40
 
 
 def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, trained, tiny_model_dir):

@@ -150,7 +150,7 @@ def start_pool(config: TrainConfig, placement, overlapping: bool, *, publish_mod
                        num_gpus=sampler.num_gpus, resources=sampler.resources, placement_group=placement,
                        first_bundle=1, max_model_len=model.max_model_len,
                        max_lora_rank=max_lora_rank or model.lora_rank, max_loras=max_loras, dtype=model.dtype,
-                       seed=config.seed, publish_mode=publish_mode,
+                       seed=config.seed, publish_mode=publish_mode, kv_cache_gib=sampler.kv_cache_gib,
                        threads=sampler.threads or overlap_threads(overlapping) or os.cpu_count())
 
 

