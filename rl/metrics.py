@@ -102,11 +102,12 @@ def summary_line(record: dict) -> str:
 
 
 def _x(record: dict, key: str, x_label: str) -> float:
-    """Where a record's `key` goes on the x axis: its step, or the minutes of steps when it was measured (an
-    evaluation runs first in its step, so it was over before the rest of the step)."""
+    """Where a record's `key` goes on the x axis: its step, or the minutes of steps when it was measured; an
+    evaluation's when the weights it measures were there: its step's start (it runs during the step, on the weights
+    published before it)."""
     if x_label == "step":
         return record["step"]
-    before = record["step_time_s"] - record.get("time/eval_s", 0.0) if key.startswith("eval/") else 0.0
+    before = record["step_time_s"] if key.startswith("eval/") else 0.0
     return record["time_total/minutes"] - before / 60
 
 

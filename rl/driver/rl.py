@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from rl.config import TrainConfig
@@ -31,8 +32,8 @@ from rl.driver.episodes import (
     greedy_accuracy,
     run_group,
 )
-from rl.driver.run import Run, Shared, held_out_groups, steps
-from rl.env import Environment, as_environment
+from rl.driver.run import Run, Shared, evaluates, held_out_groups, steps
+from rl.env import EnvGroupBuilder, Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
 from rl.tasks import Task
@@ -125,6 +126,21 @@ async def rollout(run: Run, environment: Environment, step: int, version: Adapte
     return Rollout(episodes_P, version.step, time.perf_counter() - started)
 
 
+async def held_out_accuracy(run: Run, environment: Environment, held_out: list[EnvGroupBuilder],
+                            model_path: str) -> dict:
+    """Greedy accuracy on the held-out groups of the weights published as `model_path`."""
+    return {"eval/accuracy": await greedy_accuracy(run.pool, environment.name, held_out, model_path,
+                                                   episode_limits(run.config, run.tokenizer))}
+
+
+async def timed_evaluation(evaluation: Awaitable[dict]) -> dict:
+    """The evaluation's record, with its whole length as time/eval_s (it overlaps the step's other phases)."""
+    record: dict = {}
+    with timed(record, "eval"):
+        record.update(await evaluation)
+    return record
+
+
 def training_sequences(config: TrainConfig, sampled: Rollout) -> tuple[list[TrainingSequence], list[float]]:
     """Every episode's training sequences with its advantages (an episode that hit a limit is left out with
     env.truncated=drop), and every episode's total reward."""
@@ -176,18 +192,20 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
         adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
         next_rollout = None
 
-        async def evaluate(step: int) -> dict:  # the weights sampled last: `version` as it is at the call
-            return {"eval/accuracy": await greedy_accuracy(run.pool, environment.name, held_out, version.tinker_path,
-                                                           episode_limits(config, run.tokenizer))}
+        def evaluate(step: int) -> Awaitable[dict]:  # the weights published last, bound now (it may run later)
+            return held_out_accuracy(run, environment, held_out, version.tinker_path)
 
         for step in steps(run):
-            record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
+            record = await run.begin_step(step)
 
             # Rollout: a group of episodes per problem (off-policy: run while the previous step trained).
             with timed(record, "sampling"):
                 sampled = await (next_rollout or rollout(run, environment, step, version))
             if algo.off_policy and step + 1 < config.steps:
                 next_rollout = asyncio.ensure_future(rollout(run, environment, step + 1, version))
+            # An evaluation, when due, of the weights published last: it samples beside the next rollout while the
+            # learner trains (after the rollout this step waits for, never delaying it), and ends before the publish.
+            evaluation = asyncio.ensure_future(timed_evaluation(evaluate(step))) if evaluates(config, step) else None
 
             # Rewards and group-relative advantages, spread over each episode's action tokens.
             sequences, rewards = training_sequences(config, sampled)
@@ -217,7 +235,9 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                     [action_values(s, out["logprobs"].data) for s, out in zip(trained, output.loss_fn_outputs,
                                                                               strict=True)]))
                 with timed(record, "publish"):  # the next rollout samples one version throughout (later turns too)
-                    version = await run.publish(after=next_rollout)
+                    version = await run.publish(after=(next_rollout, evaluation))
+            if evaluation is not None:
+                record.update(await evaluation)
             record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))
             await run.end_step(record)  # logged, and a checkpoint when one is due
         await run.final_evaluation(evaluate)

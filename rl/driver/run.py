@@ -207,19 +207,22 @@ class Run:
             reason = str(error).splitlines()[0].rstrip(".")
             raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
 
-    async def publish(self, name: str | None = None, *, after: asyncio.Future | None = None) -> AdapterVersion:
+    async def publish(self, name: str | None = None, *,
+                      after: tuple[asyncio.Future | None, ...] = ()) -> AdapterVersion:
         """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
-        loads and verifies it, once `after` (a rollout still sampling from the current weights) has finished."""
+        loads and verifies it, once the futures `after` (a rollout or an evaluation still sampling from the
+        current weights) have finished."""
         weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
-        if after is not None:
-            await asyncio.wait([after])
+        if any(future is not None for future in after):
+            await asyncio.wait([future for future in after if future is not None])
         return await self.pool.publish(weights)
 
-    async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]]) -> dict:
-        """The record of step `step`, which begins with `evaluate(step)` when an evaluation is due (`evaluates`)."""
+    async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]] | None = None) -> dict:
+        """The record of step `step`, which begins with `evaluate(step)` when it is given and an evaluation is due
+        (`evaluates`)."""
         self._step_started = time.perf_counter()
         record: dict = {"step": step}
-        if evaluates(self.config, step):
+        if evaluate is not None and evaluates(self.config, step):
             with timed(record, "eval"):
                 record.update(await evaluate(step))
         return record

@@ -192,7 +192,7 @@ def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> di
     dtype = resolve_dtype(config["model"]["dtype"], "cpu")
     bound = roof["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
     steps = [record for record in records if "tokens/trained" in record]
-    seconds = [record["step_time_s"] - record.get("time/eval_s", 0.0) for record in steps]  # evaluation apart
+    seconds = [record["step_time_s"] for record in steps]  # evaluations included: the RL loop overlaps them
     phases = {key.removeprefix("time/").removesuffix("_s"): statistics.mean(record.get(key, 0.0) for record in steps)
               for key in sorted({key for record in steps for key in record if key.startswith("time/")})}
     learner_s = sum(record.get("time/forward_backward_s", 0.0) + record.get("time/optim_step_s", 0.0)
@@ -201,7 +201,7 @@ def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> di
     sampling_s = sum(record["time/rollout_s"] for record in steps)  # off-policy, sampling_s is only the wait
     sampled_flops = 2 * weights * sum(record["tokens/sampled"] + record["tokens/prompt"] / config["algo"]["group_size"]
                                       for record in steps)
-    evaluations = [(record["time_total/minutes"] - (record["step_time_s"] - record["time/eval_s"]) / 60,
+    evaluations = [(record["time_total/minutes"] - record["step_time_s"] / 60,  # the evaluated weights' time
                     record["eval/accuracy"]) for record in records if "eval/accuracy" in record]
     return {
         "steps": len(steps), "steps_per_s": len(steps) / sum(record["step_time_s"] for record in steps),
@@ -230,7 +230,7 @@ def report(result: dict) -> None:
     spread = run["max_step_s"] / run["median_step_s"]
     print(f"{result['config']}: {run['steps']} steps in {run['minutes_of_steps']:.2f} min of steps "
           f"({result['wall_s']:.0f} s in all): {run['steps_per_s']:.3f} steps/s, step mean {run['mean_step_s']:.2f} s,"
-          f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median; evaluation apart)")
+          f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median; evaluations included)")
     print("seconds per step: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in
                                           run["seconds_per_phase"].items()))
     print(f"{run['dtype']}: learner {run['learner_gflops']:.0f} GFLOP/s = {run['learner_fraction_of_roofline']:.0%} "
