@@ -230,7 +230,8 @@ def report(result: dict) -> None:
     spread = run["max_step_s"] / run["median_step_s"]
     print(f"{result['config']}: {run['steps']} steps in {run['minutes_of_steps']:.2f} min of steps "
           f"({result['wall_s']:.0f} s in all): {run['steps_per_s']:.3f} steps/s, step mean {run['mean_step_s']:.2f} s,"
-          f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median; evaluations included)")
+          f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median;"
+          " evaluations included)")
     print("seconds per step: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in
                                           run["seconds_per_phase"].items()))
     print(f"{run['dtype']}: learner {run['learner_gflops']:.0f} GFLOP/s = {run['learner_fraction_of_roofline']:.0%} "
