@@ -416,6 +416,8 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
 
     with pytest.raises(ValueError, match="serves only the latest published version"):
         run(merge_pool.sample(request(model_path=first.tinker_path)))
+    # and lets go of the replaced version's files (Ray's object store would hold every version of a run otherwise)
+    assert merge_pool.published(first.tinker_path) and merge_pool._versions[first.tinker_path] is None
     with pytest.raises(ValueError, match=r"\(the base model\).*serves only the latest"):
         run(merge_pool.sample(request()))
 

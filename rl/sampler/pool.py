@@ -75,7 +75,9 @@ class SamplerPool:
         self.info = ray.get(self._replicas[0].actor.describe.remote())
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
                                                                                           (0.05, 0.02))
-        self._versions: dict[str, AdapterVersion] = {}
+        self._versions: dict[str, AdapterVersion | None] = {}
+        """Every published model path -> its version; None for a merge-mode version since replaced, whose files
+        (~22 MB of Ray's object store for SmolLM2 at rank 16) are let go: nothing can sample it again."""
         self._latest: AdapterVersion | None = None
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
@@ -97,6 +99,8 @@ class SamplerPool:
         now servable. The driver and the service publish through this alone."""
         version = AdapterVersion(weights=weights, lora_int_id=next(self._lora_ids))
         await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
+        if self.publish_mode == "merge" and self._latest is not None:
+            self._versions[self._latest.tinker_path] = None
         self._versions[version.tinker_path] = version
         self._latest = version
         return version
@@ -171,7 +175,7 @@ class SamplerPool:
     def published(self, model_path: str) -> bool:
         return model_path in self._versions
 
-    def _version(self, model_path: str) -> AdapterVersion:
+    def _version(self, model_path: str) -> AdapterVersion | None:
         if model_path not in self._versions:
             raise ValueError(f"unknown model path {model_path!r}: publish it before sampling from it")
         return self._versions[model_path]
