@@ -300,6 +300,17 @@ def test_evicted_adapters_are_reloaded_on_demand(pool, learner, trained):
     assert mean_abs_difference(served_logprobs(pool, last.tinker_path, before.tokens), before.logprobs) > 1e-3
 
 
+def test_a_retired_version_is_refused_and_let_go(pool, learner, trained):
+    version = publish(pool, learner, trained, "to-retire")
+    assert run(pool.sample(request(model_path=version.tinker_path))).content_hash == version.weights.content_hash
+    pool.retire(version.tinker_path)
+    with pytest.raises(ValueError, match="to-retire: retired by its run"):
+        run(pool.sample(request(model_path=version.tinker_path)))
+    assert pool.published(version.tinker_path) and pool._versions[version.tinker_path] is None, "its files can go"
+    with pytest.raises(ValueError, match="unknown model path"):
+        pool.retire("tinker://nobody/sampler_weights/never")
+
+
 def test_a_killed_replica_loses_no_request(pool):
     victim = pool._replicas[0]
 

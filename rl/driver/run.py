@@ -185,6 +185,8 @@ class Run:
                                                            model_id=state and state["model_id"],
                                                            storage=str(self.folder / "checkpoints")))
         self.start_step, self.totals = 0, {}
+        self._published: AdapterVersion | None = None
+        """This run's latest published version (the pool retires the one before when the next serves)."""
         if state is not None:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]
@@ -215,7 +217,11 @@ class Run:
         weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
         if any(future is not None for future in after):
             await asyncio.wait([future for future in after if future is not None])
-        return await self.pool.publish(weights)
+        version = await self.pool.publish(weights)
+        if self._published is not None and self._published.tinker_path != version.tinker_path:
+            self.pool.retire(self._published.tinker_path)  # nothing samples it after this: its files can go
+        self._published = version
+        return version
 
     async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]] | None = None) -> dict:
         """The record of step `step`, which begins with `evaluate(step)` when it is given and an evaluation is due

@@ -76,8 +76,8 @@ class SamplerPool:
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
                                                                                           (0.05, 0.02))
         self._versions: dict[str, AdapterVersion | None] = {}
-        """Every published model path -> its version; None for a merge-mode version since replaced, whose files
-        (~22 MB of Ray's object store for SmolLM2 at rank 16) are let go: nothing can sample it again."""
+        """Every published model path -> its version; None once retired (`retire`; in merge mode, when replaced):
+        its files (~22 MB of Ray's object store for SmolLM2 at rank 16) are let go, and nothing samples it again."""
         self._latest: AdapterVersion | None = None
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
@@ -100,7 +100,7 @@ class SamplerPool:
         version = AdapterVersion(weights=weights, lora_int_id=next(self._lora_ids))
         await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
         if self.publish_mode == "merge" and self._latest is not None:
-            self._versions[self._latest.tinker_path] = None
+            self.retire(self._latest.tinker_path)
         self._versions[version.tinker_path] = version
         self._latest = version
         return version
@@ -156,6 +156,9 @@ class SamplerPool:
             raise ValueError(f"model_path {model_path or '(the base model)'}: with publish_mode=merge the pool "
                              f"serves only the latest published version ({self._latest.tinker_path}); "
                              "publish_mode=adapter serves any")
+        if model_path is not None and version is None:
+            raise ValueError(f"model_path {model_path}: retired by its run once a newer version served; publish it "
+                             "again to sample it")
         work = request.num_samples * (request.sampling_params.max_tokens or self.info["max_model_len"])
         for attempt in range(2):
             replica = min(self._replicas, key=lambda r: r.outstanding)
@@ -171,6 +174,12 @@ class SamplerPool:
             finally:
                 replica.outstanding -= work
         raise AssertionError("unreachable")
+
+    def retire(self, model_path: str) -> None:
+        """Lets go of a published version that nobody will sample again (a run's previous version, once its next
+        one serves): without it, a pool holds every version's files for as long as it lives."""
+        self._version(model_path)
+        self._versions[model_path] = None
 
     def published(self, model_path: str) -> bool:
         return model_path in self._versions
