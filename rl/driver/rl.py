@@ -32,7 +32,7 @@ from rl.driver.episodes import (
     greedy_accuracy,
     run_group,
 )
-from rl.driver.run import Run, Shared, evaluates, held_out_groups, steps
+from rl.driver.run import Run, Shared, evaluates, held_out_groups, steps, timed_evaluation
 from rl.env import EnvGroupBuilder, Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
@@ -131,14 +131,6 @@ async def held_out_accuracy(run: Run, environment: Environment, held_out: list[E
     """Greedy accuracy on the held-out groups of the weights published as `model_path`."""
     return {"eval/accuracy": await greedy_accuracy(run.pool, environment.name, held_out, model_path,
                                                    episode_limits(run.config, run.tokenizer))}
-
-
-async def timed_evaluation(evaluation: Awaitable[dict]) -> dict:
-    """The evaluation's record, with its whole length as time/eval_s (it overlaps the step's other phases)."""
-    record: dict = {}
-    with timed(record, "eval"):
-        record.update(await evaluation)
-    return record
 
 
 def training_sequences(config: TrainConfig, sampled: Rollout) -> tuple[list[TrainingSequence], list[float]]:

@@ -215,8 +215,9 @@ class Run:
         loads and verifies it, once the futures `after` (a rollout or an evaluation still sampling from the
         current weights) have finished."""
         weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
-        if any(future is not None for future in after):
-            await asyncio.wait([future for future in after if future is not None])
+        pending = [future for future in after if future is not None]
+        if pending:
+            await asyncio.wait(pending)
         version = await self.pool.publish(weights)
         if self._published is not None and self._published.tinker_path != version.tinker_path:
             self.pool.retire(self._published.tinker_path)  # nothing samples it after this: its files can go
@@ -229,8 +230,7 @@ class Run:
         self._step_started = time.perf_counter()
         record: dict = {"step": step}
         if evaluate is not None and evaluates(self.config, step):
-            with timed(record, "eval"):
-                record.update(await evaluate(step))
+            record.update(await timed_evaluation(evaluate(step)))
         return record
 
     async def end_step(self, record: dict) -> None:
@@ -264,9 +264,7 @@ class Run:
     async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
         """The evaluation after the last step (when evaluation is on), logged as a record of its own."""
         if evaluates(self.config, self.config.steps):
-            record: dict = {"step": self.config.steps}
-            with timed(record, "eval"):
-                record.update(await evaluate(self.config.steps))
+            record = {"step": self.config.steps, **await timed_evaluation(evaluate(self.config.steps))}
             self.record(record, started=time.perf_counter() - record["time/eval_s"])
 
     async def memory(self) -> dict[str, float]:
@@ -311,6 +309,14 @@ def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGr
     gives none fails at once."""
     return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=1,
                               tokenizer=tokenizer_of(config.model.name))
+
+
+async def timed_evaluation(evaluation: Awaitable[dict]) -> dict:
+    """The evaluation's record, with its whole length as time/eval_s (in the RL loop it overlaps other phases)."""
+    record: dict = {}
+    with timed(record, "eval"):
+        record.update(await evaluation)
+    return record
 
 
 def evaluates(config: TrainConfig, step: int) -> bool:
