@@ -1,9 +1,10 @@
 """Sweeps: the runs of one `rl-train -m ...` at once, sharing a learner and a sampler pool per base model.
 
 LoRA makes runs on one base model cheap to run together: one learner holds every run's adapter and optimizer
-side by side (as it does for the service's users), and one vLLM engine serves every run's adapters in the same
-batches. So the runs of a sweep that agree on what `share_key` names share one learner actor and one sampler pool
-(`rl.driver.run.Shared`, in adapter mode); each keeps its own adapter, optimizer, data order, seeds, run folder,
+side by side (as it does for the service's users), and one vLLM engine serves every run's weights: in merge mode
+(the default) one run's version folded in at a time, its requests batched together; in adapter mode every run's
+adapter in the same batches. So the runs of a sweep that agree on what `share_key` names share one learner actor
+and one sampler pool (`rl.driver.run.Shared`); each keeps its own adapter, optimizer, data order, seeds, run folder,
 checkpoints, metrics.jsonl, curves.png and wandb run (the sweep's folder names their wandb group). Runs that
 cannot share (another base model, `sweep.share=false`) each get their own actors; those the cluster has no room
 for yet wait in Ray's queue.
@@ -50,7 +51,7 @@ def share_key(config: TrainConfig) -> tuple:
     model, learner, sampler = config.model, config.learner, config.sampler
     return (model.name, model.dtype, model.max_model_len, learner.num_cpus, learner.num_gpus,
             tuple(sorted(learner.resources.items())), learner.micro_batch_tokens, learner.threads, learner.batch_runs,
-            sampler.replicas,
+            sampler.replicas, sampler.publish_mode, sampler.kv_cache_gib,
             sampler.num_cpus, sampler.num_gpus, tuple(sorted(sampler.resources.items())), sampler.threads,
             config.algo.off_policy, config.storage_uri, config.cluster.placement_strategy)
 

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from rl.learner import PROBE_LENGTH, LearnerActor, probe_tokens
 from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError, vllm_merge
-from rl.sampler.replica import output_lora_refusal
+from rl.sampler.replica import AdapterVersion, VersionTurns, output_lora_refusal
 from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig, ModelInput, SampleRequest, SamplingParams
 
 PROMPT = ModelInput.from_ints([1, 382, 201, 289, 270, 223, 20, 294, 223, 21])
@@ -425,12 +425,67 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
             base_expected = served_logprobs(pool, None, served.tokens)
             assert mean_abs_difference(served.logprobs, base_expected) > APART, "the merged weights are not the base"
 
-    with pytest.raises(ValueError, match="serves only the latest published version"):
-        run(merge_pool.sample(request(model_path=first.tinker_path)))
-    # and lets go of the replaced version's files (Ray's object store would hold every version of a run otherwise)
+    # Every version still published is served, one at a time: requests for three sets of weights sent together
+    # (a sweep's runs) each get theirs, the replica switching between them.
+    first_reference = publish(pool, learner, other, "merge-first-reference")
+    paths = {first.tinker_path: first_reference.tinker_path, version.tinker_path: reference.tinker_path, None: None}
+    order = [first.tinker_path, version.tinker_path, None, first.tinker_path, version.tinker_path, None]
+    responses = run_all(merge_pool.sample(request(model_path=path, temperature=1.0, seed=11)) for path in order)
+    for path, response in zip(order, responses, strict=True):
+        assert response.model_path == path
+        sampled = response.sequences[0]
+        assert mean_abs_difference(sampled.logprobs, served_logprobs(pool, paths[path], sampled.tokens)) < 1e-4, path
+    # A retired version's files are let go, and nothing samples it again.
+    merge_pool.retire(first.tinker_path)
     assert merge_pool.published(first.tinker_path) and merge_pool._versions[first.tinker_path] is None
-    with pytest.raises(ValueError, match=r"\(the base model\).*serves only the latest"):
-        run(merge_pool.sample(request()))
+    with pytest.raises(ValueError, match="retired by its run"):
+        run(merge_pool.sample(request(model_path=first.tinker_path)))
+
+
+def test_versions_take_turns_and_none_starves():
+    """Merge mode's schedule (`VersionTurns`), with a switch that only records: requests for the merged version run
+    together, others wait for them to finish, versions go in the order they first asked, late requests for the
+    merged version queue behind a waiting one, and a failed switch fails its own requests only."""
+    events: list[str] = []
+
+    def version(lora_int_id: int) -> AdapterVersion:
+        return AdapterVersion(weights=None, lora_int_id=lora_int_id)  # the switch below never reads the weights
+
+    async def scenario() -> None:
+        running: set[str] = set()
+
+        async def switch(to: AdapterVersion | None) -> None:
+            assert not running, "switched under a running request"
+            await asyncio.sleep(0.01)
+            if to is not None and to.lora_int_id == 4:
+                raise RuntimeError("merge failed")
+            events.append(f"switch {to and to.lora_int_id}")
+
+        turns = VersionTurns(switch)
+
+        async def request(name: str, to: AdapterVersion | None, delay: float = 0.0, work: float = 0.05) -> None:
+            await asyncio.sleep(delay)
+            async with turns.turn(to):
+                assert {other.split()[0] for other in running} <= {str(to and to.lora_int_id)}, running
+                running.add(f"{to and to.lora_int_id} {name}")
+                await asyncio.sleep(work)
+                running.discard(f"{to and to.lora_int_id} {name}")
+                events.append(f"{name} done")
+
+        one, two, failing = version(1), version(2), version(4)
+        results = await asyncio.gather(
+            request("base", None),  # the base model is merged to begin with: no switch
+            request("a1", one, 0.001), request("b1", two, 0.002), request("a2", one, 0.003),
+            request("x", failing, 0.004),
+            request("base-late", None, 0.02),  # the base still runs, but versions 1, 2 and 4 wait: it queues
+            request("a3", one, 0.2),  # after everything: version 1 merged again
+            return_exceptions=True)
+        assert [type(result).__name__ for result in results] == ["NoneType"] * 4 + ["RuntimeError"] + ["NoneType"] * 2
+        assert turns.serving == 1 and turns.switches == 4
+
+    asyncio.run(scenario())
+    assert events == ["base done", "switch 1", "a1 done", "a2 done", "switch 2", "b1 done", "switch None",
+                      "base-late done", "switch 1", "a3 done"], events
 
 
 def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_model_dir):

@@ -46,7 +46,9 @@ def test_runs_share_actors_when_only_what_each_run_owns_differs():
     unlike = [replace(base, model=ModelConfig(name="tiny")), replace(base, model=replace(base.model, dtype="float32")),
               replace(base, learner=LearnerConfig(num_gpus=1)), replace(base, sampler=SamplerConfig(replicas=2)),
               replace(base, algo=AlgoConfig(off_policy=True)), replace(base, storage_uri="file:///shared"),
-              replace(base, learner=LearnerConfig(batch_runs=False))]
+              replace(base, learner=LearnerConfig(batch_runs=False)),
+              replace(base, sampler=SamplerConfig(publish_mode="adapter")),
+              replace(base, sampler=SamplerConfig(kv_cache_gib=0.5))]
     assert len({share_key(config) for config in [base, *unlike]}) == len(unlike) + 1
 
 
@@ -114,8 +116,7 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
     folders = [Path(job.config.output_dir) for job in swept[:2]]
     for folder, job in zip(folders, swept, strict=False):
         assert len(list((folder / "checkpoints").iterdir())) == 1 and (folder / "curves.png").is_file()
-        alone = replace(job.config, output_dir=str(tmp_path / "alone" / folder.name),
-                        sampler=SamplerConfig(publish_mode="adapter"))
+        alone = replace(job.config, output_dir=str(tmp_path / "alone" / folder.name))
         history = run(alone)
         assert [r["reward/mean"] for r in history[:2]] == [r["reward/mean"] for r in job.history[:2]]
         assert_close(adapter(folder, "step-2"), adapter(tmp_path / "alone" / folder.name, "step-2"))

@@ -72,7 +72,7 @@ def overlap_threads(overlapping: bool) -> int | None:
 class Shared:
     """A run's learner and sampler pool, or those that several runs use at once (a sweep's runs on one base model,
     `rl.sweep`): each run adds its own adapter to the learner and publishes its own versions to the pool, which
-    then serves them in adapter mode (merge mode folds one adapter into the weights: one run at a time)."""
+    serves them in the runs' publish mode (merge: one run's version folded into the weights at a time)."""
 
     placement: Any
     learner: ray.actor.ActorHandle
@@ -94,10 +94,9 @@ class Shared:
             learner = start_learner(config, placement, Path(config.output_dir) / "checkpoints", overlapping)
             pool = None
             if any(samples(other) for other in configs):
-                # One run alone keeps its publish mode; in adapter mode a run's next version loads beside its last.
+                # In adapter mode a run's next version loads beside its last.
                 pool = start_pool(config, placement, overlapping, max_loras=max(4, 2 * len(configs)),
-                                  max_lora_rank=max(other.model.lora_rank for other in configs),
-                                  publish_mode=config.sampler.publish_mode if len(configs) == 1 else "adapter")
+                                  max_lora_rank=max(other.model.lora_rank for other in configs))
             check_dtypes(config, ray.get(learner.describe.remote()), pool)
             return cls(placement, learner, pool,
                        CoalescedCalls(learner) if config.learner.batch_runs and len(configs) > 1 else None)
@@ -142,7 +141,7 @@ def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bo
              micro_batch_tokens=learner.micro_batch_tokens, threads=learner.threads or overlap_threads(overlapping))
 
 
-def start_pool(config: TrainConfig, placement, overlapping: bool, *, publish_mode: str, max_loras: int = 4,
+def start_pool(config: TrainConfig, placement, overlapping: bool, *, max_loras: int = 4,
                max_lora_rank: int | None = None) -> SamplerPool:
     """The sampler replicas in bundles 1.. of the run's placement group."""
     sampler, model = config.sampler, config.model
@@ -150,7 +149,7 @@ def start_pool(config: TrainConfig, placement, overlapping: bool, *, publish_mod
                        num_gpus=sampler.num_gpus, resources=sampler.resources, placement_group=placement,
                        first_bundle=1, max_model_len=model.max_model_len,
                        max_lora_rank=max_lora_rank or model.lora_rank, max_loras=max_loras, dtype=model.dtype,
-                       seed=config.seed, publish_mode=publish_mode, kv_cache_gib=sampler.kv_cache_gib,
+                       seed=config.seed, publish_mode=sampler.publish_mode, kv_cache_gib=sampler.kv_cache_gib,
                        threads=sampler.threads or overlap_threads(overlapping) or os.cpu_count())
 
 
@@ -186,7 +185,7 @@ class Run:
                                                            storage=str(self.folder / "checkpoints")))
         self.start_step, self.totals = 0, {}
         self._published: AdapterVersion | None = None
-        """This run's latest published version (the pool retires the one before when the next serves)."""
+        """This run's latest published version (the one before is retired once the next serves)."""
         if state is not None:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]

@@ -76,9 +76,8 @@ class SamplerPool:
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
                                                                                           (0.05, 0.02))
         self._versions: dict[str, AdapterVersion | None] = {}
-        """Every published model path -> its version; None once retired (`retire`; in merge mode, when replaced):
-        its files (~22 MB of Ray's object store for SmolLM2 at rank 16) are let go, and nothing samples it again."""
-        self._latest: AdapterVersion | None = None
+        """Every published model path -> its version; None once retired (`retire`): its files (~22 MB of Ray's
+        object store for SmolLM2 at rank 16) are let go, and nothing samples it again."""
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
 
@@ -99,10 +98,7 @@ class SamplerPool:
         now servable. The driver and the service publish through this alone."""
         version = AdapterVersion(weights=weights, lora_int_id=next(self._lora_ids))
         await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
-        if self.publish_mode == "merge" and self._latest is not None:
-            self.retire(self._latest.tinker_path)
         self._versions[version.tinker_path] = version
-        self._latest = version
         return version
 
     async def _verify_or_replace(self, replica: _Replica, version: AdapterVersion) -> None:
@@ -113,8 +109,6 @@ class SamplerPool:
             self._replace(replica)
 
     async def _verify(self, replica: _Replica, version: AdapterVersion) -> None:
-        if self.publish_mode == "merge":  # the load replaces what the replica served, verified or not
-            replica.verified.clear()
         weights = version.weights
         loaded_hash = await replica.actor.load.remote(version)
         if loaded_hash != weights.content_hash:
@@ -152,10 +146,6 @@ class SamplerPool:
         if request.base_model is not None and request.base_model != self.base_model:
             raise ValueError(f"base_model {request.base_model!r}: this pool serves {self.base_model!r}")
         version = self._version(model_path) if model_path is not None else None
-        if self.publish_mode == "merge" and version is not self._latest:
-            raise ValueError(f"model_path {model_path or '(the base model)'}: with publish_mode=merge the pool "
-                             f"serves only the latest published version ({self._latest.tinker_path}); "
-                             "publish_mode=adapter serves any")
         if model_path is not None and version is None:
             raise ValueError(f"model_path {model_path}: retired by its run once a newer version served; publish it "
                              "again to sample it")

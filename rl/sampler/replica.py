@@ -11,9 +11,11 @@ the weights that produced it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from rl.weights import ADAPTER_CONFIG, SamplerWeights, adapter_content_hash
 
 PUBLISH_MODES = ("adapter", "merge")
 """adapter: LoRA adapters hot-loaded side by side, any published version servable (many tenants, one engine).
-merge: the latest version folded into the engine's weights, base-model speed (a run that owns its replicas)."""
+merge: one version at a time folded into the engine's weights, base-model speed; a request for another version waits
+while the engine finishes the merged one's, then that version is merged (a run, or a sweep's runs, that own the
+replicas: `VersionTurns`)."""
 @dataclass(frozen=True)
 class AdapterVersion:
     """One published weight version, as replicas receive it."""
@@ -41,6 +45,85 @@ class AdapterVersion:
     @property
     def step(self) -> int:
         return self.weights.step
+
+
+class VersionTurns:
+    """Merge mode's rule for serving several versions with one set of weights: requests for the merged version run
+    together; a request for another version waits until they have finished, then its version is merged and every
+    request waiting for it runs together. Versions take turns in the order their first waiting request came, and
+    a request for the merged version that comes while another version waits queues behind it, so none starves.
+
+    One switch costs a merge (~0.3 s for SmolLM2 on one core), so a sweep's runs, whose rollouts are bursts of
+    requests for one version, sample at base-model speed one run at a time."""
+
+    def __init__(self, switch: Callable[[AdapterVersion | None], Awaitable[None]]):
+        self._switch = switch
+        """Folds a version (None: the base model) into the weights; called with no request running."""
+        self.serving: int | None = None
+        """The lora_int_id merged (None: the base model; -1: unknown, after a switch that failed)."""
+        self.switches = 0
+        self._running = 0
+        self._switching = False
+        self._waiting: dict[int | None, tuple[AdapterVersion | None, list[asyncio.Future]]] = {}
+        """Versions waiting for their turn, in the order their first request came, with those requests."""
+
+    @contextlib.asynccontextmanager
+    async def turn(self, version: AdapterVersion | None) -> AsyncIterator[None]:
+        """Holds the engine's weights at `version` for as long as the block runs."""
+        key = version and version.lora_int_id
+        if key == self.serving and not self._switching and not self._waiting:
+            self._running += 1
+        else:
+            admitted = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(key, (version, []))[1].append(admitted)
+            self._next()
+            try:
+                await admitted  # counted in _running once admitted; a failed switch raises here
+            except asyncio.CancelledError:
+                if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+                    self._running -= 1  # admitted, then cancelled before it ran
+                    self._next()
+                raise
+        try:
+            yield
+        finally:
+            self._running -= 1
+            self._next()
+
+    def _next(self) -> None:
+        if self._running or self._switching or not self._waiting:
+            return
+        key, (version, _) = next(iter(self._waiting.items()))
+        if key == self.serving:
+            self._admit(key, None)
+        else:
+            self._switching = True
+            asyncio.get_running_loop().create_task(self._switch_to(key, version))
+
+    async def _switch_to(self, key: int | None, version: AdapterVersion | None) -> None:
+        error = None
+        try:
+            self.serving = -1  # half-installed until the merge returns
+            await self._switch(version)
+            self.serving = key
+            self.switches += 1
+        except Exception as failed:  # its requests hear why; the next version's switch starts from scratch
+            error = failed
+        finally:
+            self._switching = False
+        self._admit(key, error)
+        self._next()
+
+    def _admit(self, key: int | None, error: Exception | None) -> None:
+        _, waiting = self._waiting.pop(key)
+        for admitted in waiting:
+            if admitted.done():  # its caller gave up waiting
+                continue
+            if error is not None:
+                admitted.set_exception(error)
+            else:
+                self._running += 1
+                admitted.set_result(None)
 
 
 class Sampler:
@@ -65,6 +148,7 @@ class Sampler:
                                 prefix_caching=prefix_caching, kv_cache_gib=kv_cache_gib)
         self._engine = EngineLoop(llm)
         self._merger = None
+        self._turns = VersionTurns(self._switch)
         self._output_lora_refusal = output_lora_refusal(
             publish_mode, fast_path, llm.llm_engine.model_config.architecture,
             llm.apply_model(lambda model: "lm_head" in (getattr(model, "embedding_modules", None) or {}))[0])
@@ -72,8 +156,6 @@ class Sampler:
             from rl.sampler.vllm_merge import AdapterMerger
 
             self._merger = AdapterMerger(llm, folder)
-        self._merged: int | None = None
-        """Merge mode: the lora_int_id of the version in the engine's weights (None: the base model)."""
         config = llm.llm_engine.model_config
         self.vocab_size = config.get_vocab_size()
         self.max_model_len = config.max_model_len
@@ -101,10 +183,8 @@ class Sampler:
             raise ValueError(f"{version.tinker_path} adapts lm_head, {self._output_lora_refusal}: sample it with "
                              "publish_mode=merge, or train with LoraConfig(train_unembed=False)")
         if self._merger is not None:
-            self._merged = -1  # set before the merge is queued: no request queued after it is stamped as older
-            await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
-            self._merged = version.lora_int_id
-            return adapter_content_hash(files)
+            async with self._turns.turn(version):  # merged now, unless it already was
+                return adapter_content_hash(files)
         if version.lora_int_id not in self._loaded:
             folder = self._adapters / f"{version.lora_int_id}-{version.weights.content_hash[:12]}"
             folder.mkdir()
@@ -120,22 +200,26 @@ class Sampler:
         from vllm.lora.request import LoRARequest
 
         prompt = self._checked_prompt(request)
-        lora = None
+        params = vllm_sampling_params(request, max_tokens=self._max_tokens(request, len(prompt)))
         if self._merger is not None:
-            wanted = version and version.lora_int_id
-            if wanted != self._merged:
-                raise ValueError(f"this replica (publish_mode=merge) serves one weight version, not "
-                                 f"{version.tinker_path if version else 'the base model'}: publish it first")
-        elif version is not None:
+            async with self._turns.turn(version):
+                output = await asyncio.wrap_future(self._engine.generate(prompt, params, None))
+            return _response(output, request, version)
+        lora = None
+        if version is not None:
             if version.lora_int_id not in self._loaded:
                 await self.load(version)
             lora = LoRARequest(self._loaded[version.lora_int_id].name, version.lora_int_id,
                                str(self._loaded[version.lora_int_id]))
-        params = vllm_sampling_params(request, max_tokens=self._max_tokens(request, len(prompt)))
         output = await asyncio.wrap_future(self._engine.generate(prompt, params, lora))
         return _response(output, request, version)
 
-    def _merge(self, files: dict[str, bytes]) -> None:
+    async def _switch(self, version: AdapterVersion | None) -> None:
+        """Merge mode: folds `version` (None: no adapter, the base model) into the engine's weights."""
+        files = await version.weights.files if version is not None else None
+        await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
+
+    def _merge(self, files: dict[str, bytes] | None) -> None:
         self._merger.merge(files)
         self._engine.llm.reset_prefix_cache()  # cached KV blocks were computed by the previous weights
 

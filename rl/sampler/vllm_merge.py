@@ -1,8 +1,9 @@
 """Merge publish mode: a LoRA adapter folded into a running vLLM engine's own weights, without a restart.
 
-For a run that owns its replicas. The engine runs with LoRA off and serves one weight version (the base model
-until the first publish) at the speed of the base model: no LoRA products at all. Adapter mode (many adapters,
-many tenants, one engine) stays the default.
+For a run, or a sweep's runs, that own their replicas. The engine runs with LoRA off and serves one weight version
+at a time (the base model until the first merge; `rl.sampler.replica.VersionTurns` decides when another is merged)
+at the speed of the base model: no LoRA products at all. Adapter mode (many adapters side by side, for the
+service's many tenants) serves any version at any time.
 
 Each merge rebuilds every adapted linear layer, lm_head included, from the base weights in the model folder,
 W = W0 + s * B @ A (s = alpha / r, or alpha / sqrt(r) with rsLoRA), computed in float32 and cast to the engine's
@@ -74,9 +75,9 @@ class AdapterMerger:
             raise RuntimeError(f"publish_mode=merge: no base weight in {model_folder} for {sorted(missing)[:3]}")
         self._changed: set[str] = set()
 
-    def merge(self, files: dict[str, bytes]) -> None:
-        """Installs base + the adapter in `files` (a PEFT folder's two files as bytes)."""
-        factors = adapter_factors(files)
+    def merge(self, files: dict[str, bytes] | None) -> None:
+        """Installs base + the adapter in `files` (a PEFT folder's two files as bytes; None: the base alone)."""
+        factors = adapter_factors(files) if files is not None else {}
         unknown = factors.keys() - self._base.keys()
         if unknown:
             raise ValueError(f"the adapter adapts {sorted(unknown)[:3]}, which the engine's model has no linear "
