@@ -110,13 +110,13 @@ class SamplerPool:
 
     async def _verify(self, replica: _Replica, version: AdapterVersion) -> None:
         weights = version.weights
-        loaded_hash = await replica.actor.load.remote(version)
+        probe = SampleRequest(prompt=ModelInput.from_ints(weights.probe_tokens), prompt_logprobs=True,
+                              sampling_params=SamplingParams(max_tokens=1, temperature=0.0))
+        loaded_hash, probed = await replica.actor.load.remote(version, probe)
         if loaded_hash != weights.content_hash:
             raise WeightSyncError(f"a replica loaded {version.tinker_path} with content hash {loaded_hash[:12]}, "
                                   f"expected {weights.content_hash[:12]}")
-        request = SampleRequest(prompt=ModelInput.from_ints(weights.probe_tokens), prompt_logprobs=True,
-                                sampling_params=SamplingParams(max_tokens=1, temperature=0.0))
-        served = (await replica.actor.sample.remote(request, version)).prompt_logprobs[1:]
+        served = probed.prompt_logprobs[1:]
         difference = sum(abs(a - b) for a, b in zip(served, weights.probe_logprobs, strict=True)) / len(served)
         absolute, relative = self.tolerance
         allowed = absolute + relative * sum(map(abs, weights.probe_logprobs)) / len(served)

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rl.memory import resident_memory
 from rl.models import resolve_dtype, resolve_model
@@ -170,11 +171,13 @@ class Sampler:
         return {"vocab_size": self.vocab_size, "max_model_len": self.max_model_len, "dtype": self.dtype,
                 "kv_cache_tokens": self.kv_cache_tokens}
 
-    async def load(self, version: AdapterVersion) -> str:
-        """Loads a version into the engine; returns the content hash of what it loaded.
+    async def load(self, version: AdapterVersion,
+                   probe: SampleRequest | None = None) -> tuple[str, SampleResponse | None]:
+        """Loads a version into the engine; returns the content hash of what it loaded and, with `probe`, the
+        version's response to it (merge mode: sampled before any other version is merged again).
 
         Adapter mode writes the adapter locally and adds it as a LoRA; merge mode folds it into the weights once
-        the requests already queued have finished (those queued later see the new weights).
+        the requests for the version merged before have finished (`VersionTurns`).
         """
         from vllm.lora.request import LoRARequest
 
@@ -183,8 +186,9 @@ class Sampler:
             raise ValueError(f"{version.tinker_path} adapts lm_head, {self._output_lora_refusal}: sample it with "
                              "publish_mode=merge, or train with LoraConfig(train_unembed=False)")
         if self._merger is not None:
+            prepared = probe and self._prepared(probe)
             async with self._turns.turn(version):  # merged now, unless it already was
-                return adapter_content_hash(files)
+                return adapter_content_hash(files), probe and await self._generate(*prepared, probe, version)
         if version.lora_int_id not in self._loaded:
             folder = self._adapters / f"{version.lora_int_id}-{version.weights.content_hash[:12]}"
             folder.mkdir()
@@ -194,23 +198,30 @@ class Sampler:
         folder = self._loaded[version.lora_int_id]
         request = LoRARequest(folder.name, version.lora_int_id, str(folder))
         await asyncio.wrap_future(self._engine.call(lambda: self._engine.llm.llm_engine.add_lora(request)))
-        return adapter_content_hash(files)
+        return adapter_content_hash(files), probe and await self.sample(probe, version)
 
     async def sample(self, request: SampleRequest, version: AdapterVersion | None = None) -> SampleResponse:
-        from vllm.lora.request import LoRARequest
-
-        prompt = self._checked_prompt(request)
-        params = vllm_sampling_params(request, max_tokens=self._max_tokens(request, len(prompt)))
+        prepared = self._prepared(request)
         if self._merger is not None:
             async with self._turns.turn(version):
-                output = await asyncio.wrap_future(self._engine.generate(prompt, params, None))
-            return _response(output, request, version)
+                return await self._generate(*prepared, request, version)
+        if version is not None and version.lora_int_id not in self._loaded:
+            await self.load(version)
+        return await self._generate(*prepared, request, version)
+
+    def _prepared(self, request: SampleRequest) -> tuple[list[int], Any]:
+        """The request's prompt, checked, and its vLLM sampling parameters."""
+        prompt = self._checked_prompt(request)
+        return prompt, vllm_sampling_params(request, max_tokens=self._max_tokens(request, len(prompt)))
+
+    async def _generate(self, prompt: list[int], params, request: SampleRequest,
+                        version: AdapterVersion | None) -> SampleResponse:
+        from vllm.lora.request import LoRARequest
+
         lora = None
-        if version is not None:
-            if version.lora_int_id not in self._loaded:
-                await self.load(version)
-            lora = LoRARequest(self._loaded[version.lora_int_id].name, version.lora_int_id,
-                               str(self._loaded[version.lora_int_id]))
+        if version is not None and self._merger is None:
+            folder = self._loaded[version.lora_int_id]
+            lora = LoRARequest(folder.name, version.lora_int_id, str(folder))
         output = await asyncio.wrap_future(self._engine.generate(prompt, params, lora))
         return _response(output, request, version)
 
