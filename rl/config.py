@@ -142,12 +142,12 @@ class LoggerConfig:
 
 @dataclass
 class SweepConfig:
-    share: bool = False
+    share: bool = True
     """In a sweep (`rl-train -m`), runs on the same base model with the same learner and sampler settings share
-    one learner and one sampler pool, which serves their adapters in adapter mode (rl/sweep.py); false: each run
-    gets its own, and the runs go side by side as the cluster has room. Off by default: on CPU, adapter-mode
-    sampling of several runs' adapters is slower per token than merge mode, enough that a 4-run sweep of the main
-    job ran slower shared than one run after another (docs/sweeps.md)."""
+    one learner and one sampler pool (rl/sweep.py), which serves their weights in their publish mode (merge: one
+    run's version at a time); false: each run gets its own, and the runs go side by side as the cluster has room
+    (on a cluster with room for every run's own actors, the faster choice). Each run's result is what it is
+    alone either way (docs/sweeps.md)."""
 
 
 @dataclass

@@ -51,7 +51,7 @@ def share_key(config: TrainConfig) -> tuple:
     model, learner, sampler = config.model, config.learner, config.sampler
     return (model.name, model.dtype, model.max_model_len, learner.num_cpus, learner.num_gpus,
             tuple(sorted(learner.resources.items())), learner.micro_batch_tokens, learner.threads, learner.batch_runs,
-            sampler.replicas, sampler.publish_mode, sampler.kv_cache_gib,
+            sampler.replicas, sampler.publish_mode,
             sampler.num_cpus, sampler.num_gpus, tuple(sorted(sampler.resources.items())), sampler.threads,
             config.algo.off_policy, config.storage_uri, config.cluster.placement_strategy)
 

@@ -120,7 +120,7 @@ def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder:
     command = rl_train(address, model_dir, "algo.learning_rate=1e-2,3e-3", "steps=2",
                        "learner.resources={sweep_node:1}", "sampler.resources={sweep_node:1}",
                        "cluster.placement_strategy=STRICT_PACK", "logger.wandb_mode=disabled",
-                       f"hydra.sweep.dir={folder}", multirun=True)
+                       "sweep.share=false", f"hydra.sweep.dir={folder}", multirun=True)
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     at_once = 0
     while driver.poll() is None:

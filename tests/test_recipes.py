@@ -27,9 +27,9 @@ def records(run: Path) -> list[dict]:
 
 def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
     # One Hydra multirun through rl's launcher (rl/sweep.py): the recipes run at once, each with a folder and a
-    # wandb run of its own; with sweep.share=true, those alike in their actors' settings share a learner and a
-    # sampler pool: the three off-policy recipes one, the three on-policy ones another.
-    result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", "sweep.share=true", *SMALL, cwd=tmp_path)
+    # wandb run of its own; those alike in their actors' settings share a learner and a sampler pool (sweep.share,
+    # on by default): the three off-policy recipes one, the three on-policy ones another.
+    result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = (tmp_path / "multirun" / RECIPES[0]).glob("*/sweep.json")
     learners = {Path(job["output_dir"]).parts[-3]: job["learner"] for job in json.loads(summary.read_text())}
@@ -61,9 +61,9 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         assert json.loads((run / "state.json").read_text())["step"] == 2
 
 
-def test_a_sweep_by_default_gives_each_run_its_own_actors(tmp_path):
+def test_a_sweep_without_sharing_gives_each_run_its_own_actors(tmp_path):
     result = rl_train("-m", "recipe=arithmetic_rl", "algo.learning_rate=1e-3,2e-3", "steps=1", "eval_every=0",
-                      *SMALL, cwd=tmp_path)
+                      "sweep.share=false", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = (tmp_path / "multirun" / "arithmetic_rl").glob("*/sweep.json")
     jobs = json.loads(summary.read_text())

@@ -41,14 +41,14 @@ def assert_close(a: dict, b: dict, tolerance: float = 1e-5) -> None:
 def test_runs_share_actors_when_only_what_each_run_owns_differs():
     base = TrainConfig()
     alike = [replace(base, seed=3), replace(base, algo=AlgoConfig(learning_rate=1e-3, loss_fn="ppo")),
+             replace(base, sampler=SamplerConfig(kv_cache_gib=0.5)),  # the shared pool's is the largest asked for
              replace(base, model=replace(base.model, lora_rank=8), steps=5, task=TaskConfig(name="digits"))]
     assert {share_key(config) for config in alike} == {share_key(base)}
     unlike = [replace(base, model=ModelConfig(name="tiny")), replace(base, model=replace(base.model, dtype="float32")),
               replace(base, learner=LearnerConfig(num_gpus=1)), replace(base, sampler=SamplerConfig(replicas=2)),
               replace(base, algo=AlgoConfig(off_policy=True)), replace(base, storage_uri="file:///shared"),
               replace(base, learner=LearnerConfig(batch_runs=False)),
-              replace(base, sampler=SamplerConfig(publish_mode="adapter")),
-              replace(base, sampler=SamplerConfig(kv_cache_gib=0.5))]
+              replace(base, sampler=SamplerConfig(publish_mode="adapter"))]
     assert len({share_key(config) for config in [base, *unlike]}) == len(unlike) + 1
 
 

@@ -94,9 +94,12 @@ class Shared:
             learner = start_learner(config, placement, Path(config.output_dir) / "checkpoints", overlapping)
             pool = None
             if any(samples(other) for other in configs):
-                # In adapter mode a run's next version loads beside its last.
+                # In adapter mode a run's next version loads beside its last. The KV cache is the largest any run
+                # asks for (unset: vLLM's default).
+                kv_caches = [other.sampler.kv_cache_gib for other in configs]
                 pool = start_pool(config, placement, overlapping, max_loras=max(4, 2 * len(configs)),
-                                  max_lora_rank=max(other.model.lora_rank for other in configs))
+                                  max_lora_rank=max(other.model.lora_rank for other in configs),
+                                  kv_cache_gib=None if None in kv_caches else max(kv_caches))
             check_dtypes(config, ray.get(learner.describe.remote()), pool)
             return cls(placement, learner, pool,
                        CoalescedCalls(learner) if config.learner.batch_runs and len(configs) > 1 else None)
@@ -142,14 +145,14 @@ def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bo
 
 
 def start_pool(config: TrainConfig, placement, overlapping: bool, *, max_loras: int = 4,
-               max_lora_rank: int | None = None) -> SamplerPool:
+               max_lora_rank: int | None = None, kv_cache_gib: float | None = None) -> SamplerPool:
     """The sampler replicas in bundles 1.. of the run's placement group."""
     sampler, model = config.sampler, config.model
     return SamplerPool(str(resolve_model(model.name)), replicas=sampler.replicas, num_cpus=sampler.num_cpus,
                        num_gpus=sampler.num_gpus, resources=sampler.resources, placement_group=placement,
                        first_bundle=1, max_model_len=model.max_model_len,
                        max_lora_rank=max_lora_rank or model.lora_rank, max_loras=max_loras, dtype=model.dtype,
-                       seed=config.seed, publish_mode=sampler.publish_mode, kv_cache_gib=sampler.kv_cache_gib,
+                       seed=config.seed, publish_mode=sampler.publish_mode, kv_cache_gib=kv_cache_gib,
                        threads=sampler.threads or overlap_threads(overlapping) or os.cpu_count())
 
 
