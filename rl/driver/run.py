@@ -188,7 +188,8 @@ class Run:
                                                            storage=str(self.folder / "checkpoints")))
         self.start_step, self.totals = 0, {}
         self._published: AdapterVersion | None = None
-        """This run's latest published version (the one before is retired once the next serves)."""
+        """This run's latest published version (the one before is retired, and deleted, once the next serves)."""
+        self._deleting: ray.ObjectRef | None = None
         if state is not None:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]
@@ -203,6 +204,8 @@ class Run:
 
     def __exit__(self, kind, error, traceback) -> None:
         self.log.close()
+        if error is None and self._deleting is not None:
+            ray.get(self._deleting)
         if not self.shared:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this adapter leaves
@@ -221,9 +224,14 @@ class Run:
         if pending:
             await asyncio.wait(pending)
         version = await self.pool.publish(weights)
-        if self._published is not None and self._published.tinker_path != version.tinker_path:
-            self.pool.retire(self._published.tinker_path)  # nothing samples it after this: its files can go
-        self._published = version
+        previous, self._published = self._published, version
+        if previous is not None and previous.tinker_path != version.tinker_path:
+            self.pool.retire(previous.tinker_path)  # nothing samples it after this: its files can go
+            if self._deleting is not None:
+                await self._deleting
+            # Nor reads its folder: the run keeps its latest sampler weights only (22 MB a step for SmolLM2); its
+            # training checkpoints are what it resumes from. Not awaited here: a shared learner may be busy.
+            self._deleting = self.learner.delete_checkpoint.remote(previous.tinker_path)
         return version
 
     async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]] | None = None) -> dict:
