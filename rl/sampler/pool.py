@@ -60,7 +60,6 @@ class SamplerPool:
         included, the count the process started with, and vLLM's CPU attention fails when two threads disagree.
         On 2 cores SmolLM2 sampled ~140 tokens/s on one thread and ~230 on two."""
         self.base_model = base_model
-        self.publish_mode = publish_mode
         self._actor_class = ray.remote(Sampler)
         self._actor_options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
                                "max_restarts": 0}

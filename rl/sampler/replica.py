@@ -157,6 +157,8 @@ class Sampler:
             from rl.sampler.vllm_merge import AdapterMerger
 
             self._merger = AdapterMerger(llm, folder)
+        self._merged_hash: str | None = None
+        """Merge mode: the content hash of the files merged last (None: the base model)."""
         config = llm.llm_engine.model_config
         self.vocab_size = config.get_vocab_size()
         self.max_model_len = config.max_model_len
@@ -181,14 +183,14 @@ class Sampler:
         """
         from vllm.lora.request import LoRARequest
 
+        if self._merger is not None:
+            prepared = probe and self._prepared(probe)
+            async with self._turns.turn(version):  # merged now, unless it already was
+                return self._merged_hash, probe and await self._generate(*prepared, probe, version)
         files: dict[str, bytes] = await version.weights.files
         if "lm_head" in json.loads(files[ADAPTER_CONFIG])["target_modules"] and self._output_lora_refusal:
             raise ValueError(f"{version.tinker_path} adapts lm_head, {self._output_lora_refusal}: sample it with "
                              "publish_mode=merge, or train with LoraConfig(train_unembed=False)")
-        if self._merger is not None:
-            prepared = probe and self._prepared(probe)
-            async with self._turns.turn(version):  # merged now, unless it already was
-                return adapter_content_hash(files), probe and await self._generate(*prepared, probe, version)
         if version.lora_int_id not in self._loaded:
             folder = self._adapters / f"{version.lora_int_id}-{version.weights.content_hash[:12]}"
             folder.mkdir()
@@ -229,6 +231,7 @@ class Sampler:
         """Merge mode: folds `version` (None: no adapter, the base model) into the engine's weights."""
         files = await version.weights.files if version is not None else None
         await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
+        self._merged_hash = files and adapter_content_hash(files)
 
     def _merge(self, files: dict[str, bytes] | None) -> None:
         self._merger.merge(files)
