@@ -54,6 +54,10 @@ class ServeConfig:
     join_users: bool = True
     """The forward_backward calls of the users waiting at a learner go in one pass of it, each row through its own
     run's adapter (exact), rather than one call each (docs/tinker.md, "Turns")."""
+    sampler_versions: int = 8
+    """Sampler checkpoints each model's pool keeps ready to sample, the most recently sampled or saved: each holds
+    its files in Ray's object store and an adapter on every replica (~22 MB for SmolLM2 at rank 16). An older one
+    is published again from its checkpoint when next sampled (~0.5 s for SmolLM2)."""
 
 
 def api_keys(config: ServeConfig) -> list[str]:
@@ -68,7 +72,7 @@ def build_service(config: ServeConfig, keys: list[str]):
                    context=config.context, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras,
                    max_batch_datums=config.max_batch_datums, max_batch_tokens=config.max_batch_tokens,
                    max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens,
-                   join_users=config.join_users)
+                   join_users=config.join_users, sampler_versions=config.sampler_versions)
 
 
 def serve(config: ServeConfig) -> None:

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import unittest.mock
 from pathlib import Path
 
@@ -302,13 +303,37 @@ def test_evicted_adapters_are_reloaded_on_demand(pool, learner, trained):
 
 def test_a_retired_version_is_refused_and_let_go(pool, learner, trained):
     version = publish(pool, learner, trained, "to-retire")
-    assert run(pool.sample(request(model_path=version.tinker_path))).content_hash == version.weights.content_hash
-    pool.retire(version.tinker_path)
-    with pytest.raises(ValueError, match="to-retire: retired by its run"):
+    key = version.lora_int_id
+
+    def held() -> list[bool]:  # by each replica: its adapter folder (and vLLM's copy, removed with it)
+        return ray.get([replica.actor.__ray_call__.remote(lambda self: key in self._loaded or any(
+            folder.name.startswith(f"{key}-") for folder in self._adapters.iterdir())) for replica in pool._replicas])
+
+    async def retired_while_sampling():
+        under_way = asyncio.ensure_future(pool.sample(request(model_path=version.tinker_path, temperature=1.0,
+                                                              seed=5, max_tokens=150, stop=[])))
+        await asyncio.sleep(0)  # it has started
+        pool.retire(version.tinker_path)
+        still = held()
+        return still, await under_way
+
+    assert held() == [True, True]
+    still, response = run(retired_while_sampling())
+    assert still == [True, True], "a request under way keeps its version"
+    assert len(response.sequences[0].tokens) == 150 and response.content_hash == version.weights.content_hash
+    for _ in range(100):  # then every replica lets it go (asked without waiting)
+        if held() == [False, False]:
+            break
+        time.sleep(0.1)
+    assert held() == [False, False]
+    with pytest.raises(ValueError, match="to-retire: retired"):
         run(pool.sample(request(model_path=version.tinker_path)))
-    assert pool.published(version.tinker_path) and pool._versions[version.tinker_path] is None, "its files can go"
+    assert not pool.published(version.tinker_path) and pool._versions[version.tinker_path] is None, "files let go"
     with pytest.raises(ValueError, match="unknown model path"):
         pool.retire("tinker://nobody/sampler_weights/never")
+    again = publish(pool, learner, trained, "to-retire")  # published again: served under a new LoRA id
+    assert pool.published(again.tinker_path) and again.lora_int_id != key
+    assert run(pool.sample(request(model_path=again.tinker_path))).content_hash == again.weights.content_hash
 
 
 def test_a_killed_replica_loses_no_request(pool):
@@ -437,8 +462,8 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
         assert mean_abs_difference(sampled.logprobs, served_logprobs(pool, paths[path], sampled.tokens)) < 1e-4, path
     # A retired version's files are let go, and nothing samples it again.
     merge_pool.retire(first.tinker_path)
-    assert merge_pool.published(first.tinker_path) and merge_pool._versions[first.tinker_path] is None
-    with pytest.raises(ValueError, match="retired by its run"):
+    assert not merge_pool.published(first.tinker_path) and merge_pool._versions[first.tinker_path] is None
+    with pytest.raises(ValueError, match="merge-first: retired"):
         run(merge_pool.sample(request(model_path=first.tinker_path)))
 
 

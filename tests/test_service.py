@@ -27,6 +27,10 @@ due together depends on what each sent before."""
 PATTERN = [5, 17, 33, 17, 33, 17, 33, 17, 33, 9]
 
 
+SAMPLER_VERSIONS = 3
+"""Sampler checkpoints the test server keeps ready to sample (rl-serve's default is 8)."""
+
+
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     # The learner keeps its checkpoints in a folder of its own, as it would on another node.
@@ -34,7 +38,7 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
                       [ALICE, BOB, CAROL, DAVE],
                       context={str(tiny_model_dir): 256}, max_lora_rank=8,
                       learner_storage=str(tmp_path_factory.mktemp("learner-node")), max_batch_datums=64,
-                      max_batch_tokens=4096, max_sample_tokens=1024)
+                      max_batch_tokens=4096, max_sample_tokens=1024, sampler_versions=SAMPLER_VERSIONS)
     running = ServerThread(service, max_body_bytes=2**20)
     yield running
     stop(running)
@@ -123,6 +127,31 @@ def test_sampling_with_seeds_and_logprobs_that_match_the_learner(server):
         assert len(pairs) == 3 and [lp for _, lp in pairs] == sorted((lp for _, lp in pairs), reverse=True)
         assert pairs[0][1] >= logprob - 1e-6 and (token not in dict(pairs) or dict(pairs)[token] == pytest.approx(
             logprob, abs=1e-5))
+
+
+def test_only_the_latest_sampler_checkpoints_stay_published_and_an_older_one_is_published_again(server):
+    """Every save would otherwise hold its files in Ray's object store and an adapter on each replica for as long
+    as the server runs: the pool keeps the SAMPLER_VERSIONS used last, and publishes an older one again when it
+    is sampled, with the same weights."""
+    trainer = training_client(server, seed=2)
+    pool = server.service.pools[server.service_model]
+    tokens = types.ModelInput.from_ints(PATTERN)
+    service = client(server)
+    paths, samplers, logprobs = [], [], []
+    for index in range(SAMPLER_VERSIONS + 1):
+        trainer.forward_backward([datum()], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        paths.append(trainer.save_weights_for_sampler(f"kept-{index}").result().path)
+        samplers.append(service.create_sampling_client(model_path=paths[-1]))
+        logprobs.append(samplers[-1].compute_logprobs(tokens).result()[1:])
+    assert [pool.published(path) for path in paths] == [False] + [True] * SAMPLER_VERSIONS
+    assert pool._versions[paths[0]] is None, "its files are let go"
+    again = samplers[0].compute_logprobs(tokens).result()[1:]  # published again: the same weights
+    assert np.allclose(again, logprobs[0], atol=1e-5) and not np.allclose(again, logprobs[1], atol=1e-3)
+    assert [pool.published(path) for path in paths] == [True, False, True, True], "now the least recently used goes"
+    fresh = service.create_sampling_client(model_path=paths[1])  # a new session on a retired one
+    assert np.allclose(fresh.compute_logprobs(tokens).result()[1:], logprobs[1], atol=1e-5)
+    assert [pool.published(path) for path in paths] == [True, True, False, True]
 
 
 def test_policy_losses_and_a_custom_loss(server):

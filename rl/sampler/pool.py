@@ -10,8 +10,10 @@ requests are retried once elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
@@ -79,6 +81,10 @@ class SamplerPool:
         object store for SmolLM2 at rank 16) are let go, and nothing samples it again."""
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
+        self._in_flight: dict[int, int] = {}
+        """lora_int_id -> the requests for that version under way."""
+        self._retiring: dict[int, AdapterVersion] = {}
+        """Versions retired while requests for them were under way: forgotten after the last of them."""
 
     def _start_actor(self, index: int) -> ray.actor.ActorHandle:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -146,32 +152,63 @@ class SamplerPool:
             raise ValueError(f"base_model {request.base_model!r}: this pool serves {self.base_model!r}")
         version = self._version(model_path) if model_path is not None else None
         if model_path is not None and version is None:
-            raise ValueError(f"model_path {model_path}: retired by its run once a newer version served; publish it "
-                             "again to sample it")
+            raise ValueError(f"model_path {model_path}: retired (a run's version once a newer one served, or the "
+                             "least recently sampled of many); publish it again to sample it")
         work = request.num_samples * (request.sampling_params.max_tokens or self.info["max_model_len"])
-        for attempt in range(2):
-            replica = min(self._replicas, key=lambda r: r.outstanding)
-            replica.outstanding += work
-            try:
-                if version is not None and version.lora_int_id not in replica.verified:
-                    await self._verify(replica, version)
-                return await replica.actor.sample.remote(request, version)
-            except (ray.exceptions.RayActorError, EngineDeadError):
-                if attempt == 1:
-                    raise
-                self._replace(replica)
-            finally:
-                replica.outstanding -= work
+        with self._sampling(version):
+            for attempt in range(2):
+                replica = min(self._replicas, key=lambda r: r.outstanding)
+                replica.outstanding += work
+                try:
+                    if version is not None and version.lora_int_id not in replica.verified:
+                        await self._verify(replica, version)
+                    return await replica.actor.sample.remote(request, version)
+                except (ray.exceptions.RayActorError, EngineDeadError):
+                    if attempt == 1:
+                        raise
+                    self._replace(replica)
+                finally:
+                    replica.outstanding -= work
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _sampling(self, version: AdapterVersion | None) -> Iterator[None]:
+        """Counts a request for `version` as under way; a version retired meanwhile is forgotten after the last."""
+        if version is None:
+            yield
+            return
+        key = version.lora_int_id
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+                if key in self._retiring:
+                    self._forget(self._retiring.pop(key))
 
     def retire(self, model_path: str) -> None:
         """Lets go of a published version that nobody will sample again (a run's previous version, once its next
-        one serves): without it, a pool holds every version's files for as long as it lives."""
-        self._version(model_path)
+        one serves; a server's least recently sampled): its files in Ray's object store (~22 MB for SmolLM2 at rank
+        16) and, once no request for it is under way, each replica's copy. Sampling it then needs a new publish."""
+        version = self._version(model_path)
         self._versions[model_path] = None
+        if version is None:
+            return
+        if version.lora_int_id in self._in_flight:
+            self._retiring[version.lora_int_id] = version
+        else:
+            self._forget(version)
+
+    def _forget(self, version: AdapterVersion) -> None:
+        for replica in self._replicas:
+            replica.verified.discard(version.lora_int_id)
+            replica.actor.forget.remote(version.lora_int_id)  # not awaited: one that died has nothing to forget
 
     def published(self, model_path: str) -> bool:
-        return model_path in self._versions
+        """Whether `model_path` can be sampled now: published, and not retired since."""
+        return self._versions.get(model_path) is not None
 
     def _version(self, model_path: str) -> AdapterVersion | None:
         if model_path not in self._versions:

@@ -202,6 +202,17 @@ class Sampler:
         await asyncio.wrap_future(self._engine.call(lambda: self._engine.llm.llm_engine.add_lora(request)))
         return adapter_content_hash(files), probe and await self.sample(probe, version)
 
+    async def forget(self, lora_int_id: int) -> None:
+        """Lets go of a retired version (adapter mode): vLLM's copy of the adapter and its folder here. The pool
+        asks once no request for the version is under way."""
+        folder = self._loaded.pop(lora_int_id, None)
+        if folder is not None:
+            def remove() -> None:
+                self._engine.llm.llm_engine.remove_lora(lora_int_id)
+                shutil.rmtree(folder)
+
+            await asyncio.wrap_future(self._engine.call(remove))
+
     async def sample(self, request: SampleRequest, version: AdapterVersion | None = None) -> SampleResponse:
         prepared = self._prepared(request)
         if self._merger is not None:

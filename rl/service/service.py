@@ -20,6 +20,7 @@ import hmac
 import json
 import secrets
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ from rl.types import (
     OptimStepRequest,
     ParsedCheckpointTinkerPath,
     SampleRequest,
+    SampleResponse,
     SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
@@ -67,13 +69,17 @@ class Service:
                  dtype: str = "float32", context: dict[str, int] | None = None, max_lora_rank: int = 128,
                  max_loras: int = 4, learner_storage: str | None = None, max_batch_datums: int = 1024,
                  max_batch_tokens: int = 32768, max_sample_tokens: int = 32768, turn_tokens: int = 2048,
-                 join_users: bool = True):
+                 join_users: bool = True, sampler_versions: int = 8):
         """`storage` holds the registry (runs, ownership, public checkpoints); the learners keep checkpoints in
         `learner_storage` (default: storage/checkpoints), a path on the learners' nodes. `context` sets a
         model's context length; a model it does not name gets its own (rl.models.context_length). The `max_*`
         limits bound each request (rl.service.limits); the SDK is told to split batches into requests of about
         `turn_tokens` tokens, each one turn at the learner (`client_config`); with `join_users`, the waiting
-        users' forward_backward calls go in one learner pass (rl.service.learners)."""
+        users' forward_backward calls go in one learner pass (rl.service.learners). Each pool keeps the
+        `sampler_versions` sampler checkpoints sampled (or saved) most recently ready to sample; an older one is
+        published again from its checkpoint when next asked for."""
+        if sampler_versions < 1:
+            raise ValueError(f"sampler_versions={sampler_versions}: keep at least 1 sampler checkpoint ready")
         self.storage = Path(storage)
         self.registry = Registry(self.storage, api_keys)
         self.futures = FutureStore()
@@ -93,6 +99,11 @@ class Service:
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
         """sampling_session_id -> {"owner", "session_id", "base_model", "model_path"}."""
+        self.sampler_versions = sampler_versions
+        self._ready: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in models}
+        """Per base model, the published sampler checkpoints, least recently used first (`_used`)."""
+        self._publishing: dict[str, asyncio.Future] = {}
+        """Sampler checkpoints being published again, so that requests arriving together publish once."""
         self._url_key = secrets.token_bytes(32)
         """Signs download URLs of external weights; a restarted server signs anew (URLs expire within the hour)."""
         self.custom_losses: dict[str, tuple[str, CreateCustomLossRequest]] = {}
@@ -200,6 +211,7 @@ class Service:
             version = await self.pools[base].publish(await learner.call(
                 user, model_id, "save_weights_for_sampler", model_id, name, ttl_seconds=request.ttl_seconds,
                 user_metadata=request.user_metadata))
+            self._used(base, version.tinker_path)
             if request.sampling_session_seq_id is None:
                 return {"path": version.tinker_path}
             return {"sampling_session_id": self._new_sampler(user, model_id.split(":")[0], base,
@@ -283,9 +295,29 @@ class Service:
         return {"sampling_session_id": self._new_sampler(user, request.session_id, base, path)}
 
     async def _publish(self, base: str, path: str) -> None:
-        """Publishes a sampler checkpoint saved earlier (another run's, or before a restart), verified."""
-        if not self.pools[base].published(path):
-            await self.pools[base].publish(await self.learners[base].ask("sampler_weights", path))
+        """Makes a sampler checkpoint ready to sample: published again (verified) when it was saved earlier (by
+        another run, before a restart, or let go as the least recently used), and marked as used."""
+        while not self.pools[base].published(path):  # again if retired while it was published (many in use)
+            if path not in self._publishing:
+                async def publish() -> None:
+                    try:
+                        await self.pools[base].publish(await self.learners[base].ask("sampler_weights", path))
+                    finally:
+                        del self._publishing[path]
+
+                self._publishing[path] = asyncio.ensure_future(publish())
+            await asyncio.shield(self._publishing[path])
+        self._used(base, path)
+
+    def _used(self, base: str, path: str) -> None:
+        """Marks a published sampler checkpoint as the most recently used; retires the least recently used beyond
+        `sampler_versions` (their files and each replica's adapter let go: every save would otherwise hold ~22 MB
+        of Ray's object store for SmolLM2 at rank 16, as long as the server runs)."""
+        ready = self._ready[base]
+        ready[path] = None
+        ready.move_to_end(path)
+        while len(ready) > self.sampler_versions:
+            self.pools[base].retire(ready.popitem(last=False)[0])
 
     def _new_sampler(self, user: str, session_id: str, base: str, path: str | None) -> str:
         sampler_id = self.pools[base].create_sampling_session(path)
@@ -323,7 +355,15 @@ class Service:
             request = request.model_copy(update={"base_model": None})
         self.limits[base].check_sample(request)
         key = (request.sampling_session_id, request.seq_id) if request.sampling_session_id else None
-        return self.futures.submit(user, lambda: self.pools[base].sample(request), key=key)
+        path = (self.samplers[request.sampling_session_id]["model_path"] if request.sampling_session_id
+                else request.model_path)
+
+        async def sample() -> SampleResponse:
+            if path is not None:
+                await self._publish(base, path)
+            return await self.pools[base].sample(request)
+
+        return self.futures.submit(user, sample, key=key)
 
     # ---- listings --------------------------------------------------------------------------------------------
 

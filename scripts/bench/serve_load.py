@@ -5,6 +5,7 @@ alone, in one invocation; or a soak of such mixed traffic that reports the serve
     .venv/bin/python scripts/bench/serve_load.py --model tiny --big-tokens 32768
     .venv/bin/python scripts/bench/serve_load.py --soak-minutes 30    # memory every minute of mixed traffic
     .venv/bin/python scripts/bench/serve_load.py --recovery           # the learner SIGKILLed under 8 users' runs
+    .venv/bin/python scripts/bench/serve_load.py --sampler-saves 100  # an RL user's sampler saves: object store
     ... [--small-steps 8] [--turn-tokens 2048] [--no-join-users] [--json FILE]
 
 The server is rl-serve's app in this process (`ServerThread`) with its default limits; every client is the
@@ -18,7 +19,9 @@ for `--soak-minutes` and reports each minute's peak memory and its growth from t
 <= +10%). `--recovery`: eight users each train a step and save (`save_state`); the learner's process is
 SIGKILLed with no call in flight; reports the seconds until the server replaced it (no call made) and until
 every run answered its next call (all restored), and how far each run's loss then is from its loss at the save
-(goal: served again within 60 s, every run at its last saved state). Only ratios within one invocation mean
+(goal: served again within 60 s, every run at its last saved state). `--sampler-saves N`: one user saves weights
+for sampling every step and samples them, N steps; reports Ray's object store in use every 10 saves (the pool
+keeps `--sampler-versions` ready, rl-serve's `sampler_versions`). Only ratios within one invocation mean
 something: the machines are noisy.
 """
 
@@ -129,6 +132,26 @@ class Traffic:
             self.trained_tokens += sum(datum.model_input.length for datum in batch)
 
 
+def sampler_saves(traffic: Traffic, steps: int) -> dict:
+    """One user's RL loop (tinker-cookbook's: new weights to sample from every step), `steps` times: a small
+    step, save_weights_and_get_sampling_client, and a sample from it. Ray's object store in use every 10 saves."""
+    from ray._private.internal_api import memory_summary
+
+    trainer, rng, plasma = traffic.trainer(traffic.keys[0], 0), random.Random(0), []
+    prompt, params = sdk.ModelInput.from_ints([1, 2, 3, 4]), sdk.SamplingParams(max_tokens=4, temperature=1.0)
+    for step in range(steps):
+        traffic._step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))
+        sampler = trainer.save_weights_and_get_sampling_client().result()
+        sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+        if (step + 1) % 10 == 0:
+            usage = memory_summary(stats_only=True).split("Plasma memory usage ")[1]
+            plasma.append({"saves": step + 1, "object_store_mib": int(usage.split(" MiB")[0]),
+                           "objects": int(usage.split(", ")[1].split()[0])})
+            print(f"{step + 1} saves: Ray's object store {plasma[-1]['object_store_mib']} MiB in "
+                  f"{plasma[-1]['objects']} objects", flush=True)
+    return {"saves": plasma}
+
+
 def under_load(traffic: Traffic, small_steps: int) -> dict:
     """Alone: one small user. Then six small users and two big ones at once, until every small user is done and
     the big ones have finished the step they were in (the tokens/s count every step finished in that time)."""
@@ -218,6 +241,9 @@ def main() -> None:
                         help="one learner call per user's forward_backward (before: join_users=false)")
     parser.add_argument("--soak-minutes", type=float, default=0)
     parser.add_argument("--recovery", action="store_true")
+    parser.add_argument("--sampler-saves", type=int, default=0,
+                        help="one user saving weights for sampling every step, this many steps: the object store")
+    parser.add_argument("--sampler-versions", type=int, default=defaults.sampler_versions)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -225,7 +251,8 @@ def main() -> None:
     keys = [f"tml-user-{index}" for index in range(9)]
     watch = MemoryWatch()
     service = build_service(ServeConfig(models=[args.model], storage=tempfile.mkdtemp(prefix="serve-load-"),
-                                        turn_tokens=args.turn_tokens, join_users=args.join_users), keys)
+                                        turn_tokens=args.turn_tokens, join_users=args.join_users,
+                                        sampler_versions=args.sampler_versions), keys)
     server = ServerThread(service)
     traffic = Traffic(server, args.model, keys, args.big_tokens)
     result = {"model": args.model, "big_tokens": args.big_tokens, "turn_tokens": args.turn_tokens,
@@ -237,6 +264,9 @@ def main() -> None:
             result["soak"] = soak(traffic, watch, args.soak_minutes)
         elif args.recovery:
             result["recovery"] = recovery(traffic, service)
+        elif args.sampler_saves:
+            result["sampler_versions"] = args.sampler_versions
+            result["sampler_saves"] = sampler_saves(traffic, args.sampler_saves)
         else:
             result.update(under_load(traffic, args.small_steps))
     finally:
