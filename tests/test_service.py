@@ -152,6 +152,13 @@ def test_only_the_latest_sampler_checkpoints_stay_published_and_an_older_one_is_
     fresh = service.create_sampling_client(model_path=paths[1])  # a new session on a retired one
     assert np.allclose(fresh.compute_logprobs(tokens).result()[1:], logprobs[1], atol=1e-5)
     assert [pool.published(path) for path in paths] == [True, True, False, True]
+    # A deleted sampler checkpoint is no longer served, published or not.
+    rest_client(server).delete_checkpoint_from_tinker_path(paths[3]).result()
+    assert not pool.published(paths[3])
+    with pytest.raises(tinker.RequestFailedError, match="no checkpoint at tinker://.*/sampler_weights/kept-3"):
+        samplers[3].compute_logprobs(tokens).result()
+    with pytest.raises(ValueError, match="sampler_versions=0: keep at least 1"):
+        Service([server.service_model], server.service.storage, [ALICE], sampler_versions=0)
 
 
 def test_policy_losses_and_a_custom_loss(server):

@@ -418,8 +418,12 @@ class Service:
 
     async def delete_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> None:
         path = self._owned_checkpoint(user, model_id, checkpoint_id)
-        await self.learners[self.registry.run(user, model_id)["base_model"]].ask("delete_checkpoint", path)
+        base = self.registry.run(user, model_id)["base_model"]
+        await self.learners[base].ask("delete_checkpoint", path)
         self.registry.set_public(path, False)
+        if self.pools[base].published(path):  # nothing samples a deleted checkpoint
+            del self._ready[base][path]
+            self.pools[base].retire(path)
 
     def _owned_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> str:
         self.registry.run(user, model_id)
