@@ -35,6 +35,16 @@ def release_large_blocks() -> None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+def return_freed_memory() -> None:
+    """Hands the freed memory that glibc's malloc keeps back to the OS (malloc_trim; Linux with glibc, elsewhere
+    nothing). A vLLM engine fed batches of varying shapes, as rollouts are, grew from 1.30 to 1.86 GiB resident
+    over 1,200 batches of the tiny model, all of it freed memory kept in the heap; trimmed after each batch it
+    stayed at 1.21 GiB, for ~3 ms a trim."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+    if trim is not None:
+        trim(0)
+
+
 def resident_memory(*, reset_peak: bool = False) -> dict[str, float]:
     """{"rss_gib": resident now, "peak_gib": peak since the last reset}; `reset_peak` starts a new peak after."""
     rss = psutil.Process().memory_info().rss

@@ -5,6 +5,7 @@ to do reliably."""
 
 import concurrent.futures
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -98,3 +99,32 @@ def test_a_drained_call_runs_after_the_requests_before_it():
     assert merged.result(timeout=5) == "merged" and seen == [True], "the request before it had finished"
     assert isinstance(before.result(timeout=5), SimpleNamespace)
     assert concurrent.futures.wait([loop.generate([1], params=None, lora=None)], timeout=5).done
+
+
+def test_freed_memory_goes_back_once_each_burst_of_work_ends(monkeypatch):
+    """Batches of varying shapes leave freed memory in the heap (rl.memory.return_freed_memory): the loop trims it
+    when the engine goes idle, once per burst, never between the steps of one."""
+    trims: list[int] = []
+    engine = ScriptedEngine(steps_per_request=3)
+    monkeypatch.setattr("rl.sampler.engine.return_freed_memory", lambda: trims.append(engine.steps))
+    loop = loop_over(engine)
+
+    def trims_reach(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(trims) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    held = threading.Event()
+    loop.call(held.wait)  # the four requests below reach the engine together
+    burst = [loop.generate([1, 2], params=None, lora=None) for _ in range(4)]
+    held.set()
+    for future in burst:
+        future.result(timeout=5)
+    trims_reach(1)
+    assert trims == [3] and engine.steps == 3, "once, after the burst's last step"
+    loop.generate([3], params=None, lora=None).result(timeout=5)
+    trims_reach(2)
+    assert trims == [3, 6]
+    loop.call(lambda: None).result(timeout=5)  # work that is no step (add_lora, a merge) trims nothing
+    time.sleep(0.05)
+    assert trims == [3, 6]

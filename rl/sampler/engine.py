@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rl.memory import return_freed_memory
+
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -155,9 +157,13 @@ class EngineLoop:
 
     def _run(self) -> None:
         engine = self.llm.llm_engine
+        stepped = False
         try:
             while True:
                 idle = not engine.has_unfinished_requests()
+                if idle and stepped:  # a burst of work has ended: what its batches of varying shapes freed goes back
+                    return_freed_memory()
+                    stepped = False
                 try:
                     job, _ = self._jobs.get(block=idle)
                     while True:
@@ -167,6 +173,7 @@ class EngineLoop:
                     pass
                 if engine.has_unfinished_requests():
                     self._step()
+                    stepped = True
         except BaseException as error:  # the engine is unusable: fail everything now and later
             self.dead = error
             for future in self._pending.values():
