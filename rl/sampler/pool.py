@@ -78,7 +78,7 @@ class SamplerPool:
                                                                                           (0.05, 0.02))
         self._versions: dict[str, AdapterVersion | None] = {}
         """Every published model path -> its version; None once retired (`retire`): its files (~22 MB of Ray's
-        object store for SmolLM2 at rank 16) are let go, and nothing samples it again."""
+        object store for SmolLM2 at rank 16) are let go, and nothing samples it until it is published again."""
         self._lora_ids = itertools.count(1)
         self._sessions: dict[str, str | None] = {}
         self._in_flight: dict[int, int] = {}

@@ -275,8 +275,8 @@ class Sampler:
         return self._engine.dead is None
 
     def close(self) -> None:
-        """Removes the adapter folders this replica wrote (they live as long as it does: vLLM reads an evicted
-        adapter's folder again when a request asks for it)."""
+        """Removes the adapter folders this replica wrote (each lives until its version is retired, `forget`: vLLM
+        reads an evicted adapter's folder again when a request asks for it)."""
         shutil.rmtree(self._adapters, ignore_errors=True)
 
     def memory(self, *, reset_peak: bool = False) -> dict[str, float]:

@@ -422,7 +422,7 @@ class Service:
         await self.learners[base].ask("delete_checkpoint", path)
         self.registry.set_public(path, False)
         if self.pools[base].published(path):  # nothing samples a deleted checkpoint
-            del self._ready[base][path]
+            self._ready[base].pop(path, None)
             self.pools[base].retire(path)
 
     def _owned_checkpoint(self, user: str, model_id: str, checkpoint_id: str) -> str:
