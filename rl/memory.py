@@ -9,6 +9,7 @@ the machine has to hold.
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def release_large_blocks() -> None:
     datum of SmolLM2 peaked at 3.4 GiB on its first forward_backward and 4.8 GiB on its second, against 1.8 GiB
     for both with a fixed threshold (which also turns the adjustment off); a batch of the main job's shape:
     peak 2.93 -> 2.81 GiB, resident after 2.57 -> 2.18, ~5% slower (page faults on fresh mappings)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    mallopt = _glibc("mallopt")
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
@@ -40,9 +41,15 @@ def return_freed_memory() -> None:
     nothing). A vLLM engine fed batches of varying shapes, as rollouts are, grew from 1.30 to 1.86 GiB resident
     over 1,200 batches of the tiny model, all of it freed memory kept in the heap; trimmed after each batch it
     stayed at 1.21 GiB, for ~3 ms a trim."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _glibc(name: str):
+    """The C library's function `name` on Linux, looked up once (None elsewhere, or where the libc lacks it)."""
+    return getattr(ctypes.CDLL(None), name, None) if sys.platform == "linux" else None
 
 
 def resident_memory(*, reset_peak: bool = False) -> dict[str, float]:

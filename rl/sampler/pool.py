@@ -83,8 +83,6 @@ class SamplerPool:
         self._sessions: dict[str, str | None] = {}
         self._in_flight: dict[int, int] = {}
         """lora_int_id -> the requests for that version under way."""
-        self._retiring: dict[int, AdapterVersion] = {}
-        """Versions retired while requests for them were under way: forgotten after the last of them."""
 
     def _start_actor(self, index: int) -> ray.actor.ActorHandle:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -103,7 +101,9 @@ class SamplerPool:
         now servable. The driver and the service publish through this alone."""
         version = AdapterVersion(weights=weights, lora_int_id=next(self._lora_ids))
         await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
-        self._versions[version.tinker_path] = version
+        replaced, self._versions[version.tinker_path] = self._versions.get(version.tinker_path), version
+        if replaced is not None:  # the path saved again (overwrite): its former version goes as a retired one does
+            self._let_go(replaced)
         return version
 
     async def _verify_or_replace(self, replica: _Replica, version: AdapterVersion) -> None:
@@ -173,7 +173,8 @@ class SamplerPool:
 
     @contextlib.contextmanager
     def _sampling(self, version: AdapterVersion | None) -> Iterator[None]:
-        """Counts a request for `version` as under way; a version retired meanwhile is forgotten after the last."""
+        """Counts a request for `version` as under way; a version no longer served (retired or replaced) meanwhile
+        is let go after the last."""
         if version is None:
             yield
             return
@@ -185,8 +186,8 @@ class SamplerPool:
             self._in_flight[key] -= 1
             if not self._in_flight[key]:
                 del self._in_flight[key]
-                if key in self._retiring:
-                    self._forget(self._retiring.pop(key))
+                if self._versions.get(version.tinker_path) is not version:
+                    self._let_go(version)
 
     def retire(self, model_path: str) -> None:
         """Lets go of a published version that nobody will sample again (a run's previous version, once its next
@@ -194,14 +195,14 @@ class SamplerPool:
         16) and, once no request for it is under way, each replica's copy. Sampling it then needs a new publish."""
         version = self._version(model_path)
         self._versions[model_path] = None
-        if version is None:
-            return
-        if version.lora_int_id in self._in_flight:
-            self._retiring[version.lora_int_id] = version
-        else:
-            self._forget(version)
+        if version is not None:
+            self._let_go(version)
 
-    def _forget(self, version: AdapterVersion) -> None:
+    def _let_go(self, version: AdapterVersion) -> None:
+        """Every replica forgets a version no longer served, unless requests for it are under way (then the last
+        of them lets it go, `_sampling`)."""
+        if version.lora_int_id in self._in_flight:
+            return
         for replica in self._replicas:
             replica.verified.discard(version.lora_int_id)
             replica.actor.forget.remote(version.lora_int_id)  # not awaited: one that died has nothing to forget

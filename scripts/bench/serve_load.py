@@ -111,21 +111,21 @@ class Traffic:
 
     def small_steps(self, key: str, seed: int, steps: int, until: threading.Event | None = None) -> list[float]:
         trainer, rng, latencies = self.trainer(key, seed), random.Random(seed), []
-        self._step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))  # warm-up
+        self.step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))  # warm-up
         while len(latencies) < steps or (until is not None and not until.is_set()):
             started = time.perf_counter()
-            self._step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))
+            self.step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))
             latencies.append(time.perf_counter() - started)
         return latencies
 
     def big_steps(self, key: str, seed: int, until: threading.Event) -> int:
         trainer, rng, steps = self.trainer(key, seed), random.Random(seed), 0
         while not until.is_set():
-            self._step(trainer, data(self.big_tokens // BIG_DATUM_TOKENS, BIG_DATUM_TOKENS, rng))
+            self.step(trainer, data(self.big_tokens // BIG_DATUM_TOKENS, BIG_DATUM_TOKENS, rng))
             steps += 1
         return steps
 
-    def _step(self, trainer, batch: list[sdk.Datum]) -> None:
+    def step(self, trainer, batch: list[sdk.Datum]) -> None:
         trainer.forward_backward(batch, "cross_entropy").result()
         trainer.optim_step(ADAM).result()
         with self._lock:
@@ -140,7 +140,7 @@ def sampler_saves(traffic: Traffic, steps: int) -> dict:
     trainer, rng, plasma = traffic.trainer(traffic.keys[0], 0), random.Random(0), []
     prompt, params = sdk.ModelInput.from_ints([1, 2, 3, 4]), sdk.SamplingParams(max_tokens=4, temperature=1.0)
     for step in range(steps):
-        traffic._step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))
+        traffic.step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, rng))
         sampler = trainer.save_weights_and_get_sampling_client().result()
         sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
         if (step + 1) % 10 == 0:
@@ -208,7 +208,7 @@ def recovery(traffic: Traffic, service, runs: int = 8) -> dict:
     trainers, at_save = [], []
     for index in range(runs):
         trainer = traffic.trainer(traffic.keys[index], index)
-        traffic._step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, random.Random(index)))
+        traffic.step(trainer, data(SMALL_DATUMS, SMALL_TOKENS, random.Random(index)))
         trainer.save_state("before-the-kill").result()
         at_save.append(trainer.forward(probe, "cross_entropy").result().metrics["loss:sum"])
         trainers.append(trainer)
