@@ -257,7 +257,7 @@ def report(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=CONFIGS, default="main")
-    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--json", help="write the results here too, with the run's per-step records")
     parser.add_argument("--no-raw-vllm", action="store_true", help="skip the raw vLLM comparison")
     args = parser.parse_args()
     from rl.models import CPUINFO, NATIVE_BF16_CPU_FLAGS, cpu_flags
@@ -283,6 +283,7 @@ def main() -> None:
 
     weights = matrix_weights(resolve_model(config["model"]["name"]))
     result["run"] = summarize(records, config, result["roofline_before"], weights)
+    result["records"] = records  # per step: each phase's seconds, tokens, memory (what the summary averages)
     if not args.no_raw_vllm and args.config != "soak":
         result["sampling_vs_raw_vllm"] = sampling_vs_raw(config, [0, 1, 2])
     report(result)
