@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
+from waiting import wait_until  # tests/, this script's folder
 
 from rl import train
 from rl.config import (
@@ -41,15 +42,6 @@ from rl.driver.state import read_state
 def logged_steps(folder: Path) -> list[int]:
     metrics = folder / "metrics.jsonl"
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
-
-
-def wait_until(condition, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(condition)
-        time.sleep(0.05)
-    return value
 
 
 def alive(class_name: str) -> list:

@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from waiting import wait_until
 
 from rl.sampler.engine import EngineDeadError, EngineLoop
 
@@ -109,21 +110,16 @@ def test_freed_memory_goes_back_once_each_burst_of_work_ends(monkeypatch):
     monkeypatch.setattr("rl.sampler.engine.return_freed_memory", lambda: trims.append(engine.steps))
     loop = loop_over(engine)
 
-    def trims_reach(count: int) -> None:
-        deadline = time.monotonic() + 5
-        while len(trims) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-
     held = threading.Event()
     loop.call(held.wait)  # the four requests below reach the engine together
     burst = [loop.generate([1, 2], params=None, lora=None) for _ in range(4)]
     held.set()
     for future in burst:
         future.result(timeout=5)
-    trims_reach(1)
+    wait_until(lambda: len(trims) >= 1, timeout=5)
     assert trims == [3] and engine.steps == 3, "once, after the burst's last step"
     loop.generate([3], params=None, lora=None).result(timeout=5)
-    trims_reach(2)
+    wait_until(lambda: len(trims) >= 2, timeout=5)
     assert trims == [3, 6]
     loop.call(lambda: None).result(timeout=5)  # work that is no step (add_lora, a merge) trims nothing
     time.sleep(0.05)

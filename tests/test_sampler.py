@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import unittest.mock
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 import ray
 import torch
 from pydantic import ValidationError
+from waiting import wait_until
 
 from rl.learner import PROBE_LENGTH, LearnerActor, probe_tokens
 from rl.sampler import SYNC_TOLERANCE, SamplerPool, WeightSyncError, vllm_merge
@@ -321,10 +321,7 @@ def test_a_retired_version_is_refused_and_let_go(pool, learner, trained):
     still, response = run(retired_while_sampling())
     assert still == [True, True], "a request under way keeps its version"
     assert len(response.sequences[0].tokens) == 150 and response.content_hash == version.weights.content_hash
-    for _ in range(100):  # then every replica lets it go (asked without waiting)
-        if held() == [False, False]:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: held() == [False, False], timeout=10)  # then every replica lets it go (asked without waiting)
     assert held() == [False, False]
     with pytest.raises(ValueError, match="to-retire: retired"):
         run(pool.sample(request(model_path=version.tinker_path)))
