@@ -157,7 +157,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 5
     """Greedy held-out evaluation every N steps and after the last; 0: never (benchmarks)."""
-    eval_prompts: int = 64
+    eval_prompts: int = 32
+    """Held-out problems per evaluation (addition holds out 32 of its 100 sums)."""
     checkpoint_every: int = 10
     """Resumable checkpoints every N steps (and after the last); 0: after the last only."""
     resume: bool = False
@@ -264,6 +265,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
         "algo.max_tokens": AT_LEAST_1, "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
+        "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": NOT_NEGATIVE, "learner.micro_batch_tokens": AT_LEAST_1,
         "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,
         "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": NOT_NEGATIVE,
@@ -294,8 +296,6 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     algo = config.algo
     if config.env.name != "task" and algo.loop != "rl":
         found.append(("env.name", config.env.name, f"task: the {algo.loop} loop trains on a task's problems"))
-    if config.eval_every > 0 and config.eval_prompts < 1:
-        found.append(("eval_prompts", config.eval_prompts, "at least 1 while eval_every > 0"))
     if config.model.max_model_len <= algo.max_tokens:
         found.append(("model.max_model_len", config.model.max_model_len,
                       f"more than algo.max_tokens ({algo.max_tokens}), so a prompt fits beside the answer"))

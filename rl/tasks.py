@@ -49,6 +49,12 @@ def strict_answer(completion: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+ADDITION_HELD_OUT = sorted(random.Random("addition:held-out").sample(
+    [(a, b) for a in range(10) for b in range(10)], 32))
+"""The one-digit sums `Addition` evaluates on and never trains on."""
+ADDITION_TRAIN = [(a, b) for a in range(10) for b in range(10) if (a, b) not in ADDITION_HELD_OUT]
+
+
 @dataclass(frozen=True)
 class Addition:
     """One-digit addition, scored strictly: the text after the last 'Answer:' must start with the sum.
@@ -62,9 +68,17 @@ class Addition:
     format_reward: float = 0.0
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
-        # Disjoint seeds per split keep held-out prompts held out.
+        """Training problems are drawn (with repeats) from the sums outside `ADDITION_HELD_OUT`; evaluation's
+        are those sums themselves, none repeated, in an order `seed` shuffles. There are only 100 one-digit sums:
+        drawing each split with its own seed would evaluate on sums the run trained on."""
         rng = random.Random(f"{split}:{seed}")
-        pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(count)]
+        if split == "eval":
+            if count > len(ADDITION_HELD_OUT):
+                raise ValueError(f"task 'addition' holds out {len(ADDITION_HELD_OUT)} sums for evaluation; "
+                                 f"{count} held-out prompts asked for (eval_prompts <= {len(ADDITION_HELD_OUT)})")
+            pairs = rng.sample(ADDITION_HELD_OUT, count)
+        else:
+            pairs = [rng.choice(ADDITION_TRAIN) for _ in range(count)]
         return [Problem(prompt=f"What is {a} + {b}? {INSTRUCTION}", answer=str(a + b),
                         solution=f"{a} + {b} = {a + b}. Answer: {a + b}") for a, b in pairs]
 

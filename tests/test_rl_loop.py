@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.episodes import Episode, Turn, episode_sequences
-from rl.driver.rl import STEPS_PER_SEED, group_advantages, kl_penalty, sampler_vs_learner, train, turn_advantages
+from rl.driver.rl import STEPS_PER_SEED, kl_penalty, sampler_vs_learner, train, turn_advantages
 from rl.driver.run import Run
 from rl.driver.state import read_state
 from rl.tasks import Digits, Problem
@@ -46,9 +46,15 @@ def test_a_one_turn_episode_is_its_prompt_and_sample_and_group_advantages():
     assert datum.loss_fn_inputs["logprobs"].data == pytest.approx([0.0, -0.1, -0.2, -0.3])
     assert datum.loss_fn_inputs["advantages"].data == [0.0, 0.5, 0.5, 0.5], "the prompt carries no advantage"
     assert datum.loss_fn_inputs["weights"].data == [0.0, 1.0, 1.0, 1.0], "nor any loss"
-    assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=False) == [0.5, -0.5, -0.5, 0.5]
-    assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize=True) == pytest.approx([1.0, -1.0, -1.0, 1.0], rel=1e-5)
-    assert group_advantages([0.2, 0.2], normalize=True) == [0.0, 0.0], "a group that scored alike teaches nothing"
+    def one_turn(*rewards: float) -> list[Episode]:
+        return [Episode([Turn([1], sampled([2], [-0.1]), reward, {})], "done") for reward in rewards]
+
+    assert turn_advantages(one_turn(1.0, 0.0, 0.0, 1.0), reward_to_go=False, normalize=False) == [
+        [0.5], [-0.5], [-0.5], [0.5]]
+    assert turn_advantages(one_turn(1.0, 0.0, 0.0, 1.0), reward_to_go=False, normalize=True) == [
+        [pytest.approx(value, rel=1e-5)] for value in (1.0, -1.0, -1.0, 1.0)]
+    assert turn_advantages(one_turn(0.2, 0.2), reward_to_go=False, normalize=True) == [[0.0], [0.0]], (
+        "a group that scored alike teaches nothing")
     # Two sampled tokens: sampler - learner = 0.5 and 0.0.
     assert sampler_vs_learner([[-1.0, -2.0]], [[-1.5, -2.0]]) == {"kl/sampler_vs_learner": 0.25,
                                                                   "kl/sampler_vs_learner_sq": 0.0625}
@@ -70,6 +76,16 @@ def test_multi_turn_episodes_become_one_growing_sequence_or_one_per_re_rendered_
     assert turn_advantages([grown, lost], reward_to_go=True, normalize=False) == [[0.5, 0.5], [-0.5]]
     grown.turns[0].reward = 0.5  # 0.5 then 1: to go 1.5 and 1.0; group mean of totals (1.5 + 0) / 2
     assert turn_advantages([grown, lost], reward_to_go=True, normalize=False) == [[0.75, 0.25], [-0.75]]
+    # Normalized by the root mean square of those three values, sqrt((0.75^2 + 0.25^2 + 0.75^2) / 3).
+    rms = ((0.75 ** 2 + 0.25 ** 2 + 0.75 ** 2) / 3) ** 0.5
+    assert turn_advantages([grown, lost], reward_to_go=True, normalize=True) == [
+        [pytest.approx(0.75 / rms, rel=1e-5), pytest.approx(0.25 / rms, rel=1e-5)],
+        [pytest.approx(-0.75 / rms, rel=1e-5)]]
+    # Totals that agree (1.5 each) with rewards to go that differ (1.5, 1.0; 1.5): -0.5 / sqrt(0.25 / 3), not a
+    # division by a zero deviation.
+    alike = Episode([Turn([1, 2], first, 1.5, {})], "done")
+    assert turn_advantages([grown, alike], reward_to_go=True, normalize=True) == [
+        [0.0, pytest.approx(-3 ** 0.5, rel=1e-5)], [0.0]]
     # The KL penalty moves only action tokens' advantages: base logprobs per target (tokens[1:]).
     [sequence] = episode_sequences(Episode([Turn([1, 2], first, 0.0, {})], "done"), [1.0])
     assert kl_penalty([sequence], [[-9.0, -0.3, -0.1]], coef=0.5) == pytest.approx((0.2 - 0.1) / 2)

@@ -19,6 +19,11 @@ def test_addition_scores_strictly_with_optional_format_reward():
     assert problem.solution.endswith(f"Answer: {right}")
     assert Addition().problems(8, seed=0) == Addition().problems(8, seed=0)
     assert Addition().problems(8, seed=0) != Addition().problems(8, seed=0, split="eval")
+    # There are only 100 sums: evaluation's 32 are never trained on, and each is asked once.
+    held_out = {problem.prompt for problem in Addition().problems(32, seed=3, split="eval")}
+    assert len(held_out) == 32 and held_out.isdisjoint(problem.prompt for problem in Addition().problems(500, seed=3))
+    with pytest.raises(ValueError, match="holds out 32 sums for evaluation; 33 held-out prompts asked for"):
+        Addition().problems(33, seed=0, split="eval")
 
 
 def test_gsm_symbolic_uses_reasoning_gyms_scorer_and_worked_solutions():

@@ -17,7 +17,7 @@ ratio corrects for the lag.
 from __future__ import annotations
 
 import asyncio
-import statistics
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -40,22 +40,23 @@ from rl.tasks import Task
 from rl.types import AdamParams, ForwardBackwardInput, SamplingParams
 
 
-def group_advantages(rewards_G: list[float], normalize: bool) -> list[float]:
-    mean = sum(rewards_G) / len(rewards_G)
-    scale = statistics.pstdev(rewards_G) + 1e-6 if normalize else 1.0
-    return [(reward - mean) / scale for reward in rewards_G]
-
-
 def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize: bool) -> list[list[float]]:
     """Each episode's advantage on each of its turns: its total reward relative to the group's mean (on every turn
     alike), or, with `reward_to_go`, the reward from that turn on relative to the same mean; divided by the
-    group's standard deviation with `normalize`."""
+    group's spread with `normalize`: the standard deviation of its totals, or with `reward_to_go` the root mean
+    square of every turn's value less that mean (the totals of a group can agree while its rewards to go differ,
+    and dividing those by a zero standard deviation would blow them up a millionfold)."""
     totals_G = [episode.total_reward for episode in episodes_G]
     mean = sum(totals_G) / len(totals_G)
-    scale = statistics.pstdev(totals_G) + 1e-6 if normalize else 1.0
     returns_G = [episode.rewards_to_go() if reward_to_go else [episode.total_reward] * len(episode.turns)
                  for episode in episodes_G]
-    return [[(value - mean) / scale for value in returns] for returns in returns_G]
+    centered_G = [[value - mean for value in returns] for returns in returns_G]
+    scale = 1.0
+    if normalize:
+        spread = [value for centered in centered_G for value in centered] if reward_to_go else [
+            total - mean for total in totals_G]
+        scale = math.sqrt(sum(value * value for value in spread) / len(spread)) + 1e-6
+    return [[value / scale for value in centered] for centered in centered_G]
 
 
 def kl_penalty(sequences: list[TrainingSequence], base_S: list[list[float]], coef: float) -> float:
@@ -169,7 +170,7 @@ def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tok
     return {"reward/mean": sum(rewards) / len(rewards), "datums": len(datum_tokens),
             "sampler/weights_step": sampled.weights_step, "tokens/prompt": sum(len(turn.prompt) for turn in turns),
             "tokens/sampled": sampled_tokens, "tokens/trained": trained_tokens, "time/training_s": training_s,
-            "time/rollout_s": sampled.seconds,  # its whole length; time/sampling_s is what the step waited for it
+            "time/rollout_s": sampled.seconds,  # its whole length; time/sampling_s: the step's waits for the sampler
             "throughput/sampled_tokens_per_s": sampled_tokens / sampled.seconds,
             "throughput/trained_tokens_per_s": trained_tokens / max(training_s, 1e-9)}
 
@@ -226,8 +227,8 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                     [action_values(s, s.logprobs[1:]) for s in trained],
                     [action_values(s, out["logprobs"].data) for s, out in zip(trained, output.loss_fn_outputs,
                                                                               strict=True)]))
-                with timed(record, "publish"):  # the next rollout samples one version throughout (later turns too)
-                    version = await run.publish(after=(next_rollout, evaluation))
+                # After the next rollout: it samples one version throughout (later turns too).
+                version = await run.publish(after=(next_rollout, evaluation), record=record)
             if evaluation is not None:
                 record.update(await evaluation)
             record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))

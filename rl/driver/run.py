@@ -214,24 +214,29 @@ class Run:
             reason = str(error).splitlines()[0].rstrip(".")
             raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
 
-    async def publish(self, name: str | None = None, *,
-                      after: tuple[asyncio.Future | None, ...] = ()) -> AdapterVersion:
+    async def publish(self, name: str | None = None, *, after: tuple[asyncio.Future | None, ...] = (),
+                      record: dict | None = None) -> AdapterVersion:
         """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
         loads and verifies it, once the futures `after` (a rollout or an evaluation still sampling from the
-        current weights) have finished."""
-        weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
+        current weights) have finished. `record` gains the publishing's seconds as time/publish_s and the wait
+        for `after` as time/sampling_s (the step waits for the sampler there, not for the publish)."""
+        record = {} if record is None else record
+        with timed(record, "publish"):
+            weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
         pending = [future for future in after if future is not None]
         if pending:
-            await asyncio.wait(pending)
-        version = await self.pool.publish(weights)
-        previous, self._published = self._published, version
-        if previous is not None and previous.tinker_path != version.tinker_path:
-            self.pool.retire(previous.tinker_path)  # nothing samples it after this: its files can go
-            if self._deleting is not None:
-                await self._deleting
-            # Nor reads its folder: the run keeps its latest sampler weights only (22 MB a step for SmolLM2); its
-            # training checkpoints are what it resumes from. Not awaited here: a shared learner may be busy.
-            self._deleting = self.learner.delete_checkpoint.remote(previous.tinker_path)
+            with timed(record, "sampling"):
+                await asyncio.wait(pending)
+        with timed(record, "publish"):
+            version = await self.pool.publish(weights)
+            previous, self._published = self._published, version
+            if previous is not None and previous.tinker_path != version.tinker_path:
+                self.pool.retire(previous.tinker_path)  # nothing samples it after this: its files can go
+                if self._deleting is not None:
+                    await self._deleting
+                # Nor reads its folder: the run keeps its latest sampler weights only (22 MB a step for SmolLM2);
+                # its training checkpoints are what it resumes from. Not awaited here: a shared learner may be busy.
+                self._deleting = self.learner.delete_checkpoint.remote(previous.tinker_path)
         return version
 
     async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]] | None = None) -> dict:
