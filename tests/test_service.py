@@ -291,6 +291,10 @@ def test_rest_listings_and_two_users_isolated(server):
     public = client(server, BOB).create_training_client_from_state(path).result()  # public: Bob may load it
     assert public.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(saved_loss,
                                                                                                    rel=1e-5)
+    # Saved again under that name, it is a new checkpoint, and private (as one saved after a public one expired).
+    assert trainer.save_state("listed", overwrite=True).result().path == path
+    with pytest.raises(Exception, match="no checkpoint"):
+        client(server, BOB).create_training_client_from_state(path).result()
 
 
 def test_bad_input_is_named_and_the_server_goes_on(server):
@@ -316,6 +320,8 @@ def test_bad_input_is_named_and_the_server_goes_on(server):
     assert unknown.status_code == 400 and "unknown model_id" in unknown.json()["error"]
     oversized = httpx.post(f"{api}/optim_step", content=b"x" * (2**20 + 1), headers=headers)
     assert oversized.status_code == 413 and "exceeds the limit" in oversized.json()["error"]
+    chunked = httpx.post(f"{api}/optim_step", content=iter([b"x" * 2**19] * 3), headers=headers)  # no length given
+    assert chunked.status_code == 413 and "exceeds the limit of 1048576" in chunked.json()["error"]
     stranger = httpx.post(f"{api}/create_session", json={}, headers={"X-API-Key": "tml-stranger"})
     assert stranger.status_code == 401
     missing_field = httpx.post(f"{api}/optim_step", json={"model_id": trainer.model_id, "seq_id": 9}, headers=headers)
@@ -324,6 +330,14 @@ def test_bad_input_is_named_and_the_server_goes_on(server):
     assert unknown_field.status_code == 400 and "colour" in unknown_field.json()["error"]
     after = trainer.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"]
     assert after == pytest.approx(before, rel=1e-6), "still works, and nothing refused changed the run"
+    # A create_model resent (its answer lost on the way) is the same request, not a second run refused as existing.
+    session = httpx.post(f"{api}/create_session", json={}, headers=headers).json()["session_id"]
+    create = {"session_id": session, "model_seq_id": 0, "base_model": server.service_model,
+              "lora_config": {"rank": 8, "seed": 3}}
+    first, resent = (httpx.post(f"{api}/create_model", json=create, headers=headers).json()["request_id"]
+                     for _ in range(2))
+    answer = httpx.post(f"{api}/retrieve_future", json={"request_id": resent}, headers=headers).json()
+    assert first == resent and answer == {"model_id": f"{session}:train:0"}, answer
 
 
 def test_a_result_not_ready_is_answered_try_again_and_the_sdk_asks_again(server, monkeypatch):
@@ -480,8 +494,9 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server, tmp_path_factory
     assert 7100 < (listed.expires_at - datetime.now(UTC)).total_seconds() <= 7200
     rest.set_checkpoint_ttl_from_tinker_path(first, None).result()  # PUT .../ttl
     assert rest.list_checkpoints(trainer.model_id).result().checkpoints[0].expires_at is None
-    with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
+    with pytest.raises(tinker.BadRequestError, match="ttl_seconds") as too_short:
         rest.set_checkpoint_ttl_from_tinker_path(first, 60).result()  # under an hour
+    assert "Traceback" not in str(too_short.value), "the learner's message, not Ray's wrapping of it"
     sampler_path = trainer.save_weights_for_sampler("for-sampling").result().path
     [run_folder] = tmp_path_factory.getbasetemp().glob(f"learner-node[0-9]*/{trainer.model_id}")
     on_disk = sum(f.stat().st_size for f in run_folder.rglob("*") if f.is_file() and f.name != "checkpoint.json")
@@ -505,6 +520,9 @@ def test_checkpoint_housekeeping_and_loading_into_a_run(server, tmp_path_factory
     rest.unpublish_checkpoint_from_tinker_path(first).result()
     assert not any(c.public for c in rest.list_checkpoints(trainer.model_id).result().checkpoints)
     rest.delete_checkpoint_from_tinker_path(first).result()
+    assert rest.list_checkpoints(trainer.model_id).result().checkpoints == []
+    named_like_an_action = trainer.save_state("publish").result().path  # .../weights/publish, not a publish
+    rest.delete_checkpoint_from_tinker_path(named_like_an_action).result()
     assert rest.list_checkpoints(trainer.model_id).result().checkpoints == []
     wrong_type = httpx.post(f"{server.url}/api/v1/optim_step", headers={"X-API-Key": ALICE}, json={
         "model_id": trainer.model_id, "seq_id": 99, "adam_params": {"learning_rate": "fast"}})
@@ -660,6 +678,10 @@ def test_a_killed_learner_is_replaced_and_each_run_restored_from_its_last_save(s
         trainer.optim_step(adam).result()
     path = saved.save_state("before-the-kill").result().path
     at_save = saved.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    # A run whose restore point is deleted before the kill: restored from what is left (here a new adapter).
+    forgotten = training_client(server, seed=51)
+    rest_client(server, ALICE).delete_checkpoint_from_tinker_path(forgotten.save_state("deleted").result().path
+                                                                  ).result()
     saved.forward_backward([datum()], "cross_entropy").result()
     saved.optim_step(adam).result()  # a step after the save: lost with the learner
     learner = server.service.learners[server.service_model]
@@ -675,6 +697,9 @@ def test_a_killed_learner_is_replaced_and_each_run_restored_from_its_last_save(s
     assert saved.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(at_save, rel=1e-5)
     with pytest.raises(tinker.RequestFailedError, match="from a new adapter .* after it are lost"):
         unsaved.forward_backward([datum()], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="from a new adapter .* after it are lost"):
+        forgotten.forward([datum()], "cross_entropy").result()
+    assert forgotten.forward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0, "and it serves again"
     twin = training_client(server, seed=seed)  # the adapter the unsaved run started from, made anew
     losses = {unsaved.model_id: [], twin.model_id: []}
     for _ in range(3):  # and it trains on, as it would have from its first step

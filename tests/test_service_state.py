@@ -5,10 +5,11 @@ the limits checked at the edge."""
 import asyncio
 
 import pytest
+import ray
 
 from rl.service import futures
 from rl.service.futures import FutureStore
-from rl.service.learners import Turns
+from rl.service.learners import SupervisedLearner, Turns
 from rl.service.limits import Limits
 from rl.service.registry import LOCAL_USER, AccessDenied, Registry
 from rl.types import Datum, ForwardBackwardInput, ModelInput, SampleRequest, SamplingParams
@@ -155,6 +156,29 @@ def test_a_result_is_dropped_after_it_was_retrieved_and_its_request_still_runs_o
     assert run(scenario()) == ("job1", "job1", True, ["job1"], 0)
 
 
+def test_what_the_store_remembers_of_requests_is_bounded_and_a_training_request_needs_a_seq_id(monkeypatch):
+    monkeypatch.setattr(futures, "KEEP_SECONDS", (0.05, 30.0))
+    monkeypatch.setattr(futures, "SEEN_KEPT", 4)
+
+    async def scenario():
+        store, order = FutureStore(), []
+        with pytest.raises(ValueError, match="seq_id: required on a training request to 'm'"):
+            store.submit_ordered("alice", "m", None, recorder(order, "unordered"))
+        ids = [store.submit_ordered("alice", "m", seq_id, recorder(order, seq_id)) for seq_id in range(1, 11)]
+        for request_id in ids:
+            await store.retrieve("alice", request_id, timeout=5)
+        sample = store.submit("alice", recorder(order, "sample"), key=("session", 0))
+        await store.retrieve("alice", sample, timeout=5)
+        await asyncio.sleep(0.2)
+        resent = store.submit("alice", recorder(order, "sample-again"), key=("session", 0))  # after it was dropped
+        await store.retrieve("alice", resent, timeout=5)
+        return order, sorted(store._runs["m"].seen), resent != sample
+
+    order, seen, sampled_again = run(scenario())
+    assert order == [*range(1, 11), "sample", "sample-again"] and sampled_again
+    assert seen == [7, 8, 9, 10], "the latest SEEN_KEPT seq_ids only"
+
+
 def test_users_take_turns_at_the_learner_and_each_users_jobs_keep_their_order():
     async def scenario():
         turns, order, release = Turns(), [], asyncio.Event()
@@ -295,3 +319,14 @@ def test_batches_and_samples_at_the_limits_are_accepted():
 def test_a_sample_over_a_limit_is_refused_naming_the_field_the_value_and_the_limit(request_, message):
     with pytest.raises(ValueError, match=message):
         LIMITS.check_sample(request_)
+
+
+def test_a_learner_unreachable_for_a_moment_is_not_replaced():
+    """Ray's ActorUnavailableError is a RayActorError, but the actor may come back: replacing it would lose every
+    run's unsaved work (a real death is tested through the server: tests/test_service.py)."""
+    learner = SupervisedLearner.__new__(SupervisedLearner)  # no actor started: `_replace` must not get that far
+    learner.actor = actor = object()
+    blip = ray.exceptions.ActorUnavailableError("the node's network blinked", None)
+    with pytest.raises(ray.exceptions.ActorUnavailableError, match="blinked"):
+        run(learner._replace(actor, blip))
+    assert learner.actor is actor

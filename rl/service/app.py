@@ -110,9 +110,9 @@ class TinkerRoutes:
             except AccessDenied as error:
                 return failure(401, str(error))
             except BodyTooLarge as error:
-                return failure(413, f"body of {error.args[0]} bytes exceeds the limit of {self.max_body_bytes}")
+                return failure(413, f"body of {error.args[0]} bytes or more exceeds the limit of {self.max_body_bytes}")
             except ValueError as error:  # bad input, pydantic's ValidationError included: named by its field
-                return failure(400, str(error))
+                return failure(400, str(getattr(error, "cause", None) or error))  # a learner's, without Ray's trace
             except Exception as error:  # the server's fault; the server goes on
                 return failure(500, f"{type(error).__name__}: {error}", "server")
 
@@ -132,10 +132,15 @@ class TinkerRoutes:
         declared = int(request.headers.get("content-length") or 0)
         if declared > self.max_body_bytes:
             raise BodyTooLarge(declared)
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            raise BodyTooLarge(len(body))
-        return body
+        # Read in chunks and counted as it comes: a chunked body declares no length, and would otherwise be held
+        # whole, however large, before its size could be checked.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise BodyTooLarge(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def json_of(self, request: Request) -> dict:
         try:
@@ -215,16 +220,17 @@ class TinkerRoutes:
         return as_json(await self.service.checkpoint_storage_usage(user, request.query_params.get("project_id")))
 
     async def checkpoint(self, request: Request, user: str) -> Response:
-        run, checkpoint_id = request.path_params["run"], request.path_params["checkpoint"]
-        if checkpoint_id.endswith("/external_weights_urls") and request.method == "GET":
-            return as_json(await self.service.external_weights_urls(
-                user, run, checkpoint_id.removesuffix("/external_weights_urls"), str(request.base_url)))
-        if checkpoint_id.endswith("/publish"):
-            await self.service.set_public(user, run, checkpoint_id.removesuffix("/publish"), request.method == "POST")
-        elif checkpoint_id.endswith("/ttl") and request.method == "PUT":
+        run, path = request.path_params["run"], request.path_params["checkpoint"]
+        # KIND/NAME, or KIND/NAME/ACTION (a name has no "/": a checkpoint may be called "publish" or "ttl")
+        checkpoint_id, action = path.rsplit("/", 1) if path.count("/") == 2 else (path, None)
+        if action == "external_weights_urls" and request.method == "GET":
+            return as_json(await self.service.external_weights_urls(user, run, checkpoint_id, str(request.base_url)))
+        if action == "publish":
+            await self.service.set_public(user, run, checkpoint_id, request.method == "POST")
+        elif action == "ttl" and request.method == "PUT":
             ttl = SetCheckpointTtlRequest.model_validate(await self.json_of(request)).ttl_seconds
-            await self.service.set_checkpoint_ttl(user, run, checkpoint_id.removesuffix("/ttl"), ttl)
-        elif request.method == "DELETE":
+            await self.service.set_checkpoint_ttl(user, run, checkpoint_id, ttl)
+        elif action is None and request.method == "DELETE":
             await self.service.delete_checkpoint(user, run, checkpoint_id)
         else:
             raise ValueError(f"{request.method} {request.url.path} is not supported")

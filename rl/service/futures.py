@@ -24,6 +24,8 @@ GAP_SECONDS = 10.0
 """How long a run's later requests wait for a missing seq_id before going on without it."""
 KEEP_SECONDS = (60.0, 3600.0)
 """How long a result is kept after it was first retrieved (for a resent retrieve), and at most after it settled."""
+SEEN_KEPT = 1024
+"""How many of a run's latest seq_ids keep their request id, so that a resent request is not run twice."""
 
 
 @dataclass
@@ -45,6 +47,7 @@ class FutureStore:
         self._owners: dict[str, str] = {}
         self._runs: dict[str, _RunQueue] = {}
         self._keys: dict[tuple, str] = {}
+        self._key_of: dict[str, tuple] = {}
 
     def submit(self, owner: str, job: Callable[[], Awaitable[Any]], *, key: tuple | None = None) -> str:
         """Runs `job` now; its result (or failure) is kept under the returned request id. A `key` seen before
@@ -53,12 +56,15 @@ class FutureStore:
             return self._keys[key]
         request_id = self._new(owner)
         if key is not None:
-            self._keys[key] = request_id
+            self._keys[key], self._key_of[request_id] = request_id, key
         asyncio.ensure_future(self._settle(request_id, job))
         return request_id
 
-    def submit_ordered(self, owner: str, model_id: str, seq_id: int, job: Callable[[], Awaitable[Any]]) -> str:
+    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, job: Callable[[], Awaitable[Any]]) -> str:
         """Runs `job` after every lower seq_id of `model_id`; a repeated (model_id, seq_id) is the same request."""
+        if seq_id is None:
+            raise ValueError(f"seq_id: required on a training request to {model_id!r} (a run's requests run in "
+                             "seq_id order)")
         run = self._runs.setdefault(model_id, _RunQueue())
         if seq_id in run.seen:
             return run.seen[seq_id]
@@ -86,6 +92,8 @@ class FutureStore:
                 request_id, job = run.waiting.pop(run.next_seq_id)
                 await self._settle(request_id, job)
                 run.next_seq_id += 1
+                while len(run.seen) > SEEN_KEPT and (oldest := next(iter(run.seen))) < run.next_seq_id:
+                    del run.seen[oldest]
 
     def _new(self, owner: str) -> str:
         request_id = f"req-{secrets.token_hex(8)}"
@@ -119,7 +127,9 @@ class FutureStore:
         return result
 
     def _forget(self, request_id: str) -> None:
-        """Drops a result (a long-running server would otherwise keep every result it ever gave); its request id
-        stays known to the run's queue, so a resent request is still not run twice."""
+        """Drops a result (a long-running server would otherwise keep every result it ever gave); a training
+        request's id stays known to its run's queue (its latest SEEN_KEPT), so a resent request is still not run
+        twice; a sample request resent this late is sampled again."""
         self._results.pop(request_id, None)
         self._owners.pop(request_id, None)
+        self._keys.pop(self._key_of.pop(request_id, None), None)

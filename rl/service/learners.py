@@ -32,7 +32,8 @@ from rl.service.registry import Registry
 from rl.types import LoraConfig
 
 DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
-"""What a call on a dead actor raises (Ray's memory monitor's kill is an OutOfMemoryError)."""
+"""What a call on a dead actor raises (Ray's memory monitor's kill is an OutOfMemoryError); `_replace` tells
+apart the one RayActorError that is not a death."""
 CHANGES_STATE = ("forward_backward", "optim_step")
 BATCH_METHODS = ("forward", "forward_backward")
 """Calls whose second argument is a batch: their cost in turns is its tokens."""
@@ -195,12 +196,13 @@ class SupervisedLearner:
             model_id, replaced(cause), self.registry.run_state(model_id)["restore_point"], lost=False))
 
     async def ask(self, method: str, /, *args, **kwargs) -> Any:
-        """A call that changes no run (listings, checkpoint files), at once; retried once on a replaced actor."""
+        """A call that changes no run (listings, checkpoint files), at once; retried once on a replaced actor.
+        Never made from a turn's job: a dead actor is replaced in a turn of its own, as `watch` replaces it."""
         actor = self.actor
         try:
             return await getattr(actor, method).remote(*args, **kwargs)
         except DEATH as error:
-            await self._replace(actor, error)
+            await self.turns.run(SUPERVISOR, lambda error=error: self._replace(actor, error))
             return await getattr(self.actor, method).remote(*args, **kwargs)
 
     def close(self) -> None:
@@ -214,6 +216,8 @@ class SupervisedLearner:
             actor = self.actor
             try:
                 await actor.describe.remote()
+            except ray.exceptions.ActorUnavailableError:
+                continue  # pinged again at the next interval (`_replace`)
             except DEATH as error:  # in a turn, so no call reaches the new actor before every run is restored
                 await self.turns.run(SUPERVISOR, lambda actor=actor, error=error: self._replace(actor, error))
 
@@ -233,7 +237,11 @@ class SupervisedLearner:
             self.registry.set_run_state(model_id, (args[0], kwargs["optimizer"]), changed=False)
 
     async def _replace(self, dead, cause: Exception) -> None:
-        """A new actor in place of `dead` (unless a concurrent call replaced it already), every run restored."""
+        """A new actor in place of `dead` (unless a concurrent call replaced it already), every run restored.
+        An actor that is only unreachable for now (Ray's ActorUnavailableError: a node's network blinked) is not
+        replaced, which would lose every run's unsaved work: the call fails with that error instead."""
+        if isinstance(cause, ray.exceptions.ActorUnavailableError):
+            raise cause
         async with self._replacing:
             if self.actor is not dead:
                 return
@@ -244,12 +252,12 @@ class SupervisedLearner:
                     continue
                 changed = self.registry.run_state(model_id)["changed"]
                 try:
-                    point = await self._restore(model_id)
-                except Exception as error:  # this run's checkpoint is gone or unreadable: the others go on
+                    point, exact = await self._restore(model_id)
+                except Exception as error:  # this run's checkpoint is unreadable: the others go on
                     self._lost[model_id] = (f"run {model_id}: its learner died ({type(cause).__name__}) and the "
                                             f"run could not be restored: {error}")
                     continue
-                if changed:
+                if changed or not exact:
                     self._lost[model_id] = self._message(model_id, replaced(cause), point, lost=True)
 
     async def _restore_after_restart(self, model_id: str) -> None:
@@ -258,24 +266,34 @@ class SupervisedLearner:
         self._absent.discard(model_id)
         changed = self.registry.run_state(model_id)["changed"]
         try:
-            point = await self._restore(model_id)
+            point, exact = await self._restore(model_id)
         except Exception as error:
             raise RunRestored(f"run {model_id}: the server restarted and the run could not be restored: {error}"
                               ) from None
-        if changed:
+        if changed or not exact:
             raise RunRestored(self._message(model_id, "the server restarted", point, lost=True))
 
-    async def _restore(self, model_id: str) -> tuple[str, bool] | None:
-        """Puts the run on the actor as of its restore point, else its latest training checkpoint, else as a new
-        adapter; returns the checkpoint (path, with optimizer) it came from, None for a new adapter."""
+    async def _restore(self, model_id: str) -> tuple[tuple[str, bool] | None, bool]:
+        """Puts the run on the actor as of its restore point; if it has none, or its checkpoint was deleted or
+        expired since, as of its latest training checkpoint, else as a new adapter. Returns the checkpoint (path,
+        with optimizer) it came from, None for a new adapter, and whether that is the restore point."""
         run = self.registry.runs[model_id]
-        point = self.registry.run_state(model_id)["restore_point"] or await self._latest_checkpoint(model_id)
+        restore_point = self.registry.run_state(model_id)["restore_point"]
+        point, exact = restore_point, True
+        if restore_point is not None:
+            try:
+                await self.actor.load_weights.remote(restore_point[0], optimizer=restore_point[1], model_id=model_id)
+            except ValueError:  # no such checkpoint any more (Ray raises the actor's ValueError as one)
+                point, exact = None, False
         if point is None:
-            await self.actor.create.remote(self.base_model, LoraConfig.model_validate(run["lora"]), model_id=model_id)
-        else:
-            await self.actor.load_weights.remote(point[0], optimizer=point[1], model_id=model_id)
+            point = await self._latest_checkpoint(model_id)
+            if point is None:
+                await self.actor.create.remote(self.base_model, LoraConfig.model_validate(run["lora"]),
+                                               model_id=model_id)
+            else:
+                await self.actor.load_weights.remote(point[0], optimizer=point[1], model_id=model_id)
         self.registry.set_run_state(model_id, point, changed=False)
-        return point
+        return point, exact
 
     async def _latest_checkpoint(self, model_id: str) -> tuple[str, bool] | None:
         listed = (await self.actor.list_checkpoints.remote(model_id)).checkpoints

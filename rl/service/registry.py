@@ -97,8 +97,9 @@ class Registry:
             self.save()
 
     def set_public(self, tinker_path: str, public: bool) -> None:
-        (self.public.add if public else self.public.discard)(tinker_path)
-        self.save()
+        if (tinker_path in self.public) != public:
+            (self.public.add if public else self.public.discard)(tinker_path)
+            self.save()
 
     def save(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -152,7 +153,7 @@ class Service:
             self.registry.add_run(user, model_id, base, lora.model_dump(), request.user_metadata)
             return {"model_id": model_id}
 
-        return self.futures.submit(user, create)
+        return self.futures.submit(user, create, key=("new run", model_id))  # a resend: the same request
 
     def get_info(self, user: str, request: GetInfoRequest) -> dict:
         run = self.registry.run(user, request.model_id)
@@ -197,9 +198,16 @@ class Service:
 
     def save_weights(self, user: str, request: SaveWeightsRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
-        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: self._private(learner.call(
             user, model_id, "save_weights", model_id, request.path, overwrite=request.overwrite,
-            ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata))
+            ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata)))
+
+    async def _private(self, saving: Awaitable):
+        """The response of a save, whose checkpoint is private, like every new one: one of the same name before it
+        (deleted, expired or overwritten) may have been public."""
+        saved = await saving
+        self.registry.set_public(saved.path, False)
+        return saved
 
     def save_weights_for_sampler(self, user: str, request: SaveWeightsForSamplerRequest) -> str:
         """Saves and publishes to the pool; with `sampling_session_seq_id`, answers with a sampling session."""
@@ -208,9 +216,10 @@ class Service:
         name = request.path or f"sampler-{request.seq_id}-{secrets.token_hex(3)}"
 
         async def save() -> dict:
-            version = await self.pools[base].publish(await learner.call(
-                user, model_id, "save_weights_for_sampler", model_id, name, ttl_seconds=request.ttl_seconds,
-                user_metadata=request.user_metadata))
+            weights = await learner.call(user, model_id, "save_weights_for_sampler", model_id, name,
+                                         ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata)
+            self.registry.set_public(weights.tinker_path, False)  # new, so private (see _private)
+            version = await self.pools[base].publish(weights)
             self._used(base, version.tinker_path)
             if request.sampling_session_seq_id is None:
                 return {"path": version.tinker_path}
@@ -221,8 +230,8 @@ class Service:
 
     def save_weights_external(self, user: str, request: SaveWeightsExternalRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
-        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
-            user, model_id, "save_weights_external", model_id, request.path, ttl_seconds=request.ttl_seconds))
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: self._private(learner.call(
+            user, model_id, "save_weights_external", model_id, request.path, ttl_seconds=request.ttl_seconds)))
 
     async def external_weights_urls(self, user: str, model_id: str, checkpoint_id: str,
                                     base_url: str) -> ExternalWeightsUrlsResponse:
@@ -265,15 +274,16 @@ class Service:
         model_id = f"{request.session_id}:train:{request.model_seq_id}"
 
         async def load() -> dict:
-            await self.learners[base].call(user, model_id, "load_weights", path, optimizer=optimizer,
-                                           model_id=model_id)
             info = await self.learners[base].ask("weights_info", path)
             lora = LoraConfig(rank=info.lora_rank, train_unembed=info.train_unembed, train_mlp=info.train_mlp,
                               train_attn=info.train_attn)
+            await self.learners[base].call(user, model_id, "load_weights", path, optimizer=optimizer,
+                                           model_id=model_id)
+            # Registered as soon as it exists (nothing awaited between): a replacement restores every registered run
             self.registry.add_run(user, model_id, base, lora.model_dump(), request.user_metadata)
             return {"path": path, "model_id": model_id}
 
-        return self.futures.submit(user, load)
+        return self.futures.submit(user, load, key=("new run", model_id))  # a resend: the same request
 
     def _checkpoint_base(self, user: str, path: str) -> str:
         """The base model of a checkpoint `user` may read (theirs or public): its learner holds the checkpoint."""
