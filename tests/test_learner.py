@@ -726,6 +726,11 @@ def test_soft_targets_reduce_to_hard_targets_when_one_column_carries_the_weight(
     soft_logprobs = soft_out.loss_fn_outputs[0]["logprobs"].to_torch()
     assert soft_logprobs.shape == (len(targets), 2)
     assert torch.allclose(soft_logprobs[:, 0], hard_out.loss_fn_outputs[0]["logprobs"].to_torch(), atol=1e-6)
+    # Hard and soft targets in one batch: refused before any work, naming the datum (not a failed concatenation).
+    with pytest.raises(ValueError, match=r"data\[1\].loss_fn_inputs\['target_tokens'\] has shape \[\d+, 2\], "
+                                         r"data\[0\]'s \[\d+\]: every datum of a batch has as many targets"):
+        learner.forward_backward(model_id, sft([hard, soft]))
+    assert all(param.grad is None or not param.grad.any() for param in learner._runs[model_id].params)
 
 
 @pytest.mark.parametrize(("flags", "expected"), [("avx2 amx_bf16", torch.bfloat16), ("avx2 fma", torch.float32)])

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.episodes import Episode, Turn, episode_sequences
-from rl.driver.rl import STEPS_PER_SEED, kl_penalty, sampler_vs_learner, train, turn_advantages
+from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed
+from rl.driver.rl import PROMPTS_PER_STEP_SEED, STEPS_PER_SEED, kl_penalty, sampler_vs_learner, train, turn_advantages
 from rl.driver.run import Run
 from rl.driver.state import read_state
 from rl.tasks import Digits, Problem
@@ -58,6 +58,18 @@ def test_a_one_turn_episode_is_its_prompt_and_sample_and_group_advantages():
     # Two sampled tokens: sampler - learner = 0.5 and 0.0.
     assert sampler_vs_learner([[-1.0, -2.0]], [[-1.5, -2.0]]) == {"kl/sampler_vs_learner": 0.25,
                                                                   "kl/sampler_vs_learner_sq": 0.0625}
+
+
+def test_the_samples_of_a_steps_groups_share_no_seed():
+    """A group's first turns are one request of n samples, which vLLM seeds seed, seed + 1, ...: with the groups'
+    own seeds (step seed * PROMPTS_PER_STEP_SEED + index) group i's sample j + 1 had group i + 1's sample j's seed,
+    and on one prompt (guess_number's) drew the same sample."""
+    for step in (0, 1, 29):
+        step_seed = 3 * STEPS_PER_SEED + step
+        seeds = [group_seed(step_seed * PROMPTS_PER_STEP_SEED + index) + sample
+                 for index in range(16) for sample in range(8)]
+        assert len(set(seeds)) == len(seeds) == 128
+    assert group_seed(None) is None, "unseeded stays unseeded"
 
 
 def test_multi_turn_episodes_become_one_growing_sequence_or_one_per_re_rendered_turn():

@@ -125,6 +125,11 @@ def mean_abs_difference(a, b) -> float:
 
 
 def test_seeded_samples_repeat_and_n_samples_differ(pool):
+    # First on the pool's fresh engines (this is the module's first test to sample): an unseeded request draws
+    # from each engine's own stream, so two replicas started alike do not answer it alike.
+    unseeded = [ray.get(replica.actor.sample.remote(request(num_samples=4, temperature=1.0))).sequences
+                for replica in pool._replicas]
+    assert [s.tokens for s in unseeded[0]] != [s.tokens for s in unseeded[1]]
     first = run(pool.sample(request(num_samples=4, seed=3, temperature=1.0)))
     again = run(pool.sample(request(num_samples=4, seed=3, temperature=1.0)))
     other = run(pool.sample(request(num_samples=4, seed=4, temperature=1.0)))

@@ -88,6 +88,13 @@ def episode_seed(base: int, episode: int) -> int:
     return zlib.crc32(f"{base}:{episode}:0".encode())
 
 
+def group_seed(base: int | None) -> int | None:
+    """The seed of a group's one request for all its first turns. vLLM seeds that request's n samples with seed,
+    seed + 1, ..., so groups seeded base, base + 1, ... would share n - 1 of their samples' noise (on one prompt,
+    the same samples); hashed, they share none up to 32-bit collisions."""
+    return None if base is None else zlib.crc32(f"{base}:group".encode())
+
+
 async def run_group(pool: SamplerPool, builder: EnvGroupBuilder, *, name: str, where: str, model_path: str | None,
                     params: SamplingParams, limits: Limits) -> list[Episode]:
     """The episodes of one group, run concurrently, with the group's rewards added. `params.seed` seeds them."""
@@ -103,7 +110,7 @@ async def run_group(pool: SamplerPool, builder: EnvGroupBuilder, *, name: str, w
     first_actions = [None] * len(envs)
     if len(envs) > 1 and all(start == starts[0] for start in starts):
         prompt, stop = starts[0]
-        response = await pool.sample(_request(prompt, stop, len(envs), model_path, params, params.seed,
+        response = await pool.sample(_request(prompt, stop, len(envs), model_path, params, group_seed(params.seed),
                                               _room(prompt, 0, limits)))
         first_actions = response.sequences
     episodes = await asyncio.gather(*(

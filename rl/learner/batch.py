@@ -40,7 +40,14 @@ def prepare_batch(data: list[Datum], spec: LossSpec, loss_fn: str, vocab_size: i
     if len(data) % spec.datums_per_group:
         raise ValueError(f"{loss_fn} reads datums in groups of {spec.datums_per_group} (chosen, then rejected); "
                          f"got {len(data)} datums")
-    return [_prepare(index, datum, spec, loss_fn, vocab_size) for index, datum in enumerate(data)]
+    prepared = [_prepare(index, datum, spec, loss_fn, vocab_size) for index, datum in enumerate(data)]
+    # One target shape per token for the whole batch: a micro-batch reads every datum's targets as one tensor.
+    shapes = [list(datum.inputs["target_tokens"].shape) for datum in prepared]
+    for index, shape in enumerate(shapes):
+        if shape[1:] != shapes[0][1:]:
+            raise ValueError(f"data[{index}].loss_fn_inputs['target_tokens'] has shape {shape}, data[0]'s "
+                             f"{shapes[0]}: every datum of a batch has as many targets per token")
+    return prepared
 
 
 def _prepare(index: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int) -> PreparedDatum:

@@ -615,7 +615,9 @@ class Learner:
                              f"{self.base_model!r}")
         saved_lora = LoraConfig.model_validate(metadata["lora_config"])
         adapter_state = load_file(folder / ADAPTER_WEIGHTS)
-        optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True) if optimizer else None
+        # map_location: a checkpoint written on another device (a GPU learner's, resumed on a CPU) loads here.
+        optimizer_state = (torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device)
+                           if optimizer else None)
         if model_id is None or model_id not in self._runs:
             model_id = self.create(self.base_model, saved_lora, model_id=model_id)
         run = self._run(model_id)

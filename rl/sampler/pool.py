@@ -72,6 +72,7 @@ class SamplerPool:
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
                         "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path,
                         "publish_mode": publish_mode, "prefix_caching": prefix_caching, "kv_cache_gib": kv_cache_gib}
+        self._engines_started = itertools.count()
         self._replicas = [_Replica(self._start_actor(index)) for index in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())
         self.tolerance = (tolerance, 0.0) if tolerance is not None else SYNC_TOLERANCE.get(self.info["dtype"],
@@ -92,7 +93,10 @@ class SamplerPool:
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=first_bundle + index)
-        return self._actor_class.options(**options).remote(self.base_model, **self._kwargs)
+        # Each engine, a replacement too, seeds the noise of unseeded requests its own way: replicas started
+        # alike would otherwise answer the same unseeded request alike, and a replacement replay its predecessor.
+        seed = self._kwargs["seed"] + next(self._engines_started)
+        return self._actor_class.options(**options).remote(self.base_model, **{**self._kwargs, "seed": seed})
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
