@@ -83,8 +83,8 @@ def episode_limits(config: TrainConfig, tokenizer) -> Limits:
 
 def episode_seed(base: int, episode: int) -> int:
     """The sampling seed of an episode's first turn, from its group's seed (turn t samples with this + t):
-    distinct up to 32-bit collisions. (The trailing ":0" keeps the seeds of the runs docs/environments.md
-    reports.)"""
+    distinct up to 32-bit collisions. (The trailing ":0" kept the seeds of the runs docs/environments.md reports;
+    since `group_seed` their shared first turns sample differently.)"""
     return zlib.crc32(f"{base}:{episode}:0".encode())
 
 
