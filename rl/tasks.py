@@ -49,10 +49,10 @@ def strict_answer(completion: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-ADDITION_HELD_OUT = sorted(random.Random("addition:held-out").sample(
-    [(a, b) for a in range(10) for b in range(10)], 32))
+_ADDITION_SUMS = [(a, b) for a in range(10) for b in range(10)]
+ADDITION_HELD_OUT = sorted(random.Random("addition:held-out").sample(_ADDITION_SUMS, 32))
 """The one-digit sums `Addition` evaluates on and never trains on."""
-ADDITION_TRAIN = [(a, b) for a in range(10) for b in range(10) if (a, b) not in ADDITION_HELD_OUT]
+ADDITION_TRAIN = [pair for pair in _ADDITION_SUMS if pair not in ADDITION_HELD_OUT]
 
 
 @dataclass(frozen=True)

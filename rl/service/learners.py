@@ -35,6 +35,7 @@ DEATH = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 """What a call on a dead actor raises (Ray's memory monitor's kill is an OutOfMemoryError); `_replace` tells
 apart the one RayActorError that is not a death."""
 CHANGES_STATE = ("forward_backward", "optim_step")
+SAVES = ("save_weights", "save_weights_for_sampler", "save_weights_external")
 BATCH_METHODS = ("forward", "forward_backward")
 """Calls whose second argument is a batch: their cost in turns is its tokens."""
 WATCH_INTERVAL_S = 2.0
@@ -225,7 +226,11 @@ class SupervisedLearner:
 
     def _track(self, model_id: str, method: str, args: tuple, kwargs: dict, result: Any) -> None:
         """Keeps the registry's record of what the run's state equals (its restore point) and whether it changed
-        since, across replacements and restarts of the server."""
+        since, across replacements and restarts of the server; and a checkpoint just saved is private, like every
+        new one, whatever of its name was public before (deleted, expired or overwritten)."""
+        if method in SAVES:
+            self.registry.set_public(result.tinker_path if method == "save_weights_for_sampler" else result.path,
+                                     False)
         state = self.registry.run_state(model_id)
         if method in CHANGES_STATE:
             self.registry.set_run_state(model_id, state["restore_point"], changed=True)

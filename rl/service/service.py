@@ -21,7 +21,6 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -198,16 +197,9 @@ class Service:
 
     def save_weights(self, user: str, request: SaveWeightsRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
-        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: self._private(learner.call(
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
             user, model_id, "save_weights", model_id, request.path, overwrite=request.overwrite,
-            ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata)))
-
-    async def _private(self, saving: Awaitable):
-        """The response of a save, whose checkpoint is private, like every new one: one of the same name before it
-        (deleted, expired or overwritten) may have been public."""
-        saved = await saving
-        self.registry.set_public(saved.path, False)
-        return saved
+            ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata))
 
     def save_weights_for_sampler(self, user: str, request: SaveWeightsForSamplerRequest) -> str:
         """Saves and publishes to the pool; with `sampling_session_seq_id`, answers with a sampling session."""
@@ -216,10 +208,9 @@ class Service:
         name = request.path or f"sampler-{request.seq_id}-{secrets.token_hex(3)}"
 
         async def save() -> dict:
-            weights = await learner.call(user, model_id, "save_weights_for_sampler", model_id, name,
-                                         ttl_seconds=request.ttl_seconds, user_metadata=request.user_metadata)
-            self.registry.set_public(weights.tinker_path, False)  # new, so private (see _private)
-            version = await self.pools[base].publish(weights)
+            version = await self.pools[base].publish(await learner.call(
+                user, model_id, "save_weights_for_sampler", model_id, name, ttl_seconds=request.ttl_seconds,
+                user_metadata=request.user_metadata))
             self._used(base, version.tinker_path)
             if request.sampling_session_seq_id is None:
                 return {"path": version.tinker_path}
@@ -230,8 +221,8 @@ class Service:
 
     def save_weights_external(self, user: str, request: SaveWeightsExternalRequest) -> str:
         learner, model_id = self._learner(user, request.model_id), request.model_id
-        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: self._private(learner.call(
-            user, model_id, "save_weights_external", model_id, request.path, ttl_seconds=request.ttl_seconds)))
+        return self.futures.submit_ordered(user, model_id, request.seq_id, lambda: learner.call(
+            user, model_id, "save_weights_external", model_id, request.path, ttl_seconds=request.ttl_seconds))
 
     async def external_weights_urls(self, user: str, model_id: str, checkpoint_id: str,
                                     base_url: str) -> ExternalWeightsUrlsResponse:
