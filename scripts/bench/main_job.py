@@ -1,6 +1,6 @@
 """The main job as users run it, measured in one invocation: `rl-train recipe=arithmetic_rl` at its own defaults.
 
-    .venv/bin/python scripts/bench/main_job.py                  # the recipe: 16 prompts x 4, 30 steps, eval every 5
+    .venv/bin/python scripts/bench/main_job.py                  # the recipe: 12 prompts x 4, 30 steps, eval every 5
     .venv/bin/python scripts/bench/main_job.py --config small   # 8 prompts x 4, 64 new tokens, 4 steps, no eval
     .venv/bin/python scripts/bench/main_job.py --config soak    # 200 steps of the tiny model (digits task): memory
     ... [--json FILE] [--no-raw-vllm]
@@ -8,8 +8,10 @@
 The run is the user's command in a process of its own (`python -m rl.train recipe=arithmetic_rl ...`, wandb
 off, its folder in a temporary directory); everything it measures comes from its metrics.jsonl. Around it:
 - the machine's matmul roofline, measured here before and after the run: bf16 and fp32 GFLOP/s of a 2048^3
-  matmul on every core (the figure the learner and the sampler are compared with);
-- the learner's and the sampler's fraction of the roofline of the dtype the run computed in (`model.dtype`;
+  matmul on every core, and after the run on as many threads as the run gave its learner and its sampler (off-policy,
+  half the cores each: `rl.driver.run.overlap_threads`);
+- the learner's and the sampler's fraction of the roofline of the dtype the run computed in, on the cores each had
+  and on the whole machine (`model.dtype`;
   `auto` is bf16 only on CPUs that compute in it natively, rl.models.resolve_dtype): 4 FLOPs per weight of the
   model's matrices for every token the learner computed (forward, and backward to the activations: LoRA leaves
   the base weights frozen; `tokens/computed` counts a shared prefix once) over the seconds of forward_backward +
@@ -50,9 +52,9 @@ SOAK_STEPS = (10, 50, 100, 200)
 ROLES = ("Learner", "Sampler", "raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard")
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """The best of `repeats` size^3 matmuls on every core of this process."""
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+def matmul_gflops(dtype: torch.dtype, threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """The best of `repeats` size^3 matmuls on `threads` threads."""
+    torch.set_num_threads(threads)
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b  # warm-up: oneDNN picks and caches its kernel
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
@@ -65,8 +67,21 @@ def _timed(function) -> float:
     return time.perf_counter() - started
 
 
-def roofline() -> dict[str, float]:
-    return {"bf16_gflops": matmul_gflops(torch.bfloat16), "fp32_gflops": matmul_gflops(torch.float32)}
+def roofline(threads: int | None = None) -> dict[str, float]:
+    """bf16 and fp32 GFLOP/s on `threads` threads (None: every core this process may run on)."""
+    threads = threads or len(os.sched_getaffinity(0))
+    return {"threads": threads, "bf16_gflops": matmul_gflops(torch.bfloat16, threads),
+            "fp32_gflops": matmul_gflops(torch.float32, threads)}
+
+
+def run_threads(config: dict) -> dict[str, int]:
+    """The CPU threads the run gave its learner and its replica (rl.driver.run.start_learner, start_pool)."""
+    from rl.driver.run import overlap_threads
+
+    overlapping = overlap_threads(config["algo"]["off_policy"])
+    every = len(os.sched_getaffinity(0))
+    return {"learner": config["learner"]["threads"] or overlapping or every,
+            "sampler": config["sampler"]["threads"] or overlapping or every}
 
 
 def role(process: psutil.Process, driver_pid: int) -> str:
@@ -170,7 +185,7 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pool = SamplerPool(folder, max_model_len=config.model.max_model_len, max_lora_rank=config.model.lora_rank,
                        dtype=config.model.dtype, seed=config.seed, publish_mode=config.sampler.publish_mode,
-                       threads=config.sampler.threads or os.cpu_count())  # as the run's replica had
+                       threads=run_threads(run_config)["sampler"])  # as the run's replica had
     replica = pool._replicas[0].actor
     task = make_task(config.task.name, format_reward=config.task.format_reward)
     seconds: dict[str, list[float]] = {"ours_s": [], "raw_s": []}
@@ -186,11 +201,13 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     return seconds
 
 
-def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> dict:
+def summarize(records: list[dict], config: dict, roofs: dict[str, dict], weights: int) -> dict:
+    """`roofs`: the matmul roofline of the whole machine ("machine") and on the learner's and the sampler's own
+    threads ("learner", "sampler")."""
     from rl.models import resolve_dtype
 
     dtype = resolve_dtype(config["model"]["dtype"], "cpu")
-    bound = roof["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
+    key = "bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"
     steps = [record for record in records if "tokens/trained" in record]
     seconds = [record["step_time_s"] for record in steps]  # evaluations included: the RL loop overlaps them
     phases = {key.removeprefix("time/").removesuffix("_s"): statistics.mean(record.get(key, 0.0) for record in steps)
@@ -203,15 +220,18 @@ def summarize(records: list[dict], config: dict, roof: dict, weights: int) -> di
                                       for record in steps)
     evaluations = [(record["time_total/minutes"] - record["step_time_s"] / 60,  # the evaluated weights' time
                     record["eval/accuracy"]) for record in records if "eval/accuracy" in record]
+    learner_gflops = learner_flops / max(learner_s, 1e-9) / 1e9
+    sampler_gflops = sampled_flops / sampling_s / 1e9
     return {
         "steps": len(steps), "steps_per_s": len(steps) / sum(record["step_time_s"] for record in steps),
         "mean_step_s": statistics.mean(seconds),
         "median_step_s": statistics.median(seconds), "max_step_s": max(seconds),
         "minutes_of_steps": records[-1]["time_total/minutes"], "seconds_per_phase": phases,
-        "learner_gflops": learner_flops / max(learner_s, 1e-9) / 1e9,
-        "dtype": dtype, "learner_fraction_of_roofline": learner_flops / max(learner_s, 1e-9) / 1e9 / bound,
-        "sampler_gflops": sampled_flops / sampling_s / 1e9,
-        "sampler_fraction_of_roofline": sampled_flops / sampling_s / 1e9 / bound,
+        "dtype": dtype, "learner_gflops": learner_gflops, "sampler_gflops": sampler_gflops,
+        "learner_fraction_of_roofline": learner_gflops / roofs["machine"][key],
+        "learner_fraction_of_own_roofline": learner_gflops / roofs["learner"][key],
+        "sampler_fraction_of_roofline": sampler_gflops / roofs["machine"][key],
+        "sampler_fraction_of_own_roofline": sampler_gflops / roofs["sampler"][key],
         "evaluations": [{"minutes": minutes, "accuracy": accuracy} for minutes, accuracy in evaluations],
         "minutes_to_0.9": next((minutes for minutes, accuracy in evaluations if accuracy >= 0.9), None),
         "sampled_tokens_per_s_first_steps": [record["throughput/sampled_tokens_per_s"] for record in steps[:3]],
@@ -234,9 +254,14 @@ def report(result: dict) -> None:
           " evaluations included)")
     print("seconds per step: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in
                                           run["seconds_per_phase"].items()))
-    print(f"{run['dtype']}: learner {run['learner_gflops']:.0f} GFLOP/s = {run['learner_fraction_of_roofline']:.0%} "
-          f"of the {run['dtype']} roofline; sampler {run['sampler_gflops']:.0f} GFLOP/s = "
-          f"{run['sampler_fraction_of_roofline']:.0%}")
+    own = result["roofline_own_threads"]
+    key = "bf16_gflops" if run["dtype"] == "bfloat16" else "fp32_gflops"
+    print(f"{run['dtype']} roofline on the run's own threads: learner ({own['learner']['threads']}) "
+          f"{own['learner'][key]:.0f}, sampler ({own['sampler']['threads']}) {own['sampler'][key]:.0f} GFLOP/s")
+    for name in ("learner", "sampler"):
+        print(f"{name} {run[name + '_gflops']:.0f} GFLOP/s = {run[name + '_fraction_of_own_roofline']:.0%} of the "
+              f"{run['dtype']} roofline on its {own[name]['threads']} thread(s), "
+              f"{run[name + '_fraction_of_roofline']:.0%} of the whole machine's")
     if run["evaluations"]:
         print("held-out accuracy at minutes of steps: " + ", ".join(
             f"{e['accuracy']:.2f} @ {e['minutes']:.2f}" for e in run["evaluations"])
@@ -282,7 +307,10 @@ def main() -> None:
     from rl.models import resolve_model
 
     weights = matrix_weights(resolve_model(config["model"]["name"]))
-    result["run"] = summarize(records, config, result["roofline_before"], weights)
+    threads = run_threads(config)
+    result["roofline_own_threads"] = {role: roofline(count) for role, count in threads.items()}
+    result["run"] = summarize(records, config, {"machine": result["roofline_before"],
+                                                **result["roofline_own_threads"]}, weights)
     result["records"] = records  # per step: each phase's seconds, tokens, memory (what the summary averages)
     if not args.no_raw_vllm and args.config != "soak":
         result["sampling_vs_raw_vllm"] = sampling_vs_raw(config, [0, 1, 2])

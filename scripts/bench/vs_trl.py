@@ -5,7 +5,7 @@
                                              [--json FILE]
 
 RL: SmolLM2-135M-Instruct, LoRA rank 16 on the decoder's linear layers, `--rl-size main` (arithmetic_rl's own
-defaults: 16 addition prompts x 4 samples, up to 32 new tokens) or `small` (8 x 4, up to 64; the default),
+defaults: 12 addition prompts x 4 samples, up to 16 new tokens) or `small` (8 x 4, up to 64; the default),
 temperature 1, bf16, the task's reward. Ours is `rl-train recipe=arithmetic_rl` with those overrides
 (vLLM samples, merge publish); TRL's is GRPOTrainer with its default generation (the training model generates).
 DPO: 8 pairs per step from `rl.tasks.preference_pairs` (chosen: the right answer, rejected: a near miss) as chat
@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RL_SIZES = {"small": (8, 64), "main": (16, 32)}
+RL_SIZES = {"small": (8, 64), "main": (12, 16)}
 """RL prompts per step and new tokens: the first benchmark's size, and the main job's (arithmetic_rl's defaults)."""
 PROMPTS, MAX_TOKENS = RL_SIZES["small"]
 GROUP, RANK, PAIRS = 4, 16, 8
