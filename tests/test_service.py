@@ -622,6 +622,38 @@ def test_limits_are_listed_refused_by_name_before_any_work_and_the_sdk_splits_bi
     assert split.metrics["loss:sum"] == pytest.approx(sum(one_by_one), rel=1e-5)
 
 
+def test_a_request_refused_at_the_edge_keeps_its_turn_so_the_run_does_not_wait_for_it(server, monkeypatch):
+    # The SDK sends a step's requests at once. One refused before it was queued still takes its seq_id's turn,
+    # failing, so the optim_step after it runs at once rather than after GAP_SECONDS, on what the others trained
+    # (as on Tinker: each request trains on its own).
+    monkeypatch.setattr("rl.service.futures.GAP_SECONDS", 120.0)
+    adam = types.AdamParams(learning_rate=1e-2)
+    trainer, alone = training_client(server, seed=6), training_client(server, seed=6)
+    started = time.monotonic()
+    trained = trainer.forward_backward([datum()], "cross_entropy")
+    refused = trainer.forward_backward([datum(list(range(1, 300)))], "cross_entropy")
+    step = trainer.optim_step(adam)
+    with pytest.raises(tinker.BadRequestError, match="over the model's context"):
+        refused.result()
+    trained.result()
+    step.result()
+    assert time.monotonic() - started < 60, "the optim_step waited for the refused request's seq_id"
+    alone.forward_backward([datum()], "cross_entropy").result()
+    alone.optim_step(adam).result()
+
+    def loss(training_client) -> float:
+        return training_client.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+
+    assert loss(trainer) == pytest.approx(loss(alone), rel=1e-5)
+    # A made-up seq_id far ahead is refused and takes no turn: the run's own requests go on in order, at once.
+    far = raw_forward_backward(server, trainer.model_id, 10_000, [datum(list(range(1, 300)))])
+    assert far.status_code == 400 and "over the model's context" in far.json()["error"]
+    started = time.monotonic()
+    trainer.forward_backward([datum()], "cross_entropy").result()
+    trainer.optim_step(adam).result()
+    assert time.monotonic() - started < 60 and loss(trainer) < loss(alone)
+
+
 def test_a_datum_of_the_full_context_trains(server):
     trainer = training_client(server, seed=31)
     full = datum(list(range(3, 260)))  # 256 model_input tokens: the context

@@ -24,6 +24,9 @@ GAP_SECONDS = 10.0
 """How long a run's later requests wait for a missing seq_id before going on without it."""
 KEEP_SECONDS = (60.0, 3600.0)
 """How long a result is kept after it was first retrieved (for a resent retrieve), and at most after it settled."""
+REFUSED_AHEAD = 32
+"""A request refused before it was queued takes its turn, failing, if its seq_id is at most this far ahead of the
+run's next (a client's own requests in flight are)."""
 SEEN_KEPT = 1024
 """How many of a run's latest seq_ids keep their request id, so that a resent request is not run twice."""
 
@@ -76,6 +79,20 @@ class FutureStore:
         run.arrived.set()
         asyncio.ensure_future(self._drain(run))
         return request_id
+
+    def refused(self, owner: str, model_id: str, seq_id: int | None, error: Exception) -> None:
+        """A training request refused at the edge (over a limit) still takes its turn, failing, so that the run's
+        later requests (the SDK sends a batch's chunks and the optim_step after them at once) do not wait
+        GAP_SECONDS for a seq_id that will never come. Only a seq_id within REFUSED_AHEAD of the run's next: one
+        made up far ahead would move the run's order past its real requests."""
+        run = self._runs.setdefault(model_id, _RunQueue())
+        if seq_id is None or seq_id in run.seen or not run.next_seq_id <= seq_id < run.next_seq_id + REFUSED_AHEAD:
+            return
+
+        async def fail() -> None:
+            raise error
+
+        self.submit_ordered(owner, model_id, seq_id, fail)
 
     async def _drain(self, run: _RunQueue) -> None:
         async with run.lock:

@@ -183,8 +183,13 @@ class Service:
 
     def forward_backward(self, user: str, model_id: str, seq_id: int, batch: ForwardBackwardInput,
                          forward_only: bool) -> str:
-        learner, custom_loss = self._learner(user, model_id), self._custom_loss(user, batch)
-        self.limits[learner.base_model].check_batch(batch)
+        learner = self._learner(user, model_id)
+        try:
+            custom_loss = self._custom_loss(user, batch)
+            self.limits[learner.base_model].check_batch(batch)
+        except ValueError as error:
+            self.futures.refused(user, model_id, seq_id, error)
+            raise
         method = "forward" if forward_only else "forward_backward"
         return self.futures.submit_ordered(user, model_id, seq_id, lambda: learner.call(
             user, model_id, method, model_id, batch, custom_loss=custom_loss))
