@@ -5,7 +5,9 @@ each with a `checkpoint.json` that records when it was written, when it expires 
 the user's metadata and what its writer wants to remember. An expired checkpoint is removed the next time its
 run's checkpoints are listed, it is asked for, or its name is written again.
 A checkpoint is written into a hidden staging folder beside its final place and renamed into it: a crash at
-any moment leaves the previous checkpoint of that name intact and never a half-written one under the name.
+any moment leaves the previous checkpoint of that name intact and never a half-written one under the name. One
+that replaces another moves the old one aside first (`.NAME.replaced-*`): a crash between the two renames leaves
+no checkpoint under the name until the store next looks for it, and then the old one is moved back.
 
 With a storage URI (any fsspec URL: s3://bucket/prefix, gs://..., file:///shared/...), every checkpoint is also
 uploaded there, with the same layout, before it is renamed into place locally; its checkpoint.json goes last, so
@@ -31,6 +33,8 @@ from rl.types import Checkpoint, CheckpointType, ParsedCheckpointTinkerPath, che
 METADATA_FILE = "checkpoint.json"
 _FOLDERS: dict[CheckpointType, str] = {"training": "weights", "sampler": "sampler_weights",
                                        "external": "external_weights"}
+REPLACED = ".replaced-"
+"""Infix of the hidden folder an overwritten checkpoint waits in while its successor is renamed into place."""
 
 
 def tinker_path(run_id: str, kind: CheckpointType, name: str) -> str:
@@ -67,6 +71,7 @@ class CheckpointStore:
             wanted = _FOLDERS[kind]
             raise ValueError(f"{path} is a {parsed.checkpoint_type} checkpoint; this needs tinker://RUN/{wanted}/NAME")
         folder = self._run_folder(parsed.training_run_id) / parsed.checkpoint_id
+        _restore_replaced(folder.parent)
         if not (folder / METADATA_FILE).is_file() and self._remote is not None:
             self._download(self._remote_folder(parsed.training_run_id, parsed.checkpoint_id), folder)
         if not (folder / METADATA_FILE).is_file():
@@ -92,6 +97,7 @@ class CheckpointStore:
         check_checkpoint_name(name)
         parent = self._run_folder(run_id) / _FOLDERS[kind]
         final = parent / name
+        _restore_replaced(parent)
         if (final / METADATA_FILE).is_file() and _expired(json.loads((final / METADATA_FILE).read_text())
                                                           .get("expires_at")):
             self._remove(ParsedCheckpointTinkerPath.from_tinker_path(tinker_path(run_id, kind, name)), final)
@@ -109,10 +115,10 @@ class CheckpointStore:
             if self._remote is not None:
                 self._upload(staging, self._remote_folder(run_id, f"{_FOLDERS[kind]}/{name}"))
             if final.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{name}.retired-", dir=parent))
-                final.rename(retired / name)
+                aside = Path(tempfile.mkdtemp(prefix=f".{name}{REPLACED}", dir=parent))
+                final.rename(aside / name)
                 staging.rename(final)
-                shutil.rmtree(retired)
+                shutil.rmtree(aside)
             else:
                 staging.rename(final)
         finally:
@@ -130,6 +136,7 @@ class CheckpointStore:
                         run_id, kind, name, json.loads(self._remote.cat_file(metadata)))
             parent = self._run_folder(run_id) / folder_name
             if parent.is_dir():
+                _restore_replaced(parent)
                 for folder in parent.iterdir():
                     if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():
                         found[tinker_path(run_id, kind, folder.name)] = self._describe(
@@ -227,6 +234,18 @@ def _expiry(now: datetime, ttl_seconds: int | None) -> str | None:
 
 def _expired(expires_at: str | None) -> bool:
     return expires_at is not None and datetime.fromisoformat(expires_at) <= datetime.now(UTC)
+
+
+def _restore_replaced(parent: Path) -> None:
+    """Puts back a checkpoint that an overwrite moved aside when a crash kept its successor from taking its place,
+    and removes one left beside its successor (a crash after the second rename)."""
+    if not parent.is_dir():
+        return
+    for aside in parent.glob(f".*{REPLACED}*"):
+        name = aside.name[1:].rsplit(REPLACED, 1)[0]
+        if not (parent / name).exists() and (aside / name / METADATA_FILE).is_file():
+            (aside / name).rename(parent / name)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _sync_folder(folder: Path) -> None:

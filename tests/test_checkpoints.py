@@ -2,6 +2,7 @@
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,33 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
         store.write("run-1", "training", "a", crash, metadata={}, overwrite=True)
     assert (store.folder(path) / "payload.txt").read_text() == "good"
     assert sorted(p.name for p in (tmp_path / "run-1" / "weights").iterdir()) == ["a"], "no staging left over"
+
+
+def test_a_crash_between_the_renames_of_an_overwrite_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    path = store.write("run-1", "training", "a", write_text("old"), metadata={}).tinker_path
+    weights = tmp_path / "run-1" / "weights"
+    rename = Path.rename
+
+    def killed_before_the_new_one_is_in_place(self, target):
+        if ".staging-" in self.name and Path(target) == weights / "a":
+            raise OSError("killed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_new_one_is_in_place)
+    with pytest.raises(OSError, match="killed"):
+        store.write("run-1", "training", "a", write_text("new"), metadata={}, overwrite=True)
+    monkeypatch.undo()
+    assert not (weights / "a").exists(), "the old one was moved aside"
+    assert (store.folder(path) / "payload.txt").read_text() == "old"
+    assert sorted(p.name for p in weights.iterdir()) == ["a"]
+    # One left beside its successor (a crash after the second rename) goes at the next look.
+    store.write("run-1", "training", "a", write_text("new"), metadata={}, overwrite=True)
+    (weights / ".a.replaced-x" / "a").mkdir(parents=True)
+    (weights / ".a.replaced-x" / "a" / "checkpoint.json").write_text("{}")
+    assert [checkpoint.tinker_path for checkpoint in store.list("run-1")] == [path]
+    assert (store.folder(path) / "payload.txt").read_text() == "new"
+    assert sorted(p.name for p in weights.iterdir()) == ["a"]
 
 
 def test_overwrite_and_delete(tmp_path):
