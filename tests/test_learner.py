@@ -694,6 +694,33 @@ def test_checkpoint_errors(ray_local, learner, tiny_model_dir, tmp_path):
     assert metadata["step"] == 1 and metadata["lora_config"]["rank"] == 4
 
 
+def test_a_checkpoint_that_fails_half_way_through_loading_leaves_the_run_as_it_was(learner, tiny_model_dir):
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    train(learner, model_id, 1)
+    path = learner.save_weights(model_id, "broken").path
+    saved = learner.store.folder(path) / "optimizer.pt"
+    state = torch.load(saved, weights_only=True)
+    state["param_groups"].append(dict(state["param_groups"][0]))  # found wrong after the adapter has loaded
+    torch.save(state, saved)
+    train(learner, model_id, 2)
+    learner.forward_backward(model_id, sft())  # gradients not yet applied
+    params, pending, step = adapter_state(learner, model_id), grads(learner, model_id), learner.step(model_id)
+    moments = [value["exp_avg"].clone() for value in learner._runs[model_id].optimizer.state.values()]
+    with pytest.raises(ValueError, match="zip"):
+        learner.load_weights(path, optimizer=True, model_id=model_id)
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(learner, model_id), params, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads(learner, model_id), pending, strict=True))
+    assert learner.step(model_id) == step
+    assert all(torch.equal(value["exp_avg"], moment) for value, moment in zip(
+        learner._runs[model_id].optimizer.state.values(), moments, strict=True))
+    runs = set(learner._runs)
+    with pytest.raises(ValueError, match="zip"):
+        learner.load_weights(path, optimizer=True)  # into a new run: none is left behind
+    assert set(learner._runs) == runs
+    learner.optim_step(model_id, ADAM)
+    assert learner.step(model_id) == step + 1
+
+
 def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner, ray_local):
     from rl.learner import LearnerActor
 

@@ -11,6 +11,7 @@ are written atomically by the checkpoint store.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -618,23 +619,39 @@ class Learner:
         # map_location: a checkpoint written on another device (a GPU learner's, resumed on a CPU) loads here.
         optimizer_state = (torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device)
                            if optimizer else None)
-        if model_id is None or model_id not in self._runs:
+        new_run = model_id is None or model_id not in self._runs
+        if new_run:
             model_id = self.create(self.base_model, saved_lora, model_id=model_id)
         run = self._run(model_id)
         if run.lora.model_dump(exclude={"seed"}) != saved_lora.model_dump(exclude={"seed"}):
             raise ValueError(f"{path} holds a {saved_lora} adapter; run {model_id!r} has {run.lora}")
-        set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
+        # A checkpoint that fails half-way (torch copies the tensors that fit before it raises for those that do
+        # not) leaves the run as it was, and a run made for it is gone.
+        before = None if new_run else ([param.detach().clone() for param in run.params],
+                                       copy.deepcopy(run.optimizer.state_dict()), run.step)
+        try:
+            set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
+            if optimizer_state is not None:
+                # The checkpoint gives the moments and step counts; how the optimizer runs (fused) is this
+                # learner's, whatever learner wrote it (its rates and betas are set again by every optim_step).
+                for saved, own in zip(optimizer_state["param_groups"], run.optimizer.param_groups, strict=True):
+                    saved.update({key: value for key, value in own.items() if key != "params"})
+                run.optimizer.load_state_dict(optimizer_state)
+                run.step = metadata["step"]
+            else:
+                run.optimizer.state.clear()
+                run.step = 0
+        except BaseException:
+            if new_run:
+                self.delete(model_id)
+            else:
+                params, optimizer_before, run.step = before
+                with torch.no_grad():
+                    for param, value in zip(run.params, params, strict=True):
+                        param.copy_(value)
+                run.optimizer.load_state_dict(optimizer_before)
+            raise
         run.optimizer.zero_grad(set_to_none=True)
-        if optimizer_state is not None:
-            # The checkpoint gives the moments and step counts; how the optimizer runs (fused) is this learner's,
-            # whatever learner wrote it (its rates and betas are set again by every optim_step).
-            for saved, own in zip(optimizer_state["param_groups"], run.optimizer.param_groups, strict=True):
-                saved.update({key: value for key, value in own.items() if key != "params"})
-            run.optimizer.load_state_dict(optimizer_state)
-            run.step = metadata["step"]
-        else:
-            run.optimizer.state.clear()
-            run.step = 0
         return LoadWeightsResponse(path=path, model_id=model_id)
 
     def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
