@@ -469,6 +469,24 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
         run(merge_pool.sample(request(model_path=first.tinker_path)))
 
 
+def test_a_merge_whose_prefix_cache_stays_fails_rather_than_serve_stale_prompts(merge_pool, learner, trained):
+    def keep_prefix_cache(replica):
+        replica._engine.llm.reset_prefix_cache = lambda *args, **kwargs: False  # as vLLM answers when it declines
+
+    def restore(replica):
+        del replica._engine.llm.reset_prefix_cache
+
+    actor = merge_pool._replicas[0].actor
+    ray.get(actor.__ray_call__.remote(keep_prefix_cache))
+    try:
+        with pytest.raises(Exception, match="kept its prefix cache after the weights changed"):
+            publish(merge_pool, learner, trained, "stale-prefix")
+    finally:
+        ray.get(actor.__ray_call__.remote(restore))
+    version = publish(merge_pool, learner, trained, "stale-prefix")  # the next switch merges from scratch
+    assert run(merge_pool.sample(request(model_path=version.tinker_path))).content_hash == version.weights.content_hash
+
+
 def test_versions_take_turns_and_none_starves():
     """Merge mode's schedule (`VersionTurns`), with a switch that only records: requests for the merged version run
     together, others wait for them to finish, versions go in the order they first asked, late requests for the

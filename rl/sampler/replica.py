@@ -246,7 +246,11 @@ class Sampler:
 
     def _merge(self, files: dict[str, bytes] | None) -> None:
         self._merger.merge(files)
-        self._engine.llm.reset_prefix_cache()  # cached KV blocks were computed by the previous weights
+        # Cached KV blocks were computed by the previous weights: reused, they would give prompts the old model's
+        # context. vLLM declines (False) while a request holds blocks; the drained engine runs none.
+        if not self._engine.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache after the weights changed (a request still held blocks): "
+                               "cached prompts would be served with the previous weights' keys and values")
 
     def _checked_prompt(self, request: SampleRequest) -> list[int]:
         prompt = request.prompt.to_ints()
