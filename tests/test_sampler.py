@@ -247,9 +247,16 @@ def test_stale_or_corrupted_weights_are_caught(pool, learner, trained, tiny_mode
     assert weights == dataclasses.replace(good.weights, files=weights.files), "what the learner recorded at saving"
     fresh_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=2)))
     stale_probe = ray.get(learner.logprobs.remote(fresh_run, [weights.probe_tokens]))[0]
+
+    def loaded() -> list[list[int]]:  # each replica's adapters in vLLM (adapter mode)
+        return ray.get([replica.actor.__ray_call__.remote(lambda sampler: sorted(sampler._loaded))
+                        for replica in pool._replicas])
+
+    before = loaded()
     with pytest.raises(WeightSyncError, match="disagrees with the learner on the probe"):
         # the learner says "base model", the replica serves the adapter
         run(pool.publish(dataclasses.replace(weights, probe_logprobs=stale_probe)))
+    wait_until(lambda: loaded() == before, timeout=60)  # nothing can sample the version that failed: it goes
 
     corrupted = dict(ray.get(weights.files))
     corrupted["adapter_model.safetensors"] = corrupted["adapter_model.safetensors"][:-8] + b"\0" * 8

@@ -104,7 +104,12 @@ class SamplerPool:
         """Loads weights the learner saved for sampling into every replica and verifies each; returns the version
         now servable. The driver and the service publish through this alone."""
         version = AdapterVersion(weights=weights, lora_int_id=next(self._lora_ids))
-        await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas))
+        outcomes = await asyncio.gather(*(self._verify_or_replace(replica, version) for replica in self._replicas),
+                                        return_exceptions=True)
+        if failed := next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None):
+            if all(other is None or other.lora_int_id != version.lora_int_id for other in self._versions.values()):
+                self._let_go(version)  # nothing can sample a version that failed: the replicas' copies go
+            raise failed
         replaced, self._versions[version.tinker_path] = self._versions.get(version.tinker_path), version
         if replaced is not None:  # the path saved again (overwrite): its former version goes as a retired one does
             self._let_go(replaced)
