@@ -7,7 +7,8 @@ run's checkpoints are listed, it is asked for, or its name is written again.
 A checkpoint is written into a hidden staging folder beside its final place and renamed into it: a crash at
 any moment leaves the previous checkpoint of that name intact and never a half-written one under the name. One
 that replaces another moves the old one aside first (`.NAME.replaced-*`): a crash between the two renames leaves
-no checkpoint under the name until the store next looks for it, and then the old one is moved back.
+no checkpoint under the name until the store next looks for it there, and then the old one is moved back (a
+listing also clears one left beside its successor).
 
 With a storage URI (any fsspec URL: s3://bucket/prefix, gs://..., file:///shared/...), every checkpoint is also
 uploaded there, with the same layout, before it is renamed into place locally; its checkpoint.json goes last, so
@@ -71,7 +72,8 @@ class CheckpointStore:
             wanted = _FOLDERS[kind]
             raise ValueError(f"{path} is a {parsed.checkpoint_type} checkpoint; this needs tinker://RUN/{wanted}/NAME")
         folder = self._run_folder(parsed.training_run_id) / parsed.checkpoint_id
-        _restore_replaced(folder.parent)
+        if not (folder / METADATA_FILE).is_file():
+            _restore_replaced(folder.parent)
         if not (folder / METADATA_FILE).is_file() and self._remote is not None:
             self._download(self._remote_folder(parsed.training_run_id, parsed.checkpoint_id), folder)
         if not (folder / METADATA_FILE).is_file():
@@ -97,7 +99,8 @@ class CheckpointStore:
         check_checkpoint_name(name)
         parent = self._run_folder(run_id) / _FOLDERS[kind]
         final = parent / name
-        _restore_replaced(parent)
+        if not final.exists():
+            _restore_replaced(parent)
         if (final / METADATA_FILE).is_file() and _expired(json.loads((final / METADATA_FILE).read_text())
                                                           .get("expires_at")):
             self._remove(ParsedCheckpointTinkerPath.from_tinker_path(tinker_path(run_id, kind, name)), final)
@@ -238,7 +241,8 @@ def _expired(expires_at: str | None) -> bool:
 
 def _restore_replaced(parent: Path) -> None:
     """Puts back a checkpoint that an overwrite moved aside when a crash kept its successor from taking its place,
-    and removes one left beside its successor (a crash after the second rename)."""
+    and removes one left beside its successor (a crash after the second rename). A lookup of a checkpoint that is
+    in place does not call it: it lists the folder."""
     if not parent.is_dir():
         return
     for aside in parent.glob(f".*{REPLACED}*"):

@@ -68,6 +68,13 @@ def overlap_threads(overlapping: bool) -> int | None:
     return max(1, (os.cpu_count() or 2) // 2) if overlapping else None
 
 
+def actor_threads(config: TrainConfig, overlapping: bool) -> dict[str, int | None]:
+    """The CPU threads of the run's learner and of each sampler replica: as configured, else `overlap_threads`;
+    unset both ways, a replica takes every core of the machine and the learner (None) every core it may run on."""
+    half = overlap_threads(overlapping)
+    return {"learner": config.learner.threads or half, "sampler": config.sampler.threads or half or os.cpu_count()}
+
+
 @dataclass
 class Shared:
     """A run's learner and sampler pool, or those that several runs use at once (a sweep's runs on one base model,
@@ -141,7 +148,7 @@ def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bo
         num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
     ).remote(str(resolve_model(model.name)), storage=str(storage), storage_uri=config.storage_uri, dtype=model.dtype,
-             micro_batch_tokens=learner.micro_batch_tokens, threads=learner.threads or overlap_threads(overlapping))
+             micro_batch_tokens=learner.micro_batch_tokens, threads=actor_threads(config, overlapping)["learner"])
 
 
 def start_pool(config: TrainConfig, placement, overlapping: bool, *, max_loras: int = 4,
@@ -153,7 +160,7 @@ def start_pool(config: TrainConfig, placement, overlapping: bool, *, max_loras: 
                        first_bundle=1, max_model_len=model.max_model_len,
                        max_lora_rank=max_lora_rank or model.lora_rank, max_loras=max_loras, dtype=model.dtype,
                        seed=config.seed, publish_mode=sampler.publish_mode, kv_cache_gib=kv_cache_gib,
-                       threads=sampler.threads or overlap_threads(overlapping) or os.cpu_count())
+                       threads=actor_threads(config, overlapping)["sampler"])
 
 
 class Run:

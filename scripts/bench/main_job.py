@@ -75,13 +75,14 @@ def roofline(threads: int | None = None) -> dict[str, float]:
 
 
 def run_threads(config: dict) -> dict[str, int]:
-    """The CPU threads the run gave its learner and its replica (rl.driver.run.start_learner, start_pool)."""
-    from rl.driver.run import overlap_threads
+    """The CPU threads the run gave its learner and its replica (a run alone overlaps them when off-policy)."""
+    from omegaconf import OmegaConf
 
-    overlapping = overlap_threads(config["algo"]["off_policy"])
-    every = len(os.sched_getaffinity(0))
-    return {"learner": config["learner"]["threads"] or overlapping or every,
-            "sampler": config["sampler"]["threads"] or overlapping or every}
+    from rl.config import load
+    from rl.driver.run import actor_threads
+
+    threads = actor_threads(load(OmegaConf.create(config)), config["algo"]["off_policy"])
+    return {role: count or len(os.sched_getaffinity(0)) for role, count in threads.items()}
 
 
 def role(process: psutil.Process, driver_pid: int) -> str:
@@ -308,7 +309,11 @@ def main() -> None:
 
     weights = matrix_weights(resolve_model(config["model"]["name"]))
     threads = run_threads(config)
-    result["roofline_own_threads"] = {role: roofline(count) for role, count in threads.items()}
+    measured = {result["roofline_after"]["threads"]: result["roofline_after"]}  # each thread count once
+    for count in threads.values():
+        if count not in measured:
+            measured[count] = roofline(count)
+    result["roofline_own_threads"] = {role: measured[count] for role, count in threads.items()}
     result["run"] = summarize(records, config, {"machine": result["roofline_before"],
                                                 **result["roofline_own_threads"]}, weights)
     result["records"] = records  # per step: each phase's seconds, tokens, memory (what the summary averages)
