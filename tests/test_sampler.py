@@ -476,6 +476,52 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
         run(merge_pool.sample(request(model_path=first.tinker_path)))
 
 
+def test_a_merge_prepared_while_the_engine_samples_waits_for_its_switch(merge_pool, learner, trained,
+                                                                          tiny_model_dir):
+    """`SamplerPool.prepare` (what a run does while its next rollout samples): the replica merges the new weights
+    beside the engine, the requests under way finish on the weights they began with, and the switch installs that
+    merge rather than computing another."""
+    def count_merges(replica):
+        merges = replica._merger.prepare
+
+        def counted(files):
+            replica.merges_computed = getattr(replica, "merges_computed", 0) + 1
+            return merges(files)
+
+        replica._merger.prepare = counted
+
+    actor = merge_pool._replicas[0].actor
+    ray.get(actor.__ray_call__.remote(count_merges))
+    try:
+        old = publish(merge_pool, learner, trained, "prepared-old")
+        other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=9)))
+        for _ in range(3):
+            ray.get(learner.forward_backward.remote(other, momentum_batch()))
+            ray.get(learner.optim_step.remote(other, AdamParams(learning_rate=1e-2)))
+        new_weights = ray.get(learner.save_weights_for_sampler.remote(other, "prepared-new"))
+
+        async def prepare_while_sampling():
+            long_request = request(model_path=old.tinker_path, temperature=1.0, seed=4, num_samples=8,
+                                   max_tokens=200, stop=[])
+            sampling = asyncio.ensure_future(merge_pool.sample(long_request))
+            await asyncio.sleep(0.2)  # under way
+            merge_pool.prepare(new_weights)
+            response = await sampling
+            return response, await merge_pool.publish(new_weights)
+
+        response, new = run(prepare_while_sampling())
+        assert ray.get(actor.__ray_call__.remote(lambda replica: replica.merges_computed)) == 2  # old, then new
+        assert response.content_hash == old.weights.content_hash
+        # Every sampled token was scored by the old weights, none by the new ones merged meanwhile.
+        checked = response.sequences[-1]
+        scored_new = served_logprobs(merge_pool, new.tinker_path, checked.tokens)
+        scored_old = served_logprobs(merge_pool, old.tinker_path, checked.tokens)
+        assert mean_abs_difference(checked.logprobs, scored_old) < 1e-4
+        assert mean_abs_difference(checked.logprobs, scored_new) > APART
+    finally:
+        ray.get(actor.__ray_call__.remote(lambda replica: delattr(replica._merger, "prepare")))
+
+
 def test_a_merge_whose_prefix_cache_stays_fails_rather_than_serve_stale_prompts(merge_pool, learner, trained):
     def keep_prefix_cache(replica):
         replica._engine.llm.reset_prefix_cache = lambda *args, **kwargs: False  # as vLLM answers when it declines

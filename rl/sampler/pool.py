@@ -115,6 +115,14 @@ class SamplerPool:
             self._let_go(replaced)
         return version
 
+    def prepare(self, weights: SamplerWeights) -> None:
+        """Merge mode: each replica begins merging `weights` beside the version it serves (`Sampler.prepare`), so
+        that their `publish`, once that version's requests have finished, costs little more than the check. Not
+        awaited: what goes wrong is reported by the publish."""
+        if self._kwargs["publish_mode"] == "merge":
+            for replica in self._replicas:
+                replica.actor.prepare.remote(weights)
+
     async def _verify_or_replace(self, replica: _Replica, version: AdapterVersion) -> None:
         """A replica that died is replaced; its successor loads and verifies the version on first use."""
         try:

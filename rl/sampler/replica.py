@@ -11,6 +11,7 @@ the weights that produced it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import shutil
@@ -150,6 +151,10 @@ class Sampler:
         self._engine = EngineLoop(llm)
         self._merger = None
         self._turns = VersionTurns(self._switch)
+        self._merging = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge")
+        """Merge mode: where merges are computed (`AdapterMerger.prepare`), beside the engine's thread."""
+        self._next_merge: tuple[str, asyncio.Task] | None = None
+        """Merge mode: the merge `prepare` began, with the content hash of its weights."""
         self._output_lora_refusal = output_lora_refusal(
             publish_mode, fast_path, llm.llm_engine.model_config.architecture,
             llm.apply_model(lambda model: "lm_head" in (getattr(model, "embedding_modules", None) or {}))[0])
@@ -202,6 +207,14 @@ class Sampler:
         await asyncio.wrap_future(self._engine.call(lambda: self._engine.llm.llm_engine.add_lora(request)))
         return adapter_content_hash(files), probe and await self.sample(probe, version)
 
+    async def prepare(self, weights: SamplerWeights) -> None:
+        """Merge mode: begins merging `weights` beside the engine, which goes on sampling the merged version, so
+        that the switch to them (`load`, once its requests have finished) only installs the merged layers. A run
+        publishes its next version while its next rollout still samples: on a CPU the merge then runs on the core
+        the learner, done with its step, leaves idle. One merge is kept: a later `prepare` replaces it."""
+        if self._merger is not None:
+            self._next_merge = (weights.content_hash, asyncio.ensure_future(self._merged(weights)))
+
     async def forget(self, lora_int_id: int) -> None:
         """Lets go of a retired version (adapter mode): vLLM's copy of the adapter and its folder here. The pool
         asks once no request for the version is under way."""
@@ -239,13 +252,26 @@ class Sampler:
         return _response(output, request, version)
 
     async def _switch(self, version: AdapterVersion | None) -> None:
-        """Merge mode: folds `version` (None: no adapter, the base model) into the engine's weights."""
-        files = await version.weights.files if version is not None else None
-        await asyncio.wrap_future(self._engine.call(lambda: self._merge(files), drain=True))
-        self._merged_hash = files and adapter_content_hash(files)
+        """Merge mode: folds `version` (None: no adapter, the base model) into the engine's weights, with the merge
+        `prepare` began for it if there is one."""
+        weights = version and version.weights
+        if self._next_merge is not None and self._next_merge[0] == (weights and weights.content_hash):
+            merging, self._next_merge = self._next_merge[1], None
+            content_hash, layers = await merging
+        else:
+            content_hash, layers = await self._merged(weights)
+        await asyncio.wrap_future(self._engine.call(lambda: self._install(layers), drain=True))
+        self._merged_hash = content_hash
 
-    def _merge(self, files: dict[str, bytes] | None) -> None:
-        self._merger.merge(files)
+    async def _merged(self, weights: SamplerWeights | None) -> tuple[str | None, dict]:
+        """`weights` (None: the base model) merged in the merge thread: the content hash of the files it merged
+        and the merged layers (`AdapterMerger.prepare`)."""
+        files = await weights.files if weights is not None else None
+        return await asyncio.wrap_future(self._merging.submit(
+            lambda: (files and adapter_content_hash(files), self._merger.prepare(files))))
+
+    def _install(self, layers: dict) -> None:
+        self._merger.install(layers)
         # Cached KV blocks were computed by the previous weights: reused, they would give prompts the old model's
         # context. vLLM declines (False) while a request holds blocks; the drained engine runs none.
         if not self._engine.llm.reset_prefix_cache():
@@ -281,6 +307,7 @@ class Sampler:
     def close(self) -> None:
         """Removes the adapter folders this replica wrote (each lives until its version is retired, `forget`: vLLM
         reads an evicted adapter's folder again when a request asks for it)."""
+        self._merging.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._adapters, ignore_errors=True)
 
     def memory(self, *, reset_peak: bool = False) -> dict[str, float]:
