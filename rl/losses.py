@@ -8,7 +8,8 @@ through weights and advantages. Losses over pairs of datums (DPO) see a batch wh
 
 A batch split into micro-batches gives the same total loss and gradient as one pass, because every loss is a
 sum over datums (or pairs). Metric keys are `name:reduction`; `sum` metrics add across micro-batches, `mean`
-metrics are means over the datums (or pairs) the call saw.
+metrics are means over the datums (or pairs) the call saw, or, given as (value, weight), over what the loss counts
+(PPO's clip fraction: the tokens that carry a gradient), so that neither depends on the micro-batches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
-Metrics = dict[str, float]
+Metrics = dict[str, float | tuple[float, float]]
 LossFn = Callable[[list[Tensor], list[dict[str, Tensor]], dict[str, float]], tuple[Tensor, Metrics]]
 
 
@@ -89,7 +90,7 @@ def ppo(logprobs_D, inputs_D, config):
         trained = (weights != 0) & (advantages != 0)  # the tokens that carry a gradient at all
         clipped += float((trained & (clipped_term < unclipped)).sum())  # those whose gradient the clip removes
         tokens += float(trained.sum())
-    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped / max(tokens, 1.0)}
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": (clipped / max(tokens, 1.0), tokens)}
 
 
 def gspo(logprobs_D, inputs_D, config):
@@ -114,7 +115,7 @@ def gspo(logprobs_D, inputs_D, config):
         trained = (weights != 0) & (advantages != 0)
         clipped += float((trained & (clipped_term < unclipped)).sum())
         tokens += float(trained.sum())
-    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": clipped / max(tokens, 1.0)}
+    return loss, {"loss:sum": loss.item(), "clip_fraction:mean": (clipped / max(tokens, 1.0), tokens)}
 
 
 def cispo(logprobs_D, inputs_D, config):
@@ -212,17 +213,19 @@ def resolve_config(loss_fn: str, config: dict[str, float | str] | None) -> dict[
     return resolved
 
 
-def merge_metrics(parts: list[tuple[Metrics, int]]) -> Metrics:
-    """Combines the metrics of micro-batches, each given with the number of datums (or pairs) it covered."""
-    merged: Metrics = {}
-    total = sum(count for _, count in parts)
+def merge_metrics(parts: list[tuple[Metrics, int]]) -> dict[str, float]:
+    """Combines the metrics of micro-batches, each given with the number of datums (or pairs) it covered: a mean
+    is weighted by that number, or by its own weight where the loss gave one."""
+    merged: dict[str, float] = {}
     for key in parts[0][0]:
-        values = [(metrics[key], count) for metrics, count in parts]
+        values = [metrics[key] if isinstance(metrics[key], tuple) else (metrics[key], count)
+                  for metrics, count in parts]
         reduction = key.rsplit(":", 1)[1]
         if reduction == "sum":
             merged[key] = sum(value for value, _ in values)
         elif reduction == "mean":
-            merged[key] = sum(value * count for value, count in values) / total
+            total = sum(weight for _, weight in values)
+            merged[key] = sum(value * weight for value, weight in values) / total if total else 0.0
         elif reduction == "min":
             merged[key] = min(value for value, _ in values)
         elif reduction == "max":

@@ -170,6 +170,27 @@ def test_micro_batches_give_the_gradient_of_one_pass(learner, tiny_model_dir):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_ppo_clip_fraction_is_over_the_trained_tokens_however_the_batch_is_split(learner, tiny_model_dir):
+    # A long datum sampled by the current weights (ratio 1: nothing clipped) and a short one whose 2 tokens were
+    # 1.5x less likely under the sampler (ratio 1.5 > 1.2 with a positive advantage: clipped): 2 of 14 tokens.
+    # Weighted by datums, micro-batches of one datum each would make it (0 + 1) / 2.
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    long, short = list(range(10, 23)), [40, 41, 42]
+    current = [learner.forward(model_id, sft([sft_datum(tokens, prompt_length=0)])).loss_fn_outputs[0]["logprobs"]
+               .to_torch() for tokens in (long, short)]
+    data = [Datum.next_token(long, logprobs=[0.0] + current[0].tolist(), advantages=[1.0] * len(long)),
+            Datum.next_token(short, logprobs=[0.0] + (current[1] - math.log(1.5)).tolist(), advantages=[1.0] * 3)]
+    batch = ForwardBackwardInput(data=data, loss_fn="ppo")
+    fractions = []
+    for micro_batch_tokens in (10_000, 8):  # one micro-batch; one a datum
+        learner.micro_batch_tokens = micro_batch_tokens
+        try:
+            fractions.append(learner.forward(model_id, batch).metrics["clip_fraction:mean"])
+        finally:
+            learner.micro_batch_tokens = 512
+    assert fractions == [pytest.approx(2 / 14), pytest.approx(2 / 14)]
+
+
 def test_a_datum_over_the_token_budget_keeps_less_for_backward_and_gets_the_same_gradient(learner, tiny_model_dir):
     data = [sft_datum(list(range(10, 70))), sft_datum(list(range(20, 45)))]
     model_id = learner.create(str(tiny_model_dir), LORA)

@@ -109,7 +109,7 @@ def test_ppo_value_and_gradient_at_both_clip_bounds():
     expected_terms = [min(1.5 * 2.0, 1.2 * 2.0), min(0.5 * -1.0, 0.8 * -1.0), min(0.5 * 3.0, 0.8 * 3.0),
                       min(1.1 * -0.5, 1.1 * -0.5)]
     assert loss.item() == pytest.approx(-sum(expected_terms))
-    assert metrics["clip_fraction:mean"] == pytest.approx(2 / 4)
+    assert metrics["clip_fraction:mean"] == (pytest.approx(2 / 4), 4)  # a mean over the 4 trained tokens
     grad = _grads(losses.ppo, logprobs_D, inputs_D, config)[0]
     expected_grad = torch.tensor([0.0, 0.0, -0.5 * 3.0, -1.1 * -0.5], dtype=torch.float64)
     assert torch.allclose(grad, expected_grad)
@@ -131,7 +131,7 @@ def test_ppo_with_weights_matches_a_hand_calculation():
         clipped += int((trained & (ratio * advantage > np.clip(ratio, 0.9, 1.1) * advantage)).sum())
         tokens += int(trained.sum())
     assert loss.item() == pytest.approx(expected, rel=1e-12)
-    assert metrics["clip_fraction:mean"] == pytest.approx(clipped / tokens)
+    assert metrics["clip_fraction:mean"] == (pytest.approx(clipped / tokens), tokens)
 
 
 def test_ppo_per_datum_clip_bounds_override_the_config():
@@ -178,7 +178,7 @@ def test_gspo_clips_one_ratio_per_sequence():
     terms_1 = [min(s1 * a, min(s1, 1.1) * a) for a in (0.0, 1.0, -2.0, 0.5)]
     terms_2 = [0.0] + [s2 * a for a in (-1.0, 3.0)]  # weight 0 on the first token
     assert loss.item() == pytest.approx(-(sum(terms_1) + sum(terms_2)), rel=1e-12)
-    assert metrics["clip_fraction:mean"] == pytest.approx(2 / 5), "positive advantages of sequence 1 are clipped"
+    assert metrics["clip_fraction:mean"] == (pytest.approx(2 / 5), 5), "sequence 1's positive advantages are clipped"
     # d/dlogp_t of s_t * A_t is s * A_t (s carries no gradient of its own); a clipped term has none.
     grads = _grads(losses.gspo, logprobs_D, inputs_D, config)
     assert torch.allclose(grads[0], torch.tensor([0.0, 0.0, 2.0 * s1, 0.0], dtype=torch.float64))
@@ -247,3 +247,9 @@ def test_merge_metrics_by_reduction():
     parts = [({"loss:sum": 1.0, "acc:mean": 1.0, "lo:min": 3.0, "hi:max": 1.0}, 3),
              ({"loss:sum": 2.0, "acc:mean": 0.0, "lo:min": 2.0, "hi:max": 5.0}, 1)]
     assert losses.merge_metrics(parts) == {"loss:sum": 3.0, "acc:mean": 0.75, "lo:min": 2.0, "hi:max": 5.0}
+    # A mean the loss gives with its own weight (a clip fraction over 3 trained tokens, then over 1) is weighted by
+    # it, not by the datums; a micro-batch with nothing to weigh counts for nothing.
+    parts = [({"clip_fraction:mean": (2 / 3, 3.0)}, 1), ({"clip_fraction:mean": (0.0, 1.0)}, 5),
+             ({"clip_fraction:mean": (0.0, 0.0)}, 2)]
+    assert losses.merge_metrics(parts) == {"clip_fraction:mean": pytest.approx(2 / 4)}
+    assert losses.merge_metrics([({"clip_fraction:mean": (0.0, 0.0)}, 2)]) == {"clip_fraction:mean": 0.0}
