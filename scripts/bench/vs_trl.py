@@ -5,12 +5,12 @@
                                              [--json FILE]
 
 RL: SmolLM2-135M-Instruct, LoRA rank 16 on the decoder's linear layers, `--rl-size main` (arithmetic_rl's own
-defaults: 12 addition prompts x 4 samples, up to 16 new tokens) or `small` (8 x 4, up to 64; the default),
-temperature 1, bf16, the task's reward. Ours is `rl-train recipe=arithmetic_rl` with those overrides
-(vLLM samples, merge publish); TRL's is GRPOTrainer with its default generation (the training model generates).
-DPO: 8 pairs per step from `rl.tasks.preference_pairs` (chosen: the right answer, rejected: a near miss) as chat
-conversations, beta 0.1, the base model as reference; ours is `rl-train recipe=arithmetic_dpo`, TRL's is
-DPOTrainer with the same LoRA. Every side runs in its own process tree with no evaluation or checkpoints inside
+defaults: 12 addition prompts x 4 samples, up to 16 new tokens, learning rate 3.5e-4) or `small` (8 x 4, up to 64,
+2.5e-4; the default), temperature 1, bf16, the task's reward. Ours is `rl-train recipe=arithmetic_rl` with those
+overrides (vLLM samples, merge publish); TRL's is GRPOTrainer with its default generation (the training model
+generates). DPO: 8 pairs per step from `rl.tasks.preference_pairs` (chosen: the right answer, rejected: a near
+miss) as chat conversations, beta 0.1, the base model as reference; ours is `rl-train recipe=arithmetic_dpo`, TRL's
+is DPOTrainer with the same LoRA. Every side runs in its own process tree with no evaluation or checkpoints inside
 the measured steps; the first `--warmup` steps are dropped. Peak memory is the largest total proportional set size
 (PSS: shared pages split between the processes that share them) of the side's whole process tree, sampled every
 0.2 s, start-up included: for ours, the driver, Ray's own processes, the learner and the vLLM sampler.
@@ -33,11 +33,12 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RL_SIZES = {"small": (8, 64), "main": (12, 16)}
-"""RL prompts per step and new tokens: the first benchmark's size, and the main job's (arithmetic_rl's defaults)."""
-PROMPTS, MAX_TOKENS = RL_SIZES["small"]
+RL_SIZES = {"small": (8, 64, 2.5e-4), "main": (12, 16, 3.5e-4)}
+"""RL prompts per step, new tokens and learning rate: the first benchmark's, and the main job's (arithmetic_rl's
+defaults; the rate decides how many groups differ, and so how many tokens train)."""
+PROMPTS, MAX_TOKENS, RL_LR = RL_SIZES["small"]
 GROUP, RANK, PAIRS = 4, 16, 8
-RL_LR, DPO_LR, BETA = 2.5e-4, 1e-4, 0.1
+DPO_LR, BETA = 1e-4, 0.1
 
 
 # ---- the sides, each run in a process of its own ------------------------------------------------------------
@@ -205,8 +206,8 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global PROMPTS, MAX_TOKENS
-    PROMPTS, MAX_TOKENS = RL_SIZES[args.rl_size]
+    global PROMPTS, MAX_TOKENS, RL_LR
+    PROMPTS, MAX_TOKENS, RL_LR = RL_SIZES[args.rl_size]
     if args.side:  # a child: run one side and write what it measured
         result = SIDES[args.side](args.steps, Path(args.scratch) / args.side)
         Path(args.out).write_text(json.dumps(result))
