@@ -125,9 +125,19 @@ class GuessNumber:
     format_reward: float = 0.0
 
     def groups(self, count: int, *, seed: int, split: str, group_size: int, tokenizer) -> list[EnvGroup]:
+        """Training draws secrets with repeats; evaluation plays each secret at most once, in an order `seed`
+        shuffles: the prompt never shows the secret, so a greedy policy plays a secret's game the same way every
+        time, and repeats would only weigh some secrets more than others."""
         rng = random.Random(f"{split}:{seed}")
-        return [EnvGroup(partial(GuessNumberEnv, rng.randint(1, self.max_number), self.max_number, self.guesses,
-                                 tokenizer, self.format_reward), group_size) for _ in range(count)]
+        if split == "eval":
+            if count > self.max_number:
+                raise ValueError(f"guess_number has {self.max_number} games (secrets 1..{self.max_number}); "
+                                 f"{count} held-out games asked for (eval_prompts <= {self.max_number})")
+            secrets = rng.sample(range(1, self.max_number + 1), count)
+        else:
+            secrets = [rng.randint(1, self.max_number) for _ in range(count)]
+        return [EnvGroup(partial(GuessNumberEnv, secret, self.max_number, self.guesses, tokenizer,
+                                 self.format_reward), group_size) for secret in secrets]
 
 
 ENVIRONMENTS = {"calculator": Calculator, "guess_number": GuessNumber}

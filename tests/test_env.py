@@ -197,6 +197,21 @@ def test_the_calculator_and_guess_number_environments(tokenizer):
         make_environment("guess_number", {"maximum": 3})
 
 
+def test_guess_number_evaluates_each_secret_once(tokenizer):
+    game = make_environment("guess_number", {"max_number": 8})
+
+    def secrets(count: int, split: str, seed: int = 0) -> list[int]:
+        return [group.make_env().secret for group in game.groups(count, seed=seed, split=split, group_size=1,
+                                                                  tokenizer=tokenizer)]
+
+    assert sorted(secrets(8, "eval")) == list(range(1, 9))  # a greedy policy's exact success over the secrets
+    assert len(set(secrets(5, "eval"))) == 5 and secrets(5, "eval") == secrets(5, "eval")
+    assert secrets(8, "eval", seed=1) != secrets(8, "eval")  # the seed shuffles them
+    assert len(set(secrets(32, "train"))) < 32  # training draws with repeats
+    with pytest.raises(ValueError, match=r"guess_number has 8 games .*\(eval_prompts <= 8\)"):
+        secrets(9, "eval")
+
+
 MULTI_TURN = {"steps": 4, "eval_every": 4, "eval_prompts": 4, "algo": {"prompts_per_step": 4, "group_size": 4}}
 
 
