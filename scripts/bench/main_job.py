@@ -227,6 +227,9 @@ def summarize(records: list[dict], config: dict, roofs: dict[str, dict], weights
         "steps": len(steps), "steps_per_s": len(steps) / sum(record["step_time_s"] for record in steps),
         "mean_step_s": statistics.mean(seconds),
         "median_step_s": statistics.median(seconds), "max_step_s": max(seconds),
+        # Step 0 fills the pipeline (off-policy it waits for two rollouts and the first evaluation): the longest
+        # step after it says whether any other step stalls
+        "max_step_after_first_s": max(seconds[1:], default=0.0),
         "minutes_of_steps": records[-1]["time_total/minutes"], "seconds_per_phase": phases,
         "dtype": dtype, "learner_gflops": learner_gflops, "sampler_gflops": sampler_gflops,
         "learner_fraction_of_roofline": learner_gflops / roofs["machine"][key],
@@ -252,7 +255,8 @@ def report(result: dict) -> None:
     print(f"{result['config']}: {run['steps']} steps in {run['minutes_of_steps']:.2f} min of steps "
           f"({result['wall_s']:.0f} s in all): {run['steps_per_s']:.3f} steps/s, step mean {run['mean_step_s']:.2f} s,"
           f" median {run['median_step_s']:.2f}, max {run['max_step_s']:.2f} ({spread:.2f} x median;"
-          " evaluations included)")
+          f" evaluations included); after step 0 max {run['max_step_after_first_s']:.2f}"
+          f" ({run['max_step_after_first_s'] / run['median_step_s']:.2f} x median)")
     print("seconds per step: " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in
                                           run["seconds_per_phase"].items()))
     own = result["roofline_own_threads"]
