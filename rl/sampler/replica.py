@@ -213,7 +213,12 @@ class Sampler:
         publishes its next version while its next rollout still samples: on a CPU the merge then runs on the core
         the learner, done with its step, leaves idle. One merge is kept: a later `prepare` replaces it."""
         if self._merger is not None:
-            self._next_merge = (weights.content_hash, asyncio.ensure_future(self._merged(weights)))
+            if self._next_merge is not None:  # its version, if switched to after all, is merged then
+                self._next_merge[1].cancel()
+            merging = asyncio.ensure_future(self._merged(weights))
+            # A merge replaced before its switch fails to no one: its error is retrieved here, not logged as lost
+            merging.add_done_callback(lambda task: task.cancelled() or task.exception())
+            self._next_merge = (weights.content_hash, merging)
 
     async def forget(self, lora_int_id: int) -> None:
         """Lets go of a retired version (adapter mode): vLLM's copy of the adapter and its folder here. The pool
