@@ -80,12 +80,20 @@ def base_run(learner, tiny_model_dir):
     return ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1)))
 
 
-def teach_lesson(learner, model_id: str) -> None:
-    tokens = PROMPT.to_ints() + LESSON
+def teach_lesson(learner, model_id: str, lesson: list[int] = LESSON, steps: int = 30,
+                 learning_rate: float = 3e-3) -> None:
+    tokens = PROMPT.to_ints() + lesson
     datum = Datum.next_token(tokens, weights=[1.0] * len(tokens))
-    for _ in range(30):
+    for _ in range(steps):
         ray.get(learner.forward_backward.remote(model_id, ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")))
-        ray.get(learner.optim_step.remote(model_id, AdamParams(learning_rate=3e-3)))
+        ray.get(learner.optim_step.remote(model_id, AdamParams(learning_rate=learning_rate)))
+
+
+def another_run(learner, tiny_model_dir, seed: int) -> str:
+    """A run taught another lesson, briefly: weights apart from the base model's and from `trained`'s."""
+    model_id = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=seed)))
+    teach_lesson(learner, model_id, LESSON[::-1], steps=3, learning_rate=1e-2)
+    return model_id
 
 
 def publish(pool: SamplerPool, learner, model_id: str, name: str):
@@ -443,10 +451,7 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
     base = run(merge_pool.sample(request(temperature=0.0))).sequences[0]
     assert mean_abs_difference(served_logprobs(pool, None, base.tokens), base.logprobs) < 1e-4
 
-    other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=5)))
-    for _ in range(3):
-        ray.get(learner.forward_backward.remote(other, momentum_batch()))
-        ray.get(learner.optim_step.remote(other, AdamParams(learning_rate=1e-2)))
+    other = another_run(learner, tiny_model_dir, seed=5)
     first = publish(merge_pool, learner, other, "merge-first")
     version = publish(merge_pool, learner, trained, "merge-second")  # replaces, never adds up
     reference = publish(pool, learner, trained, "merge-reference")
@@ -494,10 +499,7 @@ def test_a_merge_prepared_while_the_engine_samples_waits_for_its_switch(merge_po
     ray.get(actor.__ray_call__.remote(count_merges))
     try:
         old = publish(merge_pool, learner, trained, "prepared-old")
-        other = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=4, seed=9)))
-        for _ in range(3):
-            ray.get(learner.forward_backward.remote(other, momentum_batch()))
-            ray.get(learner.optim_step.remote(other, AdamParams(learning_rate=1e-2)))
+        other = another_run(learner, tiny_model_dir, seed=9)
         new_weights = ray.get(learner.save_weights_for_sampler.remote(other, "prepared-new"))
 
         async def prepare_while_sampling():

@@ -231,12 +231,12 @@ class Run:
         with timed(record, "publish"):
             weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
         pending = [future for future in after if future is not None]
-        if pending and not self.shared:
-            # The replicas merge the weights while the rollout they wait for samples (the learner, done, leaves
-            # its core to them). A sweep's runs share the replicas, which keep one such merge: they would
-            # replace each other's.
-            self.pool.prepare(weights)
         if pending:
+            if not self.shared:
+                # The replicas merge the weights while the rollout they wait for samples (the learner, done, leaves
+                # its core to them). A sweep's runs share the replicas, which keep one such merge: they would
+                # replace each other's.
+                self.pool.prepare(weights)
             with timed(record, "sampling"):
                 await asyncio.wait(pending)
         with timed(record, "publish"):
