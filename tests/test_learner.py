@@ -304,6 +304,24 @@ def test_micro_batches_hold_whole_groups_within_the_token_budget():
         "a group's prompt is computed once"
 
 
+def test_micro_batches_lay_narrow_rows_side_by_side_instead_of_padding_them():
+    # Rows of 60, 25, 20 and 20 tokens (the last two begin with the same 8 tokens, too few of their 20 to share a
+    # row in pack_rows). Padded to the widest row, 2 rows a micro-batch, they took 2 x 60 + 2 x 20 = 160 tokens for
+    # 125; side by side in one row they take 117, the common 8 once. (The learner computes such a row exactly:
+    # test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradients lays its rows side by side.)
+    system = list(range(300, 308))
+    data = [sft_datum(list(range(10, 71))), sft_datum(list(range(100, 126))),
+            sft_datum(system + list(range(200, 213))), sft_datum(system + list(range(400, 413)))]
+    prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
+    assert [len(row.tokens) for row in pack_rows(prepared)] == [60, 25, 20, 20]
+    (rows,) = micro_batches([(prepared, 1)], 125)
+    assert len(rows) == 1 and len(rows[0].tokens) == 125 - 8
+    assert sorted(datum.index for datum in row_datums(rows)) == [0, 1, 2, 3]
+    # A smaller budget closes a micro-batch when the next row would not fit beside the others.
+    micro = micro_batches([(prepared, 1)], 100)
+    assert [[len(row.tokens) for row in rows] for rows in micro] == [[85], [32]]
+
+
 def test_runs_batched_in_one_pass_get_what_each_gets_alone(learner, tiny_model_dir):
     # Three runs with different adapters (one without the output layer's LoRA), losses and group sizes (a DPO pair
     # and its reference), in micro-batches that mix their rows and micro-batches of one run's rows; a fourth call
