@@ -34,6 +34,9 @@ class AlgoConfig:
     loss_fn: str = "importance_sampling"
     loss_fn_config: dict[str, float] = field(default_factory=dict)
     learning_rate: float = 2e-4
+    lr_schedule: str = "constant"
+    """The learning rate over the run's steps: constant, or from learning_rate down towards 0 at the end, linearly or
+    along a half cosine (tinker-cookbook's schedules; `rl.driver.run.adam_params`)."""
     grad_clip_norm: float = 1.0
     prompts_per_step: int = 16
     """RL: prompts sampled per step; DPO: pairs per step; SFT: conversations per step."""
@@ -226,6 +229,7 @@ def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[tuple[str,
 
 
 LOOPS = ("rl", "dpo", "sft")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -262,6 +266,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "checkpoint_every": (NOT_NEGATIVE[0], "0 (the last step only) or more"),
         "model.dtype": one_of(*DTYPES), "model.lora_rank": AT_LEAST_1, "algo.loop": one_of(*LOOPS),
         "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
+        "algo.lr_schedule": one_of(*LR_SCHEDULES),
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
         "algo.max_tokens": AT_LEAST_1, "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),

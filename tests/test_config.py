@@ -3,6 +3,7 @@
 import pytest
 
 from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, TrainConfig, check
+from rl.driver.run import adam_params
 
 
 def refusal(config: TrainConfig) -> str:
@@ -75,3 +76,17 @@ def test_the_command_line_sets_maps_whole_and_pins_actors_to_nodes_as_docs_clust
         composed("learner.resources={learner_node: many}")
     with pytest.raises(Exception, match="learner.micro_batch_tokenz"):
         composed("learner.micro_batch_tokenz=1")  # the rest of the schema stays closed
+
+
+def test_learning_rate_schedules():
+    def rates(schedule: str) -> list[float]:
+        config = TrainConfig(steps=4, algo=AlgoConfig(learning_rate=1e-3, lr_schedule=schedule, grad_clip_norm=0.5))
+        assert {adam_params(config, step).grad_clip_norm for step in range(4)} == {0.5}
+        return [adam_params(config, step).learning_rate for step in range(4)]
+
+    assert rates("constant") == [1e-3] * 4
+    assert rates("linear") == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # 0 only after the last step
+    half = 2 ** -0.5  # cos(pi / 4)
+    assert rates("cosine") == pytest.approx([1e-3, 1e-3 * (1 + half) / 2, 5e-4, 1e-3 * (1 - half) / 2])
+    assert "algo.lr_schedule='step': one of constant, linear, cosine" in refusal(
+        TrainConfig(algo=AlgoConfig(lr_schedule="step")))

@@ -1,5 +1,7 @@
 """The DPO and SFT loops on the tiny model: they learn what they train on, and leave what a run leaves."""
 
+import math
+
 import pytest
 from test_rl_loop import metrics, tiny_config
 
@@ -28,11 +30,14 @@ def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
 
 def test_sft_halves_its_loss(ray_local, tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path, steps=8, eval_every=8, eval_prompts=4)
-    config.algo = AlgoConfig(loop="sft", loss_fn="cross_entropy", learning_rate=1e-2, prompts_per_step=8,
-                             train_examples=8, max_tokens=8)
+    config.algo = AlgoConfig(loop="sft", loss_fn="cross_entropy", learning_rate=1e-2, lr_schedule="cosine",
+                             prompts_per_step=8, train_examples=8, max_tokens=8)
     history = sft.train(config, Addition())
     losses = [record["loss"] for record in history if "loss" in record]
     assert len(losses) == 8 and losses[-1] < losses[0] / 2, losses
+    # The optimizer applied the schedule's rate at each step: 1e-2 * (1 + cos(pi * step / 8)) / 2.
+    assert [record["learning_rate:mean"] for record in history if "loss" in record] == pytest.approx(
+        [1e-2 * (1 + math.cos(math.pi * step / 8)) / 2 for step in range(8)], rel=1e-6)
     assert 6.0 < losses[0] < 9.0, "a random model starts near ln(2048) = 7.6 nats per token"
     assert 6.0 < history[0]["eval/loss"] < 9.0, "held-out, the random model is as lost"
     assert history[0]["eval/loss"] > history[-1]["eval/loss"], "held-out loss falls too"

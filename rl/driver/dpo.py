@@ -12,10 +12,10 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, Shared, batch_indices, held_out_groups, steps
+from rl.driver.run import Run, Shared, adam_params, batch_indices, held_out_groups, steps
 from rl.env import TaskEnvironment
 from rl.tasks import PreferencePair, Task, preference_pairs
-from rl.types import AdamParams, Datum, ForwardBackwardInput
+from rl.types import Datum, ForwardBackwardInput
 
 DPO_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
 """The dpo loss's metrics, logged under the learner's own names."""
@@ -34,7 +34,6 @@ def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
 
 async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
-    adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
     # The data first: a task that cannot give pairs fails before any actor starts.
     pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
     eval_pairs = preference_pairs(task, config.eval_prompts, seed=config.seed, split="eval")
@@ -52,7 +51,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
             # The step's pairs, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
             batch = dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]), algo.loss_fn_config)
-            output = await run.train_step(batch, adam, record)
+            output = await run.train_step(batch, adam_params(config, step), record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
             tokens = batch.tokens

@@ -32,12 +32,12 @@ from rl.driver.episodes import (
     greedy_accuracy,
     run_group,
 )
-from rl.driver.run import Run, Shared, evaluates, held_out_groups, steps, timed_evaluation
+from rl.driver.run import Run, Shared, adam_params, evaluates, held_out_groups, steps, timed_evaluation
 from rl.env import EnvGroupBuilder, Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
 from rl.tasks import Task
-from rl.types import AdamParams, ForwardBackwardInput, SamplingParams
+from rl.types import ForwardBackwardInput, SamplingParams
 
 
 def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize: bool) -> list[list[float]]:
@@ -182,7 +182,6 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
     with Run(config, shared) as run:
         # Weight versions carry the learner's optimizer step: "sampler/weights_step" shows any lag.
         version = await run.publish()
-        adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
         next_rollout = None
 
         def evaluate(step: int) -> Awaitable[dict]:  # the weights published last, bound now (it may run later)
@@ -219,7 +218,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             if datums_D:
                 batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
                                              loss_fn_config=algo.loss_fn_config or None)
-                output = await run.train_step(batch, adam, record)
+                output = await run.train_step(batch, adam_params(config, step), record)
                 record.update({"loss": output.metrics["loss:sum"],
                                "tokens/computed": output.metrics["computed_tokens:sum"]})
                 # The forward pass that trained also scored the action tokens: agreement with the sampler.

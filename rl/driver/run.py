@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import random
 import time
@@ -58,6 +59,16 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> l
             random.Random(f"{seed}:{epoch}").shuffle(orders[epoch])
         indices.append(orders[epoch][offset])
     return indices
+
+
+def adam_params(config: TrainConfig, step: int) -> AdamParams:
+    """The optimizer's settings for `step`: algo.learning_rate scaled by algo.lr_schedule at step / steps (1 at
+    step 0; linear and cosine reach 0 only after the last step)."""
+    algo = config.algo
+    progress = step / config.steps
+    scale = {"constant": 1.0, "linear": 1.0 - progress,
+             "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[algo.lr_schedule]
+    return AdamParams(learning_rate=algo.learning_rate * scale, grad_clip_norm=algo.grad_clip_norm)
 
 
 def overlap_threads(overlapping: bool) -> int | None:

@@ -11,10 +11,10 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, Shared, batch_indices, held_out_groups, steps
+from rl.driver.run import Run, Shared, adam_params, batch_indices, held_out_groups, steps
 from rl.env import TaskEnvironment
 from rl.tasks import Task, sft_conversations
-from rl.types import AdamParams, Datum, ForwardBackwardInput
+from rl.types import Datum, ForwardBackwardInput
 
 
 def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
@@ -29,7 +29,6 @@ def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
 
 async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
-    adam = AdamParams(learning_rate=algo.learning_rate, grad_clip_norm=algo.grad_clip_norm)
     # The data first: a task that cannot give conversations fails before any actor starts.
     conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
     eval_conversations = sft_conversations(task, config.eval_prompts, seed=config.seed, split="eval")
@@ -48,7 +47,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
             # The step's conversations, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(conversations), config.seed)
             batch = mean_loss_batch([conversation_datum(run.tokenizer, conversations[i]) for i in indices])
-            output = await run.train_step(batch, adam, record)
+            output = await run.train_step(batch, adam_params(config, step), record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
             tokens = batch.tokens
