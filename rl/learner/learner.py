@@ -319,7 +319,7 @@ class Learner:
                     for part, pairs in enumerate(by_part):
                         if not pairs:
                             continue
-                        pairs.sort(key=lambda pair: pair[0].index)  # a loss reads a group's datums in a row
+                        pairs.sort(key=lambda pair: pair[0].index)  # a loss reads a group's datums one after another
                         call = calls[part]
                         inputs_D = [{name: value.to(self.device) for name, value in datum.inputs.items()}
                                     for datum, _ in pairs]
