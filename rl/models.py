@@ -168,10 +168,11 @@ def _prepare_smollm2(folder: Path) -> None:
 INIT_STD = 0.05
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0) -> None:
+def build_tiny_model(folder: Path, *, seed: int = 0, intermediate_size: int = 512) -> None:
     """Writes a ~1.7M-parameter Llama model (tied embeddings, as SmolLM2) with a trained BPE tokenizer into `folder`.
 
     Everything is derived from `seed` and a fixed corpus, so two builds with the same seed are identical.
+    `intermediate_size`: the MLP's width (SmolLM2's is 1,536, wide enough to change how a CPU sums its products).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -180,8 +181,8 @@ def build_tiny_model(folder: Path, *, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tiny_tokenizer(vocab_size=2048)
     config = LlamaConfig(
-        vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        vocab_size=2048, hidden_size=256, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, initializer_range=INIT_STD,
     )

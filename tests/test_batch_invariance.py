@@ -1,0 +1,60 @@
+"""A request's samples do not depend on what the engine batches it with, on CPU: the same seeded request gives the
+same tokens and the same logprobs, to the bit, alone and beside other requests.
+
+Without it two runs of one seed part wherever a decode step found one sequence running in one run and several in
+the other (which requests arrive before the engine's next step is a matter of timing), and a sweep's runs or a
+service's users change each other's samples. vLLM's CPU matrix product sums a lone row in another order than a row
+among others once the inner dimension passes ~1,024 (`rl.sampler.engine.compute_single_rows_as_pairs`), so the
+model here has SmolLM2's kind of MLP width (2,048; the shared tiny model's 512 does not show it).
+"""
+
+import pytest
+import torch
+
+from rl.models import build_tiny_model
+from rl.sampler.engine import start_vllm_engine
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU engine's property (CUDA's GEMMs are not "
+                                                                   "batch-invariant and are not made so here)")
+
+PROMPT = [1, 382, 201, 289, 270, 223, 20, 294, 223, 21]
+OTHERS = [[1, 50, 60, 70], [1, 9, 8, 7, 6, 5, 4, 3]]
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wide-tiny-model")
+    build_tiny_model(folder, seed=0, intermediate_size=2048)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(wide_model_dir):
+    return start_vllm_engine(wide_model_dir, dtype="float32", max_model_len=128)
+
+
+def sample(llm, temperature: float) -> list:
+    """PROMPT's samples (tokens and logprobs), alone and then beside OTHERS' longer ones (all in one batch from
+    the first step, so PROMPT's decode steps never run alone there)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    def params(seed: int, max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+
+    def ours(outputs) -> list:
+        sampled = outputs[0].outputs[0]
+        return list(sampled.token_ids), [step[t].logprob for step, t in zip(sampled.logprobs, sampled.token_ids,
+                                                                             strict=True)]
+
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in [PROMPT, *OTHERS]]
+    alone = llm.generate(prompts[:1], [params(5, 24)], use_tqdm=False)
+    beside = llm.generate(prompts, [params(5, 24), params(6, 40), params(7, 32)], use_tqdm=False)
+    return [ours(alone), ours(beside)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_a_request_samples_the_same_bits_alone_and_beside_others(llm, temperature):
+    (tokens, logprobs), (tokens_beside, logprobs_beside) = sample(llm, temperature)
+    assert len(tokens) == 24 and tokens == tokens_beside
+    assert logprobs == logprobs_beside  # exactly
+
