@@ -11,8 +11,11 @@ model here has SmolLM2's kind of MLP width (2,048; the shared tiny model's 512 d
 import pytest
 import torch
 
+from rl.learner import Learner
 from rl.models import build_tiny_model
+from rl.sampler import vllm_lora_fastpath
 from rl.sampler.engine import start_vllm_engine
+from rl.types import AdamParams, Datum, ForwardBackwardInput, LoraConfig
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU engine's property (CUDA's GEMMs are not "
                                                                    "batch-invariant and are not made so here)")
@@ -33,9 +36,28 @@ def llm(wide_model_dir):
     return start_vllm_engine(wide_model_dir, dtype="float32", max_model_len=128)
 
 
-def sample(llm, temperature: float) -> list:
+@pytest.fixture(scope="module")
+def lora_llm(wide_model_dir, tmp_path_factory):
+    """An engine that serves adapters through rl's LoRA path (rl-serve's publish mode), and two trained adapters."""
+    from vllm.lora.request import LoRARequest
+
+    learner = Learner(str(wide_model_dir), storage=tmp_path_factory.mktemp("wide-runs"))
+    adapters = []
+    for seed, lesson in ((0, [600, 601, 602]), (1, [700, 701, 702])):
+        model_id = learner.create(str(wide_model_dir), LoraConfig(rank=8, seed=seed))
+        datum = Datum.next_token(PROMPT + lesson, weights=[1.0] * (len(PROMPT) + len(lesson)))
+        for _ in range(3):
+            learner.forward_backward(model_id, ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"))
+            learner.optim_step(model_id, AdamParams(learning_rate=1e-2))
+        folder = learner.store.folder(learner.save_weights_for_sampler(model_id, "v").tinker_path)
+        adapters.append(LoRARequest(f"run{seed}", seed + 1, str(folder)))
+    vllm_lora_fastpath.install()
+    return start_vllm_engine(wide_model_dir, dtype="float32", max_model_len=128, max_lora_rank=8, max_loras=2), adapters
+
+
+def sample(llm, temperature: float, loras=(None, None, None)) -> list:
     """PROMPT's samples (tokens and logprobs), alone and then beside OTHERS' longer ones (all in one batch from
-    the first step, so PROMPT's decode steps never run alone there)."""
+    the first step, so PROMPT's decode steps never run alone there); `loras`: each request's adapter."""
     from vllm import SamplingParams, TokensPrompt
 
     def params(seed: int, max_tokens: int) -> SamplingParams:
@@ -47,8 +69,9 @@ def sample(llm, temperature: float) -> list:
                                                                              strict=True)]
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in [PROMPT, *OTHERS]]
-    alone = llm.generate(prompts[:1], [params(5, 24)], use_tqdm=False)
-    beside = llm.generate(prompts, [params(5, 24), params(6, 40), params(7, 32)], use_tqdm=False)
+    alone = llm.generate(prompts[:1], [params(5, 24)], lora_request=list(loras[:1]), use_tqdm=False)
+    beside = llm.generate(prompts, [params(5, 24), params(6, 40), params(7, 32)], lora_request=list(loras),
+                          use_tqdm=False)
     return [ours(alone), ours(beside)]
 
 
@@ -58,3 +81,14 @@ def test_a_request_samples_the_same_bits_alone_and_beside_others(llm, temperatur
     assert len(tokens) == 24 and tokens == tokens_beside
     assert logprobs == logprobs_beside  # exactly
 
+
+
+def test_a_request_through_an_adapter_samples_the_same_bits_beside_other_adapters_and_the_base_model(lora_llm):
+    # A service's users: each samples through an adapter of their own. (Requests through the SAME adapter share
+    # its LoRA products, whose float32 sums change with their row count: docs/benchmarks.md.)
+    llm, (ours, theirs) = lora_llm
+    (tokens, logprobs), (tokens_beside, logprobs_beside) = sample(llm, 1.0, (ours, theirs, None))
+    assert len(tokens) == 24 and tokens == tokens_beside
+    assert logprobs == logprobs_beside
+    (_, base_logprobs), _ = sample(llm, 1.0)
+    assert base_logprobs != logprobs, "the adapter is applied"
