@@ -37,8 +37,9 @@ def llm(wide_model_dir):
 
 
 @pytest.fixture(scope="module")
-def lora_llm(wide_model_dir, tmp_path_factory):
-    """An engine that serves adapters through rl's LoRA path (rl-serve's publish mode), and two trained adapters."""
+def lora_llm(ray_local, wide_model_dir, tmp_path_factory):
+    """An engine that serves adapters through rl's LoRA path (rl-serve's publish mode), and two trained adapters
+    (saving for sampling puts the weights in Ray's object store: the session's Ray, not one started on demand)."""
     from vllm.lora.request import LoRARequest
 
     learner = Learner(str(wide_model_dir), storage=tmp_path_factory.mktemp("wide-runs"))
@@ -51,8 +52,9 @@ def lora_llm(wide_model_dir, tmp_path_factory):
             learner.optim_step(model_id, AdamParams(learning_rate=1e-2))
         folder = learner.store.folder(learner.save_weights_for_sampler(model_id, "v").tinker_path)
         adapters.append(LoRARequest(f"run{seed}", seed + 1, str(folder)))
-    vllm_lora_fastpath.install()
-    return start_vllm_engine(wide_model_dir, dtype="float32", max_model_len=128, max_lora_rank=8, max_loras=2), adapters
+    with vllm_lora_fastpath.fastpath(enabled=True):  # as the sampler replica installs it; undone after the module
+        yield (start_vllm_engine(wide_model_dir, dtype="float32", max_model_len=128, max_lora_rank=8, max_loras=2),
+               adapters)
 
 
 def sample(llm, temperature: float, loras=(None, None, None)) -> list:
