@@ -85,11 +85,12 @@ def compute_single_rows_as_pairs() -> None:
 
     Why: a request's tokens and logprobs must not depend on what else the engine batches with it (two runs of one
     seed part otherwise, and a sweep's or a service's users would change each other's samples). oneDNN, vLLM's CPU
-    matrix product, sums a single row in another order than it sums a row among several (measured: the MLP's
-    down projection, K = 1,536, rounds ~1 bf16 output in 15,000 differently, enough to move a logprob by 0.1), so a
-    decode step with one sequence left gave different bits than the same step beside a second sequence. From two
-    rows up its results agreed for every batch size measured (2-16). Decoding is bound by reading the weights,
-    so the second row costs next to nothing.
+    matrix product, sums a single row in another order than it sums a row among several once the inner dimension
+    is large (measured: at SmolLM2's down projection, K = 1,536, ~1 bf16 output in 5,000 rounds differently, enough
+    to move a logprob by 0.1; in float32 most outputs of any K above 1,024), so a decode step with one sequence left
+    gave different bits than the same step beside a second sequence. From two rows up its results agreed for every
+    batch size measured (2-64). Decoding is bound by reading the weights: the second row costs ~10% of a one-row
+    product (docs/benchmarks.md, "Runs of one seed repeat").
     """
     from vllm.model_executor.layers import utils
 
