@@ -9,6 +9,7 @@ its own part.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,7 +230,12 @@ def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[tuple[str,
 
 
 LOOPS = ("rl", "dpo", "sft")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+"""algo.lr_schedule: the learning rate's factor at `progress` = step / steps (`rl.driver.run.adam_params`)."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 WANDB_MODES = ("offline", "online", "disabled")
 

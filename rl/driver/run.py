@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import os
 import random
 import time
@@ -30,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rl.config import TrainConfig
+from rl.config import LR_SCHEDULES, TrainConfig
 from rl.driver.episodes import episode_limits, greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment
@@ -65,9 +64,7 @@ def adam_params(config: TrainConfig, step: int) -> AdamParams:
     """The optimizer's settings for `step`: algo.learning_rate scaled by algo.lr_schedule at step / steps (1 at
     step 0; linear and cosine reach 0 only after the last step)."""
     algo = config.algo
-    progress = step / config.steps
-    scale = {"constant": 1.0, "linear": 1.0 - progress,
-             "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[algo.lr_schedule]
+    scale = LR_SCHEDULES[algo.lr_schedule](step / config.steps)
     return AdamParams(learning_rate=algo.learning_rate * scale, grad_clip_norm=algo.grad_clip_norm)
 
 
