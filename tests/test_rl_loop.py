@@ -10,6 +10,7 @@ import ray
 import torch
 from transformers import AutoTokenizer
 
+import rl.driver.rl as rl_loop
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed
 from rl.driver.rl import PROMPTS_PER_STEP_SEED, STEPS_PER_SEED, kl_penalty, sampler_vs_learner, train, turn_advantages
@@ -189,6 +190,40 @@ def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_di
     with Run(tiny_config(tiny_model_dir, tmp_path, algo={"off_policy": True})) as run:
         assert threads(run.learner) == half
         assert [threads(replica.actor) for replica in run.pool._replicas] == [half]
+
+
+@dataclass(frozen=True)
+class AlikeTask(Digits):
+    """Digits on which every answer scores 1: every group agrees, so no step has anything to train."""
+
+    name: str = "alike"
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return 1.0
+
+
+def test_off_policy_a_step_with_nothing_to_train_ends_once_the_next_rollout_has_sampled(
+        ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """As a step that trains does (its publish waits for the next rollout): a step that ended at once would leave
+    the next one to wait for two rollouts."""
+    events, rollout, record_step = [], rl_loop.rollout, Run.record
+
+    async def noted_rollout(run, environment, step, version):
+        sampled = await rollout(run, environment, step, version)
+        events.append(f"rollout {step} sampled")
+        return sampled
+
+    def noted_record(self, record, *, started):
+        events.append(f"step {record['step']} logged")
+        record_step(self, record, started=started)
+
+    monkeypatch.setattr(rl_loop, "rollout", noted_rollout)
+    monkeypatch.setattr(Run, "record", noted_record)
+    history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, eval_every=0, algo={"off_policy": True}),
+                    AlikeTask())
+    assert [record["datums"] for record in history] == [0, 0, 0]
+    assert events == ["rollout 0 sampled", "rollout 1 sampled", "step 0 logged", "rollout 2 sampled",
+                      "step 1 logged", "step 2 logged"]
 
 
 @dataclass(frozen=True)

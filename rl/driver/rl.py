@@ -193,8 +193,8 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             # Rollout: a group of episodes per problem (off-policy: run while the previous step trained).
             with timed(record, "sampling"):
                 sampled = await (next_rollout or rollout(run, environment, step, version))
-            if algo.off_policy and step + 1 < config.steps:
-                next_rollout = asyncio.ensure_future(rollout(run, environment, step + 1, version))
+            next_rollout = (asyncio.ensure_future(rollout(run, environment, step + 1, version))
+                            if algo.off_policy and step + 1 < config.steps else None)
             # An evaluation, when due, of the weights published last: it samples beside the next rollout while the
             # learner trains (after the rollout this step waits for, never delaying it), and ends before the publish.
             evaluation = asyncio.ensure_future(timed_evaluation(evaluate(step))) if evaluates(config, step) else None
@@ -228,6 +228,12 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                                                                               strict=True)]))
                 # After the next rollout: it samples one version throughout (later turns too).
                 version = await run.publish(after=(next_rollout, evaluation), record=record)
+            elif next_rollout is not None:
+                # Nothing to publish, yet the step ends, as one that trains does, once the next rollout has its
+                # samples: ending at once would leave the next step to wait for a whole rollout and then for the
+                # one after it (twice a step's time, and a third more with an evaluation).
+                with timed(record, "sampling"):
+                    await asyncio.wait([next_rollout])
             if evaluation is not None:
                 record.update(await evaluation)
             record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))
