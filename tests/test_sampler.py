@@ -524,43 +524,6 @@ def test_a_merge_prepared_while_the_engine_samples_waits_for_its_switch(merge_po
         ray.get(actor.__ray_call__.remote(lambda replica: delattr(replica._merger, "prepare")))
 
 
-def test_a_version_waiting_for_its_turn_is_merged_while_the_requests_before_it_run(merge_pool, learner, trained,
-                                                                                   tiny_model_dir):
-    """What a sweep's runs get from a shared replica (they do not call `prepare`): the version next in line is
-    merged aside while the engine samples the one before it, and its switch installs that merge."""
-    def note_merges(replica):
-        merges = replica._merger.prepare
-
-        def noted(files):  # how many requests were under way when each merge began
-            replica.running_at_merges = [*getattr(replica, "running_at_merges", []), replica._turns._running]
-            return merges(files)
-
-        replica._merger.prepare = noted
-
-    actor = merge_pool._replicas[0].actor
-    ray.get(actor.__ray_call__.remote(note_merges))
-    try:
-        old = publish(merge_pool, learner, trained, "waiting-old")
-        other = another_run(learner, tiny_model_dir, seed=13)
-        new_weights = ray.get(learner.save_weights_for_sampler.remote(other, "waiting-new"))
-
-        async def publish_while_sampling():
-            long_request = request(model_path=old.tinker_path, temperature=1.0, seed=4, num_samples=8,
-                                   max_tokens=200, stop=[])
-            sampling = asyncio.ensure_future(merge_pool.sample(long_request))
-            await asyncio.sleep(0.2)  # under way
-            new = await merge_pool.publish(new_weights)
-            return await sampling, new
-
-        response, new = run(publish_while_sampling())
-        # old's merge began with nothing running; new's while the long request ran, and it was the only one.
-        assert ray.get(actor.__ray_call__.remote(lambda replica: replica.running_at_merges)) == [0, 1]
-        assert response.content_hash == old.weights.content_hash
-        assert run(merge_pool.sample(request(model_path=new.tinker_path))).content_hash == new_weights.content_hash
-    finally:
-        ray.get(actor.__ray_call__.remote(lambda replica: delattr(replica._merger, "prepare")))
-
-
 def test_a_merge_whose_prefix_cache_stays_fails_rather_than_serve_stale_prompts(merge_pool, learner, trained):
     def keep_prefix_cache(replica):
         replica._engine.llm.reset_prefix_cache = lambda *args, **kwargs: False  # as vLLM answers when it declines
@@ -582,21 +545,14 @@ def test_a_merge_whose_prefix_cache_stays_fails_rather_than_serve_stale_prompts(
 def test_versions_take_turns_and_none_starves():
     """Merge mode's schedule (`VersionTurns`), with a switch that only records: requests for the merged version run
     together, others wait for them to finish, versions go in the order they first asked, late requests for the
-    merged version queue behind a waiting one, a failed switch fails its own requests only, and the version next in
-    line is prepared while the requests before it run."""
+    merged version queue behind a waiting one, and a failed switch fails its own requests only."""
     events: list[str] = []
-    prepared: list[int] = []
 
     def version(lora_int_id: int) -> AdapterVersion:
         return AdapterVersion(weights=None, lora_int_id=lora_int_id)  # the switch below never reads the weights
 
     async def scenario() -> None:
         running: set[str] = set()
-
-        def prepare(to: AdapterVersion) -> None:
-            assert to.lora_int_id != turns.serving, "the merged version is never prepared again"
-            if not prepared or prepared[-1] != to.lora_int_id:  # asked again while it waits: prepared once
-                prepared.append(to.lora_int_id)
 
         async def switch(to: AdapterVersion | None) -> None:
             assert not running, "switched under a running request"
@@ -605,7 +561,7 @@ def test_versions_take_turns_and_none_starves():
                 raise RuntimeError("merge failed")
             events.append(f"switch {to and to.lora_int_id}")
 
-        turns = VersionTurns(switch, prepare)
+        turns = VersionTurns(switch)
 
         async def request(name: str, to: AdapterVersion | None, delay: float = 0.0, work: float = 0.05) -> None:
             await asyncio.sleep(delay)
@@ -630,8 +586,6 @@ def test_versions_take_turns_and_none_starves():
     asyncio.run(scenario())
     assert events == ["base done", "switch 1", "a1 done", "a2 done", "switch 2", "b1 done", "switch None",
                       "base-late done", "switch 1", "a3 done"], events
-    # Each version is merged aside while the requests before it run (the base model is not: it needs no merge).
-    assert prepared == [1, 2, 4, 1]
 
 
 def test_merge_mode_catches_stale_weights(merge_pool, learner, trained, tiny_model_dir):

@@ -56,16 +56,11 @@ class VersionTurns:
     a request for the merged version that comes while another version waits queues behind it, so none starves.
 
     One switch costs a merge (~0.3 s for SmolLM2 on one core), so a sweep's runs, whose rollouts are bursts of
-    requests for one version, sample at base-model speed one run at a time. The version whose turn comes next is
-    merged aside (`prepare`) while the requests before it run, so that its switch only installs the merge."""
+    requests for one version, sample at base-model speed one run at a time."""
 
-    def __init__(self, switch: Callable[[AdapterVersion | None], Awaitable[None]],
-                 prepare: Callable[[AdapterVersion], None] | None = None):
+    def __init__(self, switch: Callable[[AdapterVersion | None], Awaitable[None]]):
         self._switch = switch
         """Folds a version (None: the base model) into the weights; called with no request running."""
-        self._prepare = prepare
-        """Begins merging a version aside, for its switch to use (`Sampler.prepare`); called again for the same
-        version as long as it waits."""
         self.serving: int | None = None
         """The lora_int_id merged (None: the base model; -1: unknown, after a switch that failed)."""
         self.switches = 0
@@ -98,13 +93,9 @@ class VersionTurns:
             self._next()
 
     def _next(self) -> None:
-        if not self._waiting or self._switching:
+        if self._running or self._switching or not self._waiting:
             return
         key, (version, _) = next(iter(self._waiting.items()))
-        if self._running:
-            if key != self.serving and version is not None and self._prepare is not None:
-                self._prepare(version)
-            return
         if key == self.serving:
             self._admit(key, None)
         else:
@@ -159,7 +150,7 @@ class Sampler:
                                 prefix_caching=prefix_caching, kv_cache_gib=kv_cache_gib)
         self._engine = EngineLoop(llm)
         self._merger = None
-        self._turns = VersionTurns(self._switch, prepare=lambda version: self._prepare_merge(version.weights))
+        self._turns = VersionTurns(self._switch)
         self._merging = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge")
         """Merge mode: where merges are computed (`AdapterMerger.prepare`), beside the engine's thread."""
         self._next_merge: tuple[str, asyncio.Task] | None = None
@@ -222,18 +213,12 @@ class Sampler:
         publishes its next version while its next rollout still samples: on a CPU the merge then runs on the core
         the learner, done with its step, leaves idle. One merge is kept: a later `prepare` replaces it."""
         if self._merger is not None:
-            self._prepare_merge(weights)
-
-    def _prepare_merge(self, weights: SamplerWeights) -> None:
-        """Merge mode: begins merging `weights` aside unless that merge is under way or done already."""
-        if self._next_merge is not None:
-            if self._next_merge[0] == weights.content_hash:
-                return
-            self._next_merge[1].cancel()  # its version, if switched to after all, is merged then
-        merging = asyncio.ensure_future(self._merged(weights))
-        # A merge replaced before its switch fails to no one: its error is retrieved here, not logged as lost
-        merging.add_done_callback(lambda task: task.cancelled() or task.exception())
-        self._next_merge = (weights.content_hash, merging)
+            if self._next_merge is not None:  # its version, if switched to after all, is merged then
+                self._next_merge[1].cancel()
+            merging = asyncio.ensure_future(self._merged(weights))
+            # A merge replaced before its switch fails to no one: its error is retrieved here, not logged as lost
+            merging.add_done_callback(lambda task: task.cancelled() or task.exception())
+            self._next_merge = (weights.content_hash, merging)
 
     async def forget(self, lora_int_id: int) -> None:
         """Lets go of a retired version (adapter mode): vLLM's copy of the adapter and its folder here. The pool
