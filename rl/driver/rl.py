@@ -231,7 +231,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             elif next_rollout is not None:
                 # Nothing to publish, yet the step ends, as one that trains does, once the next rollout has its
                 # samples: ending at once would leave the next step to wait for a whole rollout and then for the
-                # one after it (twice a step's time, and a third more with an evaluation).
+                # one after it (twice a step's time, more with an evaluation).
                 with timed(record, "sampling"):
                     await asyncio.wait([next_rollout])
             if evaluation is not None:
