@@ -150,6 +150,24 @@ def test_seeded_samples_repeat_and_n_samples_differ(pool):
     assert all(s.stop_reason == "length" and len(s.logprobs) == 12 for s in first.sequences)
 
 
+def test_a_replica_on_a_cpu_compiles_nothing(pool):
+    """vLLM compiles a few sampling helpers with inductor even in an eager engine, and an engine's first request paid
+    for it (~2 s, ~10 s on a fresh machine); a replica on a CPU runs torch.compile'd code eagerly instead."""
+    def compile_something(replica) -> tuple[list[float], int, str]:
+        graphs = []
+
+        def backend(graph, inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        doubled = torch.compile(lambda x: x * 2, backend=backend)(torch.ones(2))
+        return doubled.tolist(), len(graphs), str(replica._engine.llm.llm_engine.vllm_config.device_config.device)
+
+    doubled, graphs, device = ray.get(pool._replicas[0].actor.__ray_call__.remote(compile_something))
+    assert doubled == [2.0, 2.0]
+    assert graphs == (0 if device == "cpu" else 1), device
+
+
 def test_sampled_logprobs_match_the_learner(pool, learner, tiny_model_dir):
     # A fresh adapter has B = 0: its logprobs are the base model's.
     base_run = ray.get(learner.create.remote(str(tiny_model_dir), LoraConfig(rank=8, seed=1)))

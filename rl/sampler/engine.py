@@ -66,6 +66,7 @@ def start_vllm_engine(
     cpu_blocks = {"block_size": 32} if current_platform.is_cpu() else {}
     if current_platform.is_cpu():
         compute_single_rows_as_pairs()
+        run_compiled_helpers_eagerly()
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     # vLLM lets VLLM_CPU_KVCACHE_SPACE override an explicit size, so the variable is read here and taken away
     cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
@@ -77,6 +78,18 @@ def start_vllm_engine(
         enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
         max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **kv_cache,
     )
+
+
+def run_compiled_helpers_eagerly() -> None:
+    """Makes this process run what torch.compile wraps eagerly. vLLM compiles a few sampling helpers with inductor
+    even in an eager engine (a sampled token's rank among the logprobs, random sampling), and compiling them cost
+    the engine's first request ~1.8 s with inductor's cache warm and ~9.6 s on a fresh machine, whose C++ code
+    generation also needs a compiler at run time. Run eagerly they cost nothing measurable and sample the same
+    tokens with the same logprobs (SmolLM2 in bf16, seeded requests: docs/benchmarks.md). Process-wide: rl compiles
+    nothing else (its learner, in a process of its own, runs eagerly too)."""
+    import torch
+
+    torch.compiler.set_stance("force_eager")
 
 
 def compute_single_rows_as_pairs() -> None:
