@@ -32,7 +32,16 @@ from rl.driver.episodes import (
     greedy_accuracy,
     run_group,
 )
-from rl.driver.run import Run, Shared, adam_params, evaluates, held_out_groups, steps, timed_evaluation
+from rl.driver.run import (
+    Run,
+    Shared,
+    adam_params,
+    evaluates,
+    held_out_groups,
+    steps,
+    timed_evaluation,
+    wait_for_sampler,
+)
 from rl.env import EnvGroupBuilder, Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
@@ -228,12 +237,11 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                                                                               strict=True)]))
                 # After the next rollout: it samples one version throughout (later turns too).
                 version = await run.publish(after=(next_rollout, evaluation), record=record)
-            elif next_rollout is not None:
+            else:
                 # Nothing to publish, yet the step ends, as one that trains does, once the next rollout has its
                 # samples: ending at once would leave the next step to wait for a whole rollout and then for the
                 # one after it (twice a step's time, more with an evaluation).
-                with timed(record, "sampling"):
-                    await asyncio.wait([next_rollout])
+                await wait_for_sampler((next_rollout,), record)
             if evaluation is not None:
                 record.update(await evaluation)
             record.update(step_metrics(record, sampled, rewards, [d.model_input.length for d in datums_D]))

@@ -238,15 +238,12 @@ class Run:
         record = {} if record is None else record
         with timed(record, "publish"):
             weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
-        pending = [future for future in after if future is not None]
-        if pending:
-            if not self.shared:
-                # The replicas merge the weights while the rollout they wait for samples (the learner, done, leaves
-                # its core to them). A sweep's runs share the replicas, which keep one such merge: they would
-                # replace each other's.
-                self.pool.prepare(weights)
-            with timed(record, "sampling"):
-                await asyncio.wait(pending)
+        if not self.shared and any(future is not None for future in after):
+            # The replicas merge the weights while the rollout they wait for samples (the learner, done, leaves
+            # its core to them). A sweep's runs share the replicas, which keep one such merge: they would
+            # replace each other's.
+            self.pool.prepare(weights)
+        await wait_for_sampler(after, record)
         with timed(record, "publish"):
             version = await self.pool.publish(weights)
             previous, self._published = self._published, version
@@ -352,6 +349,15 @@ async def timed_evaluation(evaluation: Awaitable[dict]) -> dict:
     with timed(record, "eval"):
         record.update(await evaluation)
     return record
+
+
+async def wait_for_sampler(futures: tuple[asyncio.Future | None, ...], record: dict) -> None:
+    """Waits for `futures` (a rollout or an evaluation still sampling; None for none), the wait added to the step's
+    time/sampling_s: off-policy a step ends once what samples beside it has finished."""
+    pending = [future for future in futures if future is not None]
+    if pending:
+        with timed(record, "sampling"):
+            await asyncio.wait(pending)
 
 
 def evaluates(config: TrainConfig, step: int) -> bool:
