@@ -46,6 +46,7 @@ from rl.learner.batch import (
     row_width,
     target_logprobs,
 )
+from rl.learner.fused import ATTENTION, fuse_lora_layers
 from rl.memory import release_large_blocks, resident_memory
 from rl.models import native_bf16, resolve_dtype, resolve_model
 from rl.types import (
@@ -132,8 +133,8 @@ class Learner:
         self.logits_chunk_tokens = logits_chunk_tokens
         self.store = CheckpointStore(storage, storage_uri=storage_uri)
         # On CPU, eager attention trains 13% faster than SDPA (whose CPU flash-attention backward is slow),
-        # measured on SmolLM2 with 50- and 400-token sequences.
-        attention = "eager" if self.device.type == "cpu" else "sdpa"
+        # measured on SmolLM2 with 50- and 400-token sequences, and rl's leaner form of it 4% faster again.
+        attention = ATTENTION if self.device.type == "cpu" else "sdpa"
         self._hf = AutoModelForCausalLM.from_pretrained(resolve_model(base_model), dtype=_DTYPES[self.dtype],
                                                         attn_implementation=attention)
         self._hf.to(self.device)
@@ -177,6 +178,7 @@ class Learner:
                 self._peft = get_peft_model(self._hf, peft_config, adapter_name=adapter)
             else:
                 self._peft.add_adapter(adapter, peft_config)
+        fuse_lora_layers(self._peft)
         # Adapters keep float32 weights (PEFT's default, so AdamW's small updates are not rounded away); the
         # forward pass runs them in the base model's dtype under autocast (`_target_logprobs`) instead of letting
         # PEFT cast every adapted layer's input to float32, which doubled the activations kept for backward.

@@ -1,0 +1,105 @@
+"""Fused forms of what the learner computes most beside its base model's matrix products: a LoRA layer, and (on a
+CPU) attention. Each computes what PEFT's and transformers' own code compute, in fewer passes over the
+activations; tests/test_fused.py checks both against that code, values and gradients.
+
+Measured on the main job's 28 learner batches (SmolLM2-135M in bf16, one thread of a 2-core AMD EPYC, each batch's
+best of 3): 28.54 s with PEFT's layers and transformers' eager attention, 26.74 s with `FusedLoraLinear`, 27.36 s
+with `attention`, 26.01 s with both (1.10x; docs/benchmarks.md, "The learner's layers").
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+Tensor = torch.Tensor
+
+
+class LoraProduct(torch.autograd.Function):
+    """x W^T + bias + scaling * (x A^T) B^T, with W and the bias frozen: gradients for x, A and B only.
+
+    PEFT computes the update as lora_B(lora_A(x)) * scaling, added to the base layer's output: two passes over
+    the layer's output besides the products, and as many again in backward. Here the update is added by the
+    second product itself (addmm into the base output), and the scaling is applied to B (r columns) instead of to
+    the output. Products run in the base weight's dtype (bf16 under the learner's autocast, as PEFT's do there);
+    A's and B's gradients come back in their own dtype (float32)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                scaling: float) -> Tensor:
+        dtype = weight.dtype
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)  # (r, in), (out, r)
+        hidden = rows @ a.T  # (N, r)
+        out = rows @ weight.T if bias is None else torch.addmm(bias.to(dtype), rows, weight.T)
+        out.addmm_(hidden, b.T)
+        ctx.save_for_backward(rows, hidden, a, b, weight)
+        ctx.scaling, ctx.x_shape, ctx.dtypes = scaling, x.shape, (x.dtype, lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, hidden, a, b, weight = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        grad = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)  # (N, out)
+        grad_hidden = grad @ b  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # the first layer's input needs none
+            grad_x = (grad @ weight).addmm_(grad_hidden, a).view(ctx.x_shape).to(x_dtype)
+        grad_a = (grad_hidden.T @ rows).to(a_dtype)
+        grad_b = (grad.T @ hidden).to(b_dtype).mul_(ctx.scaling)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's LoRA linear layer whose forward pass, with one plain adapter active, is `LoraProduct`. Anything else
+    (adapters off, several active, per-row adapter names, a variant such as DoRA, dropout, a bias on B, a merged
+    adapter) goes to PEFT's own."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        adapters = self.active_adapters
+        if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
+            return super().forward(x, *args, **kwargs)
+        name = adapters[0]
+        if (name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None
+                or not isinstance(self.lora_dropout[name], torch.nn.Identity)):
+            return super().forward(x, *args, **kwargs)
+        return LoraProduct.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                 self.lora_B[name].weight, self.scaling[name])
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> None:
+    """Makes every PEFT LoRA linear layer of `model` a `FusedLoraLinear` (the same module and parameters, so its
+    adapters save, load and switch as before). Call again after PEFT wraps more layers."""
+    for module in model.modules():
+        if type(module) is PeftLoraLinear:
+            module.__class__ = FusedLoraLinear
+
+
+def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+              scaling: float, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """transformers' eager attention (`eager_attention_forward`) in fewer passes over the (heads, T, T) scores:
+    the scale applied to the queries (T x head_dim) rather than to the scores, the mask added in place, and the
+    softmax left in the model's dtype (its CPU kernel accumulates in float32 either way; eager computes it into a
+    float32 copy and casts that back); the key and value heads that grouped-query attention shares are read in
+    place rather than copied once per query head. Returns no attention weights."""
+    batch, heads, width, head_dim = query.shape
+    groups = key.shape[1]
+    per_group = heads // groups  # query heads per key/value head, laid consecutively as repeat_kv expects
+    queries = (query * scaling).reshape(batch, groups, per_group * width, head_dim)
+    scores = torch.matmul(queries, key.transpose(2, 3)).view(batch, groups, per_group, width, key.shape[2])
+    if attention_mask is not None:
+        scores.add_(attention_mask[:, :, None])  # (B, 1, T, S) -> (B, 1, 1, T, S)
+    weights = torch.softmax(scores, dim=-1).view(batch, groups, per_group * width, key.shape[2])
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).view(batch, heads, width, head_dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+ATTENTION = "rl_eager"
+"""The name `attention` is registered under, for `attn_implementation`; transformers builds its masks (when given
+none, or a 2-D padding mask) as it does for eager attention."""
+AttentionInterface.register(ATTENTION, attention)
+AttentionMaskInterface.register(ATTENTION, eager_mask)
