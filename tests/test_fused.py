@@ -1,5 +1,5 @@
-"""The learner's fused LoRA layer and attention against PEFT's and transformers' own code, values and gradients,
-and LoraProduct's gradients against finite differences."""
+"""The learner's fused LoRA layer, target logprobs and attention against PEFT's, torch's and transformers' own
+code, values and gradients, and LoraProduct's and TargetLogprobs' gradients against finite differences."""
 
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from rl.learner.fused import FusedLoraLinear, LoraProduct, attention, fuse_lora_layers
+from rl.learner.fused import FusedLoraLinear, LoraProduct, TargetLogprobs, attention, fuse_lora_layers
 
 
 class TwoLayers(torch.nn.Module):
@@ -108,6 +108,59 @@ def test_fused_lora_layer_leaves_other_cases_to_peft():
         one = model(x)
         assert not torch.allclose(one, both) and not torch.allclose(one, plain)
 
+
+
+def target_inputs(dtype: torch.dtype, rows: int = 70, vocab: int = 11):
+    # 70 rows: more than one chunk of the float32 work; rows 0-9 are read by no datum token with a gradient, two
+    # datum tokens read row 12, and each datum token has two targets (soft targets)
+    torch.manual_seed(3)
+    logits = (torch.randn(rows, vocab, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+    reads = torch.cat([torch.arange(rows), torch.tensor([12])])
+    targets = torch.randint(0, vocab, (len(reads), 2))
+    weights = torch.randn(len(reads), 2, dtype=torch.float64)
+    weights[:10] = 0.0
+    return logits, reads, targets, weights
+
+
+def reference_target_logprobs(logits, reads, targets):
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)[reads[:, None],
+                                                                                               targets]
+
+
+@pytest.mark.parametrize("function", [TargetLogprobs.apply, reference_target_logprobs])
+def test_target_logprobs_and_their_gradient(function):
+    logits, reads, targets, weights = target_inputs(torch.float64)
+    logprobs = function(logits, reads, targets)
+    (logprobs * weights).sum().backward()
+    expected = torch.log_softmax(logits.detach(), dim=-1)
+    assert torch.allclose(logprobs.detach(), expected[reads[:, None], targets], atol=1e-12)
+    # by hand: d/dlogits[r] of sum_i,k w_ik logp_ik = sum_(i: reads_i = r) sum_k w_ik (onehot(t_ik) - softmax_r)
+    by_hand = torch.zeros_like(expected)
+    for i, row in enumerate(reads.tolist()):
+        for k in range(targets.shape[1]):
+            by_hand[row] -= weights[i, k] * expected[row].exp()
+            by_hand[row, targets[i, k]] += weights[i, k]
+    assert torch.allclose(logits.grad, by_hand, atol=1e-12)
+    assert (logits.grad[:10] == 0).all()
+
+
+def test_target_logprobs_gradients_match_finite_differences():
+    logits, reads, targets, _ = target_inputs(torch.float64, rows=5, vocab=4)
+    reads = torch.tensor([0, 2, 2, 4])
+    assert torch.autograd.gradcheck(lambda x: TargetLogprobs.apply(x, reads, targets[:4]), (logits,))
+
+
+def test_target_logprobs_of_bfloat16_logits_match_torch_within_rounding():
+    grads = []
+    for function in (TargetLogprobs.apply, reference_target_logprobs):
+        logits, reads, targets, weights = target_inputs(torch.bfloat16)
+        logprobs = function(logits, reads, targets)
+        assert logprobs.dtype == torch.float32
+        (logprobs * weights.float()).sum().backward()
+        grads.append((logprobs.detach(), logits.grad.float()))
+    (actual, actual_grad), (expected, expected_grad) = grads
+    assert torch.allclose(actual, expected, atol=1e-5)  # float32 work on the same bf16 logits
+    assert (actual_grad - expected_grad).norm() <= 0.01 * expected_grad.norm()
 
 def attention_inputs(dtype: torch.dtype):
     torch.manual_seed(2)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rl.learner.fused import TargetLogprobs
 from rl.losses import LossSpec
 from rl.types import Datum
 
@@ -316,7 +317,5 @@ def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, reads: T
                          adapters: list[str] | None) -> Tensor:
     """(n, K) logprobs of `targets` at the row tokens `reads` indexes in `hidden` (u, H); `adapters`: each row
     token's PEFT adapter (PEFT's mixed-adapter batch), or None for the active one."""
-    logits = output_layer(hidden) if adapters is None else output_layer(hidden, adapter_names=adapters)
-    # log_softmax is one fused kernel forward and backward; logsumexp + subtraction is several, and slower.
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (u, V)
-    return logprobs[reads[:, None], targets]
+    logits = output_layer(hidden) if adapters is None else output_layer(hidden, adapter_names=adapters)  # (u, V)
+    return TargetLogprobs.apply(logits, reads, targets)

@@ -1,10 +1,12 @@
-"""Fused forms of what the learner computes most beside its base model's matrix products: a LoRA layer, and (on a
-CPU) attention. Each computes what PEFT's and transformers' own code compute, in fewer passes over the
-activations; tests/test_fused.py checks both against that code, values and gradients.
+"""Fused forms of what the learner computes most beside its base model's matrix products: a LoRA layer, the
+target tokens' logprobs from the output layer's logits, and (on a CPU) attention. Each computes what PEFT's,
+torch's and transformers' own code compute, in fewer passes over the activations; tests/test_fused.py checks each
+against that code, values and gradients.
 
 Measured on the main job's 28 learner batches (SmolLM2-135M in bf16, one thread of a 2-core AMD EPYC, each batch's
-best of 3): 28.54 s with PEFT's layers and transformers' eager attention, 26.74 s with `FusedLoraLinear`, 27.36 s
-with `attention`, 26.01 s with both (1.10x; docs/benchmarks.md, "The learner's layers").
+best of 3, the variants alternated batch by batch): 28.54 s with PEFT's layers and transformers' eager attention,
+26.74 s with `FusedLoraLinear`, 27.36 s with `attention`, 26.01 s with both (1.10x), and `TargetLogprobs` 1.02x
+on top (docs/benchmarks.md, "The learner's layers").
 """
 
 from __future__ import annotations
@@ -76,6 +78,53 @@ def fuse_lora_layers(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module) is PeftLoraLinear:
             module.__class__ = FusedLoraLinear
+
+
+class TargetLogprobs(torch.autograd.Function):
+    """log_softmax(logits)[reads, targets] in float32 (at least), for `logits` (u, V), `reads` (n,) and `targets`
+    (n, K): the logprob of each datum token's targets, read at its row token.
+
+    `log_softmax(logits.float())` and a gather compute the same, through vocabulary-wide float32 tensors: a copy of
+    the logits, their log-softmax (kept for backward), and in backward a zero-filled gradient, its log-softmax
+    gradient and its cast back, five passes over (u, V) at 4 bytes. Here only each row's log-sum-exp is kept
+    (with the logits, which are half the size), float32 work is done a few rows at a time, and backward computes
+    the rows that receive a gradient: a prompt's tokens, whose targets no loss weighs, get none."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, reads: Tensor, targets: Tensor) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        for start in range(0, logits.shape[0], _ROWS):
+            lse[start:start + _ROWS] = torch.logsumexp(logits[start:start + _ROWS].to(dtype), dim=-1)
+        ctx.save_for_backward(logits, reads, targets, lse)
+        return logits[reads[:, None], targets].to(dtype) - lse[reads, None]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # d logp[i, k] / d logits[r] = onehot(targets[i, k]) - softmax(logits[r]) for r = reads[i]
+        logits, reads, targets, lse = ctx.saved_tensors
+        grad = grad.to(lse.dtype)
+        rows, vocab = logits.shape
+        total = torch.zeros(rows, dtype=lse.dtype, device=grad.device).index_add_(0, reads, grad.sum(-1))
+        graded = torch.zeros(rows, dtype=torch.bool, device=grad.device)
+        graded[reads[(grad != 0).any(-1)]] = True
+        grad_logits = torch.zeros_like(logits)
+        graded_rows = graded.nonzero().flatten()
+        slot = torch.full((rows,), -1, dtype=torch.int64, device=grad.device)  # a graded row's place in its chunk
+        for start in range(0, len(graded_rows), _ROWS):
+            chunk = graded_rows[start:start + _ROWS]
+            part = (logits[chunk].to(lse.dtype) - lse[chunk, None]).exp_().mul_(-total[chunk, None])
+            slot[chunk] = torch.arange(len(chunk), device=grad.device)
+            mine = slot[reads] >= 0
+            part.view(-1).index_add_(0, (slot[reads[mine], None] * vocab + targets[mine]).flatten(),
+                                     grad[mine].flatten())
+            slot[chunk] = -1
+            grad_logits[chunk] = part.to(logits.dtype)
+        return grad_logits, None, None
+
+
+_ROWS = 32
+"""Rows of the vocabulary-wide float32 work at a time (6 MB for a 49k vocabulary): small enough to stay in cache."""
 
 
 def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
