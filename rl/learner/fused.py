@@ -94,8 +94,9 @@ class TargetLogprobs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, reads: Tensor, targets: Tensor) -> Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-        for start in range(0, logits.shape[0], _ROWS):
-            lse[start:start + _ROWS] = torch.logsumexp(logits[start:start + _ROWS].to(dtype), dim=-1)
+        step = _rows_at_a_time(logits)
+        for start in range(0, logits.shape[0], step):
+            lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(dtype), dim=-1)
         ctx.save_for_backward(logits, reads, targets, lse)
         return logits[reads[:, None], targets].to(dtype) - lse[reads, None]
 
@@ -111,8 +112,9 @@ class TargetLogprobs(torch.autograd.Function):
         grad_logits = torch.zeros_like(logits)
         graded_rows = graded.nonzero().flatten()
         slot = torch.full((rows,), -1, dtype=torch.int64, device=grad.device)  # a graded row's place in its chunk
-        for start in range(0, len(graded_rows), _ROWS):
-            chunk = graded_rows[start:start + _ROWS]
+        step = _rows_at_a_time(logits)
+        for start in range(0, len(graded_rows), step):
+            chunk = graded_rows[start:start + step]
             part = (logits[chunk].to(lse.dtype) - lse[chunk, None]).exp_().mul_(-total[chunk, None])
             slot[chunk] = torch.arange(len(chunk), device=grad.device)
             mine = slot[reads] >= 0
@@ -123,8 +125,10 @@ class TargetLogprobs(torch.autograd.Function):
         return grad_logits, None, None
 
 
-_ROWS = 32
-"""Rows of the vocabulary-wide float32 work at a time (6 MB for a 49k vocabulary): small enough to stay in cache."""
+def _rows_at_a_time(logits: Tensor) -> int:
+    """Rows of the vocabulary-wide float32 work at a time: on a CPU 32 (6 MB for a 49k vocabulary, which stays in
+    cache); on a GPU all of them, whose memory is fast and whose every kernel launch costs the host time."""
+    return 32 if logits.device.type == "cpu" else max(logits.shape[0], 1)
 
 
 def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
