@@ -7,9 +7,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from rl.learner.fused import FusedLoraLinear, LoraProduct, TargetLogprobs, attention, fuse_lora_layers
+from rl.learner.fused import ATTENTION, FusedLoraLinear, LoraProduct, TargetLogprobs, attention, fuse_lora_layers
 
 
 class TwoLayers(torch.nn.Module):
@@ -162,6 +163,7 @@ def test_target_logprobs_of_bfloat16_logits_match_torch_within_rounding():
     assert torch.allclose(actual, expected, atol=1e-5)  # float32 work on the same bf16 logits
     assert (actual_grad - expected_grad).norm() <= 0.01 * expected_grad.norm()
 
+
 def attention_inputs(dtype: torch.dtype):
     torch.manual_seed(2)
     batch, heads, groups, width, head_dim = 2, 6, 2, 7, 8
@@ -177,13 +179,9 @@ def attention_inputs(dtype: torch.dtype):
 
 def attention_and_gradients(function, dtype):
     module, query, key, value, mask = attention_inputs(dtype)
-    output = function(module, query, key, value, mask, scaling=head_scale(query), dropout=0.0)[0]
+    output = function(module, query, key, value, mask, scaling=query.shape[-1] ** -0.5, dropout=0.0)[0]
     output.float().mul(torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
     return output.detach().float(), [tensor.grad.float() for tensor in (query, key, value)]
-
-
-def head_scale(query):
-    return query.shape[-1] ** -0.5
 
 
 def test_attention_computes_what_transformers_eager_attention_computes():
@@ -212,10 +210,6 @@ def test_attention_in_bfloat16_matches_eager_attention_within_rounding():
 
 def test_attention_builds_the_causal_mask_when_given_none(tiny_model_dir):
     # A model loaded with rl's attention and called without a mask (as a user of the plain model would) is causal.
-    from transformers import AutoModelForCausalLM
-
-    from rl.learner.fused import ATTENTION
-
     tokens = torch.tensor([[5, 9, 2, 7, 3, 8]])
     logits = {}
     for name in ("eager", ATTENTION):

@@ -62,10 +62,9 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapters = self.active_adapters
-        if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
-            return super().forward(x, *args, **kwargs)
-        name = adapters[0]
-        if (name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None
+        name = adapters[0] if len(adapters) == 1 else None
+        if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+                or name in self.lora_variant or self.lora_B[name].bias is not None
                 or not isinstance(self.lora_dropout[name], torch.nn.Identity)):
             return super().forward(x, *args, **kwargs)
         return LoraProduct.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
