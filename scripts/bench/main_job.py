@@ -138,7 +138,7 @@ def matrix_weights(model_folder: Path) -> int:
 def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dict[str, list[float]]:
     """Seconds of the run's sampling path (its requests -> SamplerPool -> replica -> EngineLoop) and of raw vLLM
     `LLM.generate` of the same requests on the same engine in the same replica process, on each of `steps`'
-    rollouts, interleaved."""
+    rollouts, interleaved, each from an empty prefix cache."""
     import asyncio
 
     import ray
@@ -164,6 +164,9 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
         started = time.perf_counter()
         replica._engine.call(lambda: replica._engine.llm.generate(prompts, params, use_tqdm=False)).result()
         return time.perf_counter() - started
+
+    def empty_cache(replica) -> None:  # neither path may find the other's prompts cached
+        assert replica._engine.call(replica._engine.llm.reset_prefix_cache, drain=True).result()
 
     async def ours(pool, requests) -> float:
         started = time.perf_counter()
@@ -192,7 +195,9 @@ def sampling_vs_raw(run_config: dict, steps: list[int], repeats: int = 3) -> dic
     seconds: dict[str, list[float]] = {"ours_s": [], "raw_s": []}
     for index, step in enumerate([steps[0], *steps * repeats]):  # the first pair warms the engine up
         requests = asyncio.run(first_turn_requests(config, TaskEnvironment(task), tokenizer, step))
+        ray.get(replica.__ray_call__.remote(empty_cache))
         ours_s = asyncio.run(ours(pool, requests))
+        ray.get(replica.__ray_call__.remote(empty_cache))
         raw_s = ray.get(replica.__ray_call__.remote(raw, requests))
         if index:
             seconds["ours_s"].append(ours_s)
