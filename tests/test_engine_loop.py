@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from waiting import wait_until
 
-from rl.sampler import vllm_prompt_tails
-from rl.sampler.engine import EngineDeadError, EngineLoop
+from rl.sampler import vllm_prompt_prefixes
+from rl.sampler.engine import EngineDeadError, EngineLoop, PrefixRounds
 
 
 class ScriptedEngine:
@@ -21,7 +21,8 @@ class ScriptedEngine:
 
     def __init__(self, *, die_at: int | None = None, steps_per_request: int = 2, prefix_caching: bool = False):
         self.die_at, self.steps_per_request = die_at, steps_per_request
-        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching))
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching,
+                                                                        block_size=32))
         self.requests: dict[str, int] = {}
         self.seeds: dict[str, int | None] = {}
         self.added_at: dict[str, int] = {}
@@ -137,30 +138,58 @@ def samples_of_one_prompt(n: int, seed: int | None = 5):
     return SimpleNamespace(n=n, seed=seed, prompt_logprobs=None)
 
 
-def test_a_prompts_later_samples_are_added_a_step_after_the_first(monkeypatch):
-    monkeypatch.setattr(vllm_prompt_tails, "is_installed", lambda: True)
+PROMPT = list(range(100, 120))  # 20 tokens: within one KV block of 32
+
+
+def test_a_prompts_later_samples_wait_a_step_for_the_first(monkeypatch):
+    monkeypatch.setattr(vllm_prompt_prefixes, "is_installed", lambda: True)
     engine = ScriptedEngine(prefix_caching=True)
     loop = loop_over(engine)
-    output = loop.generate([1, 2], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+    output = loop.generate(PROMPT, params=samples_of_one_prompt(3), lora=None).result(timeout=5)
     assert engine.added_at == {"r0": 0, "r1": 1, "r2": 1}
     assert [(sample.index, sample.seed) for sample in output.outputs] == [(0, 5), (1, 6), (2, 7)]
-    unseeded = loop.generate([1, 2], params=samples_of_one_prompt(2, seed=None), lora=None).result(timeout=5)
+    unseeded = loop.generate(PROMPT, params=samples_of_one_prompt(2, seed=None), lora=None).result(timeout=5)
     assert [sample.seed for sample in unseeded.outputs] == [None, None]
+    assert engine.added_at["r3"] == engine.added_at["r4"], "computed by now: nothing to wait for"
 
     without_cache = loop_over(ScriptedEngine(prefix_caching=False))  # nothing to share: one request, as vLLM has it
-    one_request = without_cache.generate([1, 2], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+    one_request = without_cache.generate(PROMPT, params=samples_of_one_prompt(3), lora=None).result(timeout=5)
     assert [sample.seed for sample in one_request.outputs] == [5]
 
 
-def test_samples_waiting_for_a_step_fail_with_the_engine_or_with_their_first(monkeypatch):
-    monkeypatch.setattr(vllm_prompt_tails, "is_installed", lambda: True)
+def test_waiting_requests_fail_with_the_engine_and_alone_when_refused(monkeypatch):
+    monkeypatch.setattr(vllm_prompt_prefixes, "is_installed", lambda: True)
     loop = loop_over(ScriptedEngine(prefix_caching=True, die_at=1))
     with pytest.raises(EngineDeadError, match="the vLLM engine failed: RuntimeError"):
-        loop.generate([1, 2], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
+        loop.generate(PROMPT, params=samples_of_one_prompt(3), lora=None).result(timeout=5)
 
     engine = ScriptedEngine(prefix_caching=True)
     loop = loop_over(engine)
-    with pytest.raises(ValueError, match="666 is not allowed"):  # refused at once: the others are refused alike
+    with pytest.raises(ValueError, match="666 is not allowed"):
         loop.generate([666], params=samples_of_one_prompt(3), lora=None).result(timeout=5)
-    assert loop.generate([1], params=samples_of_one_prompt(1), lora=None).result(timeout=5).finished
+    assert loop.generate(PROMPT, params=samples_of_one_prompt(1), lora=None).result(timeout=5).finished
     assert engine.requests == {} and loop.dead is None
+
+
+def test_a_request_waits_while_one_it_shares_more_with_is_computed():
+    rounds = PrefixRounds(block_size=32)
+    first = list(range(1, 48))  # 47 tokens: a block of 32, then 15
+    assert not rounds.waits(None, first)
+    rounds.add(None, first)
+    assert rounds.waits(None, first), "the same prompt: 14 tokens past the whole block to share"
+    assert rounds.waits(None, first[:40] + [99]) and rounds.waits(None, first[:20] + [99])
+    assert not rounds.waits(None, first[:39] + [99]), "7 tokens past the block vLLM shares within a step anyway"
+    assert not rounds.waits(None, first[:7] + [99]), "too few to wait a step for"
+    assert not rounds.waits(7, first), "another adapter's cache entries are its own"
+    rounds.stepped()
+    assert not rounds.waits(None, first), "computed: found without waiting"
+    second = first[:10] + list(range(200, 230))
+    rounds.add(None, second)
+    assert rounds.waits(None, second[:30] + [99]), "20 more tokens than the 10 computed before"
+    rounds.forget()
+    assert not rounds.waits(None, second[:30] + [99])
+
+    small = PrefixRounds(block_size=32, max_nodes=60)
+    small.add(None, first)
+    small.add(None, list(range(300, 320)))  # 67 nodes: the trie starts again
+    assert not small.waits(None, first) and small.waits(None, list(range(300, 320)))

