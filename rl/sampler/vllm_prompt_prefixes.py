@@ -20,9 +20,10 @@ is one full-attention group:
   has it, 37 of a rollout's 48 samples came out different, many ending at their first token.
 So a request must start a step after the one it shares with: `EngineLoop` holds it back (`PrefixRounds`).
 
-Measured (SmolLM2-135M bf16, one core of a 2-core AMD EPYC; best of 3): the main job's rollout 2.86 -> 2.45 s
-with a prompt's samples sharing its last block, an evaluation's 32 greedy prompts 2.60 -> 1.73 s with their
-common 27 tokens shared; every sample's tokens and logprobs identical to vLLM's own path.
+Measured (SmolLM2-135M bf16, one core of a 2-core AMD EPYC; best of 3): the main job's rollout 2.86 s -> 2.45 with
+a prompt's samples sharing its last block -> 1.97-2.18 with the 27 tokens common to every prompt shared too; an
+evaluation's 32 greedy prompts 2.60 -> 1.68-1.90 s; every sample's tokens and logprobs identical to vLLM's own
+path (docs/benchmarks.md has the main job's figures).
 
 Only in this process (run the engine in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0) and only on CPU, where the
 prefill is the cost; untried on CUDA builds, which `start_vllm_engine` leaves as vLLM has them.
@@ -88,12 +89,14 @@ def install() -> None:
         return coordinator_for(**kwargs)
 
     # The prompts whose prefill is being scheduled, then those of each scheduled step until its output comes back.
-    scheduling: list[tuple[Any, Any, list]] = []
-    computing: dict[int, list[tuple[Any, Any, list]]] = {}
+    scheduling: list[tuple[Any, Any, int, list]] = []
+    computing: dict[int, list[tuple[Any, Any, int, list]]] = {}
 
     def defer_entries(manager: Any, request: Any, num_tokens: int) -> None:
-        if num_tokens <= request.num_prompt_tokens:  # the prompt's step (vLLM calls this on every decode step too)
-            scheduling.append((manager, request, manager.req_to_blocks[request.request_id]))
+        # `num_tokens`: the request's tokens computed once this step has run. Prompt steps only (vLLM calls this on
+        # every decode step too)
+        if num_tokens <= request.num_prompt_tokens:
+            scheduling.append((manager, request, num_tokens, manager.req_to_blocks[request.request_id]))
 
     schedule = Scheduler.schedule
 
@@ -109,18 +112,20 @@ def install() -> None:
     def register_then_update(scheduler: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
         # The step has run: its prompts' blocks hold their KV. Registered before the update frees finished requests'
         # blocks, which keep their entries, as full blocks do, until they are reused.
-        for manager, request, blocks in computing.pop(id(scheduler_output), ()):
+        for manager, request, num_tokens, blocks in computing.pop(id(scheduler_output), ()):
             if manager.req_to_blocks.get(request.request_id) is blocks:
-                computed = scheduler_output.num_scheduled_tokens.get(request.request_id, 0)
-                register_prompt(manager, request, blocks, first=request.num_prompt_tokens - computed + 1)
+                computed_now = scheduler_output.num_scheduled_tokens.get(request.request_id, 0)
+                register_prompt(manager, request, blocks, first=num_tokens - computed_now + 1,
+                                last=min(num_tokens, request.num_prompt_tokens - 1))
         return update(scheduler, scheduler_output, model_runner_output)
 
-    def register_prompt(manager: Any, request: Any, blocks: list, *, first: int) -> None:
-        """An entry at each of the prompt's tokens from `first` on, but its last (a hit leaves the last token to
-        compute) and those that end a block (vLLM's own entries); below `first` the request's blocks came from the
-        cache, which has their entries. Longest first: a block's first entry is its primary one, and an entry
-        longer than the primary would drop the block's others (`BlockPool.cache_partial_block`)."""
-        for length in reversed(range(max(first, 1), request.num_prompt_tokens)):
+    def register_prompt(manager: Any, request: Any, blocks: list, *, first: int, last: int) -> None:
+        """An entry at each prompt token from `first` to `last` (those this step computed, up to the prompt's last
+        but one: a hit leaves the last token to compute), but those that end a block (vLLM's own entries); before
+        `first` the request's blocks came from the cache or an earlier step, with their entries. Longest first: a
+        block's first entry is its primary one, and an entry longer than the primary would drop the block's others
+        (`BlockPool.cache_partial_block`)."""
+        for length in reversed(range(max(first, 1), last + 1)):
             if length % manager.block_size:
                 manager.block_pool.cache_partial_block(
                     request=request, block=blocks[length // manager.block_size], num_tokens=length,
