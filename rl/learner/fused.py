@@ -106,10 +106,8 @@ class TargetLogprobs(torch.autograd.Function):
         grad = grad.to(lse.dtype)
         rows, vocab = logits.shape
         total = torch.zeros(rows, dtype=lse.dtype, device=grad.device).index_add_(0, reads, grad.sum(-1))
-        graded = torch.zeros(rows, dtype=torch.bool, device=grad.device)
-        graded[reads[(grad != 0).any(-1)]] = True
         grad_logits = torch.zeros_like(logits)
-        graded_rows = graded.nonzero().flatten()
+        graded_rows = torch.unique(reads[(grad != 0).any(-1)])  # sorted
         slot = torch.full((rows,), -1, dtype=torch.int64, device=grad.device)  # a graded row's place in its chunk
         step = _rows_at_a_time(logits)
         for start in range(0, len(graded_rows), step):

@@ -171,8 +171,6 @@ class EngineLoop:
         future: concurrent.futures.Future = concurrent.futures.Future()
         request_id = f"r{next(self._ids)}"
         adapter = lora.lora_int_id if lora is not None else None
-        # vLLM computes the whole prompt of a request that asks for its logprobs: waiting would save nothing
-        may_wait = self._prefixes is not None and params.prompt_logprobs is None
 
         def add() -> None:
             try:
@@ -185,7 +183,8 @@ class EngineLoop:
 
         def admit() -> None:
             if self._prefixes is not None:
-                if may_wait and self._prefixes.waits(adapter, prompt_token_ids):
+                # vLLM computes the whole prompt of a request that asks for its logprobs: waiting would save nothing
+                if params.prompt_logprobs is None and self._prefixes.waits(adapter, prompt_token_ids):
                     self._waiting.append((admit, future))
                     return
                 self._prefixes.add(adapter, prompt_token_ids)
