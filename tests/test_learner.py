@@ -248,20 +248,25 @@ def test_datums_that_share_a_prefix_share_a_row_with_the_same_logprobs_and_gradi
     learner._runs[model_id].optimizer.zero_grad(set_to_none=True)
 
 
+def random_rows(rng) -> list:
+    """Groups that share a prompt, some replies forking off early, as pack_rows lays them out."""
+    data = []
+    for _ in range(rng.randint(1, 5)):
+        prompt = [rng.randrange(50) for _ in range(rng.randint(8, 40))]
+        for _ in range(rng.randint(1, 5)):
+            start = prompt[: rng.randint(0, len(prompt))] if rng.random() < 0.3 else prompt
+            data.append(sft_datum(start + [rng.randrange(50) for _ in range(rng.randint(2, 20))]))
+    return pack_rows(prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048))
+
+
 def test_row_attention_lets_each_token_see_exactly_its_own_datums_earlier_tokens():
     import random
 
     from rl.learner.batch import row_attention
 
     rng = random.Random(0)
-    for _ in range(20):  # groups that share a prompt, some replies forking off early, as pack_rows lays them out
-        data = []
-        for _ in range(rng.randint(1, 5)):
-            prompt = [rng.randrange(50) for _ in range(rng.randint(8, 40))]
-            for _ in range(rng.randint(1, 5)):
-                start = prompt[: rng.randint(0, len(prompt))] if rng.random() < 0.3 else prompt
-                data.append(sft_datum(start + [rng.randrange(50) for _ in range(rng.randint(2, 20))]))
-        rows = pack_rows(prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048))
+    for _ in range(20):
+        rows = random_rows(rng)
         width = row_width(rows) + 2
         expected = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees only itself
         for index, row in enumerate(rows):
@@ -272,6 +277,60 @@ def test_row_attention_lets_each_token_see_exactly_its_own_datums_earlier_tokens
         assert mask.shape == (len(rows), 1, width, width)
         assert torch.equal(mask[:, 0] == 0, expected)
         assert (mask[:, 0][~expected] == torch.finfo(torch.float32).min).all()
+
+
+def test_attention_in_blocks_computes_what_attention_through_the_row_mask_computes():
+    import random
+    from types import SimpleNamespace
+
+    from rl.learner.batch import attention_blocks, row_attention
+    from rl.learner.fused import attention
+
+    rng = random.Random(1)
+    cpu, dtype = torch.device("cpu"), torch.float64
+    module = SimpleNamespace(training=False)
+    for case in range(20):
+        rows = random_rows(rng)
+        width = row_width(rows) + 2
+        torch.manual_seed(case)
+        query = torch.randn(len(rows), 6, width, 8, dtype=dtype, requires_grad=True)
+        key, value = (torch.randn(len(rows), 2, width, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+        real = torch.zeros(len(rows), width, 1, 1, dtype=dtype)  # (R, W, heads, head_dim) like the output
+        for index, row in enumerate(rows):
+            real[index, : len(row.tokens)] = 1.0
+        weights = torch.randn(len(rows), width, 6, 8, dtype=dtype) * real  # padding's outputs are never read
+        results = []
+        for blocks in (None, attention_blocks(rows, dtype, cpu)):
+            mask = row_attention(rows, width, dtype, cpu) if blocks is None else None
+            output = attention(module, query, key, value, mask, scaling=0.35, attention_blocks=blocks)[0]
+            (output * weights).sum().backward()
+            results.append((output.detach() * real, [t.grad.clone() for t in (query, key, value)]))
+            for tensor in (query, key, value):
+                tensor.grad = None
+        (expected, expected_grads), (actual, actual_grads) = results
+        assert torch.allclose(actual, expected, atol=1e-12)
+        for grad, reference in zip(actual_grads, expected_grads, strict=True):
+            assert torch.allclose(grad, reference, atol=1e-12)
+
+
+def test_attention_blocks_hold_an_rl_group_each():
+    from rl.learner.batch import attention_blocks
+
+    template = [1, 2, 3, 4, 5, 6]  # the chat template every prompt begins with
+    data = [sft_datum(template + [100 + 40 * g + i for i in range(30)] + [10 + g * 5 + r] * 16)  # 15 inputs
+            for g in range(3) for r in range(4)]
+    prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
+    [rows] = micro_batches([(prepared, 4)], 512)
+    assert len(rows) == 1 and len(rows[0].tokens) == 6 + 3 * (30 + 4 * 15), "one row, the template once"
+    [row] = attention_blocks(rows, torch.float32, torch.device("cpu"))
+    blocks = row.blocks
+    assert [(block.start, block.end) for block in blocks] == [(0, 96), (96, 186), (186, 276)]
+    assert row.bounds == [0, 6, 96, 186, 276]  # the template, then each group's tokens
+    assert [block.pieces for block in blocks] == [[0, 1], [0, 2], [0, 3]], "the template and the group's own"
+    assert [block.mask.shape for block in blocks] == [(1, 1, 96, 96), (1, 1, 90, 96), (1, 1, 90, 96)]
+    allowed = sum(int((block.mask == 0).sum()) for block in blocks)
+    # A token at position p of its datum sees p + 1 tokens: the template's, each group's prompt and four replies
+    assert allowed == sum(range(1, 7)) + 3 * (sum(range(7, 37)) + 4 * sum(range(37, 52)))
 
 
 def test_packed_rows_stay_within_their_width_limit():

@@ -5,7 +5,9 @@ a rejected batch never leaves a half-accumulated gradient behind.
 
 Consecutive datums that start alike (a DPO pair, an RL group) share a row laid out as a prefix tree: every token
 they have in common is computed once and each datum attends along its own path (`pack_rows`, `row_attention`),
-which is exact under causal attention.
+which is exact under causal attention. On a CPU, attention computes only the pairs that path lets through, in
+blocks of the row's queries (`attention_blocks`): the groups laid side by side in a row do not attend to each
+other at all.
 
 Logprobs never materialise the full-vocabulary logits of the whole batch: the decoder's hidden states of the
 real (unpadded) row tokens, a shared prefix once, go through the output layer a chunk of tokens at a time, and
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rl.learner.fused import TargetLogprobs
+from rl.learner.fused import ATTENTION, TargetLogprobs
 from rl.losses import LossSpec
 from rl.types import Datum
 
@@ -243,24 +245,110 @@ def pack_rows(batch: list[PreparedDatum]) -> list[PackedRow]:
 
 def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(R, 1, W, W) additive mask on `device`: a token sees itself and the earlier tokens of its own datum (its
-    path down the row's tree); padding sees only itself (a row of nothing would give NaN).
-
-    Token j sees token i when i lies on j's path: i is no deeper than j, and j's ancestor at i's depth is i. Each
-    token's path is read off any datum that holds it (datums that share a token share its whole path), so the
-    mask costs one indexing operation per datum and a few (W x W) comparisons per row, not a loop over pairs;
-    it is built as booleans on the CPU and made additive on the device."""
+    path down the row's tree); padding sees only itself (a row of nothing would give NaN). Built as booleans on
+    the CPU and made additive on the device."""
     allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
     for index, row in enumerate(rows):
         used = len(row.tokens)
-        depth = torch.tensor(row.positions)  # (U,): each token's position within its datums
-        ancestors = torch.full((used, int(depth.max()) + 1), -1, dtype=torch.int64)  # (U, D): the path to each
-        for member in row.members:
-            path = torch.tensor(member)
-            ancestors[path, : len(path)] = path
-        on_path = ancestors[:, depth] == torch.arange(used)  # (U, U): j's ancestor at i's depth is i
-        allowed[index, :used, :used] = on_path & (depth[None, :] <= depth[:, None])
+        allowed[index, :used, :used] = _sees(row)
+    return _additive(allowed, dtype, device)[:, None]
+
+
+def _sees(row: PackedRow) -> Tensor:
+    """(U, U) booleans: row token j sees row token i.
+
+    Token j sees token i when i lies on j's path: i is no deeper than j, and j's ancestor at i's depth is i. Each
+    token's path is read off any datum that holds it (datums that share a token share its whole path), so this
+    costs one indexing operation per datum and a few (U x U) comparisons, not a loop over pairs."""
+    used = len(row.tokens)
+    depth = torch.tensor(row.positions)  # (U,): each token's position within its datums
+    ancestors = torch.full((used, int(depth.max()) + 1), -1, dtype=torch.int64)  # (U, D): the path to each
+    for member in row.members:
+        path = torch.tensor(member)
+        ancestors[path, : len(path)] = path
+    on_path = ancestors[:, depth] == torch.arange(used)  # (U, U): j's ancestor at i's depth is i
+    return on_path & (depth[None, :] <= depth[:, None])
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed.to(device), torch.finfo(dtype).min)[:, None]
+    return mask.masked_fill_(~allowed.to(device), torch.finfo(dtype).min)
+
+
+@dataclass
+class AttentionBlock:
+    """A row's tokens start..end as queries, which attend only to the keys in some of the row's pieces."""
+
+    start: int
+    end: int
+    pieces: list[int]
+    """The row's pieces (`BlockedRow.bounds`) that hold the keys, ascending."""
+    mask: Tensor
+    """(1, 1, end - start, the pieces' tokens) additive."""
+
+
+@dataclass
+class BlockedRow:
+    """A row's attention as blocks of consecutive queries that see only some of its tokens."""
+
+    bounds: list[int]
+    """The row's tokens cut into pieces at these indices: 0 first, the row's length last; every block's start and
+    end, and every end of a run of keys it sees, among them (each block's keys are whole pieces)."""
+    blocks: list[AttentionBlock]
+
+
+BLOCK_COST = 2048
+"""What computing a block of a row's queries apart costs beyond its (query, key) pairs, counted in pairs: a
+block's attention is a dozen more operations in each layer, forward and backward (tuned on the main job's
+learner batches, docs/benchmarks.md)."""
+
+
+def attention_blocks(rows: list[PackedRow], dtype: torch.dtype, device: torch.device) -> list[BlockedRow]:
+    """Each row's tokens as consecutive blocks of queries, each with the keys its tokens see, for attention that
+    computes only those (query, key) pairs instead of the whole (W, W) square: exact, as every pair left out is
+    masked. A datum's new tokens lie together in its row (`PackedRow.add`), and all of them see only its path;
+    consecutive datums share a block where that costs fewer pairs than apart (with BLOCK_COST): an RL group's
+    replies see its prompt, and the groups laid side by side in a row share only what they begin with."""
+    result = []
+    for row in rows:
+        spans: list[tuple[int, int, set[int]]] = []  # (start, end, the keys they see)
+        end = 0
+        for path in row.members:
+            start, end = end, max(end, path[-1] + 1)
+            if start == end:  # a datum that the row held already
+                continue
+            keys = set(path)
+            if spans:
+                last_start, last_end, last_keys = spans[-1]
+                joined = last_keys | keys
+                if ((end - last_start) * len(joined)
+                        <= (last_end - last_start) * len(last_keys) + (end - start) * len(keys) + BLOCK_COST):
+                    spans[-1] = (last_start, end, joined)
+                    continue
+            spans.append((start, end, keys))
+        runs = [_runs(sorted(keys)) for _, _, keys in spans]
+        bounds = sorted({0, len(row.tokens), *(at for _, end, _ in spans for at in (end,)),
+                         *(at for block_runs in runs for run in block_runs for at in run)})
+        piece = {at: index for index, at in enumerate(bounds)}
+        sees = _sees(row)
+        blocks = []
+        for (start, end, keys), block_runs in zip(spans, runs, strict=True):
+            pieces = [index for low, high in block_runs for index in range(piece[low], piece[high])]
+            blocks.append(AttentionBlock(start, end, pieces,
+                                         _additive(sees[start:end][:, sorted(keys)], dtype, device)[None, None]))
+        result.append(BlockedRow(bounds, blocks))
+    return result
+
+
+def _runs(ascending: list[int]) -> list[tuple[int, int]]:
+    """[low, high) ranges of consecutive integers that make up `ascending`."""
+    runs: list[tuple[int, int]] = []
+    for value in ascending:
+        if runs and runs[-1][1] == value:
+            runs[-1] = (runs[-1][0], value + 1)
+        else:
+            runs.append((value, value + 1))
+    return runs
 
 
 def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, rows: list[PackedRow], *,
@@ -277,8 +365,12 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
         ids[index, : len(row.tokens)] = torch.tensor(row.tokens)
         positions[index, : len(row.tokens)] = torch.tensor(row.positions)
     dtype = next(decoder.parameters()).dtype
+    # rl's attention (on a CPU) computes only the (query, key) pairs that the mask lets through; others need the mask
+    blocks = ({"attention_blocks": attention_blocks(rows, dtype, device)}
+              if decoder.config._attn_implementation == ATTENTION else
+              {"attention_mask": row_attention(rows, width, dtype, device)})
     hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
-                       attention_mask=row_attention(rows, width, dtype, device)).last_hidden_state  # (R, W, H)
+                       **blocks).last_hidden_state  # (R, W, H)
     real = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
                          for position in range(len(row.tokens))])
     hidden = hidden_R.flatten(0, 1)[real.to(device)]  # (U, H): each row's tokens once, a shared prefix once

@@ -6,7 +6,8 @@ against that code, values and gradients.
 Measured on the main job's 28 learner batches (SmolLM2-135M in bf16, one thread of a 2-core AMD EPYC, each batch's
 best of 3, the variants alternated batch by batch): 28.54 s with PEFT's layers and transformers' eager attention,
 26.74 s with `FusedLoraLinear`, 27.36 s with `attention`, 26.01 s with both (1.10x), and `TargetLogprobs` 1.02x
-on top (docs/benchmarks.md, "The learner's layers").
+on top (docs/benchmarks.md, "The learner's layers"). Attention in blocks (`rl.learner.batch.attention_blocks`):
+the same 28 batches 25.33 -> 24.48 s, the four largest (356-571 tokens) 8.61 -> 7.74 s (1.11x).
 """
 
 from __future__ import annotations
@@ -129,23 +130,55 @@ def _rows_at_a_time(logits: Tensor) -> int:
 
 
 def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-              scaling: float, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+              scaling: float, dropout: float = 0.0, attention_blocks: list | None = None,
+              **kwargs) -> tuple[Tensor, None]:
     """transformers' eager attention (`eager_attention_forward`) in fewer passes over the (heads, T, T) scores:
     the scale applied to the queries (T x head_dim) rather than to the scores, the mask added in place, and the
     softmax left in the model's dtype (its CPU kernel accumulates in float32 either way; eager computes it into a
     float32 copy and casts that back); the key and value heads that grouped-query attention shares are read in
-    place rather than copied once per query head. Returns no attention weights."""
+    place rather than copied once per query head. Returns no attention weights.
+
+    `attention_blocks` (`rl.learner.batch.attention_blocks`, passed through the model's keyword arguments): for
+    each row, blocks of consecutive queries, each attending only to its keys through its own mask, in place of
+    `attention_mask`: a row that holds many datums side by side computes the pairs its mask lets through, not the
+    whole square. The row's tokens after its last block (padding) come out as zeros."""
+    if attention_blocks is None:
+        return _attend(module, query, key, value, attention_mask, scaling, dropout).transpose(1, 2).contiguous(), None
+    width, rows = query.shape[2], []
+    # Cut by `split` (one operation, whose backward is one concatenation), not sliced block by block: each slice's
+    # backward would fill a zero tensor the size of the row
+    for row, row_query, row_key, row_value in zip(attention_blocks, query.split(1), key.split(1), value.split(1),
+                                                  strict=True):
+        used = row.bounds[-1]
+        sizes = [high - low for low, high in zip(row.bounds, row.bounds[1:], strict=False)] + [width - used]
+        keys, values = row_key.split(sizes, dim=2), row_value.split(sizes, dim=2)
+        queries = row_query.split([block.end - block.start for block in row.blocks] + [width - used], dim=2)
+        parts = [_attend(module, block_query, _pieces(keys, block.pieces), _pieces(values, block.pieces), block.mask,
+                         scaling, dropout) for block_query, block in zip(queries, row.blocks, strict=False)]
+        if width > used:
+            parts.append(query.new_zeros(1, query.shape[1], width - used, query.shape[3]))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _pieces(pieces: tuple[Tensor, ...], indices: list[int]) -> Tensor:
+    return pieces[indices[0]] if len(indices) == 1 else torch.cat([pieces[index] for index in indices], dim=2)
+
+
+def _attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float,
+            dropout: float) -> Tensor:
+    """(B, heads, T, head_dim) attention of `query` (B, heads, T, head_dim) to `key` and `value` (B, groups, S,
+    head_dim) through the additive `mask` (B, 1, T, S)."""
     batch, heads, width, head_dim = query.shape
     groups = key.shape[1]
     per_group = heads // groups  # query heads per key/value head, laid consecutively as repeat_kv expects
     queries = (query * scaling).reshape(batch, groups, per_group * width, head_dim)
     scores = torch.matmul(queries, key.transpose(2, 3)).view(batch, groups, per_group, width, key.shape[2])
-    if attention_mask is not None:
-        scores.add_(attention_mask[:, :, None])  # (B, 1, T, S) -> (B, 1, 1, T, S)
+    if mask is not None:
+        scores.add_(mask[:, :, None])  # (B, 1, T, S) -> (B, 1, 1, T, S)
     weights = torch.softmax(scores, dim=-1).view(batch, groups, per_group * width, key.shape[2])
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).view(batch, heads, width, head_dim)
-    return output.transpose(1, 2).contiguous(), None
+    return torch.matmul(weights, value).view(batch, heads, width, head_dim)
 
 
 ATTENTION = "rl_eager"
