@@ -22,13 +22,15 @@ off, its folder in a temporary directory); everything it measures comes from its
   the same process, with `LLM.generate`, interleaved three times (medians: the machines are noisy);
 - every process's resident memory, sampled every 0.5 s: driver, Ray's own processes, learner, sampler, at
   their peak and at the end of the run (the last sample before the driver exits); and the whole job's PSS
-  (what it costs the machine: a library page that every process maps counts once, not once per process).
+  (what it costs the machine: a library page that every process maps counts once, not once per process), every
+  5 s (PSS_EVERY); the watcher's own CPU time is reported with them.
 The machines are noisy: compare only figures from the same invocation.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -92,34 +94,53 @@ def role(process: psutil.Process, driver_pid: int) -> str:
     return next((role for role in ROLES if role in name), "other")
 
 
+PSS_EVERY = 10
+"""Samples between readings of the whole job's PSS: the kernel walks every page a process maps to count it
+(~40 ms for a 2.4 GB process), which at every sample took ~10% of a core from the run being measured."""
+
+
 def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Runs `command`; returns each role's resident memory in GiB (summed over its processes), peak and final,
-    and the whole job's proportional set size (shared pages split between the processes that share them, so the
-    libraries every process maps count once), peak and final."""
+    sampled every 0.5 s, and the whole job's proportional set size (shared pages split between the processes
+    that share them, so the libraries every process maps count once), peak and final, every PSS_EVERY samples;
+    and the watcher's own CPU seconds ("watcher_cpu_s" in the second)."""
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     driver = psutil.Process(child.pid)
+    cpu_before = time.process_time()
     peak: dict[str, float] = {}
     last: dict[str, float] = {}
+    roles: dict[int, str] = {}
     pss = {"peak_gib": 0.0, "final_gib": 0.0}
-    while child.poll() is None:
+    for sample in itertools.count():
+        if child.poll() is not None:
+            break
         now: dict[str, float] = {}
         pss_now = 0.0
         for process in [driver, *driver.children(recursive=True)]:
             try:
-                name, memory = role(process, child.pid), process.memory_full_info()
+                if process.pid not in roles:
+                    roles[process.pid] = role(process, child.pid)
+                name = roles[process.pid]
+                if sample % PSS_EVERY == 0:
+                    memory = process.memory_full_info()
+                    pss_now += memory.pss / 2**30
+                else:
+                    memory = process.memory_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             now[name] = now.get(name, 0.0) + memory.rss / 2**30
-            pss_now += memory.pss / 2**30
         if "Learner" in now:  # the run is up; the last such sample is the run's final memory
-            last, pss["final_gib"] = now, pss_now
+            last = now
+            if sample % PSS_EVERY == 0:
+                pss["final_gib"] = pss_now
         pss["peak_gib"] = max(pss["peak_gib"], pss_now)
         for name, gib in now.items():
             peak[name] = max(peak.get(name, 0.0), gib)
         time.sleep(0.5)
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit status {child.returncode})")
+    pss["watcher_cpu_s"] = time.process_time() - cpu_before
     return {name: {"peak_gib": peak[name], "final_gib": last.get(name, 0.0)} for name in peak}, pss
 
 
@@ -284,7 +305,8 @@ def report(result: dict) -> None:
         f"{name} {figures['peak_gib']:.2f} / {figures['final_gib']:.2f}" for name, figures in result["memory"].items())
           + f"; all {result['memory_total_peak_gib']:.2f} at peak (sum of each role's peak)")
     print(f"the whole job's PSS (a page shared by several processes counted once), peak / final: "
-          f"{result['memory_pss']['peak_gib']:.2f} / {result['memory_pss']['final_gib']:.2f} GiB")
+          f"{result['memory_pss']['peak_gib']:.2f} / {result['memory_pss']['final_gib']:.2f} GiB (every "
+          f"{PSS_EVERY / 2:.0f} s); the watcher's own CPU time: {result['memory_pss']['watcher_cpu_s']:.1f} s")
     for step, figures in run["memory_at_steps"].items():
         print(f"  after step {step}: " + ", ".join(f"{name} {gib:.2f}" for name, gib in sorted(figures.items())))
 
