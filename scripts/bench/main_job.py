@@ -110,7 +110,6 @@ def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, fl
     cpu_before = time.process_time()
     peak: dict[str, float] = {}
     last: dict[str, float] = {}
-    roles: dict[int, str] = {}
     pss = {"peak_gib": 0.0, "final_gib": 0.0}
     for sample in itertools.count():
         if child.poll() is not None:
@@ -119,9 +118,7 @@ def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, fl
         pss_now = 0.0
         for process in [driver, *driver.children(recursive=True)]:
             try:
-                if process.pid not in roles:
-                    roles[process.pid] = role(process, child.pid)
-                name = roles[process.pid]
+                name = role(process, child.pid)  # read each time: a Ray worker takes its actor's name once it has one
                 if sample % PSS_EVERY == 0:
                     memory = process.memory_full_info()
                     pss_now += memory.pss / 2**30
