@@ -327,7 +327,7 @@ def attention_blocks(rows: list[PackedRow], dtype: torch.dtype, device: torch.de
                     continue
             spans.append((start, end, keys))
         runs = [_runs(sorted(keys)) for _, _, keys in spans]
-        bounds = sorted({0, len(row.tokens), *(at for _, end, _ in spans for at in (end,)),
+        bounds = sorted({0, len(row.tokens), *(end for _, end, _ in spans),
                          *(at for block_runs in runs for run in block_runs for at in run)})
         piece = {at: index for index, at in enumerate(bounds)}
         sees = _sees(row)
@@ -365,12 +365,13 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
         ids[index, : len(row.tokens)] = torch.tensor(row.tokens)
         positions[index, : len(row.tokens)] = torch.tensor(row.positions)
     dtype = next(decoder.parameters()).dtype
-    # rl's attention (on a CPU) computes only the (query, key) pairs that the mask lets through; others need the mask
+    # rl's attention (on a CPU) computes only the (query, key) pairs that the mask lets through. The mask goes too:
+    # a model that did not hand its attention the keyword arguments it is given would still attend exactly.
     blocks = ({"attention_blocks": attention_blocks(rows, dtype, device)}
-              if decoder.config._attn_implementation == ATTENTION else
-              {"attention_mask": row_attention(rows, width, dtype, device)})
+              if decoder.config._attn_implementation == ATTENTION else {})
+    mask = row_attention(rows, width, dtype, device)
     hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
-                       **blocks).last_hidden_state  # (R, W, H)
+                       attention_mask=mask, **blocks).last_hidden_state  # (R, W, H)
     real = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)
                          for position in range(len(row.tokens))])
     hidden = hidden_R.flatten(0, 1)[real.to(device)]  # (U, H): each row's tokens once, a shared prefix once

@@ -139,7 +139,7 @@ def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor
     place rather than copied once per query head. Returns no attention weights.
 
     `attention_blocks` (`rl.learner.batch.attention_blocks`, passed through the model's keyword arguments): for
-    each row, blocks of consecutive queries, each attending only to its keys through its own mask, in place of
+    each row, blocks of consecutive queries, each attending only to its keys through its own mask, used instead of
     `attention_mask`: a row that holds many datums side by side computes the pairs its mask lets through, not the
     whole square. The row's tokens after its last block (padding) come out as zeros."""
     if attention_blocks is None:
