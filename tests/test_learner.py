@@ -300,8 +300,9 @@ def test_attention_in_blocks_computes_what_attention_through_the_row_mask_comput
             real[index, : len(row.tokens)] = 1.0
         weights = torch.randn(len(rows), width, 6, 8, dtype=dtype) * real  # padding's outputs are never read
         results = []
-        for blocks in (None, attention_blocks(rows, dtype, cpu)):
-            mask = row_attention(rows, width, dtype, cpu) if blocks is None else None
+        row_mask = row_attention(rows, width, dtype, cpu)
+        for blocks in (None, attention_blocks(rows, row_mask)):
+            mask = row_mask if blocks is None else None
             output = attention(module, query, key, value, mask, scaling=0.35, attention_blocks=blocks)[0]
             (output * weights).sum().backward()
             results.append((output.detach() * real, [t.grad.clone() for t in (query, key, value)]))
@@ -322,7 +323,9 @@ def test_attention_blocks_hold_an_rl_group_each():
     prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
     [rows] = micro_batches([(prepared, 4)], 512)
     assert len(rows) == 1 and len(rows[0].tokens) == 6 + 3 * (30 + 4 * 15), "one row, the template once"
-    [row] = attention_blocks(rows, torch.float32, torch.device("cpu"))
+    from rl.learner.batch import row_attention
+
+    [row] = attention_blocks(rows, row_attention(rows, row_width(rows), torch.float32, torch.device("cpu")))
     blocks = row.blocks
     assert [(block.start, block.end) for block in blocks] == [(0, 96), (96, 186), (186, 276)]
     assert row.bounds == [0, 6, 96, 186, 276]  # the template, then each group's tokens

@@ -245,34 +245,24 @@ def pack_rows(batch: list[PreparedDatum]) -> list[PackedRow]:
 
 def row_attention(rows: list[PackedRow], width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(R, 1, W, W) additive mask on `device`: a token sees itself and the earlier tokens of its own datum (its
-    path down the row's tree); padding sees only itself (a row of nothing would give NaN). Built as booleans on
-    the CPU and made additive on the device."""
+    path down the row's tree); padding sees only itself (a row of nothing would give NaN).
+
+    Token j sees token i when i lies on j's path: i is no deeper than j, and j's ancestor at i's depth is i. Each
+    token's path is read off any datum that holds it (datums that share a token share its whole path), so the
+    mask costs one indexing operation per datum and a few (W x W) comparisons per row, not a loop over pairs;
+    it is built as booleans on the CPU and made additive on the device."""
     allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
     for index, row in enumerate(rows):
         used = len(row.tokens)
-        allowed[index, :used, :used] = _sees(row)
-    return _additive(allowed, dtype, device)[:, None]
-
-
-def _sees(row: PackedRow) -> Tensor:
-    """(U, U) booleans: row token j sees row token i.
-
-    Token j sees token i when i lies on j's path: i is no deeper than j, and j's ancestor at i's depth is i. Each
-    token's path is read off any datum that holds it (datums that share a token share its whole path), so this
-    costs one indexing operation per datum and a few (U x U) comparisons, not a loop over pairs."""
-    used = len(row.tokens)
-    depth = torch.tensor(row.positions)  # (U,): each token's position within its datums
-    ancestors = torch.full((used, int(depth.max()) + 1), -1, dtype=torch.int64)  # (U, D): the path to each
-    for member in row.members:
-        path = torch.tensor(member)
-        ancestors[path, : len(path)] = path
-    on_path = ancestors[:, depth] == torch.arange(used)  # (U, U): j's ancestor at i's depth is i
-    return on_path & (depth[None, :] <= depth[:, None])
-
-
-def _additive(allowed: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        depth = torch.tensor(row.positions)  # (U,): each token's position within its datums
+        ancestors = torch.full((used, int(depth.max()) + 1), -1, dtype=torch.int64)  # (U, D): the path to each
+        for member in row.members:
+            path = torch.tensor(member)
+            ancestors[path, : len(path)] = path
+        on_path = ancestors[:, depth] == torch.arange(used)  # (U, U): j's ancestor at i's depth is i
+        allowed[index, :used, :used] = on_path & (depth[None, :] <= depth[:, None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed.to(device), torch.finfo(dtype).min)
+    return mask.masked_fill_(~allowed.to(device), torch.finfo(dtype).min)[:, None]
 
 
 @dataclass
@@ -303,14 +293,15 @@ block's attention is a dozen more operations in each layer, forward and backward
 learner batches, docs/benchmarks.md)."""
 
 
-def attention_blocks(rows: list[PackedRow], dtype: torch.dtype, device: torch.device) -> list[BlockedRow]:
+def attention_blocks(rows: list[PackedRow], mask: Tensor) -> list[BlockedRow]:
     """Each row's tokens as consecutive blocks of queries, each with the keys its tokens see, for attention that
     computes only those (query, key) pairs instead of the whole (W, W) square: exact, as every pair left out is
     masked. A datum's new tokens lie together in its row (`PackedRow.add`), and all of them see only its path;
     consecutive datums share a block where that costs fewer pairs than apart (with BLOCK_COST): an RL group's
-    replies see its prompt, and the groups laid side by side in a row share only what they begin with."""
+    replies see its prompt, and the groups laid side by side in a row share only what they begin with. `mask`:
+    the rows' `row_attention`, which each block's mask is cut from."""
     result = []
-    for row in rows:
+    for index, row in enumerate(rows):
         spans: list[tuple[int, int, set[int]]] = []  # (start, end, the keys they see)
         end = 0
         for path in row.members:
@@ -330,12 +321,11 @@ def attention_blocks(rows: list[PackedRow], dtype: torch.dtype, device: torch.de
         bounds = sorted({0, len(row.tokens), *(end for _, end, _ in spans),
                          *(at for block_runs in runs for run in block_runs for at in run)})
         piece = {at: index for index, at in enumerate(bounds)}
-        sees = _sees(row)
         blocks = []
         for (start, end, keys), block_runs in zip(spans, runs, strict=True):
-            pieces = [index for low, high in block_runs for index in range(piece[low], piece[high])]
-            blocks.append(AttentionBlock(start, end, pieces,
-                                         _additive(sees[start:end][:, sorted(keys)], dtype, device)[None, None]))
+            pieces = [number for low, high in block_runs for number in range(piece[low], piece[high])]
+            columns = torch.tensor(sorted(keys), device=mask.device)
+            blocks.append(AttentionBlock(start, end, pieces, mask[index:index + 1, :, start:end][..., columns]))
         result.append(BlockedRow(bounds, blocks))
     return result
 
@@ -367,9 +357,9 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
     dtype = next(decoder.parameters()).dtype
     # rl's attention (on a CPU) computes only the (query, key) pairs that the mask lets through. The mask goes too:
     # a model that did not hand its attention the keyword arguments it is given would still attend exactly.
-    blocks = ({"attention_blocks": attention_blocks(rows, dtype, device)}
-              if decoder.config._attn_implementation == ATTENTION else {})
     mask = row_attention(rows, width, dtype, device)
+    blocks = ({"attention_blocks": attention_blocks(rows, mask)}
+              if decoder.config._attn_implementation == ATTENTION else {})
     hidden_R = decoder(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
                        attention_mask=mask, **blocks).last_hidden_state  # (R, W, H)
     real = torch.tensor([row_index * width + position for row_index, row in enumerate(rows)

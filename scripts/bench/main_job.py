@@ -116,10 +116,11 @@ def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, fl
             break
         now: dict[str, float] = {}
         pss_now = 0.0
+        reads_pss = sample % PSS_EVERY == 0
         for process in [driver, *driver.children(recursive=True)]:
             try:
                 name = role(process, child.pid)  # read each time: a Ray worker takes its actor's name once it has one
-                if sample % PSS_EVERY == 0:
+                if reads_pss:
                     memory = process.memory_full_info()
                     pss_now += memory.pss / 2**30
                 else:
@@ -129,7 +130,7 @@ def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, fl
             now[name] = now.get(name, 0.0) + memory.rss / 2**30
         if "Learner" in now:  # the run is up; the last such sample is the run's final memory
             last = now
-            if sample % PSS_EVERY == 0:
+            if reads_pss:
                 pss["final_gib"] = pss_now
         pss["peak_gib"] = max(pss["peak_gib"], pss_now)
         for name, gib in now.items():
