@@ -336,7 +336,7 @@ def test_attention_blocks_hold_an_rl_group_each():
     assert allowed == sum(range(1, 7)) + 3 * (sum(range(7, 37)) + 4 * sum(range(37, 52)))
 
 
-def test_the_learner_on_a_cpu_attends_in_blocks(learner, monkeypatch):
+def test_the_learner_on_a_cpu_attends_in_blocks(tiny_model_dir, tmp_path, monkeypatch):
     # The blocks reach rl's attention through transformers' keyword arguments, which a model could stop passing on
     from transformers import AttentionInterface
 
@@ -349,9 +349,9 @@ def test_the_learner_on_a_cpu_attends_in_blocks(learner, monkeypatch):
         return fused.attention(*args, attention_blocks=attention_blocks, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, fused.ATTENTION, spy)
+    learner = Learner(str(tiny_model_dir), storage=tmp_path, device="cpu")  # a GPU learner attends through SDPA
     model_id = learner.create(learner.base_model, LORA)
     learner.forward(model_id, sft())
-    learner.delete(model_id)
     assert seen and all(blocks is not None and blocks[0].blocks for blocks in seen)
 
 
