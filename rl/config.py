@@ -85,7 +85,8 @@ class EnvConfig:
 @dataclass
 class LearnerConfig:
     num_cpus: float = 1
-    num_gpus: float = 0
+    num_gpus: float | None = None
+    """None: a share of the Ray cluster's GPUs (a whole one where there are enough; `rl.devices`), none without."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs, e.g. {learner_node: 1} to pin it to nodes that offer it."""
     micro_batch_tokens: int = 512
@@ -108,7 +109,8 @@ class LearnerConfig:
 class SamplerConfig:
     replicas: int = 1
     num_cpus: float = 1
-    num_gpus: float = 0
+    num_gpus: float | None = None
+    """Each replica's; None: a share of the Ray cluster's GPUs if vLLM is its CUDA build (`rl.devices`), else none."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each replica needs (node labels, as for the learner)."""
     publish_mode: str = "merge"
@@ -253,6 +255,8 @@ NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
 POSITIVE = (lambda value: value > 0, "more than 0")
 UNSET_OR_AT_LEAST_1 = (lambda value: value is None or value >= 1, "unset or at least 1")
 UNSET_OR_POSITIVE = (lambda value: value is None or value > 0, "unset or more than 0")
+GPUS = (lambda value: value is None or (value >= 0 and (value <= 1 or value == int(value))),
+        "unset (a share of the cluster's GPUs), a fraction of one GPU from 0 to 1, or a whole number")
 
 
 def one_of(*choices: str) -> tuple:
@@ -277,9 +281,9 @@ def _rules(loop: str) -> dict[str, tuple]:
         "algo.max_tokens": AT_LEAST_1, "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
-        "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": NOT_NEGATIVE, "learner.micro_batch_tokens": AT_LEAST_1,
+        "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
         "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,
-        "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": NOT_NEGATIVE,
+        "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": GPUS,
         "sampler.publish_mode": one_of(*PUBLISH_MODES), "sampler.threads": UNSET_OR_AT_LEAST_1,
         "sampler.kv_cache_gib": UNSET_OR_POSITIVE,
         "cluster.placement_strategy": one_of(*PLACEMENT_STRATEGIES), "cluster.placement_timeout_s": POSITIVE,

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import LR_SCHEDULES, TrainConfig
+from rl.devices import actor_gpus
 from rl.driver.episodes import episode_limits, greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment
@@ -102,7 +103,7 @@ class Shared:
         once the cluster has room for them (`reserve`). Each run keeps its checkpoints in its own folder
         (`Learner.create(storage=...)`). The pool starts while the learner loads: each mostly imports, on a core of
         its own."""
-        config = configs[0]
+        config = with_actor_gpus(configs[0], samples=any(samples(other) for other in configs))
         placement = reserve(config, wait=wait)
         try:
             overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
@@ -127,6 +128,16 @@ class Shared:
             self.pool.shutdown()
         ray.kill(self.learner)
         remove_placement_group(self.placement)
+
+
+def with_actor_gpus(config: TrainConfig, *, samples: bool) -> TrainConfig:
+    """`config` with the learner's and each sampler replica's num_gpus resolved against the Ray cluster
+    (`rl.devices.actor_gpus`: unset, a share of its GPUs)."""
+    learner, sampler = actor_gpus(config.learner.num_gpus, config.sampler.num_gpus,
+                                  cluster_gpus=ray.cluster_resources().get("GPU", 0.0), learners=1,
+                                  replicas=config.sampler.replicas if samples else 0)
+    return replace(config, learner=replace(config.learner, num_gpus=learner),
+                   sampler=replace(config.sampler, num_gpus=sampler))
 
 
 def check_dtypes(config: TrainConfig, learner: dict, pool: SamplerPool | None) -> None:

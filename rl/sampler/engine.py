@@ -42,13 +42,16 @@ def start_vllm_engine(
     seed: int = 0,
     prefix_caching: bool = True,
     kv_cache_gib: float | None = None,
+    gpu_share: float = 0,
 ) -> LLM:
     """A vLLM engine in this process serving `model_folder`; LoRA enabled when `max_lora_rank` > 0.
 
     The engine core runs in-process (not in a child process of its own), so a Ray actor owns exactly one
     process. The KV cache takes `kv_cache_gib` when given; otherwise on CPU `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
     set), or vLLM would claim a large share of RAM, and on a GPU what vLLM sizes from gpu_memory_utilization.
-    Chunked prefill is off: with it, vllm-cpu 0.32 crashes on seeded requests.
+    On a GPU that the engine shares (`gpu_share`, its actor's num_gpus, under 1: with the learner, say) vLLM may
+    take that share of the GPU's memory (`gpu_memory_utilization`), not the 90% it takes alone: it refuses to start
+    unless that much is free. Chunked prefill is off: with it, vllm-cpu 0.32 crashes on seeded requests.
 
     KV blocks are as small as the attention backend allows (32 tokens on CPU, against 128 by default there):
     prefix caching shares whole blocks only, so with 128 an RL group's samples (and the chat template's system
@@ -77,12 +80,23 @@ def start_vllm_engine(
     cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
     if kv_cache_gib is None and current_platform.is_cpu():
         kv_cache_gib = float(cpu_default)
-    kv_cache = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
+    memory = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
+    if not current_platform.is_cpu() and 0 < gpu_share < 1:
+        memory["gpu_memory_utilization"] = gpu_memory_utilization(gpu_share)
     return LLM(
         model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
         enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
-        max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **kv_cache,
+        max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **memory,
     )
+
+
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+"""vLLM's default share of a GPU's memory for an engine that has the GPU to itself."""
+
+
+def gpu_memory_utilization(gpu_share: float) -> float:
+    """vLLM's gpu_memory_utilization for an engine on `gpu_share` of a GPU (0 < share <= 1)."""
+    return round(VLLM_GPU_MEMORY_UTILIZATION * gpu_share, 4)
 
 
 def run_compiled_helpers_eagerly() -> None:

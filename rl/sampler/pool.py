@@ -71,7 +71,8 @@ class SamplerPool:
         """Replica i runs in bundle first_bundle + i of the placement group, when there is one."""
         self._kwargs = {"max_model_len": max_model_len, "max_lora_rank": max_lora_rank, "max_loras": max_loras,
                         "dtype": dtype, "seed": seed, "lora_fast_path": lora_fast_path,
-                        "publish_mode": publish_mode, "prefix_caching": prefix_caching, "kv_cache_gib": kv_cache_gib}
+                        "publish_mode": publish_mode, "prefix_caching": prefix_caching, "kv_cache_gib": kv_cache_gib,
+                        "gpu_share": num_gpus}
         self._engines_started = itertools.count()
         self._replicas = [_Replica(self._start_actor(index)) for index in range(replicas)]
         self.info = ray.get(self._replicas[0].actor.describe.remote())

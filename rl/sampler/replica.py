@@ -133,7 +133,8 @@ class Sampler:
 
     def __init__(self, base_model: str, *, max_model_len: int = 1024, max_lora_rank: int = 16, max_loras: int = 4,
                  dtype: str = "float32", seed: int = 0, lora_fast_path: bool = True, publish_mode: str = "adapter",
-                 prefix_caching: bool = True, kv_cache_gib: float | None = None):
+                 prefix_caching: bool = True, kv_cache_gib: float | None = None, gpu_share: float = 0):
+        """`gpu_share`: the replica's num_gpus (on a GPU it shares, vLLM takes that share of its memory)."""
         from vllm.platforms import current_platform
 
         if publish_mode not in PUBLISH_MODES:
@@ -147,7 +148,7 @@ class Sampler:
         dtype = resolve_dtype(dtype, "cpu" if current_platform.is_cpu() else "cuda")
         llm = start_vllm_engine(folder, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                 max_lora_rank=max_lora_rank if publish_mode == "adapter" else 0, max_loras=max_loras,
-                                prefix_caching=prefix_caching, kv_cache_gib=kv_cache_gib)
+                                prefix_caching=prefix_caching, kv_cache_gib=kv_cache_gib, gpu_share=gpu_share)
         self._engine = EngineLoop(llm)
         self._merger = None
         self._turns = VersionTurns(self._switch)

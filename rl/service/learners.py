@@ -129,13 +129,15 @@ class SupervisedLearner:
     """One base model's learner actor, as the service uses it: `call` for work on a run (in turns, supervised),
     `ask` for the rest."""
 
-    def __init__(self, base_model: str, registry: Registry, *, join_users: bool = True, **options):
-        """`options` are the learner actor's (rl.learner.Learner's keyword arguments). `join_users`: waiting
-        users' forward_backward calls go in one learner pass (see the module's docstring)."""
+    def __init__(self, base_model: str, registry: Registry, *, join_users: bool = True, num_gpus: float = 0,
+                 **options):
+        """`options` are the learner actor's (rl.learner.Learner's keyword arguments); `num_gpus` its Ray actor's.
+        `join_users`: waiting users' forward_backward calls go in one learner pass (see the module's docstring)."""
         self.base_model = base_model
         self.registry = registry
+        self._actor_class = LearnerActor.options(num_gpus=num_gpus)
         self.options = options
-        self.actor = LearnerActor.remote(base_model, **options)
+        self.actor = self._actor_class.remote(base_model, **options)
         self.turns = Turns(join=self._forward_backward_together if join_users else None)
         self._absent = {model_id for model_id, run in registry.runs.items() if run["base_model"] == base_model}
         """Runs an earlier server on this storage made, restored on this actor when their next call comes."""
@@ -251,7 +253,7 @@ class SupervisedLearner:
             if self.actor is not dead:
                 return
             ray.kill(dead, no_restart=True)
-            self.actor = LearnerActor.remote(self.base_model, **self.options)
+            self.actor = self._actor_class.remote(self.base_model, **self.options)
             for model_id, run in list(self.registry.runs.items()):
                 if run["base_model"] != self.base_model or model_id in self._absent:
                     continue

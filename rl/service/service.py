@@ -26,7 +26,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from rl.custom_loss import custom_loss_spec
+from rl.devices import actor_gpus
 from rl.models import context_length, resolve_model
 from rl.sampler import SamplerPool
 from rl.service.futures import FutureStore
@@ -91,10 +94,14 @@ class Service:
         self.max_lora_rank = max_lora_rank
         self.turn_tokens = turn_tokens
         checkpoints = learner_storage or str(self.storage / "checkpoints")
-        self.learners = {name: SupervisedLearner(name, self.registry, join_users=join_users, storage=checkpoints,
-                                                dtype=dtype)
+        # Every model's learner and replicas share the cluster's GPUs, if it has any (rl.devices)
+        learner_gpus, replica_gpus = actor_gpus(None, None, cluster_gpus=ray.cluster_resources().get("GPU", 0.0),
+                                                learners=len(models), replicas=replicas * len(models))
+        self.learners = {name: SupervisedLearner(name, self.registry, join_users=join_users, num_gpus=learner_gpus,
+                                                storage=checkpoints, dtype=dtype)
                          for name in models}
-        self.pools = {name: SamplerPool(name, replicas=replicas, max_model_len=self.limits[name].context, dtype=dtype,
+        self.pools = {name: SamplerPool(name, replicas=replicas, num_gpus=replica_gpus,
+                                        max_model_len=self.limits[name].context, dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
         self.samplers: dict[str, dict[str, Any]] = {}
