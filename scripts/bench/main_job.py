@@ -128,8 +128,8 @@ def watch(command: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, fl
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             now[name] = now.get(name, 0.0) + memory.rss / 2**30
-        if "Learner" in now:  # the run is up; the last such sample is the run's final memory
-            last = now
+        if "Learner" in now:  # the run is up: each role's last reading then is its final memory
+            last.update(now)  # (a role whose processes end first keeps its own last reading, not 0)
             if reads_pss:
                 pss["final_gib"] = pss_now
         pss["peak_gib"] = max(pss["peak_gib"], pss_now)
