@@ -295,20 +295,27 @@ def test_evaluations_fall_every_eval_every_steps_and_after_the_last_and_checkpoi
     assert saved(0, 12) == [12], "0: after the last step only"
 
 
-def test_a_learner_and_a_sampler_that_resolved_auto_differently_are_refused(capsys):
+def test_a_learner_and_a_sampler_that_resolved_auto_differently_are_refused_and_gpus_are_checked(capsys):
     from types import SimpleNamespace
 
-    from rl.driver.run import check_dtypes
+    from rl.driver.run import check_devices
 
     config = TrainConfig()  # model.dtype auto
     learner = {"dtype": "bfloat16", "device": "cpu", "native_bf16": True}
-    check_dtypes(config, learner, SimpleNamespace(info={"dtype": "bfloat16"}))
+    check_devices(config, learner, SimpleNamespace(info={"dtype": "bfloat16"}))
     out = capsys.readouterr().out
     assert "learner and sampler compute in bfloat16 on cpu (model.dtype=auto)" in out and "warning" not in out
-    check_dtypes(config, {**learner, "native_bf16": False}, SimpleNamespace(info={"dtype": "bfloat16"}))
+    check_devices(config, {**learner, "native_bf16": False}, SimpleNamespace(info={"dtype": "bfloat16"}))
     assert "warning: cpu has no native bf16" in capsys.readouterr().out
     with pytest.raises(ValueError, match="model.dtype=auto became bfloat16 in the learner and float32 in the sampler"):
-        check_dtypes(config, learner, SimpleNamespace(info={"dtype": "float32"}))
+        check_devices(config, learner, SimpleNamespace(info={"dtype": "float32"}))
     no_pool = None  # SFT without evaluation
-    check_dtypes(config, {"dtype": "float32", "device": "cpu", "native_bf16": False}, no_pool)
+    check_devices(config, {"dtype": "float32", "device": "cpu", "native_bf16": False}, no_pool)
     assert "learner computes in float32" in capsys.readouterr().out
+    on_gpu = replace(config, learner=replace(config.learner, num_gpus=0.5),
+                     sampler=replace(config.sampler, num_gpus=0.5))
+    check_devices(on_gpu, {**learner, "device": "cuda:0"}, SimpleNamespace(info={"dtype": "bfloat16"}))
+    assert ("learner and sampler compute in bfloat16 on cuda:0 (model.dtype=auto; learner 0.5 GPU; each sampler "
+            "replica 0.5 GPU)") in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"learner.num_gpus=0.5, but the learner computes on its CPU"):
+        check_devices(on_gpu, learner, SimpleNamespace(info={"dtype": "bfloat16"}))

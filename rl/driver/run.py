@@ -116,7 +116,7 @@ class Shared:
                 pool = start_pool(config, placement, overlapping, max_loras=max(4, 2 * len(configs)),
                                   max_lora_rank=max(other.model.lora_rank for other in configs),
                                   kv_cache_gib=None if None in kv_caches else max(kv_caches))
-            check_dtypes(config, ray.get(learner.describe.remote()), pool)
+            check_devices(config, ray.get(learner.describe.remote()), pool)
             return cls(placement, learner, pool,
                        CoalescedCalls(learner) if config.learner.batch_runs and len(configs) > 1 else None)
         except BaseException:
@@ -140,17 +140,25 @@ def with_actor_gpus(config: TrainConfig, *, samples: bool) -> TrainConfig:
                    sampler=replace(config.sampler, num_gpus=sampler))
 
 
-def check_dtypes(config: TrainConfig, learner: dict, pool: SamplerPool | None) -> None:
-    """Says what `model.dtype` became where the actors run (`Learner.describe`), and warns of bf16 where it is
-    emulated; refuses a learner and a sampler that disagree (`auto` resolved on nodes whose CPUs differ), whose
-    weight checks would fail on every publish."""
+def check_devices(config: TrainConfig, learner: dict, pool: SamplerPool | None) -> None:
+    """Says what `model.dtype` became where the actors run (`Learner.describe`), and on which device, and warns of
+    bf16 where it is emulated; refuses a learner and a sampler that disagree (`auto` resolved on nodes whose CPUs
+    differ), whose weight checks would fail on every publish, and a learner given a GPU that computes on its CPU
+    (a torch without CUDA on its node). `config`: with num_gpus resolved (`with_actor_gpus`)."""
     sampler = pool.info["dtype"] if pool is not None else learner["dtype"]
     if sampler != learner["dtype"]:
         raise ValueError(f"model.dtype={config.model.dtype} became {learner['dtype']} in the learner and {sampler} "
                          "in the sampler (their nodes differ in native bf16 support): set model.dtype explicitly")
+    if config.learner.num_gpus and learner["device"] == "cpu":
+        raise ValueError(f"learner.num_gpus={config.learner.num_gpus}, but the learner computes on its CPU: the "
+                         "torch on its node sees no GPU (a CPU build of torch?); set learner.num_gpus=0 to train on "
+                         "CPUs")
     who = "learner and sampler compute" if pool is not None else "learner computes"
-    print(f"{config.model.name}: {who} in {sampler} on {learner['device']} (model.dtype={config.model.dtype})",
-          flush=True)
+    gpus = [f"{name} {share:g} GPU" for name, share in (("learner", config.learner.num_gpus),
+                                                       ("each sampler replica", pool and config.sampler.num_gpus))
+            if share]
+    print(f"{config.model.name}: {who} in {sampler} on {learner['device']} (model.dtype={config.model.dtype}"
+          f"{''.join('; ' + gpu for gpu in gpus)})", flush=True)
     if sampler == "bfloat16" and not learner["native_bf16"]:
         print(f"warning: {emulated_bf16_warning(learner['device'])}", flush=True)
 
