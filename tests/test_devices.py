@@ -97,3 +97,55 @@ def test_num_gpus_must_be_what_ray_can_place():
     for key, value in (("learner.num_gpus", 1.5), ("sampler.num_gpus", -1)):
         assert f"{key}={value}: unset (a share of the cluster's GPUs), a fraction of one GPU from 0 to 1, or a " \
                "whole number" in str(caught.value)
+
+
+CHILD = """
+import json, sys, time
+import ray
+import rl.devices as devices
+import rl.driver.run as run
+from rl.config import TrainConfig, load
+from rl.train import CONFIGS, run as train_run
+from hydra import compose, initialize_config_dir
+
+devices.torch_has_cuda = lambda: True  # as on a GPU node: both actors would take a share
+devices.vllm_build = lambda: "cuda"
+ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+reserved = []
+reserve = run.reserve
+run.reserve = lambda config, **kwargs: reserved.append(
+    (config.learner.num_gpus, config.sampler.num_gpus)) or reserve(config, **kwargs)
+outcome = {}
+for name, overrides in (("auto", []), ("cpu_learner", ["learner.num_gpus=0"])):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        config = load(compose("config", overrides=[
+            "recipe=arithmetic_rl", "model=tiny", "steps=1", "eval_every=0", "algo.prompts_per_step=2",
+            "algo.max_tokens=4", "output_dir=" + sys.argv[1] + "/" + name, *overrides]))
+    try:
+        outcome[name] = len(train_run(config))
+    except ValueError as error:
+        outcome[name] = str(error)
+for _ in range(100):  # Ray frees a removed placement group's resources shortly after
+    if ray.available_resources().get("GPU") == 1.0:
+        break
+    time.sleep(0.1)
+print(json.dumps({"outcome": outcome, "reserved": reserved, "available": ray.available_resources().get("GPU")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_cluster_with_a_gpu_places_each_actor_on_its_share(tmp_path):
+    # A Ray cluster that advertises one GPU (this machine has none): the run's placement group and actors ask for
+    # their shares of it, and a learner given one that computes on its CPU (a CPU torch here) is refused
+    import json
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["reserved"] == [[0.5, 0.5], [0.0, 1.0]], "placement groups hold each actor's share"
+    assert result["outcome"]["auto"].startswith("learner.num_gpus=0.5, but the learner computes on its CPU"), result
+    assert result["outcome"]["cpu_learner"] == 1, "learner on CPUs by hand, the sampler on the whole GPU: one step"
+    assert "each sampler replica 1 GPU" in child.stdout
+    assert result["available"] == 1.0, "every share is given back"
