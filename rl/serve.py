@@ -88,8 +88,9 @@ def serve(config: ServeConfig) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     service = build_service(config, keys)
     who = f"{len(keys)} API keys" if keys else "no API keys: single user, loopback only"
-    print(f"rl-serve: {', '.join(config.models)} on http://{config.host}:{config.port} ({who}); storage "
-          f"{Path(config.storage).resolve()}", flush=True)
+    devices = ", ".join(sorted(set(service.devices.values())))
+    print(f"rl-serve: {', '.join(config.models)} on http://{config.host}:{config.port} ({who}); learners on "
+          f"{devices}; storage {Path(config.storage).resolve()}", flush=True)
     try:
         uvicorn.run(build_app(service, max_body_bytes=config.max_body_mb * 2**20), host=config.host,
                     port=config.port, log_level="warning")

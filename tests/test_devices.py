@@ -125,6 +125,12 @@ for name, overrides in (("auto", []), ("cpu_learner", ["learner.num_gpus=0"])):
         outcome[name] = len(train_run(config))
     except ValueError as error:
         outcome[name] = str(error)
+from rl.service.service import Service  # noqa: E402
+
+try:  # rl-serve shares the GPU the same way: its learner, with a CPU torch here, is refused too
+    Service(["tiny"], sys.argv[1] + "/serve", [])
+except ValueError as error:
+    outcome["serve"] = str(error)
 for _ in range(100):  # Ray frees a removed placement group's resources shortly after
     if ray.available_resources().get("GPU") == 1.0:
         break
@@ -148,4 +154,5 @@ def test_a_cluster_with_a_gpu_places_each_actor_on_its_share(tmp_path):
     assert result["outcome"]["auto"].startswith("learner.num_gpus=0.5, but the learner computes on its CPU"), result
     assert result["outcome"]["cpu_learner"] == 1, "learner on CPUs by hand, the sampler on the whole GPU: one step"
     assert "each sampler replica 1 GPU" in child.stdout
+    assert result["outcome"]["serve"].startswith("the learners have 0.5 GPU each, but compute on their CPUs"), result
     assert result["available"] == 1.0, "every share is given back"

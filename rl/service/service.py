@@ -104,6 +104,13 @@ class Service:
                                         max_model_len=self.limits[name].context, dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
+        self.devices = {name: ray.get(learner.actor.describe.remote())["device"]
+                        for name, learner in self.learners.items()}
+        """Where each model's learner computes ("cpu", "cuda")."""
+        if learner_gpus and "cpu" in self.devices.values():
+            self.close()
+            raise ValueError(f"the learners have {learner_gpus:g} GPU each, but compute on their CPUs "
+                             f"({self.devices}): the torch on their nodes sees no GPU (a CPU build of torch?)")
         self.samplers: dict[str, dict[str, Any]] = {}
         """sampling_session_id -> {"owner", "session_id", "base_model", "model_path"}."""
         self.sampler_versions = sampler_versions
