@@ -1,7 +1,11 @@
-"""Which devices the actors get: shares of the Ray cluster's GPUs (rl.devices), checked as pure functions; this
-machine has no GPU, so the builds of torch and vLLM are set by hand where a test needs CUDA ones."""
+"""Which devices the actors get: shares of the Ray cluster's GPUs (rl.devices), checked as pure functions and once
+through Ray on a cluster that advertises a GPU; this machine has none, so the builds of torch and vLLM are set by
+hand where a test needs CUDA ones."""
 
 import itertools
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -104,7 +108,8 @@ import json, sys, time
 import ray
 import rl.devices as devices
 import rl.driver.run as run
-from rl.config import TrainConfig, load
+from rl.config import load
+from rl.service.service import Service
 from rl.train import CONFIGS, run as train_run
 from hydra import compose, initialize_config_dir
 
@@ -125,8 +130,6 @@ for name, overrides in (("auto", []), ("cpu_learner", ["learner.num_gpus=0"])):
         outcome[name] = len(train_run(config))
     except ValueError as error:
         outcome[name] = str(error)
-from rl.service.service import Service  # noqa: E402
-
 try:  # rl-serve shares the GPU the same way: its learner, with a CPU torch here, is refused too
     Service(["tiny"], sys.argv[1] + "/serve", [])
 except ValueError as error:
@@ -143,10 +146,6 @@ print(json.dumps({"outcome": outcome, "reserved": reserved, "available": ray.ava
 def test_a_cluster_with_a_gpu_places_each_actor_on_its_share(tmp_path):
     # A Ray cluster that advertises one GPU (this machine has none): the run's placement group and actors ask for
     # their shares of it, and a learner given one that computes on its CPU (a CPU torch here) is refused
-    import json
-    import subprocess
-    import sys
-
     child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(child.stdout.strip().splitlines()[-1])
