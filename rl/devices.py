@@ -42,6 +42,13 @@ def torch_has_cuda() -> bool:
     return torch.version.cuda is not None
 
 
+def cluster_gpus() -> float:
+    """The GPUs of the Ray cluster this process is connected to (all of them, in use or not)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0.0)
+
+
 def actor_gpus(learner: float | None, sampler: float | None, *, cluster_gpus: float, learners: int,
                replicas: int) -> tuple[float, float]:
     """(each learner's num_gpus, each sampler replica's): as configured, or for None a share (`gpu_shares`) of the

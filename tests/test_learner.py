@@ -315,7 +315,7 @@ def test_attention_in_blocks_computes_what_attention_through_the_row_mask_comput
 
 
 def test_attention_blocks_hold_an_rl_group_each():
-    from rl.learner.batch import attention_blocks
+    from rl.learner.batch import attention_blocks, row_attention
 
     template = [1, 2, 3, 4, 5, 6]  # the chat template every prompt begins with
     data = [sft_datum(template + [100 + 40 * g + i for i in range(30)] + [10 + g * 5 + r] * 16)  # 15 inputs
@@ -323,8 +323,6 @@ def test_attention_blocks_hold_an_rl_group_each():
     prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "cross_entropy", 2048)
     [rows] = micro_batches([(prepared, 4)], 512)
     assert len(rows) == 1 and len(rows[0].tokens) == 6 + 3 * (30 + 4 * 15), "one row, the template once"
-    from rl.learner.batch import row_attention
-
     [row] = attention_blocks(rows, row_attention(rows, row_width(rows), torch.float32, torch.device("cpu")))
     blocks = row.blocks
     assert [(block.start, block.end) for block in blocks] == [(0, 96), (96, 186), (186, 276)]

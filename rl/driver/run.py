@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import LR_SCHEDULES, TrainConfig
-from rl.devices import actor_gpus
+from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import episode_limits, greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment
@@ -134,7 +134,7 @@ def with_actor_gpus(config: TrainConfig, *, samples: bool) -> TrainConfig:
     """`config` with the learner's and each sampler replica's num_gpus resolved against the Ray cluster
     (`rl.devices.actor_gpus`: unset, a share of its GPUs)."""
     learner, sampler = actor_gpus(config.learner.num_gpus, config.sampler.num_gpus,
-                                  cluster_gpus=ray.cluster_resources().get("GPU", 0.0), learners=1,
+                                  cluster_gpus=cluster_gpus(), learners=1,
                                   replicas=config.sampler.replicas if samples else 0)
     return replace(config, learner=replace(config.learner, num_gpus=learner),
                    sampler=replace(config.sampler, num_gpus=sampler))

@@ -317,14 +317,15 @@ def attention_blocks(rows: list[PackedRow], mask: Tensor) -> list[BlockedRow]:
                     spans[-1] = (last_start, end, joined)
                     continue
             spans.append((start, end, keys))
-        runs = [_runs(sorted(keys)) for _, _, keys in spans]
+        ordered = [sorted(keys) for _, _, keys in spans]
+        runs = [_runs(keys) for keys in ordered]
         bounds = sorted({0, len(row.tokens), *(end for _, end, _ in spans),
                          *(at for block_runs in runs for run in block_runs for at in run)})
         piece = {at: index for index, at in enumerate(bounds)}
         blocks = []
-        for (start, end, keys), block_runs in zip(spans, runs, strict=True):
+        for (start, end, _), keys, block_runs in zip(spans, ordered, runs, strict=True):
             pieces = [number for low, high in block_runs for number in range(piece[low], piece[high])]
-            columns = torch.tensor(sorted(keys), device=mask.device)
+            columns = torch.tensor(keys, device=mask.device)
             blocks.append(AttentionBlock(start, end, pieces, mask[index:index + 1, :, start:end][..., columns]))
         result.append(BlockedRow(bounds, blocks))
     return result

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from rl.custom_loss import custom_loss_spec
-from rl.devices import actor_gpus
+from rl.devices import actor_gpus, cluster_gpus
 from rl.models import context_length, resolve_model
 from rl.sampler import SamplerPool
 from rl.service.futures import FutureStore
@@ -95,8 +95,8 @@ class Service:
         self.turn_tokens = turn_tokens
         checkpoints = learner_storage or str(self.storage / "checkpoints")
         # Every model's learner and replicas share the cluster's GPUs, if it has any (rl.devices)
-        learner_gpus, replica_gpus = actor_gpus(None, None, cluster_gpus=ray.cluster_resources().get("GPU", 0.0),
-                                                learners=len(models), replicas=replicas * len(models))
+        learner_gpus, replica_gpus = actor_gpus(None, None, cluster_gpus=cluster_gpus(), learners=len(models),
+                                                replicas=replicas * len(models))
         self.learners = {name: SupervisedLearner(name, self.registry, join_users=join_users, num_gpus=learner_gpus,
                                                 storage=checkpoints, dtype=dtype)
                          for name in models}
