@@ -49,8 +49,10 @@ def completion_text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
-    """A conversation as a cross-entropy datum whose weights select the assistant's tokens (1) from the rest (0).
+def conversation_datum(tokenizer, messages: list[dict[str, str]], *, trained_from: int = 0) -> Datum:
+    """A conversation as a cross-entropy datum whose weights select the assistant's tokens (1) from the rest (0):
+    of every assistant turn, or of those from message `trained_from` on (a DPO reply after a prompt that has
+    assistant turns of its own).
 
     Each assistant turn's tokens are those its rendering adds to the conversation before it (rendered with the
     generation prompt), so the template's own markers around the reply are trained as the model will emit them.
@@ -62,7 +64,7 @@ def conversation_datum(tokenizer, messages: list[dict[str, str]]) -> Datum:
     tokens_T = render(len(messages), False)
     weights_T = [0.0] * len(tokens_T)
     for index, message in enumerate(messages):
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and index >= trained_from:
             upto = render(index + 1, False)
             start, end = len(render(index, True)), len(upto)
             if upto != tokens_T[:end]:

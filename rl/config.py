@@ -12,6 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -54,7 +55,8 @@ class AlgoConfig:
     """Sample step k+1 while step k trains (one step behind; the importance ratio corrects)."""
     # DPO and SFT
     train_examples: int = 256
-    """Size of the fixed training set, cycled through in shuffled epochs."""
+    """Size of the fixed training set drawn from the task, cycled through in shuffled epochs (a data file's
+    examples are all used: data.train)."""
 
 
 @dataclass
@@ -62,6 +64,17 @@ class TaskConfig:
     name: str = "addition"
     format_reward: float = 0.2
     """Training-only reward for the right format with a wrong answer (0 turns shaping off)."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """A JSONL file of your own examples, which the SFT or DPO loop trains on instead of the task's: conversations
+    for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the task's."""
+    eval: str | None = None
+    """Held-out examples in the same format; None: eval_prompts of data.train's, which are then not trained on."""
+    required: bool = False
+    """Set by a recipe that trains on your file alone (sft_jsonl, dpo_jsonl): data.train must be given."""
 
 
 @dataclass
@@ -177,6 +190,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -309,6 +323,19 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         if not keeps(value):
             found.append((key, value, rule))
     algo = config.algo
+    if config.data.train is not None and algo.loop == "rl":
+        found.append(("data.train", config.data.train, "unset: the rl loop samples a task's or an environment's "
+                      "prompts and scores them (your own: recipes/custom_task.py); data files feed sft and dpo"))
+    if config.data.required and config.data.train is None:
+        found.append(("data.train", None, f"a JSONL file of your examples: recipe {config.recipe} trains on your own "
+                      "data (data.train=FILE.jsonl; rl/datasets.py has the format)"))
+    for key in ("data.train", "data.eval"):
+        path = _value(config, key)
+        if path is not None and not Path(path).is_file():
+            found.append((key, path, "a JSONL file, but there is no such file"))
+    if config.data.eval is not None and config.data.train is None:
+        found.append(("data.eval", config.data.eval, "unset, or given with data.train (held-out examples of your own "
+                      "data)"))
     if config.env.name != "task" and algo.loop != "rl":
         found.append(("env.name", config.env.name, f"task: the {algo.loop} loop trains on a task's problems"))
     if config.model.max_model_len <= algo.max_tokens:

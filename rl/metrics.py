@@ -112,16 +112,24 @@ def _x(record: dict, key: str, x_label: str) -> float:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Reward/accuracy and loss against step, accuracy against minutes of steps, seconds per phase, memory."""
+    """Reward/accuracy and loss against step, accuracy (or, in a run that has none, loss) against minutes of
+    steps, seconds per phase, memory: the panels that have data."""
     from matplotlib.figure import Figure  # not pyplot, whose global state a sweep's runs (threads) would share
 
+    def logged(keys: tuple[str, ...]) -> bool:
+        return any(key in record for record in history for key in keys)
+
     memory_keys = sorted({key for record in history for key in record if key.startswith("memory/")})
+    against_time = "reward / accuracy" if logged(CURVES["reward / accuracy"]) else "loss"
     panels = [(title, "step", keys) for title, keys in CURVES.items()] + [
-        ("accuracy against time", "minutes of steps", CURVES["reward / accuracy"]),
+        (f"{against_time.split(' / ')[-1]} against time", "minutes of steps", CURVES[against_time]),
         ("seconds per phase", "step", tuple(f"time/{phase}_s" for phase in PHASES)),
         ("resident memory (GiB)", "step", tuple(memory_keys))]
+    panels = [panel for panel in panels if logged(panel[2])]
     figure = Figure(figsize=(15, 7))
     axes = figure.subplots(2, 3)
+    for axis in axes.flat[len(panels):]:
+        axis.axis("off")
     for axis, (title, x_label, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             points = [(_x(record, key, x_label), record[key]) for record in history if key in record]
@@ -132,6 +140,5 @@ def plot_curves(history: list[dict], path: Path) -> None:
         axis.set_xlabel(x_label)
         if axis.lines:
             axis.legend(fontsize="small")
-    axes.flat[-1].axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from rl.datasets import Messages, PreferencePair, assistant, user
+
 INSTRUCTION = "Put the final answer after 'Answer:'."
 
 
@@ -163,13 +165,6 @@ def checked_problems(task: Task, count: int, *, seed: int, split: str = "train")
     return problems
 
 
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
 def preference_pairs(task: Task, count: int, *, seed: int, split: str = "train") -> list[PreferencePair]:
     """A correct and an incorrect final answer to each of `count` problems (the wrong one off by 1 to 3)."""
     rng = random.Random(f"pairs:{split}:{seed}")
@@ -178,18 +173,18 @@ def preference_pairs(task: Task, count: int, *, seed: int, split: str = "train")
         if not re.fullmatch(r"-?\d+", problem.answer):
             raise ValueError(f"task {task.name!r} has no integer reference answers to build preference pairs from")
         wrong = int(problem.answer) + rng.choice([-3, -2, -1, 1, 2, 3])
-        pairs.append(PreferencePair(problem.prompt, f"Answer: {problem.answer}", f"Answer: {wrong}"))
+        pairs.append(PreferencePair(user(problem.prompt), assistant(f"Answer: {problem.answer}"),
+                                    assistant(f"Answer: {wrong}")))
     return pairs
 
 
-def sft_conversations(task: Task, count: int, *, seed: int, split: str = "train") -> list[list[dict[str, str]]]:
+def sft_conversations(task: Task, count: int, *, seed: int, split: str = "train") -> list[Messages]:
     """User prompt and the task's worked solution as the assistant's reply, for `count` problems."""
     conversations = []
     for problem in checked_problems(task, count, seed=seed, split=split):
         if problem.solution is None:
             raise ValueError(f"task {task.name!r} has no worked solutions to fine-tune on")
-        conversations.append([{"role": "user", "content": problem.prompt},
-                              {"role": "assistant", "content": problem.solution}])
+        conversations.append(user(problem.prompt) + assistant(problem.solution))
     return conversations
 
 

@@ -95,6 +95,22 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     assert "rl-train: the run in" in no_pairs.stderr and "it had saved no checkpoint yet" in no_pairs.stderr
 
 
+def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
+    unset = rl_train("recipe=dpo_jsonl", cwd=tmp_path)
+    assert unset.returncode != 0 and "data.train=None: a JSONL file of your examples: recipe dpo_jsonl" in unset.stderr
+    conversations = [[{"role": "user", "content": f"{a} + 1?"}, {"role": "assistant", "content": str(a + 1)}]
+                     for a in range(10)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    result = rl_train("recipe=sft_jsonl", "data.train=mine.jsonl", "steps=2", *SMALL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data: 8 examples to train on from mine.jsonl, 2 held out of its own" in result.stdout, result.stdout
+    (run,) = (tmp_path / "outputs" / "sft_jsonl").iterdir()
+    lines = records(run)
+    assert [r["step"] for r in lines] == [0, 1, 2] and all("eval/loss" in lines[i] for i in (0, 2))
+    assert not any("eval/accuracy" in r or "memory/sampler0_gib" in r for r in lines), "no verifier, no sampler"
+    assert (run / "curves.png").is_file()
+
+
 @pytest.mark.parametrize("recipe", ["custom_task", "custom_env"])
 def test_your_own_task_or_environment_trains_from_python(tmp_path, recipe):
     script = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"

@@ -49,8 +49,11 @@ def test_digits_rewards_the_share_of_digits():
 def test_preference_pairs_and_sft_conversations():
     pairs = preference_pairs(Addition(), 20, seed=1)
     for pair, problem in zip(pairs, Addition().problems(20, seed=1), strict=True):
-        assert pair.prompt == problem.prompt and pair.chosen == f"Answer: {problem.answer}"
-        wrong = int(pair.rejected.removeprefix("Answer: "))
+        assert pair.prompt == [{"role": "user", "content": problem.prompt}]
+        assert pair.chosen == [{"role": "assistant", "content": f"Answer: {problem.answer}"}]
+        (rejected,) = pair.rejected
+        assert rejected["role"] == "assistant"
+        wrong = int(rejected["content"].removeprefix("Answer: "))
         assert 1 <= abs(wrong - int(problem.answer)) <= 3
     with pytest.raises(ValueError, match="task 'digits' has no integer reference answers"):
         preference_pairs(Digits(), 2, seed=0)
@@ -75,6 +78,11 @@ def test_conversation_datum_trains_the_assistant_tokens_only(tiny_model_dir):
     # ChatML: each reply and its end-of-turn marker (and the newline the template puts after it) are trained.
     assert trained == "Answer: 4<|im_end|>\nAnswer: 6<|im_end|>\n"
     assert set(weights) == {0.0, 1.0}
+    # A DPO reply after a prompt with an assistant turn of its own: only the reply is weighted.
+    reply_only = conversation_datum(tokenizer, messages, trained_from=3)
+    assert reply_only.model_input.to_ints() == datum.model_input.to_ints()
+    weights = reply_only.loss_fn_inputs["weights"].data
+    assert tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w == 1.0]) == "Answer: 6<|im_end|>\n"
 
 
 def test_batch_indices_cycle_through_shuffled_epochs():

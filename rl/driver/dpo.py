@@ -1,9 +1,10 @@
 """The DPO loop: preference pairs -> forward_backward(loss_fn="dpo") -> optim_step; the reference is the base model.
 
-Pairs come from a verifiable task: a correct and an incorrect final answer to the same prompt
-(`rl.tasks.preference_pairs`). A pair is two consecutive datums, chosen then rejected, whose weights select the
-reply's tokens. The learner computes the reference logprobs itself with the adapter off, so the reference is
-the base model. Every `eval_every` steps: DPO accuracy on held-out pairs, and greedy task accuracy.
+Pairs come from a verifiable task, a correct and an incorrect final answer to the same prompt
+(`rl.tasks.preference_pairs`), or from your own file (`data.train`: rl/datasets.py). A pair is two consecutive
+datums, chosen then rejected, whose weights select the reply's tokens. The learner computes the reference
+logprobs itself with the adapter off, so the reference is the base model. Every `eval_every` steps: DPO accuracy
+on held-out pairs, and a task's greedy accuracy.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, Shared, adam_params, batch_indices, held_out_groups, steps
-from rl.env import TaskEnvironment
-from rl.tasks import PreferencePair, Task, preference_pairs
+from rl.datasets import PreferencePair, read_preference_pairs
+from rl.driver.run import Run, Shared, adam_params, batch_indices, check_context, steps, supervised_examples
+from rl.tasks import Task, preference_pairs
 from rl.types import Datum, ForwardBackwardInput
 
 DPO_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
@@ -26,24 +27,24 @@ def dpo_batch(data: list[Datum], loss_fn_config: dict[str, float]) -> ForwardBac
 
 
 def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
-    """Chosen then rejected, for each pair: the layout the dpo loss reads."""
-    return [conversation_datum(tokenizer, [{"role": "user", "content": pair.prompt},
-                                           {"role": "assistant", "content": reply}])
+    """Chosen then rejected, for each pair: the layout the dpo loss reads. Only the reply's tokens are weighted,
+    not an assistant turn inside the prompt."""
+    return [conversation_datum(tokenizer, pair.prompt + reply, trained_from=len(pair.prompt))
             for pair in pairs for reply in (pair.chosen, pair.rejected)]
 
 
 async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
-    # The data first: a task that cannot give pairs fails before any actor starts.
-    pairs = preference_pairs(task, algo.train_examples, seed=config.seed)
-    eval_pairs = preference_pairs(task, config.eval_prompts, seed=config.seed, split="eval")
-    held_out = held_out_groups(config, TaskEnvironment(task))
+    # The data first: a file or a task that cannot give pairs fails before any actor starts.
+    pairs, eval_pairs, held_out = supervised_examples(config, task, from_task=preference_pairs,
+                                                      read=read_preference_pairs)
+    check_context(config, pairs + eval_pairs, lambda tokenizer, pair: pair_datums(tokenizer, [pair]))
     with Run(config, shared) as run:
         held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
 
         async def evaluate(step: int) -> dict:
             metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out)
-            return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], "eval/accuracy": accuracy}
+            return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], **accuracy}
 
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due

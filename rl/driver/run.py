@@ -30,16 +30,18 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.config import LR_SCHEDULES, TrainConfig
+from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import episode_limits, greedy_accuracy
 from rl.driver.state import STATE, LearnerLost, read_state, write_state
-from rl.env import EnvGroupBuilder, Environment
+from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
-from rl.models import emulated_bf16_warning, resolve_model
+from rl.models import context_length, emulated_bf16_warning, resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
+from rl.tasks import Task
 from rl.types import (
     AdamParams,
     ForwardBackwardInput,
@@ -164,8 +166,9 @@ def check_devices(config: TrainConfig, learner: dict, pool: SamplerPool | None) 
 
 
 def samples(config: TrainConfig) -> bool:
-    """Whether the run needs a sampler pool: to roll out (RL) or to evaluate."""
-    return config.algo.loop == "rl" or config.eval_every > 0
+    """Whether the run needs a sampler pool: to roll out (RL), or to evaluate a task's held-out problems greedily
+    (examples from a data file come with no verifier to score answers)."""
+    return config.algo.loop == "rl" or (config.eval_every > 0 and config.data.train is None)
 
 
 def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool) -> ray.actor.ActorHandle:
@@ -304,13 +307,16 @@ class Run:
         return output
 
     async def held_out(self, batch: ForwardBackwardInput, name: str,
-                       groups: list[EnvGroupBuilder]) -> tuple[dict, float]:
-        """The learner's metrics on a held-out batch (no update), and the greedy accuracy on held-out groups of the
-        weights it holds now, published for that."""
+                       groups: list[EnvGroupBuilder]) -> tuple[dict, dict]:
+        """The learner's metrics on a held-out batch (no update), and where there are held-out `groups` (a task's
+        problems; none with a data file) {"eval/accuracy": the greedy accuracy of the weights it holds now,
+        published for that}."""
         output = await self.learner.forward.remote(self.model_id, batch)
+        if not groups:
+            return output.metrics, {}
         version = await self.publish()
-        return output.metrics, await greedy_accuracy(self.pool, name, groups, version.tinker_path,
-                                                     episode_limits(self.config, self.tokenizer))
+        return output.metrics, {"eval/accuracy": await greedy_accuracy(
+            self.pool, name, groups, version.tinker_path, episode_limits(self.config, self.tokenizer))}
 
     async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
         """The evaluation after the last step (when evaluation is on), logged as a record of its own."""
@@ -360,6 +366,39 @@ def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGr
     gives none fails at once."""
     return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=1,
                               tokenizer=tokenizer_of(config.model.name))
+
+
+def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
+                        read: Callable) -> tuple[list, list, list[EnvGroupBuilder]]:
+    """The SFT or DPO loop's training and held-out examples, and the held-out problems its evaluation answers
+    greedily: data.train's and data.eval's examples (`rl.datasets`; no problems: a file has no verifier), else the
+    task's (`from_task(task, count, seed=, split=)`: sft_conversations or preference_pairs). Made before any actor
+    starts, so that bad data fails at once."""
+    data = config.data
+    if data.train is not None:
+        train, held_out = train_and_held_out(read, data.train, data.eval, config.eval_prompts if config.eval_every
+                                             else 0)
+        source = f"from {data.eval}" if data.eval is not None else "of its own"
+        print(f"data: {len(train)} examples to train on from {data.train}, {len(held_out)} held out {source}",
+              flush=True)
+        return train, held_out, []
+    return (from_task(task, config.algo.train_examples, seed=config.seed),
+            from_task(task, config.eval_prompts, seed=config.seed, split="eval"),
+            held_out_groups(config, TaskEnvironment(task)))
+
+
+def check_context(config: TrainConfig, examples: list, datums: Callable) -> None:
+    """Refuses the first example whose datums (`datums(tokenizer, example)`) are longer than the base model's
+    context, quoting how it begins: the learner would train it at positions the model never learnt. Called before
+    any actor starts (each example is tokenized again when its step comes: the datums of a large file would
+    crowd memory)."""
+    tokenizer, context = tokenizer_of(config.model.name), context_length(config.model.name)
+    for example in examples:
+        for datum in datums(tokenizer, example):
+            if datum.model_input.length + 1 > context:
+                begins = tokenizer.decode(datum.model_input.to_ints()[:32])
+                raise ValueError(f"an example of {datum.model_input.length + 1} tokens is longer than "
+                                 f"{config.model.name}'s context ({context} tokens); it begins {begins!r}")
 
 
 async def timed_evaluation(evaluation: Awaitable[dict]) -> dict:

@@ -1,8 +1,9 @@
 """The SFT loop: conversations -> forward_backward(loss_fn="cross_entropy") on the assistant's tokens -> optim_step.
 
-Conversations are rendered with the tokenizer's chat template; only the assistant's tokens are trained
-(`conversation_datum`), and the weights are scaled so the loss is the mean negative log-likelihood per trained
-token of the batch. Every `eval_every` steps: that loss on held-out conversations, and greedy task accuracy.
+Conversations (a task's worked solutions, or your own from `data.train`: rl/datasets.py) are rendered with the
+tokenizer's chat template; only the assistant's tokens are trained (`conversation_datum`), and the weights are
+scaled so the loss is the mean negative log-likelihood per trained token of the batch. Every `eval_every` steps:
+that loss on held-out conversations, and a task's greedy accuracy.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.driver.run import Run, Shared, adam_params, batch_indices, held_out_groups, steps
-from rl.env import TaskEnvironment
+from rl.datasets import read_conversations
+from rl.driver.run import Run, Shared, adam_params, batch_indices, check_context, steps, supervised_examples
 from rl.tasks import Task, sft_conversations
 from rl.types import Datum, ForwardBackwardInput
 
@@ -29,17 +30,18 @@ def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
 
 async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
-    # The data first: a task that cannot give conversations fails before any actor starts.
-    conversations = sft_conversations(task, algo.train_examples, seed=config.seed)
-    eval_conversations = sft_conversations(task, config.eval_prompts, seed=config.seed, split="eval")
-    held_out = held_out_groups(config, TaskEnvironment(task))
+    # The data first: a file or a task that cannot give conversations fails before any actor starts.
+    conversations, eval_conversations, held_out = supervised_examples(config, task, from_task=sft_conversations,
+                                                                      read=read_conversations)
+    check_context(config, conversations + eval_conversations, lambda tokenizer, conversation: [
+        conversation_datum(tokenizer, conversation)])
     with Run(config, shared) as run:
         held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation)
                                           for conversation in eval_conversations])
 
         async def evaluate(step: int) -> dict:
             metrics, accuracy = await run.held_out(held_out_batch, task.name, held_out)
-            return {"eval/loss": metrics["loss:sum"], "eval/accuracy": accuracy}
+            return {"eval/loss": metrics["loss:sum"], **accuracy}
 
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due

@@ -132,9 +132,8 @@ def trl_dpo(steps: int, folder: Path) -> dict:
 
     model, tokenizer, peft, timer, common = trl_common(steps)
     pairs = preference_pairs(Addition(), PAIRS * steps, seed=0)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": pair.prompt}],
-                                  "chosen": [{"role": "assistant", "content": pair.chosen}],
-                                  "rejected": [{"role": "assistant", "content": pair.rejected}]} for pair in pairs])
+    dataset = Dataset.from_list([{"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+                                 for pair in pairs])
     config = DPOConfig(**common, learning_rate=DPO_LR, per_device_train_batch_size=PAIRS, beta=BETA,
                        gradient_accumulation_steps=1)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,

@@ -1,0 +1,173 @@
+"""Your own SFT and DPO examples from JSONL files (rl/datasets.py): read exactly, refused by file, line and field,
+and trained on by the loops (tiny model, real learner), which then start no sampler."""
+
+import json
+from dataclasses import replace
+
+import pytest
+from test_rl_loop import tiny_config
+from transformers import AutoTokenizer
+
+from rl.config import AlgoConfig, DataConfig, TrainConfig, check
+from rl.datasets import PreferencePair, held_out_split, read_conversations, read_preference_pairs
+from rl.driver import dpo, sft
+from rl.driver.run import supervised_examples
+from rl.tasks import Addition, sft_conversations
+
+SYSTEM = {"role": "system", "content": "You add numbers."}
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in records))
+    return str(path)
+
+
+def sums(count: int) -> list[tuple[int, int]]:
+    return [(index % 10, (3 * index + 1) % 10) for index in range(count)]
+
+
+def test_conversations_in_both_formats_are_read_as_they_are(tmp_path):
+    file = write_jsonl(tmp_path / "sft.jsonl", [
+        {"messages": [SYSTEM, {"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"},
+                      {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]},
+        "",  # blank lines are skipped
+        {"prompt": "1 + 1?", "completion": "Answer: 2", "source": "extra keys are ignored"}])
+    assert read_conversations(file) == [
+        [SYSTEM, {"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"},
+         {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}],
+        [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "Answer: 2"}]]
+
+
+def test_preference_pairs_as_strings_or_messages(tmp_path):
+    turns = [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "Which?"},
+             {"role": "user", "content": "2 and 3"}]
+    file = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"prompt": "2 + 3?", "chosen": "5", "rejected": "6"},
+        {"prompt": turns, "chosen": [{"role": "assistant", "content": "5"}],
+         "rejected": [{"role": "assistant", "content": "-1"}]}])
+    assert read_preference_pairs(file) == [
+        PreferencePair([{"role": "user", "content": "2 + 3?"}], [{"role": "assistant", "content": "5"}],
+                       [{"role": "assistant", "content": "6"}]),
+        PreferencePair(turns, [{"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "-1"}])]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"messages": [', "line 2: not JSON (Expecting value at column 15)"),
+    ('["user", "hi"]', "line 2: expected a conversation"),
+    ({"text": "hi"}, "line 2: expected \"messages\", or \"prompt\" and \"completion\"; it has ['text']"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "line 2: no assistant turn to train on"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, 'line 2: "messages"[0] must be {"role": one of system, user'),
+    ({"messages": []}, 'line 2: "messages" must be a string or a non-empty list of messages, not []'),
+    ({"prompt": "hi", "completion": 3}, '"completion" must be a string or a non-empty list of messages, not 3'),
+])
+def test_a_bad_conversation_is_refused_with_its_file_line_and_field(tmp_path, line, message):
+    file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1 + 1?", "completion": "2"}, line])
+    with pytest.raises(ValueError) as caught:
+        read_conversations(file, key="data.eval")
+    assert str(caught.value).startswith(f"data.eval={file}, line 2: ") and message in str(caught.value)
+
+
+def test_bad_pairs_and_files_are_refused(tmp_path):
+    file = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "2 + 3?", "chosen": "5"}])
+    with pytest.raises(ValueError, match=r"line 1: no 'rejected' \(it has \['chosen', 'prompt'\]\)"):
+        read_preference_pairs(file)
+    file = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"prompt": "2 + 3?", "chosen": "5", "rejected": [{"role": "user", "content": "6"}]}])
+    with pytest.raises(ValueError, match='line 1: "rejected" must end with an assistant message, not a user one'):
+        read_preference_pairs(file)
+    with pytest.raises(ValueError, match=r"data.train=.*empty.jsonl: the file holds no examples"):
+        read_preference_pairs(write_jsonl(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(ValueError, match="data.train=nope.jsonl: no such file"):
+        read_conversations("nope.jsonl")
+
+
+def test_held_out_examples_are_drawn_by_a_fixed_seed():
+    examples = list(range(20))
+    train, held_out = held_out_split(examples, 5)
+    assert len(held_out) == 5 and sorted(train + held_out) == examples and not set(train) & set(held_out)
+    assert train == sorted(train), "the rest keep the file's order"
+    assert held_out_split(examples, 5) == (train, held_out), "the same for every run"
+    assert held_out_split(examples, 0) == (examples, [])
+    with pytest.raises(ValueError, match="data.train: 5 examples cannot spare eval_prompts=5 for held-out"):
+        held_out_split(examples[:5], 5)
+
+
+def test_data_settings_are_checked_with_the_loop(tmp_path):
+    file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1 + 1?", "completion": "2"}])
+    sft_loop = AlgoConfig(loop="sft", loss_fn="cross_entropy")
+    check(TrainConfig(algo=sft_loop, data=DataConfig(train=file, eval=file)))
+    with pytest.raises(ValueError) as caught:
+        check(TrainConfig(data=DataConfig(train=file)))
+    assert "data.train=" in str(caught.value) and "unset: the rl loop samples a task's" in str(caught.value)
+    with pytest.raises(ValueError) as caught:
+        check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", data=DataConfig(eval=str(tmp_path / "no.jsonl"),
+                                                                             required=True)))
+    message = str(caught.value)
+    assert "data.train=None: a JSONL file of your examples: recipe sft_jsonl trains on your own data" in message
+    assert f"data.eval='{tmp_path / 'no.jsonl'}': a JSONL file, but there is no such file" in message
+    assert "data.eval=" in message and "unset, or given with data.train" in message
+
+
+def test_without_a_data_file_the_task_gives_the_examples_and_with_one_the_file(tmp_path):
+    config = TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", train_examples=6), eval_prompts=3)
+    train, held_out, problems = supervised_examples(config, Addition(), from_task=sft_conversations,
+                                                    read=read_conversations)
+    assert train == sft_conversations(Addition(), 6, seed=0) and len(held_out) == 3 and len(problems) == 3
+    file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"{a} + {b}?", "completion": str(a + b)}
+                                               for a, b in sums(10)])
+    with_file = replace(config, data=DataConfig(train=file))
+    train, held_out, problems = supervised_examples(with_file, Addition(), from_task=sft_conversations,
+                                                    read=read_conversations)
+    assert (len(train), len(held_out), problems) == (7, 3, []), "eval_prompts of the file held out, no verifier"
+    assert sorted(map(str, train + held_out)) == sorted(map(str, read_conversations(file)))
+    all_of_it = supervised_examples(replace(with_file, eval_every=0), Addition(), from_task=sft_conversations,
+                                    read=read_conversations)
+    assert all_of_it == (read_conversations(file), [], []), "nothing held out when nothing evaluates"
+
+
+def test_sft_on_a_file_learns_it_and_starts_no_sampler(ray_local, tiny_model_dir, tmp_path):
+    conversations = [{"messages": [SYSTEM, {"role": "user", "content": f"{a} + {b}?"},
+                                   {"role": "assistant", "content": f"{a + b}"}]} for a, b in sums(8)]
+    file = write_jsonl(tmp_path / "sft.jsonl", conversations)
+    config = tiny_config(tiny_model_dir, tmp_path / "run", steps=8, eval_every=8, eval_prompts=4)
+    config = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", learning_rate=1e-2,
+                                             prompts_per_step=4, max_tokens=8),
+                     data=DataConfig(train=file, eval=file))
+    history = sft.train(config, Addition())
+    steps = [record for record in history if "loss" in record]
+    assert len(steps) == 8 and steps[-1]["loss"] < steps[0]["loss"] / 2, [record["loss"] for record in steps]
+    assert history[-1]["eval/loss"] < history[0]["eval/loss"] / 2, "its held-out copy, learnt"
+    assert not any("eval/accuracy" in record or "memory/sampler0_gib" in record for record in history)
+
+
+def test_dpo_on_a_file_learns_its_pairs_and_starts_no_sampler(ray_local, tiny_model_dir, tmp_path):
+    pairs = [{"prompt": [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "Which numbers?"},
+                         {"role": "user", "content": f"{a} and {b}"}],
+              "chosen": str(a + b), "rejected": f"{a + b + 1}"} for a, b in sums(8)]
+    file = write_jsonl(tmp_path / "dpo.jsonl", pairs)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chosen, rejected = dpo.pair_datums(tokenizer, read_preference_pairs(file)[:1])
+    for datum, reply in ((chosen, "1"), (rejected, "2")):  # 0 + 1: only the reply, not the prompt's own turn
+        targets, weights = (datum.loss_fn_inputs[key].data for key in ("target_tokens", "weights"))
+        assert tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w]) == f"{reply}<|im_end|>\n"
+    config = tiny_config(tiny_model_dir, tmp_path / "run", steps=8, eval_every=8, eval_prompts=4)
+    config = replace(config, algo=AlgoConfig(loop="dpo", loss_fn="dpo", loss_fn_config={"beta": 0.1},
+                                             learning_rate=1e-2, prompts_per_step=8, max_tokens=8),
+                     data=DataConfig(train=file, eval=file))
+    history = dpo.train(config, Addition())
+    steps = [record for record in history if "loss" in record]
+    assert abs(steps[0]["dpo_margin:mean"]) < 1e-4, "at step 0 the policy is the reference"
+    assert history[0]["eval/dpo_accuracy:mean"] == 0.0 and history[-1]["eval/dpo_accuracy:mean"] > 0.9, history[-1]
+    assert not any("eval/accuracy" in record or "memory/sampler0_gib" in record for record in history)
+
+
+def test_an_example_longer_than_the_model_context_is_refused_before_anything_starts(tiny_model_dir, tmp_path):
+    long_reply = " ".join(["seven"] * 1100)  # the tiny model's context is 1,024 tokens
+    file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Count.", "completion": "one"},
+                                                {"prompt": "Count on.", "completion": long_reply}])
+    config = tiny_config(tiny_model_dir, tmp_path / "run", eval_every=0)
+    config = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"), data=DataConfig(train=file))
+    with pytest.raises(ValueError, match=r"an example of \d{4} tokens is longer than .*'s context \(1024 tokens\); "
+                                         r"it begins '.*Count on\."):
+        sft.train(config, Addition())
+    assert not (tmp_path / "run").exists(), "refused before the run began"
