@@ -27,6 +27,11 @@ class ModelConfig:
     train_unembed: bool = True
     """Adapt the output layer (lm_head) too, as Tinker's LoraConfig does by default."""
     max_model_len: int = 512
+    adapter: str | None = None
+    """A LoRA adapter to start from, with a fresh optimizer at step 0: a PEFT adapter folder (any run's checkpoint,
+    what save_weights_for_sampler publishes, one from the HF hub saved locally) or a run's folder (its latest
+    checkpoint). Its rank, alpha and target modules must be this run's (model.lora_rank, model.train_unembed).
+    None: a new adapter (LoRA's B = 0: the base model)."""
 
 
 @dataclass
@@ -329,6 +334,9 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     if config.data.required and config.data.train is None:
         found.append(("data.train", None, f"a JSONL file of your examples: recipe {config.recipe} trains on your own "
                       "data (data.train=FILE.jsonl; rl/datasets.py has the format)"))
+    if config.model.adapter is not None and not Path(config.model.adapter).is_dir():
+        found.append(("model.adapter", config.model.adapter, "a PEFT adapter folder or a run folder, but there is no "
+                      "such folder"))
     for key in ("data.train", "data.eval"):
         path = _value(config, key)
         if path is not None and not Path(path).is_file():

@@ -11,10 +11,17 @@ the bytes it loads, and then reproduces the probe's logprobs (`rl.sampler.Sample
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_scale(config: dict) -> float:
+    """s in a LoRA's update s * B @ A, from its PEFT adapter_config: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    rank, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def adapter_content_hash(files: dict[str, bytes]) -> str:

@@ -171,3 +171,30 @@ def test_an_example_longer_than_the_model_context_is_refused_before_anything_sta
                                          r"it begins '.*Count on\."):
         sft.train(config, Addition())
     assert not (tmp_path / "run").exists(), "refused before the run began"
+
+
+def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape(ray_local, tiny_model_dir,
+                                                                                 tmp_path):
+    file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"{a} + {b}?", "completion": str(a + b)}
+                                               for a, b in sums(8)])
+
+    def sft_config(folder: str, steps: int, **model) -> TrainConfig:
+        config = tiny_config(tiny_model_dir, tmp_path / folder, steps=steps, eval_every=steps, eval_prompts=4)
+        return replace(config, model=replace(config.model, **model), data=DataConfig(train=file, eval=file),
+                       algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", learning_rate=1e-2, prompts_per_step=4))
+
+    trained = sft.train(sft_config("first", 4), Addition())
+    assert trained[-1]["eval/loss"] < trained[0]["eval/loss"] - 1, "it trained: its adapter is not the start"
+    checkpoint = next((tmp_path / "first" / "checkpoints").glob("*/weights/*"))
+    for adapter in (tmp_path / "first", checkpoint):  # a run folder (its latest checkpoint), or the folder itself
+        again = sft.train(sft_config(f"from_{adapter.name}", 1, adapter=str(adapter)), Addition())
+        # Before its first step, the run computes with the first run's final weights: the same held-out loss.
+        assert again[0]["eval/loss"] == pytest.approx(trained[-1]["eval/loss"], rel=1e-5), (again[0], trained[-1])
+    with pytest.raises(ValueError, match=r"model.adapter=.*first: the adapter's r is 8; this run's is 4"):
+        sft.train(sft_config("smaller", 1, adapter=str(tmp_path / "first"), lora_rank=4), Addition())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"model.adapter=.*empty: not a PEFT adapter folder \(it lacks "
+                                         r"adapter_config.json, adapter_model.safetensors\) nor a run folder"):
+        sft.train(sft_config("from_nothing", 1, adapter=str(tmp_path / "empty")), Addition())
+    with pytest.raises(ValueError, match="model.adapter='nowhere': a PEFT adapter folder or a run folder, but"):
+        check(sft_config("from_nowhere", 1, adapter="nowhere"))

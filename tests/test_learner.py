@@ -839,6 +839,43 @@ def test_a_checkpoint_that_fails_half_way_through_loading_leaves_the_run_as_it_w
     assert learner.step(model_id) == step + 1
 
 
+def test_an_adapter_from_elsewhere_loads_with_a_fresh_optimizer_or_is_refused_changing_nothing(learner,
+                                                                                                tiny_model_dir):
+    source = learner.create(str(tiny_model_dir), LORA)
+    train(learner, source, 2)
+    folder = learner.store.folder(learner.save_weights(source, "to-share").path)
+    files = {name: (folder / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    target = learner.create(str(tiny_model_dir), LORA.model_copy(update={"seed": 7}))
+    train(learner, target, 1)
+    learner.load_adapter(target, files)
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(learner, target), adapter_state(learner, source),
+                                                 strict=True))
+    assert learner.step(target) == 0 and not learner._runs[target].optimizer.state, "a fresh optimizer"
+    tokens = [PATTERN_TOKENS]
+    assert learner.logprobs(target, tokens) == learner.logprobs(source, tokens)
+    # Another alpha means another scale: the same update as B doubled at alpha halved.
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import save as save_tensors
+
+    config, tensors = json.loads(files[ADAPTER_CONFIG]), load_tensors(files[ADAPTER_WEIGHTS])
+    doubled = {name: tensor * 2 if ".lora_B." in name else tensor for name, tensor in tensors.items()}
+    learner.load_adapter(target, {ADAPTER_CONFIG: json.dumps({**config, "lora_alpha": config["lora_alpha"] / 2}
+                                                             ).encode(), ADAPTER_WEIGHTS: save_tensors(doubled)})
+    assert learner.logprobs(target, tokens)[0] == pytest.approx(learner.logprobs(source, tokens)[0], abs=1e-6)
+    train(learner, target, 1)
+    before, step = adapter_state(learner, target), learner.step(target)
+    with pytest.raises(ValueError, match="the adapter's r is 8; this run's is 4"):
+        learner.load_adapter(target, {**files, ADAPTER_CONFIG: json.dumps({**config, "r": 8}).encode()})
+    with pytest.raises(ValueError, match=r"the adapter's target_modules is \['q_proj'\]; this run's is \["):
+        learner.load_adapter(target, {**files, ADAPTER_CONFIG: json.dumps({**config, "target_modules": ["q_proj"]
+                                                                           }).encode()})
+    tensors.pop(sorted(tensors)[0])
+    with pytest.raises(ValueError, match=r"the adapter's tensors do not match the run's: 1 missing"):
+        learner.load_adapter(target, {**files, ADAPTER_WEIGHTS: save_tensors(tensors)})
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(learner, target), before, strict=True))
+    assert learner.step(target) == step and learner._runs[target].optimizer.state, "its optimizer as it was"
+
+
 def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner, ray_local):
     from rl.learner import LearnerActor
 

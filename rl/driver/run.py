@@ -33,7 +33,7 @@ from rl.config import LR_SCHEDULES, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import episode_limits, greedy_accuracy
-from rl.driver.state import STATE, LearnerLost, read_state, write_state
+from rl.driver.state import CHECKPOINTS, STATE, LearnerLost, adapter_folder, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
@@ -48,6 +48,7 @@ from rl.types import (
     ForwardBackwardOutput,
     LoraConfig,
 )
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> list[int]:
@@ -109,7 +110,7 @@ class Shared:
         placement = reserve(config, wait=wait)
         try:
             overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
-            learner = start_learner(config, placement, Path(config.output_dir) / "checkpoints", overlapping)
+            learner = start_learner(config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping)
             pool = None
             if any(samples(other) for other in configs):
                 # In adapter mode a run's next version loads beside its last. The KV cache is the largest any run
@@ -207,6 +208,8 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
+        # The adapter to start from, found before any actor starts (a resumed run has its own weights).
+        self._adapter = adapter_folder(model.adapter) if model.adapter is not None and state is None else None
         self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
         self.actors = shared or Shared.start([config], wait=False)
         self.learner, self.pool = self.actors.learner, self.actors.pool
@@ -222,7 +225,7 @@ class Run:
         self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=model.train_unembed)
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
                                                            model_id=state and state["model_id"],
-                                                           storage=str(self.folder / "checkpoints")))
+                                                           storage=str(self.folder / CHECKPOINTS)))
         self.start_step, self.totals = 0, {}
         self._published: AdapterVersion | None = None
         """This run's latest published version (the one before is retired, and deleted, once the next serves)."""
@@ -231,6 +234,15 @@ class Run:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
+        elif self._adapter is not None:
+            # The files travel as bytes: the learner may run on another node than this folder.
+            files = {name: (self._adapter / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+            try:
+                ray.get(self.learner.load_adapter.remote(self.model_id, files))
+            except ValueError as error:  # the learner's reason, without Ray's traceback
+                cause = getattr(error, "cause", None) or error
+                raise ValueError(f"model.adapter={model.adapter}: {cause}") from None
+            print(f"starting from the adapter in {self._adapter}", flush=True)
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe

@@ -1,6 +1,7 @@
 """What outlives a run's process: `state.json` in the run's folder (the next step, the checkpoint to resume
 from, the token totals, the wandb run id), written atomically, and `LearnerLost`, which says the run can go on
-from it. Light to import: `rl-train` reads it before it starts anything.
+from it; and a finished run's adapter, which another run can start from (`model.adapter`). Light to import:
+`rl-train` reads it before it starts anything.
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ import json
 import os
 from pathlib import Path
 
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
 STATE = "state.json"
+CHECKPOINTS = "checkpoints"
+"""The run folder's subfolder that holds its checkpoints (`Learner.create(storage=...)`)."""
 
 
 class LearnerLost(RuntimeError):
@@ -28,3 +33,22 @@ def write_state(folder: Path, state: dict) -> None:
         file.flush()
         os.fsync(file.fileno())
     staging.replace(folder / STATE)
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The PEFT adapter folder that `model.adapter` names: the folder itself (any run's checkpoint, what
+    save_weights_for_sampler publishes, an adapter from the HF hub saved locally), or for a run's folder its latest
+    checkpoint (state.json). A ValueError says what the path is not."""
+    folder = Path(path)
+    state = read_state(folder) if folder.is_dir() else None
+    if state is not None:
+        from rl.types import ParsedCheckpointTinkerPath
+
+        parsed = ParsedCheckpointTinkerPath.from_tinker_path(state["checkpoint"])
+        folder = folder / CHECKPOINTS / parsed.training_run_id / parsed.checkpoint_id
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"model.adapter={path}: not a PEFT adapter folder (it lacks {', '.join(missing)}" + (
+            f" in its latest checkpoint, {folder}" if state is not None else "") + ") nor a run folder with a "
+            f"{STATE}")
+    return folder

@@ -28,6 +28,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.checkpoint import checkpoint
@@ -64,7 +65,7 @@ from rl.types import (
     TensorData,
     WeightsInfoResponse,
 )
-from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SamplerWeights, adapter_content_hash
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SamplerWeights, adapter_content_hash, lora_scale
 
 # Which modules LoRA adapts, per architecture family.
 _TARGET_MODULES = {
@@ -628,22 +629,53 @@ class Learner:
         run = self._run(model_id)
         if run.lora.model_dump(exclude={"seed"}) != saved_lora.model_dump(exclude={"seed"}):
             raise ValueError(f"{path} holds a {saved_lora} adapter; run {model_id!r} has {run.lora}")
-        # A checkpoint that fails half-way (torch copies the tensors that fit before it raises for those that do
-        # not) leaves the run as it was, and a run made for it is gone.
+        self._set_weights(model_id, adapter_state, optimizer_state, metadata["step"] if optimizer else 0,
+                          new_run=new_run)
+        return LoadWeightsResponse(path=path, model_id=model_id)
+
+    def load_adapter(self, model_id: str, files: dict[str, bytes]) -> None:
+        """Sets run `model_id`'s adapter to a PEFT adapter's weights (its folder's two files, ADAPTER_CONFIG and
+        ADAPTER_WEIGHTS, as bytes: the caller's files need not be on this node), with a fresh optimizer at step 0:
+        a run that starts from weights trained elsewhere (another run's checkpoint, an adapter from the HF hub).
+        Refused, the run left as it was, unless the adapter has the run's rank and target modules; another alpha
+        (or rsLoRA) is taken as it is meant: its B is rescaled so that s * B @ A is the adapter's update."""
+        run = self._run(model_id)
+        theirs, own = json.loads(files[ADAPTER_CONFIG]), self._peft.peft_config[run.adapter]
+        for key, value in (("r", own.r), ("target_modules", sorted(own.target_modules))):
+            given = theirs.get(key)
+            given = sorted(given) if key == "target_modules" and isinstance(given, list) else given
+            if given != value:
+                raise ValueError(f"the adapter's {key} is {given!r}; this run's is {value!r}")
+        rescale = lora_scale(theirs) / lora_scale(own.to_dict())
+        tensors = {name: tensor * rescale if ".lora_B." in name else tensor
+                   for name, tensor in safetensors_load(files[ADAPTER_WEIGHTS]).items()}
+        self._set_weights(model_id, tensors, None, 0, new_run=False)
+
+    def _set_weights(self, model_id: str, adapter_state: dict[str, torch.Tensor], optimizer_state: dict | None,
+                     step: int, *, new_run: bool) -> None:
+        """Puts an adapter's weights, and with `optimizer_state` the optimizer's at `step` (else a fresh optimizer
+        at `step`), into run `model_id`. Every tensor of the run's adapter must be given, and none else; weights that
+        fail half-way (torch copies the tensors that fit before it raises for those that do not) leave the run as it
+        was, and a run made for them (`new_run`) is gone."""
+        run = self._run(model_id)
         before = None if new_run else ([param.detach().clone() for param in run.params],
                                        copy.deepcopy(run.optimizer.state_dict()), run.step)
         try:
-            set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
+            loaded = set_peft_model_state_dict(self._peft, adapter_state, adapter_name=run.adapter)
+            missing = [key for key in loaded.missing_keys if f".{run.adapter}." in key]
+            if loaded.unexpected_keys or missing:
+                raise ValueError(f"the adapter's tensors do not match the run's: {len(missing)} missing (first "
+                                 f"{missing[:1]}), {len(loaded.unexpected_keys)} unknown (first "
+                                 f"{loaded.unexpected_keys[:1]})")
             if optimizer_state is not None:
                 # The checkpoint gives the moments and step counts; how the optimizer runs (fused) is this
                 # learner's, whatever learner wrote it (its rates and betas are set again by every optim_step).
                 for saved, own in zip(optimizer_state["param_groups"], run.optimizer.param_groups, strict=True):
                     saved.update({key: value for key, value in own.items() if key != "params"})
                 run.optimizer.load_state_dict(optimizer_state)
-                run.step = metadata["step"]
             else:
                 run.optimizer.state.clear()
-                run.step = 0
+            run.step = step
         except BaseException:
             if new_run:
                 self.delete(model_id)
@@ -655,7 +687,6 @@ class Learner:
                 run.optimizer.load_state_dict(optimizer_before)
             raise
         run.optimizer.zero_grad(set_to_none=True)
-        return LoadWeightsResponse(path=path, model_id=model_id)
 
     def list_checkpoints(self, model_id: str) -> CheckpointsListResponse:
         return CheckpointsListResponse(checkpoints=self.store.list(model_id))

