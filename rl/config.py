@@ -74,12 +74,13 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     train: str | None = None
-    """A JSONL file of your own examples, which the SFT or DPO loop trains on instead of the task's: conversations
-    for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the task's."""
+    """A JSONL file of your own examples, which the loop trains on instead of the task's: problems with reference
+    answers for RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the
+    task's."""
     eval: str | None = None
     """Held-out examples in the same format; None: eval_prompts of data.train's, which are then not trained on."""
     required: bool = False
-    """Set by a recipe that trains on your file alone (sft_jsonl, dpo_jsonl): data.train must be given."""
+    """Set by a recipe that trains on your file alone (rl_jsonl, sft_jsonl, dpo_jsonl): data.train must be given."""
 
 
 @dataclass
@@ -328,9 +329,8 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         if not keeps(value):
             found.append((key, value, rule))
     algo = config.algo
-    if config.data.train is not None and algo.loop == "rl":
-        found.append(("data.train", config.data.train, "unset: the rl loop samples a task's or an environment's "
-                      "prompts and scores them (your own: recipes/custom_task.py); data files feed sft and dpo"))
+    if config.data.train is not None and config.env.name != "task":
+        found.append(("data.train", config.data.train, f"unset: env {config.env.name} makes its own problems"))
     if config.data.required and config.data.train is None:
         found.append(("data.train", None, f"a JSONL file of your examples: recipe {config.recipe} trains on your own "
                       "data (data.train=FILE.jsonl; rl/datasets.py has the format)"))

@@ -1,6 +1,8 @@
-"""Your own examples from JSONL files, for the SFT and DPO loops (`data.train`, `data.eval`).
+"""Your own examples from JSONL files, for the RL, SFT and DPO loops (`data.train`, `data.eval`).
 
-One example per line, in the formats TRL and the HF hub use (standard and conversational):
+One example per line (for SFT and DPO in the formats TRL and the HF hub use, standard and conversational):
+- RL: a problem, {"prompt": "...", "answer": "..."}: the user's message and its reference answer, which the
+  final answer of a completion (the first line after its last "Answer:") must match (rl.tasks.FileTask).
 - SFT: a conversation, {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} with at
   least one assistant turn (each assistant turn is trained, rl.chat.conversation_datum), or
   {"prompt": "...", "completion": "..."} (one user message and the assistant's reply).
@@ -44,6 +46,11 @@ def assistant(text: str) -> Messages:
 
 class BadExample(ValueError):
     """A line of a data file that is not an example of the format asked for."""
+
+
+def read_problems(path: str | Path, *, key: str = "data.train") -> list[tuple[str, str]]:
+    """The RL problems of a JSONL file, as (prompt, reference answer) (the module's docstring has the format)."""
+    return _read(path, key, _problem, 'a problem: {"prompt": ..., "answer": ...}')
 
 
 def read_conversations(path: str | Path, *, key: str = "data.train") -> list[Messages]:
@@ -92,6 +99,18 @@ def _read(path: str | Path, key: str, parse, what: str) -> list:
     return examples
 
 
+def _problem(record: dict) -> tuple[str, str]:
+    missing = [field for field in ("prompt", "answer") if field not in record]
+    if missing:
+        raise BadExample(f"no {', '.join(repr(field) for field in missing)} (it has {sorted(record)})")
+    prompt, answer = record["prompt"], record["answer"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadExample(f'"prompt" must be a non-empty string (the user\'s message), not {json.dumps(prompt)[:80]}')
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+        raise BadExample(f'"answer" must be a non-empty string or a number, not {json.dumps(answer)[:80]}')
+    return prompt, str(answer).strip()
+
+
 def _conversation(record: dict) -> Messages:
     if "messages" in record:
         messages = _messages(record["messages"], "messages")
@@ -134,8 +153,13 @@ def _messages(value, field: str) -> Messages:
 
 def train_and_held_out(read, train: str, eval_file: str | None, held_out: int) -> tuple[list, list]:
     """The examples of file `train` to train on, and the held-out ones: file `eval_file`'s, else `held_out` of
-    `train`'s (`held_out_split`). `read`: read_conversations or read_preference_pairs."""
+    `train`'s (`held_out_split`); says how many of each, from where. `read`: read_problems, read_conversations or
+    read_preference_pairs."""
     examples = read(train, key="data.train")
     if eval_file is not None:
-        return examples, read(eval_file, key="data.eval")
-    return held_out_split(examples, held_out)
+        split = examples, read(eval_file, key="data.eval")
+    else:
+        split = held_out_split(examples, held_out)
+    source = f"from {eval_file}" if eval_file is not None else "of its own"
+    print(f"data: {len(split[0])} examples to train on from {train}, {len(split[1])} held out {source}", flush=True)
+    return split

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rl.datasets import Messages, PreferencePair, assistant, user
+from rl.datasets import Messages, PreferencePair, assistant, read_problems, train_and_held_out, user
 
 INSTRUCTION = "Put the final answer after 'Answer:'."
 
@@ -145,6 +145,68 @@ class Digits:
 
     def accuracy(self, problem: Problem, completion: str) -> float:
         return float(self.reward(problem, completion) == 1.0)
+
+
+def final_answer(completion: str) -> str | None:
+    """The first line of the text after the last 'Answer:', stripped; None without an 'Answer:'."""
+    if "Answer:" not in completion:
+        return None
+    return completion.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip()
+
+
+def answers_match(given: str, reference: str) -> bool:
+    """Whether a final answer is the reference: by value where the reference is a number (the answer must start
+    with that number: "12", "12.0", "1,200", "$12" and "12 apples" match 12), else the same text ignoring case and a
+    trailing period."""
+    number = _number(reference)
+    if number is not None:
+        match = re.match(r"\$?(-?[\d,]*\.?\d+)", given)
+        return match is not None and _number(match.group(1)) == number
+    return given.rstrip(".").casefold() == reference.strip().rstrip(".").casefold()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """Your own problems (`data.train`, `data.eval`: one {"prompt": ..., "answer": ...} per line, rl.datasets),
+    scored by their reference answers: a completion is right when its `final_answer` matches (`answers_match`),
+    and earns `format_reward` (training only, as for `Addition`) for giving one that is wrong. Ask for the
+    'Answer:' line in your prompts (INSTRUCTION does)."""
+
+    train: tuple[Problem, ...]
+    held_out: tuple[Problem, ...]
+    name: str = "data"
+    format_reward: float = 0.0
+
+    def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
+        """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count`."""
+        if split == "eval":
+            return list(self.held_out[:count])
+        rng = random.Random(f"{split}:{seed}")
+        return [rng.choice(self.train) for _ in range(count)]
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        answer = final_answer(completion)
+        if answer is None:
+            return 0.0
+        return 1.0 if answers_match(answer, problem.answer) else self.format_reward if answer else 0.0
+
+    def accuracy(self, problem: Problem, completion: str) -> float:
+        answer = final_answer(completion)
+        return float(answer is not None and answers_match(answer, problem.answer))
+
+
+def file_task(train: str, eval_file: str | None, held_out: int, *, format_reward: float) -> FileTask:
+    """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task."""
+    train_P, held_out_P = train_and_held_out(read_problems, train, eval_file, held_out)
+    return FileTask(tuple(Problem(prompt, answer) for prompt, answer in train_P),
+                    tuple(Problem(prompt, answer) for prompt, answer in held_out_P), format_reward=format_reward)
 
 
 TASKS = {"addition": Addition, "gsm_symbolic": GsmSymbolic, "digits": Digits}

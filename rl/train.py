@@ -23,10 +23,11 @@ from omegaconf import DictConfig
 from rl.config import ClusterConfig, TrainConfig, check, hydra_schema, load
 from rl.driver.state import STATE, LearnerLost, read_state
 from rl.environments import make_environment
-from rl.tasks import make_task
+from rl.tasks import Task, file_task, make_task
 
 if TYPE_CHECKING:
     from rl.driver.run import Shared
+    from rl.env import Environment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,8 +61,7 @@ def run(config: TrainConfig, shared: Shared | None = None) -> list[dict]:
     check(config)  # every bad value is named before Ray, wandb or a model starts
     if config.resume:
         config = replace(config, output_dir=str(resume_folder(config)))
-    source = (make_task(config.task.name, format_reward=config.task.format_reward) if config.env.name == "task"
-              else make_environment(config.env.name, config.env.params))
+    source = source_of(config)
     # Imported here, not at the top: the loops import torch and transformers (~6 s), which a refused
     # configuration does not wait for.
     loop = importlib.import_module(f"rl.driver.{config.algo.loop}")
@@ -86,6 +86,18 @@ def run(config: TrainConfig, shared: Shared | None = None) -> list[dict]:
         except Exception:
             failed(config, read_state(Path(config.output_dir)))
             raise
+
+
+def source_of(config: TrainConfig) -> Task | Environment:
+    """What the loop trains on: the task, or for RL your problems in data.train (rl.tasks.FileTask), or an
+    environment."""
+    if config.env.name != "task":
+        return make_environment(config.env.name, config.env.params)
+    if config.data.train is not None and config.algo.loop == "rl":  # SFT and DPO read their files themselves
+        # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
+        return file_task(config.data.train, config.data.eval, config.eval_prompts,
+                         format_reward=config.task.format_reward)
+    return make_task(config.task.name, format_reward=config.task.format_reward)
 
 
 def failed(config: TrainConfig, state: dict | None) -> None:

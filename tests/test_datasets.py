@@ -1,5 +1,6 @@
-"""Your own SFT and DPO examples from JSONL files (rl/datasets.py): read exactly, refused by file, line and field,
-and trained on by the loops (tiny model, real learner), which then start no sampler."""
+"""Your own RL problems, SFT conversations and DPO pairs from JSONL files (rl/datasets.py): read exactly, refused by
+file, line and field, scored by their reference answers (RL), and trained on by the loops (tiny model, real learner;
+SFT and DPO then start no sampler); and a run that starts from another run's adapter (model.adapter)."""
 
 import json
 from dataclasses import replace
@@ -8,11 +9,11 @@ import pytest
 from test_rl_loop import tiny_config
 from transformers import AutoTokenizer
 
-from rl.config import AlgoConfig, DataConfig, TrainConfig, check
-from rl.datasets import PreferencePair, held_out_split, read_conversations, read_preference_pairs
+from rl.config import AlgoConfig, DataConfig, EnvConfig, TrainConfig, check
+from rl.datasets import PreferencePair, held_out_split, read_conversations, read_preference_pairs, read_problems
 from rl.driver import dpo, sft
 from rl.driver.run import supervised_examples
-from rl.tasks import Addition, sft_conversations
+from rl.tasks import Addition, answers_match, file_task, sft_conversations
 
 SYSTEM = {"role": "system", "content": "You add numbers."}
 
@@ -24,6 +25,48 @@ def write_jsonl(path, records) -> str:
 
 def sums(count: int) -> list[tuple[int, int]]:
     return [(index % 10, (3 * index + 1) % 10) for index in range(count)]
+
+
+def test_problems_are_read_and_scored_by_their_final_answer(tmp_path):
+    file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "What is 6 * 7? Put the final answer after 'Answer:'.",
+                                                "answer": 42}, {"prompt": "The capital of France?", "answer": "Paris"}])
+    assert read_problems(file) == [("What is 6 * 7? Put the final answer after 'Answer:'.", "42"),
+                                   ("The capital of France?", "Paris")]
+    number, text = file_task(file, None, 0, format_reward=0.2).train
+    assert number.answer == "42" and text.answer == "Paris"
+    task = file_task(file, None, 0, format_reward=0.2)
+    for right in ("6 * 7 = 42\nAnswer: 42", "Answer: 42.0", "Answer:$42", "Answer: 42 apples\nmore talk",
+                  "Answer:\n42", "Answer: 7\nno, Answer: 42"):  # the first line after the last 'Answer:'
+        assert task.reward(number, right) == 1.0 and task.accuracy(number, right) == 1.0, right
+    for wrong in ("Answer: 41", "Answer: 420", "Answer: forty-two"):
+        assert task.reward(number, wrong) == 0.2 and task.accuracy(number, wrong) == 0.0, wrong
+    for unanswered in ("42", "Answer:", "Answer:  \n"):
+        assert task.reward(number, unanswered) == 0.0, unanswered
+    assert task.accuracy(text, "Answer: paris.") == 1.0 and task.accuracy(text, "Answer: Lyon") == 0.0
+    assert answers_match("1,200 dollars", "1200") and answers_match("-3.50", "-3.5") and not answers_match("3", "-3")
+
+
+def test_held_out_problems_are_evaluation_s_and_never_trained_on(tmp_path):
+    file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"{a} + {b}?", "answer": a + b} for a, b in sums(10)])
+    task = file_task(file, None, 3, format_reward=0.0)
+    assert len(task.train) == 7 and task.problems(3, seed=5, split="eval") == list(task.held_out)
+    assert task.problems(2, seed=5, split="eval") == list(task.held_out[:2])
+    drawn = task.problems(50, seed=1)
+    assert set(drawn) <= set(task.train) and drawn == task.problems(50, seed=1) != task.problems(50, seed=2)
+    given = file_task(file, file, 3, format_reward=0.0)
+    assert len(given.train) == len(given.held_out) == 10, "data.eval's problems held out: the file whole"
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"prompt": "hi"}, "line 1: no 'answer' (it has ['prompt'])"),
+    ({"prompt": "", "answer": 1}, 'line 1: "prompt" must be a non-empty string'),
+    ({"prompt": "hi", "answer": [1]}, 'line 1: "answer" must be a non-empty string or a number, not [1]'),
+    ({"prompt": "hi", "answer": True}, 'line 1: "answer" must be a non-empty string or a number, not true'),
+])
+def test_a_bad_problem_is_refused_with_its_line_and_field(tmp_path, record, message):
+    with pytest.raises(ValueError) as caught:
+        read_problems(write_jsonl(tmp_path / "rl.jsonl", [record]))
+    assert message in str(caught.value), str(caught.value)
 
 
 def test_conversations_in_both_formats_are_read_as_they_are(tmp_path):
@@ -96,9 +139,10 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
     file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1 + 1?", "completion": "2"}])
     sft_loop = AlgoConfig(loop="sft", loss_fn="cross_entropy")
     check(TrainConfig(algo=sft_loop, data=DataConfig(train=file, eval=file)))
+    check(TrainConfig(data=DataConfig(train=file)))  # RL on your problems
     with pytest.raises(ValueError) as caught:
-        check(TrainConfig(data=DataConfig(train=file)))
-    assert "data.train=" in str(caught.value) and "unset: the rl loop samples a task's" in str(caught.value)
+        check(TrainConfig(data=DataConfig(train=file), env=EnvConfig(name="calculator")))
+    assert "data.train=" in str(caught.value) and "unset: env calculator makes its own problems" in str(caught.value)
     with pytest.raises(ValueError) as caught:
         check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", data=DataConfig(eval=str(tmp_path / "no.jsonl"),
                                                                              required=True)))

@@ -388,12 +388,7 @@ def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
     starts, so that bad data fails at once."""
     data = config.data
     if data.train is not None:
-        train, held_out = train_and_held_out(read, data.train, data.eval, config.eval_prompts if config.eval_every
-                                             else 0)
-        source = f"from {data.eval}" if data.eval is not None else "of its own"
-        print(f"data: {len(train)} examples to train on from {data.train}, {len(held_out)} held out {source}",
-              flush=True)
-        return train, held_out, []
+        return (*train_and_held_out(read, data.train, data.eval, config.eval_prompts if config.eval_every else 0), [])
     return (from_task(task, config.algo.train_examples, seed=config.seed),
             from_task(task, config.eval_prompts, seed=config.seed, split="eval"),
             held_out_groups(config, TaskEnvironment(task)))
