@@ -30,8 +30,8 @@ class ModelConfig:
     adapter: str | None = None
     """A LoRA adapter to start from, with a fresh optimizer at step 0: a PEFT adapter folder (any run's checkpoint,
     what save_weights_for_sampler publishes, one from the HF hub saved locally) or a run's folder (its latest
-    checkpoint). Its rank, alpha and target modules must be this run's (model.lora_rank, model.train_unembed).
-    None: a new adapter (LoRA's B = 0: the base model)."""
+    checkpoint). Its rank and target modules must be this run's (model.lora_rank, model.train_unembed); another
+    alpha is rescaled to the same update. None: a new adapter (LoRA's B = 0: the base model)."""
 
 
 @dataclass
@@ -78,7 +78,8 @@ class DataConfig:
     answers for RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the
     task's."""
     eval: str | None = None
-    """Held-out examples in the same format; None: eval_prompts of data.train's, which are then not trained on."""
+    """Held-out examples in the same format (RL evaluates the first eval_prompts of them, SFT and DPO all); None:
+    eval_prompts of data.train's, which are then not trained on."""
     required: bool = False
     """Set by a recipe that trains on your file alone (rl_jsonl, sft_jsonl, dpo_jsonl): data.train must be given."""
 

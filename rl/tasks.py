@@ -3,7 +3,8 @@
 A task hands out `Problem`s (a user message, its reference answer and, where the task has one, a worked
 solution) and scores a completion with a reward in [0, 1]. Rewards come from the task's verifier, never from a
 model. The same problems feed every algorithm: RL samples and scores them, DPO trains on `preference_pairs`
-(a correct and an incorrect answer to one prompt), SFT on `sft_conversations` (the worked solutions).
+(a correct and an incorrect answer to one prompt), SFT on `sft_conversations` (the worked solutions). `FileTask`
+holds your own problems, read from a file (`data.train`, rl/datasets.py), scored by their reference answers.
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ import pytest
 from test_rl_loop import tiny_config
 from transformers import AutoTokenizer
 
-from rl.config import AlgoConfig, DataConfig, EnvConfig, TrainConfig, check
+from rl.config import AlgoConfig, DataConfig, EnvConfig, TaskConfig, TrainConfig, check
 from rl.datasets import PreferencePair, held_out_split, read_conversations, read_preference_pairs, read_problems
 from rl.driver import dpo, sft
 from rl.driver.run import supervised_examples
-from rl.tasks import Addition, answers_match, file_task, sft_conversations
+from rl.tasks import Addition, FileTask, answers_match, file_task, sft_conversations
+from rl.train import source_of
 
 SYSTEM = {"role": "system", "content": "You add numbers."}
 
@@ -55,6 +56,16 @@ def test_held_out_problems_are_evaluation_s_and_never_trained_on(tmp_path):
     assert set(drawn) <= set(task.train) and drawn == task.problems(50, seed=1) != task.problems(50, seed=2)
     given = file_task(file, file, 3, format_reward=0.0)
     assert len(given.train) == len(given.held_out) == 10, "data.eval's problems held out: the file whole"
+
+
+def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_ignore(tmp_path):
+    file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"{a} + {b}?", "answer": a + b} for a, b in sums(10)])
+    config = TrainConfig(eval_prompts=4, data=DataConfig(train=file), task=TaskConfig(format_reward=0.3))
+    task = source_of(config)
+    assert isinstance(task, FileTask) and (len(task.train), len(task.held_out), task.format_reward) == (6, 4, 0.3)
+    assert len(source_of(replace(config, eval_every=0)).held_out) == 4, "held out even when nothing evaluates"
+    sft_loop = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"))
+    assert isinstance(source_of(sft_loop), Addition), "the SFT and DPO loops read data.train themselves"
 
 
 @pytest.mark.parametrize(("record", "message"), [

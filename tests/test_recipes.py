@@ -96,8 +96,10 @@ def test_rl_train_names_what_is_wrong(tmp_path):
 
 
 def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
-    unset = rl_train("recipe=dpo_jsonl", cwd=tmp_path)
-    assert unset.returncode != 0 and "data.train=None: a JSONL file of your examples: recipe dpo_jsonl" in unset.stderr
+    for recipe in ("rl_jsonl", "dpo_jsonl"):
+        unset = rl_train(f"recipe={recipe}", cwd=tmp_path)
+        assert unset.returncode != 0 and f"data.train=None: a JSONL file of your examples: recipe {recipe}" in \
+            unset.stderr, unset.stderr[-2000:]
     conversations = [[{"role": "user", "content": f"{a} + 1?"}, {"role": "assistant", "content": str(a + 1)}]
                      for a in range(10)]
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
@@ -109,15 +111,6 @@ def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
     assert [r["step"] for r in lines] == [0, 1, 2] and all("eval/loss" in lines[i] for i in (0, 2))
     assert not any("eval/accuracy" in r or "memory/sampler0_gib" in r for r in lines), "no verifier, no sampler"
     assert (run / "curves.png").is_file()
-    # RL on your problems: sampled, scored against their answers, the held-out ones evaluated greedily.
-    (tmp_path / "problems.jsonl").write_text("".join(json.dumps({"prompt": f"{a} + 1? Answer after 'Answer:'.",
-                                                                 "answer": a + 1}) + "\n" for a in range(10)))
-    result = rl_train("recipe=rl_jsonl", "data.train=problems.jsonl", "steps=1", *SMALL, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = (tmp_path / "outputs" / "rl_jsonl").iterdir()
-    first, last = records(run)
-    assert 0.0 <= first["reward/mean"] <= 1.0 and first["tokens/sampled"] >= 2 * 4, first
-    assert first["eval/accuracy"] * 2 == round(first["eval/accuracy"] * 2) and "eval/accuracy" in last
 
 
 @pytest.mark.parametrize("recipe", ["custom_task", "custom_env"])
