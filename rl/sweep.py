@@ -28,7 +28,9 @@ from rl.config import TrainConfig, check
 from rl.driver.state import STATE, LearnerLost, read_state
 from rl.train import connect, failed, run
 
-SUMMARY_COLUMNS = ("eval/accuracy", "reward/mean", "loss", "time_total/minutes")
+SUMMARY_COLUMNS = ("eval/accuracy", "eval/dpo_accuracy:mean", "eval/loss", "reward/mean", "loss",
+                   "time_total/minutes")
+"""The final metrics a sweep's summary lists, those that any of its runs logged."""
 """The final metrics in the summary (each run's last value of each)."""
 
 
@@ -181,11 +183,12 @@ def final(history: list[dict], key: str) -> float | None:
 
 def write_summary(jobs: list[Job], folder: Path) -> None:
     """One row per run (its overrides, status, folder and final metrics) on the console and in sweep.csv; every
-    run's accuracy and reward against the step in sweep.png."""
+    run's first two metrics (accuracy and reward in RL) against the step in sweep.png."""
     common = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
+    columns = [key for key in SUMMARY_COLUMNS if any(final(job.history or [], key) is not None for job in jobs)]
     rows = [{"run": index, "overrides": " ".join(item for item in job.overrides if item not in common),
              "status": status(job), "output_dir": job.config.output_dir,
-             **{key: final(job.history or [], key) for key in SUMMARY_COLUMNS}} for index, job in enumerate(jobs)]
+             **{key: final(job.history or [], key) for key in columns}} for index, job in enumerate(jobs)]
     with open(folder / "sweep.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -193,16 +196,18 @@ def write_summary(jobs: list[Job], folder: Path) -> None:
     print(f"sweep: {sum(not job.error for job in jobs)} of {len(jobs)} runs finished ({folder / 'sweep.csv'}); "
           f"common to all: {' '.join(sorted(common)) or 'nothing'}")
     for row in rows:
-        figures = " | ".join(f"{key} {row[key]:.3g}" for key in SUMMARY_COLUMNS if row[key] is not None)
+        figures = " | ".join(f"{key} {row[key]:.3g}" for key in columns if row[key] is not None)
         print(f"  {row['run']}: {row['overrides'] or '(no overrides)'} | {row['status'][:200]} | {figures}")
-    plot_sweep(jobs, [row["overrides"] or "(no overrides)" for row in rows], folder / "sweep.png")
+    plot_sweep(jobs, [row["overrides"] or "(no overrides)" for row in rows], folder / "sweep.png",
+               [key for key in columns if key != "time_total/minutes"][:2])
 
 
-def plot_sweep(jobs: list[Job], labels: list[str], path: Path) -> None:
+def plot_sweep(jobs: list[Job], labels: list[str], path: Path, keys: list[str]) -> None:
+    """Every run's `keys` (the first two metrics of the summary: accuracy and reward in RL) against the step."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(12, 4.5))
-    for axis, key in zip(figure.subplots(1, 2), ("eval/accuracy", "reward/mean"), strict=True):
+    for axis, key in zip(figure.subplots(1, 2), keys, strict=False):
         for job, label in zip(jobs, labels, strict=True):
             points = [(record["step"], record[key]) for record in job.history or [] if key in record]
             if points:

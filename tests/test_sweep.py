@@ -22,7 +22,7 @@ from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, Swe
 from rl.driver.state import read_state, write_state
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
-from rl.sweep import Job, run_sweep, share_key
+from rl.sweep import Job, run_sweep, share_key, write_summary
 from rl.train import run
 from rl.types import Datum, ForwardBackwardInput, LoraConfig
 
@@ -178,3 +178,22 @@ def test_a_shared_learner_that_dies_is_replaced_and_its_runs_go_on_from_their_ch
         # Steps after a run's last checkpoint were redone, and the log keeps each step once.
         assert [record["step"] for record in metrics(folder)] == [0, 1, 2, 3]
         assert read_state(folder)["step"] == 4 and len(adapter(folder, "step-4")) > 0
+
+
+def test_the_summary_lists_the_final_metrics_its_runs_logged(tmp_path, capsys):
+    # An SFT sweep on your own file logs a held-out loss and no accuracy or reward: the table and plot show what
+    # there is, and a failed run's row stays empty.
+    jobs = [Job([f"algo.learning_rate={rate}"], TrainConfig(output_dir=str(tmp_path / str(index))),
+                history=[{"step": 0, "loss": 2.0, "eval/loss": 2.5}, {"step": 1, "loss": loss, "eval/loss": 1.5,
+                                                                      "time_total/minutes": 0.1}])
+            for index, (rate, loss) in enumerate([(1e-3, 1.25), (1e-2, 0.5)])]
+    jobs.append(Job(["algo.learning_rate=1"], TrainConfig(output_dir=str(tmp_path / "2")), error="loss is NaN"))
+    write_summary(jobs, tmp_path)
+    with open(tmp_path / "sweep.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == ["run", "overrides", "status", "output_dir", "eval/loss", "loss", "time_total/minutes"]
+    assert [(row["status"], row["eval/loss"], row["loss"]) for row in rows] == [
+        ("done", "1.5", "1.25"), ("done", "1.5", "0.5"), ("failed: loss is NaN", "", "")]
+    assert "1: algo.learning_rate=0.01 | done | eval/loss 1.5 | loss 0.5 | time_total/minutes 0.1" in \
+        capsys.readouterr().out
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
