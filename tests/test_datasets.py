@@ -222,8 +222,8 @@ def test_an_example_longer_than_the_model_context_is_refused_before_anything_sta
                                                 {"prompt": "Count on.", "completion": long_reply}])
     config = tiny_config(tiny_model_dir, tmp_path / "run", eval_every=0)
     config = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"), data=DataConfig(train=file))
-    with pytest.raises(ValueError, match=r"an example of \d{4} tokens is longer than .*'s context \(1024 tokens\); "
-                                         r"it begins '.*Count on\."):
+    with pytest.raises(ValueError, match=r"an example of \d{4} tokens is longer than .*'s context of 1024 tokens "
+                                         r"\(\+1: the last token is only a target\); it begins '.*Count on\."):
         sft.train(config, Addition())
     assert not (tmp_path / "run").exists(), "refused before the run began"
 

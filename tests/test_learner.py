@@ -731,7 +731,9 @@ def _bad_batches(good: Datum) -> list[tuple[ForwardBackwardInput, str]]:
                                                                                 "weights": [1.0, 1.0, 1.0]})
     negative = Datum.model_construct(model_input=ModelInput.model_construct(
         chunks=[EncodedTextChunk.model_construct(tokens=[1, -4, 3])]), loss_fn_inputs=oov.loss_fn_inputs)
+    long = Datum.next_token([5] * 1026, weights=[1.0] * 1026)  # the tiny model's context is 1,024 tokens
     return [
+        (batch(long), r"data\[1\]\.model_input has 1025 tokens, more than the base model's context \(1024\)"),
         (batch(oov), r"data\[1\]\.model_input holds token id 2048, outside the vocabulary \[0, 2048\)"),
         (batch(negative), r"data\[1\]\.model_input holds token id -4"),
         (batch(with_inputs(target_tokens=[-1] * length)), r"data\[1\]\.loss_fn_inputs\['target_tokens'\] holds"),

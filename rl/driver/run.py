@@ -396,16 +396,16 @@ def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
 
 def check_context(config: TrainConfig, examples: list, datums: Callable) -> None:
     """Refuses the first example whose datums (`datums(tokenizer, example)`) are longer than the base model's
-    context, quoting how it begins: the learner would train it at positions the model never learnt. Called before
-    any actor starts (each example is tokenized again when its step comes: the datums of a large file would
-    crowd memory)."""
+    context, quoting how it begins, before any actor starts (the learner refuses such a datum too, mid-run). Each
+    example is tokenized again when its step comes: the datums of a large file would crowd memory."""
     tokenizer, context = tokenizer_of(config.model.name), context_length(config.model.name)
     for example in examples:
         for datum in datums(tokenizer, example):
-            if datum.model_input.length + 1 > context:
+            if datum.model_input.length > context:  # the last token is a target only
                 begins = tokenizer.decode(datum.model_input.to_ints()[:32])
                 raise ValueError(f"an example of {datum.model_input.length + 1} tokens is longer than "
-                                 f"{config.model.name}'s context ({context} tokens); it begins {begins!r}")
+                                 f"{config.model.name}'s context of {context} tokens (+1: the last token is only a "
+                                 f"target); it begins {begins!r}")
 
 
 async def timed_evaluation(evaluation: Awaitable[dict]) -> dict:

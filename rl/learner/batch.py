@@ -36,14 +36,17 @@ class PreparedDatum:
     inputs: dict[str, Tensor]  # target_tokens (T,) or (T, K) int64; the rest float32, first dim T
 
 
-def prepare_batch(data: list[Datum], spec: LossSpec, loss_fn: str, vocab_size: int) -> list[PreparedDatum]:
-    """Converts and checks every datum for loss `spec`; a ValueError names the datum index and the field."""
+def prepare_batch(data: list[Datum], spec: LossSpec, loss_fn: str, vocab_size: int,
+                  context: int | None = None) -> list[PreparedDatum]:
+    """Converts and checks every datum for loss `spec`; a ValueError names the datum index and the field.
+    `context`: the base model's (its max_position_embeddings), which no datum may be longer than: positions past
+    it are ones the model never learnt."""
     if not data:
         raise ValueError("data is empty: forward_backward needs at least one datum")
     if len(data) % spec.datums_per_group:
         raise ValueError(f"{loss_fn} reads datums in groups of {spec.datums_per_group} (chosen, then rejected); "
                          f"got {len(data)} datums")
-    prepared = [_prepare(index, datum, spec, loss_fn, vocab_size) for index, datum in enumerate(data)]
+    prepared = [_prepare(index, datum, spec, loss_fn, vocab_size, context) for index, datum in enumerate(data)]
     # One target shape per token for the whole batch: a micro-batch reads every datum's targets as one tensor.
     shapes = [list(datum.inputs["target_tokens"].shape) for datum in prepared]
     for index, shape in enumerate(shapes):
@@ -53,7 +56,8 @@ def prepare_batch(data: list[Datum], spec: LossSpec, loss_fn: str, vocab_size: i
     return prepared
 
 
-def _prepare(index: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int) -> PreparedDatum:
+def _prepare(index: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size: int,
+             context: int | None) -> PreparedDatum:
     where = f"data[{index}]"
     try:
         token_list = datum.model_input.to_ints()
@@ -61,6 +65,9 @@ def _prepare(index: int, datum: Datum, spec: LossSpec, loss_fn: str, vocab_size:
         raise ValueError(f"{where}.model_input: {error}; this learner reads text tokens only") from None
     if not token_list:
         raise ValueError(f"{where}.model_input is empty")
+    if context is not None and len(token_list) > context:
+        raise ValueError(f"{where}.model_input has {len(token_list)} tokens, more than the base model's context "
+                         f"({context})")
     tokens = torch.tensor(token_list, dtype=torch.int64)
     _check_ids(f"{where}.model_input", tokens, vocab_size)
     given = set(datum.loss_fn_inputs)

@@ -144,6 +144,7 @@ class Learner:
             raise ValueError(f"base model {base_model!r} is a {config.model_type!r} model; LoRA targets are known "
                              f"for {', '.join(KNOWN_ARCHITECTURES)}")
         self.vocab_size = config.vocab_size
+        self.context = config.max_position_embeddings
         self._pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self._peft: PeftModel | None = None
         self._runs: dict[str, _LoraRun] = {}
@@ -284,7 +285,8 @@ class Learner:
         else:
             config = losses.resolve_config(batch.loss_fn, batch.loss_fn_config)
             spec = losses.LOSSES[batch.loss_fn]
-        return _Call(run, spec, config, prepare_batch(batch.data, spec, batch.loss_fn, self.vocab_size))
+        return _Call(run, spec, config, prepare_batch(batch.data, spec, batch.loss_fn, self.vocab_size,
+                                                            self.context))
 
     def _pass(self, calls: list[_Call], *, backward: bool) -> list[ForwardBackwardOutput]:
         """The calls' losses and target logprobs, with their gradients when `backward`, in one pass over
@@ -460,7 +462,7 @@ class Learner:
         run's adapter, or with no adapter (the base model) when `adapter` is False. No gradients."""
         run = self._run(model_id)
         data = [Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences]
-        prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size)
+        prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size, self.context)
         self._activate([run])
         found: dict[int, list[float]] = {}
         with nullcontext() if adapter else self._peft.disable_adapter():
