@@ -120,9 +120,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
         return any(key in record for record in history for key in keys)
 
     memory_keys = sorted({key for record in history for key in record if key.startswith("memory/")})
-    against_time = "reward / accuracy" if logged(CURVES["reward / accuracy"]) else "loss"
+    accuracy = logged(CURVES["reward / accuracy"])
     panels = [(title, "step", keys) for title, keys in CURVES.items()] + [
-        (f"{against_time.split(' / ')[-1]} against time", "minutes of steps", CURVES[against_time]),
+        ("accuracy against time" if accuracy else "loss against time", "minutes of steps",
+         CURVES["reward / accuracy" if accuracy else "loss"]),
         ("seconds per phase", "step", tuple(f"time/{phase}_s" for phase in PHASES)),
         ("resident memory (GiB)", "step", tuple(memory_keys))]
     panels = [panel for panel in panels if logged(panel[2])]

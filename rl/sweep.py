@@ -30,8 +30,7 @@ from rl.train import connect, failed, run
 
 SUMMARY_COLUMNS = ("eval/accuracy", "eval/dpo_accuracy:mean", "eval/loss", "reward/mean", "loss",
                    "time_total/minutes")
-"""The final metrics a sweep's summary lists, those that any of its runs logged."""
-"""The final metrics in the summary (each run's last value of each)."""
+"""The final metrics a sweep's summary lists (each run's last value of each), those that any of its runs logged."""
 
 
 @dataclass

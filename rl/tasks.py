@@ -44,12 +44,17 @@ class Task(Protocol):
         ...
 
 
-def strict_answer(completion: str) -> int | None:
-    """The integer that starts the text after the last 'Answer:', if any."""
+def final_answer(completion: str) -> str | None:
+    """The first line of the text after the last 'Answer:', stripped; None without an 'Answer:'."""
     if "Answer:" not in completion:
         return None
-    match = re.match(r"\s*(-?\d+)", completion.rsplit("Answer:", 1)[1])
-    return int(match.group(1)) if match else None
+    return completion.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip()
+
+
+def strict_answer(completion: str) -> int | None:
+    """The integer that starts the text after the last 'Answer:', if any."""
+    match = re.match(r"-?\d+", final_answer(completion) or "")
+    return int(match.group()) if match else None
 
 
 _ADDITION_SUMS = [(a, b) for a in range(10) for b in range(10)]
@@ -100,7 +105,7 @@ class Addition:
 class GsmSymbolic:
     """Grade-school word problems (reasoning-gym's gsm_symbolic, GSM8K templates), scored by reasoning-gym.
 
-    The answer is the text after the last 'Answer:' on its line; `format_reward` as for `Addition`.
+    The answer is `final_answer`, the first line after the last 'Answer:'; `format_reward` as for `Addition`.
     """
 
     name: str = "gsm_symbolic"
@@ -119,9 +124,9 @@ class GsmSymbolic:
         return self.format_reward if strict_answer(completion) is not None else 0.0
 
     def accuracy(self, problem: Problem, completion: str) -> float:
-        if "Answer:" not in completion:
+        answer = final_answer(completion)
+        if answer is None:
             return 0.0
-        answer = completion.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip()
         return float(_reasoning_gym("gsm_symbolic", 0, seed=0).score_answer(answer, problem.entry) == 1.0)
 
 
@@ -146,13 +151,6 @@ class Digits:
 
     def accuracy(self, problem: Problem, completion: str) -> float:
         return float(self.reward(problem, completion) == 1.0)
-
-
-def final_answer(completion: str) -> str | None:
-    """The first line of the text after the last 'Answer:', stripped; None without an 'Answer:'."""
-    if "Answer:" not in completion:
-        return None
-    return completion.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip()
 
 
 def answers_match(given: str, reference: str) -> bool:

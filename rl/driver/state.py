@@ -42,10 +42,12 @@ def adapter_folder(path: str | Path) -> Path:
     folder = Path(path)
     state = read_state(folder) if folder.is_dir() else None
     if state is not None:
-        from rl.types import ParsedCheckpointTinkerPath
+        from rl.checkpoints import CheckpointStore  # imported here: rl-train reads this module before anything
 
-        parsed = ParsedCheckpointTinkerPath.from_tinker_path(state["checkpoint"])
-        folder = folder / CHECKPOINTS / parsed.training_run_id / parsed.checkpoint_id
+        try:  # the run's own store finds its checkpoint (and puts back one a crash left half-replaced)
+            folder = CheckpointStore(folder / CHECKPOINTS).folder(state["checkpoint"])
+        except ValueError as error:
+            raise ValueError(f"model.adapter={path}: {error}") from None
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"model.adapter={path}: not a PEFT adapter folder (it lacks {', '.join(missing)}" + (
