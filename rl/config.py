@@ -79,9 +79,15 @@ class DataConfig:
     task's."""
     eval: str | None = None
     """Held-out examples in the same format (RL evaluates the first eval_prompts of them, SFT and DPO all); None:
-    eval_prompts of data.train's, which are then not trained on."""
+    eval_prompts of data.train's, which are then not trained on. With steps=0 it may be given alone: the
+    starting weights are evaluated on it."""
     required: bool = False
     """Set by a recipe that trains on your file alone (rl_jsonl, sft_jsonl, dpo_jsonl): data.train must be given."""
+
+    @property
+    def given(self) -> bool:
+        """Whether the run reads your files rather than the task's examples (data.eval alone: with steps=0)."""
+        return self.train is not None or self.eval is not None
 
 
 @dataclass
@@ -164,6 +170,9 @@ class LoggerConfig:
     """"offline" writes a local wandb run; "online" syncs; "disabled" turns wandb off. WANDB_MODE overrides."""
     project: str = "rl"
     group: str | None = None
+    train_groups: int = 1
+    """Groups of each RL step's rollout written to samples.jsonl as text, with rewards and advantages (every
+    evaluation's episodes are written too); 0: none."""
 
 
 @dataclass
@@ -180,6 +189,7 @@ class SweepConfig:
 class TrainConfig:
     recipe: str = "arithmetic_rl"
     steps: int = 30
+    """Optimizer steps; 0: evaluate the starting weights (the base model's, or model.adapter's) and stop."""
     seed: int = 0
     eval_every: int = 5
     """Greedy held-out evaluation every N steps and after the last; 0: never (benchmarks)."""
@@ -293,7 +303,8 @@ def _rules(loop: str) -> dict[str, tuple]:
     from rl.tasks import TASKS
 
     rules = {
-        "steps": AT_LEAST_1, "seed": NOT_NEGATIVE, "eval_every": (NOT_NEGATIVE[0], "0 (never) or more"),
+        "steps": (NOT_NEGATIVE[0], "0 (evaluate only) or more"), "seed": NOT_NEGATIVE,
+        "eval_every": (NOT_NEGATIVE[0], "0 (never) or more"),
         "checkpoint_every": (NOT_NEGATIVE[0], "0 (the last step only) or more"),
         "model.dtype": one_of(*DTYPES), "model.lora_rank": AT_LEAST_1, "algo.loop": one_of(*LOOPS),
         "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
@@ -308,7 +319,8 @@ def _rules(loop: str) -> dict[str, tuple]:
         "sampler.publish_mode": one_of(*PUBLISH_MODES), "sampler.threads": UNSET_OR_AT_LEAST_1,
         "sampler.kv_cache_gib": UNSET_OR_POSITIVE,
         "cluster.placement_strategy": one_of(*PLACEMENT_STRATEGIES), "cluster.placement_timeout_s": POSITIVE,
-        "logger.wandb_mode": one_of(*WANDB_MODES), "env.name": one_of("task", *ENVIRONMENTS),
+        "logger.wandb_mode": one_of(*WANDB_MODES),
+        "logger.train_groups": NOT_NEGATIVE, "env.name": one_of("task", *ENVIRONMENTS),
         "env.max_turns": AT_LEAST_1, "env.max_sampled_tokens": UNSET_OR_AT_LEAST_1,
         "env.advantage": one_of("episode", "reward_to_go"), "env.truncated": one_of("train", "drop"),
     }
@@ -330,9 +342,14 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         if not keeps(value):
             found.append((key, value, rule))
     algo = config.algo
-    if config.data.train is not None and config.env.name != "task":
-        found.append(("data.train", config.data.train, f"unset: env {config.env.name} makes its own problems"))
-    if config.data.required and config.data.train is None:
+    if config.data.given and config.env.name != "task":
+        key = "data.train" if config.data.train is not None else "data.eval"
+        found.append((key, _value(config, key), f"unset: env {config.env.name} makes its own problems"))
+    evaluating = config.steps == 0  # data.eval alone is enough
+    if evaluating and not config.eval_every:
+        found.append(("steps", 0, "at least 1 with eval_every=0: steps=0 only evaluates, and eval_every=0 turns "
+                      "evaluation off"))
+    if config.data.required and config.data.train is None and not (evaluating and config.data.eval):
         found.append(("data.train", None, f"a JSONL file of your examples: recipe {config.recipe} trains on your own "
                       "data (data.train=FILE.jsonl; rl/datasets.py has the format)"))
     if config.model.adapter is not None and not Path(config.model.adapter).is_dir():
@@ -342,9 +359,9 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         path = _value(config, key)
         if path is not None and not Path(path).is_file():
             found.append((key, path, "a JSONL file, but there is no such file"))
-    if config.data.eval is not None and config.data.train is None:
+    if config.data.eval is not None and config.data.train is None and not evaluating:
         found.append(("data.eval", config.data.eval, "unset, or given with data.train (held-out examples of your own "
-                      "data)"))
+                      "data), or with steps=0 (evaluate only)"))
     if config.env.name != "task" and algo.loop != "rl":
         found.append(("env.name", config.env.name, f"task: the {algo.loop} loop trains on a task's problems"))
     if config.model.max_model_len <= algo.max_tokens:

@@ -151,15 +151,16 @@ def _messages(value, field: str) -> Messages:
     return [{"role": message["role"], "content": message["content"]} for message in value]
 
 
-def train_and_held_out(read, train: str, eval_file: str | None, held_out: int) -> tuple[list, list]:
+def train_and_held_out(read, train: str | None, eval_file: str | None, held_out: int) -> tuple[list, list]:
     """The examples of file `train` to train on, and the held-out ones: file `eval_file`'s, else `held_out` of
-    `train`'s (`held_out_split`); says how many of each, from where. `read`: read_problems, read_conversations or
-    read_preference_pairs."""
-    examples = read(train, key="data.train")
+    `train`'s (`held_out_split`); says how many of each, from where. No `train`: nothing to train on (steps=0
+    evaluates). `read`: read_problems, read_conversations or read_preference_pairs."""
+    examples = read(train, key="data.train") if train is not None else []
     if eval_file is not None:
         split = examples, read(eval_file, key="data.eval")
     else:
         split = held_out_split(examples, held_out)
     source = f"from {eval_file}" if eval_file is not None else "of its own"
-    print(f"data: {len(split[0])} examples to train on from {train}, {len(split[1])} held out {source}", flush=True)
+    print(f"data: {len(split[0])} examples to train on{f' from {train}' if train else ''}, {len(split[1])} held out "
+          f"{source}", flush=True)
     return split

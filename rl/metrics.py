@@ -1,4 +1,5 @@
-"""What a run leaves behind: metrics.jsonl, a wandb run (offline unless asked), one line per step, curves.png."""
+"""What a run leaves behind: metrics.jsonl, samples.jsonl (episodes as text), a wandb run (offline unless asked), one
+line per step, curves.png."""
 
 from __future__ import annotations
 
@@ -54,11 +55,10 @@ class RunLog:
         self._prefix = f"[{label}] " if label else ""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(asdict(config), indent=1))
-        metrics = self.folder / "metrics.jsonl"
-        kept = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        self.history: list[dict] = [record for record in kept if record["step"] < start_step]
-        metrics.write_text("".join(json.dumps(record) + "\n" for record in self.history))
-        self._file = open(metrics, "a")  # noqa: SIM115 (closed in close())
+        self.history: list[dict] = _before(self.folder / "metrics.jsonl", start_step)
+        self._file = open(self.folder / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        _before(self.folder / "samples.jsonl", start_step)
+        self._samples = open(self.folder / "samples.jsonl", "a")  # noqa: SIM115 (closed in close())
         self._wandb = None
         mode = os.environ.get("WANDB_MODE", config.logger.wandb_mode)
         if mode != "disabled":
@@ -81,11 +81,35 @@ class RunLog:
             self._wandb.log(record, step=record["step"])
         tqdm.write(self._prefix + summary_line(record))  # above the progress bar, not through it
 
+    def samples(self, lines: list[dict]) -> None:
+        """Appends episodes as text (`rl.driver.episodes.transcript`, with their step, split, group and index) to
+        samples.jsonl; an evaluation's go to wandb too, as a table."""
+        self._samples.write("".join(json.dumps(line) + "\n" for line in lines))
+        self._samples.flush()
+        evaluated = [line for line in lines if line["split"] == "eval"]
+        if self._wandb is not None and evaluated:
+            import wandb
+
+            rows = [[line["step"], line["group"], line["turns"][0]["observation"], "".join(
+                turn["action"] if index == 0 else turn["observation"] + turn["action"]
+                for index, turn in enumerate(line["turns"])), line["reward"]] for line in evaluated]
+            table = wandb.Table(columns=["step", "group", "prompt", "completion", "reward"], data=rows)
+            self._wandb.log({"samples/eval": table}, step=evaluated[0]["step"])
+
     def close(self) -> None:
         self._file.close()
+        self._samples.close()
         plot_curves(self.history, self.folder / "curves.png")
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _before(path: Path, step: int) -> list[dict]:
+    """The lines of the JSONL file `path` from before `step`, to which it is cut back: a resumed run redoes the rest."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    kept = [line for line in lines if line["step"] < step]
+    path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    return kept
 
 
 def summary_line(record: dict) -> str:

@@ -201,8 +201,9 @@ class FileTask:
         return float(answer is not None and answers_match(answer, problem.answer))
 
 
-def file_task(train: str, eval_file: str | None, held_out: int, *, format_reward: float) -> FileTask:
-    """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task."""
+def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float) -> FileTask:
+    """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task; no `train`: held-out
+    problems only (steps=0 evaluates)."""
     train_P, held_out_P = train_and_held_out(read_problems, train, eval_file, held_out)
     return FileTask(tuple(Problem(prompt, answer) for prompt, answer in train_P),
                     tuple(Problem(prompt, answer) for prompt, answer in held_out_P), format_reward=format_reward)

@@ -93,7 +93,7 @@ def source_of(config: TrainConfig) -> Task | Environment:
     environment."""
     if config.env.name != "task":
         return make_environment(config.env.name, config.env.params)
-    if config.data.train is not None and config.algo.loop == "rl":  # SFT and DPO read their files themselves
+    if config.data.given and config.algo.loop == "rl":  # SFT and DPO read their files themselves
         # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
         return file_task(config.data.train, config.data.eval, config.eval_prompts,
                          format_reward=config.task.format_reward)

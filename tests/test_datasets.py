@@ -161,6 +161,13 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
     assert "data.train=None: a JSONL file of your examples: recipe sft_jsonl trains on your own data" in message
     assert f"data.eval='{tmp_path / 'no.jsonl'}': a JSONL file, but there is no such file" in message
     assert "data.eval=" in message and "unset, or given with data.train" in message
+    # steps=0 evaluates the starting weights: data.eval alone is then enough, even for a recipe that needs data.
+    check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", steps=0, data=DataConfig(eval=file, required=True)))
+    with pytest.raises(ValueError, match=r"steps=0: at least 1 with eval_every=0: steps=0 only evaluates"):
+        check(TrainConfig(steps=0, eval_every=0))
+    evaluated = source_of(TrainConfig(steps=0, data=DataConfig(eval=write_jsonl(
+        tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": 2}]))))
+    assert isinstance(evaluated, FileTask) and (len(evaluated.train), len(evaluated.held_out)) == (0, 1)
 
 
 def test_without_a_data_file_the_task_gives_the_examples_and_with_one_the_file(tmp_path):
@@ -245,6 +252,12 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
         again = sft.train(sft_config(f"from_{adapter.name}", 1, adapter=str(adapter)), Addition())
         # Before its first step, the run computes with the first run's final weights: the same held-out loss.
         assert again[0]["eval/loss"] == pytest.approx(trained[-1]["eval/loss"], rel=1e-5), (again[0], trained[-1])
+    # steps=0 with data.eval alone: the adapter evaluated on a file, nothing trained.
+    evaluated = replace(sft_config("evaluated", 0, adapter=str(tmp_path / "first")), data=DataConfig(eval=file),
+                        eval_every=1)
+    [record] = sft.train(evaluated, Addition())
+    assert record["step"] == 0 and record["eval/loss"] == pytest.approx(trained[-1]["eval/loss"], rel=1e-5)
+    assert "loss" not in record and not (tmp_path / "evaluated" / "state.json").exists()
     with pytest.raises(ValueError, match=r"model.adapter=.*first: the adapter's r is 8; this run's is 4"):
         sft.train(sft_config("smaller", 1, adapter=str(tmp_path / "first"), lora_rank=4), Addition())
     (tmp_path / "empty").mkdir()

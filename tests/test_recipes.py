@@ -56,6 +56,16 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
             assert 6.0 < first["eval/loss"] < 9.0, first
         assert first["eval/accuracy"] * 2 == round(first["eval/accuracy"] * 2), "a count over 2 prompts"
         assert (run / "curves.png").is_file() and len(list((run / "wandb").glob("offline-run-*"))) == 1, recipe
+        # Each evaluation's episodes as text in samples.jsonl and as a wandb table; an RL step's first group too.
+        samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+        evaluated = [line for line in samples if line["split"] == "eval"]
+        assert [(line["step"], line["group"]) for line in evaluated] == [(0, 0), (0, 1), (2, 0), (2, 1)], recipe
+        assert sum(line["metrics"].get("accuracy", line["reward"]) for line in evaluated[:2]) / 2 == first[
+            "eval/accuracy"], recipe
+        assert len(list((run / "wandb").rglob("media/table/samples/eval_*.table.json"))) == 2, recipe
+        trained = [(line["step"], line["group"]) for line in samples if line["split"] == "train"]
+        group = 8 if recipe == "gsm_rl" or recipe in MULTI_TURN else 4
+        assert trained == ([(0, 0)] * group + [(1, 0)] * group if recipe.endswith("rl") else []), recipe
         config = json.loads((run / "config.json").read_text())
         assert config["recipe"] == recipe and config["model"]["name"] == "tiny"
         assert json.loads((run / "state.json").read_text())["step"] == 2
@@ -85,7 +95,7 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     assert wrong_type.returncode != 0 and "Value 'many' of type 'str' could not be converted to Integer" in \
         wrong_type.stderr and "full_key: steps" in wrong_type.stderr
     bad_values = rl_train("algo.loss_fn=nosuch", "steps=-1", *SMALL, cwd=tmp_path)
-    assert bad_values.returncode != 0 and "steps=-1: at least 1" in bad_values.stderr
+    assert bad_values.returncode != 0 and "steps=-1: 0 (evaluate only) or more" in bad_values.stderr
     assert "algo.loss_fn='nosuch': one of cross_entropy" in bad_values.stderr
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("wandb")), "nothing started"
     nothing_to_resume = rl_train("resume=true", *SMALL, cwd=tmp_path)

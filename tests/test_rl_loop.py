@@ -3,6 +3,7 @@
 import json
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -12,10 +13,11 @@ from transformers import AutoTokenizer
 
 import rl.driver.rl as rl_loop
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed
+from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed, transcript
 from rl.driver.rl import PROMPTS_PER_STEP_SEED, STEPS_PER_SEED, kl_penalty, sampler_vs_learner, train, turn_advantages
 from rl.driver.run import Run
 from rl.driver.state import read_state
+from rl.metrics import RunLog
 from rl.tasks import Digits, Problem
 from rl.types import SampledSequence
 
@@ -32,6 +34,10 @@ def tiny_config(model_dir, output_dir, **fields) -> TrainConfig:
 
 def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def samples(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
 
 
 def sampled(tokens: list[int], logprobs: list[float]) -> SampledSequence:
@@ -83,6 +89,14 @@ def test_multi_turn_episodes_become_one_growing_sequence_or_one_per_re_rendered_
     assert sequence.advantages == [0.0, 0.0, 0.25, 0.25, 0.0, 0.0, -0.5]
     rerendered = Episode([Turn([1, 2], first, 0.0, {}), Turn([1, 3, 5, 6], second, 1.0, {})], "done", 1)
     assert [s.tokens for s in episode_sequences(rerendered, [0.25, -0.5])] == [[1, 2, 7, 8], [1, 3, 5, 6, 9]]
+    # As text (samples.jsonl): what each turn added to the conversation, or the whole prompt where it was re-rendered.
+    def decode(tokens: list[int]) -> str:
+        return " ".join(map(str, tokens))
+
+    assert [(turn["observation"], turn["action"], turn["reward"]) for turn in transcript(grown, decode)["turns"]] == [
+        ("1 2", "7 8", 0.0), ("5 6", "9", 1.0)]
+    assert [turn["observation"] for turn in transcript(rerendered, decode)["turns"]] == ["1 2", "1 3 5 6"]
+    assert transcript(grown, decode)["reward"] == 1.0 and transcript(grown, decode)["stop"] == "done"
     # Rewards to go: 0 then 1 on turn 0 (total 1), 1 on turn 1; the other episode of the group scored 0.
     lost = Episode([Turn([1, 2], first, 0.0, {})], "max_turns", group_reward=0.0)
     assert turn_advantages([grown, lost], reward_to_go=False, normalize=False) == [[0.5, 0.5], [-0.5]]
@@ -155,6 +169,24 @@ def test_two_steps_train_publish_and_log(two_steps, tiny_model_dir, mode):
     assert lines[1]["step:max"] == 2.0, "one optimizer step per loop step"
     assert [r["sampler/weights_step"] for r in lines[:2]] == [0, 1], "each step samples the newest weights"
     assert lines[1]["tokens_total/sampled"] == lines[0]["tokens/sampled"] + lines[1]["tokens/sampled"]
+    # samples.jsonl: each step's first group (logger.train_groups) with its advantages, each evaluation's episodes.
+    episodes = samples(tmp_path)
+    for step in (0, 1):
+        group = [line for line in episodes if line["split"] == "train" and line["step"] == step]
+        assert [(line["group"], line["episode"]) for line in group] == [(0, episode) for episode in range(8)]
+        problem = Digits().problems(8, seed=config.seed * STEPS_PER_SEED + step)[0]
+        mean = sum(line["reward"] for line in group) / 8
+        for line in group:
+            [turn] = line["turns"]
+            assert problem.prompt in turn["observation"] and turn["observation"].endswith("assistant\n")
+            assert turn["reward"] == line["reward"] and line["advantages"] == [pytest.approx(line["reward"] - mean)]
+            assert turn["stop_reason"] in ("stop", "length") and turn["action"]
+    held_out = Digits().problems(8, seed=config.seed, split="eval")
+    for record in lines:
+        evaluated = [line for line in episodes if line["split"] == "eval" and line["step"] == record["step"]]
+        assert [problem.prompt in line["turns"][0]["observation"]
+                for problem, line in zip(held_out, evaluated, strict=True)] == [True] * 8
+        assert sum(line["metrics"]["accuracy"] for line in evaluated) / 8 == record["eval/accuracy"]
     run_folder = next((tmp_path / "checkpoints").iterdir())
     # The run keeps its latest weights for sampling (a PEFT folder); each replaced version was deleted.
     assert sorted(p.name for p in (run_folder / "sampler_weights").iterdir()) == ["step-000002"]
@@ -169,15 +201,32 @@ LEARNING = {"steps": 12, "eval_every": 12, "eval_prompts": 16}
 
 
 @pytest.fixture(scope="module")
-def learned(ray_local, tiny_model_dir, tmp_path_factory) -> list[dict]:
-    return train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("learned"), **LEARNING), Digits())
+def learned(ray_local, tiny_model_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    folder = tmp_path_factory.mktemp("learned")
+    return folder, train(tiny_config(tiny_model_dir, folder, **LEARNING), Digits())
 
 
 def test_the_tiny_model_learns_a_task(learned):
+    _, learned = learned
     rewards = [record["reward/mean"] for record in learned if "reward/mean" in record]
     assert rewards[0] < 0.3, rewards
     assert min(rewards[-2:]) > 0.8, rewards
     assert learned[0]["eval/accuracy"] < 0.3 and learned[-1]["eval/accuracy"] > 0.8, learned[-1]
+
+
+def test_steps_0_evaluates_the_adapter_the_run_starts_from(learned, tiny_model_dir, tmp_path):
+    folder, history = learned
+    config = tiny_config(tiny_model_dir, tmp_path, steps=0, eval_prompts=LEARNING["eval_prompts"])
+    [record] = train(replace(config, model=replace(config.model, adapter=str(folder))), Digits())
+    assert record["step"] == 0 and record["eval/accuracy"] == history[-1]["eval/accuracy"] > 0.8, record
+
+    def answers(run_folder: Path, step: int) -> list[str]:
+        return [line["turns"][0]["action"] for line in samples(run_folder) if line["split"] == "eval" and
+                line["step"] == step]
+
+    # The weights the learned run ended with, served alike, answer its held-out problems greedily as they did.
+    assert answers(tmp_path, 0) == answers(folder, LEARNING["steps"]) and len(answers(tmp_path, 0)) == 16
+    assert not (tmp_path / "state.json").exists(), "nothing trained, nothing saved"
 
 
 def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_dir, tmp_path):
@@ -260,10 +309,27 @@ def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, ti
     assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
     history = train(replace(config, resume=True), Digits())
     assert [r["step"] for r in history] == [0, 1, 2, 3]
+    assert [(line["step"], line["split"]) for line in samples(tmp_path)][::8] == [
+        (0, "train"), (0, "eval"), (1, "train"), (2, "train"), (3, "eval")], "each step's samples once"
 
     with pytest.raises(ValueError, match=r"task 'flaky' gave no prompts \(asked for 8 from split 'eval'"):
         train(tiny_config(tiny_model_dir, tmp_path / "empty"), FlakyTask(prompts=False, fail_at_step=None))
     assert not (tmp_path / "empty").exists(), "refused before a learner or sampler started"
+
+
+def test_a_resumed_run_log_keeps_the_metrics_and_samples_of_the_steps_before_it(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), logger=LoggerConfig(wandb_mode="disabled"))
+    log = RunLog(config)
+    for step in range(3):
+        log.samples([{"step": step, "split": "train", "turns": []}] * 2)
+        log.log({"step": step, "step_time_s": 1.0, "time_total/minutes": step / 60})
+    log.close()
+    assert [line["step"] for line in samples(tmp_path)] == [0, 0, 1, 1, 2, 2]
+    resumed = RunLog(config, start_step=2)
+    assert [record["step"] for record in resumed.history] == [0, 1]
+    resumed.close()
+    assert [line["step"] for line in samples(tmp_path)] == [0, 0, 1, 1], "step 2 is about to be redone"
+    assert [record["step"] for record in metrics(tmp_path)] == [0, 1]
 
 
 def test_the_publish_modes_train_the_same(two_steps):

@@ -43,7 +43,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
         held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
 
         async def evaluate(step: int) -> dict:
-            metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out)
+            metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out, step)
             return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], **accuracy}
 
         for step in steps(run):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rl.config import TrainConfig
@@ -162,16 +163,32 @@ async def run_episode(pool: SamplerPool, env, start: tuple[list[int], StopCondit
         prompt = next_prompt
 
 
-async def greedy_accuracy(pool: SamplerPool, name: str, groups: list[EnvGroupBuilder], model_path: str | None,
-                          limits: Limits) -> float:
-    """The mean over held-out groups (of one episode each) of a greedy episode's `accuracy` metric (its total
-    reward where the environment reports none)."""
+async def greedy_episodes(pool: SamplerPool, name: str, groups: list[EnvGroupBuilder], model_path: str | None,
+                          limits: Limits) -> list[list[Episode]]:
+    """Each held-out group's episodes (one each), sampled greedily."""
     greedy = SamplingParams(temperature=0.0)
-    episodes = await asyncio.gather(*(run_group(pool, builder, name=name, where=f"evaluation, group {index}",
-                                                model_path=model_path, params=greedy, limits=limits)
-                                      for index, builder in enumerate(groups)))
-    scores = [episode.metrics.get("accuracy", episode.total_reward) for group in episodes for episode in group]
+    return list(await asyncio.gather(*(run_group(pool, builder, name=name, where=f"evaluation, group {index}",
+                                                 model_path=model_path, params=greedy, limits=limits)
+                                       for index, builder in enumerate(groups))))
+
+
+def accuracy(episodes_P: list[list[Episode]]) -> float:
+    """The mean of the episodes' `accuracy` metric (their total reward where the environment reports none)."""
+    scores = [episode.metrics.get("accuracy", episode.total_reward) for group in episodes_P for episode in group]
     return sum(scores) / len(scores)
+
+
+def transcript(episode: Episode, decode: Callable[[list[int]], str]) -> dict:
+    """An episode as text, to read: each turn's observation (the first prompt whole, then what the environment
+    added after the previous action, or the whole prompt again where it re-rendered the conversation), action,
+    why the action stopped ("stop": a stop token; "length": max_tokens or the room left) and reward."""
+    turns, so_far = [], []
+    for turn in episode.turns:
+        added = turn.prompt[len(so_far):] if turn.prompt[:len(so_far)] == so_far else turn.prompt
+        turns.append({"observation": decode(added), "action": decode(turn.action.tokens),
+                      "stop_reason": turn.action.stop_reason, "reward": turn.reward})
+        so_far = [*turn.prompt, *turn.action.tokens]
+    return {"reward": episode.total_reward, "stop": episode.stop, "metrics": episode.metrics, "turns": turns}
 
 
 def _room(prompt: list[int], sampled: int, limits: Limits) -> int:

@@ -29,7 +29,6 @@ from rl.driver.episodes import (
     TrainingSequence,
     episode_limits,
     episode_sequences,
-    greedy_accuracy,
     run_group,
 )
 from rl.driver.run import (
@@ -136,20 +135,24 @@ async def rollout(run: Run, environment: Environment, step: int, version: Adapte
     return Rollout(episodes_P, version.step, time.perf_counter() - started)
 
 
-async def held_out_accuracy(run: Run, environment: Environment, held_out: list[EnvGroupBuilder],
-                            model_path: str) -> dict:
-    """Greedy accuracy on the held-out groups of the weights published as `model_path`."""
-    return {"eval/accuracy": await greedy_accuracy(run.pool, environment.name, held_out, model_path,
-                                                   episode_limits(run.config, run.tokenizer))}
+async def held_out_accuracy(run: Run, name: str, held_out: list[EnvGroupBuilder], model_path: str,
+                            step: int) -> dict:
+    """Greedy accuracy on the held-out groups of the weights published as `model_path` (those of step `step`)."""
+    return {"eval/accuracy": await run.greedy_accuracy(name, held_out, model_path, step)}
 
 
-def training_sequences(config: TrainConfig, sampled: Rollout) -> tuple[list[TrainingSequence], list[float]]:
+def group_advantages(config: TrainConfig, sampled: Rollout) -> list[list[list[float]]]:
+    """Each episode's advantage on each of its turns, per group (`turn_advantages`)."""
+    return [turn_advantages(episodes_G, reward_to_go=config.env.advantage == "reward_to_go",
+                            normalize=config.algo.normalize_std) for episodes_G in sampled.episodes_P]
+
+
+def training_sequences(config: TrainConfig, sampled: Rollout,
+                       advantages_P: list[list[list[float]]]) -> tuple[list[TrainingSequence], list[float]]:
     """Every episode's training sequences with its advantages (an episode that hit a limit is left out with
     env.truncated=drop), and every episode's total reward."""
     sequences, rewards = [], []
-    for episodes_G in sampled.episodes_P:
-        advantages_G = turn_advantages(episodes_G, reward_to_go=config.env.advantage == "reward_to_go",
-                                       normalize=config.algo.normalize_std)
+    for episodes_G, advantages_G in zip(sampled.episodes_P, advantages_P, strict=True):
         for episode, advantages in zip(episodes_G, advantages_G, strict=True):
             rewards.append(episode.total_reward)
             if episode.stop == "done" or config.env.truncated == "train":
@@ -194,7 +197,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
         next_rollout = None
 
         def evaluate(step: int) -> Awaitable[dict]:  # the weights published last, bound now (it may run later)
-            return held_out_accuracy(run, environment, held_out, version.tinker_path)
+            return held_out_accuracy(run, environment.name, held_out, version.tinker_path, step)
 
         for step in steps(run):
             record = await run.begin_step(step)
@@ -209,7 +212,10 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             evaluation = asyncio.ensure_future(timed_evaluation(evaluate(step))) if evaluates(config, step) else None
 
             # Rewards and group-relative advantages, spread over each episode's action tokens.
-            sequences, rewards = training_sequences(config, sampled)
+            advantages_P = group_advantages(config, sampled)
+            sequences, rewards = training_sequences(config, sampled, advantages_P)
+            train_groups = config.logger.train_groups
+            run.log_episodes(step, "train", sampled.episodes_P[:train_groups], advantages_P[:train_groups])
             record.update(episode_metrics(sampled))
 
             # KL penalty: each action token's advantage pays for how far the sampler has moved from the base model.

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from rl.config import LR_SCHEDULES, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
-from rl.driver.episodes import episode_limits, greedy_accuracy
+from rl.driver.episodes import Episode, accuracy, episode_limits, greedy_episodes, transcript
 from rl.driver.state import CHECKPOINTS, STATE, LearnerLost, adapter_folder, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
 from rl.learner import LearnerActor
@@ -169,7 +169,7 @@ def check_devices(config: TrainConfig, learner: dict, pool: SamplerPool | None) 
 def samples(config: TrainConfig) -> bool:
     """Whether the run needs a sampler pool: to roll out (RL), or to evaluate a task's held-out problems greedily
     (examples from a data file come with no verifier to score answers)."""
-    return config.algo.loop == "rl" or (config.eval_every > 0 and config.data.train is None)
+    return config.algo.loop == "rl" or (config.eval_every > 0 and not config.data.given)
 
 
 def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool) -> ray.actor.ActorHandle:
@@ -318,8 +318,8 @@ class Run:
             record.update((await self.learner.optim_step.remote(self.model_id, adam)).metrics)
         return output
 
-    async def held_out(self, batch: ForwardBackwardInput, name: str,
-                       groups: list[EnvGroupBuilder]) -> tuple[dict, dict]:
+    async def held_out(self, batch: ForwardBackwardInput, name: str, groups: list[EnvGroupBuilder],
+                       step: int) -> tuple[dict, dict]:
         """The learner's metrics on a held-out batch (no update), and where there are held-out `groups` (a task's
         problems; none with a data file) {"eval/accuracy": the greedy accuracy of the weights it holds now,
         published for that}."""
@@ -327,8 +327,29 @@ class Run:
         if not groups:
             return output.metrics, {}
         version = await self.publish()
-        return output.metrics, {"eval/accuracy": await greedy_accuracy(
-            self.pool, name, groups, version.tinker_path, episode_limits(self.config, self.tokenizer))}
+        return output.metrics, {"eval/accuracy": await self.greedy_accuracy(name, groups, version.tinker_path, step)}
+
+    async def greedy_accuracy(self, name: str, groups: list[EnvGroupBuilder], model_path: str, step: int) -> float:
+        """The greedy accuracy on the held-out `groups` of the weights published as `model_path`, the weights of
+        step `step`; the episodes go to samples.jsonl."""
+        episodes_P = await greedy_episodes(self.pool, name, groups, model_path,
+                                           episode_limits(self.config, self.tokenizer))
+        self.log_episodes(step, "eval", episodes_P)
+        return accuracy(episodes_P)
+
+    def log_episodes(self, step: int, split: str, episodes_P: list[list[Episode]],
+                     advantages_P: list[list[list[float]]] | None = None) -> None:
+        """Writes the episodes of each group in `episodes_P` to samples.jsonl as text, with each turn's advantage
+        where `advantages_P` gives them (per group, per episode, per turn)."""
+        lines = []
+        for group, episodes_G in enumerate(episodes_P):
+            for index, episode in enumerate(episodes_G):
+                line = {"step": step, "split": split, "group": group, "episode": index,
+                        **transcript(episode, self.tokenizer.decode)}
+                if advantages_P is not None:
+                    line["advantages"] = advantages_P[group][index]
+                lines.append(line)
+        self.log.samples(lines)
 
     async def final_evaluation(self, evaluate: Callable[[int], Awaitable[dict]]) -> None:
         """The evaluation after the last step (when evaluation is on), logged as a record of its own."""
@@ -387,7 +408,7 @@ def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
     task's (`from_task(task, count, seed=, split=)`: sft_conversations or preference_pairs). Made before any actor
     starts, so that bad data fails at once."""
     data = config.data
-    if data.train is not None:
+    if data.given:
         return (*train_and_held_out(read, data.train, data.eval, config.eval_prompts if config.eval_every else 0), [])
     return (from_task(task, config.algo.train_examples, seed=config.seed),
             from_task(task, config.eval_prompts, seed=config.seed, split="eval"),

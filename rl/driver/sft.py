@@ -40,7 +40,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
                                           for conversation in eval_conversations])
 
         async def evaluate(step: int) -> dict:
-            metrics, accuracy = await run.held_out(held_out_batch, task.name, held_out)
+            metrics, accuracy = await run.held_out(held_out_batch, task.name, held_out, step)
             return {"eval/loss": metrics["loss:sum"], **accuracy}
 
         for step in steps(run):
