@@ -58,6 +58,10 @@ class AlgoConfig:
     """Per-token KL penalty against the base model, folded into the advantages (0: off)."""
     off_policy: bool = False
     """Sample step k+1 while step k trains (one step behind; the importance ratio corrects)."""
+    num_substeps: int = 1
+    """Optimizer steps per RL step: its training sequences split in order into this many minibatches, each one
+    forward_backward and optim_step (tinker-cookbook's num_substeps); the later ones train on samples of weights
+    already updated, which the importance ratio (or ppo's clip) corrects."""
     # DPO and SFT
     train_examples: int = 256
     """Size of the fixed training set drawn from the task, cycled through in shuffled epochs (a data file's
@@ -310,7 +314,8 @@ def _rules(loop: str) -> dict[str, tuple]:
         "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
         "algo.lr_schedule": one_of(*LR_SCHEDULES),
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
-        "algo.max_tokens": AT_LEAST_1, "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
+        "algo.max_tokens": AT_LEAST_1, "algo.num_substeps": AT_LEAST_1,
+        "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,

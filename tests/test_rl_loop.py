@@ -14,7 +14,15 @@ from transformers import AutoTokenizer
 import rl.driver.rl as rl_loop
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed, transcript
-from rl.driver.rl import PROMPTS_PER_STEP_SEED, STEPS_PER_SEED, kl_penalty, sampler_vs_learner, train, turn_advantages
+from rl.driver.rl import (
+    PROMPTS_PER_STEP_SEED,
+    STEPS_PER_SEED,
+    kl_penalty,
+    minibatch_datums,
+    sampler_vs_learner,
+    train,
+    turn_advantages,
+)
 from rl.driver.run import Run
 from rl.driver.state import read_state
 from rl.metrics import RunLog
@@ -117,6 +125,29 @@ def test_multi_turn_episodes_become_one_growing_sequence_or_one_per_re_rendered_
     [sequence] = episode_sequences(Episode([Turn([1, 2], first, 0.0, {})], "done"), [1.0])
     assert kl_penalty([sequence], [[-9.0, -0.3, -0.1]], coef=0.5) == pytest.approx((0.2 - 0.1) / 2)
     assert sequence.advantages == pytest.approx([0.0, 0.0, 1.0 - 0.5 * 0.2, 1.0 + 0.5 * 0.1])
+
+
+def test_a_steps_sequences_split_into_minibatches_in_order_each_on_the_whole_steps_scale():
+    trained = [episode_sequences(Episode([Turn([1], sampled([2, 3], [-0.1, -0.2]), 0.0, {})], "done"), [value])[0]
+               for value in (1.0, -1.0, 2.0, -2.0, 0.5)]
+    [whole] = minibatch_datums(trained, 1, sampled_tokens=20)
+    assert [d.loss_fn_inputs["advantages"].data for d in whole] == [  # float32, as the learner reads them
+        pytest.approx([a / 20, a / 20], rel=1e-6) for a in (1, -1, 2, -2, 0.5)]
+    halves = minibatch_datums(trained, 2, sampled_tokens=20)
+    assert [len(minibatch) for minibatch in halves] == [2, 3], "sizes within one, in order"
+    assert [d.loss_fn_inputs["advantages"].data[1] for minibatch in halves for d in minibatch] == pytest.approx(
+        [2 * a / 20 for a in (1, -1, 2, -2, 0.5)], rel=1e-6), "each minibatch's loss on the scale of the whole step's"
+    assert [len(minibatch) for minibatch in minibatch_datums(trained[:2], 4, sampled_tokens=20)] == [1, 1]
+    assert minibatch_datums([], 4, sampled_tokens=0) == []
+
+
+def test_num_substeps_takes_an_optimizer_step_per_minibatch(ray_local, tiny_model_dir, tmp_path):
+    history = train(tiny_config(tiny_model_dir, tmp_path, eval_every=0, algo={"num_substeps": 3}), Digits())
+    assert [record["step:max"] for record in history] == [3.0, 6.0], "three optimizer steps a step"
+    for record in history:
+        # The first minibatch is scored by the weights that sampled it, as a one-minibatch step is.
+        assert record["kl/sampler_vs_learner_sq"] < 1e-6 and record["loss"] != 0.0, record
+        assert 0 < record["tokens/computed"] <= record["tokens/trained"], record  # prompts shared: computed once
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from rl.env import EnvGroupBuilder, Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
 from rl.tasks import Task
-from rl.types import ForwardBackwardInput, SamplingParams
+from rl.types import Datum, ForwardBackwardInput, SamplingParams
 
 
 def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize: bool) -> list[list[float]]:
@@ -147,6 +147,17 @@ def group_advantages(config: TrainConfig, sampled: Rollout) -> list[list[list[fl
                             normalize=config.algo.normalize_std) for episodes_G in sampled.episodes_P]
 
 
+def minibatch_datums(trained: list[TrainingSequence], count: int, *, sampled_tokens: int) -> list[list[Datum]]:
+    """The sequences as datums in `count` minibatches (fewer with fewer sequences) of sizes within one of each other,
+    in order. Advantages are divided by the step's sampled tokens (Tinker's losses sum over tokens) and multiplied by
+    the number of minibatches: each minibatch's loss is on the scale of the whole step's, so one minibatch is the
+    plain one-update step."""
+    count = min(count, len(trained))
+    scale = count / max(sampled_tokens, 1)
+    return [[s.datum(scale) for s in trained[index * len(trained) // count:(index + 1) * len(trained) // count]]
+            for index in range(count)]
+
+
 def training_sequences(config: TrainConfig, sampled: Rollout,
                        advantages_P: list[list[list[float]]]) -> tuple[list[TrainingSequence], list[float]]:
     """Every episode's training sequences with its advantages (an episode that hit a limit is left out with
@@ -225,22 +236,25 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                                                                adapter=False)
                 record["kl/sampler_vs_base"] = kl_penalty(sequences, base_S, algo.kl_coef)
 
-            # Update: one optimizer step on the sequences that carry signal, then publish the new weights.
-            sampled_tokens = sum(map(sum, (s.actions for s in sequences))) or 1
+            # Update: an optimizer step on each minibatch of the sequences that carry signal, then publish the weights.
             trained = [s for s in sequences if any(s.advantages)]
-            datums_D = [s.datum(1 / sampled_tokens) for s in trained]
+            minibatches = minibatch_datums(trained, algo.num_substeps,
+                                           sampled_tokens=sum(map(sum, (s.actions for s in sequences))))
+            datums_D = [datum for minibatch in minibatches for datum in minibatch]
             record["loss"] = 0.0  # a step in which every group scored alike has nothing to train on
-            if datums_D:
-                batch = ForwardBackwardInput(data=datums_D, loss_fn=algo.loss_fn,
+            for index, minibatch in enumerate(minibatches):
+                batch = ForwardBackwardInput(data=minibatch, loss_fn=algo.loss_fn,
                                              loss_fn_config=algo.loss_fn_config or None)
                 output = await run.train_step(batch, adam_params(config, step), record)
-                record.update({"loss": output.metrics["loss:sum"],
-                               "tokens/computed": output.metrics["computed_tokens:sum"]})
-                # The forward pass that trained also scored the action tokens: agreement with the sampler.
-                record.update(sampler_vs_learner(
-                    [action_values(s, s.logprobs[1:]) for s in trained],
-                    [action_values(s, out["logprobs"].data) for s, out in zip(trained, output.loss_fn_outputs,
-                                                                              strict=True)]))
+                record["loss"] += output.metrics["loss:sum"] / len(minibatches)
+                record["tokens/computed"] = record.get("tokens/computed", 0) + output.metrics["computed_tokens:sum"]
+                if index == 0:  # the pass that trained also scored the actions, with the weights that sampled them
+                    scored = trained[:len(minibatch)]
+                    record.update(sampler_vs_learner(
+                        [action_values(s, s.logprobs[1:]) for s in scored],
+                        [action_values(s, out["logprobs"].data) for s, out in zip(scored, output.loss_fn_outputs,
+                                                                                  strict=True)]))
+            if datums_D:
                 # After the next rollout: it samples one version throughout (later turns too).
                 version = await run.publish(after=(next_rollout, evaluation), record=record)
             else:
