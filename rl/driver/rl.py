@@ -11,7 +11,8 @@ Options: a KL penalty against the base model (`algo.kl_coef`), folded into each 
 k+1 is sampled, from the weights of step k, while step k trains, and step k's weights are published once it has
 finished (so every turn of its episodes comes from one version, which merge mode's replicas need: they serve
 one). The sampler's logprobs come from the weights that sampled (each response names them), so the importance
-ratio corrects for the lag.
+ratio corrects for the lag. And several optimizer steps per rollout (`algo.num_substeps`), one per minibatch of
+the step's sequences, as tinker-cookbook's: the ratio corrects the later minibatches likewise.
 """
 
 from __future__ import annotations
