@@ -1,8 +1,9 @@
 """Your own examples from JSONL files, for the RL, SFT and DPO loops (`data.train`, `data.eval`).
 
 One example per line (for SFT and DPO in the formats TRL and the HF hub use, standard and conversational):
-- RL: a problem, {"prompt": "...", "answer": "..."}: the user's message and its reference answer, which the
-  final answer of a completion (the first line after its last "Answer:") must match (rl.tasks.FileTask).
+- RL: a problem, {"prompt": ..., "answer": "..."}: the prompt a string (the user's message) or a list of messages
+  (a system prompt, examples: the conversation the model answers), and the reference answer, which the final
+  answer of a completion (the first line after its last "Answer:") must match (rl.tasks.FileTask).
 - SFT: a conversation, {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} with at
   least one assistant turn (each assistant turn is trained, rl.chat.conversation_datum), or
   {"prompt": "...", "completion": "..."} (one user message and the assistant's reply).
@@ -48,7 +49,7 @@ class BadExample(ValueError):
     """A line of a data file that is not an example of the format asked for."""
 
 
-def read_problems(path: str | Path, *, key: str = "data.train") -> list[tuple[str, str]]:
+def read_problems(path: str | Path, *, key: str = "data.train") -> list[tuple[str | Messages, str]]:
     """The RL problems of a JSONL file, as (prompt, reference answer) (the module's docstring has the format)."""
     return _read(path, key, _problem, 'a problem: {"prompt": ..., "answer": ...}')
 
@@ -99,13 +100,19 @@ def _read(path: str | Path, key: str, parse, what: str) -> list:
     return examples
 
 
-def _problem(record: dict) -> tuple[str, str]:
+def _problem(record: dict) -> tuple[str | Messages, str]:
     missing = [field for field in ("prompt", "answer") if field not in record]
     if missing:
         raise BadExample(f"no {', '.join(repr(field) for field in missing)} (it has {sorted(record)})")
     prompt, answer = record["prompt"], record["answer"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise BadExample(f'"prompt" must be a non-empty string (the user\'s message), not {json.dumps(prompt)[:80]}')
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, "prompt")
+        if prompt[-1]["role"] != "user":
+            raise BadExample(f'"prompt" must end with a user message (the one the model answers), not a '
+                             f'{prompt[-1]["role"]} one')
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise BadExample(f'"prompt" must be a non-empty string (the user\'s message) or a list of messages, not '
+                         f"{json.dumps(prompt)[:80]}")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
         raise BadExample(f'"answer" must be a non-empty string or a number, not {json.dumps(answer)[:80]}')
     return prompt, str(answer).strip()

@@ -77,7 +77,7 @@ class TaskEnv:
     tokenizer: object
 
     async def initial_observation(self) -> tuple[list[int], StopCondition]:
-        return chat_tokens(self.tokenizer, self.problem.prompt), []
+        return chat_tokens(self.tokenizer, self.problem.messages), []
 
     async def step(self, action: list[int]) -> StepResult:
         completion = completion_text(self.tokenizer, action)

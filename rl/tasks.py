@@ -22,14 +22,19 @@ INSTRUCTION = "Put the final answer after 'Answer:'."
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str
-    """The user's message."""
+    prompt: str | Messages = field(hash=False)
+    """The user's message, or the conversation the model answers (your own problems may give one: rl.datasets)."""
     answer: str
     """The reference answer the verifier compares against."""
     solution: str | None = None
     """A worked solution ending in 'Answer: <answer>', for SFT; None where the task has none."""
     entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     """The source data set's own record, for its scorer."""
+
+    @property
+    def messages(self) -> Messages:
+        """The prompt as messages."""
+        return user(self.prompt) if isinstance(self.prompt, str) else self.prompt
 
 
 class Task(Protocol):
@@ -235,7 +240,7 @@ def preference_pairs(task: Task, count: int, *, seed: int, split: str = "train")
         if not re.fullmatch(r"-?\d+", problem.answer):
             raise ValueError(f"task {task.name!r} has no integer reference answers to build preference pairs from")
         wrong = int(problem.answer) + rng.choice([-3, -2, -1, 1, 2, 3])
-        pairs.append(PreferencePair(user(problem.prompt), assistant(f"Answer: {problem.answer}"),
+        pairs.append(PreferencePair(problem.messages, assistant(f"Answer: {problem.answer}"),
                                     assistant(f"Answer: {wrong}")))
     return pairs
 
@@ -246,7 +251,7 @@ def sft_conversations(task: Task, count: int, *, seed: int, split: str = "train"
     for problem in checked_problems(task, count, seed=seed, split=split):
         if problem.solution is None:
             raise ValueError(f"task {task.name!r} has no worked solutions to fine-tune on")
-        conversations.append(user(problem.prompt) + assistant(problem.solution))
+        conversations.append(problem.messages + assistant(problem.solution))
     return conversations
 
 

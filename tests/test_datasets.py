@@ -2,6 +2,7 @@
 file, line and field, scored by their reference answers (RL), and trained on by the loops (tiny model, real learner;
 SFT and DPO then start no sampler); and a run that starts from another run's adapter (model.adapter)."""
 
+import asyncio
 import json
 from dataclasses import replace
 
@@ -47,6 +48,22 @@ def test_problems_are_read_and_scored_by_their_final_answer(tmp_path):
     assert answers_match("1,200 dollars", "1200") and answers_match("-3.50", "-3.5") and not answers_match("3", "-3")
 
 
+def test_a_problems_prompt_may_be_a_conversation_with_a_system_prompt(tiny_model_dir, tmp_path):
+    from rl.env import TaskEnv
+
+    messages = [{"role": "system", "content": "You add."}, {"role": "user", "content": "1 + 1?"},
+                {"role": "assistant", "content": "Answer: 2"}, {"role": "user", "content": "2 + 3?"}]
+    file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": messages, "answer": 5}, {"prompt": "4 + 4?", "answer": 8}])
+    conversation, plain = file_task(file, None, 0, format_reward=0.0).train
+    assert conversation.prompt == messages and conversation.answer == "5" and plain.messages == [
+        {"role": "user", "content": "4 + 4?"}]
+    assert len({conversation, plain}) == 2, "problems stay hashable"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt, _ = asyncio.run(TaskEnv(Addition(), conversation, tokenizer).initial_observation())
+    assert prompt == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert "You add." in tokenizer.decode(prompt), "the system prompt reaches the model"
+
+
 def test_held_out_problems_are_evaluation_s_and_never_trained_on(tmp_path):
     file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"{a} + {b}?", "answer": a + b} for a, b in sums(10)])
     task = file_task(file, None, 3, format_reward=0.0)
@@ -73,6 +90,10 @@ def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_
     ({"prompt": "", "answer": 1}, 'line 1: "prompt" must be a non-empty string'),
     ({"prompt": "hi", "answer": [1]}, 'line 1: "answer" must be a non-empty string or a number, not [1]'),
     ({"prompt": "hi", "answer": True}, 'line 1: "answer" must be a non-empty string or a number, not true'),
+    ({"prompt": [], "answer": 1}, 'line 1: "prompt" must be a string or a non-empty list of messages, not []'),
+    ({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "2"}], "answer": 1},
+     'line 1: "prompt" must end with a user message (the one the model answers), not a assistant one'),
+    ({"prompt": [{"role": "user"}], "answer": 1}, 'line 1: "prompt"[0] must be {"role": one of system, user'),
 ])
 def test_a_bad_problem_is_refused_with_its_line_and_field(tmp_path, record, message):
     with pytest.raises(ValueError) as caught:
