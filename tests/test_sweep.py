@@ -16,7 +16,7 @@ import psutil
 import pytest
 import ray
 from safetensors.torch import load_file
-from test_rl_loop import metrics, tiny_config
+from test_rl_loop import metrics, samples, tiny_config
 
 from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, SweepConfig, TaskConfig, TrainConfig
 from rl.driver.state import read_state, write_state
@@ -134,6 +134,24 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
     assert [record["step"] for record in resumed[0].history] == [0, 1, 2]
     assert read_state(folders[0])["step"] == 2 and (folders[1] / "metrics.jsonl").read_text() == finished_log
     assert_close(adapter(folders[0], "step-2"), first_finals[0])
+
+    # steps=0 evaluates each run's adapter, the sweep's runs sharing a learner and a pool: each gives the greedy
+    # answers of its run's final evaluation.
+    def evaluation(folder: Path) -> Job:
+        config = tiny_config(tiny_model_dir, tmp_path / "evaluated" / folder.name, steps=0, eval_prompts=4,
+                             task=TaskConfig(name="digits"), sweep=SweepConfig(share=True))
+        return Job([f"model.adapter={folder}"], replace(config, model=replace(config.model, adapter=str(folder))))
+
+    evaluated = run_sweep([evaluation(folder) for folder in folders], tmp_path / "evaluated")
+    assert json.loads((tmp_path / "evaluated" / "sweep.json").read_text())[0]["learner"] is not None
+    for job, folder in zip(evaluated, folders, strict=True):
+        assert [record["step"] for record in job.history] == [0] and job.error is None
+        assert job.history[0]["eval/accuracy"] == metrics(folder)[-1]["eval/accuracy"]
+        assert eval_answers(Path(job.config.output_dir), 0) == eval_answers(folder, 2)
+
+
+def eval_answers(folder: Path, step: int) -> list[str]:
+    return [line["turns"][0]["action"] for line in samples(folder) if line["split"] == "eval" and line["step"] == step]
 
 
 @pytest.mark.slow
