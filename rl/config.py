@@ -199,6 +199,11 @@ class TrainConfig:
     """Greedy held-out evaluation every N steps and after the last; 0: never (benchmarks)."""
     eval_prompts: int = 32
     """Held-out problems per evaluation (addition holds out 32 of its 100 sums)."""
+    eval_samples: int = 1
+    """Answers per held-out problem at each evaluation: 1, greedy by default; k > 1 (with eval_temperature > 0) gives
+    eval/accuracy as the mean over all k (mean@k) and eval/pass@k, the share of problems with a right one."""
+    eval_temperature: float = 0.0
+    """The evaluation's sampling temperature: 0 answers greedily."""
     checkpoint_every: int = 10
     """Resumable checkpoints every N steps (and after the last); 0: after the last only."""
     resume: bool = False
@@ -318,6 +323,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
+        "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
         "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,
         "sampler.replicas": AT_LEAST_1, "sampler.num_cpus": NOT_NEGATIVE, "sampler.num_gpus": GPUS,
@@ -350,6 +356,9 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     if config.data.given and config.env.name != "task":
         key = "data.train" if config.data.train is not None else "data.eval"
         found.append((key, _value(config, key), f"unset: env {config.env.name} makes its own problems"))
+    if config.eval_samples > 1 and config.eval_temperature == 0:
+        found.append(("eval_temperature", 0.0, f"more than 0 with eval_samples={config.eval_samples}: greedy answers "
+                      "to a problem are all alike"))
     evaluating = config.steps == 0  # data.eval alone is enough
     if evaluating and not config.eval_every:
         found.append(("steps", 0, "at least 1 with eval_every=0: steps=0 only evaluates, and eval_every=0 turns "

@@ -120,6 +120,7 @@ def summary_line(record: dict) -> str:
             value = record[key]
             parts.append(f"{label} {value:.3g}" if isinstance(value, float) and abs(value) < 1000 else
                          f"{label} {value:.0f}" if isinstance(value, float) else f"{label} {value}")
+    parts += [f"{key.removeprefix('eval/')} {record[key]:.3g}" for key in record if key.startswith("eval/pass@")]
     parts += [f"{key.removeprefix('memory/').removesuffix('_gib')} {value:.2f} GiB" for key, value in record.items()
               if key.startswith("memory/") and key.endswith("_gib") and not key.endswith("peak_gib")]
     return " | ".join(parts)

@@ -186,6 +186,9 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
     check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", steps=0, data=DataConfig(eval=file, required=True)))
     with pytest.raises(ValueError, match=r"steps=0: at least 1 with eval_every=0: steps=0 only evaluates"):
         check(TrainConfig(steps=0, eval_every=0))
+    with pytest.raises(ValueError, match=r"eval_temperature=0.0: more than 0 with eval_samples=4: greedy answers"):
+        check(TrainConfig(eval_samples=4))
+    check(TrainConfig(eval_samples=4, eval_temperature=0.7))
     evaluated = source_of(TrainConfig(steps=0, data=DataConfig(eval=write_jsonl(
         tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": 2}]))))
     assert isinstance(evaluated, FileTask) and (len(evaluated.train), len(evaluated.held_out)) == (0, 1)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import rl.driver.rl as rl_loop
 from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
-from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed, transcript
+from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed, held_out_metrics, transcript
 from rl.driver.rl import (
     PROMPTS_PER_STEP_SEED,
     STEPS_PER_SEED,
@@ -258,6 +258,32 @@ def test_steps_0_evaluates_the_adapter_the_run_starts_from(learned, tiny_model_d
     # The weights the learned run ended with, served alike, answer its held-out problems greedily as they did.
     assert answers(tmp_path, 0) == answers(folder, LEARNING["steps"]) and len(answers(tmp_path, 0)) == 16
     assert not (tmp_path / "state.json").exists(), "nothing trained, nothing saved"
+
+
+def test_held_out_metrics_are_the_mean_of_every_answer_and_pass_at_k_the_mean_of_each_problems_best():
+    def answers(*scores: float) -> list[Episode]:
+        return [Episode([Turn([1], sampled([2], [-0.1]), 0.0, {"accuracy": score})], "done") for score in scores]
+
+    assert held_out_metrics([answers(1.0), answers(0.0), answers(1.0)]) == {"eval/accuracy": 2 / 3}
+    assert held_out_metrics([answers(1.0, 0.0, 0.0), answers(0.0, 0.0, 0.0)]) == {
+        "eval/accuracy": 1 / 6, "eval/pass@3": 0.5}
+    # An environment that reports no accuracy is scored by its episodes' total reward.
+    rewarded = [Episode([Turn([1], sampled([2], [-0.1]), reward, {})], "done") for reward in (0.5, 0.25)]
+    assert held_out_metrics([rewarded]) == {"eval/accuracy": 0.375, "eval/pass@2": 0.5}
+
+
+def test_eval_samples_answers_each_held_out_problem_k_times_at_eval_temperature(learned, tiny_model_dir, tmp_path):
+    folder, _ = learned
+    config = tiny_config(tiny_model_dir, tmp_path, steps=0, eval_prompts=LEARNING["eval_prompts"], eval_samples=4,
+                         eval_temperature=1.6)
+    [record] = train(replace(config, model=replace(config.model, adapter=str(folder))), Digits())
+    answers = [line for line in samples(tmp_path) if line["split"] == "eval"]
+    assert [(line["group"], line["episode"]) for line in answers] == [(p, k) for p in range(16) for k in range(4)]
+    scores = [[line["metrics"]["accuracy"] for line in answers if line["group"] == problem] for problem in range(16)]
+    assert record["eval/accuracy"] == sum(map(sum, scores)) / 64
+    # Measured at 1.6: mean@4 0.48, pass@4 0.94, 50 different answers of 64 (greedy gives one a problem).
+    assert record["eval/pass@4"] == sum(map(max, scores)) / 16 > record["eval/accuracy"] > 0.2
+    assert len({line["turns"][0]["action"] for line in answers}) > 16, "sampled: a problem's answers differ"
 
 
 def test_off_policy_learner_and_sampler_split_the_cores(ray_local, tiny_model_dir, tmp_path):

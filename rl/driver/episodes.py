@@ -163,19 +163,26 @@ async def run_episode(pool: SamplerPool, env, start: tuple[list[int], StopCondit
         prompt = next_prompt
 
 
-async def greedy_episodes(pool: SamplerPool, name: str, groups: list[EnvGroupBuilder], model_path: str | None,
-                          limits: Limits) -> list[list[Episode]]:
-    """Each held-out group's episodes (one each), sampled greedily."""
-    greedy = SamplingParams(temperature=0.0)
-    return list(await asyncio.gather(*(run_group(pool, builder, name=name, where=f"evaluation, group {index}",
-                                                 model_path=model_path, params=greedy, limits=limits)
-                                       for index, builder in enumerate(groups))))
+async def held_out_episodes(pool: SamplerPool, name: str, groups: list[EnvGroupBuilder], model_path: str | None,
+                            limits: Limits, params: SamplingParams) -> list[list[Episode]]:
+    """The episodes of each held-out group (a problem's eval_samples answers), sampled with `params` (greedy, or
+    seeded by the group's index: every evaluation draws the same noise)."""
+    return list(await asyncio.gather(*(
+        run_group(pool, builder, name=name, where=f"evaluation, group {index}", model_path=model_path,
+                  params=params.model_copy(update={"seed": index}) if params.temperature else params, limits=limits)
+        for index, builder in enumerate(groups))))
 
 
-def accuracy(episodes_P: list[list[Episode]]) -> float:
-    """The mean of the episodes' `accuracy` metric (their total reward where the environment reports none)."""
-    scores = [episode.metrics.get("accuracy", episode.total_reward) for group in episodes_P for episode in group]
-    return sum(scores) / len(scores)
+def held_out_metrics(episodes_P: list[list[Episode]]) -> dict[str, float]:
+    """eval/accuracy: the mean over every episode of its `accuracy` metric (its total reward where the environment
+    reports none); with k > 1 episodes a problem, eval/pass@k too: the mean over problems of their best episode's."""
+    scores_P = [[episode.metrics.get("accuracy", episode.total_reward) for episode in group] for group in episodes_P]
+    scores = [score for scores_G in scores_P for score in scores_G]
+    metrics = {"eval/accuracy": sum(scores) / len(scores)}
+    per_problem = len(scores_P[0])
+    if per_problem > 1:
+        metrics[f"eval/pass@{per_problem}"] = sum(max(scores_G) for scores_G in scores_P) / len(scores_P)
+    return metrics
 
 
 def transcript(episode: Episode, decode: Callable[[list[int]], str]) -> dict:

@@ -42,7 +42,7 @@ from rl.driver.run import (
     timed_evaluation,
     wait_for_sampler,
 )
-from rl.env import EnvGroupBuilder, Environment, as_environment
+from rl.env import Environment, as_environment
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
 from rl.tasks import Task
@@ -136,12 +136,6 @@ async def rollout(run: Run, environment: Environment, step: int, version: Adapte
     return Rollout(episodes_P, version.step, time.perf_counter() - started)
 
 
-async def held_out_accuracy(run: Run, name: str, held_out: list[EnvGroupBuilder], model_path: str,
-                            step: int) -> dict:
-    """Greedy accuracy on the held-out groups of the weights published as `model_path` (those of step `step`)."""
-    return {"eval/accuracy": await run.greedy_accuracy(name, held_out, model_path, step)}
-
-
 def group_advantages(config: TrainConfig, sampled: Rollout) -> list[list[list[float]]]:
     """Each episode's advantage on each of its turns, per group (`turn_advantages`)."""
     return [turn_advantages(episodes_G, reward_to_go=config.env.advantage == "reward_to_go",
@@ -209,7 +203,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
         next_rollout = None
 
         def evaluate(step: int) -> Awaitable[dict]:  # the weights published last, bound now (it may run later)
-            return held_out_accuracy(run, environment.name, held_out, version.tinker_path, step)
+            return run.answer_held_out(environment.name, held_out, version.tinker_path, step)
 
         for step in steps(run):
             record = await run.begin_step(step)

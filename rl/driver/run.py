@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from rl.config import LR_SCHEDULES, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
-from rl.driver.episodes import Episode, accuracy, episode_limits, greedy_episodes, transcript
+from rl.driver.episodes import Episode, episode_limits, held_out_episodes, held_out_metrics, transcript
 from rl.driver.state import CHECKPOINTS, STATE, LearnerLost, adapter_folder, read_state, write_state
 from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
 from rl.learner import LearnerActor
@@ -47,6 +47,7 @@ from rl.types import (
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
+    SamplingParams,
 )
 from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -321,21 +322,23 @@ class Run:
     async def held_out(self, batch: ForwardBackwardInput, name: str, groups: list[EnvGroupBuilder],
                        step: int) -> tuple[dict, dict]:
         """The learner's metrics on a held-out batch (no update), and where there are held-out `groups` (a task's
-        problems; none with a data file) {"eval/accuracy": the greedy accuracy of the weights it holds now,
-        published for that}."""
+        problems; none with a data file) the answers' metrics (`answer_held_out`) of the weights it holds now,
+        published for that."""
         output = await self.learner.forward.remote(self.model_id, batch)
         if not groups:
             return output.metrics, {}
         version = await self.publish()
-        return output.metrics, {"eval/accuracy": await self.greedy_accuracy(name, groups, version.tinker_path, step)}
+        return output.metrics, await self.answer_held_out(name, groups, version.tinker_path, step)
 
-    async def greedy_accuracy(self, name: str, groups: list[EnvGroupBuilder], model_path: str, step: int) -> float:
-        """The greedy accuracy on the held-out `groups` of the weights published as `model_path`, the weights of
-        step `step`; the episodes go to samples.jsonl."""
-        episodes_P = await greedy_episodes(self.pool, name, groups, model_path,
-                                           episode_limits(self.config, self.tokenizer))
+    async def answer_held_out(self, name: str, groups: list[EnvGroupBuilder], model_path: str, step: int) -> dict:
+        """eval/accuracy (and eval/pass@k) on the held-out `groups` of the weights published as `model_path`, the
+        weights of step `step`, answering greedily or at eval_temperature; the episodes go to samples.jsonl."""
+        config = self.config
+        episodes_P = await held_out_episodes(self.pool, name, groups, model_path,
+                                             episode_limits(config, self.tokenizer),
+                                             SamplingParams(temperature=config.eval_temperature))
         self.log_episodes(step, "eval", episodes_P)
-        return accuracy(episodes_P)
+        return held_out_metrics(episodes_P)
 
     def log_episodes(self, step: int, split: str, episodes_P: list[list[Episode]],
                      advantages_P: list[list[list[float]]] | None = None) -> None:
@@ -395,9 +398,9 @@ def tokenizer_of(model_name: str):
 
 
 def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGroupBuilder]:
-    """The held-out problems as groups of one episode: made before any actor starts, so that an environment that
-    gives none fails at once."""
-    return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=1,
+    """The held-out problems as groups of eval_samples episodes (one: greedy): made before any actor starts, so that
+    an environment that gives none fails at once."""
+    return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=config.eval_samples,
                               tokenizer=tokenizer_of(config.model.name))
 
 
