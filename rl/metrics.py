@@ -23,6 +23,8 @@ SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo_accuracy:m
            "time/publish_s": "publish", "time/eval_s": "eval"}
 """The keys of the line printed per step, with their labels, then each process's resident GiB (`memory/*_gib`);
 metrics.jsonl and wandb get every key."""
+FINAL_METRICS = ("eval/accuracy", "eval/dpo_accuracy:mean", "eval/loss", "reward/mean", "loss", "time_total/minutes")
+"""The metrics a run ends by printing (its last value of each) and a sweep's summary lists, those it logged."""
 PHASES = ("sampling", "reference", "forward_backward", "optim_step", "publish", "eval")
 """The parts of a step timed as `time/{phase}_s` (reference: the base model's logprobs for a KL penalty)."""
 CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo_accuracy:mean", "eval/dpo_accuracy:mean"),
@@ -55,6 +57,7 @@ class RunLog:
         self._prefix = f"[{label}] " if label else ""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        tqdm.write(f"{self._prefix}run folder: {self.folder}")
         self.history: list[dict] = _before(self.folder / "metrics.jsonl", start_step)
         self._file = open(self.folder / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         _before(self.folder / "samples.jsonl", start_step)
@@ -97,11 +100,37 @@ class RunLog:
             self._wandb.log({"samples/eval": table}, step=evaluated[0]["step"])
 
     def close(self) -> None:
+        """Closes the files, draws curves.png and prints where the run's files are, with its final metrics."""
         self._file.close()
         self._samples.close()
         plot_curves(self.history, self.folder / "curves.png")
+        tqdm.write(self._prefix + closing_line(self.history, self.folder))
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def final(history: list[dict], key: str) -> float | None:
+    """The last value of `key` in the records of `history`; None if none has it."""
+    values = [record[key] for record in history if key in record]
+    return values[-1] if values else None
+
+
+def closing_line(history: list[dict], folder: Path) -> str:
+    """`FOLDER: metrics.jsonl, ... | eval/accuracy 0.781 (best 0.969 at step 20) | reward/mean 0.917 | ...`: the
+    files a run leaves and the last value of each of its FINAL_METRICS."""
+    files = ", ".join(name for name in ("metrics.jsonl", "samples.jsonl", "curves.png", "checkpoints", "wandb")
+                      if (folder / name).exists())
+    parts = [f"{folder}: {files}"]
+    evaluated = [(record["eval/accuracy"], -record["step"]) for record in history if "eval/accuracy" in record]
+    for key in FINAL_METRICS:
+        value = final(history, key)
+        if value is None:
+            continue
+        parts.append(f"{key} {value:.3g}")
+        if key == "eval/accuracy" and len(evaluated) > 1:
+            best, step = max(evaluated)  # the earliest of the best
+            parts[-1] += f" (best {best:.3g} at step {-step})"
+    return " | ".join(parts)
 
 
 def _before(path: Path, step: int) -> list[dict]:

@@ -26,11 +26,8 @@ from pathlib import Path
 
 from rl.config import TrainConfig, check
 from rl.driver.state import STATE, LearnerLost, read_state
+from rl.metrics import FINAL_METRICS, final
 from rl.train import connect, failed, run
-
-SUMMARY_COLUMNS = ("eval/accuracy", "eval/dpo_accuracy:mean", "eval/loss", "reward/mean", "loss",
-                   "time_total/minutes")
-"""The final metrics a sweep's summary lists (each run's last value of each), those that any of its runs logged."""
 
 
 @dataclass
@@ -175,16 +172,11 @@ def finished_history(config: TrainConfig) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
-def final(history: list[dict], key: str) -> float | None:
-    values = [record[key] for record in history if key in record]
-    return values[-1] if values else None
-
-
 def write_summary(jobs: list[Job], folder: Path) -> None:
     """One row per run (its overrides, status, folder and final metrics) on the console and in sweep.csv; every
     run's first two metrics (accuracy and reward in RL) against the step in sweep.png."""
     common = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
-    columns = [key for key in SUMMARY_COLUMNS if any(final(job.history or [], key) is not None for job in jobs)]
+    columns = [key for key in FINAL_METRICS if any(final(job.history or [], key) is not None for job in jobs)]
     rows = [{"run": index, "overrides": " ".join(item for item in job.overrides if item not in common),
              "status": status(job), "output_dir": job.config.output_dir,
              **{key: final(job.history or [], key) for key in columns}} for index, job in enumerate(jobs)]

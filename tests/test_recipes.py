@@ -117,6 +117,8 @@ def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data: 8 examples to train on from mine.jsonl, 2 held out of its own" in result.stdout, result.stdout
     (run,) = (tmp_path / "outputs" / "sft_jsonl").iterdir()
+    assert f"run folder: {run}" in result.stdout and f"{run}: metrics.jsonl, samples.jsonl, curves.png, checkpoints, " \
+        "wandb | eval/loss " in result.stdout, result.stdout[-2000:]
     lines = records(run)
     assert [r["step"] for r in lines] == [0, 1, 2] and all("eval/loss" in lines[i] for i in (0, 2))
     assert not any("eval/accuracy" in r or "memory/sampler0_gib" in r for r in lines), "no verifier, no sampler"

@@ -389,6 +389,18 @@ def test_a_resumed_run_log_keeps_the_metrics_and_samples_of_the_steps_before_it(
     assert [record["step"] for record in metrics(tmp_path)] == [0, 1]
 
 
+def test_a_run_ends_by_saying_where_its_files_are_and_its_final_metrics(tmp_path):
+    from rl.metrics import closing_line
+
+    (tmp_path / "metrics.jsonl").touch()
+    (tmp_path / "curves.png").touch()
+    history = [{"step": 0, "eval/accuracy": 0.25, "reward/mean": 0.0, "loss": 0.5},
+               {"step": 5, "eval/accuracy": 0.75, "reward/mean": 0.5, "loss": 0.25},
+               {"step": 10, "eval/accuracy": 0.75, "time_total/minutes": 1.5}]
+    assert closing_line(history, tmp_path) == (f"{tmp_path}: metrics.jsonl, curves.png | eval/accuracy 0.75 (best 0.75 "
+                                               "at step 5) | reward/mean 0.5 | loss 0.25 | time_total/minutes 1.5")
+
+
 def test_the_publish_modes_train_the_same(two_steps):
     # Merged weights and a LoRA beside them sum in different orders: their logprobs agree within ~1e-6, not to the
     # bit, so a near-tie may send a seeded sample another way and everything after it with it. The modes are
