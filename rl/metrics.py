@@ -54,10 +54,10 @@ class RunLog:
                  label: str | None = None):
         """`label` begins each printed line (a sweep's runs print side by side)."""
         self.folder = Path(config.output_dir)
-        self._prefix = f"[{label}] " if label else ""
+        self.prefix = f"[{label}] " if label else ""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(asdict(config), indent=1))
-        tqdm.write(f"{self._prefix}run folder: {self.folder}")
+        tqdm.write(f"{self.prefix}run folder: {self.folder}")
         self.history: list[dict] = _before(self.folder / "metrics.jsonl", start_step)
         self._file = open(self.folder / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         _before(self.folder / "samples.jsonl", start_step)
@@ -82,7 +82,7 @@ class RunLog:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=record["step"])
-        tqdm.write(self._prefix + summary_line(record))  # above the progress bar, not through it
+        tqdm.write(self.prefix + summary_line(record))  # above the progress bar, not through it
 
     def samples(self, lines: list[dict]) -> None:
         """Appends episodes as text (`rl.driver.episodes.transcript`, with their step, split, group and index) to
@@ -104,7 +104,7 @@ class RunLog:
         self._file.close()
         self._samples.close()
         plot_curves(self.history, self.folder / "curves.png")
-        tqdm.write(self._prefix + closing_line(self.history, self.folder))
+        tqdm.write(self.prefix + closing_line(self.history, self.folder))
         if self._wandb is not None:
             self._wandb.finish()
 

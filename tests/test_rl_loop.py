@@ -219,8 +219,14 @@ def test_two_steps_train_publish_and_log(two_steps, tiny_model_dir, mode):
                 for problem, line in zip(held_out, evaluated, strict=True)] == [True] * 8
         assert sum(line["metrics"]["accuracy"] for line in evaluated) / 8 == record["eval/accuracy"]
     run_folder = next((tmp_path / "checkpoints").iterdir())
-    # The run keeps its latest weights for sampling (a PEFT folder); each replaced version was deleted.
-    assert sorted(p.name for p in (run_folder / "sampler_weights").iterdir()) == ["step-000002"]
+    # The run keeps its latest weights for sampling (a PEFT folder) and those that scored best held out (the earliest
+    # of equals); each other replaced version was deleted.
+    best_accuracy, best_step = max((record["eval/accuracy"], -record["step"]) for record in lines)
+    assert sorted(p.name for p in (run_folder / "sampler_weights").iterdir()) == sorted(
+        {f"step-{-best_step:06d}", "step-000002"})
+    best = read_state(tmp_path)["best"]
+    assert (best["step"], best["eval/accuracy"]) == (-best_step, best_accuracy), best
+    assert best["checkpoint"].endswith(f"/sampler_weights/step-{-best_step:06d}"), best
     assert sorted(p.name for p in (run_folder / "weights").iterdir()) == ["step-2"], "the last step is saved"
     assert read_state(tmp_path)["step"] == 2
     curves = plt.imread(tmp_path / "curves.png")
@@ -238,7 +244,13 @@ def learned(ray_local, tiny_model_dir, tmp_path_factory) -> tuple[Path, list[dic
 
 
 def test_the_tiny_model_learns_a_task(learned):
-    _, learned = learned
+    folder, learned = learned
+    # Its best held-out accuracy came last: the step-0 version, best until then, was deleted when it was beaten.
+    # (Versions are named after the learner's optimizer steps, fewer than the loop's where a step had nothing to
+    # train.)
+    best = read_state(folder)["best"]
+    assert best["step"] == LEARNING["steps"] and best["eval/accuracy"] == learned[-1]["eval/accuracy"]
+    assert [p.name for p in folder.glob("checkpoints/*/sampler_weights/*")] == [best["checkpoint"].rsplit("/")[-1]]
     rewards = [record["reward/mean"] for record in learned if "reward/mean" in record]
     assert rewards[0] < 0.3, rewards
     assert min(rewards[-2:]) > 0.8, rewards

@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from rl.checkpoints import CheckpointStore
 from rl.config import LR_SCHEDULES, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
@@ -230,7 +231,11 @@ class Run:
         self.start_step, self.totals = 0, {}
         self._published: AdapterVersion | None = None
         """This run's latest published version (the one before is retired, and deleted, once the next serves)."""
-        self._deleting: ray.ObjectRef | None = None
+        self._deletions: list[ray.ObjectRef] = []
+        """Checkpoint deletions sent to the learner and not yet known to have finished."""
+        self.best: dict | None = state and state.get("best")
+        """The published version with the best held-out accuracy so far, kept when it is retired:
+        {"step", "eval/accuracy", "checkpoint": its tinker path}."""
         if state is not None:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]
@@ -254,8 +259,15 @@ class Run:
 
     def __exit__(self, kind, error, traceback) -> None:
         self.log.close()
-        if error is None and self._deleting is not None:
-            ray.get(self._deleting)
+        if error is None:
+            ray.get(self._deletions)
+        if error is None and self.best is not None:
+            try:
+                where = CheckpointStore(self.folder / CHECKPOINTS).folder(self.best["checkpoint"])
+            except ValueError:  # the learner's node holds it (no storage_uri)
+                where = self.best["checkpoint"]
+            tqdm.write(f"{self.log.prefix}best held-out accuracy {self.best['eval/accuracy']:.3g} at step "
+                       f"{self.best['step']}: its adapter is {where}")
         if not self.shared:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this adapter leaves
@@ -284,12 +296,18 @@ class Run:
             previous, self._published = self._published, version
             if previous is not None and previous.tinker_path != version.tinker_path:
                 self.pool.retire(previous.tinker_path)  # nothing samples it after this: its files can go
-                if self._deleting is not None:
-                    await self._deleting
-                # Nor reads its folder: the run keeps its latest sampler weights only (22 MB a step for SmolLM2);
-                # its training checkpoints are what it resumes from. Not awaited here: a shared learner may be busy.
-                self._deleting = self.learner.delete_checkpoint.remote(previous.tinker_path)
+                if not self.best or previous.tinker_path != self.best["checkpoint"]:
+                    # Nor reads its folder: the run keeps its latest sampler weights (22 MB a step for SmolLM2) and
+                    # its best; its training checkpoints are what it resumes from.
+                    await self._delete(previous.tinker_path)
         return version
+
+    async def _delete(self, tinker_path: str) -> None:
+        """Deletes a checkpoint of the run's once the deletions before it have finished (they never pile up); not
+        awaited itself (a shared learner may be busy)."""
+        pending, self._deletions = self._deletions, []
+        await asyncio.gather(*pending)
+        self._deletions.append(self.learner.delete_checkpoint.remote(tinker_path))
 
     async def begin_step(self, step: int, evaluate: Callable[[int], Awaitable[dict]] | None = None) -> dict:
         """The record of step `step`, which begins with `evaluate(step)` when it is given and an evaluation is due
@@ -338,7 +356,19 @@ class Run:
                                              episode_limits(config, self.tokenizer),
                                              SamplingParams(temperature=config.eval_temperature))
         self.log_episodes(step, "eval", episodes_P)
-        return held_out_metrics(episodes_P)
+        metrics = held_out_metrics(episodes_P)
+        await self._keep_if_best(model_path, step, metrics["eval/accuracy"])
+        return metrics
+
+    async def _keep_if_best(self, model_path: str, step: int, accuracy: float) -> None:
+        """Makes the version published as `model_path` the run's best if it scored above the best so far (the
+        earliest of equals stays), deleting the one it replaces unless that one still serves. It is known before the
+        version is retired: a step publishes the next once its evaluation has finished."""
+        if self.best is not None and accuracy <= self.best["eval/accuracy"]:
+            return
+        replaced, self.best = self.best, {"step": step, "eval/accuracy": accuracy, "checkpoint": model_path}
+        if replaced is not None and replaced["checkpoint"] not in (model_path, self._published.tinker_path):
+            await self._delete(replaced["checkpoint"])
 
     def log_episodes(self, step: int, split: str, episodes_P: list[list[Episode]],
                      advantages_P: list[list[list[float]]] | None = None) -> None:
@@ -359,6 +389,9 @@ class Run:
         if evaluates(self.config, self.config.steps):
             record = {"step": self.config.steps, **await timed_evaluation(evaluate(self.config.steps))}
             self.record(record, started=time.perf_counter() - record["time/eval_s"])
+            state = read_state(self.folder)
+            if state is not None and state.get("best") != self.best:  # the last checkpoint came before it
+                write_state(self.folder, {**state, "best": self.best})
 
     async def memory(self) -> dict[str, float]:
         """Each process's resident memory in GiB: now (`memory/NAME_gib`), and the learner's and samplers' peak
@@ -388,7 +421,7 @@ class Run:
         """Saves the adapter with its optimizer state, then state.json naming it: the run resumes at `next_step`."""
         saved = await self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True)
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
-                                  "totals": self.totals, "wandb_id": self.log.wandb_id})
+                                  "totals": self.totals, "wandb_id": self.log.wandb_id, "best": self.best})
 
 
 @functools.cache
