@@ -121,16 +121,23 @@ def closing_line(history: list[dict], folder: Path) -> str:
     files = ", ".join(name for name in ("metrics.jsonl", "samples.jsonl", "curves.png", "checkpoints", "wandb")
                       if (folder / name).exists())
     parts = [f"{folder}: {files}"]
-    evaluated = [(record["eval/accuracy"], -record["step"]) for record in history if "eval/accuracy" in record]
     for key in FINAL_METRICS:
         value = final(history, key)
         if value is None:
             continue
         parts.append(f"{key} {value:.3g}")
-        if key == "eval/accuracy" and len(evaluated) > 1:
-            best, step = max(evaluated)  # the earliest of the best
-            parts[-1] += f" (best {best:.3g} at step {-step})"
+        if key == "eval/accuracy" and sum("eval/accuracy" in record for record in history) > 1:
+            parts[-1] += " (best {:.3g} at step {})".format(*best_accuracy(history))
     return " | ".join(parts)
+
+
+def best_accuracy(history: list[dict]) -> tuple[float, int] | None:
+    """The best eval/accuracy in the records of `history` and the step of the earliest record with it."""
+    evaluated = [(record["eval/accuracy"], -record["step"]) for record in history if "eval/accuracy" in record]
+    if not evaluated:
+        return None
+    best, step = max(evaluated)
+    return best, -step
 
 
 def _before(path: Path, step: int) -> list[dict]:

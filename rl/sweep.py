@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rl.config import TrainConfig, check
 from rl.driver.state import STATE, LearnerLost, read_state
-from rl.metrics import FINAL_METRICS, final
+from rl.metrics import FINAL_METRICS, best_accuracy, final
 from rl.train import connect, failed, run
 
 
@@ -173,13 +173,20 @@ def finished_history(config: TrainConfig) -> list[dict]:
 
 
 def write_summary(jobs: list[Job], folder: Path) -> None:
-    """One row per run (its overrides, status, folder and final metrics) on the console and in sweep.csv; every
-    run's first two metrics (accuracy and reward in RL) against the step in sweep.png."""
+    """One row per run (its overrides, status, folder, final metrics and best held-out accuracy with its step) on the
+    console and in sweep.csv; every run's first two metrics (accuracy and reward in RL) against the step in
+    sweep.png."""
     common = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
-    columns = [key for key in FINAL_METRICS if any(final(job.history or [], key) is not None for job in jobs)]
+    metrics = [key for key in FINAL_METRICS if any(final(job.history or [], key) is not None for job in jobs)]
     rows = [{"run": index, "overrides": " ".join(item for item in job.overrides if item not in common),
              "status": status(job), "output_dir": job.config.output_dir,
-             **{key: final(job.history or [], key) for key in columns}} for index, job in enumerate(jobs)]
+             **{key: final(job.history or [], key) for key in metrics}} for index, job in enumerate(jobs)]
+    columns = list(metrics)
+    if "eval/accuracy" in metrics:  # and where each run was at its best (its run keeps those weights)
+        columns += ["eval/accuracy:best", "eval/accuracy:best_step"]
+        for row, job in zip(rows, jobs, strict=True):
+            best = best_accuracy(job.history or [])
+            row["eval/accuracy:best"], row["eval/accuracy:best_step"] = best if best else (None, None)
     with open(folder / "sweep.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -187,10 +194,11 @@ def write_summary(jobs: list[Job], folder: Path) -> None:
     print(f"sweep: {sum(not job.error for job in jobs)} of {len(jobs)} runs finished ({folder / 'sweep.csv'}); "
           f"common to all: {' '.join(sorted(common)) or 'nothing'}")
     for row in rows:
-        figures = " | ".join(f"{key} {row[key]:.3g}" for key in columns if row[key] is not None)
+        figures = " | ".join(f"{key} {row[key]:.3g}" if isinstance(row[key], float) else f"{key} {row[key]}"
+                             for key in columns if row[key] is not None)
         print(f"  {row['run']}: {row['overrides'] or '(no overrides)'} | {row['status'][:200]} | {figures}")
     plot_sweep(jobs, [row["overrides"] or "(no overrides)" for row in rows], folder / "sweep.png",
-               [key for key in columns if key != "time_total/minutes"][:2])
+               [key for key in metrics if key != "time_total/minutes"][:2])
 
 
 def plot_sweep(jobs: list[Job], labels: list[str], path: Path, keys: list[str]) -> None:

@@ -215,3 +215,17 @@ def test_the_summary_lists_the_final_metrics_its_runs_logged(tmp_path, capsys):
     assert "1: algo.learning_rate=0.01 | done | eval/loss 1.5 | loss 0.5 | time_total/minutes 0.1" in \
         capsys.readouterr().out
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_the_summary_gives_each_runs_best_held_out_accuracy_and_its_step(tmp_path, capsys):
+    accuracies = {0: 0.0, 5: 0.75, 10: 0.75, 15: 0.5}  # the best twice: the earliest counts
+    jobs = [Job(["seed=0"], TrainConfig(output_dir=str(tmp_path / "0")),
+                history=[{"step": step, "eval/accuracy": value} for step, value in accuracies.items()]),
+            Job(["seed=1"], TrainConfig(output_dir=str(tmp_path / "1")), history=[{"step": 0, "eval/accuracy": 0.25}])]
+    write_summary(jobs, tmp_path)
+    with open(tmp_path / "sweep.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["eval/accuracy"], row["eval/accuracy:best"], row["eval/accuracy:best_step"]) for row in rows] == [
+        ("0.5", "0.75", "5"), ("0.25", "0.25", "0")]
+    assert "0: seed=0 | done | eval/accuracy 0.5 | eval/accuracy:best 0.75 | eval/accuracy:best_step 5" in \
+        capsys.readouterr().out
