@@ -24,7 +24,8 @@ SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo_accuracy:m
 """The keys of the line printed per step, with their labels, then each process's resident GiB (`memory/*_gib`);
 metrics.jsonl and wandb get every key."""
 FINAL_METRICS = ("eval/accuracy", "eval/dpo_accuracy:mean", "eval/loss", "reward/mean", "loss", "time_total/minutes")
-"""The metrics a run ends by printing (its last value of each) and a sweep's summary lists, those it logged."""
+"""The metrics a run ends by printing (its last value of each) and a sweep's summary lists, those it logged, with
+eval/pass@k after eval/accuracy where it was logged (`final_metrics`)."""
 PHASES = ("sampling", "reference", "forward_backward", "optim_step", "publish", "eval")
 """The parts of a step timed as `time/{phase}_s` (reference: the base model's logprobs for a KL penalty)."""
 CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo_accuracy:mean", "eval/dpo_accuracy:mean"),
@@ -117,18 +118,24 @@ def final(history: list[dict], key: str) -> float | None:
 
 def closing_line(history: list[dict], folder: Path) -> str:
     """`FOLDER: metrics.jsonl, ... | eval/accuracy 0.781 (best 0.969 at step 20) | reward/mean 0.917 | ...`: the
-    files a run leaves and the last value of each of its FINAL_METRICS."""
+    files a run leaves and the last value of each of its `final_metrics`."""
     files = ", ".join(name for name in ("metrics.jsonl", "samples.jsonl", "curves.png", "checkpoints", "wandb")
                       if (folder / name).exists())
     parts = [f"{folder}: {files}"]
-    for key in FINAL_METRICS:
-        value = final(history, key)
-        if value is None:
-            continue
-        parts.append(f"{key} {value:.3g}")
+    for key in final_metrics([history]):
+        parts.append(f"{key} {final(history, key):.3g}")
         if key == "eval/accuracy" and sum("eval/accuracy" in record for record in history) > 1:
             parts[-1] += " (best {:.3g} at step {})".format(*best_accuracy(history))
     return " | ".join(parts)
+
+
+def final_metrics(histories: list[list[dict]]) -> list[str]:
+    """The keys of FINAL_METRICS that a record of `histories` has, eval/pass@k keys after eval/accuracy."""
+    logged = {key for history in histories for record in history for key in record}
+    passes = sorted((key for key in logged if key.startswith("eval/pass@")), key=lambda key: int(key.split("@")[1]))
+    keys = [key for key in FINAL_METRICS if key in logged]
+    at = keys.index("eval/accuracy") + 1 if "eval/accuracy" in keys else 0
+    return keys[:at] + passes + keys[at:]
 
 
 def best_accuracy(history: list[dict]) -> tuple[float, int] | None:

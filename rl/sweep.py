@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rl.config import TrainConfig, check
 from rl.driver.state import STATE, LearnerLost, read_state
-from rl.metrics import FINAL_METRICS, best_accuracy, final
+from rl.metrics import FINAL_METRICS, best_accuracy, final, final_metrics
 from rl.train import connect, failed, run
 
 
@@ -177,7 +177,7 @@ def write_summary(jobs: list[Job], folder: Path) -> None:
     console and in sweep.csv; every run's first two metrics (accuracy and reward in RL) against the step in
     sweep.png."""
     common = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
-    metrics = [key for key in FINAL_METRICS if any(final(job.history or [], key) is not None for job in jobs)]
+    metrics = final_metrics([job.history or [] for job in jobs])
     rows = [{"run": index, "overrides": " ".join(item for item in job.overrides if item not in common),
              "status": status(job), "output_dir": job.config.output_dir,
              **{key: final(job.history or [], key) for key in metrics}} for index, job in enumerate(jobs)]
@@ -198,7 +198,7 @@ def write_summary(jobs: list[Job], folder: Path) -> None:
                              for key in columns if row[key] is not None)
         print(f"  {row['run']}: {row['overrides'] or '(no overrides)'} | {row['status'][:200]} | {figures}")
     plot_sweep(jobs, [row["overrides"] or "(no overrides)" for row in rows], folder / "sweep.png",
-               [key for key in metrics if key != "time_total/minutes"][:2])
+               [key for key in metrics if key in FINAL_METRICS and key != "time_total/minutes"][:2])
 
 
 def plot_sweep(jobs: list[Job], labels: list[str], path: Path, keys: list[str]) -> None:

@@ -221,11 +221,15 @@ def test_the_summary_gives_each_runs_best_held_out_accuracy_and_its_step(tmp_pat
     accuracies = {0: 0.0, 5: 0.75, 10: 0.75, 15: 0.5}  # the best twice: the earliest counts
     jobs = [Job(["seed=0"], TrainConfig(output_dir=str(tmp_path / "0")),
                 history=[{"step": step, "eval/accuracy": value} for step, value in accuracies.items()]),
-            Job(["seed=1"], TrainConfig(output_dir=str(tmp_path / "1")), history=[{"step": 0, "eval/accuracy": 0.25}])]
+            Job(["seed=1"], TrainConfig(output_dir=str(tmp_path / "1")),
+                history=[{"step": 0, "eval/accuracy": 0.25, "eval/pass@4": 0.5, "reward/mean": 0.1}])]
     write_summary(jobs, tmp_path)
     with open(tmp_path / "sweep.csv") as file:
         rows = list(csv.DictReader(file))
+    assert list(rows[0])[4:] == ["eval/accuracy", "eval/pass@4", "reward/mean", "eval/accuracy:best",
+                                 "eval/accuracy:best_step"], "pass@k beside the accuracy it comes with"
     assert [(row["eval/accuracy"], row["eval/accuracy:best"], row["eval/accuracy:best_step"]) for row in rows] == [
         ("0.5", "0.75", "5"), ("0.25", "0.25", "0")]
-    assert "0: seed=0 | done | eval/accuracy 0.5 | eval/accuracy:best 0.75 | eval/accuracy:best_step 5" in \
-        capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0: seed=0 | done | eval/accuracy 0.5 | eval/accuracy:best 0.75 | eval/accuracy:best_step 5" in printed
+    assert "1: seed=1 | done | eval/accuracy 0.25 | eval/pass@4 0.5 | reward/mean 0.1 | eval/accuracy:best" in printed
