@@ -29,12 +29,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rl.checkpoints import CheckpointStore
 from rl.config import LR_SCHEDULES, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import Episode, episode_limits, held_out_episodes, held_out_metrics, transcript
-from rl.driver.state import CHECKPOINTS, STATE, LearnerLost, adapter_folder, read_state, write_state
+from rl.driver.state import (
+    CHECKPOINTS,
+    STATE,
+    LearnerLost,
+    adapter_folder,
+    checkpoint_folder,
+    read_state,
+    write_state,
+)
 from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
@@ -263,7 +270,7 @@ class Run:
             ray.get(self._deletions)
         if error is None and self.best is not None:
             try:
-                where = CheckpointStore(self.folder / CHECKPOINTS).folder(self.best["checkpoint"])
+                where = checkpoint_folder(self.folder, self.best["checkpoint"])
             except ValueError:  # the learner's node holds it (no storage_uri)
                 where = self.best["checkpoint"]
             tqdm.write(f"{self.log.prefix}best held-out accuracy {self.best['eval/accuracy']:.3g} at step "

@@ -42,10 +42,8 @@ def adapter_folder(path: str | Path) -> Path:
     folder = Path(path)
     state = read_state(folder) if folder.is_dir() else None
     if state is not None:
-        from rl.checkpoints import CheckpointStore  # imported here: rl-train reads this module before anything
-
-        try:  # the run's own store finds its checkpoint (and puts back one a crash left half-replaced)
-            folder = CheckpointStore(folder / CHECKPOINTS).folder(state["checkpoint"])
+        try:
+            folder = checkpoint_folder(folder, state["checkpoint"])
         except ValueError as error:
             raise ValueError(f"model.adapter={path}: {error}") from None
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
@@ -54,3 +52,12 @@ def adapter_folder(path: str | Path) -> Path:
             f" in its latest checkpoint, {folder}" if state is not None else "") + ") nor a run folder with a "
             f"{STATE}")
     return folder
+
+
+def checkpoint_folder(run_folder: Path, tinker_path: str) -> Path:
+    """The folder of the run's checkpoint `tinker_path` in `run_folder`; a ValueError where it is not there (a
+    learner on another node keeps it there)."""
+    from rl.checkpoints import CheckpointStore  # imported here: rl-train reads this module before anything
+
+    # The run's own store finds it (and puts back one a crash left half-replaced).
+    return CheckpointStore(run_folder / CHECKPOINTS).folder(tinker_path)
