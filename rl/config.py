@@ -78,13 +78,23 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     train: str | None = None
-    """A JSONL file of your own examples, which the loop trains on instead of the task's: problems with reference
-    answers for RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the
-    task's."""
+    """A file of your own examples (.jsonl, .json or .parquet), which the loop trains on instead of the task's:
+    problems with reference answers for RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has
+    the formats). None: the task's."""
     eval: str | None = None
     """Held-out examples in the same format (RL evaluates the first eval_prompts of them, SFT and DPO all); None:
     eval_prompts of data.train's, which are then not trained on. With steps=0 it may be given alone: the
     starting weights are evaluated on it."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Your files' names for the format's fields, where they differ: `data.fields={prompt:question,answer:solution}`
+    (a dotted name reaches into a nested object: `reward_model.ground_truth`); a field not named keeps its name."""
+    answer_format: str = "answer_line"
+    """RL on your problems: how a completion's final answer is found, and the reference's where it is a whole
+    solution (rl.tasks.ANSWER_FORMATS): answer_line (the first line after the last 'Answer:'), boxed (the last
+    \\boxed{...}, as MATH's solutions give it), gsm8k (the first line after the last '####', as GSM8K's)."""
+    instruction: str | None = None
+    """RL on your problems: text added after a space to each problem's (last) user message, such as how to give the
+    answer: `data.instruction='Put the final answer within \\boxed{}.'`. None: the prompts as they are."""
     required: bool = False
     """Set by a recipe that trains on your file alone (rl_jsonl, sft_jsonl, dpo_jsonl): data.train must be given."""
 
@@ -309,7 +319,7 @@ def _rules(loop: str) -> dict[str, tuple]:
     from rl.environments import ENVIRONMENTS
     from rl.models import DTYPES
     from rl.sampler.replica import PUBLISH_MODES
-    from rl.tasks import TASKS
+    from rl.tasks import ANSWER_FORMATS, TASKS
 
     rules = {
         "steps": (NOT_NEGATIVE[0], "0 (evaluate only) or more"), "seed": NOT_NEGATIVE,
@@ -322,6 +332,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "algo.max_tokens": AT_LEAST_1, "algo.num_substeps": AT_LEAST_1,
         "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
+        "data.answer_format": one_of(*ANSWER_FORMATS),
         "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
         "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
@@ -364,15 +375,21 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         found.append(("steps", 0, "at least 1 with eval_every=0: steps=0 only evaluates, and eval_every=0 turns "
                       "evaluation off"))
     if config.data.required and config.data.train is None and not (evaluating and config.data.eval):
-        found.append(("data.train", None, f"a JSONL file of your examples: recipe {config.recipe} trains on your own "
-                      "data (data.train=FILE.jsonl; rl/datasets.py has the format)"))
+        found.append(("data.train", None, f"a file of your examples: recipe {config.recipe} trains on your own "
+                      "data (data.train=FILE.jsonl, .json or .parquet; rl/datasets.py has the formats)"))
+    for key, unset in (("data.fields", {}), ("data.answer_format", "answer_line"), ("data.instruction", None)):
+        value = _value(config, key)
+        if value != unset and not config.data.given:
+            found.append((key, value, "unset without data.train or data.eval: it applies to your files"))
+        elif value != unset and key != "data.fields" and algo.loop != "rl":
+            found.append((key, value, f"unset: it applies to RL problems, and the {algo.loop} loop has none"))
     if config.model.adapter is not None and not Path(config.model.adapter).is_dir():
         found.append(("model.adapter", config.model.adapter, "a PEFT adapter folder or a run folder, but there is no "
                       "such folder"))
     for key in ("data.train", "data.eval"):
         path = _value(config, key)
         if path is not None and not Path(path).is_file():
-            found.append((key, path, "a JSONL file, but there is no such file"))
+            found.append((key, path, "a .jsonl, .json or .parquet file, but there is no such file"))
     if config.data.eval is not None and config.data.train is None and not evaluating:
         found.append(("data.eval", config.data.eval, "unset, or given with data.train (held-out examples of your own "
                       "data), or with steps=0 (evaluate only)"))

@@ -1,25 +1,32 @@
-"""Your own examples from JSONL files, for the RL, SFT and DPO loops (`data.train`, `data.eval`).
+"""Your own RL problems, SFT conversations and DPO preference pairs, from files (`data.train`, `data.eval`).
 
-One example per line (for SFT and DPO in the formats TRL and the HF hub use, standard and conversational):
+A file is JSONL (one example per line), JSON (a list of examples) or Parquet (one per row: the HF hub's format,
+read with pyarrow), each example an object with these fields (for SFT and DPO the formats TRL and the hub use,
+standard and conversational):
 - RL: a problem, {"prompt": ..., "answer": "..."}: the prompt a string (the user's message) or a list of messages
-  (a system prompt, examples: the conversation the model answers), and the reference answer, which the final
-  answer of a completion (the first line after its last "Answer:") must match (rl.tasks.FileTask).
+  (a system prompt, examples: the conversation the model answers), and the reference answer, which a completion's
+  final answer must match (rl.tasks.FileTask; `data.answer_format` says how a final answer is found).
 - SFT: a conversation, {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} with at
   least one assistant turn (each assistant turn is trained, rl.chat.conversation_datum), or
   {"prompt": "...", "completion": "..."} (one user message and the assistant's reply).
 - DPO: a preference pair, {"prompt": ..., "chosen": ..., "rejected": ...}: the prompt a string (the user's
   message) or a list of messages; chosen and rejected each a string (the assistant's reply) or a list of
-  messages that follow the prompt. Only the reply's tokens count (the dpo loss compares them).
+  messages that follow the prompt. Or, without a prompt, chosen and rejected as two whole conversations that
+  share their start (TRL's implicit prompt): the prompt is what they share up to the last user message. Only the
+  reply's tokens count (the dpo loss compares them).
 
-Every line is checked before any actor starts; a bad one is refused with its file, line and field. Without
-`data.eval`, the held-out examples are `eval_prompts` of the training file's, drawn by a fixed seed (the same for
-every run and seed, so runs compare on the same ones), and the rest are trained on.
+A file whose fields have other names is read as it is with `data.fields` (`{prompt: question}`; a dotted name
+reaches into a nested object: `{answer: reward_model.ground_truth}`); other fields are ignored. Every example is
+checked before any actor starts; a bad one is refused with its file, line (JSONL), element (JSON) or row (Parquet)
+and field. Without `data.eval`, the held-out examples are `eval_prompts` of the training file's, drawn by a fixed
+seed (the same for every run and seed, so runs compare on the same ones), and the rest are trained on.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,20 +56,31 @@ class BadExample(ValueError):
     """A line of a data file that is not an example of the format asked for."""
 
 
-def read_problems(path: str | Path, *, key: str = "data.train") -> list[tuple[str | Messages, str]]:
-    """The RL problems of a JSONL file, as (prompt, reference answer) (the module's docstring has the format)."""
-    return _read(path, key, _problem, 'a problem: {"prompt": ..., "answer": ...}')
+PROBLEM_FIELDS = ("prompt", "answer")
+CONVERSATION_FIELDS = ("messages", "prompt", "completion")
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
-def read_conversations(path: str | Path, *, key: str = "data.train") -> list[Messages]:
-    """The SFT conversations of a JSONL file (the module's docstring has the format); `key` names the setting
-    that gave the path, in errors."""
-    return _read(path, key, _conversation, 'a conversation: {"messages": [...]} or {"prompt": ..., "completion": ...}')
+def read_problems(path: str | Path, *, key: str = "data.train",
+                  fields: dict[str, str] | None = None) -> list[tuple[str | Messages, str]]:
+    """The RL problems of a file, as (prompt, reference answer) (the module's docstring has the formats); `key`
+    names the setting that gave the path, in errors; `fields` renames the format's fields (`data.fields`)."""
+    return _read(path, key, fields, PROBLEM_FIELDS, _problem, 'a problem: {"prompt": ..., "answer": ...}')
 
 
-def read_preference_pairs(path: str | Path, *, key: str = "data.train") -> list[PreferencePair]:
-    """The DPO preference pairs of a JSONL file (the module's docstring has the format)."""
-    return _read(path, key, _pair, 'a preference pair: {"prompt": ..., "chosen": ..., "rejected": ...}')
+def read_conversations(path: str | Path, *, key: str = "data.train",
+                       fields: dict[str, str] | None = None) -> list[Messages]:
+    """The SFT conversations of a file (the module's docstring has the formats)."""
+    return _read(path, key, fields, CONVERSATION_FIELDS, _conversation,
+                 'a conversation: {"messages": [...]} or {"prompt": ..., "completion": ...}')
+
+
+def read_preference_pairs(path: str | Path, *, key: str = "data.train",
+                          fields: dict[str, str] | None = None) -> list[PreferencePair]:
+    """The DPO preference pairs of a file (the module's docstring has the formats)."""
+    return _read(path, key, fields, PAIR_FIELDS, _pair, 'a preference pair: {"prompt": ..., "chosen": ..., '
+                 '"rejected": ...} or {"chosen": [...], "rejected": [...]}')
 
 
 def held_out_split(examples: list, count: int, *, key: str = "data.train") -> tuple[list, list]:
@@ -75,29 +93,75 @@ def held_out_split(examples: list, count: int, *, key: str = "data.train") -> tu
             [examples[index] for index in sorted(held)])
 
 
-def _read(path: str | Path, key: str, parse, what: str) -> list:
+def _read(path: str | Path, key: str, fields: dict[str, str] | None, names: tuple[str, ...], parse,
+          what: str) -> list:
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"{key}={path}: no such file")
+    if file.suffix.lower() not in FILE_TYPES:
+        raise ValueError(f"{key}={path}: a {', '.join(FILE_TYPES)} file, not {file.suffix or 'one without a suffix'}")
+    unknown = sorted(set(fields or {}) - set(names))
+    if unknown:
+        raise ValueError(f"data.fields: {', '.join(unknown)} is not a field of {what.split(':')[0]} (its fields: "
+                         f"{', '.join(names)})")
     examples = []
+    for where, record in _records(file, f"{key}={path}"):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected {what}, got {type(record).__name__}")
+        try:
+            examples.append(parse(_renamed(record, fields or {})))
+        except BadExample as error:
+            raise ValueError(f"{where}: {error}") from None
+    if not examples:
+        raise ValueError(f"{key}={path}: the file holds no examples ({what})")
+    return examples
+
+
+def _records(file: Path, name: str) -> Iterator[tuple[str, object]]:
+    """Each record of a file with where it is (`name`, the setting that gave the file, then the line, element or
+    row), in errors too: a JSONL file's lines (blank ones skipped; counted from 1, as editors
+    do), a JSON file's list, a Parquet file's rows (counted from 0, as pandas and HF datasets do)."""
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet  # only for Parquet files
+
+        rows = pyarrow.parquet.read_table(file).to_pylist()
+        yield from ((f"{name}, row {index}", row) for index, row in enumerate(rows))
+        return
+    if suffix == ".json":
+        try:
+            records = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}: not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{name}: a .json file must hold a list of examples (one per line: .jsonl), not a "
+                             f"{type(records).__name__}")
+        yield from ((f"{name}, element {index}", record) for index, record in enumerate(records))
+        return
     with file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            where = f"{key}={path}, line {number}"
             try:
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected {what}, got {type(record).__name__}")
-            try:
-                examples.append(parse(record))
-            except BadExample as error:
-                raise ValueError(f"{where}: {error}") from None
-    if not examples:
-        raise ValueError(f"{key}={path}: the file holds no examples (one JSON object per line: {what})")
-    return examples
+                raise ValueError(f"{name}, line {number}: not JSON ({error.msg} at column {error.colno})") from None
+            yield f"{name}, line {number}", record
+
+
+def _renamed(record: dict, fields: dict[str, str]) -> dict:
+    """The record with each field that `fields` renames taken from where it names (a dotted name reaches into
+    nested objects: "reward_model.ground_truth")."""
+    renamed = dict(record)
+    for name, source in fields.items():
+        value = record
+        for part in source.split("."):
+            if not isinstance(value, dict) or part not in value:
+                has = sorted(value) if isinstance(value, dict) else type(value).__name__
+                raise BadExample(f"no {source!r} for {name!r} (data.fields.{name}; it has {has})")
+            value = value[part]
+        renamed[name] = value
+    return renamed
 
 
 def _problem(record: dict) -> tuple[str | Messages, str]:
@@ -131,7 +195,9 @@ def _conversation(record: dict) -> Messages:
 
 
 def _pair(record: dict) -> PreferencePair:
-    missing = [field for field in ("prompt", "chosen", "rejected") if field not in record]
+    missing = [field for field in PAIR_FIELDS if field not in record]
+    if missing == ["prompt"] and all(isinstance(record[field], list) for field in ("chosen", "rejected")):
+        return _implicit_prompt_pair(*(_messages(record[field], field) for field in ("chosen", "rejected")))
     if missing:
         raise BadExample(f"no {', '.join(repr(field) for field in missing)} (it has {sorted(record)})")
     prompt = _turn(record["prompt"], "prompt", "user")
@@ -140,6 +206,23 @@ def _pair(record: dict) -> PreferencePair:
         if reply[-1]["role"] != "assistant":
             raise BadExample(f'"{field}" must end with an assistant message, not a {reply[-1]["role"]} one')
     return PreferencePair(prompt, chosen, rejected)
+
+
+def _implicit_prompt_pair(chosen: Messages, rejected: Messages) -> PreferencePair:
+    """Two whole conversations (TRL's "implicit prompt" pairs): the prompt is the messages they share up to the
+    last user message before they differ."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    users = [index for index in range(shared) if chosen[index]["role"] == "user"]
+    if not users:
+        raise BadExample('"chosen" and "rejected" without a "prompt" must both start with the same conversation, up '
+                         "to a user message (the prompt), and differ after it")
+    prompt = users[-1] + 1
+    for field, reply in (("chosen", chosen[prompt:]), ("rejected", rejected[prompt:])):
+        if not reply or reply[-1]["role"] != "assistant":
+            raise BadExample(f'"{field}" must end with an assistant message after the shared prompt')
+    return PreferencePair(chosen[:prompt], chosen[prompt:], rejected[prompt:])
 
 
 def _turn(value, field: str, role: str) -> Messages:
@@ -158,13 +241,14 @@ def _messages(value, field: str) -> Messages:
     return [{"role": message["role"], "content": message["content"]} for message in value]
 
 
-def train_and_held_out(read, train: str | None, eval_file: str | None, held_out: int) -> tuple[list, list]:
+def train_and_held_out(read, train: str | None, eval_file: str | None, held_out: int,
+                       fields: dict[str, str] | None = None) -> tuple[list, list]:
     """The examples of file `train` to train on, and the held-out ones: file `eval_file`'s, else `held_out` of
     `train`'s (`held_out_split`); says how many of each, from where. No `train`: nothing to train on (steps=0
-    evaluates). `read`: read_problems, read_conversations or read_preference_pairs."""
-    examples = read(train, key="data.train") if train is not None else []
+    evaluates). `read`: read_problems, read_conversations or read_preference_pairs; `fields`: data.fields."""
+    examples = read(train, key="data.train", fields=fields) if train is not None else []
     if eval_file is not None:
-        split = examples, read(eval_file, key="data.eval")
+        split = examples, read(eval_file, key="data.eval", fields=fields)
     else:
         split = held_out_split(examples, held_out)
     source = f"from {eval_file}" if eval_file is not None else "of its own"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,9 +52,60 @@ class Task(Protocol):
 
 def final_answer(completion: str) -> str | None:
     """The first line of the text after the last 'Answer:', stripped; None without an 'Answer:'."""
-    if "Answer:" not in completion:
+    return _line_after("Answer:", completion)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The first line of the text after the last '####' (GSM8K's solutions end '#### 72'); None without one."""
+    return _line_after("####", text)
+
+
+def boxed_answer(text: str) -> str | None:
+    """What the last \\boxed{...} (or \\fbox{...}) of the text holds, braces balanced, `latex_normalized`; None
+    without one, or where its braces do not close."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
         return None
-    return completion.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip()
+    rest = text[start:].split("{", 1)
+    if len(rest) < 2 or rest[0] not in ("\\boxed", "\\boxed ", "\\fbox"):
+        return None
+    depth = 1
+    for end, character in enumerate(rest[1]):
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        if depth == 0:
+            return latex_normalized(rest[1][:end]) or None
+    return None
+
+
+def latex_normalized(answer: str) -> str:
+    """A LaTeX answer without what does not change its value: spaces, $, \\left and \\right, spacing commands,
+    a degree sign, {,} (a thousands comma), \\dfrac and \\tfrac for \\frac, a trailing period."""
+    for plain, spelled in ((",", "{,}"), ("", "\\!"), ("", "\\,"), ("", "\\;"), ("", "$"), ("", "^{\\circ}"),
+                           ("", "^\\circ"), ("\\frac", "\\dfrac"), ("\\frac", "\\tfrac")):
+        answer = answer.replace(spelled, plain)
+    return re.sub(r"\\(left|right)(?![A-Za-z])|\s+", "", answer).rstrip(".")
+
+
+def _line_after(marker: str, text: str) -> str | None:
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip().split("\n")[0].strip()
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How a final answer is found in a text: a completion's, and a reference that is a whole solution."""
+
+    find: Callable[[str], str | None]
+    """The text's final answer, or None where it gives none."""
+    bare: Callable[[str], str]
+    """A reference that is an answer alone, as `find` gives answers."""
+
+
+ANSWER_FORMATS = {"answer_line": AnswerFormat(final_answer, str.strip),
+                  "boxed": AnswerFormat(boxed_answer, latex_normalized),
+                  "gsm8k": AnswerFormat(gsm8k_answer, str.strip)}
+"""data.answer_format's choices (RL on your problems, `FileTask`)."""
 
 
 def strict_answer(completion: str) -> int | None:
@@ -178,15 +230,16 @@ def _number(text: str) -> float | None:
 
 @dataclass(frozen=True)
 class FileTask:
-    """Your own problems (`data.train`, `data.eval`: one {"prompt": ..., "answer": ...} per line, rl.datasets),
-    scored by their reference answers: a completion is right when its `final_answer` matches (`answers_match`),
-    and earns `format_reward` (training only, as for `Addition`) for giving one that is wrong. Ask for the
-    'Answer:' line in your prompts (INSTRUCTION does)."""
+    """Your own problems (`data.train`, `data.eval`: rl.datasets), scored by their reference answers: a completion
+    is right when its final answer (found as `answer_format` says: ANSWER_FORMATS) matches (`answers_match`), and
+    earns `format_reward` (training only, as for `Addition`) for giving one that is wrong. Ask for the answer's
+    format in your prompts, or in data.instruction."""
 
     train: tuple[Problem, ...]
     held_out: tuple[Problem, ...]
     name: str = "data"
     format_reward: float = 0.0
+    answer_format: str = "answer_line"
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
         """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count`."""
@@ -196,22 +249,33 @@ class FileTask:
         return [rng.choice(self.train) for _ in range(count)]
 
     def reward(self, problem: Problem, completion: str) -> float:
-        answer = final_answer(completion)
+        answer = ANSWER_FORMATS[self.answer_format].find(completion)
         if answer is None:
             return 0.0
         return 1.0 if answers_match(answer, problem.answer) else self.format_reward if answer else 0.0
 
     def accuracy(self, problem: Problem, completion: str) -> float:
-        answer = final_answer(completion)
+        answer = ANSWER_FORMATS[self.answer_format].find(completion)
         return float(answer is not None and answers_match(answer, problem.answer))
 
 
-def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float) -> FileTask:
-    """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task; no `train`: held-out
-    problems only (steps=0 evaluates)."""
-    train_P, held_out_P = train_and_held_out(read_problems, train, eval_file, held_out)
-    return FileTask(tuple(Problem(prompt, answer) for prompt, answer in train_P),
-                    tuple(Problem(prompt, answer) for prompt, answer in held_out_P), format_reward=format_reward)
+def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float,
+              answer_format: str = "answer_line", instruction: str | None = None,
+              fields: dict[str, str] | None = None) -> FileTask:
+    """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task, each reference
+    answer as `answer_format` finds it where it is a whole solution, `instruction` after each prompt; no `train`:
+    held-out problems only (steps=0 evaluates). `fields`: data.fields."""
+    found = ANSWER_FORMATS[answer_format]
+
+    def problem(prompt: str | Messages, reference: str) -> Problem:
+        if instruction:
+            prompt = (f"{prompt} {instruction}" if isinstance(prompt, str) else
+                      [*prompt[:-1], {**prompt[-1], "content": f"{prompt[-1]['content']} {instruction}"}])
+        return Problem(prompt, found.find(reference) or found.bare(reference))
+
+    train_P, held_out_P = train_and_held_out(read_problems, train, eval_file, held_out, fields)
+    return FileTask(tuple(problem(*example) for example in train_P), tuple(problem(*example) for example in held_out_P),
+                    format_reward=format_reward, answer_format=answer_format)
 
 
 TASKS = {"addition": Addition, "gsm_symbolic": GsmSymbolic, "digits": Digits}

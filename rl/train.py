@@ -95,8 +95,9 @@ def source_of(config: TrainConfig) -> Task | Environment:
         return make_environment(config.env.name, config.env.params)
     if config.data.given and config.algo.loop == "rl":  # SFT and DPO read their files themselves
         # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
-        return file_task(config.data.train, config.data.eval, config.eval_prompts,
-                         format_reward=config.task.format_reward)
+        data = config.data
+        return file_task(data.train, data.eval, config.eval_prompts, format_reward=config.task.format_reward,
+                         answer_format=data.answer_format, instruction=data.instruction, fields=data.fields)
     return make_task(config.task.name, format_reward=config.task.format_reward)
 
 

@@ -14,7 +14,16 @@ from rl.config import AlgoConfig, DataConfig, EnvConfig, TaskConfig, TrainConfig
 from rl.datasets import PreferencePair, held_out_split, read_conversations, read_preference_pairs, read_problems
 from rl.driver import dpo, sft
 from rl.driver.run import supervised_examples
-from rl.tasks import Addition, FileTask, answers_match, file_task, sft_conversations
+from rl.tasks import (
+    Addition,
+    FileTask,
+    answers_match,
+    boxed_answer,
+    file_task,
+    gsm8k_answer,
+    latex_normalized,
+    sft_conversations,
+)
 from rl.train import source_of
 
 SYSTEM = {"role": "system", "content": "You add numbers."}
@@ -81,6 +90,11 @@ def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_
     task = source_of(config)
     assert isinstance(task, FileTask) and (len(task.train), len(task.held_out), task.format_reward) == (6, 4, 0.3)
     assert len(source_of(replace(config, eval_every=0)).held_out) == 4, "held out even when nothing evaluates"
+    boxed = source_of(replace(config, data=DataConfig(train=write_jsonl(tmp_path / "box.jsonl", [
+        {"q": f"{a} + {b}?", "answer": rf"\boxed{{{a + b}}}"} for a, b in sums(10)]), fields={"prompt": "q"},
+        answer_format="boxed", instruction="Box it.")))
+    assert boxed.answer_format == "boxed" and all(p.prompt.endswith("? Box it.") and p.answer.isdigit()
+                                                  for p in boxed.train + boxed.held_out)
     sft_loop = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"))
     assert isinstance(source_of(sft_loop), Addition), "the SFT and DPO loops read data.train themselves"
 
@@ -156,6 +170,126 @@ def test_bad_pairs_and_files_are_refused(tmp_path):
         read_conversations("nope.jsonl")
 
 
+def refusal(config: TrainConfig) -> str:
+    with pytest.raises(ValueError) as caught:
+        check(config)
+    return str(caught.value)
+
+
+def write_parquet(path, records) -> str:
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), path)
+    return str(path)
+
+
+def write_json(path, records) -> str:
+    path.write_text(json.dumps(records, indent=1))
+    return str(path)
+
+
+def test_jsonl_json_and_parquet_files_hold_the_same_examples(tmp_path):
+    problems = [{"prompt": [SYSTEM, {"role": "user", "content": "2 + 3?"}], "answer": "5"},
+                {"prompt": [{"role": "user", "content": "4 + 4?"}], "answer": "8"}]
+    conversations = [{"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}]
+    pairs = [{"prompt": "2 + 3?", "chosen": "5", "rejected": "6"}]
+    for read, records in ((read_problems, problems), (read_conversations, conversations),
+                          (read_preference_pairs, pairs)):
+        files = [write(tmp_path / f"{read.__name__}.{suffix}", records) for write, suffix in
+                 ((write_jsonl, "jsonl"), (write_json, "json"), (write_parquet, "parquet"))]
+        expected = read(files[0])
+        assert len(expected) == len(records) and all(read(file) == expected for file in files[1:]), read.__name__
+        if read is read_problems:
+            assert expected[0] == ([SYSTEM, {"role": "user", "content": "2 + 3?"}], "5")
+    # A bad example names its file and where in it: a JSON list's element, a Parquet row (both from 0).
+    bad = [*problems, {"prompt": [{"role": "user", "content": "hi"}], "answer": ""}]
+    for write, suffix, where in ((write_json, "json", "element 2"), (write_parquet, "parquet", "row 2")):
+        path = write(tmp_path / f"bad.{suffix}", bad)
+        with pytest.raises(ValueError, match=f'^data.train={path}, {where}: "answer" must be a non-empty string'):
+            read_problems(path)
+    with pytest.raises(ValueError, match=r"a .json file must hold a list of examples \(one per line: .jsonl\), not a "
+                                         "dict"):
+        read_problems(write_json(tmp_path / "one.json", problems[0]))
+    with pytest.raises(ValueError, match=r"data.eval=.*mine.csv: a .jsonl, .json, .parquet file, not .csv"):
+        read_problems(write_jsonl(tmp_path / "mine.csv", problems), key="data.eval")
+
+
+def test_fields_of_other_names_are_read_where_data_fields_says(tmp_path):
+    # verl's layout: the prompt as messages, the reference answer nested in reward_model; and GSM8K's own names.
+    verl = write_parquet(tmp_path / "verl.parquet", [
+        {"data_source": "addition", "prompt": [{"role": "user", "content": "2 + 3?"}],
+         "reward_model": {"style": "rule", "ground_truth": "5"}, "extra_info": {"index": 0}}])
+    assert read_problems(verl, fields={"answer": "reward_model.ground_truth"}) == [
+        ([{"role": "user", "content": "2 + 3?"}], "5")]
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}])
+    assert read_problems(gsm8k, fields={"prompt": "question"}) == [("Tom has 3 apples...", "3 + 4 = 7\n#### 7")]
+    swapped = write_jsonl(tmp_path / "swapped.jsonl", [{"prompt": "the answer", "answer": "the question"}])
+    assert read_problems(swapped, fields={"prompt": "answer", "answer": "prompt"}) == [("the question", "the answer")]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"question": "2 + 3?", "good": "5", "bad": "6"}])
+    assert read_preference_pairs(pairs, fields={"prompt": "question", "chosen": "good", "rejected": "bad"}) == [
+        PreferencePair([{"role": "user", "content": "2 + 3?"}], [{"role": "assistant", "content": "5"}],
+                       [{"role": "assistant", "content": "6"}])]
+    with pytest.raises(ValueError, match=r"row 0: no 'reward_model.truth' for 'answer' \(data.fields.answer; it has "
+                                         r"\['ground_truth', 'style'\]\)"):
+        read_problems(verl, fields={"answer": "reward_model.truth"})
+    with pytest.raises(ValueError, match=r"line 1: no 'answer.value' for 'answer' .* it has str\)"):
+        read_problems(gsm8k, fields={"prompt": "question", "answer": "answer.value"})
+    with pytest.raises(ValueError, match=r"data.fields: question is not a field of a problem \(its fields: prompt, "
+                                         r"answer\)"):
+        read_problems(gsm8k, fields={"question": "prompt"})
+
+
+def test_dpo_pairs_may_be_two_conversations_that_share_their_prompt(tmp_path):
+    asked = [SYSTEM, {"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "Which base?"},
+             {"role": "user", "content": "Ten."}]
+    file = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"chosen": [*asked, {"role": "assistant", "content": "5"}],
+         "rejected": [*asked, {"role": "assistant", "content": "6"}, {"role": "user", "content": "Sure?"},
+                      {"role": "assistant", "content": "Yes."}]}])
+    assert read_preference_pairs(file) == [PreferencePair(asked, [{"role": "assistant", "content": "5"}], [
+        {"role": "assistant", "content": "6"}, {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Yes."}])]
+    for chosen, rejected in (([{"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "6"}]),
+                             ([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}])):
+        with pytest.raises(ValueError, match='line 1: "chosen" and "rejected" without a "prompt" must both start '):
+            read_preference_pairs(write_jsonl(tmp_path / "bad.jsonl", [{"chosen": chosen, "rejected": rejected}]))
+    with pytest.raises(ValueError, match='line 1: "rejected" must end with an assistant message after the shared'):
+        read_preference_pairs(write_jsonl(tmp_path / "bad.jsonl", [
+            {"chosen": asked + [{"role": "assistant", "content": "5"}], "rejected": asked}]))
+
+
+def test_answer_formats_find_the_final_answer_of_a_completion_and_of_a_reference_solution(tmp_path):
+    assert boxed_answer(r"First \boxed{2}, then $\boxed{\dfrac{1}{ 2}}$.") == r"\frac{1}{2}", "the last box"
+    assert boxed_answer(r"\boxed{\left( 3, \sqrt{2} \right)}") == r"(3,\sqrt{2})", "nested braces"
+    assert boxed_answer(r"\fbox{1{,}000}") == "1,000" and boxed_answer(r"\boxed {90^\circ}") == "90"
+    for none in (r"\boxed{1", "no box", r"\boxed{}", r"\boxedx{1}"):
+        assert boxed_answer(none) is None, none
+    assert latex_normalized(r"x \Rightarrow y \leftarrow z") == r"x\Rightarrowy\leftarrowz", "not \\left"
+    assert gsm8k_answer("3 + 4 = 7\n#### 7\n") == "7" and gsm8k_answer("7") is None
+    problems = [{"prompt": "2 + 3?", "answer": r"So we get $\boxed{5}$."},
+                {"prompt": [SYSTEM, {"role": "user", "content": "Half of 1?"}], "answer": r"\tfrac{1}{2}"},
+                {"prompt": "Half of 1?", "answer": r"\boxed{\frac12}"}]
+    file = write_jsonl(tmp_path / "math.jsonl", problems)
+    box = "Put the final answer within \\boxed{}."
+    task = file_task(file, None, 0, format_reward=0.1, answer_format="boxed", instruction=box)
+    five, half, unbraced = task.train
+    assert (five.answer, half.answer, unbraced.answer) == ("5", r"\frac{1}{2}", r"\frac12"), "references as found"
+    assert five.prompt == f"2 + 3? {box}" and half.prompt == [SYSTEM, {"role": "user", "content": f"Half of 1? {box}"}]
+    assert problems[1]["prompt"][1]["content"] == "Half of 1?", "the file's messages are left as they were"
+    for completion, reward in ((r"2 + 3 = \boxed{5}", 1.0), (r"\boxed{5.0}", 1.0), (r"\boxed{6}", 0.1),
+                               ("Answer: 5", 0.0), (r"\boxed{5", 0.0)):
+        assert task.reward(five, completion) == reward and task.accuracy(five, completion) == float(reward == 1), \
+            completion
+    assert task.accuracy(half, r"\boxed{\dfrac{1}{2}}") == 1.0 and task.accuracy(half, r"\boxed{0.5}") == 0.0, \
+        "by text after normalizing, not by value"
+    gsm8k = file_task(write_jsonl(tmp_path / "gsm8k.jsonl", [{"q": "Tom...", "a": "3 + 4 = 7\n#### 1,207"}]), None, 0,
+                      format_reward=0.0, answer_format="gsm8k", fields={"prompt": "q", "answer": "a"})
+    (tom,) = gsm8k.train
+    assert (tom.prompt, tom.answer) == ("Tom...", "1,207")
+    assert gsm8k.accuracy(tom, "so 1207 in all.\n#### 1207") == 1.0 and gsm8k.accuracy(tom, "Answer: 1207") == 0.0
+
+
 def test_held_out_examples_are_drawn_by_a_fixed_seed():
     examples = list(range(20))
     train, held_out = held_out_split(examples, 5)
@@ -179,8 +313,8 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
         check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", data=DataConfig(eval=str(tmp_path / "no.jsonl"),
                                                                              required=True)))
     message = str(caught.value)
-    assert "data.train=None: a JSONL file of your examples: recipe sft_jsonl trains on your own data" in message
-    assert f"data.eval='{tmp_path / 'no.jsonl'}': a JSONL file, but there is no such file" in message
+    assert "data.train=None: a file of your examples: recipe sft_jsonl trains on your own data" in message
+    assert f"data.eval='{tmp_path / 'no.jsonl'}': a .jsonl, .json or .parquet file, but there is no such" in message
     assert "data.eval=" in message and "unset, or given with data.train" in message
     # steps=0 evaluates the starting weights: data.eval alone is then enough, even for a recipe that needs data.
     check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", steps=0, data=DataConfig(eval=file, required=True)))
@@ -189,6 +323,15 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
     with pytest.raises(ValueError, match=r"eval_temperature=0.0: more than 0 with eval_samples=4: greedy answers"):
         check(TrainConfig(eval_samples=4))
     check(TrainConfig(eval_samples=4, eval_temperature=0.7))
+    # The answer's format, the instruction and the fields' names apply to your files; the first two to RL problems.
+    message = refusal(TrainConfig(data=DataConfig(answer_format="latex", instruction="Box it.", fields={"a": "b"})))
+    assert "data.answer_format='latex': one of answer_line, boxed, gsm8k" in message
+    assert "data.fields={'a': 'b'}: unset without data.train or data.eval: it applies to your files" in message
+    assert "data.instruction='Box it.': unset without data.train or data.eval" in message
+    message = refusal(TrainConfig(algo=sft_loop, data=DataConfig(train=file, answer_format="boxed",
+                                                                 fields={"messages": "chat"})))
+    assert message.count("data.") == 1 and "data.answer_format='boxed': unset: it applies to RL problems, and the " \
+                                               "sft loop has none" in message
     evaluated = source_of(TrainConfig(steps=0, data=DataConfig(eval=write_jsonl(
         tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": 2}]))))
     assert isinstance(evaluated, FileTask) and (len(evaluated.train), len(evaluated.held_out)) == (0, 1)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
 import pytest
 
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
@@ -108,14 +110,17 @@ def test_rl_train_names_what_is_wrong(tmp_path):
 def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
     for recipe in ("rl_jsonl", "dpo_jsonl"):
         unset = rl_train(f"recipe={recipe}", cwd=tmp_path)
-        assert unset.returncode != 0 and f"data.train=None: a JSONL file of your examples: recipe {recipe}" in \
+        assert unset.returncode != 0 and f"data.train=None: a file of your examples: recipe {recipe}" in \
             unset.stderr, unset.stderr[-2000:]
+    # A Parquet file, its conversations in a column of another name (as the HF hub's data sets have them).
     conversations = [[{"role": "user", "content": f"{a} + 1?"}, {"role": "assistant", "content": str(a + 1)}]
                      for a in range(10)]
-    (tmp_path / "mine.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
-    result = rl_train("recipe=sft_jsonl", "data.train=mine.jsonl", "steps=2", *SMALL, cwd=tmp_path)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"chat": c} for c in conversations]),
+                                tmp_path / "mine.parquet")
+    result = rl_train("recipe=sft_jsonl", "data.train=mine.parquet", "data.fields={messages:chat}", "steps=2",
+                      *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "data: 8 examples to train on from mine.jsonl, 2 held out of its own" in result.stdout, result.stdout
+    assert "data: 8 examples to train on from mine.parquet, 2 held out of its own" in result.stdout, result.stdout
     (run,) = (tmp_path / "outputs" / "sft_jsonl").iterdir()
     assert f"run folder: {run}" in result.stdout and f"{run}: metrics.jsonl, samples.jsonl, curves.png, checkpoints, " \
         "wandb | eval/loss " in result.stdout, result.stdout[-2000:]
