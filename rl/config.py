@@ -78,9 +78,9 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     train: str | None = None
-    """A file of your own examples (.jsonl, .json or .parquet), which the loop trains on instead of the task's:
-    problems with reference answers for RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has
-    the formats). None: the task's."""
+    """A file of your own examples (.jsonl, .json or .parquet; or a folder of them, or a pattern such as
+    `data/train-*.parquet`), which the loop trains on instead of the task's: problems with reference answers for
+    RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the task's."""
     eval: str | None = None
     """Held-out examples in the same format (RL evaluates the first eval_prompts of them, SFT and DPO all); None:
     eval_prompts of data.train's, which are then not trained on. With steps=0 it may be given alone: the
@@ -357,6 +357,7 @@ def _rules(loop: str) -> dict[str, tuple]:
 def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     """(key, value, rule) for each value that breaks its rule or does not fit the values beside it."""
     from rl import losses
+    from rl.datasets import data_files
 
     found = []
     for key, (keeps, rule) in _rules(config.algo.loop).items():
@@ -388,8 +389,12 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
                       "such folder"))
     for key in ("data.train", "data.eval"):
         path = _value(config, key)
-        if path is not None and not Path(path).is_file():
-            found.append((key, path, "a .jsonl, .json or .parquet file, but there is no such file"))
+        try:
+            if path is not None:
+                data_files(path, key=key)
+        except ValueError as error:
+            found.append((key, path, "a .jsonl, .json or .parquet file, a folder of them or a pattern that matches "
+                          f"them: {str(error).split(': ', 1)[1]}"))
     if config.data.eval is not None and config.data.train is None and not evaluating:
         found.append(("data.eval", config.data.eval, "unset, or given with data.train (held-out examples of your own "
                       "data), or with steps=0 (evaluate only)"))

@@ -24,6 +24,7 @@ seed (the same for every run and seed, so runs compare on the same ones), and th
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 from collections.abc import Iterator
@@ -93,19 +94,39 @@ def held_out_split(examples: list, count: int, *, key: str = "data.train") -> tu
             [examples[index] for index in sorted(held)])
 
 
+def data_files(path: str | Path, *, key: str = "data.train") -> list[Path]:
+    """The files that `path` names: a file; a folder's .jsonl, .json and .parquet files; or the files a pattern
+    matches (`data/train-*.parquet`, as the HF hub shards a data set), in name order. A ValueError says what is
+    wrong, naming `key`."""
+    path = str(path)
+    if glob.has_magic(path):
+        files = sorted(Path(match) for match in glob.glob(path, recursive=True) if Path(match).is_file())
+        if not files:
+            raise ValueError(f"{key}={path}: no file matches")
+    elif Path(path).is_dir():
+        files = sorted(file for file in Path(path).iterdir() if file.suffix.lower() in FILE_TYPES)
+        if not files:
+            raise ValueError(f"{key}={path}: the folder holds no {', '.join(FILE_TYPES)} file")
+    elif Path(path).is_file():
+        files = [Path(path)]
+    else:
+        raise ValueError(f"{key}={path}: no such file")
+    for file in files:
+        if file.suffix.lower() not in FILE_TYPES:
+            raise ValueError(f"{key}={path}: {file} is not a {', '.join(FILE_TYPES)} file")
+    return files
+
+
 def _read(path: str | Path, key: str, fields: dict[str, str] | None, names: tuple[str, ...], parse,
           what: str) -> list:
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{key}={path}: no such file")
-    if file.suffix.lower() not in FILE_TYPES:
-        raise ValueError(f"{key}={path}: a {', '.join(FILE_TYPES)} file, not {file.suffix or 'one without a suffix'}")
+    files = data_files(path, key=key)
     unknown = sorted(set(fields or {}) - set(names))
     if unknown:
         raise ValueError(f"data.fields: {', '.join(unknown)} is not a field of {what.split(':')[0]} (its fields: "
                          f"{', '.join(names)})")
     examples = []
-    for where, record in _records(file, f"{key}={path}"):
+    records = (record for file in files for record in _records(file, f"{key}={file}"))
+    for where, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected {what}, got {type(record).__name__}")
         try:
@@ -119,8 +140,8 @@ def _read(path: str | Path, key: str, fields: dict[str, str] | None, names: tupl
 
 def _records(file: Path, name: str) -> Iterator[tuple[str, object]]:
     """Each record of a file with where it is (`name`, the setting that gave the file, then the line, element or
-    row), in errors too: a JSONL file's lines (blank ones skipped; counted from 1, as editors
-    do), a JSON file's list, a Parquet file's rows (counted from 0, as pandas and HF datasets do)."""
+    row), in errors too: a JSONL file's lines (blank ones skipped; counted from 1, as editors do), a JSON file's
+    list, a Parquet file's rows (both counted from 0, as Python, pandas and HF datasets do)."""
     suffix = file.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet  # only for Parquet files

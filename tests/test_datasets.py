@@ -1,6 +1,7 @@
-"""Your own RL problems, SFT conversations and DPO pairs from JSONL files (rl/datasets.py): read exactly, refused by
-file, line and field, scored by their reference answers (RL), and trained on by the loops (tiny model, real learner;
-SFT and DPO then start no sampler); and a run that starts from another run's adapter (model.adapter)."""
+"""Your own RL problems, SFT conversations and DPO pairs from JSONL, JSON and Parquet files (rl/datasets.py): read
+exactly (other field names through data.fields), refused by file, line and field, scored by their reference answers
+in each answer format (RL), and trained on by the loops (tiny model, real learner; SFT and DPO then start no
+sampler); and a run that starts from another run's adapter (model.adapter)."""
 
 import asyncio
 import json
@@ -11,7 +12,14 @@ from test_rl_loop import tiny_config
 from transformers import AutoTokenizer
 
 from rl.config import AlgoConfig, DataConfig, EnvConfig, TaskConfig, TrainConfig, check
-from rl.datasets import PreferencePair, held_out_split, read_conversations, read_preference_pairs, read_problems
+from rl.datasets import (
+    PreferencePair,
+    data_files,
+    held_out_split,
+    read_conversations,
+    read_preference_pairs,
+    read_problems,
+)
 from rl.driver import dpo, sft
 from rl.driver.run import supervised_examples
 from rl.tasks import (
@@ -211,8 +219,32 @@ def test_jsonl_json_and_parquet_files_hold_the_same_examples(tmp_path):
     with pytest.raises(ValueError, match=r"a .json file must hold a list of examples \(one per line: .jsonl\), not a "
                                          "dict"):
         read_problems(write_json(tmp_path / "one.json", problems[0]))
-    with pytest.raises(ValueError, match=r"data.eval=.*mine.csv: a .jsonl, .json, .parquet file, not .csv"):
+    with pytest.raises(ValueError, match=r"data.eval=.*mine.csv: .*mine.csv is not a .jsonl, .json, .parquet file"):
         read_problems(write_jsonl(tmp_path / "mine.csv", problems), key="data.eval")
+
+
+def test_a_data_set_in_shards_is_read_from_its_folder_or_a_pattern_in_name_order(tmp_path):
+    shards = tmp_path / "data"
+    shards.mkdir()
+    rows = [{"prompt": f"{a} + 1?", "answer": a + 1} for a in range(6)]
+    for index in (1, 0):  # written out of order: read in name order
+        write_parquet(shards / f"train-0000{index}-of-00002.parquet", rows[3 * index:3 * index + 3])
+    (shards / "README.md").write_text("not data")
+    expected = [(f"{a} + 1?", str(a + 1)) for a in range(6)]
+    assert read_problems(shards) == read_problems(f"{shards}/train-*.parquet") == expected
+    assert data_files(f"{shards}/*-of-00002.parquet") == sorted(shards.glob("*.parquet"))
+    check(TrainConfig(data=DataConfig(train=f"{shards}/train-*.parquet", eval=str(shards))))
+    write_parquet(shards / "train-00002-of-00002.parquet", [{"prompt": "7 + 1?", "answer": ""}])
+    with pytest.raises(ValueError, match=r"^data.train=.*train-00002-of-00002.parquet, row 0: \"answer\" must be"):
+        read_problems(f"{shards}/train-*")
+    for pattern, message in ((f"{shards}/test-*.parquet", "no file matches"), (f"{shards}/*", "README.md is not a "),
+                             (str(tmp_path / "nothing"), "no such file")):
+        with pytest.raises(ValueError, match=message):
+            read_problems(pattern)
+        assert message in refusal(TrainConfig(data=DataConfig(train=pattern)))
+    (tmp_path / "empty").mkdir()
+    assert "the folder holds no .jsonl, .json, .parquet file" in refusal(TrainConfig(data=DataConfig(
+        train=str(tmp_path / "empty"))))
 
 
 def test_fields_of_other_names_are_read_where_data_fields_says(tmp_path):
@@ -314,7 +346,8 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
                                                                              required=True)))
     message = str(caught.value)
     assert "data.train=None: a file of your examples: recipe sft_jsonl trains on your own data" in message
-    assert f"data.eval='{tmp_path / 'no.jsonl'}': a .jsonl, .json or .parquet file, but there is no such" in message
+    assert f"data.eval='{tmp_path / 'no.jsonl'}': a .jsonl, .json or .parquet file, a folder of them or a pattern " \
+        "that matches them: no such file" in message
     assert "data.eval=" in message and "unset, or given with data.train" in message
     # steps=0 evaluates the starting weights: data.eval alone is then enough, even for a recipe that needs data.
     check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", steps=0, data=DataConfig(eval=file, required=True)))
