@@ -1,4 +1,5 @@
-"""Chat rendering: prompts and conversations as the tokens the model reads, through the tokenizer's chat template.
+"""Chat rendering: prompts and conversations as the tokens the model reads, through the tokenizer's chat template
+(its own, or `model.chat_template`: one of CHAT_TEMPLATES, or a Jinja file, for a base model that has none).
 
 The multi-turn environments build on this: a turn's prompt is rendered from messages once, and what the model
 then says stays as the tokens it sampled (never re-rendered from text).
@@ -7,8 +8,33 @@ then says stays as the tokens it sampled (never re-rendered from text).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from rl.types import Datum
+
+CHAT_TEMPLATES = {
+    "plain": "{% for message in messages %}{{ message['content'] }}{% if message['role'] == 'assistant' %}"
+             "{{ eos_token }}{% endif %}{% endfor %}",
+    "role_colon": "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                  "{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}{% else %}"
+                  "{{ message['role'] | capitalize + ': ' + message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
+}
+"""model.chat_template's names, for a base model whose tokenizer has no template. plain: the messages' text as it
+is, the end-of-sequence token after each reply (prompts written as a continuation: "Question: ...\nAnswer:");
+role_colon: "User: ...\n\nAssistant: ..." (tinker-cookbook's renderer of that name, which ends a reply with the
+end-of-sequence token here, as the sampler stops there)."""
+
+
+def with_chat_template(tokenizer, template: str | None, *, model: str):
+    """`tokenizer`, rendering chats with `template` (a name of CHAT_TEMPLATES or a Jinja file) or, None, its own:
+    a tokenizer without one is refused, naming model.chat_template."""
+    if template is not None:
+        tokenizer.chat_template = CHAT_TEMPLATES.get(template) or Path(template).read_text(encoding="utf-8")
+    elif not tokenizer.chat_template:
+        raise ValueError(f"model.chat_template=None: {model}'s tokenizer has no chat template (a base model's often "
+                         f"has none); give one: {', '.join(CHAT_TEMPLATES)} (rl.chat.CHAT_TEMPLATES) or a Jinja file")
+    return tokenizer
 
 
 def chat_tokens(tokenizer, text: str | list[dict[str, str]]) -> list[int]:

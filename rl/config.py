@@ -27,6 +27,10 @@ class ModelConfig:
     train_unembed: bool = True
     """Adapt the output layer (lm_head) too, as Tinker's LoraConfig does by default."""
     max_model_len: int = 512
+    chat_template: str | None = None
+    """How chats become the model's tokens: None, the tokenizer's own template; for a base model that has none,
+    plain (the text as it is, the end-of-sequence token after each reply), role_colon ("User: ...\\n\\nAssistant:
+    ...": rl.chat.CHAT_TEMPLATES) or a Jinja file of your own."""
     adapter: str | None = None
     """A LoRA adapter to start from, with a fresh optimizer at step 0: a PEFT adapter folder (any run's checkpoint,
     what save_weights_for_sampler publishes, one from the HF hub saved locally) or a run's folder (its latest
@@ -357,6 +361,7 @@ def _rules(loop: str) -> dict[str, tuple]:
 def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     """(key, value, rule) for each value that breaks its rule or does not fit the values beside it."""
     from rl import losses
+    from rl.chat import CHAT_TEMPLATES
     from rl.datasets import data_files
 
     found = []
@@ -384,6 +389,10 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
             found.append((key, value, "unset without data.train or data.eval: it applies to your files"))
         elif value != unset and key != "data.fields" and algo.loop != "rl":
             found.append((key, value, f"unset: it applies to RL problems, and the {algo.loop} loop has none"))
+    template = config.model.chat_template
+    if template is not None and template not in CHAT_TEMPLATES and not Path(template).is_file():
+        found.append(("model.chat_template", template, f"unset (the tokenizer's own), {', '.join(CHAT_TEMPLATES)}, "
+                      "or a Jinja file, but there is no such file"))
     if config.model.adapter is not None and not Path(config.model.adapter).is_dir():
         found.append(("model.adapter", config.model.adapter, "a PEFT adapter folder or a run folder, but there is no "
                       "such folder"))
@@ -393,8 +402,8 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
             if path is not None:
                 data_files(path, key=key)
         except ValueError as error:
-            found.append((key, path, "a .jsonl, .json or .parquet file, a folder of them or a pattern that matches "
-                          f"them: {str(error).split(': ', 1)[1]}"))
+            found.append((key, path, "a .jsonl, .json, .parquet or .arrow file, a folder of them or a pattern that "
+                          f"matches them: {str(error).split(': ', 1)[1]}"))
     if config.data.eval is not None and config.data.train is None and not evaluating:
         found.append(("data.eval", config.data.eval, "unset, or given with data.train (held-out examples of your own "
                       "data), or with steps=0 (evaluate only)"))

@@ -1,8 +1,9 @@
 """Your own RL problems, SFT conversations and DPO preference pairs, from files (`data.train`, `data.eval`).
 
-A file is JSONL (one example per line), JSON (a list of examples) or Parquet (one per row: the HF hub's format,
-read with pyarrow), each example an object with these fields (for SFT and DPO the formats TRL and the hub use,
-standard and conversational):
+A file is JSONL (one example per line), JSON (a list of examples), Parquet (one per row: the HF hub's format) or
+Arrow (what `datasets`' save_to_disk writes; both read with pyarrow); or a folder or a pattern of such files. Each
+example is an object with these fields (for SFT and DPO the formats TRL and the hub use, standard and
+conversational):
 - RL: a problem, {"prompt": ..., "answer": "..."}: the prompt a string (the user's message) or a list of messages
   (a system prompt, examples: the conversation the model answers), and the reference answer, which a completion's
   final answer must match (rl.tasks.FileTask; `data.answer_format` says how a final answer is found).
@@ -60,7 +61,7 @@ class BadExample(ValueError):
 PROBLEM_FIELDS = ("prompt", "answer")
 CONVERSATION_FIELDS = ("messages", "prompt", "completion")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
-FILE_TYPES = (".jsonl", ".json", ".parquet")
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
 def read_problems(path: str | Path, *, key: str = "data.train",
@@ -95,9 +96,9 @@ def held_out_split(examples: list, count: int, *, key: str = "data.train") -> tu
 
 
 def data_files(path: str | Path, *, key: str = "data.train") -> list[Path]:
-    """The files that `path` names: a file; a folder's .jsonl, .json and .parquet files; or the files a pattern
-    matches (`data/train-*.parquet`, as the HF hub shards a data set), in name order. A ValueError says what is
-    wrong, naming `key`."""
+    """The files that `path` names: a file; a folder's .jsonl, .json and .parquet files, or its .arrow files where
+    it has some (what `datasets`' save_to_disk writes); or the files a pattern matches (`data/train-*.parquet`, as
+    the HF hub shards a data set), in name order. A ValueError says what is wrong, naming `key`."""
     path = str(path)
     if glob.has_magic(path):
         files = sorted(Path(match) for match in glob.glob(path, recursive=True) if Path(match).is_file())
@@ -105,6 +106,8 @@ def data_files(path: str | Path, *, key: str = "data.train") -> list[Path]:
             raise ValueError(f"{key}={path}: no file matches")
     elif Path(path).is_dir():
         files = sorted(file for file in Path(path).iterdir() if file.suffix.lower() in FILE_TYPES)
+        if any(file.suffix == ".arrow" for file in files):  # `datasets`' save_to_disk: its .json files describe
+            files = [file for file in files if file.suffix == ".arrow"]
         if not files:
             raise ValueError(f"{key}={path}: the folder holds no {', '.join(FILE_TYPES)} file")
     elif Path(path).is_file():
@@ -141,13 +144,14 @@ def _read(path: str | Path, key: str, fields: dict[str, str] | None, names: tupl
 def _records(file: Path, name: str) -> Iterator[tuple[str, object]]:
     """Each record of a file with where it is (`name`, the setting that gave the file, then the line, element or
     row), in errors too: a JSONL file's lines (blank ones skipped; counted from 1, as editors do), a JSON file's
-    list, a Parquet file's rows (both counted from 0, as Python, pandas and HF datasets do)."""
+    list, a Parquet or Arrow (stream) file's rows (both counted from 0, as Python, pandas and HF datasets do)."""
     suffix = file.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet  # only for Parquet files
+    if suffix in (".parquet", ".arrow"):
+        import pyarrow.ipc  # only for these files
+        import pyarrow.parquet
 
-        rows = pyarrow.parquet.read_table(file).to_pylist()
-        yield from ((f"{name}, row {index}", row) for index, row in enumerate(rows))
+        table = pyarrow.parquet.read_table(file) if suffix == ".parquet" else pyarrow.ipc.open_stream(file).read_all()
+        yield from ((f"{name}, row {index}", row) for index, row in enumerate(table.to_pylist()))
         return
     if suffix == ".json":
         try:

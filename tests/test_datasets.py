@@ -219,7 +219,7 @@ def test_jsonl_json_and_parquet_files_hold_the_same_examples(tmp_path):
     with pytest.raises(ValueError, match=r"a .json file must hold a list of examples \(one per line: .jsonl\), not a "
                                          "dict"):
         read_problems(write_json(tmp_path / "one.json", problems[0]))
-    with pytest.raises(ValueError, match=r"data.eval=.*mine.csv: .*mine.csv is not a .jsonl, .json, .parquet file"):
+    with pytest.raises(ValueError, match=r"data.eval=.*mine.csv: .*mine.csv is not a .jsonl, .json, .parquet, .arrow"):
         read_problems(write_jsonl(tmp_path / "mine.csv", problems), key="data.eval")
 
 
@@ -242,8 +242,14 @@ def test_a_data_set_in_shards_is_read_from_its_folder_or_a_pattern_in_name_order
         with pytest.raises(ValueError, match=message):
             read_problems(pattern)
         assert message in refusal(TrainConfig(data=DataConfig(train=pattern)))
+    # What `datasets` saves to disk: Arrow files beside JSON files that describe them (not examples).
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    assert {file.suffix for file in (tmp_path / "saved").iterdir()} == {".arrow", ".json"}
+    assert read_problems(tmp_path / "saved") == expected[:6]
     (tmp_path / "empty").mkdir()
-    assert "the folder holds no .jsonl, .json, .parquet file" in refusal(TrainConfig(data=DataConfig(
+    assert "the folder holds no .jsonl, .json, .parquet, .arrow file" in refusal(TrainConfig(data=DataConfig(
         train=str(tmp_path / "empty"))))
 
 
@@ -346,8 +352,8 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
                                                                              required=True)))
     message = str(caught.value)
     assert "data.train=None: a file of your examples: recipe sft_jsonl trains on your own data" in message
-    assert f"data.eval='{tmp_path / 'no.jsonl'}': a .jsonl, .json or .parquet file, a folder of them or a pattern " \
-        "that matches them: no such file" in message
+    assert f"data.eval='{tmp_path / 'no.jsonl'}': a .jsonl, .json, .parquet or .arrow file, a folder of them or a " \
+        "pattern that matches them: no such file" in message
     assert "data.eval=" in message and "unset, or given with data.train" in message
     # steps=0 evaluates the starting weights: data.eval alone is then enough, even for a recipe that needs data.
     check(TrainConfig(algo=sft_loop, recipe="sft_jsonl", steps=0, data=DataConfig(eval=file, required=True)))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -270,6 +271,25 @@ def test_steps_0_evaluates_the_adapter_the_run_starts_from(learned, tiny_model_d
     # The weights the learned run ended with, served alike, answer its held-out problems greedily as they did.
     assert answers(tmp_path, 0) == answers(folder, LEARNING["steps"]) and len(answers(tmp_path, 0)) == 16
     assert not (tmp_path / "state.json").exists(), "nothing trained, nothing saved"
+
+
+def test_a_model_without_a_chat_template_is_refused_and_served_with_model_chat_template(ray_local, tiny_model_dir,
+                                                                                      tmp_path):
+    base = tmp_path / "base-model"  # the tiny model, its tokenizer without a chat template (as a base model's)
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(base)
+    for template in base.glob("chat_template.*"):
+        template.unlink()
+    config = tiny_config(base, tmp_path / "run", steps=0, eval_prompts=4)
+    with pytest.raises(ValueError, match="model.chat_template=None: .*base-model's tokenizer has no chat template"):
+        train(config, Digits())
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "refused before anything started"
+    [record] = train(replace(config, model=replace(config.model, chat_template="plain")), Digits())
+    prompts = [line["turns"][0]["observation"] for line in samples(tmp_path / "run")]
+    assert prompts == [problem.prompt for problem in Digits().problems(4, seed=0, split="eval")], "the text alone"
+    assert record["step"] == 0 and "eval/accuracy" in record
 
 
 def test_held_out_metrics_are_the_mean_of_every_answer_and_pass_at_k_the_mean_of_each_problems_best():

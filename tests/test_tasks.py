@@ -3,7 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from rl.chat import conversation_datum
+from rl.chat import chat_tokens, conversation_datum, message_tokens, with_chat_template
+from rl.config import ModelConfig, TrainConfig, check
 from rl.driver.run import batch_indices
 from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations, strict_answer
 
@@ -83,6 +84,53 @@ def test_conversation_datum_trains_the_assistant_tokens_only(tiny_model_dir):
     assert reply_only.model_input.to_ints() == datum.model_input.to_ints()
     weights = reply_only.loss_fn_inputs["weights"].data
     assert tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w == 1.0]) == "Answer: 6<|im_end|>\n"
+
+
+def test_a_base_model_without_a_chat_template_renders_with_model_chat_template(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="model.chat_template=None: base's tokenizer has no chat template .* give "
+                                         "one: plain, role_colon"):
+        with_chat_template(tokenizer, None, model="base")
+    eos = tokenizer.eos_token
+
+    def trained(datum) -> str:
+        targets, weights = datum.loss_fn_inputs["target_tokens"].data, datum.loss_fn_inputs["weights"].data
+        return tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w == 1.0])
+
+    # plain: the prompt's text as it is (a continuation for a base model), the reply then end-of-sequence.
+    plain = with_chat_template(tokenizer, "plain", model="base")
+    prompt = "Question: 2 + 3?\nAnswer:"
+    assert chat_tokens(plain, prompt) == plain.encode(prompt, add_special_tokens=False)
+    datum = conversation_datum(plain, [{"role": "user", "content": prompt}, {"role": "assistant", "content": " 5"}])
+    assert plain.decode([*datum.model_input.to_ints(), datum.loss_fn_inputs["target_tokens"].data[-1]]) == \
+        f"{prompt} 5{eos}" and trained(datum) == f" 5{eos}"
+    # role_colon: each message after its role; a reply ends with end-of-sequence, where the sampler stops, so a
+    # multi-turn environment's next message follows the sampled tokens as the whole conversation renders it.
+    colon = with_chat_template(AutoTokenizer.from_pretrained(tiny_model_dir), "role_colon", model="base")
+    asked = [{"role": "system", "content": "You add."}, {"role": "user", "content": "2 + 3?"}]
+    assert colon.decode(chat_tokens(colon, asked)) == "System: You add.\n\nUser: 2 + 3?\n\nAssistant:"
+    conversation = [*asked, {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
+                    {"role": "assistant", "content": "8"}]
+    assert trained(conversation_datum(colon, conversation)) == f" 5{eos}\n\n 8{eos}\n\n"
+    assert colon.decode(message_tokens(colon, conversation[3])) == "\n\nUser: And 4 + 4?\n\nAssistant:"
+    # A Jinja file of your own.
+    (tmp_path / "mine.jinja").write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    mine = with_chat_template(AutoTokenizer.from_pretrained(tiny_model_dir), str(tmp_path / "mine.jinja"), model="m")
+    assert mine.decode(chat_tokens(mine, "hi")) == "<user>hi<assistant>"
+    assert not refused(ModelConfig(chat_template="plain")) and not refused(ModelConfig(chat_template=str(
+        tmp_path / "mine.jinja")))
+    assert "model.chat_template='chatml': unset (the tokenizer's own), plain, role_colon, or a Jinja file, but " \
+           "there is no such file" in refused(ModelConfig(chat_template="chatml"))
+
+
+def refused(model: ModelConfig) -> str:
+    try:
+        check(TrainConfig(model=model))
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def test_batch_indices_cycle_through_shuffled_epochs():

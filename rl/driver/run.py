@@ -29,7 +29,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rl.config import LR_SCHEDULES, TrainConfig
+from rl.chat import with_chat_template
+from rl.config import LR_SCHEDULES, ModelConfig, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import Episode, episode_limits, held_out_episodes, held_out_metrics, transcript
@@ -212,7 +213,7 @@ class Run:
         self.folder = Path(config.output_dir)
         model = config.model
         self.base_model = str(resolve_model(model.name))
-        self.tokenizer = tokenizer_of(model.name)
+        self.tokenizer = tokenizer_of(model)
         state = read_state(self.folder) if config.resume else None
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
@@ -431,17 +432,22 @@ class Run:
                                   "totals": self.totals, "wandb_id": self.log.wandb_id, "best": self.best})
 
 
+def tokenizer_of(model: ModelConfig):
+    """The model's tokenizer, rendering chats with model.chat_template (rl.chat.with_chat_template)."""
+    return _tokenizer(model.name, model.chat_template)
+
+
 @functools.cache
-def tokenizer_of(model_name: str):
-    """The model's tokenizer, read once per process (the held-out groups and the run both need it)."""
-    return AutoTokenizer.from_pretrained(str(resolve_model(model_name)))
+def _tokenizer(name: str, chat_template: str | None):
+    """Read once per process (the held-out groups and the run both need it)."""
+    return with_chat_template(AutoTokenizer.from_pretrained(str(resolve_model(name))), chat_template, model=name)
 
 
 def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGroupBuilder]:
     """The held-out problems as groups of eval_samples episodes (one: greedy): made before any actor starts, so that
     an environment that gives none fails at once."""
     return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=config.eval_samples,
-                              tokenizer=tokenizer_of(config.model.name))
+                              tokenizer=tokenizer_of(config.model))
 
 
 def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
@@ -463,7 +469,7 @@ def check_context(config: TrainConfig, examples: list, datums: Callable) -> None
     """Refuses the first example whose datums (`datums(tokenizer, example)`) are longer than the base model's
     context, quoting how it begins, before any actor starts (the learner refuses such a datum too, mid-run). Each
     example is tokenized again when its step comes: the datums of a large file would crowd memory."""
-    tokenizer, context = tokenizer_of(config.model.name), context_length(config.model.name)
+    tokenizer, context = tokenizer_of(config.model), context_length(config.model.name)
     for example in examples:
         for datum in datums(tokenizer, example):
             if datum.model_input.length > context:  # the last token is a target only
