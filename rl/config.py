@@ -95,7 +95,13 @@ class DataConfig:
     answer_format: str = "answer_line"
     """RL on your problems: how a completion's final answer is found, and the reference's where it is a whole
     solution (rl.tasks.ANSWER_FORMATS): answer_line (the first line after the last 'Answer:'), boxed (the last
-    \\boxed{...}, as MATH's solutions give it), gsm8k (the first line after the last '####', as GSM8K's)."""
+    \\boxed{...}, as MATH's solutions give it, compared as text), math (the same, compared as mathematics by
+    math-verify: 0.5 is \\frac{1}{2}), gsm8k (the first line after the last '####', as GSM8K's)."""
+    reward_fn: str | None = None
+    """RL on your problems: a Python function that scores each completion instead of the reference's match:
+    "path/to/file.py:name" or "package.module:name", called as verl calls its custom reward function
+    (name(data_source=, solution_str=, ground_truth=, extra_info=); rl.tasks.custom_score), returning a number (or a
+    dict whose "score" is one): the reward, and the held-out accuracy's score. None: data.answer_format's match."""
     instruction: str | None = None
     """RL on your problems: text added after a space to each problem's (last) user message, such as how to give the
     answer: `data.instruction='Put the final answer within \\boxed{}.'`. None: the prompts as they are."""
@@ -363,6 +369,7 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     from rl import losses
     from rl.chat import CHAT_TEMPLATES
     from rl.datasets import data_files
+    from rl.tasks import reward_function
 
     found = []
     for key, (keeps, rule) in _rules(config.algo.loop).items():
@@ -383,12 +390,18 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     if config.data.required and config.data.train is None and not (evaluating and config.data.eval):
         found.append(("data.train", None, f"a file of your examples: recipe {config.recipe} trains on your own "
                       "data (data.train=FILE.jsonl, .json or .parquet; rl/datasets.py has the formats)"))
-    for key, unset in (("data.fields", {}), ("data.answer_format", "answer_line"), ("data.instruction", None)):
+    for key, unset in (("data.fields", {}), ("data.answer_format", "answer_line"), ("data.instruction", None),
+                       ("data.reward_fn", None)):
         value = _value(config, key)
         if value != unset and not config.data.given:
             found.append((key, value, "unset without data.train or data.eval: it applies to your files"))
         elif value != unset and key != "data.fields" and algo.loop != "rl":
             found.append((key, value, f"unset: it applies to RL problems, and the {algo.loop} loop has none"))
+    if config.data.reward_fn is not None:
+        try:
+            reward_function(config.data.reward_fn)
+        except ValueError as error:
+            found.append(("data.reward_fn", config.data.reward_fn, str(error).split(": ", 1)[1]))
     template = config.model.chat_template
     if template is not None and template not in CHAT_TEMPLATES and not Path(template).is_file():
         found.append(("model.chat_template", template, f"unset (the tokenizer's own), {', '.join(CHAT_TEMPLATES)}, "

@@ -65,9 +65,10 @@ FILE_TYPES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
 def read_problems(path: str | Path, *, key: str = "data.train",
-                  fields: dict[str, str] | None = None) -> list[tuple[str | Messages, str]]:
-    """The RL problems of a file, as (prompt, reference answer) (the module's docstring has the formats); `key`
-    names the setting that gave the path, in errors; `fields` renames the format's fields (`data.fields`)."""
+                  fields: dict[str, str] | None = None) -> list[tuple[str | Messages, str, dict]]:
+    """The RL problems of a file, as (prompt, reference answer, the example's whole record, for a scorer of your
+    own: data.reward_fn) (the module's docstring has the formats); `key` names the setting that gave the path, in
+    errors; `fields` renames the format's fields (`data.fields`)."""
     return _read(path, key, fields, PROBLEM_FIELDS, _problem, 'a problem: {"prompt": ..., "answer": ...}')
 
 
@@ -189,7 +190,7 @@ def _renamed(record: dict, fields: dict[str, str]) -> dict:
     return renamed
 
 
-def _problem(record: dict) -> tuple[str | Messages, str]:
+def _problem(record: dict) -> tuple[str | Messages, str, dict]:
     missing = [field for field in ("prompt", "answer") if field not in record]
     if missing:
         raise BadExample(f"no {', '.join(repr(field) for field in missing)} (it has {sorted(record)})")
@@ -204,7 +205,7 @@ def _problem(record: dict) -> tuple[str | Messages, str]:
                          f"{json.dumps(prompt)[:80]}")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
         raise BadExample(f'"answer" must be a non-empty string or a number, not {json.dumps(answer)[:80]}')
-    return prompt, str(answer).strip()
+    return prompt, str(answer).strip(), record
 
 
 def _conversation(record: dict) -> Messages:

@@ -9,11 +9,16 @@ holds your own problems, read from a file (`data.train`, rl/datasets.py), scored
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import math
 import random
 import re
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from rl.datasets import Messages, PreferencePair, assistant, read_problems, train_and_held_out, user
@@ -90,22 +95,6 @@ def _line_after(marker: str, text: str) -> str | None:
     if marker not in text:
         return None
     return text.rsplit(marker, 1)[1].strip().split("\n")[0].strip()
-
-
-@dataclass(frozen=True)
-class AnswerFormat:
-    """How a final answer is found in a text: a completion's, and a reference that is a whole solution."""
-
-    find: Callable[[str], str | None]
-    """The text's final answer, or None where it gives none."""
-    bare: Callable[[str], str]
-    """A reference that is an answer alone, as `find` gives answers."""
-
-
-ANSWER_FORMATS = {"answer_line": AnswerFormat(final_answer, str.strip),
-                  "boxed": AnswerFormat(boxed_answer, latex_normalized),
-                  "gsm8k": AnswerFormat(gsm8k_answer, str.strip)}
-"""data.answer_format's choices (RL on your problems, `FileTask`)."""
 
 
 def strict_answer(completion: str) -> int | None:
@@ -228,18 +217,52 @@ def _number(text: str) -> float | None:
         return None
 
 
+def math_equal(given: str, reference: str) -> bool:
+    """Whether two LaTeX answers are the same mathematics, by math-verify (as tinker-cookbook's, verl's and
+    open-r1's math rewards): 0.5 and \\frac{1}{2}, x+1 and 1+x, 1,200 and 1200."""
+    from math_verify import parse, verify
+
+    # math-verify times its sympy work out with SIGALRM, which only the main thread may set.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    return verify(parse(f"${reference}$", parsing_timeout=timeout), parse(f"${given}$", parsing_timeout=timeout),
+                  timeout_seconds=timeout)
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How a final answer is found in a text (a completion's, and a reference that is a whole solution), and how it
+    is compared with the reference's."""
+
+    find: Callable[[str], str | None]
+    """The text's final answer, or None where it gives none."""
+    bare: Callable[[str], str]
+    """A reference that is an answer alone, as `find` gives answers."""
+    match: Callable[[str, str], bool] = answers_match
+    """Whether a final answer is the reference's."""
+
+
+ANSWER_FORMATS = {"answer_line": AnswerFormat(final_answer, str.strip),
+                  "boxed": AnswerFormat(boxed_answer, latex_normalized),
+                  "math": AnswerFormat(boxed_answer, latex_normalized, math_equal),
+                  "gsm8k": AnswerFormat(gsm8k_answer, str.strip)}
+"""data.answer_format's choices (RL on your problems, `FileTask`)."""
+
+
 @dataclass(frozen=True)
 class FileTask:
     """Your own problems (`data.train`, `data.eval`: rl.datasets), scored by their reference answers: a completion
-    is right when its final answer (found as `answer_format` says: ANSWER_FORMATS) matches (`answers_match`), and
-    earns `format_reward` (training only, as for `Addition`) for giving one that is wrong. Ask for the answer's
-    format in your prompts, or in data.instruction."""
+    is right when its final answer (found as `answer_format` says: ANSWER_FORMATS) matches the reference's (as that
+    format compares them: `answers_match`, or `math_equal`), and earns `format_reward` (training only, as for
+    `Addition`) for giving one that is wrong. Ask for the answer's format in your prompts, or in data.instruction."""
 
     train: tuple[Problem, ...]
     held_out: tuple[Problem, ...]
     name: str = "data"
     format_reward: float = 0.0
     answer_format: str = "answer_line"
+    reward_fn: str | None = None
+    """data.reward_fn: your function scores each completion instead (`custom_score`); its score is the reward and
+    the accuracy alike."""
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
         """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count`."""
@@ -249,33 +272,82 @@ class FileTask:
         return [rng.choice(self.train) for _ in range(count)]
 
     def reward(self, problem: Problem, completion: str) -> float:
-        answer = ANSWER_FORMATS[self.answer_format].find(completion)
-        if answer is None:
-            return 0.0
-        return 1.0 if answers_match(answer, problem.answer) else self.format_reward if answer else 0.0
+        if self.reward_fn:
+            return custom_score(self.reward_fn, problem, completion)
+        if self.accuracy(problem, completion):
+            return 1.0
+        return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
 
     def accuracy(self, problem: Problem, completion: str) -> float:
-        answer = ANSWER_FORMATS[self.answer_format].find(completion)
-        return float(answer is not None and answers_match(answer, problem.answer))
+        if self.reward_fn:
+            return custom_score(self.reward_fn, problem, completion)
+        found = ANSWER_FORMATS[self.answer_format]
+        answer = found.find(completion)
+        return float(answer is not None and found.match(answer, problem.answer))
 
 
 def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float,
               answer_format: str = "answer_line", instruction: str | None = None,
-              fields: dict[str, str] | None = None) -> FileTask:
+              fields: dict[str, str] | None = None, reward_fn: str | None = None) -> FileTask:
     """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task, each reference
     answer as `answer_format` finds it where it is a whole solution, `instruction` after each prompt; no `train`:
-    held-out problems only (steps=0 evaluates). `fields`: data.fields."""
+    held-out problems only (steps=0 evaluates). `fields`: data.fields; `reward_fn`: data.reward_fn."""
     found = ANSWER_FORMATS[answer_format]
 
-    def problem(prompt: str | Messages, reference: str) -> Problem:
+    def problem(prompt: str | Messages, reference: str, record: dict) -> Problem:
         if instruction:
             prompt = (f"{prompt} {instruction}" if isinstance(prompt, str) else
                       [*prompt[:-1], {**prompt[-1], "content": f"{prompt[-1]['content']} {instruction}"}])
-        return Problem(prompt, found.find(reference) or found.bare(reference))
+        return Problem(prompt, found.find(reference) or found.bare(reference), entry=record)
 
     train_P, held_out_P = train_and_held_out(read_problems, train, eval_file, held_out, fields)
     return FileTask(tuple(problem(*example) for example in train_P), tuple(problem(*example) for example in held_out_P),
-                    format_reward=format_reward, answer_format=answer_format)
+                    format_reward=format_reward, answer_format=answer_format, reward_fn=reward_fn)
+
+
+def reward_function(spec: str) -> Callable:
+    """The function that data.reward_fn names: "path/to/file.py:name" or "package.module:name"; a ValueError says
+    what is missing."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"data.reward_fn={spec}: give it as FILE.py:FUNCTION or MODULE:FUNCTION")
+    return _reward_function(where, name)
+
+
+@functools.cache
+def _reward_function(where: str, name: str) -> Callable:
+    spec = f"{where}:{name}"
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"data.reward_fn={spec}: there is no file {where}")
+    try:
+        module = _module_of_file(where) if where.endswith(".py") else importlib.import_module(where)
+    except Exception as error:  # your code: whatever it raises, the configuration names it
+        raise ValueError(f"data.reward_fn={spec}: cannot import {where} ({type(error).__name__}: {error})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"data.reward_fn={spec}: {where} has no function {name}")
+    return function
+
+
+def _module_of_file(path: str):
+    spec = importlib.util.spec_from_file_location(f"rl_reward_fn_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def custom_score(spec: str, problem: Problem, completion: str) -> float:
+    """What data.reward_fn's function scores `completion`, called as verl calls its custom reward function
+    (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: data_source and extra_info are the
+    example's fields of those names, if any); it returns a number, or a dict whose "score" is one."""
+    entry = problem.entry or {}
+    score = reward_function(spec)(data_source=entry.get("data_source"), solution_str=completion,
+                                  ground_truth=problem.answer, extra_info=entry.get("extra_info"))
+    if isinstance(score, dict):
+        score = score.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise ValueError(f"data.reward_fn={spec} returned {score!r}: a finite number, or a dict whose 'score' is one")
+    return float(score)
 
 
 TASKS = {"addition": Addition, "gsm_symbolic": GsmSymbolic, "digits": Digits}

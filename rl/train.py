@@ -97,7 +97,8 @@ def source_of(config: TrainConfig) -> Task | Environment:
         # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
         data = config.data
         return file_task(data.train, data.eval, config.eval_prompts, format_reward=config.task.format_reward,
-                         answer_format=data.answer_format, instruction=data.instruction, fields=data.fields)
+                         answer_format=data.answer_format, instruction=data.instruction, fields=data.fields,
+                         reward_fn=data.reward_fn)
     return make_task(config.task.name, format_reward=config.task.format_reward)
 
 

@@ -4,7 +4,9 @@ in each answer format (RL), and trained on by the loops (tiny model, real learne
 sampler); and a run that starts from another run's adapter (model.adapter)."""
 
 import asyncio
+import concurrent.futures
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -30,6 +32,7 @@ from rl.tasks import (
     file_task,
     gsm8k_answer,
     latex_normalized,
+    math_equal,
     sft_conversations,
 )
 from rl.train import source_of
@@ -42,6 +45,11 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
+def pairs_of(problems: list[tuple]) -> list[tuple]:
+    """(prompt, answer) of each problem read, without its record."""
+    return [(prompt, answer) for prompt, answer, _ in problems]
+
+
 def sums(count: int) -> list[tuple[int, int]]:
     return [(index % 10, (3 * index + 1) % 10) for index in range(count)]
 
@@ -49,8 +57,8 @@ def sums(count: int) -> list[tuple[int, int]]:
 def test_problems_are_read_and_scored_by_their_final_answer(tmp_path):
     file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "What is 6 * 7? Put the final answer after 'Answer:'.",
                                                 "answer": 42}, {"prompt": "The capital of France?", "answer": "Paris"}])
-    assert read_problems(file) == [("What is 6 * 7? Put the final answer after 'Answer:'.", "42"),
-                                   ("The capital of France?", "Paris")]
+    assert pairs_of(read_problems(file)) == [("What is 6 * 7? Put the final answer after 'Answer:'.", "42"),
+                                             ("The capital of France?", "Paris")]
     number, text = file_task(file, None, 0, format_reward=0.2).train
     assert number.answer == "42" and text.answer == "Paris"
     task = file_task(file, None, 0, format_reward=0.2)
@@ -209,7 +217,7 @@ def test_jsonl_json_and_parquet_files_hold_the_same_examples(tmp_path):
         expected = read(files[0])
         assert len(expected) == len(records) and all(read(file) == expected for file in files[1:]), read.__name__
         if read is read_problems:
-            assert expected[0] == ([SYSTEM, {"role": "user", "content": "2 + 3?"}], "5")
+            assert expected[0] == ([SYSTEM, {"role": "user", "content": "2 + 3?"}], "5", problems[0]), "and its record"
     # A bad example names its file and where in it: a JSON list's element, a Parquet row (both from 0).
     bad = [*problems, {"prompt": [{"role": "user", "content": "hi"}], "answer": ""}]
     for write, suffix, where in ((write_json, "json", "element 2"), (write_parquet, "parquet", "row 2")):
@@ -231,7 +239,7 @@ def test_a_data_set_in_shards_is_read_from_its_folder_or_a_pattern_in_name_order
         write_parquet(shards / f"train-0000{index}-of-00002.parquet", rows[3 * index:3 * index + 3])
     (shards / "README.md").write_text("not data")
     expected = [(f"{a} + 1?", str(a + 1)) for a in range(6)]
-    assert read_problems(shards) == read_problems(f"{shards}/train-*.parquet") == expected
+    assert pairs_of(read_problems(shards)) == pairs_of(read_problems(f"{shards}/train-*.parquet")) == expected
     assert data_files(f"{shards}/*-of-00002.parquet") == sorted(shards.glob("*.parquet"))
     check(TrainConfig(data=DataConfig(train=f"{shards}/train-*.parquet", eval=str(shards))))
     write_parquet(shards / "train-00002-of-00002.parquet", [{"prompt": "7 + 1?", "answer": ""}])
@@ -247,7 +255,7 @@ def test_a_data_set_in_shards_is_read_from_its_folder_or_a_pattern_in_name_order
 
     datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
     assert {file.suffix for file in (tmp_path / "saved").iterdir()} == {".arrow", ".json"}
-    assert read_problems(tmp_path / "saved") == expected[:6]
+    assert pairs_of(read_problems(tmp_path / "saved")) == expected
     (tmp_path / "empty").mkdir()
     assert "the folder holds no .jsonl, .json, .parquet, .arrow file" in refusal(TrainConfig(data=DataConfig(
         train=str(tmp_path / "empty"))))
@@ -258,12 +266,15 @@ def test_fields_of_other_names_are_read_where_data_fields_says(tmp_path):
     verl = write_parquet(tmp_path / "verl.parquet", [
         {"data_source": "addition", "prompt": [{"role": "user", "content": "2 + 3?"}],
          "reward_model": {"style": "rule", "ground_truth": "5"}, "extra_info": {"index": 0}}])
-    assert read_problems(verl, fields={"answer": "reward_model.ground_truth"}) == [
-        ([{"role": "user", "content": "2 + 3?"}], "5")]
+    ((prompt, answer, record),) = read_problems(verl, fields={"answer": "reward_model.ground_truth"})
+    assert (prompt, answer) == ([{"role": "user", "content": "2 + 3?"}], "5")
+    assert record["data_source"] == "addition" and record["extra_info"] == {"index": 0}, "the record, for a scorer"
     gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}])
-    assert read_problems(gsm8k, fields={"prompt": "question"}) == [("Tom has 3 apples...", "3 + 4 = 7\n#### 7")]
+    assert pairs_of(read_problems(gsm8k, fields={"prompt": "question"})) == [("Tom has 3 apples...",
+                                                                              "3 + 4 = 7\n#### 7")]
     swapped = write_jsonl(tmp_path / "swapped.jsonl", [{"prompt": "the answer", "answer": "the question"}])
-    assert read_problems(swapped, fields={"prompt": "answer", "answer": "prompt"}) == [("the question", "the answer")]
+    assert pairs_of(read_problems(swapped, fields={"prompt": "answer", "answer": "prompt"})) == [
+        ("the question", "the answer")]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"question": "2 + 3?", "good": "5", "bad": "6"}])
     assert read_preference_pairs(pairs, fields={"prompt": "question", "chosen": "good", "rejected": "bad"}) == [
         PreferencePair([{"role": "user", "content": "2 + 3?"}], [{"role": "assistant", "content": "5"}],
@@ -326,6 +337,67 @@ def test_answer_formats_find_the_final_answer_of_a_completion_and_of_a_reference
     (tom,) = gsm8k.train
     assert (tom.prompt, tom.answer) == ("Tom...", "1,207")
     assert gsm8k.accuracy(tom, "so 1207 in all.\n#### 1207") == 1.0 and gsm8k.accuracy(tom, "Answer: 1207") == 0.0
+    # math: the boxed answer compared as mathematics (math-verify), from the driver's thread or any other.
+    math = file_task(file, None, 0, format_reward=0.1, answer_format="math")
+    five, half, unbraced = math.train
+    for problem, completion, reward in ((half, r"\boxed{0.5}", 1.0), (unbraced, r"$\boxed{\dfrac{1}{2}}$", 1.0),
+                                        (five, r"\boxed{5.0}", 1.0), (five, r"\boxed{\frac{10}{2}}", 1.0),
+                                        (five, r"\boxed{6}", 0.1), (five, "Answer: 5", 0.0), (half, r"\boxed{2}", 0.1)):
+        assert math.reward(problem, completion) == reward, (problem.answer, completion)
+    assert math_equal("1+x", "x+1") and math_equal("1200", "1,200") and not math_equal("3.14159", r"\pi")
+    with concurrent.futures.ThreadPoolExecutor(1) as elsewhere:
+        assert elsewhere.submit(math.accuracy, half, r"\boxed{\frac{2}{4}}").result() == 1.0
+
+
+VERL_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    # verl's custom reward function, as its users write them
+    if data_source != "addition":
+        raise KeyError(data_source)
+    said = solution_str.split("=")[-1].strip()
+    if extra_info["index"] == 1:
+        return {"score": 0.25 if said == ground_truth else -0.5, "acc": said == ground_truth}
+    return 1.0 if said == ground_truth else 0.0
+
+
+def not_a_number(data_source, solution_str, ground_truth, extra_info=None):
+    return "yes"
+"""
+
+
+def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(VERL_REWARD)
+    file = write_parquet(tmp_path / "train.parquet", [
+        {"data_source": "addition", "prompt": [{"role": "user", "content": f"{a} + 2?"}],
+         "reward_model": {"ground_truth": str(a + 2)}, "extra_info": {"index": a}} for a in range(3)])
+    fields = {"answer": "reward_model.ground_truth"}
+    for spec in (f"{tmp_path}/my_rewards.py:compute_score", "my_rewards:compute_score"):  # a file, or a module
+        monkeypatch.syspath_prepend(tmp_path)
+        task = file_task(file, None, 0, format_reward=0.2, fields=fields, reward_fn=spec)
+        zero, one, _ = task.train
+        assert (task.reward(zero, "0 + 2 = 2"), task.reward(zero, "0 + 2 = 3"), task.reward(zero, "Answer: 2")) == (
+            1.0, 0.0, 0.0), "its score alone: no format reward"
+        assert (task.reward(one, "1 + 2 = 3"), task.reward(one, "= 4"), task.accuracy(one, "= 4")) == (0.25, -0.5, -0.5)
+        other = replace(zero, entry={**zero.entry, "data_source": "gsm8k"})
+        with pytest.raises(KeyError, match="gsm8k"):
+            task.reward(other, "2")
+    with pytest.raises(ValueError, match=r"data.reward_fn=.*:not_a_number returned 'yes': a finite number, or a "
+                                         "dict whose 'score' is one"):
+        file_task(file, None, 0, format_reward=0.0, fields=fields,
+                  reward_fn=f"{tmp_path}/my_rewards.py:not_a_number").reward(zero, "2")
+    # A function that cannot be found is refused with the configuration, before anything starts.
+    (tmp_path / "broken.py").write_text("import nothing_of_the_kind\n")
+    for spec, message in ((f"{tmp_path}/my_rewards.py:score", "my_rewards.py has no function score"),
+                          (f"{tmp_path}/nope.py:score", "there is no file"),
+                          ("no_such_module:score", "cannot import no_such_module \\(ModuleNotFoundError"),
+                          (f"{tmp_path}/broken.py:score", "cannot import .*broken.py \\(ModuleNotFoundError: No module "
+                                                          "named 'nothing_of_the_kind'\\)"),
+                          ("compute_score", "give it as FILE.py:FUNCTION or MODULE:FUNCTION")):
+        assert re.search(f"data.reward_fn='.*': .*{message}", refusal(TrainConfig(data=DataConfig(
+            train=file, fields=fields, reward_fn=spec)))), spec
+    assert "data.reward_fn='my_rewards:compute_score': unset: it applies to RL problems" in refusal(TrainConfig(
+        algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"), data=DataConfig(train=file,
+                                                                            reward_fn="my_rewards:compute_score")))
 
 
 def test_held_out_examples_are_drawn_by_a_fixed_seed():
@@ -364,7 +436,7 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
     check(TrainConfig(eval_samples=4, eval_temperature=0.7))
     # The answer's format, the instruction and the fields' names apply to your files; the first two to RL problems.
     message = refusal(TrainConfig(data=DataConfig(answer_format="latex", instruction="Box it.", fields={"a": "b"})))
-    assert "data.answer_format='latex': one of answer_line, boxed, gsm8k" in message
+    assert "data.answer_format='latex': one of answer_line, boxed, math, gsm8k" in message
     assert "data.fields={'a': 'b'}: unset without data.train or data.eval: it applies to your files" in message
     assert "data.instruction='Box it.': unset without data.train or data.eval" in message
     message = refusal(TrainConfig(algo=sft_loop, data=DataConfig(train=file, answer_format="boxed",
