@@ -14,7 +14,8 @@ import random
 import sys
 from dataclasses import dataclass
 
-from rl.tasks import INSTRUCTION, Problem, strict_answer
+from rl.answers import strict_answer
+from rl.tasks import INSTRUCTION, Problem
 from rl.train import run_from_python
 
 

@@ -94,13 +94,13 @@ class DataConfig:
     (a dotted name reaches into a nested object: `reward_model.ground_truth`); a field not named keeps its name."""
     answer_format: str = "answer_line"
     """RL on your problems: how a completion's final answer is found, and the reference's where it is a whole
-    solution (rl.tasks.ANSWER_FORMATS): answer_line (the first line after the last 'Answer:'), boxed (the last
+    solution (rl.answers.ANSWER_FORMATS): answer_line (the first line after the last 'Answer:'), boxed (the last
     \\boxed{...}, as MATH's solutions give it, compared as text), math (the same, compared as mathematics by
     math-verify: 0.5 is \\frac{1}{2}), gsm8k (the first line after the last '####', as GSM8K's)."""
     reward_fn: str | None = None
     """RL on your problems: a Python function that scores each completion instead of the reference's match:
     "path/to/file.py:name" or "package.module:name", called as verl calls its custom reward function
-    (name(data_source=, solution_str=, ground_truth=, extra_info=); rl.tasks.custom_score), returning a number (or a
+    (name(data_source=, solution_str=, ground_truth=, extra_info=); rl.answers.custom_score), returning a number (or a
     dict whose "score" is one): the reward, and the held-out accuracy's score. None: data.answer_format's match."""
     instruction: str | None = None
     """RL on your problems: text added after a space to each problem's (last) user message, such as how to give the
@@ -326,10 +326,11 @@ def one_of(*choices: str) -> tuple:
 def _rules(loop: str) -> dict[str, tuple]:
     """Each key's rule: (whether a value keeps it, what it must be)."""
     from rl import losses
+    from rl.answers import ANSWER_FORMATS
     from rl.environments import ENVIRONMENTS
     from rl.models import DTYPES
     from rl.sampler.replica import PUBLISH_MODES
-    from rl.tasks import ANSWER_FORMATS, TASKS
+    from rl.tasks import TASKS
 
     rules = {
         "steps": (NOT_NEGATIVE[0], "0 (evaluate only) or more"), "seed": NOT_NEGATIVE,
@@ -367,9 +368,9 @@ def _rules(loop: str) -> dict[str, tuple]:
 def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     """(key, value, rule) for each value that breaks its rule or does not fit the values beside it."""
     from rl import losses
+    from rl.answers import reward_function
     from rl.chat import CHAT_TEMPLATES
     from rl.datasets import data_files
-    from rl.tasks import reward_function
 
     found = []
     for key, (keeps, rule) in _rules(config.algo.loop).items():

@@ -18,9 +18,9 @@ conversational):
 
 A file whose fields have other names is read as it is with `data.fields` (`{prompt: question}`; a dotted name
 reaches into a nested object: `{answer: reward_model.ground_truth}`); other fields are ignored. Every example is
-checked before any actor starts; a bad one is refused with its file, line (JSONL), element (JSON) or row (Parquet)
-and field. Without `data.eval`, the held-out examples are `eval_prompts` of the training file's, drawn by a fixed
-seed (the same for every run and seed, so runs compare on the same ones), and the rest are trained on.
+checked before any actor starts; a bad one is refused with its file, line (JSONL), element (JSON) or row (Parquet,
+Arrow) and field. Without `data.eval`, the held-out examples are `eval_prompts` of the training file's, drawn by a
+fixed seed (the same for every run and seed, so runs compare on the same ones), and the rest are trained on.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def assistant(text: str) -> Messages:
 
 
 class BadExample(ValueError):
-    """A line of a data file that is not an example of the format asked for."""
+    """An example of a data file that is not of the format asked for."""
 
 
 PROBLEM_FIELDS = ("prompt", "answer")
@@ -191,7 +191,7 @@ def _renamed(record: dict, fields: dict[str, str]) -> dict:
 
 
 def _problem(record: dict) -> tuple[str | Messages, str, dict]:
-    missing = [field for field in ("prompt", "answer") if field not in record]
+    missing = [field for field in PROBLEM_FIELDS if field not in record]
     if missing:
         raise BadExample(f"no {', '.join(repr(field) for field in missing)} (it has {sorted(record)})")
     prompt, answer = record["prompt"], record["answer"]

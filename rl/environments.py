@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass, field
 from functools import partial
 
+from rl.answers import strict_answer
 from rl.chat import chat_tokens, completion_text, message_tokens
 from rl.env import EnvGroup, StepResult, StopCondition
-from rl.tasks import INSTRUCTION, strict_answer
+from rl.tasks import INSTRUCTION
 from rl.tools import CALCULATOR, Tool, call_tool, tool_call_text, tools_prompt
 
 EXAMPLES = ((125, 431, 268), (310, 582, 417), (733, 164, 905))

@@ -13,6 +13,7 @@ import pytest
 from test_rl_loop import tiny_config
 from transformers import AutoTokenizer
 
+from rl.answers import answers_match, boxed_answer, gsm8k_answer, latex_normalized, math_equal
 from rl.config import AlgoConfig, DataConfig, EnvConfig, TaskConfig, TrainConfig, check
 from rl.datasets import (
     PreferencePair,
@@ -24,17 +25,7 @@ from rl.datasets import (
 )
 from rl.driver import dpo, sft
 from rl.driver.run import supervised_examples
-from rl.tasks import (
-    Addition,
-    FileTask,
-    answers_match,
-    boxed_answer,
-    file_task,
-    gsm8k_answer,
-    latex_normalized,
-    math_equal,
-    sft_conversations,
-)
+from rl.tasks import Addition, FileTask, file_task, sft_conversations
 from rl.train import source_of
 
 SYSTEM = {"role": "system", "content": "You add numbers."}

@@ -3,10 +3,11 @@
 import pytest
 from transformers import AutoTokenizer
 
+from rl.answers import strict_answer
 from rl.chat import chat_tokens, conversation_datum, message_tokens, with_chat_template
 from rl.config import ModelConfig, TrainConfig, check
 from rl.driver.run import batch_indices
-from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations, strict_answer
+from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations
 
 
 def test_addition_scores_strictly_with_optional_format_reward():

@@ -1,0 +1,158 @@
+"""Answers: where a completion's final answer is, and whether it is the reference's.
+
+The tasks score with these (rl.tasks); your own problems pick a format (`data.answer_format`: ANSWER_FORMATS) or a
+scorer of your own (`data.reward_fn`: `custom_score`, called as verl calls one).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def final_answer(completion: str) -> str | None:
+    """The first line of the text after the last 'Answer:', stripped; None without an 'Answer:'."""
+    return _line_after("Answer:", completion)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The first line of the text after the last '####' (GSM8K's solutions end '#### 72'); None without one."""
+    return _line_after("####", text)
+
+
+def boxed_answer(text: str) -> str | None:
+    """What the last \\boxed{...} (or \\fbox{...}) of the text holds, braces balanced, `latex_normalized`; None
+    without one, or where its braces do not close."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:].split("{", 1)
+    if len(rest) < 2 or rest[0] not in ("\\boxed", "\\boxed ", "\\fbox"):
+        return None
+    depth = 1
+    for end, character in enumerate(rest[1]):
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        if depth == 0:
+            return latex_normalized(rest[1][:end]) or None
+    return None
+
+
+def latex_normalized(answer: str) -> str:
+    """A LaTeX answer without what does not change its value: spaces, $, \\left and \\right, spacing commands,
+    a degree sign, {,} (a thousands comma), \\dfrac and \\tfrac for \\frac, a trailing period."""
+    for plain, spelled in ((",", "{,}"), ("", "\\!"), ("", "\\,"), ("", "\\;"), ("", "$"), ("", "^{\\circ}"),
+                           ("", "^\\circ"), ("\\frac", "\\dfrac"), ("\\frac", "\\tfrac")):
+        answer = answer.replace(spelled, plain)
+    return re.sub(r"\\(left|right)(?![A-Za-z])|\s+", "", answer).rstrip(".")
+
+
+def _line_after(marker: str, text: str) -> str | None:
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip().split("\n")[0].strip()
+
+
+def strict_answer(completion: str) -> int | None:
+    """The integer that starts the text after the last 'Answer:', if any."""
+    match = re.match(r"-?\d+", final_answer(completion) or "")
+    return int(match.group()) if match else None
+
+
+def answers_match(given: str, reference: str) -> bool:
+    """Whether a final answer is the reference: by value where the reference is a number (the answer must start
+    with that number: "12", "12.0", "1,200", "$12" and "12 apples" match 12), else the same text ignoring case and a
+    trailing period."""
+    number = _number(reference)
+    if number is not None:
+        match = re.match(r"\$?(-?[\d,]*\.?\d+)", given)
+        return match is not None and _number(match.group(1)) == number
+    return given.rstrip(".").casefold() == reference.strip().rstrip(".").casefold()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def math_equal(given: str, reference: str) -> bool:
+    """Whether two LaTeX answers are the same mathematics, by math-verify (as tinker-cookbook's, verl's and
+    open-r1's math rewards): 0.5 and \\frac{1}{2}, x+1 and 1+x, 1,200 and 1200."""
+    from math_verify import parse, verify
+
+    # math-verify times its sympy work out with SIGALRM, which only the main thread may set.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    return verify(parse(f"${reference}$", parsing_timeout=timeout), parse(f"${given}$", parsing_timeout=timeout),
+                  timeout_seconds=timeout)
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How a final answer is found in a text (a completion's, and a reference that is a whole solution), and how it
+    is compared with the reference's."""
+
+    find: Callable[[str], str | None]
+    """The text's final answer, or None where it gives none."""
+    bare: Callable[[str], str]
+    """A reference that is an answer alone, as `find` gives answers."""
+    match: Callable[[str, str], bool] = answers_match
+    """Whether a final answer is the reference's."""
+
+
+ANSWER_FORMATS = {"answer_line": AnswerFormat(final_answer, str.strip),
+                  "boxed": AnswerFormat(boxed_answer, latex_normalized),
+                  "math": AnswerFormat(boxed_answer, latex_normalized, math_equal),
+                  "gsm8k": AnswerFormat(gsm8k_answer, str.strip)}
+"""data.answer_format's choices (RL on your problems, `FileTask`)."""
+
+
+def reward_function(spec: str) -> Callable:
+    """The function that data.reward_fn names: "path/to/file.py:name" or "package.module:name"; a ValueError says
+    what is missing."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"data.reward_fn={spec}: give it as FILE.py:FUNCTION or MODULE:FUNCTION")
+    return _reward_function(where, name)
+
+
+@functools.cache
+def _reward_function(where: str, name: str) -> Callable:
+    spec = f"{where}:{name}"
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"data.reward_fn={spec}: there is no file {where}")
+    try:
+        module = _module_of_file(where) if where.endswith(".py") else importlib.import_module(where)
+    except Exception as error:  # your code: whatever it raises, the configuration names it
+        raise ValueError(f"data.reward_fn={spec}: cannot import {where} ({type(error).__name__}: {error})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"data.reward_fn={spec}: {where} has no function {name}")
+    return function
+
+
+def _module_of_file(path: str):
+    spec = importlib.util.spec_from_file_location(f"rl_reward_fn_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def custom_score(spec: str, completion: str, reference: str, example: dict | None) -> float:
+    """What data.reward_fn's function scores `completion`, called as verl calls its custom reward function
+    (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: data_source and extra_info are the
+    example's fields of those names, if any); it returns a number, or a dict whose "score" is one."""
+    example = example or {}
+    score = reward_function(spec)(data_source=example.get("data_source"), solution_str=completion,
+                                  ground_truth=reference, extra_info=example.get("extra_info"))
+    if isinstance(score, dict):
+        score = score.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise ValueError(f"data.reward_fn={spec} returned {score!r}: a finite number, or a dict whose 'score' is one")
+    return float(score)
