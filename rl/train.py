@@ -94,11 +94,15 @@ def source_of(config: TrainConfig) -> Task | Environment:
     if config.env.name != "task":
         return make_environment(config.env.name, config.env.params)
     if config.data.given and config.algo.loop == "rl":  # SFT and DPO read their files themselves
-        # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
+        from rl.driver.run import check_prompts  # with the tokenizer: after the configuration is checked
+
         data = config.data
-        return file_task(data.train, data.eval, config.eval_prompts, format_reward=config.task.format_reward,
+        # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
+        task = file_task(data.train, data.eval, config.eval_prompts, format_reward=config.task.format_reward,
                          answer_format=data.answer_format, instruction=data.instruction, fields=data.fields,
                          reward_fn=data.reward_fn)
+        check_prompts(config, [*task.train, *task.held_out[:config.eval_prompts]])
+        return task
     return make_task(config.task.name, format_reward=config.task.format_reward)
 
 

@@ -14,7 +14,7 @@ from test_rl_loop import tiny_config
 from transformers import AutoTokenizer
 
 from rl.answers import answers_match, boxed_answer, gsm8k_answer, latex_normalized, math_equal
-from rl.config import AlgoConfig, DataConfig, EnvConfig, TaskConfig, TrainConfig, check
+from rl.config import AlgoConfig, DataConfig, EnvConfig, ModelConfig, TaskConfig, TrainConfig, check
 from rl.datasets import (
     PreferencePair,
     data_files,
@@ -91,9 +91,10 @@ def test_held_out_problems_are_evaluation_s_and_never_trained_on(tmp_path):
     assert len(given.train) == len(given.held_out) == 10, "data.eval's problems held out: the file whole"
 
 
-def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_ignore(tmp_path):
+def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_ignore(tiny_model_dir, tmp_path):
     file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"{a} + {b}?", "answer": a + b} for a, b in sums(10)])
-    config = TrainConfig(eval_prompts=4, data=DataConfig(train=file), task=TaskConfig(format_reward=0.3))
+    config = TrainConfig(eval_prompts=4, data=DataConfig(train=file), task=TaskConfig(format_reward=0.3),
+                         model=ModelConfig(name=str(tiny_model_dir), max_model_len=24))
     task = source_of(config)
     assert isinstance(task, FileTask) and (len(task.train), len(task.held_out), task.format_reward) == (6, 4, 0.3)
     assert len(source_of(replace(config, eval_every=0)).held_out) == 4, "held out even when nothing evaluates"
@@ -104,6 +105,12 @@ def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_
                                                   for p in boxed.train + boxed.held_out)
     sft_loop = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"))
     assert isinstance(source_of(sft_loop), Addition), "the SFT and DPO loops read data.train themselves"
+    # A prompt that leaves no room for an answer is refused before anything starts, not when it is drawn.
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1 + 1?", "answer": 2}] * 5 + [
+        {"prompt": "What is " + " + ".join(["1"] * 12) + "?", "answer": 12}])
+    with pytest.raises(ValueError, match=r"a problem's prompt has 3\d tokens, no room for an answer in "
+                                         r"model.max_model_len=24: raise it, .* it begins '<\|im_start\|>user"):
+        source_of(replace(config, data=DataConfig(train=long)))
 
 
 @pytest.mark.parametrize(("record", "message"), [
@@ -402,7 +409,7 @@ def test_held_out_examples_are_drawn_by_a_fixed_seed():
         held_out_split(examples[:5], 5)
 
 
-def test_data_settings_are_checked_with_the_loop(tmp_path):
+def test_data_settings_are_checked_with_the_loop(tiny_model_dir, tmp_path):
     file = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1 + 1?", "completion": "2"}])
     sft_loop = AlgoConfig(loop="sft", loss_fn="cross_entropy")
     check(TrainConfig(algo=sft_loop, data=DataConfig(train=file, eval=file)))
@@ -434,8 +441,8 @@ def test_data_settings_are_checked_with_the_loop(tmp_path):
                                                                  fields={"messages": "chat"})))
     assert message.count("data.") == 1 and "data.answer_format='boxed': unset: it applies to RL problems, and the " \
                                                "sft loop has none" in message
-    evaluated = source_of(TrainConfig(steps=0, data=DataConfig(eval=write_jsonl(
-        tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": 2}]))))
+    evaluated = source_of(TrainConfig(steps=0, model=ModelConfig(name=str(tiny_model_dir)), data=DataConfig(
+        eval=write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": 2}]))))
     assert isinstance(evaluated, FileTask) and (len(evaluated.train), len(evaluated.held_out)) == (0, 1)
 
 

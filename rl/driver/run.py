@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rl.chat import with_chat_template
+from rl.chat import chat_tokens, with_chat_template
 from rl.config import LR_SCHEDULES, ModelConfig, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
@@ -50,7 +50,7 @@ from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
 from rl.models import context_length, emulated_bf16_warning, resolve_model
 from rl.sampler import AdapterVersion, SamplerPool
-from rl.tasks import Task
+from rl.tasks import Problem, Task
 from rl.types import (
     AdamParams,
     ForwardBackwardInput,
@@ -463,6 +463,18 @@ def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
     return (from_task(task, config.algo.train_examples, seed=config.seed),
             from_task(task, config.eval_prompts, seed=config.seed, split="eval"),
             held_out_groups(config, TaskEnvironment(task)))
+
+
+def check_prompts(config: TrainConfig, problems: list[Problem]) -> None:
+    """Refuses the first of your problems whose prompt leaves no room for an answer in model.max_model_len, quoting
+    how it begins, before any actor starts (the rollout would refuse it only when the problem is drawn, mid-run)."""
+    tokenizer, context = tokenizer_of(config.model), config.model.max_model_len
+    for problem in problems:
+        tokens = chat_tokens(tokenizer, problem.messages)
+        if len(tokens) >= context:
+            raise ValueError(f"a problem's prompt has {len(tokens)} tokens, no room for an answer in "
+                             f"model.max_model_len={context}: raise it, or leave such problems out; it begins "
+                             f"{tokenizer.decode(tokens[:32])!r}")
 
 
 def check_context(config: TrainConfig, examples: list, datums: Callable) -> None:
