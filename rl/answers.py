@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import math
 import re
 import threading
@@ -134,6 +135,11 @@ def _reward_function(where: str, name: str) -> Callable:
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"data.reward_fn={spec}: {where} has no function {name}")
+    try:
+        inspect.signature(function).bind(data_source=None, solution_str="", ground_truth="", extra_info=None)
+    except TypeError as error:
+        raise ValueError(f"data.reward_fn={spec}: {name} must take data_source, solution_str, ground_truth and "
+                         f"extra_info by name, as verl calls it ({error})") from None
     return function
 
 
@@ -153,6 +159,6 @@ def custom_score(spec: str, completion: str, reference: str, example: dict | Non
                                   ground_truth=reference, extra_info=example.get("extra_info"))
     if isinstance(score, dict):
         score = score.get("score")
-    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+    if not isinstance(score, int | float) or not math.isfinite(score):  # a bool counts: True is 1
         raise ValueError(f"data.reward_fn={spec} returned {score!r}: a finite number, or a dict whose 'score' is one")
     return float(score)

@@ -360,6 +360,14 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 
 def not_a_number(data_source, solution_str, ground_truth, extra_info=None):
     return "yes"
+
+
+def right(solution_str, ground_truth, **_):
+    return solution_str.endswith(ground_truth)
+
+
+def two_arguments(solution, answer):
+    return 1.0
 """
 
 
@@ -383,14 +391,18 @@ def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monk
                                          "dict whose 'score' is one"):
         file_task(file, None, 0, format_reward=0.0, fields=fields,
                   reward_fn=f"{tmp_path}/my_rewards.py:not_a_number").reward(zero, "2")
-    # A function that cannot be found is refused with the configuration, before anything starts.
+    assert file_task(file, None, 0, format_reward=0.0, fields=fields, reward_fn=f"{tmp_path}/my_rewards.py:right"
+                     ).reward(zero, "2") == 1.0, "True is 1 (and any keywords it does not name may go to **_)"
+    # A function that cannot be found, or called as verl calls it, is refused with the configuration.
     (tmp_path / "broken.py").write_text("import nothing_of_the_kind\n")
     for spec, message in ((f"{tmp_path}/my_rewards.py:score", "my_rewards.py has no function score"),
                           (f"{tmp_path}/nope.py:score", "there is no file"),
                           ("no_such_module:score", "cannot import no_such_module \\(ModuleNotFoundError"),
                           (f"{tmp_path}/broken.py:score", "cannot import .*broken.py \\(ModuleNotFoundError: No module "
                                                           "named 'nothing_of_the_kind'\\)"),
-                          ("compute_score", "give it as FILE.py:FUNCTION or MODULE:FUNCTION")):
+                          ("compute_score", "give it as FILE.py:FUNCTION or MODULE:FUNCTION"),
+                          (f"{tmp_path}/my_rewards.py:two_arguments", "two_arguments must take data_source, "
+                           "solution_str, ground_truth and extra_info by name, as verl calls it")):
         assert re.search(f"data.reward_fn='.*': .*{message}", refusal(TrainConfig(data=DataConfig(
             train=file, fields=fields, reward_fn=spec)))), spec
     assert "data.reward_fn='my_rewards:compute_score': unset: it applies to RL problems" in refusal(TrainConfig(
