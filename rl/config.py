@@ -82,7 +82,7 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     train: str | None = None
-    """A file of your own examples (.jsonl, .json or .parquet; or a folder of them, or a pattern such as
+    """A file of your own examples (.jsonl, .json, .parquet or .arrow; or a folder of them, or a pattern such as
     `data/train-*.parquet`), which the loop trains on instead of the task's: problems with reference answers for
     RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the task's."""
     eval: str | None = None
@@ -390,7 +390,7 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
                       "evaluation off"))
     if config.data.required and config.data.train is None and not (evaluating and config.data.eval):
         found.append(("data.train", None, f"a file of your examples: recipe {config.recipe} trains on your own "
-                      "data (data.train=FILE.jsonl, .json or .parquet; rl/datasets.py has the formats)"))
+                      "data (data.train=FILE: .jsonl, .json, .parquet, .arrow; rl/datasets.py has the formats)"))
     for key, unset in (("data.fields", {}), ("data.answer_format", "answer_line"), ("data.instruction", None),
                        ("data.reward_fn", None)):
         value = _value(config, key)
