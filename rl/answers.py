@@ -150,15 +150,25 @@ def _module_of_file(path: str):
     return module
 
 
+_last_score: list = [None, None, None]
+"""(spec, completion, reference), the example and the score of `custom_score`'s last call: a task environment asks
+for a completion's reward and then for its accuracy, which with your function are one score, computed once (a
+scorer may be expensive: a judge, code to run)."""
+
+
 def custom_score(spec: str, completion: str, reference: str, example: dict | None) -> float:
     """What data.reward_fn's function scores `completion`, called as verl calls its custom reward function
     (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: data_source and extra_info are the
     example's fields of those names, if any); it returns a number, or a dict whose "score" is one."""
-    example = example or {}
-    score = reward_function(spec)(data_source=example.get("data_source"), solution_str=completion,
-                                  ground_truth=reference, extra_info=example.get("extra_info"))
+    asked, last_example, last = _last_score
+    if asked == (spec, completion, reference) and last_example is example:
+        return last
+    given = example or {}
+    score = reward_function(spec)(data_source=given.get("data_source"), solution_str=completion,
+                                  ground_truth=reference, extra_info=given.get("extra_info"))
     if isinstance(score, dict):
         score = score.get("score")
     if not isinstance(score, int | float) or not math.isfinite(score):  # a bool counts: True is 1
         raise ValueError(f"data.reward_fn={spec} returned {score!r}: a finite number, or a dict whose 'score' is one")
+    _last_score[:] = [(spec, completion, reference), example, float(score)]
     return float(score)

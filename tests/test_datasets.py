@@ -13,7 +13,7 @@ import pytest
 from test_rl_loop import tiny_config
 from transformers import AutoTokenizer
 
-from rl.answers import answers_match, boxed_answer, gsm8k_answer, latex_normalized, math_equal
+from rl.answers import answers_match, boxed_answer, gsm8k_answer, latex_normalized, math_equal, reward_function
 from rl.config import AlgoConfig, DataConfig, EnvConfig, ModelConfig, TaskConfig, TrainConfig, check
 from rl.datasets import (
     PreferencePair,
@@ -348,8 +348,12 @@ def test_answer_formats_find_the_final_answer_of_a_completion_and_of_a_reference
 
 
 VERL_REWARD = """
+CALLS = []
+
+
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     # verl's custom reward function, as its users write them
+    CALLS.append(solution_str)
     if data_source != "addition":
         raise KeyError(data_source)
     said = solution_str.split("=")[-1].strip()
@@ -384,6 +388,8 @@ def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monk
         assert (task.reward(zero, "0 + 2 = 2"), task.reward(zero, "0 + 2 = 3"), task.reward(zero, "Answer: 2")) == (
             1.0, 0.0, 0.0), "its score alone: no format reward"
         assert (task.reward(one, "1 + 2 = 3"), task.reward(one, "= 4"), task.accuracy(one, "= 4")) == (0.25, -0.5, -0.5)
+        called = reward_function(spec).__globals__["CALLS"]
+        assert called[-2:] == ["1 + 2 = 3", "= 4"], "a completion's reward, then its accuracy: one call"
         other = replace(zero, entry={**zero.entry, "data_source": "gsm8k"})
         with pytest.raises(KeyError, match="gsm8k"):
             task.reward(other, "2")
