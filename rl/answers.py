@@ -114,18 +114,13 @@ ANSWER_FORMATS = {"answer_line": AnswerFormat(final_answer, str.strip),
 """data.answer_format's choices (RL on your problems, `FileTask`)."""
 
 
+@functools.cache
 def reward_function(spec: str) -> Callable:
-    """The function that data.reward_fn names: "path/to/file.py:name" or "package.module:name"; a ValueError says
-    what is missing."""
+    """The function that data.reward_fn names: "path/to/file.py:name" or "package.module:name", loaded once; a
+    ValueError says what is missing."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise ValueError(f"data.reward_fn={spec}: give it as FILE.py:FUNCTION or MODULE:FUNCTION")
-    return _reward_function(where, name)
-
-
-@functools.cache
-def _reward_function(where: str, name: str) -> Callable:
-    spec = f"{where}:{name}"
     if where.endswith(".py") and not Path(where).is_file():
         raise ValueError(f"data.reward_fn={spec}: there is no file {where}")
     try:

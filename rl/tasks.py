@@ -170,10 +170,9 @@ class FileTask:
         return [rng.choice(self.train) for _ in range(count)]
 
     def reward(self, problem: Problem, completion: str) -> float:
-        if self.reward_fn:
-            return custom_score(self.reward_fn, completion, problem.answer, problem.entry)
-        if self.accuracy(problem, completion):
-            return 1.0
+        accuracy = self.accuracy(problem, completion)
+        if self.reward_fn or accuracy:  # your function's score, or a right answer's 1
+            return accuracy
         return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
 
     def accuracy(self, problem: Problem, completion: str) -> float:
