@@ -145,6 +145,10 @@ def test_a_steps_sequences_split_into_minibatches_in_order_each_on_the_whole_ste
 def test_num_substeps_takes_an_optimizer_step_per_minibatch(ray_local, tiny_model_dir, tmp_path):
     history = train(tiny_config(tiny_model_dir, tmp_path, eval_every=0, algo={"num_substeps": 3}), Digits())
     assert [record["step:max"] for record in history] == [3.0, 6.0], "three optimizer steps a step"
+    # Weights are named and counted by the loop's steps, not the learner's optimizer steps.
+    assert [record["sampler/weights_step"] for record in history] == [0, 1]
+    [run_folder] = (tmp_path / "checkpoints").iterdir()
+    assert [path.name for path in (run_folder / "sampler_weights").iterdir()] == ["step-000002"]
     for record in history:
         # The first minibatch is scored by the weights that sampled it, as a one-minibatch step is.
         assert record["kl/sampler_vs_learner_sq"] < 1e-6 and record["loss"] != 0.0, record
@@ -346,8 +350,8 @@ def test_off_policy_a_step_with_nothing_to_train_ends_once_the_next_rollout_has_
     the next one to wait for two rollouts."""
     events, rollout, record_step = [], rl_loop.rollout, Run.record
 
-    async def noted_rollout(run, environment, step, version):
-        sampled = await rollout(run, environment, step, version)
+    async def noted_rollout(run, environment, step, *weights):
+        sampled = await rollout(run, environment, step, *weights)
         events.append(f"rollout {step} sampled")
         return sampled
 
@@ -360,6 +364,7 @@ def test_off_policy_a_step_with_nothing_to_train_ends_once_the_next_rollout_has_
     history = train(tiny_config(tiny_model_dir, tmp_path, steps=3, eval_every=0, algo={"off_policy": True}),
                     AlikeTask())
     assert [record["datums"] for record in history] == [0, 0, 0]
+    assert [record["sampler/weights_step"] for record in history] == [0, 0, 0], "nothing trained, nothing published"
     assert events == ["rollout 0 sampled", "rollout 1 sampled", "step 0 logged", "rollout 2 sampled",
                       "step 1 logged", "step 2 logged"]
 

@@ -110,7 +110,7 @@ class Rollout:
     episodes_P: list[list[Episode]]
     """A group of episodes for each of the step's problems."""
     weights_step: int
-    """The learner step of the weights that sampled."""
+    """The loop step of the weights that sampled: how many steps had trained them."""
     seconds: float
     """How long the rollout took (off-policy, the step that uses it waits only for what is left of it)."""
 
@@ -119,8 +119,9 @@ class Rollout:
         return [episode for episodes_G in self.episodes_P for episode in episodes_G]
 
 
-async def rollout(run: Run, environment: Environment, step: int, version: AdapterVersion) -> Rollout:
-    """The step's groups of episodes (seeded by seed and step), from weights `version`."""
+async def rollout(run: Run, environment: Environment, step: int, version: AdapterVersion, weights_step: int) -> Rollout:
+    """The step's groups of episodes (seeded by seed and step), from weights `version`, those of step
+    `weights_step`."""
     algo = run.config.algo
     step_seed = run.config.seed * STEPS_PER_SEED + step
     groups_P = environment.groups(algo.prompts_per_step, seed=step_seed, split="train", group_size=algo.group_size,
@@ -133,7 +134,7 @@ async def rollout(run: Run, environment: Environment, step: int, version: Adapte
                   model_path=version.tinker_path, limits=limits,
                   params=params.model_copy(update={"seed": step_seed * PROMPTS_PER_STEP_SEED + index}))
         for index, builder in enumerate(groups_P)))
-    return Rollout(episodes_P, version.step, time.perf_counter() - started)
+    return Rollout(episodes_P, weights_step, time.perf_counter() - started)
 
 
 def group_advantages(config: TrainConfig, sampled: Rollout) -> list[list[list[float]]]:
@@ -198,8 +199,8 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
     # The held-out groups are made before any actor starts: an environment that gives none fails at once.
     held_out = held_out_groups(config, environment)
     with Run(config, shared) as run:
-        # Weight versions carry the learner's optimizer step: "sampler/weights_step" shows any lag.
-        version = await run.publish()
+        # The weights published last and the step they come from: "sampler/weights_step" shows any lag.
+        version, weights_step = await run.publish(run.start_step), run.start_step
         next_rollout = None
 
         def evaluate(step: int) -> Awaitable[dict]:  # the weights published last, bound now (it may run later)
@@ -210,8 +211,8 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
 
             # Rollout: a group of episodes per problem (off-policy: run while the previous step trained).
             with timed(record, "sampling"):
-                sampled = await (next_rollout or rollout(run, environment, step, version))
-            next_rollout = (asyncio.ensure_future(rollout(run, environment, step + 1, version))
+                sampled = await (next_rollout or rollout(run, environment, step, version, weights_step))
+            next_rollout = (asyncio.ensure_future(rollout(run, environment, step + 1, version, weights_step))
                             if algo.off_policy and step + 1 < config.steps else None)
             # An evaluation, when due, of the weights published last: it samples beside the next rollout while the
             # learner trains (after the rollout this step waits for, never delaying it), and ends before the publish.
@@ -251,7 +252,8 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                                                                                   strict=True)]))
             if datums_D:
                 # After the next rollout: it samples one version throughout (later turns too).
-                version = await run.publish(after=(next_rollout, evaluation), record=record)
+                version, weights_step = await run.publish(step + 1, after=(next_rollout, evaluation),
+                                                          record=record), step + 1
             else:
                 # Nothing to publish, yet the step ends, as one that trains does, once the next rollout has its
                 # samples: ending at once would leave the next step to wait for a whole rollout and then for the

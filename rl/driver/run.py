@@ -284,15 +284,17 @@ class Run:
             reason = str(error).splitlines()[0].rstrip(".")
             raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
 
-    async def publish(self, name: str | None = None, *, after: tuple[asyncio.Future | None, ...] = (),
+    async def publish(self, step: int, *, after: tuple[asyncio.Future | None, ...] = (),
                       record: dict | None = None) -> AdapterVersion:
-        """save_weights_for_sampler (named after the learner's step unless `name` is given), then every replica
+        """save_weights_for_sampler as `step-{step:06d}` (the loop steps these weights have trained: an evaluation
+        at step 20 names step-000020, whatever number of optimizer steps the learner took), then every replica
         loads and verifies it, once the futures `after` (a rollout or an evaluation still sampling from the
         current weights) have finished. `record` gains the publishing's seconds as time/publish_s and the wait
         for `after` as time/sampling_s (the step waits for the sampler there, not for the publish)."""
         record = {} if record is None else record
         with timed(record, "publish"):
-            weights = await self.learner.save_weights_for_sampler.remote(self.model_id, name, overwrite=True)
+            weights = await self.learner.save_weights_for_sampler.remote(self.model_id, f"step-{step:06d}",
+                                                                         overwrite=True)
         if not self.shared and any(future is not None for future in after):
             # The replicas merge the weights while the rollout they wait for samples (the learner, done, leaves
             # its core to them). A sweep's runs share the replicas, which keep one such merge: they would
@@ -353,7 +355,7 @@ class Run:
         output = await self.learner.forward.remote(self.model_id, batch)
         if not groups:
             return output.metrics, {}
-        version = await self.publish()
+        version = await self.publish(step)
         return output.metrics, await self.answer_held_out(name, groups, version.tinker_path, step)
 
     async def answer_held_out(self, name: str, groups: list[EnvGroupBuilder], model_path: str, step: int) -> dict:
