@@ -6,10 +6,12 @@ scorer of your own (`data.reward_fn`: `custom_score`, called as verl calls one).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib.util
 import inspect
 import math
+import multiprocessing
 import re
 import threading
 from collections.abc import Callable
@@ -86,12 +88,20 @@ def _number(text: str) -> float | None:
 def math_equal(given: str, reference: str) -> bool:
     """Whether two LaTeX answers are the same mathematics, by math-verify (as tinker-cookbook's, verl's and
     open-r1's math rewards): 0.5 and \\frac{1}{2}, x+1 and 1+x, 1,200 and 1200."""
+    if threading.current_thread() is not threading.main_thread():
+        # math-verify times its sympy work out (9^{9^{9^{9}}} would never end) with SIGALRM, which only a main thread
+        # may set: a sweep's runs, which are threads, grade in a process of their own.
+        return _grading_process().submit(math_equal, given, reference).result()
     from math_verify import parse, verify
 
-    # math-verify times its sympy work out with SIGALRM, which only the main thread may set.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    return verify(parse(f"${reference}$", parsing_timeout=timeout), parse(f"${given}$", parsing_timeout=timeout),
-                  timeout_seconds=timeout)
+    return verify(parse(f"${reference}$", parsing_timeout=5), parse(f"${given}$", parsing_timeout=5),
+                  timeout_seconds=5)
+
+
+@functools.cache
+def _grading_process() -> concurrent.futures.ProcessPoolExecutor:
+    # Spawned, not forked: the driver holds Ray's threads and sockets.
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
 
 @dataclass(frozen=True)
@@ -145,25 +155,42 @@ def _module_of_file(path: str):
     return module
 
 
+@dataclass(frozen=True)
+class CustomScore:
+    """What data.reward_fn's function said of a completion."""
+
+    score: float
+    """The reward."""
+    accuracy: float
+    """What evaluation reports: the dict's "acc" where it gives one (as verl's math scorers do), else the score."""
+    metrics: dict[str, float]
+    """The dict's other numbers (verl logs them as reward_extra_info): logged as env/NAME and eval/NAME."""
+
+
 _last_score: list = [None, None, None]
-"""(spec, completion, reference), the example and the score of `custom_score`'s last call: a task environment asks
-for a completion's reward and then for its accuracy, which with your function are one score, computed once (a
+"""(spec, completion, reference), the example and the CustomScore of `custom_score`'s last call: a task environment
+asks for a completion's reward, its accuracy and its metrics, which with your function are one call, computed once (a
 scorer may be expensive: a judge, code to run)."""
 
 
-def custom_score(spec: str, completion: str, reference: str, example: dict | None) -> float:
+def custom_score(spec: str, completion: str, reference: str, example: dict | None) -> CustomScore:
     """What data.reward_fn's function scores `completion`, called as verl calls its custom reward function
     (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: data_source and extra_info are the
-    example's fields of those names, if any); it returns a number, or a dict whose "score" is one."""
+    example's fields of those names, if any); it returns a number, or a dict whose "score" is one (and whose "acc"
+    and other numbers, if any, `CustomScore` keeps)."""
     asked, last_example, last = _last_score
     if asked == (spec, completion, reference) and last_example is example:
         return last
     given = example or {}
-    score = reward_function(spec)(data_source=given.get("data_source"), solution_str=completion,
-                                  ground_truth=reference, extra_info=given.get("extra_info"))
-    if isinstance(score, dict):
-        score = score.get("score")
-    if not isinstance(score, int | float) or not math.isfinite(score):  # a bool counts: True is 1
-        raise ValueError(f"data.reward_fn={spec} returned {score!r}: a finite number, or a dict whose 'score' is one")
-    _last_score[:] = [(spec, completion, reference), example, float(score)]
-    return float(score)
+    returned = reward_function(spec)(data_source=given.get("data_source"), solution_str=completion,
+                                     ground_truth=reference, extra_info=given.get("extra_info"))
+    named = returned if isinstance(returned, dict) else {"score": returned}
+    numbers = {key: float(value) for key, value in named.items()  # a bool counts: True is 1
+               if isinstance(value, int | float) and math.isfinite(value)}
+    if "score" not in numbers or "acc" in named and "acc" not in numbers:
+        raise ValueError(f"data.reward_fn={spec} returned {returned!r}: a finite number, or a dict whose 'score' (and "
+                         f"'acc', if given) is one")
+    reward = numbers.pop("score")
+    score = CustomScore(reward, numbers.pop("acc", reward), numbers)
+    _last_score[:] = [(spec, completion, reference), example, score]
+    return score

@@ -81,8 +81,9 @@ class TaskEnv:
 
     async def step(self, action: list[int]) -> StepResult:
         completion = completion_text(self.tokenizer, action)
+        metrics = self.task.metrics(self.problem, completion) if hasattr(self.task, "metrics") else {}
         return StepResult(reward=float(self.task.reward(self.problem, completion)), episode_done=True,
-                          metrics={"accuracy": float(self.task.accuracy(self.problem, completion))})
+                          metrics={**metrics, "accuracy": float(self.task.accuracy(self.problem, completion))})
 
 
 @dataclass

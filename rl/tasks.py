@@ -39,6 +39,9 @@ class Problem:
 
 
 class Task(Protocol):
+    """Problems and how completions score. A task may also have `metrics(problem, completion) -> dict[str, float]`:
+    numbers logged beside the accuracy, as env/NAME in training and eval/NAME in evaluation."""
+
     name: str
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]: ...
@@ -159,8 +162,8 @@ class FileTask:
     format_reward: float = 0.0
     answer_format: str = "answer_line"
     reward_fn: str | None = None
-    """data.reward_fn: your function scores each completion instead (`custom_score`); its score is the reward and
-    the accuracy alike."""
+    """data.reward_fn: your function scores each completion instead (`custom_score`): its score is the reward, and
+    the accuracy unless it gives one."""
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
         """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count`."""
@@ -170,17 +173,22 @@ class FileTask:
         return [rng.choice(self.train) for _ in range(count)]
 
     def reward(self, problem: Problem, completion: str) -> float:
-        accuracy = self.accuracy(problem, completion)
-        if self.reward_fn or accuracy:  # your function's score, or a right answer's 1
-            return accuracy
+        if self.reward_fn:
+            return custom_score(self.reward_fn, completion, problem.answer, problem.entry).score
+        if self.accuracy(problem, completion):
+            return 1.0
         return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
 
     def accuracy(self, problem: Problem, completion: str) -> float:
         if self.reward_fn:
-            return custom_score(self.reward_fn, completion, problem.answer, problem.entry)
+            return custom_score(self.reward_fn, completion, problem.answer, problem.entry).accuracy
         found = ANSWER_FORMATS[self.answer_format]
         answer = found.find(completion)
         return float(answer is not None and found.match(answer, problem.answer))
+
+    def metrics(self, problem: Problem, completion: str) -> dict[str, float]:
+        """The other numbers your function gives (none without data.reward_fn)."""
+        return custom_score(self.reward_fn, completion, problem.answer, problem.entry).metrics if self.reward_fn else {}
 
 
 def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float,

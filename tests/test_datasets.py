@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import threading
 from dataclasses import replace
 
 import pytest
@@ -347,6 +348,19 @@ def test_answer_formats_find_the_final_answer_of_a_completion_and_of_a_reference
         assert elsewhere.submit(math.accuracy, half, r"\boxed{\frac{2}{4}}").result() == 1.0
 
 
+def test_math_grading_is_timed_out_on_any_thread():
+    """A completion sympy would work on forever is wrong after math-verify's timeout, also where the grading runs
+    off the main thread (a sweep's runs), where math-verify's SIGALRM cannot be set."""
+    tower = "9^{9^{9^{9}}}"
+    assert not math_equal(tower, "2")
+    graded = []
+    thread = threading.Thread(target=lambda: graded.extend([math_equal(tower, "2"), math_equal("0.5", r"\frac{1}{2}")]),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert graded == [False, True], "graded (in a process of its own), not hung"
+
+
 VERL_REWARD = """
 CALLS = []
 
@@ -358,12 +372,17 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
         raise KeyError(data_source)
     said = solution_str.split("=")[-1].strip()
     if extra_info["index"] == 1:
-        return {"score": 0.25 if said == ground_truth else -0.5, "acc": said == ground_truth}
+        return {"score": 0.25 if said == ground_truth else -0.5, "acc": said == ground_truth, "pred": said,
+                "length": len(solution_str)}
     return 1.0 if said == ground_truth else 0.0
 
 
 def not_a_number(data_source, solution_str, ground_truth, extra_info=None):
     return "yes"
+
+
+def text_acc(data_source, solution_str, ground_truth, extra_info=None):
+    return {"score": 1.0, "acc": "right"}
 
 
 def right(solution_str, ground_truth, **_):
@@ -387,16 +406,20 @@ def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monk
         zero, one, _ = task.train
         assert (task.reward(zero, "0 + 2 = 2"), task.reward(zero, "0 + 2 = 3"), task.reward(zero, "Answer: 2")) == (
             1.0, 0.0, 0.0), "its score alone: no format reward"
-        assert (task.reward(one, "1 + 2 = 3"), task.reward(one, "= 4"), task.accuracy(one, "= 4")) == (0.25, -0.5, -0.5)
+        assert (task.reward(one, "1 + 2 = 3"), task.reward(one, "= 4")) == (0.25, -0.5)
+        # A dict's "acc" is the accuracy, its other numbers are metrics (its text, verl's "pred", is not).
+        assert (task.accuracy(one, "= 4"), task.metrics(one, "= 4")) == (0.0, {"length": 3.0})
         called = reward_function(spec).__globals__["CALLS"]
-        assert called[-2:] == ["1 + 2 = 3", "= 4"], "a completion's reward, then its accuracy: one call"
+        assert called[-2:] == ["1 + 2 = 3", "= 4"], "a completion's reward, accuracy and metrics: one call"
+        assert (task.accuracy(zero, "= 4"), task.metrics(zero, "= 4")) == (0.0, {}), "a number: the accuracy too"
         other = replace(zero, entry={**zero.entry, "data_source": "gsm8k"})
         with pytest.raises(KeyError, match="gsm8k"):
             task.reward(other, "2")
-    with pytest.raises(ValueError, match=r"data.reward_fn=.*:not_a_number returned 'yes': a finite number, or a "
-                                         "dict whose 'score' is one"):
-        file_task(file, None, 0, format_reward=0.0, fields=fields,
-                  reward_fn=f"{tmp_path}/my_rewards.py:not_a_number").reward(zero, "2")
+    for name, returned in (("not_a_number", "'yes'"), ("text_acc", "{'score': 1.0, 'acc': 'right'}")):
+        with pytest.raises(ValueError, match=rf"data.reward_fn=.*:{name} returned {re.escape(returned)}: a finite "
+                                             "number, or a dict whose 'score' \\(and 'acc', if given\\) is one"):
+            file_task(file, None, 0, format_reward=0.0, fields=fields,
+                      reward_fn=f"{tmp_path}/my_rewards.py:{name}").reward(zero, "2")
     assert file_task(file, None, 0, format_reward=0.0, fields=fields, reward_fn=f"{tmp_path}/my_rewards.py:right"
                      ).reward(zero, "2") == 1.0, "True is 1 (and any keywords it does not name may go to **_)"
     # A function that cannot be found, or called as verl calls it, is refused with the configuration.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 import pytest
-from test_rl_loop import tiny_config
+from test_rl_loop import samples, tiny_config
 from transformers import AutoTokenizer
 
 from rl.chat import chat_tokens, completion_text, message_tokens
@@ -41,7 +41,8 @@ class ScriptedEnv:
         self.taken += 1
         if self.taken == self.turns:
             reward = Digits().reward(None, completion_text(self.tokenizer, action))
-            return StepResult(reward=reward, episode_done=True, metrics={"accuracy": float(reward == 1.0)})
+            return StepResult(reward=reward, episode_done=True, metrics={"accuracy": float(reward == 1.0),
+                                                                          "digits": reward})
         if self.bad_observation is not None:
             return StepResult(0.0, False, next_observation=self.bad_observation)
         if self.rerender:  # its own history format: a fresh prompt each turn
@@ -218,6 +219,11 @@ MULTI_TURN = {"steps": 4, "eval_every": 4, "eval_prompts": 4, "algo": {"prompts_
 def test_the_rl_loop_trains_on_episodes_and_resumes_in_the_middle_exactly(ray_local, tiny_model_dir, tmp_path):
     environment = Scripted(options={"turns": 2})
     straight = train(tiny_config(tiny_model_dir, tmp_path / "straight", **MULTI_TURN), environment)
+    for record in straight[::4]:  # the environment's metrics, averaged over each evaluation's episodes
+        evaluated = [line for line in samples(tmp_path / "straight")
+                     if line["split"] == "eval" and line["step"] == record["step"]]
+        assert len(evaluated) == 4 and record["eval/digits"] == pytest.approx(
+            sum(line["metrics"]["digits"] for line in evaluated) / 4, abs=1e-12), record
     for record in straight[:4]:
         assert record["env/turns"] == 2.0 and record["env/stop_max_turns"] == 0.0 and record["datums"] > 0, record
         # The tokens trained are the tokens sampled: the learner's logprobs of them match the sampler's (fp32).

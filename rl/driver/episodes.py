@@ -173,12 +173,24 @@ async def held_out_episodes(pool: SamplerPool, name: str, groups: list[EnvGroupB
         for index, builder in enumerate(groups))))
 
 
+def mean_metrics(episodes: list[Episode], prefix: str) -> dict[str, float]:
+    """The environment's own metrics (of each episode's last turn and its group reward), each averaged over the
+    episodes that report it, as PREFIX/NAME."""
+    metrics = {}
+    for name in sorted({name for episode in episodes for name in episode.metrics}):
+        values = [episode.metrics[name] for episode in episodes if name in episode.metrics]
+        metrics[f"{prefix}/{name}"] = sum(values) / len(values)
+    return metrics
+
+
 def held_out_metrics(episodes_P: list[list[Episode]]) -> dict[str, float]:
     """eval/accuracy: the mean over every episode of its `accuracy` metric (its total reward where the environment
-    reports none); with k > 1 episodes a problem, eval/pass@k too: the mean over problems of their best episode's."""
+    reports none); with k > 1 episodes a problem, eval/pass@k too: the mean over problems of their best episode's;
+    and the environment's other metrics as eval/NAME."""
     scores_P = [[episode.metrics.get("accuracy", episode.total_reward) for episode in group] for group in episodes_P]
     scores = [score for scores_G in scores_P for score in scores_G]
-    metrics = {"eval/accuracy": sum(scores) / len(scores)}
+    metrics = {**mean_metrics([episode for group in episodes_P for episode in group], "eval"),
+               "eval/accuracy": sum(scores) / len(scores)}
     per_problem = len(scores_P[0])
     if per_problem > 1:
         metrics[f"eval/pass@{per_problem}"] = sum(max(scores_G) for scores_G in scores_P) / len(scores_P)

@@ -30,6 +30,7 @@ from rl.driver.episodes import (
     TrainingSequence,
     episode_limits,
     episode_sequences,
+    mean_metrics,
     run_group,
 )
 from rl.driver.run import (
@@ -174,10 +175,7 @@ def episode_metrics(sampled: Rollout) -> dict[str, float]:
     record = {"env/turns": sum(len(e.turns) for e in episodes) / len(episodes),
               "env/rerendered_turns": sum(e.rerendered_turns for e in episodes)}
     record.update({f"env/stop_{stop}": sum(e.stop == stop for e in episodes) / len(episodes) for stop in STOPS[1:]})
-    for name in sorted({name for episode in episodes for name in episode.metrics}):
-        values = [episode.metrics[name] for episode in episodes if name in episode.metrics]
-        record[f"env/{name}"] = sum(values) / len(values)
-    return record
+    return {**record, **mean_metrics(episodes, "env")}
 
 
 def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tokens: list[int]) -> dict:
