@@ -86,7 +86,8 @@ class DataConfig:
     `data/train-*.parquet`), which the loop trains on instead of the task's: problems with reference answers for
     RL, conversations for SFT, preference pairs for DPO (rl/datasets.py has the formats). None: the task's."""
     eval: str | None = None
-    """Held-out examples in the same format (RL evaluates the first eval_prompts of them, SFT and DPO all); None:
+    """Held-out examples in the same format (RL evaluates the first eval_prompts of each data source among them,
+    logged apart as eval/SOURCE/accuracy where there are several; SFT and DPO all of them); None:
     eval_prompts of data.train's, which are then not trained on. With steps=0 it may be given alone: the
     starting weights are evaluated on it."""
     fields: dict[str, str] = field(default_factory=dict)

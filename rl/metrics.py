@@ -130,12 +130,18 @@ def closing_line(history: list[dict], folder: Path) -> str:
 
 
 def final_metrics(histories: list[list[dict]]) -> list[str]:
-    """The keys of FINAL_METRICS that a record of `histories` has, eval/pass@k keys after eval/accuracy."""
+    """The keys of FINAL_METRICS that a record of `histories` has, eval/pass@k keys and each data source's
+    eval/SOURCE/accuracy after eval/accuracy."""
     logged = {key for history in histories for record in history for key in record}
     passes = sorted((key for key in logged if key.startswith("eval/pass@")), key=lambda key: int(key.split("@")[1]))
     keys = [key for key in FINAL_METRICS if key in logged]
     at = keys.index("eval/accuracy") + 1 if "eval/accuracy" in keys else 0
-    return keys[:at] + passes + keys[at:]
+    return keys[:at] + passes + sorted(filter(is_source_accuracy, logged)) + keys[at:]
+
+
+def is_source_accuracy(key: str) -> bool:
+    """Whether `key` is one data source's held-out accuracy, eval/SOURCE/accuracy (rl.tasks.FileTask.metrics)."""
+    return key.startswith("eval/") and key.endswith("/accuracy") and key.count("/") == 2
 
 
 def best_accuracy(history: list[dict]) -> tuple[float, int] | None:
@@ -163,7 +169,8 @@ def summary_line(record: dict) -> str:
             value = record[key]
             parts.append(f"{label} {value:.3g}" if isinstance(value, float) and abs(value) < 1000 else
                          f"{label} {value:.0f}" if isinstance(value, float) else f"{label} {value}")
-    parts += [f"{key.removeprefix('eval/')} {record[key]:.3g}" for key in record if key.startswith("eval/pass@")]
+    parts += [f"{key.removeprefix('eval/')} {record[key]:.3g}" for key in record
+              if key.startswith("eval/pass@") or is_source_accuracy(key)]
     parts += [f"{key.removeprefix('memory/').removesuffix('_gib')} {value:.2f} GiB" for key, value in record.items()
               if key.startswith("memory/") and key.endswith("_gib") and not key.endswith("peak_gib")]
     return " | ".join(parts)

@@ -9,9 +9,11 @@ holds your own problems, read from a file (`data.train`, rl/datasets.py), scored
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -166,11 +168,22 @@ class FileTask:
     the accuracy unless it gives one."""
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
-        """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count`."""
+        """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count` of
+        each data source (`data_source`)."""
         if split == "eval":
-            return list(self.held_out[:count])
+            first, taken = [], Counter()
+            for problem in self.held_out:
+                if taken[data_source(problem)] < count:
+                    first.append(problem)
+                    taken[data_source(problem)] += 1
+            return first
         rng = random.Random(f"{split}:{seed}")
         return [rng.choice(self.train) for _ in range(count)]
+
+    @functools.cached_property
+    def data_sources(self) -> list[str]:
+        """The problems' data sources, each once."""
+        return sorted({data_source(problem) for problem in self.train + self.held_out})
 
     def reward(self, problem: Problem, completion: str) -> float:
         if self.reward_fn:
@@ -187,8 +200,19 @@ class FileTask:
         return float(answer is not None and found.match(answer, problem.answer))
 
     def metrics(self, problem: Problem, completion: str) -> dict[str, float]:
-        """The other numbers your function gives (none without data.reward_fn)."""
-        return custom_score(self.reward_fn, completion, problem.answer, problem.entry).metrics if self.reward_fn else {}
+        """The other numbers your function gives (data.reward_fn), and where the problems come from several data
+        sources, the accuracy again as SOURCE/accuracy."""
+        metrics = custom_score(self.reward_fn, completion, problem.answer, problem.entry).metrics if self.reward_fn \
+            else {}
+        if len(self.data_sources) > 1:
+            metrics[f"{data_source(problem)}/accuracy"] = self.accuracy(problem, completion)
+        return metrics
+
+
+def data_source(problem: Problem) -> str:
+    """Which data set a problem of your files comes from: its `data_source` field (verl's), "other" without one."""
+    source = (problem.entry or {}).get("data_source")
+    return source if isinstance(source, str) and source else "other"
 
 
 def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float,

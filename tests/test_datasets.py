@@ -11,7 +11,7 @@ import threading
 from dataclasses import replace
 
 import pytest
-from test_rl_loop import tiny_config
+from test_rl_loop import samples, tiny_config
 from transformers import AutoTokenizer
 
 from rl.answers import answers_match, boxed_answer, gsm8k_answer, latex_normalized, math_equal, reward_function
@@ -25,6 +25,7 @@ from rl.datasets import (
     read_problems,
 )
 from rl.driver import dpo, sft
+from rl.driver import rl as rl_loop
 from rl.driver.run import supervised_examples
 from rl.tasks import Addition, FileTask, file_task, sft_conversations
 from rl.train import source_of
@@ -437,6 +438,41 @@ def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monk
     assert "data.reward_fn='my_rewards:compute_score': unset: it applies to RL problems" in refusal(TrainConfig(
         algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"), data=DataConfig(train=file,
                                                                             reward_fn="my_rewards:compute_score")))
+
+
+PARITY_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {"score": len(solution_str) % 2, "acc": len(solution_str) % 3 == 0}
+"""
+
+
+def test_several_benchmarks_are_evaluated_each_on_its_own_and_together(ray_local, tiny_model_dir, tmp_path):
+    """verl's validation files, one per data set (data.eval a pattern): each data source's first eval_prompts
+    problems are evaluated and its accuracy logged as eval/SOURCE/accuracy, beside eval/accuracy over all of them."""
+    for source, count in (("gsm8k", 3), ("math", 4)):
+        (tmp_path / source).mkdir()
+        write_parquet(tmp_path / source / "test.parquet", [
+            {"data_source": source, "prompt": [{"role": "user", "content": f"{source} {index}?"}],
+             "reward_model": {"ground_truth": str(index)}} for index in range(count)])
+    (tmp_path / "parity.py").write_text(PARITY_REWARD)
+    task = file_task(None, str(tmp_path / "*" / "test.parquet"), 0, format_reward=0.0,
+                     fields={"answer": "reward_model.ground_truth"}, reward_fn=f"{tmp_path}/parity.py:compute_score")
+    assert task.data_sources == ["gsm8k", "math"]
+    assert [problem.prompt[0]["content"] for problem in task.problems(2, seed=0, split="eval")] == [
+        "gsm8k 0?", "gsm8k 1?", "math 0?", "math 1?"], "the first eval_prompts of each, in the files' order"
+    gsm8k = task.held_out[0]
+    assert task.metrics(gsm8k, "12") == {"gsm8k/accuracy": 0.0} and task.metrics(gsm8k, "123") == {
+        "gsm8k/accuracy": 1.0}
+    assert file_task(None, str(tmp_path / "math" / "test.parquet"), 0, format_reward=0.0,
+                     fields={"answer": "reward_model.ground_truth"}).metrics(gsm8k, "1") == {}, "one source: none"
+    [record] = rl_loop.train(tiny_config(tiny_model_dir, tmp_path / "run", steps=0, eval_prompts=2), task)
+    evaluated = [line for line in samples(tmp_path / "run") if line["split"] == "eval"]
+    assert len(evaluated) == 4
+    for source in ("gsm8k", "math"):
+        scores = [line["metrics"][f"{source}/accuracy"] for line in evaluated
+                  if f"{source} " in line["turns"][0]["observation"]]
+        assert len(scores) == 2 and record[f"eval/{source}/accuracy"] == sum(scores) / 2, record
+    assert record["eval/accuracy"] == (record["eval/gsm8k/accuracy"] + record["eval/math/accuracy"]) / 2
 
 
 def test_held_out_examples_are_drawn_by_a_fixed_seed():

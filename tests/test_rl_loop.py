@@ -427,16 +427,19 @@ def test_a_resumed_run_log_keeps_the_metrics_and_samples_of_the_steps_before_it(
 
 
 def test_a_run_ends_by_saying_where_its_files_are_and_its_final_metrics(tmp_path):
-    from rl.metrics import closing_line
+    from rl.metrics import closing_line, summary_line
 
     (tmp_path / "metrics.jsonl").touch()
     (tmp_path / "curves.png").touch()
     history = [{"step": 0, "eval/accuracy": 0.25, "reward/mean": 0.0, "loss": 0.5},
                {"step": 5, "eval/accuracy": 0.75, "reward/mean": 0.5, "loss": 0.25},
-               {"step": 10, "eval/accuracy": 0.75, "eval/pass@2": 1.0, "time_total/minutes": 1.5}]
+               {"step": 10, "eval/accuracy": 0.75, "eval/pass@2": 1.0, "eval/math/accuracy": 0.5,
+                "eval/gsm8k/accuracy": 1.0, "eval/length": 9.0, "time_total/minutes": 1.5}]
     assert closing_line(history, tmp_path) == (f"{tmp_path}: metrics.jsonl, curves.png | eval/accuracy 0.75 (best 0.75 "
-                                               "at step 5) | eval/pass@2 1 | reward/mean 0.5 | loss 0.25 | "
+                                               "at step 5) | eval/pass@2 1 | eval/gsm8k/accuracy 1 | "
+                                               "eval/math/accuracy 0.5 | reward/mean 0.5 | loss 0.25 | "
                                                "time_total/minutes 1.5")
+    assert summary_line(history[2]) == "step 10 | eval acc 0.75 | pass@2 1 | math/accuracy 0.5 | gsm8k/accuracy 1"
 
 
 def test_the_publish_modes_train_the_same(two_steps):
