@@ -48,7 +48,17 @@ class AlgoConfig:
     lr_schedule: str = "constant"
     """The learning rate over the run's steps: constant, or from learning_rate down towards 0 at the end, linearly or
     along a half cosine (tinker-cookbook's schedules; `rl.driver.run.adam_params`)."""
+    warmup_steps: int = 0
+    """The first warmup_steps steps rise linearly to learning_rate (step k at (k + 1) / (warmup_steps + 1) of it);
+    lr_schedule then runs over the steps after them."""
     grad_clip_norm: float = 1.0
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the LoRA weights."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-12
+    """Adam's settings, as Tinker's AdamParams defaults them (HF's Trainer names them so; its defaults are 0.9, 0.999
+    and 1e-8)."""
     prompts_per_step: int = 16
     """RL: prompts sampled per step; DPO: pairs per step; SFT: conversations per step."""
     max_tokens: int = 32
@@ -314,6 +324,7 @@ def check(config: TrainConfig) -> None:
 AT_LEAST_1 = (lambda value: value >= 1, "at least 1")
 NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
 POSITIVE = (lambda value: value > 0, "more than 0")
+BETA = (lambda value: 0 <= value < 1, "from 0 up to, not including, 1")
 UNSET_OR_AT_LEAST_1 = (lambda value: value is None or value >= 1, "unset or at least 1")
 UNSET_OR_POSITIVE = (lambda value: value is None or value > 0, "unset or more than 0")
 GPUS = (lambda value: value is None or (value >= 0 and (value <= 1 or value == int(value))),
@@ -339,7 +350,9 @@ def _rules(loop: str) -> dict[str, tuple]:
         "checkpoint_every": (NOT_NEGATIVE[0], "0 (the last step only) or more"),
         "model.dtype": one_of(*DTYPES), "model.lora_rank": AT_LEAST_1, "algo.loop": one_of(*LOOPS),
         "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
-        "algo.lr_schedule": one_of(*LR_SCHEDULES),
+        "algo.lr_schedule": one_of(*LR_SCHEDULES), "algo.warmup_steps": NOT_NEGATIVE,
+        "algo.weight_decay": NOT_NEGATIVE, "algo.adam_beta1": BETA, "algo.adam_beta2": BETA,
+        "algo.adam_epsilon": POSITIVE,
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
         "algo.max_tokens": AT_LEAST_1, "algo.num_substeps": AT_LEAST_1,
         "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),

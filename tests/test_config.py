@@ -1,5 +1,7 @@
 """The configuration is checked whole before anything starts: every bad value is named with its rule."""
 
+from dataclasses import replace
+
 import pytest
 
 from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, TrainConfig, check
@@ -91,3 +93,21 @@ def test_learning_rate_schedules():
     assert rates("cosine") == pytest.approx([1e-3, 1e-3 * (1 + half) / 2, 5e-4, 1e-3 * (1 - half) / 2])
     assert "algo.lr_schedule='step': one of constant, linear, cosine" in refusal(
         TrainConfig(algo=AlgoConfig(lr_schedule="step")))
+
+
+def test_warmup_then_the_schedule_and_adams_settings_reach_each_step():
+    algo = AlgoConfig(learning_rate=1e-3, lr_schedule="linear", warmup_steps=3, weight_decay=0.1, adam_beta1=0.8,
+                      adam_beta2=0.99, adam_epsilon=1e-8)
+    params = [adam_params(TrainConfig(steps=7, algo=algo), step) for step in range(7)]
+    # Steps 0-2 at 1/4, 2/4, 3/4; the 4 steps after them linear from 1 down: 1, 3/4, 1/2, 1/4.
+    assert [p.learning_rate for p in params] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert {(p.weight_decay, p.beta1, p.beta2, p.eps) for p in params} == {(0.1, 0.8, 0.99, 1e-8)}
+    everything_warms = TrainConfig(steps=2, algo=replace(algo, warmup_steps=5))
+    assert [adam_params(everything_warms, step).learning_rate for step in range(2)] == pytest.approx([1e-3 / 6,
+                                                                                                    2e-3 / 6])
+    message = refusal(TrainConfig(algo=AlgoConfig(warmup_steps=-1, weight_decay=-0.1, adam_beta1=1.0,
+                                                  adam_beta2=-0.5, adam_epsilon=0.0)))
+    for expected in ("algo.warmup_steps=-1: 0 or more", "algo.weight_decay=-0.1: 0 or more",
+                     "algo.adam_beta1=1.0: from 0 up to, not including, 1", "algo.adam_beta2=-0.5: from 0 up to",
+                     "algo.adam_epsilon=0.0: more than 0"):
+        assert expected in message, message

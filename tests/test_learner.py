@@ -535,6 +535,19 @@ def test_gradient_clipping_clips_what_adam_sees(learner, tiny_model_dir):
         assert raw > 100 * 1e-3, "the clip bound is well below the raw norm"
 
 
+def test_weight_decay_is_adamws_decoupled_decay(learner, tiny_model_dir):
+    # On the first step B = 0, so A gets no gradient and Adam moves it by nothing: only the decay, A * (1 - lr * wd).
+    model_id = learner.create(str(tiny_model_dir), LORA)
+    adapter = learner._runs[model_id].adapter
+    before = {name: param.detach().clone() for name, param in learner._peft.named_parameters()
+              if f".lora_A.{adapter}." in name}
+    learner.forward_backward(model_id, sft())
+    learner.optim_step(model_id, AdamParams(learning_rate=0.1, weight_decay=0.5))
+    after = dict(learner._peft.named_parameters())
+    assert before and all(torch.allclose(after[name], a * 0.95, rtol=1e-6, atol=0) and not torch.equal(after[name], a)
+                          for name, a in before.items())
+
+
 def test_a_non_finite_gradient_is_skipped_cleared_and_the_run_trains_on(learner, tiny_model_dir):
     model_id = learner.create(str(tiny_model_dir), LORA)
     train(learner, model_id, 1)

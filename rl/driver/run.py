@@ -75,11 +75,18 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> l
 
 
 def adam_params(config: TrainConfig, step: int) -> AdamParams:
-    """The optimizer's settings for `step`: algo.learning_rate scaled by algo.lr_schedule at step / steps (1 at
-    step 0; linear and cosine reach 0 only after the last step)."""
+    """The optimizer's settings for `step`: algo.learning_rate scaled by (step + 1) / (warmup_steps + 1) during
+    algo.warmup_steps, then by algo.lr_schedule at the share of the steps after the warmup gone by (1 at the first;
+    linear and cosine reach 0 only after the last step)."""
     algo = config.algo
-    scale = LR_SCHEDULES[algo.lr_schedule](step / config.steps)
-    return AdamParams(learning_rate=algo.learning_rate * scale, grad_clip_norm=algo.grad_clip_norm)
+    warmup = algo.warmup_steps
+    if step < warmup:
+        scale = (step + 1) / (warmup + 1)
+    else:
+        scale = LR_SCHEDULES[algo.lr_schedule]((step - warmup) / (config.steps - warmup))
+    return AdamParams(learning_rate=algo.learning_rate * scale, grad_clip_norm=algo.grad_clip_norm,
+                      weight_decay=algo.weight_decay, beta1=algo.adam_beta1, beta2=algo.adam_beta2,
+                      eps=algo.adam_epsilon)
 
 
 def overlap_threads(overlapping: bool) -> int | None:
