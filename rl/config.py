@@ -69,13 +69,17 @@ class AlgoConfig:
     normalize_std: bool = False
     """Divide group-relative advantages by the group's standard deviation."""
     kl_coef: float = 0.0
-    """Per-token KL penalty against the base model, folded into the advantages (0: off)."""
+    """Per-token KL penalty against the reference (algo.reference), folded into the advantages (0: off)."""
     off_policy: bool = False
     """Sample step k+1 while step k trains (one step behind; the importance ratio corrects)."""
     num_substeps: int = 1
     """Optimizer steps per RL step: its training sequences split in order into this many minibatches, each one
     forward_backward and optim_step (tinker-cookbook's num_substeps); the later ones train on samples of weights
     already updated, which the importance ratio (or ppo's clip) corrects."""
+    reference: str = "start"
+    """What DPO's loss and RL's kl_coef measure the policy against: start, the weights the run starts from
+    (model.adapter's, held frozen in the learner as a run of its own; without one, the base model), as TRL's and
+    the DPO paper's reference is the SFT policy; or base, the base model even when starting from an adapter."""
     # DPO and SFT
     train_examples: int = 256
     """Size of the fixed training set drawn from the task, cycled through in shuffled epochs (a data file's
@@ -351,6 +355,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "model.dtype": one_of(*DTYPES), "model.lora_rank": AT_LEAST_1, "algo.loop": one_of(*LOOPS),
         "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
         "algo.lr_schedule": one_of(*LR_SCHEDULES), "algo.warmup_steps": NOT_NEGATIVE,
+        "algo.reference": one_of("start", "base"),
         "algo.weight_decay": NOT_NEGATIVE, "algo.adam_beta1": BETA, "algo.adam_beta2": BETA,
         "algo.adam_epsilon": POSITIVE,
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,

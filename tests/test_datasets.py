@@ -27,7 +27,7 @@ from rl.datasets import (
 from rl.driver import dpo, sft
 from rl.driver import rl as rl_loop
 from rl.driver.run import supervised_examples
-from rl.tasks import Addition, FileTask, file_task, sft_conversations
+from rl.tasks import Addition, Digits, FileTask, file_task, sft_conversations
 from rl.train import source_of
 
 SYSTEM = {"role": "system", "content": "You add numbers."}
@@ -600,6 +600,24 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
 
     trained = sft.train(sft_config("first", 4), Addition())
     assert trained[-1]["eval/loss"] < trained[0]["eval/loss"] - 1, "it trained: its adapter is not the start"
+    # SFT, then DPO or RL with a KL penalty: the reference is the adapter the run starts from (algo.reference=start,
+    # held frozen in the learner), as TRL's is the SFT policy; algo.reference=base measures against the base model.
+    pairs = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": f"{a} + {b}?", "chosen": str(a + b),
+                                                 "rejected": str(a + b + 1)} for a, b in sums(8)])
+    first_steps = {}
+    for reference in ("start", "base"):
+        config = sft_config(f"dpo_{reference}", 1, adapter=str(tmp_path / "first"))
+        config = replace(config, data=DataConfig(train=pairs, eval=pairs), algo=AlgoConfig(
+            loop="dpo", loss_fn="dpo", learning_rate=1e-2, prompts_per_step=4, reference=reference))
+        dpo_steps = [record for record in dpo.train(config, Addition()) if "loss" in record]
+        rl_config = replace(tiny_config(tiny_model_dir, tmp_path / f"rl_{reference}", steps=1, eval_every=0),
+                            model=config.model, algo=replace(tiny_config(tiny_model_dir, tmp_path).algo, kl_coef=0.1,
+                                                             reference=reference))
+        first_steps[reference] = dpo_steps[0], rl_loop.train(rl_config, Digits())[0]
+    (dpo_start, rl_start), (dpo_base, rl_base) = first_steps["start"], first_steps["base"]
+    # Measured: margins 0.0 and 0.44, KL estimates -1e-7 and 8.0.
+    assert abs(dpo_start["dpo_margin:mean"]) < 1e-4 and abs(dpo_base["dpo_margin:mean"]) > 0.05, first_steps
+    assert abs(rl_start["kl/sampler_vs_reference"]) < 1e-4 and rl_base["kl/sampler_vs_reference"] > 0.5, first_steps
     checkpoint = next((tmp_path / "first" / "checkpoints").glob("*/weights/*"))
     for adapter in (tmp_path / "first", checkpoint):  # a run folder (its latest checkpoint), or the folder itself
         again = sft.train(sft_config(f"from_{adapter.name}", 1, adapter=str(adapter)), Addition())

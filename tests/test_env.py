@@ -248,8 +248,8 @@ def test_kl_penalty_and_one_step_off_policy_on_episodes_of_two_turns(ray_local, 
     steps = history[:3]
     assert [r["sampler/weights_step"] for r in steps] == [0, 0, 1], "step k+1 samples the weights of step k"
     assert all(r["env/turns"] == 2.0 for r in steps)
-    assert abs(steps[0]["kl/sampler_vs_base"]) < 1e-4, "the first episodes come from the base model itself"
-    assert steps[2]["kl/sampler_vs_base"] > 1e-3, "after two updates the sampler has moved from the base"
+    assert abs(steps[0]["kl/sampler_vs_reference"]) < 1e-4, "the first episodes come from the base model itself"
+    assert steps[2]["kl/sampler_vs_reference"] > 1e-3, "after two updates the sampler has moved from the base"
     assert all(r["time/reference_s"] > 0 for r in steps), "the base model's logprobs are a phase of their own"
     # Agreement of the learner's logprobs of the action tokens with the sampler's: exact while both hold the same
     # weights (step 0), apart once the learner holds weights the sampler lacks (a step of lag).

@@ -1,10 +1,12 @@
-"""The DPO loop: preference pairs -> forward_backward(loss_fn="dpo") -> optim_step; the reference is the base model.
+"""The DPO loop: preference pairs -> forward_backward(loss_fn="dpo") -> optim_step, against a frozen reference.
 
 Pairs come from a verifiable task, a correct and an incorrect final answer to the same prompt
 (`rl.tasks.preference_pairs`), or from your own file (`data.train`: rl/datasets.py). A pair is two consecutive
-datums, chosen then rejected, whose weights select the reply's tokens. The learner computes the reference
-logprobs itself with the adapter off, so the reference is the base model. Every `eval_every` steps: DPO accuracy
-on held-out pairs, and a task's greedy accuracy.
+datums, chosen then rejected, whose weights select the reply's tokens. The reference is the weights the run starts
+from (algo.reference=start): a run that starts from an adapter (model.adapter: SFT, then DPO) gives each datum its
+reference logprobs from that adapter, held frozen in the learner; otherwise the learner computes them itself with
+the adapter off, the base model. Every `eval_every` steps: DPO accuracy on held-out pairs, and a task's greedy
+accuracy.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ def dpo_batch(data: list[Datum], loss_fn_config: dict[str, float]) -> ForwardBac
     return ForwardBackwardInput(data=data, loss_fn="dpo", loss_fn_config=loss_fn_config or None)
 
 
+async def with_reference(run: Run, batch: ForwardBackwardInput) -> ForwardBackwardInput:
+    """`batch` with each datum's ref_logprobs where the run's reference is its starting adapter
+    (`Run.reference_logprobs`); as it is where the reference is the base model, which the learner computes in the
+    same call."""
+    if run.reference_id is None:
+        return batch
+    reference_D = await run.reference_logprobs([datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"]
+                                                .data[-1:] for datum in batch.data])
+    data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs, "ref_logprobs": reference})
+            for datum, reference in zip(batch.data, reference_D, strict=True)]
+    return batch.model_copy(update={"data": data})
+
+
 def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
     """Chosen then rejected, for each pair: the layout the dpo loss reads. Only the reply's tokens are weighted,
     not an assistant turn inside the prompt."""
@@ -40,7 +55,8 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
                                                       read=read_preference_pairs)
     check_context(config, pairs + eval_pairs, lambda tokenizer, pair: pair_datums(tokenizer, [pair]))
     with Run(config, shared) as run:
-        held_out_pairs = dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo.loss_fn_config)
+        held_out_pairs = await with_reference(run, dpo_batch(pair_datums(run.tokenizer, eval_pairs),
+                                                             algo.loss_fn_config))
 
         async def evaluate(step: int) -> dict:
             metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out, step)
@@ -51,7 +67,8 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
 
             # The step's pairs, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
-            batch = dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]), algo.loss_fn_config)
+            batch = await with_reference(run, dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]),
+                                                        algo.loss_fn_config))
             output = await run.train_step(batch, adam_params(config, step), record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]

@@ -6,13 +6,14 @@ episodes (of one turn, for a task; rl/env.py), and an episode's advantage is its
 The loss is normalised by the number of sampled tokens through the advantages, because Tinker's losses sum over
 tokens.
 
-Options: a KL penalty against the base model (`algo.kl_coef`), folded into each token's advantage as
--kl_coef * (sampler logprob - base logprob); and one-step off-policy (`algo.off_policy`): the rollout of step
-k+1 is sampled, from the weights of step k, while step k trains, and step k's weights are published once it has
-finished (so every turn of its episodes comes from one version, which merge mode's replicas need: they serve
-one). The sampler's logprobs come from the weights that sampled (each response names them), so the importance
-ratio corrects for the lag. And several optimizer steps per rollout (`algo.num_substeps`), one per minibatch of
-the step's sequences, as tinker-cookbook's: the ratio corrects the later minibatches likewise.
+Options: a KL penalty against the reference (`algo.kl_coef`; `algo.reference`: the weights the run starts from, or
+the base model), folded into each token's advantage as -kl_coef * (sampler logprob - reference logprob); and
+one-step off-policy (`algo.off_policy`): the rollout of step k+1 is sampled, from the weights of step k, while step
+k trains, and step k's weights are published once it has finished (so every turn of its episodes comes from one
+version, which merge mode's replicas need: they serve one). The sampler's logprobs come from the weights that
+sampled (each response names them), so the importance ratio corrects for the lag. And several optimizer steps per
+rollout (`algo.num_substeps`), one per minibatch of the step's sequences, as tinker-cookbook's: the ratio corrects
+the later minibatches likewise.
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize:
     return [[value / scale for value in centered] for centered in centered_G]
 
 
-def kl_penalty(sequences: list[TrainingSequence], base_S: list[list[float]], coef: float) -> float:
-    """Subtracts coef * (sampler logprob - base logprob) from each action token's advantage; returns that
-    difference's mean, a one-sample estimate of KL(sampler || base) per token. base_S: per target (tokens[1:])."""
+def kl_penalty(sequences: list[TrainingSequence], reference_S: list[list[float]], coef: float) -> float:
+    """Subtracts coef * (sampler logprob - reference logprob) from each action token's advantage; returns that
+    difference's mean, a one-sample estimate of KL(sampler || reference) per token. reference_S: per target
+    (tokens[1:])."""
     gaps = []
-    for sequence, base_T in zip(sequences, base_S, strict=True):
+    for sequence, reference_T in zip(sequences, reference_S, strict=True):
         for index in range(1, len(sequence.tokens)):
             if sequence.actions[index]:
-                gap = sequence.logprobs[index] - base_T[index - 1]
+                gap = sequence.logprobs[index] - reference_T[index - 1]
                 sequence.advantages[index] -= coef * gap
                 gaps.append(gap)
     return sum(gaps) / max(len(gaps), 1)
@@ -223,12 +225,12 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             run.log_episodes(step, "train", sampled.episodes_P[:train_groups], advantages_P[:train_groups])
             record.update(episode_metrics(sampled))
 
-            # KL penalty: each action token's advantage pays for how far the sampler has moved from the base model.
+            # KL penalty: each action token's advantage pays for how far the sampler has moved from the reference
+            # (algo.reference: the weights the run started from, or the base model).
             if algo.kl_coef:
                 with timed(record, "reference"):
-                    base_S = await run.learner.logprobs.remote(run.model_id, [s.tokens for s in sequences],
-                                                               adapter=False)
-                record["kl/sampler_vs_base"] = kl_penalty(sequences, base_S, algo.kl_coef)
+                    reference_S = await run.reference_logprobs([s.tokens for s in sequences])
+                record["kl/sampler_vs_reference"] = kl_penalty(sequences, reference_S, algo.kl_coef)
 
             # Update: an optimizer step on each minibatch of the sequences that carry signal, then publish the weights.
             trained = [s for s in sequences if any(s.advantages)]

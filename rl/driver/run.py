@@ -225,8 +225,10 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
-        # The adapter to start from, found before any actor starts (a resumed run has its own weights).
-        self._adapter = adapter_folder(model.adapter) if model.adapter is not None and state is None else None
+        # The adapter to start from, found before any actor starts (a resumed run has its own weights, and needs
+        # the adapter only as its reference).
+        starts = model.adapter is not None and (state is None or reference_is_start(config))
+        self._adapter = adapter_folder(model.adapter) if starts else None
         self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
         self.actors = shared or Shared.start([config], wait=False)
         self.learner, self.pool = self.actors.learner, self.actors.pool
@@ -256,18 +258,35 @@ class Run:
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
         elif self._adapter is not None:
-            # The files travel as bytes: the learner may run on another node than this folder.
-            files = {name: (self._adapter / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
-            try:
-                ray.get(self.learner.load_adapter.remote(self.model_id, files))
-            except ValueError as error:  # the learner's reason, without Ray's traceback
-                cause = getattr(error, "cause", None) or error
-                raise ValueError(f"model.adapter={model.adapter}: {cause}") from None
+            self._load_adapter(self.model_id)
             print(f"starting from the adapter in {self._adapter}", flush=True)
+        self.reference_id: str | None = None
+        """The learner's run holding the starting adapter, never trained: the reference where it is one
+        (`reference_is_start`); None: the base model is."""
+        if reference_is_start(config):
+            self.reference_id = ray.get(self.learner.create.remote(self.base_model, self.lora))
+            self._load_adapter(self.reference_id)
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
         self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"], label=sweep_label)
+
+    def _load_adapter(self, model_id: str) -> None:
+        """model.adapter's weights into the learner's run `model_id`."""
+        # The files travel as bytes: the learner may run on another node than this folder.
+        files = {name: (self._adapter / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+        try:
+            ray.get(self.learner.load_adapter.remote(model_id, files))
+        except ValueError as error:  # the learner's reason, without Ray's traceback
+            cause = getattr(error, "cause", None) or error
+            raise ValueError(f"model.adapter={self.config.model.adapter}: {cause}") from None
+
+    async def reference_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Each sequence's logprobs of its tokens after the first under the run's reference (algo.reference): its
+        starting adapter, or the base model (the run's adapter off)."""
+        if self.reference_id is not None:
+            return await self.learner.logprobs.remote(self.reference_id, sequences)
+        return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
     def __enter__(self) -> Run:
         return self
@@ -285,8 +304,9 @@ class Run:
                        f"{self.best['step']}: its adapter is {where}")
         if not self.shared:
             self.actors.close()
-        elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this adapter leaves
-            ray.get(self.learner.delete.remote(self.model_id))
+        elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
+            ray.get([self.learner.delete.remote(model_id) for model_id in (self.model_id, self.reference_id)
+                     if model_id is not None])
         if isinstance(error, ray.exceptions.RayActorError) and error.actor_id == self.learner._actor_id.hex():
             reason = str(error).splitlines()[0].rstrip(".")
             raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
@@ -439,6 +459,14 @@ class Run:
         saved = await self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True)
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
                                   "totals": self.totals, "wandb_id": self.log.wandb_id, "best": self.best})
+
+
+def reference_is_start(config: TrainConfig) -> bool:
+    """Whether the run's reference is its starting adapter (algo.reference=start with model.adapter), held in the
+    learner as a run of its own: only where the loop has a reference (DPO, RL with kl_coef)."""
+    algo = config.algo
+    return (config.model.adapter is not None and algo.reference == "start"
+            and (algo.loop == "dpo" or (algo.loop == "rl" and algo.kl_coef > 0)))
 
 
 def tokenizer_of(model: ModelConfig):
