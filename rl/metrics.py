@@ -186,22 +186,32 @@ def _x(record: dict, key: str, x_label: str) -> float:
     return record["time_total/minutes"] - before / 60
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Reward/accuracy and loss against step, accuracy (or, in a run that has none, loss) against minutes of
-    steps, seconds per phase, memory: the panels that have data."""
-    from matplotlib.figure import Figure  # not pyplot, whose global state a sweep's runs (threads) would share
+def curve_panels(history: list[dict]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(title, x axis, keys) of each panel of curves.png that has data: reward/accuracy (with each data source's
+    accuracy) and loss against step, accuracy (or, in a run that has none, loss) against minutes of steps, seconds
+    per phase, memory."""
 
     def logged(keys: tuple[str, ...]) -> bool:
         return any(key in record for record in history for key in keys)
 
     memory_keys = sorted({key for record in history for key in record if key.startswith("memory/")})
-    accuracy = logged(CURVES["reward / accuracy"])
-    panels = [(title, "step", keys) for title, keys in CURVES.items()] + [
+    # Each data source's accuracy beside the whole held-out set's (rl.tasks.FileTask.metrics).
+    curves = {**CURVES, "reward / accuracy": CURVES["reward / accuracy"] + tuple(sorted(
+        {key for record in history for key in record if is_source_accuracy(key)}))}
+    accuracy = logged(curves["reward / accuracy"])
+    panels = [(title, "step", keys) for title, keys in curves.items()] + [
         ("accuracy against time" if accuracy else "loss against time", "minutes of steps",
-         CURVES["reward / accuracy" if accuracy else "loss"]),
+         curves["reward / accuracy" if accuracy else "loss"]),
         ("seconds per phase", "step", tuple(f"time/{phase}_s" for phase in PHASES)),
         ("resident memory (GiB)", "step", tuple(memory_keys))]
-    panels = [panel for panel in panels if logged(panel[2])]
+    return [panel for panel in panels if logged(panel[2])]
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """curves.png: the `curve_panels` of `history`."""
+    from matplotlib.figure import Figure  # not pyplot, whose global state a sweep's runs (threads) would share
+
+    panels = curve_panels(history)
     figure = Figure(figsize=(15, 7))
     axes = figure.subplots(2, 3)
     for axis in axes.flat[len(panels):]:

@@ -427,7 +427,7 @@ def test_a_resumed_run_log_keeps_the_metrics_and_samples_of_the_steps_before_it(
 
 
 def test_a_run_ends_by_saying_where_its_files_are_and_its_final_metrics(tmp_path):
-    from rl.metrics import closing_line, summary_line
+    from rl.metrics import closing_line, curve_panels, summary_line
 
     (tmp_path / "metrics.jsonl").touch()
     (tmp_path / "curves.png").touch()
@@ -440,6 +440,10 @@ def test_a_run_ends_by_saying_where_its_files_are_and_its_final_metrics(tmp_path
                                                "eval/math/accuracy 0.5 | reward/mean 0.5 | loss 0.25 | "
                                                "time_total/minutes 1.5")
     assert summary_line(history[2]) == "step 10 | eval acc 0.75 | pass@2 1 | math/accuracy 0.5 | gsm8k/accuracy 1"
+    [accuracy_panel, *_] = curve_panels(history)
+    assert accuracy_panel == ("reward / accuracy", "step", ("reward/mean", "eval/accuracy", "dpo_accuracy:mean",
+                                                            "eval/dpo_accuracy:mean", "eval/gsm8k/accuracy",
+                                                            "eval/math/accuracy"))
 
 
 def test_the_publish_modes_train_the_same(two_steps):
