@@ -241,6 +241,9 @@ class TrainConfig:
     """The evaluation's sampling temperature: 0 answers greedily."""
     checkpoint_every: int = 10
     """Resumable checkpoints every N steps (and after the last); 0: after the last only."""
+    checkpoint_keep: int | None = None
+    """The last N resumable checkpoints kept, each older one deleted once a newer one is written and state.json names
+    it (as HF's save_total_limit); None: all."""
     resume: bool = False
     """Continue the run in output_dir, or else the latest run of this recipe, from its last checkpoint."""
     output_dir: str = "outputs/run"
@@ -352,6 +355,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "steps": (NOT_NEGATIVE[0], "0 (evaluate only) or more"), "seed": NOT_NEGATIVE,
         "eval_every": (NOT_NEGATIVE[0], "0 (never) or more"),
         "checkpoint_every": (NOT_NEGATIVE[0], "0 (the last step only) or more"),
+        "checkpoint_keep": (UNSET_OR_AT_LEAST_1[0], "unset (all kept) or at least 1"),
         "model.dtype": one_of(*DTYPES), "model.lora_rank": AT_LEAST_1, "algo.loop": one_of(*LOOPS),
         "algo.loss_fn": one_of(*losses.LOSSES), "algo.learning_rate": POSITIVE,
         "algo.lr_schedule": one_of(*LR_SCHEDULES), "algo.warmup_steps": NOT_NEGATIVE,

@@ -23,18 +23,19 @@ def test_the_defaults_and_every_recipe_pass():
 
 
 def test_every_bad_value_is_named_at_once():
-    message = refusal(TrainConfig(steps=-1, eval_every=-2, eval_prompts=0, model=ModelConfig(dtype="fp8", lora_rank=0),
+    message = refusal(TrainConfig(steps=-1, eval_every=-2, eval_prompts=0, checkpoint_keep=0,
+                                  model=ModelConfig(dtype="fp8", lora_rank=0),
                                   learner=LearnerConfig(micro_batch_tokens=0), sampler=SamplerConfig(replicas=0,
                                                                                                       publish_mode="x",
                                                                                                       kv_cache_gib=0)))
     for expected in ("steps=-1: 0 (evaluate only) or more", "eval_every=-2: 0 (never) or more",
-                     "eval_prompts=0: at least 1 (",
+                     "eval_prompts=0: at least 1 (", "checkpoint_keep=0: unset (all kept) or at least 1",
                      "model.dtype='fp8': one of auto, float32, bfloat16, float16", "model.lora_rank=0: at least 1",
                      "learner.micro_batch_tokens=0: at least 1", "sampler.replicas=0: at least 1",
                      "sampler.publish_mode='x': one of adapter, merge",
                      "sampler.kv_cache_gib=0: unset or more than 0"):
         assert expected in message, (expected, message)
-    assert message.count("\n") == 9, "one line per bad value, no more"
+    assert message.count("\n") == 10, "one line per bad value, no more"
 
 
 def test_unknown_loss_and_loops_that_do_not_fit_their_loss():

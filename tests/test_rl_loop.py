@@ -396,7 +396,8 @@ _calls: list[str] = []
 
 def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, tiny_model_dir, tmp_path):
     _calls.clear()
-    config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1, algo={"loss_fn": "dro"})
+    config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1, checkpoint_keep=2,
+                         algo={"loss_fn": "dro"})
     with pytest.raises(RuntimeError, match=r"environment 'flaky' raised in step 1, group \d, episode \d, turn 0: "
                                            r"step: KeyError\('no such answer'\)"):
         train(config, FlakyTask())
@@ -405,6 +406,9 @@ def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, ti
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert [(line["step"], line["split"]) for line in samples(tmp_path)][::8] == [
         (0, "train"), (0, "eval"), (1, "train"), (2, "train"), (3, "eval")], "each step's samples once"
+    [run_folder] = (tmp_path / "checkpoints").iterdir()
+    assert sorted(path.name for path in (run_folder / "weights").iterdir()) == ["step-2", "step-3"], \
+        "checkpoint_keep=2: the last two, the one saved before the resume deleted"
 
     with pytest.raises(ValueError, match=r"task 'flaky' gave no prompts \(asked for 8 from split 'eval'"):
         train(tiny_config(tiny_model_dir, tmp_path / "empty"), FlakyTask(prompts=False, fail_at_step=None))

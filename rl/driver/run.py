@@ -455,10 +455,17 @@ class Run:
         self.log.log({**record, **self.totals})
 
     async def save_checkpoint(self, next_step: int) -> None:
-        """Saves the adapter with its optimizer state, then state.json naming it: the run resumes at `next_step`."""
+        """Saves the adapter with its optimizer state, then state.json naming it: the run resumes at `next_step`.
+        Then deletes all but the last checkpoint_keep of them (the run's own, resumed ones included)."""
         saved = await self.learner.save_weights.remote(self.model_id, f"step-{next_step}", overwrite=True)
         write_state(self.folder, {"step": next_step, "checkpoint": saved.path, "model_id": self.model_id,
                                   "totals": self.totals, "wandb_id": self.log.wandb_id, "best": self.best})
+        if self.config.checkpoint_keep:
+            listed = (await self.learner.list_checkpoints.remote(self.model_id)).checkpoints
+            older = sorted((checkpoint for checkpoint in listed if checkpoint.checkpoint_type == "training"
+                            and checkpoint.tinker_path != saved.path), key=lambda checkpoint: checkpoint.time)
+            for checkpoint in older[:max(len(older) - self.config.checkpoint_keep + 1, 0)]:
+                await self._delete(checkpoint.tinker_path)
 
 
 def reference_is_start(config: TrainConfig) -> bool:
