@@ -26,6 +26,10 @@ class ModelConfig:
     lora_rank: int = 16
     train_unembed: bool = True
     """Adapt the output layer (lm_head) too, as Tinker's LoraConfig does by default."""
+    train_attn: bool = True
+    """Adapt the attention projections (q, k, v, o)."""
+    train_mlp: bool = True
+    """Adapt the MLP projections (gate, up, down)."""
     max_model_len: int = 512
     chat_template: str | None = None
     """How chats become the model's tokens: None, the tokenizer's own template; for a base model that has none,
@@ -426,6 +430,9 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
             reward_function(config.data.reward_fn)
         except ValueError as error:
             found.append(("data.reward_fn", config.data.reward_fn, str(error).split(": ", 1)[1]))
+    if not (config.model.train_attn or config.model.train_mlp or config.model.train_unembed):
+        found.append(("model.train_attn", False, "true, or model.train_mlp or model.train_unembed: an adapter of no "
+                      "layer trains nothing"))
     template = config.model.chat_template
     if template is not None and template not in CHAT_TEMPLATES and not Path(template).is_file():
         found.append(("model.chat_template", template, f"unset (the tokenizer's own), {', '.join(CHAT_TEMPLATES)}, "

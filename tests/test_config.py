@@ -38,6 +38,12 @@ def test_every_bad_value_is_named_at_once():
     assert message.count("\n") == 10, "one line per bad value, no more"
 
 
+def test_an_adapter_of_no_layer_is_refused():
+    message = refusal(TrainConfig(model=ModelConfig(train_attn=False, train_mlp=False, train_unembed=False)))
+    assert "model.train_attn=False: true, or model.train_mlp or model.train_unembed" in message
+    check(TrainConfig(model=ModelConfig(train_attn=False, train_unembed=False)))  # the MLP's alone
+
+
 def test_unknown_loss_and_loops_that_do_not_fit_their_loss():
     assert "algo.loss_fn='nosuch': one of cross_entropy, importance_sampling" in refusal(
         TrainConfig(algo=AlgoConfig(loss_fn="nosuch")))

@@ -155,6 +155,17 @@ def test_num_substeps_takes_an_optimizer_step_per_minibatch(ray_local, tiny_mode
         assert 0 < record["tokens/computed"] <= record["tokens/trained"], record  # prompts shared: computed once
 
 
+def test_the_adapter_adapts_the_layers_the_model_config_names(ray_local, tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=0)
+    config = replace(config, model=replace(config.model, train_mlp=False, train_unembed=False))
+    [record] = train(config, Digits())
+    assert record["datums"] > 0 and record["kl/sampler_vs_learner_sq"] < 1e-6, "trained, and the sampler serves it"
+    [run_folder] = (tmp_path / "checkpoints").iterdir()
+    [weights] = (run_folder / "sampler_weights").iterdir()
+    adapter = json.loads((weights / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"], adapter["target_modules"]
+
+
 @pytest.fixture(scope="module")
 def two_steps(ray_local, tiny_model_dir, tmp_path_factory):
     """Two steps of Digits in each publish mode: merged into the engine's weights, and a LoRA beside them."""

@@ -241,7 +241,8 @@ class Run:
 
     def _start(self, config: TrainConfig, state: dict | None) -> None:
         model = config.model
-        self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=model.train_unembed)
+        self.lora = LoraConfig(rank=model.lora_rank, seed=config.seed, train_unembed=model.train_unembed,
+                               train_attn=model.train_attn, train_mlp=model.train_mlp)
         self.model_id = ray.get(self.learner.create.remote(self.base_model, self.lora,
                                                            model_id=state and state["model_id"],
                                                            storage=str(self.folder / CHECKPOINTS)))
