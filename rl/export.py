@@ -35,7 +35,7 @@ PROBE = "What is 1 + 7? Answer: 8. The quick brown fox jumps over the lazy dog."
 """Text whose tokens the merged model must score as the adapter does."""
 TOLERANCE = 1e-3
 """Largest difference allowed between the merged model's and the adapter's logprobs of the probe, both float32 (a
-correct merge differs by rounding, ~1e-6; a tied output layer merged into the embedding, by ~1)."""
+correct merge differs by rounding, ~1e-6; a tied output layer merged into the embedding, by 0.1-1.5)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

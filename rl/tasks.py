@@ -202,8 +202,8 @@ class FileTask:
     def metrics(self, problem: Problem, completion: str) -> dict[str, float]:
         """The other numbers your function gives (data.reward_fn), and where the problems come from several data
         sources, the accuracy again as SOURCE/accuracy."""
-        metrics = custom_score(self.reward_fn, completion, problem.answer, problem.entry).metrics if self.reward_fn \
-            else {}
+        metrics = dict(custom_score(self.reward_fn, completion, problem.answer, problem.entry).metrics
+                       if self.reward_fn else {})
         if len(self.data_sources) > 1:
             metrics[f"{data_source(problem)}/accuracy"] = self.accuracy(problem, completion)
         return metrics

@@ -34,8 +34,9 @@ async def with_reference(run: Run, batch: ForwardBackwardInput) -> ForwardBackwa
     same call."""
     if run.reference_id is None:
         return batch
-    reference_D = await run.reference_logprobs([datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"]
-                                                .data[-1:] for datum in batch.data])
+    # A datum's sequence: its input, then its last target (the targets are the input shifted by one).
+    sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:] for datum in batch.data]
+    reference_D = await run.reference_logprobs(sequences)
     data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs, "ref_logprobs": reference})
             for datum, reference in zip(batch.data, reference_D, strict=True)]
     return batch.model_copy(update={"data": data})
