@@ -151,14 +151,16 @@ def dpo(logprobs_D, inputs_D, config):
     For a pair: reward_c = sum_t w_t (logp_t - ref_t) over the chosen datum, reward_r likewise over the
     rejected one, and loss = -logsigmoid(beta * (reward_c - reward_r)). `weights` select the response tokens
     (1) from the prompt (0); `ref_logprobs` are the reference model's logprobs of the same targets.
+    `label_smoothing` e (conservative DPO, as TRL's): each preference is taken as wrong with probability e, loss =
+    -(1 - e) * logsigmoid(m) - e * logsigmoid(-m), m = beta * (reward_c - reward_r); 0 is plain DPO.
     Metrics (means over pairs): accuracy (reward_c > reward_r), margin (reward_c - reward_r), and the
     chosen and rejected rewards, each scaled by beta as in the DPO paper.
     """
-    beta = config["beta"]
+    beta, smoothing = config["beta"], config["label_smoothing"]
     rewards = torch.stack([(x["weights"] * (lp - x["ref_logprobs"])).sum()
                            for lp, x in zip(logprobs_D, inputs_D, strict=True)])
     margins = beta * (rewards[0::2] - rewards[1::2])
-    loss = -F.logsigmoid(margins).sum()
+    loss = -((1 - smoothing) * F.logsigmoid(margins) + smoothing * F.logsigmoid(-margins)).sum()
     margins, chosen, rejected = margins.detach(), beta * rewards[0::2].detach(), beta * rewards[1::2].detach()
     return loss, {
         "loss:sum": loss.item(),
@@ -183,7 +185,7 @@ LOSSES: dict[str, LossSpec] = {
                       config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
     "dro": LossSpec(dro, inputs=_POLICY_INPUTS, optional_inputs=("weights",), config={"beta": 0.1}),
     "dpo": LossSpec(dpo, inputs=("target_tokens", "weights"), optional_inputs=("ref_logprobs",),
-                    config={"beta": 0.1}, datums_per_group=2, reference_input="ref_logprobs"),
+                    config={"beta": 0.1, "label_smoothing": 0.0}, datums_per_group=2, reference_input="ref_logprobs"),
 }
 
 

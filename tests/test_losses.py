@@ -206,7 +206,7 @@ def test_dpo_matches_the_standard_sigmoid_dpo_formula():
     inputs_D = [{"weights": torch.tensor([0.0, 0.0] + [1.0] * (n - 2), dtype=torch.float64),
                  "ref_logprobs": -_rand(40 + i, n).abs()} for i, n in enumerate(lengths)]
     beta = 0.3
-    loss, metrics = losses.dpo(logprobs_D, inputs_D, {"beta": beta})
+    loss, metrics = losses.dpo(logprobs_D, inputs_D, {"beta": beta, "label_smoothing": 0.0})
 
     def sequence_logp(values, weights):  # log pi(y|x) of the response
         return float((values * weights).sum())
@@ -224,15 +224,20 @@ def test_dpo_matches_the_standard_sigmoid_dpo_formula():
     assert metrics["dpo_margin:mean"] == pytest.approx(np.mean(margins))
     assert metrics["dpo_accuracy:mean"] == pytest.approx(np.mean([m > 0 for m in margins]))
     # The gradient of -logsigmoid(z) in z is -sigmoid(-z): on a chosen response token it is -beta*sigmoid(-z).
-    grads = _grads(losses.dpo, logprobs_D, inputs_D, {"beta": beta})
+    grads = _grads(losses.dpo, logprobs_D, inputs_D, {"beta": beta, "label_smoothing": 0.0})
     sigmoid = 1 / (1 + math.exp(margins[0]))
     assert torch.allclose(grads[0], -beta * sigmoid * inputs_D[0]["weights"])
     assert torch.allclose(grads[1], beta * sigmoid * inputs_D[1]["weights"])
-    _gradcheck(losses.dpo, logprobs_D, inputs_D, {"beta": beta})
+    _gradcheck(losses.dpo, logprobs_D, inputs_D, {"beta": beta, "label_smoothing": 0.0})
+    # Label smoothing e: -(1 - e) log sigmoid(z) - e log sigmoid(-z) per pair (conservative DPO).
+    smoothed, _ = losses.dpo(logprobs_D, inputs_D, {"beta": beta, "label_smoothing": 0.2})
+    assert smoothed.item() == pytest.approx(sum(0.8 * math.log1p(math.exp(-z)) + 0.2 * math.log1p(math.exp(z))
+                                                for z in margins), rel=1e-12)
+    _gradcheck(losses.dpo, logprobs_D, inputs_D, {"beta": beta, "label_smoothing": 0.2})
 
 
 def test_resolve_config_names_what_is_wrong():
-    assert losses.resolve_config("dpo", {"beta": "0.5"}) == {"beta": 0.5}
+    assert losses.resolve_config("dpo", {"beta": "0.5"}) == {"beta": 0.5, "label_smoothing": 0.0}
     with pytest.raises(ValueError, match="loss_fn 'mse' is unknown"):
         losses.resolve_config("mse", None)
     with pytest.raises(ValueError, match=r"loss_fn_config\['clip'\] is not used by ppo"):
