@@ -604,12 +604,19 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
     # held frozen in the learner), as TRL's is the SFT policy; algo.reference=base measures against the base model.
     pairs = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": f"{a} + {b}?", "chosen": str(a + b),
                                                  "rejected": str(a + b + 1)} for a, b in sums(8)])
+    def dpo_config(folder: str, steps: int, reference: str) -> TrainConfig:
+        config = sft_config(folder, steps, adapter=str(tmp_path / "first"))
+        return replace(config, checkpoint_every=1, data=DataConfig(train=pairs, eval=pairs), algo=AlgoConfig(
+            loop="dpo", loss_fn="dpo", learning_rate=1e-2, prompts_per_step=4, reference=reference))
+
     first_steps = {}
     for reference in ("start", "base"):
-        config = sft_config(f"dpo_{reference}", 1, adapter=str(tmp_path / "first"))
-        config = replace(config, data=DataConfig(train=pairs, eval=pairs), algo=AlgoConfig(
-            loop="dpo", loss_fn="dpo", learning_rate=1e-2, prompts_per_step=4, reference=reference))
+        config = dpo_config(f"dpo_{reference}", 2, reference)
         dpo_steps = [record for record in dpo.train(config, Addition()) if "loss" in record]
+        if reference == "start":  # resumed after step 0, the run measures against the same starting adapter
+            dpo.train(dpo_config("dpo_resumed", 1, reference), Addition())
+            resumed = dpo.train(replace(dpo_config("dpo_resumed", 2, reference), resume=True), Addition())
+            assert resumed[1]["dpo_margin:mean"] == pytest.approx(dpo_steps[1]["dpo_margin:mean"], rel=1e-4)
         rl_config = replace(tiny_config(tiny_model_dir, tmp_path / f"rl_{reference}", steps=1, eval_every=0),
                             model=config.model, algo=replace(tiny_config(tiny_model_dir, tmp_path).algo, kl_coef=0.1,
                                                              reference=reference))
