@@ -302,7 +302,8 @@ class Run:
             except ValueError:  # the learner's node holds it (no storage_uri)
                 where = self.best["checkpoint"]
             tqdm.write(f"{self.log.prefix}best held-out accuracy {self.best['eval/accuracy']:.3g} at step "
-                       f"{self.best['step']}: its adapter is {where}")
+                       f"{self.best['step']}: its adapter is {where} (`rl-export {self.folder} OUT --best` merges it "
+                       "into a model folder)")
         if not self.shared:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
