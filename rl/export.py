@@ -101,16 +101,21 @@ def export(adapter: Path, out: Path, *, base: Path, dtype: str = "float32", chat
     for parameter in merged.parameters():  # rounded as saved (buffers such as rotary frequencies are not saved)
         parameter.data = parameter.data.to(DTYPES[dtype]).float()
     rounded = float((_logprobs(merged, probe) - expected).abs().max())
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    staging, replaced = (out.parent / f".{out.name}.{what}-{os.getpid()}" for what in ("tmp", "replaced"))
     shutil.rmtree(staging, ignore_errors=True)
     try:
         merged.to(DTYPES[dtype]).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # moved aside, not removed, until its successor is in place
+            out.rename(replaced)
         staging.rename(out)
+    except BaseException:
+        if replaced.exists() and not out.exists():
+            replaced.rename(out)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
     return difference, rounded
 
 

@@ -96,3 +96,13 @@ def test_what_cannot_be_exported_is_refused_and_nothing_is_written(tiny_model_di
         assert exited.value.code == 2 and message in capsys.readouterr().err, argv
     assert sorted(path.name for path in tmp_path.iterdir()) == ["other-base", "taken"], "no folder half-written"
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+
+
+def test_overwrite_replaces_a_folder_whole(trained_run, tmp_path):
+    run, _, expected = trained_run
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "old.txt").write_text("old")
+    main([str(run), str(tmp_path / "merged"), "--best", "--overwrite"])
+    assert not (tmp_path / "merged" / "old.txt").exists() and [path.name for path in tmp_path.iterdir()] == ["merged"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert (logprobs(merged, PATTERN_TOKENS) - expected).abs().max() < 1e-4
