@@ -73,7 +73,16 @@ class AlgoConfig:
     normalize_std: bool = False
     """Divide group-relative advantages by the group's standard deviation."""
     kl_coef: float = 0.0
-    """Per-token KL penalty against the reference (algo.reference), folded into the advantages (0: off)."""
+    """Per-token KL penalty against the reference (algo.reference, or algo.teacher), folded into the advantages (0:
+    off)."""
+    teacher: str | None = None
+    """On-policy distillation: a LoRA adapter on model.name to learn from (model.adapter's forms; its own rank and
+    target modules), held frozen in the learner as the KL reference, so each sampled token's advantage gains
+    -kl_coef * (sampler logprob - teacher logprob), the teacher's per-token reverse KL (tinker-cookbook's on-policy
+    distillation). With reward_coef=0 the teacher is the only signal; else it adds to the rewards'."""
+    reward_coef: float = 1.0
+    """The weight of the group-relative advantages from the environment's rewards; 0 with algo.teacher:
+    distillation alone (rewards and accuracy are still logged)."""
     off_policy: bool = False
     """Sample step k+1 while step k trains (one step behind; the importance ratio corrects)."""
     num_substeps: int = 1
@@ -83,7 +92,8 @@ class AlgoConfig:
     reference: str = "start"
     """What DPO's loss and RL's kl_coef measure the policy against: start, the weights the run starts from
     (model.adapter's, held frozen in the learner as a run of its own; without one, the base model), as TRL's and
-    the DPO paper's reference is the SFT policy; or base, the base model even when starting from an adapter."""
+    the DPO paper's reference is the SFT policy; or base, the base model even when starting from an adapter.
+    algo.teacher, where given, is RL's reference instead."""
     # DPO and SFT
     train_examples: int = 256
     """Size of the fixed training set drawn from the task, cycled through in shuffled epochs (a data file's
@@ -346,7 +356,7 @@ def one_of(*choices: str) -> tuple:
     return (lambda value: value in choices), f"one of {', '.join(choices)}"
 
 
-def _rules(loop: str) -> dict[str, tuple]:
+def _rules(config: TrainConfig) -> dict[str, tuple]:
     """Each key's rule: (whether a value keeps it, what it must be)."""
     from rl import losses
     from rl.answers import ANSWER_FORMATS
@@ -368,7 +378,7 @@ def _rules(loop: str) -> dict[str, tuple]:
         "algo.adam_epsilon": POSITIVE,
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
         "algo.max_tokens": AT_LEAST_1, "algo.num_substeps": AT_LEAST_1,
-        "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"),
+        "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"), "algo.reward_coef": NOT_NEGATIVE,
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "data.answer_format": one_of(*ANSWER_FORMATS),
         "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
@@ -384,9 +394,10 @@ def _rules(loop: str) -> dict[str, tuple]:
         "env.max_turns": AT_LEAST_1, "env.max_sampled_tokens": UNSET_OR_AT_LEAST_1,
         "env.advantage": one_of("episode", "reward_to_go"), "env.truncated": one_of("train", "drop"),
     }
-    if loop == "rl":
-        rules["algo.group_size"] = (lambda value: value >= 2, "at least 2: advantages are relative to the group, "
-                                                              "so a group of one never trains")
+    if config.algo.loop == "rl":
+        if config.algo.reward_coef:
+            rules["algo.group_size"] = (lambda value: value >= 2, "at least 2: advantages are relative to the "
+                                                                  "group, so a group of one never trains")
         rules["algo.temperature"] = (lambda value: value > 0, "more than 0: greedy samples of a prompt are all "
                                                               "alike, so their advantages are all 0")
     return rules
@@ -400,7 +411,7 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     from rl.datasets import data_files
 
     found = []
-    for key, (keeps, rule) in _rules(config.algo.loop).items():
+    for key, (keeps, rule) in _rules(config).items():
         value = _value(config, key)
         if not keeps(value):
             found.append((key, value, rule))
@@ -437,9 +448,20 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     if template is not None and template not in CHAT_TEMPLATES and not Path(template).is_file():
         found.append(("model.chat_template", template, f"unset (the tokenizer's own), {', '.join(CHAT_TEMPLATES)}, "
                       "or a Jinja file, but there is no such file"))
-    if config.model.adapter is not None and not Path(config.model.adapter).is_dir():
-        found.append(("model.adapter", config.model.adapter, "a PEFT adapter folder or a run folder, but there is no "
-                      "such folder"))
+    for key in ("model.adapter", "algo.teacher"):
+        path = _value(config, key)
+        if path is not None and not Path(path).is_dir():
+            found.append((key, path, "a PEFT adapter folder or a run folder, but there is no such folder"))
+    if algo.teacher is not None and algo.loop != "rl":
+        found.append(("algo.teacher", algo.teacher, f"unset: the {algo.loop} loop does not sample, and distillation "
+                      "learns from the teacher's logprobs of the student's own samples"))
+    elif algo.teacher is not None and not algo.kl_coef:
+        found.append(("algo.kl_coef", algo.kl_coef, "more than 0 with algo.teacher: it weighs the teacher's "
+                      "per-token KL, the signal that distillation learns from"))
+    if algo.loop == "rl" and not algo.reward_coef and algo.teacher is None:
+        found.append(("algo.teacher", None, "an adapter to distill from (a PEFT adapter folder, or a run folder: its "
+                      "latest checkpoint) with algo.reward_coef=0: with neither rewards nor a teacher there is nothing "
+                      "to learn"))
     for key in ("data.train", "data.eval"):
         path = _value(config, key)
         try:

@@ -67,6 +67,33 @@ def test_impossible_sizes_for_rl():
     check(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", group_size=1, temperature=0.0)))
 
 
+def test_distillation_needs_a_teacher_a_kl_coefficient_and_the_rl_loop(tmp_path):
+    assert "algo.teacher=None: an adapter to distill from" in refusal(TrainConfig(algo=AlgoConfig(reward_coef=0)))
+    message = refusal(TrainConfig(algo=AlgoConfig(teacher=str(tmp_path / "nowhere"))))
+    assert f"algo.teacher='{tmp_path / 'nowhere'}': a PEFT adapter folder or a run folder, but there is no" in message
+    assert "algo.kl_coef=0.0: more than 0 with algo.teacher" in message
+    assert "algo.teacher=" in refusal(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy",
+                                                                   teacher=str(tmp_path))))
+    # The teacher alone teaches a group of one: no group-relative advantage is needed.
+    check(TrainConfig(algo=AlgoConfig(teacher=str(tmp_path), kl_coef=1.0, reward_coef=0.0, group_size=1)))
+    assert "algo.group_size=1: at least 2" in refusal(TrainConfig(algo=AlgoConfig(
+        teacher=str(tmp_path), kl_coef=1.0, group_size=1)))
+    # The recipe: the main job's, learning from the teacher alone, which the command line must give.
+    from hydra import compose, initialize_config_dir
+
+    from rl.config import load
+    from rl.train import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        recipe = load(compose("config", overrides=["output_dir=unused", "recipe=arithmetic_distill"]))
+        main_job = load(compose("config", overrides=["output_dir=unused", "recipe=arithmetic_rl"]))
+    assert "algo.teacher=None: an adapter to distill from" in refusal(recipe)
+    assert (recipe.algo.reward_coef, recipe.algo.kl_coef) == (0.0, 1.0)
+    assert replace(recipe.algo, teacher=None, reward_coef=1.0, kl_coef=0.0) == main_job.algo
+    assert (recipe.model, recipe.task, recipe.sampler, recipe.steps) == (main_job.model, main_job.task,
+                                                                          main_job.sampler, main_job.steps)
+
+
 def test_the_command_line_sets_maps_whole_and_pins_actors_to_nodes_as_docs_cluster_md_shows():
     from hydra import compose, initialize_config_dir
 

@@ -644,3 +644,4 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
         sft.train(sft_config("from_nothing", 1, adapter=str(tmp_path / "empty")), Addition())
     with pytest.raises(ValueError, match="model.adapter='nowhere': a PEFT adapter folder or a run folder, but"):
         check(sft_config("from_nowhere", 1, adapter="nowhere"))
+

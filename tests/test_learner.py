@@ -891,6 +891,42 @@ def test_an_adapter_from_elsewhere_loads_with_a_fresh_optimizer_or_is_refused_ch
     assert learner.step(target) == step and learner._runs[target].optimizer.state, "its optimizer as it was"
 
 
+def test_a_teachers_adapter_loads_in_its_own_shape_and_computes_as_peft_does(learner, tiny_model_dir, tmp_path):
+    # An adapter PEFT itself wrote, of another rank, targets and alpha than any run here: a distillation teacher.
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), PeftLoraConfig(
+        r=6, lora_alpha=9, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft.save_pretrained(tmp_path)
+    files = {name: (tmp_path / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    runs = set(learner._runs)
+    teacher = learner.create_from_adapter(files)
+    assert learner._runs[teacher].lora.rank == 6 and not learner._runs[teacher].lora.train_mlp
+    tokens = torch.tensor([PATTERN_TOKENS])
+    with torch.no_grad():
+        expected = torch.log_softmax(peft.eval()(input_ids=tokens).logits[0, :-1].float(), -1).gather(
+            -1, tokens[0, 1:, None])[:, 0]
+    base = learner.logprobs(teacher, [PATTERN_TOKENS], adapter=False)[0]
+    assert float((expected - torch.tensor(base)).abs().max()) > 0.05, "the adapter changes the logprobs"
+    assert learner.logprobs(teacher, [PATTERN_TOKENS])[0] == pytest.approx(expected.tolist(), abs=1e-5)
+    learner.delete(teacher)
+    config = json.loads(files[ADAPTER_CONFIG])
+    with pytest.raises(ValueError, match=r"the adapter's target_modules are \['k_proj', 'q_proj'\]; a run adapts "
+                                         r"attn \(q_proj k_proj v_proj o_proj\), mlp"):
+        learner.create_from_adapter({**files, ADAPTER_CONFIG: json.dumps(
+            {**config, "target_modules": ["q_proj", "k_proj"]}).encode()})
+    with pytest.raises(ValueError, match="the adapter's tensors do not match the run's"):
+        learner.create_from_adapter({**files, ADAPTER_CONFIG: json.dumps(
+            {**config, "target_modules": [*config["target_modules"], "up_proj", "gate_proj", "down_proj"]}).encode()})
+    assert set(learner._runs) == runs, "nothing left behind"
+
+
 def test_the_learner_runs_as_a_ray_actor(tiny_model_dir, tmp_path, learner, ray_local):
     from rl.learner import LearnerActor
 

@@ -7,7 +7,9 @@ The loss is normalised by the number of sampled tokens through the advantages, b
 tokens.
 
 Options: a KL penalty against the reference (`algo.kl_coef`; `algo.reference`: the weights the run starts from, or
-the base model), folded into each token's advantage as -kl_coef * (sampler logprob - reference logprob); and
+the base model), folded into each token's advantage as -kl_coef * (sampler logprob - reference logprob); on-policy
+distillation, the same penalty against a teacher's adapter (`algo.teacher`), the rewards weighted by
+`algo.reward_coef` (0: the teacher alone); and
 one-step off-policy (`algo.off_policy`): the rollout of step k+1 is sampled, from the weights of step k, while step
 k trains, and step k's weights are published once it has finished (so every turn of its episodes comes from one
 version, which merge mode's replicas need: they serve one). The sampler's logprobs come from the weights that
@@ -141,9 +143,11 @@ async def rollout(run: Run, environment: Environment, step: int, version: Adapte
 
 
 def group_advantages(config: TrainConfig, sampled: Rollout) -> list[list[list[float]]]:
-    """Each episode's advantage on each of its turns, per group (`turn_advantages`)."""
-    return [turn_advantages(episodes_G, reward_to_go=config.env.advantage == "reward_to_go",
-                            normalize=config.algo.normalize_std) for episodes_G in sampled.episodes_P]
+    """Each episode's advantage on each of its turns, per group (`turn_advantages`), times algo.reward_coef."""
+    coef = config.algo.reward_coef
+    return [[[coef * value for value in turns] for turns in turn_advantages(
+        episodes_G, reward_to_go=config.env.advantage == "reward_to_go", normalize=config.algo.normalize_std)]
+        for episodes_G in sampled.episodes_P]
 
 
 def minibatch_datums(trained: list[TrainingSequence], count: int, *, sampled_tokens: int) -> list[list[Datum]]:
@@ -225,12 +229,13 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             run.log_episodes(step, "train", sampled.episodes_P[:train_groups], advantages_P[:train_groups])
             record.update(episode_metrics(sampled))
 
-            # KL penalty: each action token's advantage pays for how far the sampler has moved from the reference
-            # (algo.reference: the weights the run started from, or the base model).
+            # KL penalty: each action token's advantage pays for how far the sampler is from the reference (the
+            # weights the run started from, or the base model), or with a teacher, from the teacher: distillation.
             if algo.kl_coef:
                 with timed(record, "reference"):
                     reference_S = await run.reference_logprobs([s.tokens for s in sequences])
-                record["kl/sampler_vs_reference"] = kl_penalty(sequences, reference_S, algo.kl_coef)
+                kl_name = "kl/sampler_vs_teacher" if algo.teacher else "kl/sampler_vs_reference"
+                record[kl_name] = kl_penalty(sequences, reference_S, algo.kl_coef)
 
             # Update: an optimizer step on each minibatch of the sequences that carry signal, then publish the weights.
             trained = [s for s in sequences if any(s.advantages)]

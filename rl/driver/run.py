@@ -225,10 +225,11 @@ class Run:
         if config.resume and state is None:
             raise ValueError(f"resume=true: {self.folder} holds no {STATE}, so there is no checkpoint to resume "
                              "from (checkpoints are written every checkpoint_every steps)")
-        # The adapter to start from, found before any actor starts (a resumed run has its own weights, and needs
-        # the adapter only as its reference).
-        starts = model.adapter is not None and (state is None or reference_is_start(config))
-        self._adapter = adapter_folder(model.adapter) if starts else None
+        # The adapters to start from and to hold as the reference, found before any actor starts (a resumed run has
+        # its own weights, and needs the starting adapter only where it is its reference).
+        self._adapter = adapter_folder(model.adapter) if model.adapter is not None and state is None else None
+        reference = reference_adapter(config)
+        self._reference = reference and (*reference, adapter_folder(reference[1], key=reference[0]))
         self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
         self.actors = shared or Shared.start([config], wait=False)
         self.learner, self.pool = self.actors.learner, self.actors.pool
@@ -259,32 +260,35 @@ class Run:
             self.start_step, self.totals = state["step"], state["totals"]
             print(f"resuming {self.folder} at step {self.start_step} from {state['checkpoint']}", flush=True)
         elif self._adapter is not None:
-            self._load_adapter(self.model_id)
+            self._load_adapter("model.adapter", model.adapter, self._adapter, self.model_id)
             print(f"starting from the adapter in {self._adapter}", flush=True)
         self.reference_id: str | None = None
-        """The learner's run holding the starting adapter, never trained: the reference where it is one
-        (`reference_is_start`); None: the base model is."""
-        if reference_is_start(config):
-            self.reference_id = ray.get(self.learner.create.remote(self.base_model, self.lora))
-            self._load_adapter(self.reference_id)
+        """The learner's run holding the reference's adapter (`reference_adapter`: the teacher, or the starting
+        adapter), never trained; None: the base model is the reference."""
+        if self._reference is not None:
+            self.reference_id = self._load_adapter(*self._reference)
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
         self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"], label=sweep_label)
 
-    def _load_adapter(self, model_id: str) -> None:
-        """model.adapter's weights into the learner's run `model_id`."""
+    def _load_adapter(self, key: str, given: str, folder: Path, model_id: str | None = None) -> str:
+        """The adapter in `folder` (setting `key` gave it as `given`) into the learner's run `model_id`, or into a
+        new run of the adapter's own shape; returns the run's model id."""
         # The files travel as bytes: the learner may run on another node than this folder.
-        files = {name: (self._adapter / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+        files = {name: (folder / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
         try:
+            if model_id is None:
+                return ray.get(self.learner.create_from_adapter.remote(files))
             ray.get(self.learner.load_adapter.remote(model_id, files))
+            return model_id
         except ValueError as error:  # the learner's reason, without Ray's traceback
             cause = getattr(error, "cause", None) or error
-            raise ValueError(f"model.adapter={self.config.model.adapter}: {cause}") from None
+            raise ValueError(f"{key}={given}: {cause}") from None
 
     async def reference_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Each sequence's logprobs of its tokens after the first under the run's reference (algo.reference): its
-        starting adapter, or the base model (the run's adapter off)."""
+        """Each sequence's logprobs of its tokens after the first under the run's reference (`reference_adapter`):
+        the teacher, its starting adapter, or the base model (the run's adapter off)."""
         if self.reference_id is not None:
             return await self.learner.logprobs.remote(self.reference_id, sequences)
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
@@ -470,12 +474,17 @@ class Run:
                 await self._delete(checkpoint.tinker_path)
 
 
-def reference_is_start(config: TrainConfig) -> bool:
-    """Whether the run's reference is its starting adapter (algo.reference=start with model.adapter), held in the
-    learner as a run of its own: only where the loop has a reference (DPO, RL with kl_coef)."""
+def reference_adapter(config: TrainConfig) -> tuple[str, str] | None:
+    """(setting, path) of the adapter held frozen in the learner, as a run of its own, as the run's reference: in
+    RL algo.teacher's, or the starting adapter (model.adapter) with algo.reference=start, where the loop has a
+    reference (DPO, RL with kl_coef); None: the base model is the reference, or there is none."""
     algo = config.algo
-    return (config.model.adapter is not None and algo.reference == "start"
-            and (algo.loop == "dpo" or (algo.loop == "rl" and algo.kl_coef > 0)))
+    if algo.loop == "rl" and algo.teacher is not None:
+        return "algo.teacher", algo.teacher
+    if (config.model.adapter is not None and algo.reference == "start"
+            and (algo.loop == "dpo" or (algo.loop == "rl" and algo.kl_coef > 0))):
+        return "model.adapter", config.model.adapter
+    return None
 
 
 def tokenizer_of(model: ModelConfig):

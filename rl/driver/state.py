@@ -35,20 +35,20 @@ def write_state(folder: Path, state: dict) -> None:
     staging.replace(folder / STATE)
 
 
-def adapter_folder(path: str | Path) -> Path:
-    """The PEFT adapter folder that `model.adapter` names: the folder itself (any run's checkpoint, what
-    save_weights_for_sampler publishes, an adapter from the HF hub saved locally), or for a run's folder its latest
-    checkpoint (state.json). A ValueError says what the path is not."""
+def adapter_folder(path: str | Path, key: str = "model.adapter") -> Path:
+    """The PEFT adapter folder that `model.adapter` (or the setting `key`) names: the folder itself (any run's
+    checkpoint, what save_weights_for_sampler publishes, an adapter from the HF hub saved locally), or for a run's
+    folder its latest checkpoint (state.json). A ValueError says what the path is not."""
     folder = Path(path)
     state = read_state(folder) if folder.is_dir() else None
     if state is not None:
         try:
             folder = checkpoint_folder(folder, state["checkpoint"])
         except ValueError as error:
-            raise ValueError(f"model.adapter={path}: {error}") from None
+            raise ValueError(f"{key}={path}: {error}") from None
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"model.adapter={path}: not a PEFT adapter folder (it lacks {', '.join(missing)}" + (
+        raise ValueError(f"{key}={path}: not a PEFT adapter folder (it lacks {', '.join(missing)}" + (
             f" in its latest checkpoint, {folder}" if state is not None else "") + ") nor a run folder with a "
             f"{STATE}")
     return folder

@@ -653,6 +653,27 @@ class Learner:
                    for name, tensor in safetensors_load(files[ADAPTER_WEIGHTS]).items()}
         self._set_weights(model_id, tensors, None, 0, new_run=False)
 
+    def create_from_adapter(self, files: dict[str, bytes]) -> str:
+        """A new run holding a PEFT adapter (its two files as bytes, as for `load_adapter`) in the adapter's own
+        rank and target modules: a frozen one the loop only reads, such as a distillation teacher; returns its model
+        id. Refused, with nothing created, where its target modules are not a union of `_TARGET_MODULES`' groups."""
+        theirs = json.loads(files[ADAPTER_CONFIG])
+        targets = set(theirs.get("target_modules") or [])
+        parts = {part for part, modules in _TARGET_MODULES.items() if targets >= set(modules)}
+        if not targets or targets != {module for part in parts for module in _TARGET_MODULES[part]}:
+            raise ValueError(f"the adapter's target_modules are {sorted(targets)}; a run adapts "
+                             + ", ".join(f"{part} ({' '.join(modules)})" for part, modules in _TARGET_MODULES.items())
+                             + " or several of them")
+        lora = LoraConfig(rank=theirs["r"], seed=0, train_attn="attn" in parts, train_mlp="mlp" in parts,
+                          train_unembed="unembed" in parts)
+        model_id = self.create(self.base_model, lora)
+        try:
+            self.load_adapter(model_id, files)
+        except BaseException:
+            self.delete(model_id)
+            raise
+        return model_id
+
     def _set_weights(self, model_id: str, adapter_state: dict[str, torch.Tensor], optimizer_state: dict | None,
                      step: int, *, new_run: bool) -> None:
         """Puts an adapter's weights, and with `optimizer_state` the optimizer's at `step` (else a fresh optimizer
