@@ -76,13 +76,18 @@ class AlgoConfig:
     """Per-token KL penalty against the reference (algo.reference, or algo.teacher), folded into the advantages (0:
     off)."""
     teacher: str | None = None
-    """On-policy distillation: a LoRA adapter on model.name to learn from (model.adapter's forms; its own rank and
-    target modules), held frozen in the learner as the KL reference, so each sampled token's advantage gains
-    -kl_coef * (sampler logprob - teacher logprob), the teacher's per-token reverse KL (tinker-cookbook's on-policy
-    distillation). With reward_coef=0 the teacher is the only signal; else it adds to the rewards'."""
+    """On-policy distillation: a LoRA adapter to learn from (model.adapter's forms; its own rank and target
+    modules) on model.name, or on algo.teacher_model where given, held frozen as RL's KL reference, so each sampled
+    token's advantage gains -kl_coef * (sampler logprob - teacher logprob), the teacher's per-token reverse KL
+    (tinker-cookbook's on-policy distillation). With reward_coef=0 the teacher is the only signal; else it adds to
+    the rewards'."""
+    teacher_model: str | None = None
+    """On-policy distillation from another model (a larger one of the same family, say): its name or HF folder,
+    held in a learner of its own beside the run's (with learner.*'s resources); its tokenizer must be model.name's.
+    The teacher is that model, or with algo.teacher an adapter on it."""
     reward_coef: float = 1.0
-    """The weight of the group-relative advantages from the environment's rewards; 0 with algo.teacher:
-    distillation alone (rewards and accuracy are still logged)."""
+    """The weight of the group-relative advantages from the environment's rewards; 0 with a teacher: distillation
+    alone (rewards and accuracy are still logged)."""
     off_policy: bool = False
     """Sample step k+1 while step k trains (one step behind; the importance ratio corrects)."""
     num_substeps: int = 1
@@ -93,11 +98,16 @@ class AlgoConfig:
     """What DPO's loss and RL's kl_coef measure the policy against: start, the weights the run starts from
     (model.adapter's, held frozen in the learner as a run of its own; without one, the base model), as TRL's and
     the DPO paper's reference is the SFT policy; or base, the base model even when starting from an adapter.
-    algo.teacher, where given, is RL's reference instead."""
+    A teacher (algo.teacher, algo.teacher_model), where given, is RL's reference instead."""
     # DPO and SFT
     train_examples: int = 256
     """Size of the fixed training set drawn from the task, cycled through in shuffled epochs (a data file's
     examples are all used: data.train)."""
+
+    @property
+    def distills(self) -> bool:
+        """Whether the run learns from a teacher: algo.teacher or algo.teacher_model given."""
+        return self.teacher is not None or self.teacher_model is not None
 
 
 @dataclass
@@ -452,16 +462,17 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         path = _value(config, key)
         if path is not None and not Path(path).is_dir():
             found.append((key, path, "a PEFT adapter folder or a run folder, but there is no such folder"))
-    if algo.teacher is not None and algo.loop != "rl":
-        found.append(("algo.teacher", algo.teacher, f"unset: the {algo.loop} loop does not sample, and distillation "
-                      "learns from the teacher's logprobs of the student's own samples"))
-    elif algo.teacher is not None and not algo.kl_coef:
-        found.append(("algo.kl_coef", algo.kl_coef, "more than 0 with algo.teacher: it weighs the teacher's "
-                      "per-token KL, the signal that distillation learns from"))
-    if algo.loop == "rl" and not algo.reward_coef and algo.teacher is None:
+    teacher_key = "algo.teacher" if algo.teacher is not None else "algo.teacher_model"
+    if algo.distills and algo.loop != "rl":
+        found.append((teacher_key, _value(config, teacher_key), f"unset: the {algo.loop} loop does not sample, and "
+                      "distillation learns from the teacher's logprobs of the student's own samples"))
+    elif algo.distills and not algo.kl_coef:
+        found.append(("algo.kl_coef", algo.kl_coef, "more than 0 with a teacher: it weighs the teacher's per-token "
+                      "KL, the signal that distillation learns from"))
+    if algo.loop == "rl" and not algo.reward_coef and not algo.distills:
         found.append(("algo.teacher", None, "an adapter to distill from (a PEFT adapter folder, or a run folder: its "
-                      "latest checkpoint) with algo.reward_coef=0: with neither rewards nor a teacher there is nothing "
-                      "to learn"))
+                      "latest checkpoint), or algo.teacher_model a model, with algo.reward_coef=0: with neither "
+                      "rewards nor a teacher there is nothing to learn"))
     for key in ("data.train", "data.eval"):
         path = _value(config, key)
         try:

@@ -51,7 +51,7 @@ def share_key(config: TrainConfig) -> tuple:
             tuple(sorted(learner.resources.items())), learner.micro_batch_tokens, learner.threads, learner.batch_runs,
             sampler.replicas, sampler.publish_mode,
             sampler.num_cpus, sampler.num_gpus, tuple(sorted(sampler.resources.items())), sampler.threads,
-            config.algo.off_policy, config.storage_uri, config.cluster.placement_strategy)
+            config.algo.off_policy, config.algo.teacher_model, config.storage_uri, config.cluster.placement_strategy)
 
 
 def run_sweep(jobs: list[Job], folder: Path) -> list[Job]:

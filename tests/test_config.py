@@ -71,9 +71,12 @@ def test_distillation_needs_a_teacher_a_kl_coefficient_and_the_rl_loop(tmp_path)
     assert "algo.teacher=None: an adapter to distill from" in refusal(TrainConfig(algo=AlgoConfig(reward_coef=0)))
     message = refusal(TrainConfig(algo=AlgoConfig(teacher=str(tmp_path / "nowhere"))))
     assert f"algo.teacher='{tmp_path / 'nowhere'}': a PEFT adapter folder or a run folder, but there is no" in message
-    assert "algo.kl_coef=0.0: more than 0 with algo.teacher" in message
+    assert "algo.kl_coef=0.0: more than 0 with a teacher" in message
     assert "algo.teacher=" in refusal(TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="cross_entropy",
                                                                    teacher=str(tmp_path))))
+    assert "algo.teacher_model='big': unset: the dpo loop does not sample" in refusal(TrainConfig(algo=AlgoConfig(
+        loop="dpo", loss_fn="dpo", teacher_model="big")))
+    assert "algo.kl_coef=0.0: more than 0 with a teacher" in refusal(TrainConfig(algo=AlgoConfig(teacher_model="big")))
     # The teacher alone teaches a group of one: no group-relative advantage is needed.
     check(TrainConfig(algo=AlgoConfig(teacher=str(tmp_path), kl_coef=1.0, reward_coef=0.0, group_size=1)))
     assert "algo.group_size=1: at least 2" in refusal(TrainConfig(algo=AlgoConfig(

@@ -305,6 +305,37 @@ def test_on_policy_distillation_learns_a_teachers_behaviour_from_its_logprobs_al
     assert all(r["time/reference_s"] > 0 for r in steps), "the teacher's logprobs are a phase of their own"
     trained = [line for line in samples(tmp_path) if line["split"] == "train"]
     assert trained and all(value == 0.0 for line in trained for value in line["advantages"]), "no reward trains"
+    # The same teacher as a model of its own (the adapter merged into the base: rl-export), held in a learner of its
+    # own: the same samples at step 0 (the student is the base model either way), scored alike.
+    from rl.driver.state import adapter_folder
+    from rl.export import export
+
+    export(adapter_folder(folder), tmp_path / "teacher_model", base=tiny_model_dir)
+    config = tiny_config(tiny_model_dir, tmp_path / "from_model", steps=1, eval_every=0, algo={
+        "teacher_model": str(tmp_path / "teacher_model"), "reward_coef": 0.0, "kl_coef": 1.0})
+    [first] = train(replace(config, model=replace(config.model, lora_rank=4, train_mlp=False)), Digits())
+    assert first["reward/mean"] == steps[0]["reward/mean"] and first["tokens/sampled"] == steps[0]["tokens/sampled"]
+    assert first["kl/sampler_vs_teacher"] == pytest.approx(kl[0], abs=1e-4), (first, steps[0])
+    assert first["memory/teacher_gib"] > 0 and first["memory/teacher_gib"] != first["memory/learner_gib"]
+
+
+def test_a_teacher_model_of_another_tokenizer_or_none_is_refused_before_any_actor_starts(tiny_model_dir, tmp_path):
+    from rl.driver.run import check_teacher_tokenizer, tokenizer_of
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<teacher-only>"])
+    tokenizer.save_pretrained(other)
+    config = tiny_config(tiny_model_dir, tmp_path / "run", algo={"teacher_model": str(other), "kl_coef": 1.0})
+    check_teacher_tokenizer(replace(config, algo=replace(config.algo, teacher_model=str(tiny_model_dir))),
+                            tokenizer_of(config.model))
+    with pytest.raises(ValueError, match=r"algo.teacher_model=.*other-tokenizer: its tokenizer is not .*'s \(\d+ "
+                                         r"tokens against \d+, .*both must share one tokenizer"):
+        train(config, Digits())
+    with pytest.raises(ValueError, match=r"algo.teacher_model=nowhere: unknown base model 'nowhere'"):
+        train(replace(config, algo=replace(config.algo, teacher_model="nowhere")), Digits())
+    assert not (tmp_path / "run").exists(), "refused before the run began"
 
 
 def test_a_model_without_a_chat_template_is_refused_and_served_with_model_chat_template(ray_local, tiny_model_dir,

@@ -32,7 +32,7 @@ async def with_reference(run: Run, batch: ForwardBackwardInput) -> ForwardBackwa
     """`batch` with each datum's ref_logprobs where the run's reference is its starting adapter
     (`Run.reference_logprobs`); as it is where the reference is the base model, which the learner computes in the
     same call."""
-    if run.reference_id is None:
+    if run.reference is None:
         return batch
     # A datum's sequence: its input, then its last target (the targets are the input shifted by one).
     sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:] for datum in batch.data]

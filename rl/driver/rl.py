@@ -234,7 +234,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             if algo.kl_coef:
                 with timed(record, "reference"):
                     reference_S = await run.reference_logprobs([s.tokens for s in sequences])
-                kl_name = "kl/sampler_vs_teacher" if algo.teacher else "kl/sampler_vs_reference"
+                kl_name = "kl/sampler_vs_teacher" if algo.distills else "kl/sampler_vs_reference"
                 record[kl_name] = kl_penalty(sequences, reference_S, algo.kl_coef)
 
             # Update: an optimizer step on each minibatch of the sequences that carry signal, then publish the weights.

@@ -114,6 +114,8 @@ class Shared:
     learner: ray.actor.ActorHandle
     pool: SamplerPool | None
     """None when none of the runs samples (SFT or DPO without evaluation)."""
+    teacher: ray.actor.ActorHandle | None = None
+    """A learner holding algo.teacher_model, whose runs are the runs' teachers; None without one."""
     calls: CoalescedCalls | None = None
     """With `learner.batch_runs` and several runs: their forward_backward calls, coalesced into passes."""
 
@@ -128,16 +130,21 @@ class Shared:
         try:
             overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
             learner = start_learner(config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping)
+            # The teacher model, in a learner of its own in bundle 1; it only scores the runs' samples.
+            teacher = config.algo.teacher_model and start_learner(
+                config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping,
+                model=config.algo.teacher_model, bundle=1)
             pool = None
             if any(samples(other) for other in configs):
                 # In adapter mode a run's next version loads beside its last. The KV cache is the largest any run
                 # asks for (unset: vLLM's default).
                 kv_caches = [other.sampler.kv_cache_gib for other in configs]
-                pool = start_pool(config, placement, overlapping, max_loras=max(4, 2 * len(configs)),
+                pool = start_pool(config, placement, overlapping, first_bundle=2 if teacher else 1,
+                                  max_loras=max(4, 2 * len(configs)),
                                   max_lora_rank=max(other.model.lora_rank for other in configs),
                                   kv_cache_gib=None if None in kv_caches else max(kv_caches))
             check_devices(config, ray.get(learner.describe.remote()), pool)
-            return cls(placement, learner, pool,
+            return cls(placement, learner, pool, teacher or None,
                        CoalescedCalls(learner) if config.learner.batch_runs and len(configs) > 1 else None)
         except BaseException:
             remove_placement_group(placement)
@@ -146,7 +153,9 @@ class Shared:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
-        ray.kill(self.learner)
+        for learner in (self.learner, self.teacher):
+            if learner is not None:
+                ray.kill(learner)
         remove_placement_group(self.placement)
 
 
@@ -154,7 +163,7 @@ def with_actor_gpus(config: TrainConfig, *, samples: bool) -> TrainConfig:
     """`config` with the learner's and each sampler replica's num_gpus resolved against the Ray cluster
     (`rl.devices.actor_gpus`: unset, a share of its GPUs)."""
     learner, sampler = actor_gpus(config.learner.num_gpus, config.sampler.num_gpus,
-                                  cluster_gpus=cluster_gpus(), learners=1,
+                                  cluster_gpus=cluster_gpus(), learners=2 if config.algo.teacher_model else 1,
                                   replicas=config.sampler.replicas if samples else 0)
     return replace(config, learner=replace(config.learner, num_gpus=learner),
                    sampler=replace(config.sampler, num_gpus=sampler))
@@ -189,23 +198,25 @@ def samples(config: TrainConfig) -> bool:
     return config.algo.loop == "rl" or (config.eval_every > 0 and not config.data.given)
 
 
-def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool) -> ray.actor.ActorHandle:
-    """The learner actor in bundle 0 of the run's placement group."""
-    model, learner = config.model, config.learner
+def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool, *, model: str | None = None,
+                  bundle: int = 0) -> ray.actor.ActorHandle:
+    """The learner actor of `model` (model.name by default) in bundle `bundle` of the run's placement group."""
+    learner = config.learner
     return LearnerActor.options(
         num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
-    ).remote(str(resolve_model(model.name)), storage=str(storage), storage_uri=config.storage_uri, dtype=model.dtype,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=bundle),
+    ).remote(str(resolve_model(model or config.model.name)), storage=str(storage), storage_uri=config.storage_uri,
+             dtype=config.model.dtype,
              micro_batch_tokens=learner.micro_batch_tokens, threads=actor_threads(config, overlapping)["learner"])
 
 
-def start_pool(config: TrainConfig, placement, overlapping: bool, *, max_loras: int = 4,
+def start_pool(config: TrainConfig, placement, overlapping: bool, *, first_bundle: int = 1, max_loras: int = 4,
                max_lora_rank: int | None = None, kv_cache_gib: float | None = None) -> SamplerPool:
-    """The sampler replicas in bundles 1.. of the run's placement group."""
+    """The sampler replicas in bundles `first_bundle`.. of the run's placement group."""
     sampler, model = config.sampler, config.model
     return SamplerPool(str(resolve_model(model.name)), replicas=sampler.replicas, num_cpus=sampler.num_cpus,
                        num_gpus=sampler.num_gpus, resources=sampler.resources, placement_group=placement,
-                       first_bundle=1, max_model_len=model.max_model_len,
+                       first_bundle=first_bundle, max_model_len=model.max_model_len,
                        max_lora_rank=max_lora_rank or model.lora_rank, max_loras=max_loras, dtype=model.dtype,
                        seed=config.seed, publish_mode=sampler.publish_mode, kv_cache_gib=kv_cache_gib,
                        threads=actor_threads(config, overlapping)["sampler"])
@@ -230,6 +241,8 @@ class Run:
         self._adapter = adapter_folder(model.adapter) if model.adapter is not None and state is None else None
         reference = reference_adapter(config)
         self._reference = reference and (*reference, adapter_folder(reference[1], key=reference[0]))
+        if config.algo.teacher_model is not None:
+            check_teacher_tokenizer(config, self.tokenizer)
         self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
         self.actors = shared or Shared.start([config], wait=False)
         self.learner, self.pool = self.actors.learner, self.actors.pool
@@ -262,24 +275,30 @@ class Run:
         elif self._adapter is not None:
             self._load_adapter("model.adapter", model.adapter, self._adapter, self.model_id)
             print(f"starting from the adapter in {self._adapter}", flush=True)
-        self.reference_id: str | None = None
-        """The learner's run holding the reference's adapter (`reference_adapter`: the teacher, or the starting
-        adapter), never trained; None: the base model is the reference."""
+        self.reference: tuple[ray.actor.ActorHandle, str, bool] | None = None
+        """(learner, run, whether the run's adapter applies) computing the reference's logprobs, a run never trained:
+        the adapter of `reference_adapter` (the teacher, or the starting adapter), on the teacher model where there
+        is one (algo.teacher_model), or that model alone; None: the base model of this run is the reference."""
+        scorer = self.actors.teacher or self.learner
         if self._reference is not None:
-            self.reference_id = self._load_adapter(*self._reference)
+            self.reference = scorer, self._load_adapter(*self._reference, learner=scorer), True
+        elif self.actors.teacher is not None:  # the teacher model itself: a learner computes through a run's layers
+            teacher = str(resolve_model(config.algo.teacher_model))
+            self.reference = scorer, ray.get(scorer.create.remote(teacher, LoraConfig(rank=1, seed=0))), False
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
         self.log = RunLog(config, start_step=self.start_step, wandb_id=state and state["wandb_id"], label=sweep_label)
 
-    def _load_adapter(self, key: str, given: str, folder: Path, model_id: str | None = None) -> str:
+    def _load_adapter(self, key: str, given: str, folder: Path, model_id: str | None = None, *,
+                      learner: ray.actor.ActorHandle | None = None) -> str:
         """The adapter in `folder` (setting `key` gave it as `given`) into the learner's run `model_id`, or into a
-        new run of the adapter's own shape; returns the run's model id."""
+        new run of the adapter's own shape in `learner` (the run's, by default); returns the run's model id."""
         # The files travel as bytes: the learner may run on another node than this folder.
         files = {name: (folder / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
         try:
             if model_id is None:
-                return ray.get(self.learner.create_from_adapter.remote(files))
+                return ray.get((learner or self.learner).create_from_adapter.remote(files))
             ray.get(self.learner.load_adapter.remote(model_id, files))
             return model_id
         except ValueError as error:  # the learner's reason, without Ray's traceback
@@ -289,8 +308,9 @@ class Run:
     async def reference_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Each sequence's logprobs of its tokens after the first under the run's reference (`reference_adapter`):
         the teacher, its starting adapter, or the base model (the run's adapter off)."""
-        if self.reference_id is not None:
-            return await self.learner.logprobs.remote(self.reference_id, sequences)
+        if self.reference is not None:
+            learner, model_id, adapter = self.reference
+            return await learner.logprobs.remote(model_id, sequences, adapter=adapter)
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
     def __enter__(self) -> Run:
@@ -311,11 +331,14 @@ class Run:
         if not self.shared:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
-            ray.get([self.learner.delete.remote(model_id) for model_id in (self.model_id, self.reference_id)
-                     if model_id is not None])
-        if isinstance(error, ray.exceptions.RayActorError) and error.actor_id == self.learner._actor_id.hex():
+            ray.get([learner.delete.remote(model_id) for learner, model_id, *_ in
+                     ((self.learner, self.model_id), *([self.reference] if self.reference else []))])
+        learners = {"learner": self.learner, "teacher's learner": self.actors.teacher}
+        lost = [name for name, actor in learners.items() if isinstance(error, ray.exceptions.RayActorError)
+                and actor is not None and error.actor_id == actor._actor_id.hex()]
+        if lost:
             reason = str(error).splitlines()[0].rstrip(".")
-            raise LearnerLost(f"the learner of {self.folder} died ({reason})") from error
+            raise LearnerLost(f"the {lost[0]} of {self.folder} died ({reason})") from error
 
     async def publish(self, step: int, *, after: tuple[asyncio.Future | None, ...] = (),
                       record: dict | None = None) -> AdapterVersion:
@@ -437,9 +460,11 @@ class Run:
                 write_state(self.folder, {**state, "best": self.best})
 
     async def memory(self) -> dict[str, float]:
-        """Each process's resident memory in GiB: now (`memory/NAME_gib`), and the learner's and samplers' peak
+        """Each process's resident memory in GiB: now (`memory/NAME_gib`), and the learners' and samplers' peak
         since the last call (`memory/NAME_peak_gib`): called once a step, it gives each step's peak."""
         processes = {"learner": await self.learner.memory.remote(reset_peak=True)}
+        if self.actors.teacher is not None:
+            processes["teacher"] = await self.actors.teacher.memory.remote(reset_peak=True)
         if self.pool is not None:
             replicas = await self.pool.memory(reset_peak=True)
             processes.update((f"sampler{index}", replica) for index, replica in enumerate(replicas))
@@ -485,6 +510,18 @@ def reference_adapter(config: TrainConfig) -> tuple[str, str] | None:
             and (algo.loop == "dpo" or (algo.loop == "rl" and algo.kl_coef > 0))):
         return "model.adapter", config.model.adapter
     return None
+
+
+def check_teacher_tokenizer(config: TrainConfig, tokenizer) -> None:
+    """Refuses a teacher model whose tokenizer is not the run's: it scores the student's own tokens."""
+    try:
+        teacher = AutoTokenizer.from_pretrained(str(resolve_model(config.algo.teacher_model)))
+    except ValueError as error:
+        raise ValueError(f"algo.teacher_model={config.algo.teacher_model}: {error}") from None
+    if teacher.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"algo.teacher_model={config.algo.teacher_model}: its tokenizer is not {config.model.name}'s "
+                         f"({len(teacher)} tokens against {len(tokenizer)}, or the same tokens numbered otherwise): "
+                         "the teacher scores the student's own tokens, so both must share one tokenizer")
 
 
 def tokenizer_of(model: ModelConfig):
@@ -581,15 +618,19 @@ def steps(run: Run) -> tqdm:
 
 
 def reserve(config: TrainConfig, *, wait: bool = False):
-    """A placement group holding the whole run (bundle 0: the learner; then one per sampler replica), so a run
-    starts only when the cluster has room for all of it, and a sweep's runs never starve each other. `wait`: for
-    as long as the cluster's other work holds the room (a sweep's queue), if the cluster could ever hold it."""
+    """A placement group holding the whole run (bundle 0: the learner; 1: the teacher model's learner, if any; then
+    one per sampler replica), so a run starts only when the cluster has room for all of it, and a sweep's runs never
+    starve each other. `wait`: for as long as the cluster's other work holds the room (a sweep's queue), if the
+    cluster could ever hold it."""
     learner, sampler, cluster = config.learner, config.sampler, config.cluster
 
     def bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
         return {key: value for key, value in {"CPU": cpus, "GPU": gpus, **resources}.items() if value}
 
-    bundles = [bundle(learner.num_cpus, learner.num_gpus, learner.resources)] + [
+    learners = 2 if config.algo.teacher_model else 1
+    layout = "learner, then the teacher's, then each sampler replica" if learners == 2 else ("learner, then each "
+                                                                                            "sampler replica")
+    bundles = [bundle(learner.num_cpus, learner.num_gpus, learner.resources)] * learners + [
         bundle(sampler.num_cpus, sampler.num_gpus, sampler.resources)] * sampler.replicas
     if wait:
         total, needed = ray.cluster_resources(), {}
@@ -597,14 +638,14 @@ def reserve(config: TrainConfig, *, wait: bool = False):
             for key, value in one.items():
                 needed[key] = needed.get(key, 0) + value
         if any(value > total.get(key, 0) for key, value in needed.items()):
-            raise RuntimeError(f"the Ray cluster can never hold this run: it needs {needed} in all (learner, then "
-                               f"each sampler replica), and the cluster has {total}")
+            raise RuntimeError(f"the Ray cluster can never hold this run: it needs {needed} in all ({layout}), "
+                               f"and the cluster has {total}")
     group = placement_group(bundles, strategy=cluster.placement_strategy)
     try:
         ray.get(group.ready(), timeout=None if wait else cluster.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise RuntimeError(f"the Ray cluster has no room for this run after {cluster.placement_timeout_s:.0f} s: it "
-                           f"needs {bundles} (learner, then each sampler replica; strategy "
+                           f"needs {bundles} ({layout}; strategy "
                            f"{cluster.placement_strategy}); free now: {ray.available_resources()}") from None
     return group
