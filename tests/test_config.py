@@ -92,7 +92,9 @@ def test_distillation_needs_a_teacher_a_kl_coefficient_and_the_rl_loop(tmp_path)
         main_job = load(compose("config", overrides=["output_dir=unused", "recipe=arithmetic_rl"]))
     assert "algo.teacher=None: an adapter to distill from" in refusal(recipe)
     assert (recipe.algo.reward_coef, recipe.algo.kl_coef) == (0.0, 1.0)
-    assert replace(recipe.algo, teacher=None, reward_coef=1.0, kl_coef=0.0) == main_job.algo
+    assert replace(recipe.algo, teacher=None, reward_coef=1.0, kl_coef=0.0, loss_fn="importance_sampling",
+                   loss_fn_config={}, learning_rate=main_job.algo.learning_rate) == main_job.algo
+    assert (recipe.algo.loss_fn, recipe.algo.learning_rate) == ("ppo", 2e-4)
     assert (recipe.model, recipe.task, recipe.sampler, recipe.steps) == (main_job.model, main_job.task,
                                                                           main_job.sampler, main_job.steps)
 
