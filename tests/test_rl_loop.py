@@ -319,6 +319,18 @@ def test_on_policy_distillation_learns_a_teachers_behaviour_from_its_logprobs_al
     assert first["memory/teacher_gib"] > 0 and first["memory/teacher_gib"] != first["memory/learner_gib"]
 
 
+def test_a_teacher_model_reserves_a_learners_gpus_and_resources_but_no_cpu(tiny_model_dir, tmp_path):
+    # It computes only while the run's learner waits for it: on a 2-core machine (learner and sampler a core each)
+    # a CPU of its own would leave the run no room to start.
+    from rl.driver.run import teacher_bundle
+
+    config = tiny_config(tiny_model_dir, tmp_path, algo={"teacher_model": str(tiny_model_dir), "kl_coef": 1.0})
+    assert teacher_bundle(config) is None, "on CPUs it shares the learner's bundle"
+    assert teacher_bundle(replace(config, algo=replace(config.algo, teacher_model=None))) is None
+    gpus = replace(config, learner=replace(config.learner, num_gpus=1, resources={"learner_node": 1}))
+    assert teacher_bundle(gpus) == {"GPU": 1, "learner_node": 1}
+
+
 def test_a_teacher_model_of_another_tokenizer_or_none_is_refused_before_any_actor_starts(tiny_model_dir, tmp_path):
     from rl.driver.run import check_teacher_tokenizer, tokenizer_of
 

@@ -130,16 +130,15 @@ class Shared:
         try:
             overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
             learner = start_learner(config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping)
-            # The teacher model, in a learner of its own in bundle 1; it only scores the runs' samples.
+            # The teacher model, in a learner of its own; it only scores the runs' samples (`teacher_bundle`).
             teacher = config.algo.teacher_model and start_learner(
-                config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping,
-                model=config.algo.teacher_model, bundle=1)
+                config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping, teacher=True)
             pool = None
             if any(samples(other) for other in configs):
                 # In adapter mode a run's next version loads beside its last. The KV cache is the largest any run
                 # asks for (unset: vLLM's default).
                 kv_caches = [other.sampler.kv_cache_gib for other in configs]
-                pool = start_pool(config, placement, overlapping, first_bundle=2 if teacher else 1,
+                pool = start_pool(config, placement, overlapping, first_bundle=2 if teacher_bundle(config) else 1,
                                   max_loras=max(4, 2 * len(configs)),
                                   max_lora_rank=max(other.model.lora_rank for other in configs),
                                   kv_cache_gib=None if None in kv_caches else max(kv_caches))
@@ -198,16 +197,21 @@ def samples(config: TrainConfig) -> bool:
     return config.algo.loop == "rl" or (config.eval_every > 0 and not config.data.given)
 
 
-def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool, *, model: str | None = None,
-                  bundle: int = 0) -> ray.actor.ActorHandle:
-    """The learner actor of `model` (model.name by default) in bundle `bundle` of the run's placement group."""
+def start_learner(config: TrainConfig, placement, storage: Path, overlapping: bool, *,
+                  teacher: bool = False) -> ray.actor.ActorHandle:
+    """The learner actor in bundle 0 of the run's placement group; with `teacher`, a learner of algo.teacher_model
+    in its `teacher_bundle`, or else beside the learner in bundle 0, taking nothing of it."""
     learner = config.learner
+    needs, bundle = {"num_cpus": learner.num_cpus, "num_gpus": learner.num_gpus, "resources": learner.resources}, 0
+    if teacher:
+        own = teacher_bundle(config)
+        needs = {"num_cpus": 0, "num_gpus": (own or {}).get("GPU", 0), "resources": learner.resources if own else {}}
+        bundle = 1 if own else 0
     return LearnerActor.options(
-        num_cpus=learner.num_cpus, num_gpus=learner.num_gpus, resources=learner.resources,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=bundle),
-    ).remote(str(resolve_model(model or config.model.name)), storage=str(storage), storage_uri=config.storage_uri,
-             dtype=config.model.dtype,
-             micro_batch_tokens=learner.micro_batch_tokens, threads=actor_threads(config, overlapping)["learner"])
+        **needs, scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=bundle),
+    ).remote(str(resolve_model(config.algo.teacher_model if teacher else config.model.name)), storage=str(storage),
+             storage_uri=config.storage_uri, dtype=config.model.dtype, micro_batch_tokens=learner.micro_batch_tokens,
+             threads=actor_threads(config, overlapping)["learner"])
 
 
 def start_pool(config: TrainConfig, placement, overlapping: bool, *, first_bundle: int = 1, max_loras: int = 4,
@@ -617,6 +621,16 @@ def steps(run: Run) -> tqdm:
     return tqdm(range(run.start_step, run.config.steps), desc=run.label, unit="step", disable=None)
 
 
+def teacher_bundle(config: TrainConfig) -> dict[str, float] | None:
+    """The placement-group bundle of algo.teacher_model's learner (bundle 1): a learner's GPUs and custom resources
+    but no CPU, since it computes only while the run's learner waits for it; None without a teacher model or where
+    that leaves nothing to reserve (on CPUs): the teacher then runs in the learner's bundle."""
+    learner = config.learner
+    wanted = {"GPU": learner.num_gpus, **learner.resources}
+    wanted = {key: value for key, value in wanted.items() if value}
+    return wanted if config.algo.teacher_model and wanted else None
+
+
 def reserve(config: TrainConfig, *, wait: bool = False):
     """A placement group holding the whole run (bundle 0: the learner; 1: the teacher model's learner, if any; then
     one per sampler replica), so a run starts only when the cluster has room for all of it, and a sweep's runs never
@@ -627,11 +641,11 @@ def reserve(config: TrainConfig, *, wait: bool = False):
     def bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
         return {key: value for key, value in {"CPU": cpus, "GPU": gpus, **resources}.items() if value}
 
-    learners = 2 if config.algo.teacher_model else 1
-    layout = "learner, then the teacher's, then each sampler replica" if learners == 2 else ("learner, then each "
-                                                                                            "sampler replica")
-    bundles = [bundle(learner.num_cpus, learner.num_gpus, learner.resources)] * learners + [
-        bundle(sampler.num_cpus, sampler.num_gpus, sampler.resources)] * sampler.replicas
+    teacher = teacher_bundle(config)
+    layout = "learner, then the teacher's, then each sampler replica" if teacher else ("learner, then each "
+                                                                                       "sampler replica")
+    bundles = [bundle(learner.num_cpus, learner.num_gpus, learner.resources), *([teacher] if teacher else []),
+               *[bundle(sampler.num_cpus, sampler.num_gpus, sampler.resources)] * sampler.replicas]
     if wait:
         total, needed = ray.cluster_resources(), {}
         for one in bundles:
