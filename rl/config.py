@@ -73,8 +73,8 @@ class AlgoConfig:
     normalize_std: bool = False
     """Divide group-relative advantages by the group's standard deviation."""
     kl_coef: float = 0.0
-    """Per-token KL penalty against the reference (algo.reference, or algo.teacher), folded into the advantages (0:
-    off)."""
+    """Per-token KL penalty against the reference (algo.reference, or a teacher: algo.teacher, algo.teacher_model),
+    folded into the advantages (0: off)."""
     teacher: str | None = None
     """On-policy distillation: a LoRA adapter to learn from (model.adapter's forms; its own rank and target
     modules) on model.name, or on algo.teacher_model where given, held frozen as RL's KL reference, so each sampled

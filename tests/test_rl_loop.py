@@ -331,6 +331,20 @@ def test_a_teacher_model_reserves_a_learners_gpus_and_resources_but_no_cpu(tiny_
     assert teacher_bundle(gpus) == {"GPU": 1, "learner_node": 1}
 
 
+
+def test_the_reference_is_the_teacher_even_for_a_run_that_starts_from_an_adapter(tiny_model_dir, tmp_path):
+    from rl.driver.run import reference_adapter
+
+    config = tiny_config(tiny_model_dir, tmp_path, algo={"kl_coef": 1.0})
+    started = replace(config, model=replace(config.model, adapter="sft_run"))
+    assert reference_adapter(config) is None, "the base model"
+    assert reference_adapter(started) == ("model.adapter", "sft_run")
+    assert reference_adapter(replace(started, algo=replace(started.algo, teacher="rl_run"))) == ("algo.teacher",
+                                                                                              "rl_run")
+    # A teacher model alone is the reference as it is: the starting adapter is not loaded into its learner.
+    assert reference_adapter(replace(started, algo=replace(started.algo, teacher_model="big"))) is None
+
+
 def test_a_teacher_model_of_another_tokenizer_or_none_is_refused_before_any_actor_starts(tiny_model_dir, tmp_path):
     from rl.driver.run import check_teacher_tokenizer, tokenizer_of
 

@@ -8,8 +8,8 @@ tokens.
 
 Options: a KL penalty against the reference (`algo.kl_coef`; `algo.reference`: the weights the run starts from, or
 the base model), folded into each token's advantage as -kl_coef * (sampler logprob - reference logprob); on-policy
-distillation, the same penalty against a teacher's adapter (`algo.teacher`), the rewards weighted by
-`algo.reward_coef` (0: the teacher alone); and
+distillation, the same penalty against a teacher (an adapter, `algo.teacher`, or another model with the same
+tokenizer, `algo.teacher_model`), the rewards weighted by `algo.reward_coef` (0: the teacher alone); and
 one-step off-policy (`algo.off_policy`): the rollout of step k+1 is sampled, from the weights of step k, while step
 k trains, and step k's weights are published once it has finished (so every turn of its episodes comes from one
 version, which merge mode's replicas need: they serve one). The sampler's logprobs come from the weights that

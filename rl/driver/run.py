@@ -504,12 +504,13 @@ class Run:
 
 
 def reference_adapter(config: TrainConfig) -> tuple[str, str] | None:
-    """(setting, path) of the adapter held frozen in the learner, as a run of its own, as the run's reference: in
-    RL algo.teacher's, or the starting adapter (model.adapter) with algo.reference=start, where the loop has a
-    reference (DPO, RL with kl_coef); None: the base model is the reference, or there is none."""
+    """(setting, path) of the adapter held frozen, as a run of its own, as the run's reference: in RL with a teacher
+    algo.teacher's (None for a teacher model alone), else the starting adapter (model.adapter) with
+    algo.reference=start, where the loop has a reference (DPO, RL with kl_coef); None: a model is the reference
+    (the run's base model, or algo.teacher_model), or there is none."""
     algo = config.algo
-    if algo.loop == "rl" and algo.teacher is not None:
-        return "algo.teacher", algo.teacher
+    if algo.loop == "rl" and algo.distills:
+        return ("algo.teacher", algo.teacher) if algo.teacher is not None else None
     if (config.model.adapter is not None and algo.reference == "start"
             and (algo.loop == "dpo" or (algo.loop == "rl" and algo.kl_coef > 0))):
         return "model.adapter", config.model.adapter
