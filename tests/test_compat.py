@@ -1,10 +1,12 @@
-"""tinker-cookbook (0.6.1), unchanged, against `rl-serve`: its arithmetic RL, chat SL and DPO recipes run from
-their own command lines on the tiny model, offline, through the official SDK over HTTP.
+"""tinker-cookbook (0.6.1), unchanged, against `rl-serve`: its arithmetic RL, chat SL, DPO and on-policy
+distillation recipes run from their own command lines on the tiny model, offline, through the official SDK over
+HTTP.
 
 Needs the `compat` extra (`scripts/setup.sh auto compat`; CI installs it). Each recipe runs in a process of its
 own, pointed at one server: the model is named by its folder (the same name the server serves), the renderer
 is the cookbook's ChatML one (`qwen3_instruct`), and nothing reaches a hub (HF_HUB_OFFLINE; the DPO recipe's
-`Anthropic/hh-rlhf` is a local folder of that name, which `datasets.load_dataset` reads first).
+`Anthropic/hh-rlhf` and the distillation's `allenai/tulu-3-sft-mixture` are local folders of those names, which
+`datasets.load_dataset` reads first).
 """
 
 import json
@@ -95,6 +97,38 @@ def test_dpo(server, tiny_model_dir, tmp_path):
     final_checkpoint(log)
     rows = [row for row in metrics(log) if "dpo_loss" in row]
     assert len(rows) == 2 and all(0 < row["dpo_loss"] < 5 for row in rows), rows
+
+
+def test_on_policy_distillation(server, tiny_model_dir, tmp_path):
+    # The teacher: an adapter trained through the SDK on the answer to a prompt the recipe asks, so its logprobs of
+    # the student's samples differ from the student's (the base model's at step 0). The recipe's prompts: a local
+    # folder named as the hub data set it reads (tulu3), first user messages of conversations.
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=server.url, api_key="tml-teacher")
+    trainer = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=0).result()
+    tokenizer = trainer.get_tokenizer()
+    tokens = tokenizer.encode("What is 2 + 3? The answer is 5.")
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    for _ in range(4):
+        trainer.forward_backward([datum], "cross_entropy").result()
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    teacher = trainer.save_weights_for_sampler("teacher").result().path
+    data = tmp_path / "allenai" / "tulu-3-sft-mixture"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]}) + "\n"
+        for a in range(2, 6) for b in (3, 6)))
+    log = run_recipe(server, "tinker_cookbook.recipes.distillation.on_policy_distillation", [
+        f"model_name={tiny_model_dir}", "renderer_name=qwen3_instruct", f"teacher_model={tiny_model_dir}",
+        f"teacher_checkpoint={teacher}", "dataset=tulu3", "group_size=2", "groups_per_batch=2", "max_tokens=8",
+        "max_steps=2", "lora_rank=8", "learning_rate=1e-4", "eval_every=0", "save_every=0"], tmp_path)
+    final_checkpoint(log)
+    rows = [row for row in metrics(log) if "teacher_kl" in row]
+    # The teacher's reverse KL of the student's samples, through compute_logprobs on the teacher's checkpoint.
+    assert len(rows) == 2 and all(row["teacher_kl"] > 0.01 for row in rows), rows
 
 
 def test_a_cookbook_environment_runs_in_the_rl_loop(ray_local, tiny_model_dir, tmp_path):
