@@ -6,7 +6,8 @@ example is an object with these fields (for SFT and DPO the formats TRL and the 
 conversational):
 - RL: a problem, {"prompt": ..., "answer": "..."}: the prompt a string (the user's message) or a list of messages
   (a system prompt, examples: the conversation the model answers), and the reference answer, which a completion's
-  final answer must match (rl.tasks.FileTask; `data.answer_format` says how a final answer is found).
+  final answer must match (rl.tasks.FileTask; `data.answer_format` says how a final answer is found). Distillation
+  alone (`algo.reward_coef=0` with a teacher) trains on no reward: its problems may lack the answer.
 - SFT: a conversation, {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} with at
   least one assistant turn (each assistant turn is trained, rl.chat.conversation_datum), or
   {"prompt": "...", "completion": "..."} (one user message and the assistant's reply).
@@ -30,6 +31,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -64,12 +66,14 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
-def read_problems(path: str | Path, *, key: str = "data.train",
-                  fields: dict[str, str] | None = None) -> list[tuple[str | Messages, str, dict]]:
+def read_problems(path: str | Path, *, key: str = "data.train", fields: dict[str, str] | None = None,
+                  answers: bool = True) -> list[tuple[str | Messages, str | None, dict]]:
     """The RL problems of a file, as (prompt, reference answer, the example's whole record, for a scorer of your
     own: data.reward_fn) (the module's docstring has the formats); `key` names the setting that gave the path, in
-    errors; `fields` renames the format's fields (`data.fields`)."""
-    return _read(path, key, fields, PROBLEM_FIELDS, _problem, 'a problem: {"prompt": ..., "answer": ...}')
+    errors; `fields` renames the format's fields (`data.fields`). Without `answers` (distillation alone, which
+    trains on no reward) a problem may lack its answer: None."""
+    parse = _problem if answers else partial(_problem, answer_required=False)
+    return _read(path, key, fields, PROBLEM_FIELDS, parse, 'a problem: {"prompt": ..., "answer": ...}')
 
 
 def read_conversations(path: str | Path, *, key: str = "data.train",
@@ -190,11 +194,11 @@ def _renamed(record: dict, fields: dict[str, str]) -> dict:
     return renamed
 
 
-def _problem(record: dict) -> tuple[str | Messages, str, dict]:
-    missing = [field for field in PROBLEM_FIELDS if field not in record]
+def _problem(record: dict, *, answer_required: bool = True) -> tuple[str | Messages, str | None, dict]:
+    missing = [field for field in PROBLEM_FIELDS if field not in record and (answer_required or field != "answer")]
     if missing:
         raise BadExample(f"no {', '.join(repr(field) for field in missing)} (it has {sorted(record)})")
-    prompt, answer = record["prompt"], record["answer"]
+    prompt, answer = record["prompt"], record.get("answer")
     if isinstance(prompt, list):
         prompt = _messages(prompt, "prompt")
         if prompt[-1]["role"] != "user":
@@ -203,6 +207,8 @@ def _problem(record: dict) -> tuple[str | Messages, str, dict]:
     elif not isinstance(prompt, str) or not prompt.strip():
         raise BadExample(f'"prompt" must be a non-empty string (the user\'s message) or a list of messages, not '
                          f"{json.dumps(prompt)[:80]}")
+    if answer is None and not answer_required:
+        return prompt, None, record
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
         raise BadExample(f'"answer" must be a non-empty string or a number, not {json.dumps(answer)[:80]}')
     return prompt, str(answer).strip(), record

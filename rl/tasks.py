@@ -27,8 +27,9 @@ INSTRUCTION = "Put the final answer after 'Answer:'."
 class Problem:
     prompt: str | Messages = field(hash=False)
     """The user's message, or the conversation the model answers (your own problems may give one: rl.datasets)."""
-    answer: str
-    """The reference answer the verifier compares against."""
+    answer: str | None
+    """The reference answer the verifier compares against; None: your problem gave none (distillation alone:
+    `file_task(answers=False)`), and scores 0."""
     solution: str | None = None
     """A worked solution ending in 'Answer: <answer>', for SFT; None where the task has none."""
     entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
@@ -188,6 +189,8 @@ class FileTask:
     def reward(self, problem: Problem, completion: str) -> float:
         if self.reward_fn:
             return custom_score(self.reward_fn, completion, problem.answer, problem.entry).score
+        if problem.answer is None:
+            return 0.0
         if self.accuracy(problem, completion):
             return 1.0
         return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
@@ -197,7 +200,7 @@ class FileTask:
             return custom_score(self.reward_fn, completion, problem.answer, problem.entry).accuracy
         found = ANSWER_FORMATS[self.answer_format]
         answer = found.find(completion)
-        return float(answer is not None and found.match(answer, problem.answer))
+        return float(answer is not None and problem.answer is not None and found.match(answer, problem.answer))
 
     def metrics(self, problem: Problem, completion: str) -> dict[str, float]:
         """The other numbers your function gives (data.reward_fn), and where the problems come from several data
@@ -217,19 +220,21 @@ def data_source(problem: Problem) -> str:
 
 def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float,
               answer_format: str = "answer_line", instruction: str | None = None,
-              fields: dict[str, str] | None = None, reward_fn: str | None = None) -> FileTask:
+              fields: dict[str, str] | None = None, reward_fn: str | None = None, answers: bool = True) -> FileTask:
     """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task, each reference
     answer as `answer_format` finds it where it is a whole solution, `instruction` after each prompt; no `train`:
-    held-out problems only (steps=0 evaluates). `fields`: data.fields; `reward_fn`: data.reward_fn."""
+    held-out problems only (steps=0 evaluates). `fields`: data.fields; `reward_fn`: data.reward_fn. Without
+    `answers` (distillation alone) a problem may lack its answer (`read_problems`)."""
     found = ANSWER_FORMATS[answer_format]
 
-    def problem(prompt: str | Messages, reference: str, record: dict) -> Problem:
+    def problem(prompt: str | Messages, reference: str | None, record: dict) -> Problem:
         if instruction:
             prompt = (f"{prompt} {instruction}" if isinstance(prompt, str) else
                       [*prompt[:-1], {**prompt[-1], "content": f"{prompt[-1]['content']} {instruction}"}])
-        return Problem(prompt, found.find(reference) or found.bare(reference), entry=record)
+        return Problem(prompt, reference and (found.find(reference) or found.bare(reference)), entry=record)
 
-    train_P, held_out_P = train_and_held_out(read_problems, train, eval_file, held_out, fields)
+    train_P, held_out_P = train_and_held_out(functools.partial(read_problems, answers=answers), train, eval_file,
+                                             held_out, fields)
     return FileTask(tuple(problem(*example) for example in train_P), tuple(problem(*example) for example in held_out_P),
                     format_reward=format_reward, answer_format=answer_format, reward_fn=reward_fn)
 

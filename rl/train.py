@@ -97,10 +97,17 @@ def source_of(config: TrainConfig) -> Task | Environment:
         from rl.driver.run import check_prompts  # with the tokenizer: after the configuration is checked
 
         data = config.data
+        # Distillation alone trains on no reward, so its problems need no answers; held-out accuracy still does.
+        answers = not (config.algo.distills and config.algo.reward_coef == 0)
         # Held out even with eval_every=0: the loop makes its held-out problems before it starts.
         task = file_task(data.train, data.eval, config.eval_prompts, format_reward=config.task.format_reward,
                          answer_format=data.answer_format, instruction=data.instruction, fields=data.fields,
-                         reward_fn=data.reward_fn)
+                         reward_fn=data.reward_fn, answers=answers)
+        unanswered = sum(problem.answer is None for problem in task.held_out)
+        if unanswered and config.eval_every:
+            key = "data.eval" if data.eval else "data.train"
+            raise ValueError(f"{key}: {unanswered} of the held-out problems have no \"answer\", which held-out "
+                             "accuracy needs: give data.eval=FILE of problems with answers, or eval_every=0")
         check_prompts(config, [*task.train, *task.held_out[:config.eval_prompts]])
         return task
     return make_task(config.task.name, format_reward=config.task.format_reward)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 import rl.driver.rl as rl_loop
-from rl.config import AlgoConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
+from rl.config import AlgoConfig, DataConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
 from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed, held_out_metrics, transcript
 from rl.driver.rl import (
     PROMPTS_PER_STEP_SEED,
@@ -317,6 +317,30 @@ def test_on_policy_distillation_learns_a_teachers_behaviour_from_its_logprobs_al
     assert first["reward/mean"] == steps[0]["reward/mean"] and first["tokens/sampled"] == steps[0]["tokens/sampled"]
     assert first["kl/sampler_vs_teacher"] == pytest.approx(kl[0], abs=1e-4), (first, steps[0])
     assert first["memory/teacher_gib"] > 0 and first["memory/teacher_gib"] != first["memory/learner_gib"]
+
+
+def test_distillation_alone_trains_on_prompts_without_answers(learned, tiny_model_dir, tmp_path):
+    from rl.train import source_of
+
+    folder, _ = learned
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write a number like {n}."}) + "\n" for n in range(100, 120)))
+    config = tiny_config(tiny_model_dir, tmp_path / "run", steps=2, eval_every=0, eval_prompts=4, algo={
+        "teacher": str(folder), "reward_coef": 0.0, "kl_coef": 1.0})
+    config = replace(config, data=DataConfig(train=str(prompts)))
+    task = source_of(config)
+    assert {problem.answer for problem in task.train + task.held_out} == {None}
+    assert task.reward(task.train[0], "Answer: 7") == 0.0 and task.accuracy(task.train[0], "7") == 0.0
+    history = train(config, task)
+    assert [record["datums"] for record in history] == [64, 64], "every sample trains on the teacher's KL"
+    assert all(record["kl/sampler_vs_teacher"] > 1.0 and record["reward/mean"] == 0.0 for record in history)
+    # Held-out accuracy needs answers; a run that trains on its rewards needs them in every problem.
+    with pytest.raises(ValueError, match=r'data.train: 4 of the held-out problems have no "answer", which held-out '
+                                         r"accuracy needs: give data.eval=FILE of problems with answers, or "
+                                         r"eval_every=0"):
+        source_of(replace(config, eval_every=5))
+    with pytest.raises(ValueError, match=r"data.train=.*prompts.jsonl, line 1: no 'answer'"):
+        source_of(replace(config, algo=replace(config.algo, reward_coef=0.5)))
 
 
 def test_a_teacher_model_reserves_a_learners_gpus_and_resources_but_no_cpu(tiny_model_dir, tmp_path):
