@@ -75,6 +75,9 @@ class AlgoConfig:
     kl_coef: float = 0.0
     """Per-token KL penalty against the reference (algo.reference, or a teacher: algo.teacher, algo.teacher_model),
     folded into the advantages (0: off)."""
+    kl_discount: float = 0.0
+    """A token's KL penalty as the discounted sum of the KL from it to its sequence's end, by this factor
+    (tinker-cookbook's kl_discount_factor); 0: its own KL alone."""
     teacher: str | None = None
     """On-policy distillation: a LoRA adapter to learn from (model.adapter's forms; its own rank and target
     modules) on model.name, or on algo.teacher_model where given, held frozen as RL's KL reference, so each sampled
@@ -389,6 +392,7 @@ def _rules(config: TrainConfig) -> dict[str, tuple]:
         "algo.grad_clip_norm": (NOT_NEGATIVE[0], "0 (no clipping) or more"), "algo.prompts_per_step": AT_LEAST_1,
         "algo.max_tokens": AT_LEAST_1, "algo.num_substeps": AT_LEAST_1,
         "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"), "algo.reward_coef": NOT_NEGATIVE,
+        "algo.kl_discount": BETA,
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "data.answer_format": one_of(*ANSWER_FORMATS),
         "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),

@@ -126,6 +126,17 @@ def test_multi_turn_episodes_become_one_growing_sequence_or_one_per_re_rendered_
     [sequence] = episode_sequences(Episode([Turn([1, 2], first, 0.0, {})], "done"), [1.0])
     assert kl_penalty([sequence], [[-9.0, -0.3, -0.1]], coef=0.5) == pytest.approx((0.2 - 0.1) / 2)
     assert sequence.advantages == pytest.approx([0.0, 0.0, 1.0 - 0.5 * 0.2, 1.0 + 0.5 * 0.1])
+    # Discounted (kl_discount 0.5): the first action token also pays half the KL of the one after it.
+    [sequence] = episode_sequences(Episode([Turn([1, 2], first, 0.0, {})], "done"), [1.0])
+    assert kl_penalty([sequence], [[-9.0, -0.3, -0.1]], coef=0.5, discount=0.5) == pytest.approx((0.2 - 0.1) / 2)
+    assert sequence.advantages == pytest.approx([0.0, 0.0, 1.0 - 0.5 * (0.2 + 0.5 * -0.1), 1.0 + 0.5 * 0.1])
+    # Over two turns, the observation between them is a step of KL 0: the first turn's token pays 0.5^2 of the second's.
+    [sequence] = episode_sequences(grown, [0.0, 0.0])
+    assert sequence.actions == [False, False, True, True, False, False, True]
+    gaps = [sequence.logprobs[i] - (-1.0) for i in (2, 3, 6)]
+    kl_penalty([sequence], [[-1.0] * 6], coef=1.0, discount=0.5)
+    assert [sequence.advantages[i] for i in (2, 3, 6)] == pytest.approx([
+        -(gaps[0] + 0.5 * gaps[1] + 0.5 ** 4 * gaps[2]), -(gaps[1] + 0.5 ** 3 * gaps[2]), -gaps[2]])
 
 
 def test_a_steps_sequences_split_into_minibatches_in_order_each_on_the_whole_steps_scale():

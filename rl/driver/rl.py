@@ -72,17 +72,23 @@ def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize:
     return [[value / scale for value in centered] for centered in centered_G]
 
 
-def kl_penalty(sequences: list[TrainingSequence], reference_S: list[list[float]], coef: float) -> float:
-    """Subtracts coef * (sampler logprob - reference logprob) from each action token's advantage; returns that
-    difference's mean, a one-sample estimate of KL(sampler || reference) per token. reference_S: per target
-    (tokens[1:])."""
+def kl_penalty(sequences: list[TrainingSequence], reference_S: list[list[float]], coef: float,
+               discount: float = 0.0) -> float:
+    """Subtracts coef * (sampler logprob - reference logprob) from each action token's advantage, or with
+    `discount` the discounted sum of those differences from that token to the sequence's end (tinker-cookbook's
+    kl_discount_factor: a token also pays for the KL of what follows it; tokens between turns are steps of
+    difference 0); returns the differences' mean, a one-sample estimate of KL(sampler || reference) per token.
+    reference_S: per target (tokens[1:])."""
     gaps = []
     for sequence, reference_T in zip(sequences, reference_S, strict=True):
-        for index in range(1, len(sequence.tokens)):
+        gap_T = [sequence.logprobs[index] - reference_T[index - 1] if sequence.actions[index] else 0.0
+                 for index in range(1, len(sequence.tokens))]
+        to_end = 0.0
+        for index in range(len(sequence.tokens) - 1, 0, -1):
+            to_end = gap_T[index - 1] + discount * to_end
             if sequence.actions[index]:
-                gap = sequence.logprobs[index] - reference_T[index - 1]
-                sequence.advantages[index] -= coef * gap
-                gaps.append(gap)
+                sequence.advantages[index] -= coef * to_end
+        gaps += [gap for gap, action in zip(gap_T, sequence.actions[1:], strict=True) if action]
     return sum(gaps) / max(len(gaps), 1)
 
 
@@ -235,7 +241,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                 with timed(record, "reference"):
                     reference_S = await run.reference_logprobs([s.tokens for s in sequences])
                 kl_name = "kl/sampler_vs_teacher" if algo.distills else "kl/sampler_vs_reference"
-                record[kl_name] = kl_penalty(sequences, reference_S, algo.kl_coef)
+                record[kl_name] = kl_penalty(sequences, reference_S, algo.kl_coef, algo.kl_discount)
 
             # Update: an optimizer step on each minibatch of the sequences that carry signal, then publish the weights.
             trained = [s for s in sequences if any(s.advantages)]
