@@ -131,8 +131,8 @@ class Shared:
             overlapping = config.algo.off_policy or len(configs) > 1  # one run samples while another trains
             learner = start_learner(config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping)
             # The teacher model, in a learner of its own; it only scores the runs' samples (`teacher_bundle`).
-            teacher = config.algo.teacher_model and start_learner(
-                config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping, teacher=True)
+            teacher = (start_learner(config, placement, Path(config.output_dir) / CHECKPOINTS, overlapping,
+                                     teacher=True) if config.algo.teacher_model else None)
             pool = None
             if any(samples(other) for other in configs):
                 # In adapter mode a run's next version loads beside its last. The KV cache is the largest any run
@@ -143,7 +143,7 @@ class Shared:
                                   max_lora_rank=max(other.model.lora_rank for other in configs),
                                   kv_cache_gib=None if None in kv_caches else max(kv_caches))
             check_devices(config, ray.get(learner.describe.remote()), pool)
-            return cls(placement, learner, pool, teacher or None,
+            return cls(placement, learner, pool, teacher,
                        CoalescedCalls(learner) if config.learner.batch_runs and len(configs) > 1 else None)
         except BaseException:
             remove_placement_group(placement)
@@ -279,16 +279,15 @@ class Run:
         elif self._adapter is not None:
             self._load_adapter("model.adapter", model.adapter, self._adapter, self.model_id)
             print(f"starting from the adapter in {self._adapter}", flush=True)
-        self.reference: tuple[ray.actor.ActorHandle, str, bool] | None = None
-        """(learner, run, whether the run's adapter applies) computing the reference's logprobs, a run never trained:
-        the adapter of `reference_adapter` (the teacher, or the starting adapter), on the teacher model where there
-        is one (algo.teacher_model), or that model alone; None: the base model of this run is the reference."""
+        self.reference: tuple[ray.actor.ActorHandle, str | None] | None = None
+        """(learner, run) computing the reference's logprobs: a run never trained holding the adapter of
+        `reference_adapter` (the teacher, or the starting adapter), on the teacher model where there is one
+        (algo.teacher_model), or no run: that model alone; None: the base model of this run is the reference."""
         scorer = self.actors.teacher or self.learner
         if self._reference is not None:
-            self.reference = scorer, self._load_adapter(*self._reference, learner=scorer), True
-        elif self.actors.teacher is not None:  # the teacher model itself: a learner computes through a run's layers
-            teacher = str(resolve_model(config.algo.teacher_model))
-            self.reference = scorer, ray.get(scorer.create.remote(teacher, LoraConfig(rank=1, seed=0))), False
+            self.reference = scorer, self._load_adapter(*self._reference, learner=scorer)
+        elif self.actors.teacher is not None:
+            self.reference = scorer, None
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
@@ -313,8 +312,8 @@ class Run:
         """Each sequence's logprobs of its tokens after the first under the run's reference (`reference_adapter`):
         the teacher, its starting adapter, or the base model (the run's adapter off)."""
         if self.reference is not None:
-            learner, model_id, adapter = self.reference
-            return await learner.logprobs.remote(model_id, sequences, adapter=adapter)
+            learner, model_id = self.reference
+            return await learner.logprobs.remote(model_id, sequences)
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
     def __enter__(self) -> Run:
@@ -335,8 +334,9 @@ class Run:
         if not self.shared:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
-            ray.get([learner.delete.remote(model_id) for learner, model_id, *_ in
-                     ((self.learner, self.model_id), *([self.reference] if self.reference else []))])
+            ray.get([learner.delete.remote(model_id) for learner, model_id in
+                     ((self.learner, self.model_id), *([self.reference] if self.reference else []))
+                     if model_id is not None])
         learners = {"learner": self.learner, "teacher's learner": self.actors.teacher}
         lost = [name for name, actor in learners.items() if isinstance(error, ray.exceptions.RayActorError)
                 and actor is not None and error.actor_id == actor._actor_id.hex()]

@@ -363,7 +363,7 @@ class Learner:
         return self._lora_layers
 
     def _target_logprobs(self, rows: list[PackedRow], row_adapters: list[str] | None = None) -> list[torch.Tensor]:
-        model = self._peft.get_base_model()
+        model = self._hf  # PEFT puts its LoRA layers into this model itself (get_base_model() is it)
         dtype = _DTYPES[self.dtype]
         output_layer = model.get_output_embeddings()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -457,15 +457,17 @@ class Learner:
                     lacking, group_size if len(lacking) == len(prepared) else 1):
                 datum.inputs[name] = logprobs
 
-    def logprobs(self, model_id: str, sequences: list[list[int]], *, adapter: bool = True) -> list[list[float]]:
+    def logprobs(self, model_id: str | None, sequences: list[list[int]], *, adapter: bool = True) -> list[list[float]]:
         """Each sequence's logprobs of its tokens after the first (token t given those before it), under the
-        run's adapter, or with no adapter (the base model) when `adapter` is False. No gradients."""
-        run = self._run(model_id)
+        run's adapter, or with no adapter (the base model) when `adapter` is False or there is no run (`model_id`
+        None: a teacher model held for its own logprobs). No gradients."""
         data = [Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences]
         prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size, self.context)
-        self._activate([run])
+        if model_id is not None:
+            self._activate([self._run(model_id)])
+        base = (model_id is None or not adapter) and self._peft is not None
         found: dict[int, list[float]] = {}
-        with nullcontext() if adapter else self._peft.disable_adapter():
+        with self._peft.disable_adapter() if base else nullcontext():
             for datum, logprobs in self._logprobs_without_gradients(prepared, 1):
                 found[datum.index] = logprobs.tolist()
         return [found[index] for index in range(len(sequences))]
