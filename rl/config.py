@@ -129,8 +129,8 @@ class DataConfig:
     eval: str | None = None
     """Held-out examples in the same format (RL evaluates the first eval_prompts of each data source among them,
     logged apart as eval/SOURCE/accuracy where there are several; SFT and DPO all of them); None:
-    eval_prompts of data.train's, which are then not trained on. With steps=0 it may be given alone: the
-    starting weights are evaluated on it."""
+    eval_prompts of data.train's, which are then not trained on (none with eval_every=0). With steps=0 it may be
+    given alone: the starting weights are evaluated on it."""
     fields: dict[str, str] = field(default_factory=dict)
     """Your files' names for the format's fields, where they differ: `data.fields={prompt:question,answer:solution}`
     (a dotted name reaches into a nested object: `reward_model.ground_truth`); a field not named keeps its name."""
@@ -395,7 +395,7 @@ def _rules(config: TrainConfig) -> dict[str, tuple]:
         "algo.kl_discount": BETA,
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "data.answer_format": one_of(*ANSWER_FORMATS),
-        "eval_prompts": (AT_LEAST_1[0], "at least 1 (held-out problems are made at the start, even with eval_every=0)"),
+        "eval_prompts": (AT_LEAST_1[0], "at least 1"),
         "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
         "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,

@@ -99,7 +99,8 @@ def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_
                          model=ModelConfig(name=str(tiny_model_dir), max_model_len=24))
     task = source_of(config)
     assert isinstance(task, FileTask) and (len(task.train), len(task.held_out), task.format_reward) == (6, 4, 0.3)
-    assert len(source_of(replace(config, eval_every=0)).held_out) == 4, "held out even when nothing evaluates"
+    unevaluated = source_of(replace(config, eval_every=0))
+    assert (len(unevaluated.train), len(unevaluated.held_out)) == (10, 0), "nothing held out when nothing evaluates"
     boxed = source_of(replace(config, data=DataConfig(train=write_jsonl(tmp_path / "box.jsonl", [
         {"q": f"{a} + {b}?", "answer": rf"\boxed{{{a + b}}}"} for a, b in sums(10)]), fields={"prompt": "q"},
         answer_format="boxed", instruction="Box it.")))

@@ -1,6 +1,8 @@
 """The DPO and SFT loops on the tiny model: they learn what they train on, and leave what a run leaves."""
 
+import asyncio
 import math
+from types import SimpleNamespace
 
 import pytest
 from test_rl_loop import metrics, tiny_config
@@ -8,6 +10,7 @@ from test_rl_loop import metrics, tiny_config
 from rl.config import AlgoConfig
 from rl.driver import dpo, sft
 from rl.tasks import Addition
+from rl.types import Datum, ModelInput, TensorData
 
 
 def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
@@ -43,3 +46,35 @@ def test_sft_halves_its_loss(ray_local, tiny_model_dir, tmp_path):
     assert history[0]["eval/loss"] > history[-1]["eval/loss"], "held-out loss falls too"
     for record in (history[0], history[-1]):  # greedy accuracy over 4 held-out prompts
         assert record["eval/accuracy"] * 4 == pytest.approx(round(record["eval/accuracy"] * 4)), record
+
+
+def test_a_frozen_reference_scores_each_training_datum_once():
+    # The reference (model.adapter's starting weights) never changes, so a pair seen again in a later epoch reuses
+    # the logprobs it got the first time. A stand-in run counts what the learner is asked to score.
+    asked = []
+
+    async def reference_logprobs(sequences):
+        asked.append(sequences)
+        return [[-0.1 * (index + 1) - token / 3 for index, token in enumerate(sequence[1:])] for sequence in sequences]
+
+    run = SimpleNamespace(reference=("learner", "start"), reference_logprobs=reference_logprobs)
+
+    def datum(first: int) -> Datum:
+        return Datum(model_input=ModelInput.from_ints([first, first + 1]), loss_fn_inputs={
+            "target_tokens": TensorData(data=[first + 1, first + 2], dtype="int64", shape=[2]),
+            "weights": TensorData(data=[0.0, 1.0], dtype="float32", shape=[2])})
+
+    def batch(firsts: list[int]):
+        return dpo.dpo_batch([datum(first) for first in firsts], {"beta": 0.1})
+
+    known = {}
+    first = asyncio.run(dpo.with_reference(run, batch([1, 2, 3, 4]), keys=[10, 11, 12, 13], known=known))
+    again = asyncio.run(dpo.with_reference(run, batch([3, 4, 5, 6]), keys=[12, 13, 14, 15], known=known))
+    assert [len(sequences) for sequences in asked] == [4, 2], "only the two datums not seen before are scored"
+    assert asked[1] == [[5, 6, 7], [6, 7, 8]], "a datum's sequence: its input, then its last target"
+    references = [d.loss_fn_inputs["ref_logprobs"].data for d in first.data + again.data]
+    assert references[2:4] == references[4:6], "the same logprobs, from the store"
+    assert references[0] == pytest.approx([-0.1 - 2 / 3, -0.2 - 1.0], rel=1e-6)  # float32, as a datum holds them
+    unfrozen = SimpleNamespace(reference=None)
+    assert asyncio.run(dpo.with_reference(unfrozen, batch([1]))).data[0].loss_fn_inputs.keys() == {
+        "target_tokens", "weights"}, "the base model as the reference: the learner computes it in the same pass"

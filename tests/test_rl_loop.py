@@ -340,7 +340,8 @@ def test_distillation_alone_trains_on_prompts_without_answers(learned, tiny_mode
         "teacher": str(folder), "reward_coef": 0.0, "kl_coef": 1.0})
     config = replace(config, data=DataConfig(train=str(prompts)))
     task = source_of(config)
-    assert {problem.answer for problem in task.train + task.held_out} == {None}
+    assert {problem.answer for problem in task.train} == {None} and (len(task.train), task.held_out) == (20, ()), \
+        "with eval_every=0 every prompt trains"
     assert task.reward(task.train[0], "Answer: 7") == 0.0 and task.accuracy(task.train[0], "7") == 0.0
     history = train(config, task)
     assert [record["datums"] for record in history] == [64, 64], "every sample trains on the teacher's KL"

@@ -12,6 +12,7 @@ accuracy.
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
@@ -28,17 +29,25 @@ def dpo_batch(data: list[Datum], loss_fn_config: dict[str, float]) -> ForwardBac
     return ForwardBackwardInput(data=data, loss_fn="dpo", loss_fn_config=loss_fn_config or None)
 
 
-async def with_reference(run: Run, batch: ForwardBackwardInput) -> ForwardBackwardInput:
+async def with_reference(run: Run, batch: ForwardBackwardInput, keys: list[int] | None = None,
+                         known: dict[int, array] | None = None) -> ForwardBackwardInput:
     """`batch` with each datum's ref_logprobs where the run's reference is its starting adapter
     (`Run.reference_logprobs`); as it is where the reference is the base model, which the learner computes in the
-    same call."""
+    same call. `known`: the logprobs computed before, by each datum's key (`keys`): the reference is frozen, so a
+    datum seen again in a later epoch has them already (kept as float32, as a datum holds them)."""
     if run.reference is None:
         return batch
+    keys = list(range(len(batch.data))) if keys is None else keys
+    known = {} if known is None else known
+    missing = {key: datum for key, datum in zip(keys, batch.data, strict=True) if key not in known}
     # A datum's sequence: its input, then its last target (the targets are the input shifted by one).
-    sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:] for datum in batch.data]
-    reference_D = await run.reference_logprobs(sequences)
-    data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs, "ref_logprobs": reference})
-            for datum, reference in zip(batch.data, reference_D, strict=True)]
+    sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:]
+                 for datum in missing.values()]
+    for key, reference in zip(missing, await run.reference_logprobs(sequences) if sequences else [], strict=True):
+        known[key] = array("f", reference)
+    data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs, "ref_logprobs": known[key]
+                                                                 .tolist()})
+            for key, datum in zip(keys, batch.data, strict=True)]
     return batch.model_copy(update={"data": data})
 
 
@@ -63,13 +72,15 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
             metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out, step)
             return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], **accuracy}
 
+        reference_of: dict[int, array] = {}  # a datum's reference logprobs by 2 x pair + (0 chosen, 1 rejected)
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
 
             # The step's pairs, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
             batch = await with_reference(run, dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]),
-                                                        algo.loss_fn_config))
+                                                        algo.loss_fn_config),
+                                         keys=[2 * i + side for i in indices for side in (0, 1)], known=reference_of)
             output = await run.train_step(batch, adam_params(config, step), record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]

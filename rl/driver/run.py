@@ -542,7 +542,9 @@ def _tokenizer(name: str, chat_template: str | None):
 
 def held_out_groups(config: TrainConfig, environment: Environment) -> list[EnvGroupBuilder]:
     """The held-out problems as groups of eval_samples episodes (one: greedy): made before any actor starts, so that
-    an environment that gives none fails at once."""
+    an environment that gives none fails at once; none with eval_every=0."""
+    if not config.eval_every:
+        return []
     return environment.groups(config.eval_prompts, seed=config.seed, split="eval", group_size=config.eval_samples,
                               tokenizer=tokenizer_of(config.model))
 
