@@ -167,23 +167,20 @@ class CustomScore:
     """The dict's other numbers (verl logs them as reward_extra_info): logged as env/NAME and eval/NAME."""
 
 
-_last_score: list = [None, None, None]
-"""(spec, completion, reference), the example and the CustomScore of `custom_score`'s last call: a task environment
-asks for a completion's reward, its accuracy and its metrics, which with your function are one call, computed once (a
-scorer may be expensive: a judge, code to run)."""
-
-
 def custom_score(spec: str, completion: str, reference: str, example: dict | None) -> CustomScore:
     """What data.reward_fn's function scores `completion`, called as verl calls its custom reward function
     (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: data_source and extra_info are the
     example's fields of those names, if any); it returns a number, or a dict whose "score" is one (and whose "acc"
     and other numbers, if any, `CustomScore` keeps)."""
-    asked, last_example, last = _last_score
-    if asked == (spec, completion, reference) and last_example is example:
-        return last
     given = example or {}
     returned = reward_function(spec)(data_source=given.get("data_source"), solution_str=completion,
                                      ground_truth=reference, extra_info=given.get("extra_info"))
+    return custom_score_of(spec, returned)
+
+
+def custom_score_of(spec: str, returned: object) -> CustomScore:
+    """What data.reward_fn's function returned, as a CustomScore: a number, or a dict whose "score" is one (and whose
+    "acc" and other numbers, if any, it keeps); anything else is refused naming it."""
     named = returned if isinstance(returned, dict) else {"score": returned}
     numbers = {key: float(value) for key, value in named.items()  # a bool counts: True is 1
                if isinstance(value, int | float) and math.isfinite(value)}
@@ -191,6 +188,4 @@ def custom_score(spec: str, completion: str, reference: str, example: dict | Non
         raise ValueError(f"data.reward_fn={spec} returned {returned!r}: a finite number, or a dict whose 'score' (and "
                          f"'acc', if given) is one")
     reward = numbers.pop("score")
-    score = CustomScore(reward, numbers.pop("acc", reward), numbers)
-    _last_score[:] = [(spec, completion, reference), example, score]
-    return score
+    return CustomScore(reward, numbers.pop("acc", reward), numbers)

@@ -144,6 +144,12 @@ class DataConfig:
     "path/to/file.py:name" or "package.module:name", called as verl calls its custom reward function
     (name(data_source=, solution_str=, ground_truth=, extra_info=); rl.answers.custom_score), returning a number (or a
     dict whose "score" is one): the reward, and the held-out accuracy's score. None: data.answer_format's match."""
+    reward_workers: int = 0
+    """How many processes score completions with data.reward_fn at once (rl/reward_workers.py): for a scorer that
+    runs code or calls a judge. 0: it scores in the driver, one completion at a time, with no time limit."""
+    reward_timeout: float = 60.0
+    """With data.reward_workers: seconds a completion's scoring may take; past them its process is killed (with what
+    it started) and replaced, and the completion scores 0 (env/reward_timeout: the share of such completions)."""
     instruction: str | None = None
     """RL on your problems: text added after a space to each problem's (last) user message, such as how to give the
     answer: `data.instruction='Put the final answer within \\boxed{}.'`. None: the prompts as they are."""
@@ -394,8 +400,9 @@ def _rules(config: TrainConfig) -> dict[str, tuple]:
         "algo.kl_coef": (NOT_NEGATIVE[0], "0 (off) or more"), "algo.reward_coef": NOT_NEGATIVE,
         "algo.kl_discount": BETA,
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
-        "data.answer_format": one_of(*ANSWER_FORMATS),
-        "eval_prompts": (AT_LEAST_1[0], "at least 1"),
+        "data.answer_format": one_of(*ANSWER_FORMATS), "data.reward_workers": NOT_NEGATIVE,
+        "data.reward_timeout": POSITIVE,
+        "eval_prompts": AT_LEAST_1,
         "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
         "learner.threads": UNSET_OR_AT_LEAST_1, "learner.max_restarts": NOT_NEGATIVE,
@@ -450,6 +457,9 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
             found.append((key, value, "unset without data.train or data.eval: it applies to your files"))
         elif value != unset and key != "data.fields" and algo.loop != "rl":
             found.append((key, value, f"unset: it applies to RL problems, and the {algo.loop} loop has none"))
+    if config.data.reward_workers and config.data.reward_fn is None:
+        found.append(("data.reward_workers", config.data.reward_workers, "0 without data.reward_fn: the processes "
+                      "run your function"))
     if config.data.reward_fn is not None:
         try:
             reward_function(config.data.reward_fn)

@@ -81,9 +81,12 @@ class TaskEnv:
 
     async def step(self, action: list[int]) -> StepResult:
         completion = completion_text(self.tokenizer, action)
-        metrics = self.task.metrics(self.problem, completion) if hasattr(self.task, "metrics") else {}
-        return StepResult(reward=float(self.task.reward(self.problem, completion)), episode_done=True,
-                          metrics={**metrics, "accuracy": float(self.task.accuracy(self.problem, completion))})
+        if hasattr(self.task, "score"):  # all three at once (your files' scorer: rl.tasks.FileTask)
+            reward, accuracy, metrics = await self.task.score(self.problem, completion)
+        else:
+            reward, accuracy = self.task.reward(self.problem, completion), self.task.accuracy(self.problem, completion)
+            metrics = self.task.metrics(self.problem, completion) if hasattr(self.task, "metrics") else {}
+        return StepResult(reward=float(reward), episode_done=True, metrics={**metrics, "accuracy": float(accuracy)})
 
 
 @dataclass

@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rl.answers import ANSWER_FORMATS, custom_score, final_answer, strict_answer
+from rl.answers import ANSWER_FORMATS, CustomScore, custom_score, final_answer, strict_answer
 from rl.datasets import Messages, PreferencePair, assistant, read_problems, train_and_held_out, user
+from rl.reward_workers import TIMED_OUT, RewardWorkers
 
 INSTRUCTION = "Put the final answer after 'Answer:'."
 
@@ -43,7 +44,9 @@ class Problem:
 
 class Task(Protocol):
     """Problems and how completions score. A task may also have `metrics(problem, completion) -> dict[str, float]`:
-    numbers logged beside the accuracy, as env/NAME in training and eval/NAME in evaluation."""
+    numbers logged beside the accuracy, as env/NAME in training and eval/NAME in evaluation; and an async
+    `score(problem, completion) -> (reward, accuracy, metrics)`, which the RL loop then calls instead of the three
+    (`FileTask`'s, whose scorer may run in other processes)."""
 
     name: str
 
@@ -167,6 +170,8 @@ class FileTask:
     reward_fn: str | None = None
     """data.reward_fn: your function scores each completion instead (`custom_score`): its score is the reward, and
     the accuracy unless it gives one."""
+    reward_workers: RewardWorkers | None = field(default=None, compare=False, repr=False)
+    """data.reward_workers' processes, which `score` has your function score in; None: it scores in the driver."""
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
         """Training problems drawn (with repeats) by `seed`; evaluation's are the held-out ones, the first `count` of
@@ -189,11 +194,7 @@ class FileTask:
     def reward(self, problem: Problem, completion: str) -> float:
         if self.reward_fn:
             return custom_score(self.reward_fn, completion, problem.answer, problem.entry).score
-        if problem.answer is None:
-            return 0.0
-        if self.accuracy(problem, completion):
-            return 1.0
-        return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
+        return self._reward(problem, completion, self.accuracy(problem, completion))
 
     def accuracy(self, problem: Problem, completion: str) -> float:
         if self.reward_fn:
@@ -205,10 +206,36 @@ class FileTask:
     def metrics(self, problem: Problem, completion: str) -> dict[str, float]:
         """The other numbers your function gives (data.reward_fn), and where the problems come from several data
         sources, the accuracy again as SOURCE/accuracy."""
-        metrics = dict(custom_score(self.reward_fn, completion, problem.answer, problem.entry).metrics
-                       if self.reward_fn else {})
+        if self.reward_fn:
+            return self._metrics(problem, custom_score(self.reward_fn, completion, problem.answer, problem.entry))
+        return self._metrics(problem, CustomScore(0.0, self.accuracy(problem, completion), {}))
+
+    async def score(self, problem: Problem, completion: str) -> tuple[float, float, dict[str, float]]:
+        """A completion's reward, accuracy and metrics at once (what the RL loop asks): your function is called once,
+        in one of data.reward_workers' processes where there are any (then a timeout scores 0, and the metrics say
+        so as reward_timeout)."""
+        if not self.reward_fn:
+            accuracy = self.accuracy(problem, completion)
+            return (self._reward(problem, completion, accuracy), accuracy,
+                    self._metrics(problem, CustomScore(0.0, accuracy, {})))
+        if self.reward_workers is None:
+            scored = custom_score(self.reward_fn, completion, problem.answer, problem.entry)
+            return scored.score, scored.accuracy, self._metrics(problem, scored)
+        scored = await self.reward_workers.score(completion, problem.answer, problem.entry)
+        return scored.score, scored.accuracy, {**self._metrics(problem, scored),
+                                               "reward_timeout": float(scored is TIMED_OUT)}
+
+    def _reward(self, problem: Problem, completion: str, accuracy: float) -> float:
+        if problem.answer is None:
+            return 0.0
+        if accuracy:
+            return 1.0
+        return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
+
+    def _metrics(self, problem: Problem, scored: CustomScore) -> dict[str, float]:
+        metrics = dict(scored.metrics)
         if len(self.data_sources) > 1:
-            metrics[f"{data_source(problem)}/accuracy"] = self.accuracy(problem, completion)
+            metrics[f"{data_source(problem)}/accuracy"] = scored.accuracy
         return metrics
 
 
@@ -220,11 +247,13 @@ def data_source(problem: Problem) -> str:
 
 def file_task(train: str | None, eval_file: str | None, held_out: int, *, format_reward: float,
               answer_format: str = "answer_line", instruction: str | None = None,
-              fields: dict[str, str] | None = None, reward_fn: str | None = None, answers: bool = True) -> FileTask:
+              fields: dict[str, str] | None = None, reward_fn: str | None = None, reward_workers: int = 0,
+              reward_timeout: float = 60.0, answers: bool = True) -> FileTask:
     """The problems of `train` (and `eval_file`; else `held_out` of `train`'s held out) as a task, each reference
     answer as `answer_format` finds it where it is a whole solution, `instruction` after each prompt; no `train`:
-    held-out problems only (steps=0 evaluates). `fields`: data.fields; `reward_fn`: data.reward_fn. Without
-    `answers` (distillation alone) a problem may lack its answer (`read_problems`)."""
+    held-out problems only (steps=0 evaluates). `fields`: data.fields; `reward_fn`, `reward_workers`,
+    `reward_timeout`: data.reward_fn and the processes it scores in. Without `answers` (distillation alone) a
+    problem may lack its answer (`read_problems`)."""
     found = ANSWER_FORMATS[answer_format]
 
     def problem(prompt: str | Messages, reference: str | None, record: dict) -> Problem:
@@ -236,7 +265,9 @@ def file_task(train: str | None, eval_file: str | None, held_out: int, *, format
     train_P, held_out_P = train_and_held_out(functools.partial(read_problems, answers=answers), train, eval_file,
                                              held_out, fields)
     return FileTask(tuple(problem(*example) for example in train_P), tuple(problem(*example) for example in held_out_P),
-                    format_reward=format_reward, answer_format=answer_format, reward_fn=reward_fn)
+                    format_reward=format_reward, answer_format=answer_format, reward_fn=reward_fn,
+                    reward_workers=RewardWorkers(reward_fn, reward_workers, reward_timeout)
+                    if reward_fn and reward_workers else None)
 
 
 TASKS = {"addition": Addition, "gsm_symbolic": GsmSymbolic, "digits": Digits}

@@ -103,7 +103,8 @@ def source_of(config: TrainConfig) -> Task | Environment:
         held_out = config.eval_prompts if config.eval_every else 0
         task = file_task(data.train, data.eval, held_out, format_reward=config.task.format_reward,
                          answer_format=data.answer_format, instruction=data.instruction, fields=data.fields,
-                         reward_fn=data.reward_fn, answers=answers)
+                         reward_fn=data.reward_fn, reward_workers=data.reward_workers,
+                         reward_timeout=data.reward_timeout, answers=answers)
         unanswered = sum(problem.answer is None for problem in task.held_out)
         if unanswered and config.eval_every:
             key = "data.eval" if data.eval else "data.train"

@@ -29,7 +29,7 @@ def test_every_bad_value_is_named_at_once():
                                                                                                       publish_mode="x",
                                                                                                       kv_cache_gib=0)))
     for expected in ("steps=-1: 0 (evaluate only) or more", "eval_every=-2: 0 (never) or more",
-                     "eval_prompts=0: at least 1 (", "checkpoint_keep=0: unset (all kept) or at least 1",
+                     "eval_prompts=0: at least 1", "checkpoint_keep=0: unset (all kept) or at least 1",
                      "model.dtype='fp8': one of auto, float32, bfloat16, float16", "model.lora_rank=0: at least 1",
                      "learner.micro_batch_tokens=0: at least 1", "sampler.replicas=0: at least 1",
                      "sampler.publish_mode='x': one of adapter, merge",

@@ -9,6 +9,7 @@ import json
 import re
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from test_rl_loop import samples, tiny_config
@@ -412,7 +413,8 @@ def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monk
         # A dict's "acc" is the accuracy, its other numbers are metrics (its text, verl's "pred", is not).
         assert (task.accuracy(one, "= 4"), task.metrics(one, "= 4")) == (0.0, {"length": 3.0})
         called = reward_function(spec).__globals__["CALLS"]
-        assert called[-2:] == ["1 + 2 = 3", "= 4"], "a completion's reward, accuracy and metrics: one call"
+        assert asyncio.run(task.score(one, "1 + 2 = 4")) == (-0.5, 0.0, {"length": 9.0})
+        assert called[-2:] == ["= 4", "1 + 2 = 4"], "what the loop asks, reward, accuracy and metrics: one call"
         assert (task.accuracy(zero, "= 4"), task.metrics(zero, "= 4")) == (0.0, {}), "a number: the accuracy too"
         other = replace(zero, entry={**zero.entry, "data_source": "gsm8k"})
         with pytest.raises(KeyError, match="gsm8k"):
@@ -441,6 +443,71 @@ def test_your_reward_function_scores_completions_as_verl_calls_it(tmp_path, monk
                                                                             reward_fn="my_rewards:compute_score")))
 
 
+WORKER_REWARD = """
+import os, subprocess, time
+from pathlib import Path
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str.startswith("meet "):  # waits for its partner: scores 1 only if both are scored at once
+        me, partner, folder = solution_str.split()[1:]
+        Path(folder, me).touch()
+        for _ in range(400):
+            if Path(folder, partner).exists():
+                return {"score": 1.0, "pid": os.getpid()}
+            time.sleep(0.025)
+        return {"score": 0.0, "pid": os.getpid()}
+    if solution_str.startswith("hang "):  # starts a process of its own, then never returns
+        child = subprocess.Popen(["sleep", "600"])
+        Path(solution_str.split()[1]).write_text(str(child.pid))
+        time.sleep(600)
+    if solution_str == "raise":
+        raise RuntimeError("the judge is down")
+    if solution_str == "die":
+        os._exit(3)
+    return float(solution_str == ground_truth)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie is dead, waiting to be reaped
+
+
+def test_reward_workers_score_at_once_and_time_out_what_hangs(tmp_path):
+    (tmp_path / "worker_rewards.py").write_text(WORKER_REWARD)
+    file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": "2", "data_source": "sums"}])
+    task = file_task(file, None, 0, format_reward=0.0, reward_fn=f"{tmp_path}/worker_rewards.py:compute_score",
+                     reward_workers=2, reward_timeout=5.0)
+    (problem,) = task.train
+
+    async def scores(*completions):
+        return await asyncio.gather(*(task.score(problem, completion) for completion in completions))
+
+    # Each of two completions waits for the other: both score 1 only if two processes score them at once.
+    first, second = asyncio.run(scores(f"meet a b {tmp_path}", f"meet b a {tmp_path}"))
+    assert (first[0], second[0]) == (1.0, 1.0), (first, second)
+    assert first[2]["pid"] != second[2]["pid"] and first[2]["reward_timeout"] == 0.0
+    # One that hangs is cut off after reward_timeout: it scores 0, the process it started dies with its worker, and
+    # the others are scored meanwhile by the other worker.
+    hung, right, wrong = asyncio.run(scores(f"hang {tmp_path}/child", "2", "3"))
+    assert hung == (0.0, 0.0, {"reward_timeout": 1.0}) and right[:2] == (1.0, 1.0) and wrong[:2] == (0.0, 0.0)
+    assert right[2] == wrong[2] == {"reward_timeout": 0.0}
+    assert not alive(int((tmp_path / "child").read_text())), "what the hung function started is killed too"
+    # An exception, or a worker that dies, ends the run naming your function; the next completion is scored.
+    with pytest.raises(ValueError, match=r"(?s)data.reward_fn=.*worker_rewards.py:compute_score failed on a "
+                                         r"completion: Traceback.*RuntimeError: the judge is down"):
+        asyncio.run(scores("raise"))
+    with pytest.raises(ValueError, match=r"failed on a completion: its worker process died \(exit code 3\)"):
+        asyncio.run(scores("die"))
+    assert [score[0] for score in asyncio.run(scores("2", "2", "1"))] == [1.0, 1.0, 0.0]
+    assert "data.reward_workers=2: 0 without data.reward_fn" in refusal(TrainConfig(data=DataConfig(
+        train=file, reward_workers=2)))
+
+
 PARITY_REWARD = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     return {"score": len(solution_str) % 2, "acc": len(solution_str) % 3 == 0}
@@ -456,8 +523,10 @@ def test_several_benchmarks_are_evaluated_each_on_its_own_and_together(ray_local
             {"data_source": source, "prompt": [{"role": "user", "content": f"{source} {index}?"}],
              "reward_model": {"ground_truth": str(index)}} for index in range(count)])
     (tmp_path / "parity.py").write_text(PARITY_REWARD)
+    # Scored by two worker processes (data.reward_workers), as a scorer that runs code would be.
     task = file_task(None, str(tmp_path / "*" / "test.parquet"), 0, format_reward=0.0,
-                     fields={"answer": "reward_model.ground_truth"}, reward_fn=f"{tmp_path}/parity.py:compute_score")
+                     fields={"answer": "reward_model.ground_truth"}, reward_fn=f"{tmp_path}/parity.py:compute_score",
+                     reward_workers=2)
     assert task.data_sources == ["gsm8k", "math"]
     assert [problem.prompt[0]["content"] for problem in task.problems(2, seed=0, split="eval")] == [
         "gsm8k 0?", "gsm8k 1?", "math 0?", "math 1?"], "the first eval_prompts of each, in the files' order"
@@ -474,6 +543,9 @@ def test_several_benchmarks_are_evaluated_each_on_its_own_and_together(ray_local
                   if f"{source} " in line["turns"][0]["observation"]]
         assert len(scores) == 2 and record[f"eval/{source}/accuracy"] == sum(scores) / 2, record
     assert record["eval/accuracy"] == (record["eval/gsm8k/accuracy"] + record["eval/math/accuracy"]) / 2
+    assert record["eval/reward_timeout"] == 0.0 and all(line["metrics"]["reward_timeout"] == 0.0 for line in evaluated)
+    parity = [len(line["turns"][0]["action"]) % 3 == 0 for line in evaluated]
+    assert record["eval/accuracy"] == sum(parity) / 4, "each answer scored by the function, in a worker"
 
 
 def test_held_out_examples_are_drawn_by_a_fixed_seed():
