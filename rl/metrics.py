@@ -32,7 +32,8 @@ PHASES = ("sampling", "reference", "forward_backward", "optim_step", "publish", 
 """The parts of a step timed as `time/{phase}_s` (reference: the reference's or the teacher's logprobs for a KL
 penalty)."""
 CURVES = {"reward / accuracy": ("reward/mean", "eval/accuracy", "dpo_accuracy:mean", "eval/dpo_accuracy:mean"),
-          "loss": ("loss", "eval/loss"), "KL per token": ("kl/sampler_vs_teacher", "kl/sampler_vs_reference")}
+          "loss": ("loss", "eval/loss"),
+          "entropy and KL per token (nats)": ("sampler/entropy", "kl/sampler_vs_teacher", "kl/sampler_vs_reference")}
 """Panels against the step; curves.png adds accuracy against minutes, seconds per phase, and memory."""
 
 

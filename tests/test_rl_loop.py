@@ -71,9 +71,33 @@ def test_a_one_turn_episode_is_its_prompt_and_sample_and_group_advantages():
         [pytest.approx(value, rel=1e-5)] for value in (1.0, -1.0, -1.0, 1.0)]
     assert turn_advantages(one_turn(0.2, 0.2), reward_to_go=False, normalize=True) == [[0.0], [0.0]], (
         "a group that scored alike teaches nothing")
+    assert turn_advantages(one_turn(0.1, 0.1, 0.1), reward_to_go=False, normalize=True) == [[0.0]] * 3, (
+        "exactly nothing, though (0.1 + 0.1 + 0.1) / 3 is not 0.1 in floating point")
     # Two sampled tokens: sampler - learner = 0.5 and 0.0.
     assert sampler_vs_learner([[-1.0, -2.0]], [[-1.5, -2.0]]) == {"kl/sampler_vs_learner": 0.25,
                                                                   "kl/sampler_vs_learner_sq": 0.0625}
+
+
+def test_a_steps_groups_are_counted_by_what_they_teach_and_its_entropy_estimated():
+    def group(*scores: float, logprobs=(-0.5,)) -> list[Episode]:
+        return [Episode([Turn([1], sampled([2] * len(logprobs), list(logprobs)), score, {"accuracy": score})], "done")
+                for score in scores]
+
+    rollout = rl_loop.Rollout([group(1.0, 1.0), group(0.0, 0.0, logprobs=(-1.0, -2.0)), group(1.0, 0.0),
+                               group(0.0, 0.0)], weights_step=0, seconds=1.0)
+    config = TrainConfig()
+    assert rl_loop.group_metrics(config, rollout) == {
+        "groups/uniform": 0.75, "groups/all_correct": 0.25, "groups/all_wrong": 0.5,
+        "sampler/entropy": pytest.approx((0.5 * 6 + 1.0 * 2 + 2.0 * 2) / 10)}, "-mean logprob over 10 tokens"
+    # Without an accuracy from the environment, only what the rewards say; rewards to go that differ give signal.
+    unscored = rl_loop.Rollout([[Episode([Turn([1], sampled([2], [-0.1]), 0.3, {})], "done")] * 2], 0, 1.0)
+    assert rl_loop.group_metrics(config, unscored).keys() == {"groups/uniform", "sampler/entropy"}
+    two_turns = [Episode([Turn([1], sampled([2], [-0.1]), first, {}), Turn([1, 2, 3], sampled([4], [-0.1]),
+                                                                           1.0 - first, {})], "done")
+                 for first in (0.0, 1.0)]
+    to_go = replace(config, env=replace(config.env, advantage="reward_to_go"))
+    assert rl_loop.group_metrics(config, rl_loop.Rollout([two_turns], 0, 1.0))["groups/uniform"] == 1.0
+    assert rl_loop.group_metrics(to_go, rl_loop.Rollout([two_turns], 0, 1.0))["groups/uniform"] == 0.0
 
 
 def test_the_samples_of_a_steps_groups_share_no_seed():
@@ -197,6 +221,8 @@ def test_two_steps_train_publish_and_log(two_steps, tiny_model_dir, mode):
         assert {"loss", "step_time_s", "reward/mean", "eval/accuracy", "grad_norm:mean", "time/sampling_s",
                 "time/training_s", "throughput/sampled_tokens_per_s"} <= record.keys()
         assert 0.0 <= record["reward/mean"] <= 1.0 and 0 < record["datums"] <= 64
+        # A group whose samples all scored alike trains nothing; the random model samples far from one answer.
+        assert record["datums"] <= 64 * (1 - record["groups/uniform"]) and 1.0 < record["sampler/entropy"] < 12.0
         # The step's prompts are known (seeded by seed and step): each of the 8 is sampled 8 times.
         prompt_lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}],
                                                             add_generation_prompt=True, return_dict=False))

@@ -60,7 +60,8 @@ def turn_advantages(episodes_G: list[Episode], *, reward_to_go: bool, normalize:
     square of every turn's value less that mean (the totals of a group can agree while its rewards to go differ,
     and dividing those by a zero standard deviation would blow them up a millionfold)."""
     totals_G = [episode.total_reward for episode in episodes_G]
-    mean = sum(totals_G) / len(totals_G)
+    # Totals that agree are their own mean: a sum's rounding would leave advantages of 1e-17, which would train.
+    mean = totals_G[0] if len(set(totals_G)) == 1 else sum(totals_G) / len(totals_G)
     returns_G = [episode.rewards_to_go() if reward_to_go else [episode.total_reward] * len(episode.turns)
                  for episode in episodes_G]
     centered_G = [[value - mean for value in returns] for returns in returns_G]
@@ -190,6 +191,25 @@ def episode_metrics(sampled: Rollout) -> dict[str, float]:
     return {**record, **mean_metrics(episodes, "env")}
 
 
+def group_metrics(config: TrainConfig, sampled: Rollout) -> dict[str, float]:
+    """The share of groups whose episodes all scored alike (`groups/uniform`): they train on no reward, being too easy
+    or too hard (`groups/all_correct`, `groups/all_wrong`, where every episode reports an accuracy); and the sampler's
+    entropy per token, estimated by the sampled tokens' mean -logprob (`sampler/entropy`, tinker-cookbook's
+    optim/entropy): a policy collapsing onto one answer shows it falling towards 0."""
+    reward_to_go = config.env.advantage == "reward_to_go"
+    uniform = [not any(value for turns in turn_advantages(episodes_G, reward_to_go=reward_to_go, normalize=False)
+                       for value in turns) for episodes_G in sampled.episodes_P]
+    record = {"groups/uniform": sum(uniform) / len(uniform)}
+    accuracy_P = [[episode.metrics.get("accuracy") for episode in episodes_G] for episodes_G in sampled.episodes_P]
+    if all(value is not None for accuracy_G in accuracy_P for value in accuracy_G):
+        record["groups/all_correct"] = sum(min(accuracy_G) == 1 for accuracy_G in accuracy_P) / len(accuracy_P)
+        record["groups/all_wrong"] = sum(max(accuracy_G) == 0 for accuracy_G in accuracy_P) / len(accuracy_P)
+    logprobs = [logprob for episode in sampled.episodes for turn in episode.turns for logprob in turn.action.logprobs]
+    if logprobs:
+        record["sampler/entropy"] = -sum(logprobs) / len(logprobs)
+    return record
+
+
 def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tokens: list[int]) -> dict:
     """The step's reward, sizes and throughputs; training time is every phase after sampling."""
     training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward", "optim_step",
@@ -233,7 +253,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             sequences, rewards = training_sequences(config, sampled, advantages_P)
             train_groups = config.logger.train_groups
             run.log_episodes(step, "train", sampled.episodes_P[:train_groups], advantages_P[:train_groups])
-            record.update(episode_metrics(sampled))
+            record.update(episode_metrics(sampled), **group_metrics(config, sampled))
 
             # KL penalty: each action token's advantage pays for how far the sampler is from the reference (the
             # weights the run started from, or the base model), or with a teacher, from the teacher: distillation.
