@@ -112,6 +112,14 @@ class AlgoConfig:
         """Whether the run learns from a teacher: algo.teacher or algo.teacher_model given."""
         return self.teacher is not None or self.teacher_model is not None
 
+    @property
+    def pair_loss(self) -> bool:
+        """Whether the loss reads (chosen, rejected) pairs (rl.losses.PAIR_LOSSES: dpo, ipo, simpo): the DPO loop's,
+        and in RL each group's best and worst sample (online DPO)."""
+        from rl.losses import PAIR_LOSSES
+
+        return self.loss_fn in PAIR_LOSSES
+
 
 @dataclass
 class TaskConfig:
@@ -483,6 +491,13 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     elif algo.distills and not algo.kl_coef:
         found.append(("algo.kl_coef", algo.kl_coef, "more than 0 with a teacher: it weighs the teacher's per-token "
                       "KL, the signal that distillation learns from"))
+    if algo.loop == "rl" and algo.loss_fn in losses.PAIR_LOSSES:
+        for key, value, unset, why in (
+                ("algo.kl_coef", algo.kl_coef, 0, "its reference is in the loss, weighed by beta"),
+                ("algo.num_substeps", algo.num_substeps, 1, "a step's pairs train in one update"),
+                ("algo.reward_coef", algo.reward_coef, 1, "the rewards only rank each group's samples")):
+            if value != unset:
+                found.append((key, value, f"{unset} with a loss over pairs ({algo.loss_fn}): {why}"))
     if algo.loop == "rl" and not algo.reward_coef and not algo.distills:
         found.append(("algo.teacher", None, "an adapter to distill from (a PEFT adapter folder, or a run folder: its "
                       "latest checkpoint), or algo.teacher_model a model, with algo.reward_coef=0: with neither "
@@ -505,9 +520,13 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
                       f"more than algo.max_tokens ({algo.max_tokens}), so a prompt fits beside the answer"))
     if algo.loss_fn in losses.LOSSES:
         policy_losses = [name for name, spec in losses.LOSSES.items() if "advantages" in spec.inputs]
-        wanted = {"rl": policy_losses, "dpo": ["dpo"], "sft": ["cross_entropy"]}.get(algo.loop, [algo.loss_fn])
+        pairs = ", ".join(losses.PAIR_LOSSES)
+        wanted = {"rl": [*policy_losses, *losses.PAIR_LOSSES], "dpo": list(losses.PAIR_LOSSES),
+                  "sft": ["cross_entropy"]}.get(algo.loop, [algo.loss_fn])
+        what = {"rl": f"a policy loss (one that reads advantages: {', '.join(policy_losses)}), or a loss over pairs "
+                      f"({pairs}: each group's best and worst sample, online DPO)",
+                "dpo": f"a loss over preference pairs ({pairs})"}.get(algo.loop, wanted[0])
         if algo.loss_fn not in wanted:
-            what = f"a policy loss (one that reads advantages: {', '.join(wanted)})" if algo.loop == "rl" else wanted[0]
             found.append(("algo.loss_fn", algo.loss_fn, f"the {algo.loop} loop trains with {what}"))
         try:
             losses.resolve_config(algo.loss_fn, algo.loss_fn_config)

@@ -145,6 +145,26 @@ def dro(logprobs_D, inputs_D, config):
     return loss, {"loss:sum": loss.item()}
 
 
+def _pair_log_ratios(logprobs_D, inputs_D, *, reference: bool, average: bool) -> tuple[Tensor, Tensor]:
+    """The chosen and the rejected datum's log-likelihood of each pair, over the tokens `weights` select (the
+    reply), less the reference's (`ref_logprobs`) where `reference`; with `average`, per weighted token."""
+    values = []
+    for lp, x in zip(logprobs_D, inputs_D, strict=True):
+        value = (x["weights"] * (lp - x["ref_logprobs"] if reference else lp)).sum()
+        values.append(value / x["weights"].sum().clamp_min(1.0) if average else value)
+    stacked = torch.stack(values)
+    return stacked[0::2], stacked[1::2]
+
+
+def _pair_metrics(loss: Tensor, margins: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
+    """The pair losses' metrics, means over pairs: accuracy (margin > 0), the margin, and the chosen and rejected
+    implicit rewards, each in its loss's own units."""
+    margins, chosen, rejected = margins.detach(), chosen.detach(), rejected.detach()
+    return {"loss:sum": loss.item(), "dpo_accuracy:mean": (margins > 0).double().mean().item(),
+            "dpo_margin:mean": margins.mean().item(), "dpo_chosen_reward:mean": chosen.mean().item(),
+            "dpo_rejected_reward:mean": rejected.mean().item()}
+
+
 def dpo(logprobs_D, inputs_D, config):
     """Sigmoid DPO over consecutive (chosen, rejected) datums, summed over pairs.
 
@@ -153,22 +173,44 @@ def dpo(logprobs_D, inputs_D, config):
     (1) from the prompt (0); `ref_logprobs` are the reference model's logprobs of the same targets.
     `label_smoothing` e (conservative DPO, as TRL's): each preference is taken as wrong with probability e, loss =
     -(1 - e) * logsigmoid(m) - e * logsigmoid(-m), m = beta * (reward_c - reward_r); 0 is plain DPO.
-    Metrics (means over pairs): accuracy (reward_c > reward_r), margin (reward_c - reward_r), and the
-    chosen and rejected rewards, each scaled by beta as in the DPO paper.
+    Metrics (means over pairs): accuracy (reward_c > reward_r), margin (m), and the chosen and rejected rewards,
+    each scaled by beta as in the DPO paper.
     """
     beta, smoothing = config["beta"], config["label_smoothing"]
-    rewards = torch.stack([(x["weights"] * (lp - x["ref_logprobs"])).sum()
-                           for lp, x in zip(logprobs_D, inputs_D, strict=True)])
-    margins = beta * (rewards[0::2] - rewards[1::2])
+    chosen, rejected = _pair_log_ratios(logprobs_D, inputs_D, reference=True, average=False)
+    margins = beta * (chosen - rejected)
     loss = -((1 - smoothing) * F.logsigmoid(margins) + smoothing * F.logsigmoid(-margins)).sum()
-    margins, chosen, rejected = margins.detach(), beta * rewards[0::2].detach(), beta * rewards[1::2].detach()
-    return loss, {
-        "loss:sum": loss.item(),
-        "dpo_accuracy:mean": (margins > 0).double().mean().item(),
-        "dpo_margin:mean": margins.mean().item(),
-        "dpo_chosen_reward:mean": chosen.mean().item(),
-        "dpo_rejected_reward:mean": rejected.mean().item(),
-    }
+    return loss, _pair_metrics(loss, margins, beta * chosen, beta * rejected)
+
+
+def ipo(logprobs_D, inputs_D, config):
+    """IPO (Azar et al., 2023) over consecutive (chosen, rejected) datums, summed over pairs.
+
+    For a pair: h = the chosen datum's log ratio to the reference per reply token, sum_t w_t (logp_t - ref_t) /
+    sum_t w_t, less the rejected one's (averaged over tokens, as TRL's loss_type="ipo"), and loss =
+    (h - 1 / (2 beta))^2: a squared loss that pulls the margin to 1 / (2 beta) rather than pushing it on without
+    bound, as DPO's may on preferences it already satisfies. Metrics as dpo's: margin h, rewards the mean log
+    ratios.
+    """
+    chosen, rejected = _pair_log_ratios(logprobs_D, inputs_D, reference=True, average=True)
+    margins = chosen - rejected
+    loss = ((margins - 1 / (2 * config["beta"])) ** 2).sum()
+    return loss, _pair_metrics(loss, margins, chosen, rejected)
+
+
+def simpo(logprobs_D, inputs_D, config):
+    """SimPO (Meng et al., 2024) over consecutive (chosen, rejected) datums, summed over pairs: no reference.
+
+    For a pair: a_c and a_r, the chosen and rejected datum's mean logprob per reply token (the policy's own
+    length-normalised reward), and loss = -logsigmoid(beta * (a_c - a_r) - gamma), `gamma` a target margin (the
+    paper's beta 2.0 and gamma / beta 0.5 by default). It needs no reference logprobs, so no reference pass.
+    Metrics as dpo's: margin beta * (a_c - a_r), rewards beta * a.
+    """
+    beta = config["beta"]
+    chosen, rejected = _pair_log_ratios(logprobs_D, inputs_D, reference=False, average=True)
+    margins = beta * (chosen - rejected)
+    loss = -F.logsigmoid(margins - config["gamma"]).sum()
+    return loss, _pair_metrics(loss, margins, beta * chosen, beta * rejected)
 
 
 _POLICY_INPUTS = ("target_tokens", "logprobs", "advantages")
@@ -186,7 +228,15 @@ LOSSES: dict[str, LossSpec] = {
     "dro": LossSpec(dro, inputs=_POLICY_INPUTS, optional_inputs=("weights",), config={"beta": 0.1}),
     "dpo": LossSpec(dpo, inputs=("target_tokens", "weights"), optional_inputs=("ref_logprobs",),
                     config={"beta": 0.1, "label_smoothing": 0.0}, datums_per_group=2, reference_input="ref_logprobs"),
+    "ipo": LossSpec(ipo, inputs=("target_tokens", "weights"), optional_inputs=("ref_logprobs",),
+                    config={"beta": 0.1}, datums_per_group=2, reference_input="ref_logprobs"),
+    "simpo": LossSpec(simpo, inputs=("target_tokens", "weights"), config={"beta": 2.0, "gamma": 1.0},
+                      datums_per_group=2),
 }
+PAIR_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.datums_per_group == 2)
+"""The losses over (chosen, rejected) pairs: the DPO loop's, and RL's on each group's best and worst sample."""
+PAIR_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
+"""What every pair loss reports (`_pair_metrics`), in its own units."""
 
 
 NOT_SUPPORTED = {

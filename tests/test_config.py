@@ -48,10 +48,10 @@ def test_unknown_loss_and_loops_that_do_not_fit_their_loss():
     assert "algo.loss_fn='nosuch': one of cross_entropy, importance_sampling" in refusal(
         TrainConfig(algo=AlgoConfig(loss_fn="nosuch")))
     assert "algo.loss_fn='cross_entropy': the rl loop trains with a policy loss (one that reads advantages: " \
-           "importance_sampling, ppo, gspo, cispo, dro)" in refusal(
-        TrainConfig(algo=AlgoConfig(loss_fn="cross_entropy")))
-    assert "algo.loss_fn='importance_sampling': the dpo loop trains with dpo" in refusal(
-        TrainConfig(algo=AlgoConfig(loop="dpo")))
+           "importance_sampling, ppo, gspo, cispo, dro), or a loss over pairs (dpo, ipo, simpo: each group's best " \
+           "and worst sample, online DPO)" in refusal(TrainConfig(algo=AlgoConfig(loss_fn="cross_entropy")))
+    assert "algo.loss_fn='importance_sampling': the dpo loop trains with a loss over preference pairs (dpo, ipo, " \
+           "simpo)" in refusal(TrainConfig(algo=AlgoConfig(loop="dpo")))
     assert "algo.loss_fn='dpo': the sft loop trains with cross_entropy" in refusal(
         TrainConfig(algo=AlgoConfig(loop="sft", loss_fn="dpo")))
     assert "algo.loop='ppo': one of rl, dpo, sft" in refusal(TrainConfig(algo=AlgoConfig(loop="ppo")))

@@ -2,6 +2,7 @@
 
 import asyncio
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ from test_rl_loop import metrics, tiny_config
 
 from rl.config import AlgoConfig
 from rl.driver import dpo, sft
+from rl.driver.run import Run, reference_adapter
 from rl.tasks import Addition
 from rl.types import Datum, ModelInput, TensorData
 
@@ -29,6 +31,23 @@ def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
     assert history[0]["eval/dpo_accuracy:mean"] == 0.0
     for record in (history[0], history[-1]):  # greedy accuracy over 8 held-out prompts
         assert record["eval/accuracy"] * 8 == pytest.approx(round(record["eval/accuracy"] * 8)), record
+
+
+def test_simpo_learns_its_training_pairs_with_no_reference(ray_local, tiny_model_dir, tmp_path):
+    # SimPO ranks by the policy's own mean logprob per reply token: at step 0 the margins are the base model's (not
+    # 0, as DPO's), and the run makes no reference, neither a frozen adapter nor the base model's logprobs.
+    config = tiny_config(tiny_model_dir, tmp_path, steps=8, eval_every=8, eval_prompts=8)
+    config.algo = AlgoConfig(loop="dpo", loss_fn="simpo", learning_rate=1e-2, prompts_per_step=8, train_examples=8,
+                             max_tokens=8)
+    history = dpo.train(config, Addition())
+    steps = [record for record in history if "loss" in record]
+    assert abs(steps[0]["dpo_margin:mean"]) > 1e-3 and steps[0]["loss"] > math.log(2), steps[0]
+    assert steps[-1]["dpo_accuracy:mean"] > 0.9 and steps[-1]["loss"] < steps[0]["loss"] / 2, steps[-1]
+    assert {"eval/dpo_accuracy:mean", "eval/accuracy"} <= history[-1].keys()
+    with_adapter = replace(config, model=replace(config.model, adapter=str(tmp_path)))
+    assert reference_adapter(with_adapter) is None
+    assert reference_adapter(replace(with_adapter, algo=replace(config.algo, loss_fn="ipo"))) == (
+        "model.adapter", str(tmp_path))
 
 
 def test_sft_halves_its_loss(ray_local, tiny_model_dir, tmp_path):
@@ -65,16 +84,16 @@ def test_a_frozen_reference_scores_each_training_datum_once():
             "weights": TensorData(data=[0.0, 1.0], dtype="float32", shape=[2])})
 
     def batch(firsts: list[int]):
-        return dpo.dpo_batch([datum(first) for first in firsts], {"beta": 0.1})
+        return dpo.dpo_batch([datum(first) for first in firsts], AlgoConfig(loop="dpo", loss_fn="dpo"))
 
     known = {}
-    first = asyncio.run(dpo.with_reference(run, batch([1, 2, 3, 4]), keys=[10, 11, 12, 13], known=known))
-    again = asyncio.run(dpo.with_reference(run, batch([3, 4, 5, 6]), keys=[12, 13, 14, 15], known=known))
+    first = asyncio.run(Run.with_reference(run, batch([1, 2, 3, 4]), keys=[10, 11, 12, 13], known=known))
+    again = asyncio.run(Run.with_reference(run, batch([3, 4, 5, 6]), keys=[12, 13, 14, 15], known=known))
     assert [len(sequences) for sequences in asked] == [4, 2], "only the two datums not seen before are scored"
     assert asked[1] == [[5, 6, 7], [6, 7, 8]], "a datum's sequence: its input, then its last target"
     references = [d.loss_fn_inputs["ref_logprobs"].data for d in first.data + again.data]
     assert references[2:4] == references[4:6], "the same logprobs, from the store"
     assert references[0] == pytest.approx([-0.1 - 2 / 3, -0.2 - 1.0], rel=1e-6)  # float32, as a datum holds them
     unfrozen = SimpleNamespace(reference=None)
-    assert asyncio.run(dpo.with_reference(unfrozen, batch([1]))).data[0].loss_fn_inputs.keys() == {
+    assert asyncio.run(Run.with_reference(unfrozen, batch([1]))).data[0].loss_fn_inputs.keys() == {
         "target_tokens", "weights"}, "the base model as the reference: the learner computes it in the same pass"

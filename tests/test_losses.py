@@ -236,6 +236,45 @@ def test_dpo_matches_the_standard_sigmoid_dpo_formula():
     _gradcheck(losses.dpo, logprobs_D, inputs_D, {"beta": beta, "label_smoothing": 0.2})
 
 
+def test_ipo_and_simpo_match_their_papers_formulas_over_each_replys_mean_token():
+    # Two pairs of replies of different lengths; prompt tokens (weight 0) count neither in the sums nor the lengths.
+    lengths = [5, 4, 3, 6]
+    logprobs_D = [(-_rand(50 + i, n).abs()).requires_grad_() for i, n in enumerate(lengths)]
+    inputs_D = [{"weights": torch.tensor([0.0, 0.0] + [1.0] * (n - 2), dtype=torch.float64),
+                 "ref_logprobs": -_rand(60 + i, n).abs()} for i, n in enumerate(lengths)]
+
+    def mean_reply(values, index):  # a reply's mean over its n - 2 tokens
+        return float(np.asarray(values)[2:].mean())
+
+    pi = [mean_reply(lp.detach().numpy(), i) for i, lp in enumerate(logprobs_D)]
+    ref = [mean_reply(x["ref_logprobs"].numpy(), i) for i, x in enumerate(inputs_D)]
+    # IPO (Azar et al. 2023, eq. 17, per-token means as TRL): (h - 1/(2 tau))^2, h the log-ratio difference.
+    tau = 0.25
+    h = [(pi[c] - ref[c]) - (pi[r] - ref[r]) for c, r in ((0, 1), (2, 3))]
+    loss, metrics = losses.ipo(logprobs_D, inputs_D, {"beta": tau})
+    assert loss.item() == pytest.approx(sum((value - 1 / (2 * tau)) ** 2 for value in h), rel=1e-12)
+    assert metrics["dpo_margin:mean"] == pytest.approx(np.mean(h))
+    assert metrics["dpo_accuracy:mean"] == np.mean([value > 0 for value in h])
+    assert metrics["dpo_chosen_reward:mean"] == pytest.approx(np.mean([pi[0] - ref[0], pi[2] - ref[2]]))
+    # d loss / d logp_t on a chosen reply token: 2 (h - 1/(2 tau)) / (reply length).
+    grads = _grads(losses.ipo, logprobs_D, inputs_D, {"beta": tau})
+    assert torch.allclose(grads[0], 2 * (h[0] - 2) / 3 * inputs_D[0]["weights"])
+    assert torch.allclose(grads[3], -2 * (h[1] - 2) / 4 * inputs_D[3]["weights"])
+    _gradcheck(losses.ipo, logprobs_D, inputs_D, {"beta": tau})
+    # SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta * (mean logp_c - mean logp_r) - gamma); no reference.
+    beta, gamma = 2.0, 0.7
+    loss, metrics = losses.simpo(logprobs_D, [{"weights": x["weights"]} for x in inputs_D],
+                                 {"beta": beta, "gamma": gamma})
+    z = [beta * (pi[c] - pi[r]) - gamma for c, r in ((0, 1), (2, 3))]
+    assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-value)) for value in z), rel=1e-12)
+    assert metrics["dpo_margin:mean"] == pytest.approx(np.mean([value + gamma for value in z]))
+    assert metrics["dpo_rejected_reward:mean"] == pytest.approx(beta * np.mean([pi[1], pi[3]]))
+    _gradcheck(losses.simpo, logprobs_D, [{"weights": x["weights"]} for x in inputs_D], {"beta": beta, "gamma": gamma})
+    assert losses.PAIR_LOSSES == ("dpo", "ipo", "simpo")
+    assert losses.resolve_config("simpo", None) == {"beta": 2.0, "gamma": 1.0}
+    assert losses.LOSSES["simpo"].reference_input is None and losses.LOSSES["ipo"].reference_input == "ref_logprobs"
+
+
 def test_resolve_config_names_what_is_wrong():
     assert losses.resolve_config("dpo", {"beta": "0.5"}) == {"beta": 0.5, "label_smoothing": 0.0}
     with pytest.raises(ValueError, match="loss_fn 'mse' is unknown"):

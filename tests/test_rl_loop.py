@@ -1,7 +1,9 @@
 """The RL loop end to end on the tiny model: real learner actor, real vLLM pool, verified publishing."""
 
 import json
+import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 import rl.driver.rl as rl_loop
-from rl.config import AlgoConfig, DataConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig
+from rl.config import AlgoConfig, DataConfig, LoggerConfig, ModelConfig, SamplerConfig, TrainConfig, check
 from rl.driver.episodes import Episode, Turn, episode_sequences, group_seed, held_out_metrics, transcript
 from rl.driver.rl import (
     PROMPTS_PER_STEP_SEED,
@@ -379,6 +381,50 @@ def test_distillation_alone_trains_on_prompts_without_answers(learned, tiny_mode
         source_of(replace(config, eval_every=5))
     with pytest.raises(ValueError, match=r"data.train=.*prompts.jsonl, line 1: no 'answer'"):
         source_of(replace(config, algo=replace(config.algo, reward_coef=0.5)))
+
+
+def test_a_loss_over_pairs_pairs_each_groups_best_and_worst_episode():
+    def episode(reward: float, stop: str = "done") -> Episode:
+        return Episode([Turn([1, 2], sampled([int(reward * 10) + 3, 9], [-0.5, -0.25]), reward, {})], stop)
+
+    groups = [[episode(0.2), episode(1.0), episode(0.0), episode(1.0)],  # the first of equals
+              [episode(0.5), episode(0.5)],  # alike: no pair
+              [episode(0.0, "max_turns"), episode(0.3), episode(0.6)]]
+    rollout = rl_loop.Rollout(groups, weights_step=0, seconds=1.0)
+    config = TrainConfig()
+    chosen, rejected, *rest = rl_loop.group_pairs(config, rollout)
+    assert (chosen.tokens, rejected.tokens) == ([1, 2, 13, 9], [1, 2, 3, 9]) and len(rest) == 2
+    assert [sequence.tokens[2] for sequence in rest] == [9, 3], "an episode cut off by a limit pairs too"
+    dropped = replace(config, env=replace(config.env, truncated="drop"))
+    assert [sequence.tokens[2] for sequence in rl_loop.group_pairs(dropped, rollout)[2:]] == [9, 6], (
+        "unless env.truncated=drop")
+    datum = chosen.reply_datum()
+    assert datum.loss_fn_inputs.keys() == {"target_tokens", "weights"}, "what the pair losses read"
+    assert datum.loss_fn_inputs["weights"].data == [0.0, 1.0, 1.0] and datum.model_input.to_ints() == [1, 2, 13]
+
+
+def test_rl_with_a_loss_over_pairs_is_online_dpo(ray_local, tiny_model_dir, tmp_path):
+    # Each group's best and worst sample, scored by the task, are a (chosen, rejected) pair for the dpo loss against
+    # the base model (which the learner computes in the same pass): DPO on the policy's own samples. (Whether it
+    # learns is measured on SmolLM2: recipe arithmetic_online_dpo, docs/recipes.md.)
+    config = tiny_config(tiny_model_dir, tmp_path, steps=4, eval_every=0, algo={
+        "loss_fn": "dpo", "loss_fn_config": {"beta": 0.1}, "learning_rate": 1e-2})
+    history = train(config, Digits())
+    # Digits' rewards (the share of digits) differ within most groups of the random model's samples.
+    assert all(4 <= record["pairs"] <= 8 and record["datums"] == 2 * record["pairs"] for record in history), history
+    assert abs(history[0]["dpo_margin:mean"]) < 1e-4 and history[0]["dpo_accuracy:mean"] == 0.0, (
+        "at step 0 the policy is the reference")
+    # The loss per pair is the dpo loss of the pair's margin: log 2 at a zero margin.
+    assert history[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert all(abs(record["dpo_margin:mean"]) > 1e-3 for record in history[1:]), "later pairs meet moved weights"
+    assert all(record["kl/sampler_vs_learner_sq"] < 1e-6 for record in history), "the pair's own tokens were scored"
+    # Settings a pair loss has no use for are refused, not ignored.
+    for algo, message in (({"kl_coef": 0.1}, "algo.kl_coef=0.1: 0 with a loss over pairs"),
+                          ({"num_substeps": 2}, "algo.num_substeps=2: 1 with a loss over pairs"),
+                          ({"reward_coef": 0.5}, "algo.reward_coef=0.5: 1 with a loss over pairs")):
+        bad = tiny_config(tiny_model_dir, tmp_path, algo={"loss_fn": "dpo", **algo})
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check(bad)
 
 
 def test_a_teacher_model_reserves_a_learners_gpus_and_resources_but_no_cpu(tiny_model_dir, tmp_path):

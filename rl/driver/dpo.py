@@ -1,4 +1,5 @@
-"""The DPO loop: preference pairs -> forward_backward(loss_fn="dpo") -> optim_step, against a frozen reference.
+"""The DPO loop: preference pairs -> forward_backward(loss_fn="dpo", "ipo" or "simpo") -> optim_step, against a
+frozen reference (SimPO's needs none).
 
 Pairs come from a verifiable task, a correct and an incorrect final answer to the same prompt
 (`rl.tasks.preference_pairs`), or from your own file (`data.train`: rl/datasets.py). A pair is two consecutive
@@ -12,43 +13,18 @@ accuracy.
 from __future__ import annotations
 
 import asyncio
-from array import array
 
 from rl.chat import conversation_datum
-from rl.config import TrainConfig
+from rl.config import AlgoConfig, TrainConfig
 from rl.datasets import PreferencePair, read_preference_pairs
 from rl.driver.run import Run, Shared, adam_params, batch_indices, check_context, steps, supervised_examples
+from rl.losses import PAIR_METRICS
 from rl.tasks import Task, preference_pairs
 from rl.types import Datum, ForwardBackwardInput
 
-DPO_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
-"""The dpo loss's metrics, logged under the learner's own names."""
 
-
-def dpo_batch(data: list[Datum], loss_fn_config: dict[str, float]) -> ForwardBackwardInput:
-    return ForwardBackwardInput(data=data, loss_fn="dpo", loss_fn_config=loss_fn_config or None)
-
-
-async def with_reference(run: Run, batch: ForwardBackwardInput, keys: list[int] | None = None,
-                         known: dict[int, array] | None = None) -> ForwardBackwardInput:
-    """`batch` with each datum's ref_logprobs where the run's reference is its starting adapter
-    (`Run.reference_logprobs`); as it is where the reference is the base model, which the learner computes in the
-    same call. `known`: the logprobs computed before, by each datum's key (`keys`): the reference is frozen, so a
-    datum seen again in a later epoch has them already (kept as float32, as a datum holds them)."""
-    if run.reference is None:
-        return batch
-    keys = list(range(len(batch.data))) if keys is None else keys
-    known = {} if known is None else known
-    missing = {key: datum for key, datum in zip(keys, batch.data, strict=True) if key not in known}
-    # A datum's sequence: its input, then its last target (the targets are the input shifted by one).
-    sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:]
-                 for datum in missing.values()]
-    for key, reference in zip(missing, await run.reference_logprobs(sequences) if sequences else [], strict=True):
-        known[key] = array("f", reference)
-    data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs, "ref_logprobs": known[key]
-                                                                 .tolist()})
-            for key, datum in zip(keys, batch.data, strict=True)]
-    return batch.model_copy(update={"data": data})
+def dpo_batch(data: list[Datum], algo: AlgoConfig) -> ForwardBackwardInput:
+    return ForwardBackwardInput(data=data, loss_fn=algo.loss_fn, loss_fn_config=algo.loss_fn_config or None)
 
 
 def pair_datums(tokenizer, pairs: list[PreferencePair]) -> list[Datum]:
@@ -65,28 +41,26 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
                                                       read=read_preference_pairs)
     check_context(config, pairs + eval_pairs, lambda tokenizer, pair: pair_datums(tokenizer, [pair]))
     with Run(config, shared) as run:
-        held_out_pairs = await with_reference(run, dpo_batch(pair_datums(run.tokenizer, eval_pairs),
-                                                             algo.loss_fn_config))
+        held_out_pairs = await run.with_reference(dpo_batch(pair_datums(run.tokenizer, eval_pairs), algo))
 
         async def evaluate(step: int) -> dict:
             metrics, accuracy = await run.held_out(held_out_pairs, task.name, held_out, step)
             return {"eval/dpo_accuracy:mean": metrics["dpo_accuracy:mean"], **accuracy}
 
-        reference_of: dict[int, array] = {}  # a datum's reference logprobs by 2 x pair + (0 chosen, 1 rejected)
+        reference_of: dict = {}  # a datum's reference logprobs by 2 x pair + (0 chosen, 1 rejected)
         for step in steps(run):
             record = await run.begin_step(step, evaluate)  # an evaluation first, when one is due
 
             # The step's pairs, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
-            batch = await with_reference(run, dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]),
-                                                        algo.loss_fn_config),
+            batch = await run.with_reference(dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]), algo),
                                          keys=[2 * i + side for i in indices for side in (0, 1)], known=reference_of)
             output = await run.train_step(batch, adam_params(config, step), record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
             tokens = batch.tokens
             record.update({"loss": output.metrics["loss:sum"] / len(indices),
-                           **{key: output.metrics[key] for key in DPO_METRICS},
+                           **{key: output.metrics[key] for key in PAIR_METRICS},
                            "tokens/trained": tokens, "time/training_s": seconds,
                            "throughput/trained_tokens_per_s": tokens / seconds,
                            "throughput/pairs_per_s": len(indices) / seconds})

@@ -255,6 +255,10 @@ class TrainingSequence:
         return Datum.next_token(self.tokens, weights=[float(action) for action in self.actions],
                                 logprobs=self.logprobs, advantages=[a * advantage_scale for a in self.advantages])
 
+    def reply_datum(self) -> Datum:
+        """As a side of a pair (the pair losses' layout): weight 1 on the action tokens, nothing else."""
+        return Datum.next_token(self.tokens, weights=[float(action) for action in self.actions])
+
 
 def episode_sequences(episode: Episode, turn_advantages: list[float]) -> list[TrainingSequence]:
     """An episode as one sequence (prompt, action, observation, action, ...) while each turn's prompt extends the

@@ -47,6 +47,7 @@ from rl.driver.run import (
     wait_for_sampler,
 )
 from rl.env import Environment, as_environment
+from rl.losses import PAIR_METRICS
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
 from rl.tasks import Task
@@ -157,6 +158,22 @@ def group_advantages(config: TrainConfig, sampled: Rollout) -> list[list[list[fl
         for episodes_G in sampled.episodes_P]
 
 
+def group_pairs(config: TrainConfig, sampled: Rollout) -> list[TrainingSequence]:
+    """For a loss over pairs (online DPO): each group's best and worst episode, chosen then rejected, where their
+    totals differ (the first of equals), each as one training sequence; an episode that hit a limit is left out
+    with env.truncated=drop, as one of several sequences (a re-rendered turn) is."""
+    pairs = []
+    for episodes_G in sampled.episodes_P:
+        kept = [(episode.total_reward, sequences[0]) for episode in episodes_G
+                if episode.stop == "done" or config.env.truncated == "train"
+                for sequences in [episode_sequences(episode, [0.0] * len(episode.turns))] if len(sequences) == 1]
+        if kept:
+            best, worst = max(kept, key=lambda kept: kept[0]), min(kept, key=lambda kept: kept[0])
+            if best[0] > worst[0]:
+                pairs += [best[1], worst[1]]
+    return pairs
+
+
 def minibatch_datums(trained: list[TrainingSequence], count: int, *, sampled_tokens: int) -> list[list[Datum]]:
     """The sequences as datums in `count` minibatches (fewer with fewer sequences) of sizes within one of each other,
     in order. Advantages are divided by the step's sampled tokens (Tinker's losses sum over tokens) and multiplied by
@@ -263,17 +280,27 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
                 kl_name = "kl/sampler_vs_teacher" if algo.distills else "kl/sampler_vs_reference"
                 record[kl_name] = kl_penalty(sequences, reference_S, algo.kl_coef, algo.kl_discount)
 
-            # Update: an optimizer step on each minibatch of the sequences that carry signal, then publish the weights.
-            trained = [s for s in sequences if any(s.advantages)]
-            minibatches = minibatch_datums(trained, algo.num_substeps,
-                                           sampled_tokens=sum(map(sum, (s.actions for s in sequences))))
+            # Update: an optimizer step on each minibatch of the sequences that carry signal (with a loss over pairs,
+            # on each group's best and worst episode: online DPO), then publish the weights.
+            if algo.pair_loss:
+                trained = group_pairs(config, sampled)
+                minibatches = [[s.reply_datum() for s in trained]] if trained else []
+                record["pairs"] = len(trained) // 2
+            else:
+                trained = [s for s in sequences if any(s.advantages)]
+                minibatches = minibatch_datums(trained, algo.num_substeps,
+                                               sampled_tokens=sum(map(sum, (s.actions for s in sequences))))
             datums_D = [datum for minibatch in minibatches for datum in minibatch]
             record["loss"] = 0.0  # a step in which every group scored alike has nothing to train on
             for index, minibatch in enumerate(minibatches):
-                batch = ForwardBackwardInput(data=minibatch, loss_fn=algo.loss_fn,
-                                             loss_fn_config=algo.loss_fn_config or None)
+                batch = await run.with_reference(ForwardBackwardInput(
+                    data=minibatch, loss_fn=algo.loss_fn, loss_fn_config=algo.loss_fn_config or None))
                 output = await run.train_step(batch, adam_params(config, step), record)
-                record["loss"] += output.metrics["loss:sum"] / len(minibatches)
+                if algo.pair_loss:  # one minibatch; its loss per pair, as the DPO loop's
+                    record.update({"loss": output.metrics["loss:sum"] * 2 / len(minibatch),
+                                   **{key: output.metrics[key] for key in PAIR_METRICS}})
+                else:
+                    record["loss"] += output.metrics["loss:sum"] / len(minibatches)
                 record["tokens/computed"] = record.get("tokens/computed", 0) + output.metrics["computed_tokens:sum"]
                 if index == 0:  # the pass that trained also scored the actions, with the weights that sampled them
                     scored = trained[:len(minibatch)]

@@ -18,6 +18,7 @@ import functools
 import os
 import random
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ from rl.driver.state import (
 from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
+from rl.losses import LOSSES
 from rl.memory import resident_memory
 from rl.metrics import RunLog, timed
 from rl.models import context_length, emulated_bf16_warning, resolve_model
@@ -53,6 +55,7 @@ from rl.sampler import AdapterVersion, SamplerPool
 from rl.tasks import Problem, Task
 from rl.types import (
     AdamParams,
+    Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
@@ -316,6 +319,30 @@ class Run:
             return await learner.logprobs.remote(model_id, sequences)
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
+    async def with_reference(self, batch: ForwardBackwardInput, keys: list[int] | None = None,
+                             known: dict[int, array] | None = None) -> ForwardBackwardInput:
+        """`batch` with each datum's reference logprobs (its loss's `reference_input`: DPO's and IPO's ref_logprobs)
+        where the run's reference is an adapter held frozen (`reference_logprobs`); as it is where its loss reads
+        none, or where the reference is the base model, which the learner computes in the same call. `known`: the
+        logprobs computed before, by each datum's key (`keys`): the reference is frozen, so a datum seen again in a
+        later epoch has them already (kept as float32, as a datum holds them)."""
+        name = LOSSES[batch.loss_fn].reference_input
+        if self.reference is None or name is None:
+            return batch
+        keys = list(range(len(batch.data))) if keys is None else keys
+        known = {} if known is None else known
+        missing = {key: datum for key, datum in zip(keys, batch.data, strict=True) if key not in known}
+        # A datum's sequence: its input, then its last target (the targets are the input shifted by one).
+        sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:]
+                     for datum in missing.values()]
+        for key, reference in zip(missing, await self.reference_logprobs(sequences) if sequences else [],
+                                  strict=True):
+            known[key] = array("f", reference)
+        data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs,
+                                                                     name: known[key].tolist()})
+                for key, datum in zip(keys, batch.data, strict=True)]
+        return batch.model_copy(update={"data": data})
+
     def __enter__(self) -> Run:
         return self
 
@@ -506,13 +533,14 @@ class Run:
 def reference_adapter(config: TrainConfig) -> tuple[str, str] | None:
     """(setting, path) of the adapter held frozen, as a run of its own, as the run's reference: in RL with a teacher
     algo.teacher's (None for a teacher model alone), else the starting adapter (model.adapter) with
-    algo.reference=start, where the loop has a reference (DPO, RL with kl_coef); None: a model is the reference
+    algo.reference=start, where the run has a reference (a loss that reads one, DPO's and IPO's, or RL's kl_coef);
+    None: a model is the reference
     (the run's base model, or algo.teacher_model), or there is none."""
     algo = config.algo
     if algo.loop == "rl" and algo.distills:
         return ("algo.teacher", algo.teacher) if algo.teacher is not None else None
     if (config.model.adapter is not None and algo.reference == "start"
-            and (algo.loop == "dpo" or (algo.loop == "rl" and algo.kl_coef > 0))):
+            and (LOSSES[algo.loss_fn].reference_input is not None or algo.loop == "rl" and algo.kl_coef > 0)):
         return "model.adapter", config.model.adapter
     return None
 

@@ -10,9 +10,9 @@ from rl.types._base import StrictModel
 from rl.types.tensors import Datum, TensorData
 
 LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce",
-                     "custom", "dpo"]
-"""The losses a forward_backward can name: the SDK's (rl.losses says which are refused, and why), plus a native
-one-pass `dpo`."""
+                     "custom", "dpo", "ipo", "simpo"]
+"""The losses a forward_backward can name: the SDK's (rl.losses says which are refused, and why), plus native
+one-pass losses over preference pairs: `dpo`, `ipo` and `simpo`."""
 
 
 class LoraConfig(StrictModel):
