@@ -15,7 +15,8 @@ k trains, and step k's weights are published once it has finished (so every turn
 version, which merge mode's replicas need: they serve one). The sampler's logprobs come from the weights that
 sampled (each response names them), so the importance ratio corrects for the lag. And several optimizer steps per
 rollout (`algo.num_substeps`), one per minibatch of the step's sequences, as tinker-cookbook's: the ratio corrects
-the later minibatches likewise.
+the later minibatches likewise. With a loss over pairs (`dpo`, `ipo`, `simpo`) in place of a policy loss, each
+group's best and worst episode are a (chosen, rejected) pair: online DPO (`group_pairs`).
 """
 
 from __future__ import annotations
