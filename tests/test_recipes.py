@@ -12,8 +12,10 @@ import pyarrow.parquet
 import pytest
 
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
-RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl")
+RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl",
+           "arithmetic_online_dpo")
 MULTI_TURN = ("calculator_rl", "guess_number_rl")
+RL_LOOP = ("arithmetic_rl", "gsm_rl", *MULTI_TURN, "arithmetic_online_dpo")
 SMALL = ("model=tiny", "eval_prompts=2", "algo.prompts_per_step=2", "algo.max_tokens=8", "algo.train_examples=4")
 
 
@@ -30,12 +32,12 @@ def records(run: Path) -> list[dict]:
 def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
     # One Hydra multirun through rl's launcher (rl/sweep.py): the recipes run at once, each with a folder and a
     # wandb run of its own; those alike in their actors' settings share a learner and a sampler pool (sweep.share,
-    # on by default): the three off-policy recipes one, the three on-policy ones another.
+    # on by default): the four off-policy recipes one, the three on-policy ones another.
     result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = (tmp_path / "multirun" / RECIPES[0]).glob("*/sweep.json")
     learners = {Path(job["output_dir"]).parts[-3]: job["learner"] for job in json.loads(summary.read_text())}
-    off_policy = ("arithmetic_rl", *MULTI_TURN)
+    off_policy = ("arithmetic_rl", *MULTI_TURN, "arithmetic_online_dpo")
     assert len({learners[recipe] for recipe in RECIPES if recipe not in off_policy}) == 1, learners
     assert len({learners[recipe] for recipe in off_policy}) == 1 and len(set(learners.values())) == 2, learners
     for recipe in RECIPES:
@@ -45,7 +47,10 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         assert [r["step"] for r in lines] == [0, 1, 2] and "eval/accuracy" in lines[0], recipe
         assert all("loss" in r and "step_time_s" in r for r in lines[:2]), recipe
         first = lines[0]
-        if recipe.endswith("dpo"):  # at step 0 the policy is the reference: no margin is above 0
+        if recipe == "arithmetic_online_dpo":  # a pair where a group's rewards differ (rare on the random model)
+            assert first["datums"] == 2 * first["pairs"] and 0 <= first["pairs"] <= 2, first
+            assert first.get("dpo_accuracy:mean", 0.0) == 0.0, "at step 0 the policy is the reference"
+        elif recipe.endswith("dpo"):  # at step 0 the policy is the reference: no margin is above 0
             assert first["dpo_accuracy:mean"] == 0.0 and abs(first["dpo_margin:mean"]) < 1e-4, first
         elif recipe in MULTI_TURN:  # 2 groups of 8 episodes of 1 to 4 turns, rewarded in [0, 1]
             assert 0.0 <= first["reward/mean"] <= 1.0 and 1.0 <= first["env/turns"] <= 4.0, first
@@ -67,7 +72,7 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         assert len(list((run / "wandb").rglob("media/table/samples/eval_*.table.json"))) == 2, recipe
         trained = [(line["step"], line["group"]) for line in samples if line["split"] == "train"]
         group = 8 if recipe == "gsm_rl" or recipe in MULTI_TURN else 4
-        assert trained == ([(0, 0)] * group + [(1, 0)] * group if recipe.endswith("rl") else []), recipe
+        assert trained == ([(0, 0)] * group + [(1, 0)] * group if recipe in RL_LOOP else []), recipe
         config = json.loads((run / "config.json").read_text())
         assert config["recipe"] == recipe and config["model"]["name"] == "tiny"
         assert json.loads((run / "state.json").read_text())["step"] == 2
