@@ -73,22 +73,25 @@ class _Worker:
 
     def stop(self) -> None:
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # no group yet: killed before it made its own
                 os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.kill()
             self.process.join()
             self.connection.close()
             self.process, self.connection = None, None
 
     def call(self, job: tuple, timeout: float) -> tuple[str, object]:
+        if self.process is not None and not self.process.is_alive():  # killed from outside since its last call
+            self.stop()
         if self.process is None:
             self.start()
-        self.connection.send(job)
-        if not self.connection.poll(timeout):
-            self.stop()  # the next call starts a fresh process
-            return "timeout", None
         try:
+            self.connection.send(job)
+            if not self.connection.poll(timeout):
+                self.stop()  # the next call starts a fresh process
+                return "timeout", None
             return self.connection.recv()
-        except EOFError:
+        except (EOFError, OSError):  # it died during the call
             self.process.join(5)
             code = self.process.exitcode
             self.stop()

@@ -6,8 +6,11 @@ sampler); and a run that starts from another run's adapter (model.adapter)."""
 import asyncio
 import concurrent.futures
 import json
+import os
 import re
+import signal
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -481,7 +484,7 @@ def test_reward_workers_score_at_once_and_time_out_what_hangs(tmp_path):
     (tmp_path / "worker_rewards.py").write_text(WORKER_REWARD)
     file = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "1 + 1?", "answer": "2", "data_source": "sums"}])
     task = file_task(file, None, 0, format_reward=0.0, reward_fn=f"{tmp_path}/worker_rewards.py:compute_score",
-                     reward_workers=2, reward_timeout=5.0)
+                     reward_workers=2, reward_timeout=2.0)
     (problem,) = task.train
 
     async def scores(*completions):
@@ -504,6 +507,14 @@ def test_reward_workers_score_at_once_and_time_out_what_hangs(tmp_path):
     with pytest.raises(ValueError, match=r"failed on a completion: its worker process died \(exit code 3\)"):
         asyncio.run(scores("die"))
     assert [score[0] for score in asyncio.run(scores("2", "2", "1"))] == [1.0, 1.0, 0.0]
+    # A worker killed from outside between calls is replaced at its next.
+    (_, _, metrics), _ = asyncio.run(scores(f"meet c d {tmp_path}", f"meet d c {tmp_path}"))
+    os.kill(int(metrics["pid"]), signal.SIGKILL)
+    for _ in range(200):  # until it is gone (a zombie counts)
+        if not alive(int(metrics["pid"])):
+            break
+        time.sleep(0.05)
+    assert [score[0] for score in asyncio.run(scores("2", "2"))] == [1.0, 1.0]
     assert "data.reward_workers=2: 0 without data.reward_fn" in refusal(TrainConfig(data=DataConfig(
         train=file, reward_workers=2)))
 
@@ -695,6 +706,8 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
                                                              reference=reference))
         first_steps[reference] = dpo_steps[0], rl_loop.train(rl_config, Digits())[0]
     (dpo_start, rl_start), (dpo_base, rl_base) = first_steps["start"], first_steps["base"]
+    # The frozen adapter's logprobs are a phase of their own; the base model's come in the training pass.
+    assert dpo_start["time/reference_s"] > 0 and "time/reference_s" not in dpo_base, (dpo_start, dpo_base)
     # Measured: margins 0.0 and 0.44, KL estimates -1e-7 and 8.0.
     assert abs(dpo_start["dpo_margin:mean"]) < 1e-4 and abs(dpo_base["dpo_margin:mean"]) > 0.05, first_steps
     assert abs(rl_start["kl/sampler_vs_reference"]) < 1e-4 and rl_base["kl/sampler_vs_reference"] > 0.5, first_steps

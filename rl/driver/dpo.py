@@ -54,10 +54,12 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
             # The step's pairs, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(pairs), config.seed)
             batch = await run.with_reference(dpo_batch(pair_datums(run.tokenizer, [pairs[i] for i in indices]), algo),
-                                         keys=[2 * i + side for i in indices for side in (0, 1)], known=reference_of)
+                                         keys=[2 * i + side for i in indices for side in (0, 1)], known=reference_of,
+                                         record=record)
             output = await run.train_step(batch, adam_params(config, step), record)
 
-            seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]
+            seconds = sum(record.get(f"time/{phase}_s", 0.0)
+                          for phase in ("reference", "forward_backward", "optim_step"))
             tokens = batch.tokens
             record.update({"loss": output.metrics["loss:sum"] / len(indices),
                            **{key: output.metrics[key] for key in PAIR_METRICS},

@@ -295,7 +295,7 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             record["loss"] = 0.0  # a step in which every group scored alike has nothing to train on
             for index, minibatch in enumerate(minibatches):
                 batch = await run.with_reference(ForwardBackwardInput(
-                    data=minibatch, loss_fn=algo.loss_fn, loss_fn_config=algo.loss_fn_config or None))
+                    data=minibatch, loss_fn=algo.loss_fn, loss_fn_config=algo.loss_fn_config or None), record=record)
                 output = await run.train_step(batch, adam_params(config, step), record)
                 if algo.pair_loss:  # one minibatch; its loss per pair, as the DPO loop's
                     record.update({"loss": output.metrics["loss:sum"] * 2 / len(minibatch),

@@ -320,12 +320,14 @@ class Run:
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
     async def with_reference(self, batch: ForwardBackwardInput, keys: list[int] | None = None,
-                             known: dict[int, array] | None = None) -> ForwardBackwardInput:
+                             known: dict[int, array] | None = None, record: dict | None = None
+                             ) -> ForwardBackwardInput:
         """`batch` with each datum's reference logprobs (its loss's `reference_input`: DPO's and IPO's ref_logprobs)
         where the run's reference is an adapter held frozen (`reference_logprobs`); as it is where its loss reads
         none, or where the reference is the base model, which the learner computes in the same call. `known`: the
         logprobs computed before, by each datum's key (`keys`): the reference is frozen, so a datum seen again in a
-        later epoch has them already (kept as float32, as a datum holds them)."""
+        later epoch has them already (kept as float32, as a datum holds them). `record` gains the seconds it computed
+        them in as time/reference_s."""
         name = LOSSES[batch.loss_fn].reference_input
         if self.reference is None or name is None:
             return batch
@@ -335,9 +337,11 @@ class Run:
         # A datum's sequence: its input, then its last target (the targets are the input shifted by one).
         sequences = [datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].data[-1:]
                      for datum in missing.values()]
-        for key, reference in zip(missing, await self.reference_logprobs(sequences) if sequences else [],
-                                  strict=True):
-            known[key] = array("f", reference)
+        if sequences:
+            with timed({} if record is None else record, "reference"):
+                computed = await self.reference_logprobs(sequences)
+            for key, reference in zip(missing, computed, strict=True):
+                known[key] = array("f", reference)
         data = [Datum(model_input=datum.model_input, loss_fn_inputs={**datum.loss_fn_inputs,
                                                                      name: known[key].tolist()})
                 for key, datum in zip(keys, batch.data, strict=True)]
