@@ -270,7 +270,9 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             advantages_P = group_advantages(config, sampled)
             sequences, rewards = training_sequences(config, sampled, advantages_P)
             train_groups = config.logger.train_groups
-            run.log_episodes(step, "train", sampled.episodes_P[:train_groups], advantages_P[:train_groups])
+            # (With a loss over pairs the advantages are not trained on: the rewards alone say which pair.)
+            run.log_episodes(step, "train", sampled.episodes_P[:train_groups],
+                             None if algo.pair_loss else advantages_P[:train_groups])
             record.update(episode_metrics(sampled), **group_metrics(config, sampled))
 
             # KL penalty: each action token's advantage pays for how far the sampler is from the reference (the
