@@ -192,45 +192,36 @@ class FileTask:
         return sorted({data_source(problem) for problem in self.train + self.held_out})
 
     def reward(self, problem: Problem, completion: str) -> float:
-        if self.reward_fn:
-            return custom_score(self.reward_fn, completion, problem.answer, problem.entry).score
-        return self._reward(problem, completion, self.accuracy(problem, completion))
+        return self._scored(problem, completion)[0]
 
     def accuracy(self, problem: Problem, completion: str) -> float:
-        if self.reward_fn:
-            return custom_score(self.reward_fn, completion, problem.answer, problem.entry).accuracy
-        found = ANSWER_FORMATS[self.answer_format]
-        answer = found.find(completion)
-        return float(answer is not None and problem.answer is not None and found.match(answer, problem.answer))
+        return self._scored(problem, completion)[1]
 
     def metrics(self, problem: Problem, completion: str) -> dict[str, float]:
         """The other numbers your function gives (data.reward_fn), and where the problems come from several data
         sources, the accuracy again as SOURCE/accuracy."""
-        if self.reward_fn:
-            return self._metrics(problem, custom_score(self.reward_fn, completion, problem.answer, problem.entry))
-        return self._metrics(problem, CustomScore(0.0, self.accuracy(problem, completion), {}))
+        return self._scored(problem, completion)[2]
 
     async def score(self, problem: Problem, completion: str) -> tuple[float, float, dict[str, float]]:
         """A completion's reward, accuracy and metrics at once (what the RL loop asks): your function is called once,
         in one of data.reward_workers' processes where there are any (then a timeout scores 0, and the metrics say
         so as reward_timeout)."""
-        if not self.reward_fn:
-            accuracy = self.accuracy(problem, completion)
-            return (self._reward(problem, completion, accuracy), accuracy,
-                    self._metrics(problem, CustomScore(0.0, accuracy, {})))
         if self.reward_workers is None:
-            scored = custom_score(self.reward_fn, completion, problem.answer, problem.entry)
-            return scored.score, scored.accuracy, self._metrics(problem, scored)
+            return self._scored(problem, completion)
         scored = await self.reward_workers.score(completion, problem.answer, problem.entry)
         return scored.score, scored.accuracy, {**self._metrics(problem, scored),
                                                "reward_timeout": float(scored is TIMED_OUT)}
 
-    def _reward(self, problem: Problem, completion: str, accuracy: float) -> float:
-        if problem.answer is None:
-            return 0.0
-        if accuracy:
-            return 1.0
-        return self.format_reward if ANSWER_FORMATS[self.answer_format].find(completion) else 0.0
+    def _scored(self, problem: Problem, completion: str) -> tuple[float, float, dict[str, float]]:
+        if self.reward_fn:
+            scored = custom_score(self.reward_fn, completion, problem.answer, problem.entry)
+        else:
+            found = ANSWER_FORMATS[self.answer_format]
+            answer = found.find(completion)
+            right = answer is not None and problem.answer is not None and found.match(answer, problem.answer)
+            reward = 0.0 if problem.answer is None else 1.0 if right else self.format_reward if answer else 0.0
+            scored = CustomScore(reward, float(right), {})
+        return scored.score, scored.accuracy, self._metrics(problem, scored)
 
     def _metrics(self, problem: Problem, scored: CustomScore) -> dict[str, float]:
         metrics = dict(scored.metrics)
