@@ -728,6 +728,19 @@ def test_dpo_reference_defaults_to_the_base_model(learner, tiny_model_dir):
                                                               loss_fn_config={"beta": 0.5}))
     assert implicit.metrics == pytest.approx(explicit.metrics, abs=1e-6)
     assert implicit.metrics["dpo_accuracy:mean"] == 1.0 and implicit.metrics["dpo_margin:mean"] > 0
+    # IPO reads the same reference (beta 0.5: a target margin of 1, so a fresh adapter's loss is 1 a pair).
+    def ipo(data: list[Datum]) -> ForwardBackwardInput:
+        return ForwardBackwardInput(data=data, loss_fn="ipo", loss_fn_config={"beta": 0.5})
+
+    assert learner.forward(learner.create(str(tiny_model_dir), LORA), ipo(pairs)).metrics["loss:sum"] == \
+        pytest.approx(2.0, abs=1e-6)
+    assert learner.forward(model_id, ipo(pairs)).metrics == pytest.approx(
+        learner.forward(model_id, ipo(explicit_pairs)).metrics, abs=1e-6)
+    # SimPO reads none: a datum that brings one is refused, naming it.
+    with pytest.raises(ValueError, match=r"data\[0\].loss_fn_inputs\['ref_logprobs'\] is not read by simpo"):
+        learner.forward(model_id, ForwardBackwardInput(data=explicit_pairs, loss_fn="simpo"))
+    assert learner.forward(model_id, ForwardBackwardInput(data=pairs, loss_fn="simpo")).metrics[
+        "dpo_accuracy:mean"] == 1.0, "the chosen answers were trained on"
 
 
 def _bad_batches(good: Datum) -> list[tuple[ForwardBackwardInput, str]]:
