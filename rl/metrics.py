@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from rl.config import TrainConfig
 
-SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "dpo_accuracy:mean": "dpo acc",
+SUMMARY = {"reward/mean": "reward", "eval/accuracy": "eval acc", "pairs": "pairs", "dpo_accuracy:mean": "dpo acc",
            "eval/dpo_accuracy:mean": "eval dpo acc", "loss": "loss", "eval/loss": "eval loss",
            "kl/sampler_vs_teacher": "teacher kl",
            "throughput/sampled_tokens_per_s": "sampled tok/s", "throughput/trained_tokens_per_s": "trained tok/s",

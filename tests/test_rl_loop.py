@@ -28,7 +28,7 @@ from rl.driver.rl import (
 )
 from rl.driver.run import Run
 from rl.driver.state import read_state
-from rl.metrics import RunLog
+from rl.metrics import RunLog, summary_line
 from rl.tasks import Digits, Problem
 from rl.types import SampledSequence
 
@@ -418,6 +418,7 @@ def test_rl_with_a_loss_over_pairs_is_online_dpo(ray_local, tiny_model_dir, tmp_
     assert history[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
     assert all(abs(record["dpo_margin:mean"]) > 1e-3 for record in history[1:]), "later pairs meet moved weights"
     assert all(record["kl/sampler_vs_learner_sq"] < 1e-6 for record in history), "the pair's own tokens were scored"
+    assert f"| pairs {history[0]['pairs']} | dpo acc 0 |" in summary_line(history[0]), summary_line(history[0])
     # Settings a pair loss has no use for are refused, not ignored.
     for algo, message in (({"kl_coef": 0.1}, "algo.kl_coef=0.1: 0 with a loss over pairs"),
                           ({"num_substeps": 2}, "algo.num_substeps=2: 1 with a loss over pairs"),
