@@ -169,13 +169,17 @@ class CustomScore:
 
 def custom_score(spec: str, completion: str, reference: str, example: dict | None) -> CustomScore:
     """What data.reward_fn's function scores `completion`, called as verl calls its custom reward function
-    (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: data_source and extra_info are the
-    example's fields of those names, if any); it returns a number, or a dict whose "score" is one (and whose "acc"
-    and other numbers, if any, `CustomScore` keeps)."""
+    (`compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`: `reward_arguments`); it returns a
+    number, or a dict whose "score" is one (and whose "acc" and other numbers, if any, `CustomScore` keeps)."""
+    return custom_score_of(spec, reward_function(spec)(**reward_arguments(completion, reference, example)))
+
+
+def reward_arguments(completion: str, reference: str | None, example: dict | None) -> dict:
+    """The keywords verl calls a reward function with: data_source and extra_info are the example's fields of those
+    names (None where it has none)."""
     given = example or {}
-    returned = reward_function(spec)(data_source=given.get("data_source"), solution_str=completion,
-                                     ground_truth=reference, extra_info=given.get("extra_info"))
-    return custom_score_of(spec, returned)
+    return {"data_source": given.get("data_source"), "solution_str": completion, "ground_truth": reference,
+            "extra_info": given.get("extra_info")}
 
 
 def custom_score_of(spec: str, returned: object) -> CustomScore:

@@ -303,6 +303,12 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
+    @property
+    def held_out_examples(self) -> int:
+        """How many of data.train's examples are held out when data.eval is not given: eval_prompts, none with
+        eval_every=0 (the run evaluates nothing)."""
+        return self.eval_prompts if self.eval_every else 0
+
 
 def hydra_schema(config_type: type) -> DictConfig:
     """A config dataclass as Hydra's schema: every key typed, with its default. Its maps (dict fields) take new keys
@@ -491,7 +497,7 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     elif algo.distills and not algo.kl_coef:
         found.append(("algo.kl_coef", algo.kl_coef, "more than 0 with a teacher: it weighs the teacher's per-token "
                       "KL, the signal that distillation learns from"))
-    if algo.loop == "rl" and algo.loss_fn in losses.PAIR_LOSSES:
+    if algo.loop == "rl" and algo.pair_loss:
         for key, value, unset, why in (
                 ("algo.kl_coef", algo.kl_coef, 0, "its reference is in the loss, weighed by beta"),
                 ("algo.num_substeps", algo.num_substeps, 1, "a step's pairs train in one update"),

@@ -145,6 +145,10 @@ def dro(logprobs_D, inputs_D, config):
     return loss, {"loss:sum": loss.item()}
 
 
+PAIR_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
+"""What every pair loss reports (`_pair_metrics`), in its own units."""
+
+
 def _pair_log_ratios(logprobs_D, inputs_D, *, reference: bool, average: bool) -> tuple[Tensor, Tensor]:
     """The chosen and the rejected datum's log-likelihood of each pair, over the tokens `weights` select (the
     reply), less the reference's (`ref_logprobs`) where `reference`; with `average`, per weighted token."""
@@ -160,9 +164,8 @@ def _pair_metrics(loss: Tensor, margins: Tensor, chosen: Tensor, rejected: Tenso
     """The pair losses' metrics, means over pairs: accuracy (margin > 0), the margin, and the chosen and rejected
     implicit rewards, each in its loss's own units."""
     margins, chosen, rejected = margins.detach(), chosen.detach(), rejected.detach()
-    return {"loss:sum": loss.item(), "dpo_accuracy:mean": (margins > 0).double().mean().item(),
-            "dpo_margin:mean": margins.mean().item(), "dpo_chosen_reward:mean": chosen.mean().item(),
-            "dpo_rejected_reward:mean": rejected.mean().item()}
+    means = ((margins > 0).double().mean(), margins.mean(), chosen.mean(), rejected.mean())
+    return {"loss:sum": loss.item(), **{key: value.item() for key, value in zip(PAIR_METRICS, means, strict=True)}}
 
 
 def dpo(logprobs_D, inputs_D, config):
@@ -235,8 +238,6 @@ LOSSES: dict[str, LossSpec] = {
 }
 PAIR_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.datums_per_group == 2)
 """The losses over (chosen, rejected) pairs: the DPO loop's, and RL's on each group's best and worst sample."""
-PAIR_METRICS = ("dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean")
-"""What every pair loss reports (`_pair_metrics`), in its own units."""
 
 
 NOT_SUPPORTED = {

@@ -22,7 +22,7 @@ import traceback
 import weakref
 from multiprocessing.connection import Connection
 
-from rl.answers import CustomScore, custom_score_of, reward_function
+from rl.answers import CustomScore, custom_score_of, reward_arguments, reward_function
 
 TIMED_OUT = CustomScore(0.0, 0.0, {})
 """What a completion whose scoring outlasted data.reward_timeout scores."""
@@ -31,19 +31,18 @@ STARTUP_TIMEOUT = 120.0
 
 
 def _serve(spec: str, connection: Connection) -> None:
-    """A worker: scores each (completion, reference, data_source, extra_info) it receives until the driver closes
-    its end; sends back ("score", what your function returned) or ("error", the traceback)."""
+    """A worker: calls your function with each set of keywords it receives (rl.answers.reward_arguments) until the
+    driver closes its end; sends back ("score", what the function returned) or ("error", the traceback)."""
     os.setpgrp()  # a timeout kills what your function started too (code it runs, say)
     function = reward_function(spec)
     connection.send(("ready", None))
     while True:
         try:
-            completion, reference, source, extra_info = connection.recv()
+            arguments = connection.recv()
         except EOFError:
             return
         try:
-            connection.send(("score", function(data_source=source, solution_str=completion, ground_truth=reference,
-                                               extra_info=extra_info)))
+            connection.send(("score", function(**arguments)))
         except Exception:  # your code: whatever it raises goes back to the driver, which names it
             connection.send(("error", traceback.format_exc()))
 
@@ -80,7 +79,7 @@ class _Worker:
             self.connection.close()
             self.process, self.connection = None, None
 
-    def call(self, job: tuple, timeout: float) -> tuple[str, object]:
+    def call(self, job: dict, timeout: float) -> tuple[str, object]:
         if self.process is not None and not self.process.is_alive():  # killed from outside since its last call
             self.stop()
         if self.process is None:
@@ -113,8 +112,7 @@ class RewardWorkers:
 
     async def score(self, completion: str, reference: str | None, example: dict | None) -> CustomScore:
         """What your function scores `completion` (as rl.answers.custom_score), or TIMED_OUT."""
-        given = example or {}
-        job = (completion, reference, given.get("data_source"), given.get("extra_info"))
+        job = reward_arguments(completion, reference, example)
         outcome, value = await asyncio.get_running_loop().run_in_executor(self._threads, self._call, job)
         if outcome == "timeout":
             return TIMED_OUT
@@ -122,7 +120,7 @@ class RewardWorkers:
             raise ValueError(f"data.reward_fn={self.spec} failed on a completion: {value}")
         return custom_score_of(self.spec, value)
 
-    def _call(self, job: tuple) -> tuple[str, object]:
+    def _call(self, job: dict) -> tuple[str, object]:
         worker = self._idle.get()
         try:
             return worker.call(job, self.timeout)

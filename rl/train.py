@@ -99,9 +99,7 @@ def source_of(config: TrainConfig) -> Task | Environment:
         data = config.data
         # Distillation alone trains on no reward, so its problems need no answers; held-out accuracy still does.
         answers = not (config.algo.distills and config.algo.reward_coef == 0)
-        # With eval_every=0 none of data.train's problems is held out: the run evaluates nothing.
-        held_out = config.eval_prompts if config.eval_every else 0
-        task = file_task(data.train, data.eval, held_out, format_reward=config.task.format_reward,
+        task = file_task(data.train, data.eval, config.held_out_examples, format_reward=config.task.format_reward,
                          answer_format=data.answer_format, instruction=data.instruction, fields=data.fields,
                          reward_fn=data.reward_fn, reward_workers=data.reward_workers,
                          reward_timeout=data.reward_timeout, answers=answers)

@@ -165,13 +165,16 @@ def group_pairs(config: TrainConfig, sampled: Rollout) -> list[TrainingSequence]
     with env.truncated=drop, as one of several sequences (a re-rendered turn) is."""
     pairs = []
     for episodes_G in sampled.episodes_P:
-        kept = [(episode.total_reward, sequences[0]) for episode in episodes_G
-                if episode.stop == "done" or config.env.truncated == "train"
-                for sequences in [episode_sequences(episode, [0.0] * len(episode.turns))] if len(sequences) == 1]
-        if kept:
-            best, worst = max(kept, key=lambda kept: kept[0]), min(kept, key=lambda kept: kept[0])
-            if best[0] > worst[0]:
-                pairs += [best[1], worst[1]]
+        scored = []  # (total reward, sequence) of each episode that may pair
+        for episode in episodes_G:
+            sequences = episode_sequences(episode, [0.0] * len(episode.turns))
+            if trains_on(config, episode) and len(sequences) == 1:
+                scored.append((episode.total_reward, sequences[0]))
+        if scored:
+            (best, chosen), (worst, rejected) = (max(scored, key=lambda pair: pair[0]),
+                                                 min(scored, key=lambda pair: pair[0]))
+            if best > worst:
+                pairs += [chosen, rejected]
     return pairs
 
 
@@ -186,6 +189,11 @@ def minibatch_datums(trained: list[TrainingSequence], count: int, *, sampled_tok
             for index in range(count)]
 
 
+def trains_on(config: TrainConfig, episode: Episode) -> bool:
+    """Whether an episode trains: one that hit a limit does not with env.truncated=drop."""
+    return episode.stop == "done" or config.env.truncated == "train"
+
+
 def training_sequences(config: TrainConfig, sampled: Rollout,
                        advantages_P: list[list[list[float]]]) -> tuple[list[TrainingSequence], list[float]]:
     """Every episode's training sequences with its advantages (an episode that hit a limit is left out with
@@ -194,7 +202,7 @@ def training_sequences(config: TrainConfig, sampled: Rollout,
     for episodes_G, advantages_G in zip(sampled.episodes_P, advantages_P, strict=True):
         for episode, advantages in zip(episodes_G, advantages_G, strict=True):
             rewards.append(episode.total_reward)
-            if episode.stop == "done" or config.env.truncated == "train":
+            if trains_on(config, episode):
                 sequences += episode_sequences(episode, advantages)
     return sequences, rewards
 

@@ -589,7 +589,7 @@ def supervised_examples(config: TrainConfig, task: Task, *, from_task: Callable,
     starts, so that bad data fails at once."""
     data = config.data
     if data.given:
-        return (*train_and_held_out(read, data.train, data.eval, config.eval_prompts if config.eval_every else 0,
+        return (*train_and_held_out(read, data.train, data.eval, config.held_out_examples,
                                     data.fields), [])
     return (from_task(task, config.algo.train_examples, seed=config.seed),
             from_task(task, config.eval_prompts, seed=config.seed, split="eval"),
