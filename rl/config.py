@@ -158,6 +158,9 @@ class DataConfig:
     reward_timeout: float = 60.0
     """With data.reward_workers: seconds a completion's scoring may take; past them its process is killed (with what
     it started) and replaced, and the completion scores 0 (env/reward_timeout: the share of such completions)."""
+    train_on: str = "all"
+    """SFT: which assistant messages of a conversation are trained: "all", or "last" (the reply a conversation
+    ends with, the others being context: a judge's verdict on a reply it was shown, rl.tasks.AdditionJudge)."""
     instruction: str | None = None
     """RL on your problems: text added after a space to each problem's (last) user message, such as how to give the
     answer: `data.instruction='Put the final answer within \\boxed{}.'`. None: the prompts as they are."""
@@ -168,6 +171,27 @@ class DataConfig:
     def given(self) -> bool:
         """Whether the run reads your files rather than the task's examples (data.eval alone: with steps=0)."""
         return self.train is not None or self.eval is not None
+
+
+JUDGE_QUESTION = "Is your answer correct? Reply Yes or No."
+JUDGE_QUESTION_WITH_ANSWER = "The right answer is {answer}. Is your answer correct? Reply Yes or No."
+"""A judge's question that quotes the reference answer (a reference-guided judge, as general-verifier's): it compares
+rather than solves, and it accepts a right answer in any form (seven, 7.0) where a rule-based match may not."""
+
+
+@dataclass
+class JudgeConfig:
+    adapter: str | None = None
+    """RL: rewards from a judge instead of the environment (rl/judge.py): its adapter on model.name (a PEFT adapter
+    folder, or a run folder: its latest checkpoint, such as recipe arithmetic_judge's), or "base": the base model
+    itself. None: the environment's rewards."""
+    question: str = JUDGE_QUESTION
+    """The user's message after each episode's last reply, asking the judge for its verdict; {answer} in it is the
+    episode's reference answer (its problem's: JUDGE_QUESTION_WITH_ANSWER, recipe arithmetic_judge_rl)."""
+    verdict: str = "Yes"
+    """The start of the judge's reply whose probability is the episode's reward."""
+    required: bool = False
+    """Set by a recipe that rewards with a judge (arithmetic_judge_rl): judge.adapter must be given."""
 
 
 @dataclass
@@ -297,6 +321,7 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -336,12 +361,11 @@ def load(composed: DictConfig) -> TrainConfig:
         raise ValueError(f"bad configuration at {key}: not a known key (known here: {', '.join(known)})")
     schema = OmegaConf.structured(TrainConfig)
     try:
-        merged = OmegaConf.merge(schema, composed)
-    except Exception as error:  # omegaconf raises several types; all mean "this config is wrong"
+        return OmegaConf.to_object(OmegaConf.merge(schema, composed))
+    except Exception as error:  # omegaconf raises several types; all mean "this config is wrong" (or lacks a ???)
         key = getattr(error, "full_key", None) or "?"
         reason = str(error).splitlines()[0]
         raise ValueError(f"bad configuration at {key}: {reason}") from None
-    return OmegaConf.to_object(merged)
 
 
 def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
@@ -415,7 +439,7 @@ def _rules(config: TrainConfig) -> dict[str, tuple]:
         "algo.kl_discount": BETA,
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "data.answer_format": one_of(*ANSWER_FORMATS), "data.reward_workers": NOT_NEGATIVE,
-        "data.reward_timeout": POSITIVE,
+        "data.reward_timeout": POSITIVE, "data.train_on": one_of("all", "last"),
         "eval_prompts": AT_LEAST_1,
         "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
@@ -490,6 +514,23 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         path = _value(config, key)
         if path is not None and not Path(path).is_dir():
             found.append((key, path, "a PEFT adapter folder or a run folder, but there is no such folder"))
+    judge = config.judge.adapter
+    if judge not in (None, "base") and not Path(judge).is_dir():
+        found.append(("judge.adapter", judge, '"base", a PEFT adapter folder or a run folder, but there is no such '
+                      "folder"))
+    if judge is None and config.judge.required:
+        found.append(("judge.adapter", None, f"the judge's adapter folder or run folder, or base: recipe "
+                      f"{config.recipe} rewards with a judge's verdicts (recipe arithmetic_judge trains one: rl-train "
+                      "recipe=arithmetic_judge hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
+    if judge is not None and algo.loop != "rl":
+        found.append(("judge.adapter", judge, f"unset: the {algo.loop} loop does not sample, so there is nothing to "
+                      "judge"))
+    elif judge is not None and not algo.reward_coef:
+        found.append(("algo.reward_coef", algo.reward_coef, "more than 0 with judge.adapter: it weighs the judge's "
+                      "rewards"))
+    if config.data.train_on != "all" and algo.loop != "sft":
+        found.append(("data.train_on", config.data.train_on, f"all: it chooses what SFT trains, and this is the "
+                      f"{algo.loop} loop"))
     teacher_key = "algo.teacher" if algo.teacher is not None else "algo.teacher_model"
     if algo.distills and algo.loop != "rl":
         found.append((teacher_key, _value(config, teacher_key), f"unset: the {algo.loop} loop does not sample, and "

@@ -44,6 +44,9 @@ class StepResult:
 
 
 class Env(Protocol):
+    """May also have `reference`: the right answer, as text, which a judge's question quotes as {answer}
+    (rl/judge.py); a task's episodes give their problem's."""
+
     async def initial_observation(self) -> tuple[list[int], StopCondition]: ...
 
     async def step(self, action: list[int]) -> StepResult: ...
@@ -75,6 +78,10 @@ class TaskEnv:
     task: Task
     problem: Problem
     tokenizer: object
+
+    @property
+    def reference(self) -> str | None:
+        return self.problem.answer
 
     async def initial_observation(self) -> tuple[list[int], StopCondition]:
         return chat_tokens(self.tokenizer, self.problem.messages), []

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rl.answers import ANSWER_FORMATS, CustomScore, custom_score, final_answer, strict_answer
+from rl.config import JUDGE_QUESTION_WITH_ANSWER
 from rl.datasets import Messages, PreferencePair, assistant, read_problems, train_and_held_out, user
 from rl.reward_workers import TIMED_OUT, RewardWorkers
 
@@ -101,6 +102,56 @@ class Addition:
     def accuracy(self, problem: Problem, completion: str) -> float:
         """The strict score, without shaping: what evaluation reports."""
         return float(str(strict_answer(completion)) == problem.answer)
+
+
+ANSWERED_REPLIES = ("{a} + {b} = {stated}\nAnswer: {stated}", "{a} + {b} = {stated}. Answer: {stated}",
+                    "Answer: {stated}", "The sum of {a} and {b} is {stated}.\nAnswer: {stated}",
+                    "To add them: {a} + {b} = {total}.\nAnswer: {stated}")
+"""Replies that `AdditionJudge` shows with the stated answer on an 'Answer:' line: right where it is the sum."""
+UNANSWERED_REPLIES = ("{a} + {b} = {stated}", "The answer is {stated}.", "{a} plus {b} equals {stated}.")
+"""Replies without an 'Answer:' line: always wrong, as `Addition` scores them."""
+
+
+@dataclass(frozen=True)
+class AdditionJudge:
+    """Judging answers to `Addition`'s questions: a conversation in which the assistant answered one, then the
+    judge's question quoting the sum (JUDGE_QUESTION_WITH_ANSWER); the right reply is "Yes" where `Addition` scores
+    the answer right, else "No". A judge for RL (judge.adapter, rl/judge.py) learns it by SFT on its last reply
+    (recipe arithmetic_judge, data.train_on=last). Its sums are `Addition`'s, the same held out for evaluation. Half
+    the replies are right; the others state a wrong sum (off by 1 to 3, or any other up to 18) on an 'Answer:' line,
+    or (three in ten) the sum or a wrong one without that line."""
+
+    name: str = "addition_judge"
+    format_reward: float = 0.0
+
+    def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
+        rng = random.Random(f"judge:{split}:{seed}")
+        problems = []
+        for _ in range(count):
+            a, b = rng.choice(ADDITION_HELD_OUT if split == "eval" else ADDITION_TRAIN)
+            total = a + b
+            near = [value for value in range(total - 3, total + 4) if value >= 0 and value != total]
+            wrong = rng.choice(near if rng.random() < 0.5 else [value for value in range(19) if value != total])
+            right, answered = rng.random() < 0.5, rng.random() < 0.7
+            if right or answered:
+                reply, stated = rng.choice(ANSWERED_REPLIES), total if right else wrong
+            else:  # the sum without an 'Answer:' line is wrong too
+                reply, stated = rng.choice(UNANSWERED_REPLIES), rng.choice([total, wrong])
+            reply = reply.format(a=a, b=b, stated=stated, total=total)
+            verdict = "Yes" if Addition().accuracy(Problem("", str(total)), reply) else "No"
+            question = f"What is {a} + {b}? {INSTRUCTION}"
+            asked = JUDGE_QUESTION_WITH_ANSWER.replace("{answer}", str(total))
+            problems.append(Problem(prompt=[*user(question), *assistant(reply), *user(asked)], answer=verdict,
+                                    solution=verdict))
+        return problems
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return self.accuracy(problem, completion)
+
+    def accuracy(self, problem: Problem, completion: str) -> float:
+        """Whether the reply's first word is the verdict."""
+        words = completion.split()
+        return float(bool(words) and words[0].strip(".,!:") == problem.answer)
 
 
 @dataclass(frozen=True)
@@ -261,7 +312,7 @@ def file_task(train: str | None, eval_file: str | None, held_out: int, *, format
                     if reward_fn and reward_workers else None)
 
 
-TASKS = {"addition": Addition, "gsm_symbolic": GsmSymbolic, "digits": Digits}
+TASKS = {"addition": Addition, "addition_judge": AdditionJudge, "gsm_symbolic": GsmSymbolic, "digits": Digits}
 
 
 def make_task(name: str, *, format_reward: float = 0.0) -> Task:

@@ -13,7 +13,7 @@ import pytest
 
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
 RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl",
-           "arithmetic_online_dpo")
+           "arithmetic_online_dpo", "arithmetic_judge")
 MULTI_TURN = ("calculator_rl", "guess_number_rl")
 RL_LOOP = ("arithmetic_rl", "gsm_rl", *MULTI_TURN, "arithmetic_online_dpo")
 SMALL = ("model=tiny", "eval_prompts=2", "algo.prompts_per_step=2", "algo.max_tokens=8", "algo.train_examples=4")
@@ -32,7 +32,7 @@ def records(run: Path) -> list[dict]:
 def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
     # One Hydra multirun through rl's launcher (rl/sweep.py): the recipes run at once, each with a folder and a
     # wandb run of its own; those alike in their actors' settings share a learner and a sampler pool (sweep.share,
-    # on by default): the four off-policy recipes one, the three on-policy ones another.
+    # on by default): the four off-policy recipes one, the four on-policy ones another.
     result = rl_train("-m", f"recipe={','.join(RECIPES)}", "steps=2", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = (tmp_path / "multirun" / RECIPES[0]).glob("*/sweep.json")
@@ -107,6 +107,9 @@ def test_rl_train_names_what_is_wrong(tmp_path):
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("wandb")), "nothing started"
     nothing_to_resume = rl_train("resume=true", *SMALL, cwd=tmp_path)
     assert nothing_to_resume.returncode != 0 and "resume=true: no run with a checkpoint" in nothing_to_resume.stderr
+    no_judge = rl_train("recipe=arithmetic_judge_rl", *SMALL, cwd=tmp_path)
+    assert no_judge.returncode != 0 and "judge.adapter=None: the judge's adapter folder or run folder, or base: " \
+        "recipe arithmetic_judge_rl rewards with a judge's verdicts" in no_judge.stderr
     no_pairs = rl_train("recipe=arithmetic_dpo", "task=digits", *SMALL, cwd=tmp_path)
     assert "task 'digits' has no integer reference answers" in no_pairs.stderr
     assert "rl-train: the run in" in no_pairs.stderr and "it had saved no checkpoint yet" in no_pairs.stderr

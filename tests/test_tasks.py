@@ -1,13 +1,28 @@
 """Tasks, the data built from them, and the pure pieces of the loops: exact values, no engines."""
 
+import re
+from dataclasses import replace
+
 import pytest
 from transformers import AutoTokenizer
 
 from rl.answers import strict_answer
 from rl.chat import chat_tokens, conversation_datum, message_tokens, with_chat_template
-from rl.config import ModelConfig, TrainConfig, check
+from rl.config import JUDGE_QUESTION_WITH_ANSWER, ModelConfig, TrainConfig, check
+from rl.datasets import user
 from rl.driver.run import batch_indices
-from rl.tasks import Addition, Digits, GsmSymbolic, make_task, preference_pairs, sft_conversations
+from rl.driver.sft import sft_datum
+from rl.tasks import (
+    ADDITION_HELD_OUT,
+    ADDITION_TRAIN,
+    Addition,
+    AdditionJudge,
+    Digits,
+    GsmSymbolic,
+    make_task,
+    preference_pairs,
+    sft_conversations,
+)
 
 
 def test_addition_scores_strictly_with_optional_format_reward():
@@ -64,7 +79,7 @@ def test_preference_pairs_and_sft_conversations():
     assert conversation[1]["content"] == GsmSymbolic().problems(1, seed=0)[0].solution
     with pytest.raises(ValueError, match="task 'digits' has no worked solutions"):
         sft_conversations(Digits(), 1, seed=0)
-    with pytest.raises(ValueError, match="unknown task 'nope': known tasks are addition, gsm_symbolic, digits"):
+    with pytest.raises(ValueError, match="unknown task 'nope': known tasks are addition, addition_judge, gsm_sym"):
         make_task("nope")
 
 
@@ -85,6 +100,35 @@ def test_conversation_datum_trains_the_assistant_tokens_only(tiny_model_dir):
     assert reply_only.model_input.to_ints() == datum.model_input.to_ints()
     weights = reply_only.loss_fn_inputs["weights"].data
     assert tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w == 1.0]) == "Answer: 6<|im_end|>\n"
+    # SFT trains every assistant message, or with data.train_on=last the last one alone.
+    config = TrainConfig()
+    assert sft_datum(config, tokenizer, messages) == datum
+    last = replace(config, data=replace(config.data, train_on="last"))
+    assert sft_datum(last, tokenizer, messages) == reply_only
+
+
+def test_addition_judge_asks_whether_a_reply_is_right_as_addition_scores_it():
+    task = AdditionJudge()
+    problems = task.problems(400, seed=0)
+    assert problems == task.problems(400, seed=0) != task.problems(400, seed=1)
+    for problem in problems:
+        question, reply, asked = problem.prompt
+        a, b = map(int, re.fullmatch(r"What is (\d) \+ (\d)\? Put the final answer after 'Answer:'\.",
+                                     question["content"]).groups())
+        assert (a, b) in ADDITION_TRAIN and reply["role"] == "assistant"
+        assert asked == {"role": "user", "content": f"The right answer is {a + b}. Is your answer correct? Reply Yes "
+                                                    "or No."} == user(JUDGE_QUESTION_WITH_ANSWER.replace("{answer}",
+                                                                                                      str(a + b)))[0]
+        stated = re.search(r"Answer: (\d+)$", reply["content"])
+        assert problem.answer == problem.solution == ("Yes" if stated and int(stated[1]) == a + b else "No")
+    yes = sum(problem.answer == "Yes" for problem in problems) / len(problems)
+    assert 0.45 < yes < 0.55, yes
+    held_out = {re.search(r"(\d) \+ (\d)", p.prompt[0]["content"]).groups() for p in task.problems(64, seed=0,
+                                                                                                     split="eval")}
+    assert {(int(a), int(b)) for a, b in held_out} <= set(ADDITION_HELD_OUT)
+    (problem,) = [p for p in problems if p.answer == "Yes"][:1]
+    assert task.accuracy(problem, " Yes.") == task.reward(problem, "Yes") == 1.0
+    assert task.accuracy(problem, "No") == task.accuracy(problem, "") == task.accuracy(problem, "Yesterday") == 0.0
 
 
 def test_a_base_model_without_a_chat_template_renders_with_model_chat_template(tiny_model_dir, tmp_path):

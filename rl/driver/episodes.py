@@ -56,6 +56,8 @@ class Episode:
     """Turns whose prompt did not extend the previous prompt and action (a re-rendering environment)."""
     group_reward: float = 0.0
     group_metrics: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
+    """The right answer, where its environment gives one (`Env.reference`): what a judge's question may quote."""
 
     @property
     def total_reward(self) -> float:
@@ -123,8 +125,9 @@ async def run_group(pool: SamplerPool, builder: EnvGroupBuilder, *, name: str, w
     if len(group) != len(episodes):
         raise ValueError(f"environment {name!r}, {where}: compute_group_rewards gave {len(group)} rewards for "
                          f"{len(episodes)} episodes")
-    for episode, (reward, metrics) in zip(episodes, group, strict=True):
+    for env, episode, (reward, metrics) in zip(envs, episodes, group, strict=True):
         episode.group_reward, episode.group_metrics = float(reward), dict(metrics)
+        episode.reference = getattr(env, "reference", None)
     return episodes
 
 

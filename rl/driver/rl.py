@@ -6,17 +6,18 @@ episodes (of one turn, for a task; rl/env.py), and an episode's advantage is its
 The loss is normalised by the number of sampled tokens through the advantages, because Tinker's losses sum over
 tokens.
 
-Options: a KL penalty against the reference (`algo.kl_coef`; `algo.reference`: the weights the run starts from, or
-the base model), folded into each token's advantage as -kl_coef * (sampler logprob - reference logprob); on-policy
-distillation, the same penalty against a teacher (an adapter, `algo.teacher`, or another model with the same
-tokenizer, `algo.teacher_model`), the rewards weighted by `algo.reward_coef` (0: the teacher alone); and
-one-step off-policy (`algo.off_policy`): the rollout of step k+1 is sampled, from the weights of step k, while step
-k trains, and step k's weights are published once it has finished (so every turn of its episodes comes from one
-version, which merge mode's replicas need: they serve one). The sampler's logprobs come from the weights that
-sampled (each response names them), so the importance ratio corrects for the lag. And several optimizer steps per
-rollout (`algo.num_substeps`), one per minibatch of the step's sequences, as tinker-cookbook's: the ratio corrects
-the later minibatches likewise. With a loss over pairs (`dpo`, `ipo`, `simpo`) in place of a policy loss, each
-group's best and worst episode are a (chosen, rejected) pair: online DPO (`group_pairs`).
+Rewards come from the environment, or from a judge (`judge.adapter`: rl/judge.py), the probability that it calls
+each episode's last reply right. Options: a KL penalty against the reference (`algo.kl_coef`; `algo.reference`: the
+weights the run starts from, or the base model), folded into each token's advantage as -kl_coef * (sampler logprob -
+reference logprob); on-policy distillation, the same penalty against a teacher (an adapter, `algo.teacher`, or
+another model with the same tokenizer, `algo.teacher_model`), the rewards weighted by `algo.reward_coef` (0: the
+teacher alone); and one-step off-policy (`algo.off_policy`): the rollout of step k+1 is sampled, from the weights of
+step k, while step k trains, and step k's weights are published once it has finished (so every turn of its episodes
+comes from one version, which merge mode's replicas need: they serve one). The sampler's logprobs come from the
+weights that sampled (each response names them), so the importance ratio corrects for the lag. And several optimizer
+steps per rollout (`algo.num_substeps`), one per minibatch of the step's sequences, as tinker-cookbook's: the ratio
+corrects the later minibatches likewise. With a loss over pairs (`dpo`, `ipo`, `simpo`) in place of a policy loss,
+each group's best and worst episode are a (chosen, rejected) pair: online DPO (`group_pairs`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from rl.driver.run import (
     wait_for_sampler,
 )
 from rl.env import Environment, as_environment
+from rl.judge import judge_episodes
 from rl.losses import PAIR_METRICS
 from rl.metrics import timed
 from rl.sampler import AdapterVersion
@@ -237,9 +239,9 @@ def group_metrics(config: TrainConfig, sampled: Rollout) -> dict[str, float]:
 
 
 def step_metrics(record: dict, sampled: Rollout, rewards: list[float], datum_tokens: list[int]) -> dict:
-    """The step's reward, sizes and throughputs; training time is every phase after sampling."""
-    training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("reference", "forward_backward", "optim_step",
-                                                                         "publish"))
+    """The step's reward, sizes and throughputs; training time is every phase after sampling (the learner's)."""
+    training_s = sum(record.get(f"time/{phase}_s", 0.0) for phase in ("judge", "reference", "forward_backward",
+                                                                         "optim_step", "publish"))
     turns = [turn for episode in sampled.episodes for turn in episode.turns]
     sampled_tokens, trained_tokens = sum(len(turn.action.tokens) for turn in turns), sum(datum_tokens)
     return {"reward/mean": sum(rewards) / len(rewards), "datums": len(datum_tokens),
@@ -274,7 +276,12 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             # learner trains (after the rollout this step waits for, never delaying it), and ends before the publish.
             evaluation = asyncio.ensure_future(timed_evaluation(evaluate(step))) if evaluates(config, step) else None
 
-            # Rewards and group-relative advantages, spread over each episode's action tokens.
+            # Rewards from the judge, where there is one: the probability that it calls each episode's last reply right.
+            if config.judge.adapter is not None:
+                with timed(record, "judge"):
+                    await judge_episodes(sampled.episodes, config.judge, run.tokenizer, run.judge_logprobs)
+
+            # Group-relative advantages of the rewards, spread over each episode's action tokens.
             advantages_P = group_advantages(config, sampled)
             sequences, rewards = training_sequences(config, sampled, advantages_P)
             train_groups = config.logger.train_groups

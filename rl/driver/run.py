@@ -248,6 +248,8 @@ class Run:
         self._adapter = adapter_folder(model.adapter) if model.adapter is not None and state is None else None
         reference = reference_adapter(config)
         self._reference = reference and (*reference, adapter_folder(reference[1], key=reference[0]))
+        judge = config.judge.adapter
+        self._judge = adapter_folder(judge, key="judge.adapter") if judge not in (None, "base") else None
         if config.algo.teacher_model is not None:
             check_teacher_tokenizer(config, self.tokenizer)
         self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
@@ -291,6 +293,8 @@ class Run:
             self.reference = scorer, self._load_adapter(*self._reference, learner=scorer)
         elif self.actors.teacher is not None:
             self.reference = scorer, None
+        self.judge = self._judge and self._load_adapter("judge.adapter", config.judge.adapter, self._judge)
+        """The learner's run holding the judge's adapter, never trained; None: the judge is the base model, or none."""
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
@@ -317,6 +321,13 @@ class Run:
         if self.reference is not None:
             learner, model_id = self.reference
             return await learner.logprobs.remote(model_id, sequences)
+        return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
+
+    async def judge_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Each sequence's logprobs of its tokens after the first under the judge (rl/judge.py): its adapter, or the
+        base model (the run's adapter off)."""
+        if self.judge is not None:
+            return await self.learner.logprobs.remote(self.judge, sequences)
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
     async def with_reference(self, batch: ForwardBackwardInput, keys: list[int] | None = None,

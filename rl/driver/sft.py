@@ -1,9 +1,9 @@
 """The SFT loop: conversations -> forward_backward(loss_fn="cross_entropy") on the assistant's tokens -> optim_step.
 
 Conversations (a task's worked solutions, or your own from `data.train`: rl/datasets.py) are rendered with the
-tokenizer's chat template; only the assistant's tokens are trained (`conversation_datum`), and the weights are
-scaled so the loss is the mean negative log-likelihood per trained token of the batch. Every `eval_every` steps:
-that loss on held-out conversations, and a task's greedy accuracy.
+tokenizer's chat template; only the assistant's tokens are trained (`sft_datum`: every assistant message's, or the
+last one's), and the weights are scaled so the loss is the mean negative log-likelihood per trained token of the
+batch. Every `eval_every` steps: that loss on held-out conversations, and a task's greedy accuracy.
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ from rl.datasets import read_conversations
 from rl.driver.run import Run, Shared, adam_params, batch_indices, check_context, steps, supervised_examples
 from rl.tasks import Task, sft_conversations
 from rl.types import Datum, ForwardBackwardInput
+
+
+def sft_datum(config: TrainConfig, tokenizer, conversation: list[dict[str, str]]) -> Datum:
+    """A conversation as a cross-entropy datum on its assistant messages: all of them, or with data.train_on=last
+    the last one alone."""
+    last = max(index for index, message in enumerate(conversation) if message["role"] == "assistant")
+    return conversation_datum(tokenizer, conversation, trained_from=last if config.data.train_on == "last" else 0)
 
 
 def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
@@ -34,9 +41,9 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
     conversations, eval_conversations, held_out = supervised_examples(config, task, from_task=sft_conversations,
                                                                       read=read_conversations)
     check_context(config, conversations + eval_conversations, lambda tokenizer, conversation: [
-        conversation_datum(tokenizer, conversation)])
+        sft_datum(config, tokenizer, conversation)])
     with Run(config, shared) as run:
-        held_out_batch = mean_loss_batch([conversation_datum(run.tokenizer, conversation)
+        held_out_batch = mean_loss_batch([sft_datum(config, run.tokenizer, conversation)
                                           for conversation in eval_conversations])
 
         async def evaluate(step: int) -> dict:
@@ -48,7 +55,7 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
 
             # The step's conversations, in this epoch's order, then one update on them.
             indices = batch_indices(step, algo.prompts_per_step, len(conversations), config.seed)
-            batch = mean_loss_batch([conversation_datum(run.tokenizer, conversations[i]) for i in indices])
+            batch = mean_loss_batch([sft_datum(config, run.tokenizer, conversations[i]) for i in indices])
             output = await run.train_step(batch, adam_params(config, step), record)
 
             seconds = record["time/forward_backward_s"] + record["time/optim_step_s"]

@@ -1,0 +1,74 @@
+"""Rewards from a judge: a model asked, after each episode's last reply, whether the reply is right; the episode's
+reward is the probability that it answers with the verdict (RLAIF, a generative verifier).
+
+The judge reads the episode as the policy wrote it: the last turn's prompt (the whole conversation so far) and
+reply, token for token (a reply cut off by a limit is closed with the end-of-turn token), then a user message,
+`judge.question` (which may quote the episode's reference answer), and the generation prompt of its own reply. Its
+reward is P(verdict | all that), the verdict's tokens' logprobs summed and exponentiated: computed by the learner in
+one pass without gradients, exact rather than sampled (each distinct sequence once), and in [0, 1], so every group
+whose replies the judge tells apart has something to learn from. The judge is the base model, or an adapter on it
+held frozen beside the run's own (a PEFT adapter folder, or a run folder: its latest checkpoint), such as one
+trained by SFT on replies labelled right or wrong (docs/recipes.md).
+
+The environment's own reward is kept as the metric env/task_reward, and its accuracy still scores evaluation: a
+policy that learns to please the judge without getting answers right shows it there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+from rl.chat import message_tokens
+from rl.config import JudgeConfig
+
+
+def verdict_tokens(tokenizer, verdict: str) -> list[int]:
+    """The tokens the judge's reply must start with, as the chat template's generation prompt is followed."""
+    tokens = tokenizer.encode(verdict, add_special_tokens=False)
+    if not tokens:
+        raise ValueError(f"judge.verdict={verdict!r}: it encodes to no tokens")
+    return tokens
+
+
+def judge_question(question: str, episode) -> str:
+    """`question` with {answer} replaced by the episode's reference answer (`Episode.reference`)."""
+    if "{answer}" not in question:
+        return question
+    if episode.reference is None:
+        raise ValueError(f"judge.question={question!r} quotes {{answer}}, the reference answer, but this "
+                         "environment's episodes give none (a task's give their problem's answer; an environment's "
+                         "Env may give one as `reference`)")
+    return question.replace("{answer}", episode.reference)
+
+
+def judge_sequence(tokenizer, prompt: list[int], reply: list[int], question: str, verdict: list[int]) -> list[int]:
+    """The tokens the judge scores: the last turn's prompt and reply, closed by the end-of-turn token where a limit
+    cut it off, the judge's question as the user's next message, then the verdict as the start of its reply."""
+    closed = reply if reply and reply[-1] == tokenizer.eos_token_id else [*reply, tokenizer.eos_token_id]
+    return [*prompt, *closed, *message_tokens(tokenizer, {"role": "user", "content": question}), *verdict]
+
+
+def verdict_probability(logprobs: list[float], verdict_length: int) -> float:
+    """P(verdict) from a judged sequence's logprobs (of each token after the first): its last tokens' summed."""
+    return math.exp(sum(logprobs[-verdict_length:]))
+
+
+async def judge_episodes(episodes: list, judge: JudgeConfig, tokenizer,
+                         logprobs: Callable[[list[list[int]]], Awaitable[list[list[float]]]]) -> None:
+    """Replaces each episode's rewards by the judge's P(verdict) for its last reply (on its last turn; the others'
+    and the group's become 0), keeping what the environment gave as the last turn's metric `task_reward`.
+    `logprobs`: the judge's logprobs of each sequence's tokens after the first."""
+    verdict = verdict_tokens(tokenizer, judge.verdict)
+    sequences = [tuple(judge_sequence(tokenizer, episode.turns[-1].prompt, episode.turns[-1].action.tokens,
+                                      judge_question(judge.question, episode), verdict)) for episode in episodes]
+    # Each distinct sequence once: a group's replies often agree word for word (more so as training converges).
+    distinct = list(dict.fromkeys(sequences))
+    probability = {sequence: verdict_probability(judged, len(verdict))
+                   for sequence, judged in zip(distinct, await logprobs([list(s) for s in distinct]), strict=True)}
+    for episode, sequence in zip(episodes, sequences, strict=True):
+        episode.turns[-1].metrics["task_reward"] = episode.total_reward
+        for turn in episode.turns:
+            turn.reward = 0.0
+        episode.group_reward = 0.0
+        episode.turns[-1].reward = probability[sequence]

@@ -1,0 +1,150 @@
+"""Rewards from a judge (rl/judge.py): the sequence it reads, its probability as the reward, and the RL loop's
+rewards checked against PEFT's own computation of the judge's probabilities."""
+
+import asyncio
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rl.driver.rl as rl_loop
+import rl.judge
+from rl.chat import chat_tokens
+from rl.config import JUDGE_QUESTION, JUDGE_QUESTION_WITH_ANSWER, JudgeConfig, check
+from rl.driver.episodes import Episode, Turn
+from rl.env import TaskEnv
+from rl.judge import judge_episodes, judge_question, judge_sequence, verdict_probability, verdict_tokens
+from rl.tasks import Addition, Digits, Problem
+from rl.types import SampledSequence
+from tests.test_rl_loop import metrics, tiny_config
+
+
+def test_the_judge_reads_the_conversation_as_the_chat_template_renders_it(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    question, reply = "What is 2 + 3?", "Answer: 5"
+    verdict = verdict_tokens(tokenizer, "Yes")
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": reply},
+         {"role": "user", "content": JUDGE_QUESTION}], tokenize=True, add_generation_prompt=True,
+        return_dict=False) + tokenizer.encode("Yes", add_special_tokens=False)
+    reply_tokens = tokenizer.encode(reply, add_special_tokens=False)
+    ended = judge_sequence(tokenizer, chat_tokens(tokenizer, question), [*reply_tokens, tokenizer.eos_token_id],
+                           JUDGE_QUESTION, verdict)
+    assert ended == expected
+    # A reply a limit cut off is closed as if it had ended.
+    assert judge_sequence(tokenizer, chat_tokens(tokenizer, question), reply_tokens, JUDGE_QUESTION, verdict) == ended
+    with pytest.raises(ValueError, match="judge.verdict=''"):
+        verdict_tokens(tokenizer, "")
+
+
+def test_the_judges_probability_replaces_the_episodes_rewards_and_the_tasks_is_kept(monkeypatch):
+    def turn(reward: float) -> Turn:
+        return Turn(prompt=[1, 2], action=SampledSequence(tokens=[3], logprobs=[-0.1], stop_reason="stop"),
+                    reward=reward, metrics={"accuracy": 1.0})
+
+    class Tokenizer:  # the two methods the judge's sequence needs, with a chat template of no markers
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens):
+            return [ord(character) for character in text]
+
+    episodes = [Episode(turns=[turn(0.5), turn(0.25)], stop="done", group_reward=0.125),
+                Episode(turns=[turn(1.0)], stop="max_turns")]
+    scored = []
+
+    async def logprobs(sequences):
+        scored.extend(sequences)
+        # per target: the verdict's two tokens are the last two
+        return [[-5.0] * (len(sequence) - 3) + [-0.5, -0.25] for sequence in sequences]
+
+    monkeypatch.setattr(rl.judge, "message_tokens", lambda tokenizer, message: [9, 9])
+    asyncio.run(judge_episodes(episodes, JudgeConfig(adapter="base", verdict="ok"), Tokenizer(), logprobs))
+    assert scored == [[1, 2, 3, 0, 9, 9, ord("o"), ord("k")]], "the last turn's prompt and reply, closed, once"
+    for episode, task_reward in zip(episodes, [0.875, 1.0], strict=True):
+        assert [turn.reward for turn in episode.turns][:-1] == [0.0] * (len(episode.turns) - 1)
+        assert episode.total_reward == pytest.approx(math.exp(-0.75)) and episode.group_reward == 0.0
+        assert episode.metrics == {"accuracy": 1.0, "task_reward": task_reward}
+    assert verdict_probability([-9.0, -1.0, -2.0], 2) == pytest.approx(math.exp(-3.0))
+
+
+def test_a_judges_question_may_quote_the_episodes_reference_answer():
+    episode = Episode(turns=[], stop="done", reference="7")
+    assert judge_question(JUDGE_QUESTION_WITH_ANSWER, episode) == ("The right answer is 7. Is your answer correct? "
+                                                                   "Reply Yes or No.")
+    assert judge_question(JUDGE_QUESTION, replace(episode, reference=None)) == JUDGE_QUESTION
+    with pytest.raises(ValueError, match=r"judge.question='The right answer is \{answer\}.*' quotes \{answer\}, "
+                                         "the reference answer, but this environment's episodes give none"):
+        judge_question(JUDGE_QUESTION_WITH_ANSWER, replace(episode, reference=None))
+    # Task episodes carry their problem's answer; recipe arithmetic_judge_rl asks the question addition_judge trains.
+    assert TaskEnv(Addition(), Problem("What is 3 + 4?", "7"), None).reference == "7"
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs/recipe/arithmetic_judge_rl.yaml").read_text())
+    assert recipe["judge"]["question"] == JUDGE_QUESTION_WITH_ANSWER
+
+
+@pytest.fixture(scope="module")
+def judge_adapter(tiny_model_dir, tmp_path_factory):
+    """A random rank-4 PEFT adapter on the tiny model's attention (B not zero: it changes the model)."""
+    folder = tmp_path_factory.mktemp("judge")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                            init_lora_weights=False))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("judge", ["adapter", "base"])
+def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local, tiny_model_dir, judge_adapter,
+                                                                         tmp_path, monkeypatch, judge):
+    judged = []
+
+    async def recording(episodes, *args):
+        await judge_episodes(episodes, *args)
+        judged.extend(episodes)
+
+    monkeypatch.setattr(rl_loop, "judge_episodes", recording)
+    adapter = str(judge_adapter) if judge == "adapter" else "base"
+    config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=0, judge=JudgeConfig(adapter=adapter),
+                         algo={"prompts_per_step": 2, "group_size": 4})
+    check(config)
+    [record] = rl_loop.train(config, Digits())
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    if judge == "adapter":
+        model = PeftModel.from_pretrained(model, judge_adapter)
+    verdict = verdict_tokens(tokenizer, "Yes")
+    assert len(judged) == 8
+    for episode in judged:
+        sequence = judge_sequence(tokenizer, episode.turns[0].prompt, episode.turns[0].action.tokens, JUDGE_QUESTION,
+                                  verdict)
+        with torch.no_grad():
+            logits = model(torch.tensor([sequence])).logits[0, -len(verdict) - 1:-1]
+        expected = math.exp(logits.log_softmax(-1).gather(-1, torch.tensor(verdict)[:, None]).sum().item())
+        assert episode.total_reward == pytest.approx(expected, rel=1e-3, abs=1e-7)
+        assert episode.metrics["task_reward"] == Digits().reward(None, tokenizer.decode(
+            episode.turns[0].action.tokens, skip_special_tokens=True))
+    rewards = [episode.total_reward for episode in judged]
+    assert record["reward/mean"] == pytest.approx(sum(rewards) / 8)
+    assert record["env/task_reward"] == pytest.approx(sum(e.metrics["task_reward"] for e in judged) / 8)
+    assert len(set(rewards)) > 1, "the judge tells the replies apart"
+    assert record["time/judge_s"] > 0 and metrics(tmp_path)[0]["time/judge_s"] == record["time/judge_s"]
+
+
+def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path, judge=JudgeConfig(adapter=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match=r"judge\.adapter=.*nowhere.: \"base\", a PEFT adapter .* no such folder"):
+        check(config)
+    with pytest.raises(ValueError, match=r"judge.adapter=None: the judge's adapter folder or run folder, or base: "
+                       r"recipe arithmetic_rl rewards with a judge's verdicts \(recipe arithmetic_judge trains one"):
+        check(replace(config, judge=JudgeConfig(required=True)))
+    base = replace(config, judge=JudgeConfig(adapter="base"))
+    with pytest.raises(ValueError, match=r"algo.reward_coef=0.0: more than 0 with judge.adapter: it weighs"):
+        check(replace(base, algo=replace(base.algo, reward_coef=0.0, kl_coef=1.0, teacher=str(tmp_path))))
+    with pytest.raises(ValueError, match=r"judge.adapter='base': unset: the sft loop does not sample"):
+        check(replace(base, algo=replace(base.algo, loop="sft", loss_fn="cross_entropy")))
