@@ -362,7 +362,7 @@ def load(composed: DictConfig) -> TrainConfig:
     schema = OmegaConf.structured(TrainConfig)
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, composed))
-    except Exception as error:  # omegaconf raises several types; all mean "this config is wrong" (or lacks a ???)
+    except Exception as error:  # omegaconf raises several types; all mean "this config is wrong"
         key = getattr(error, "full_key", None) or "?"
         reason = str(error).splitlines()[0]
         raise ValueError(f"bad configuration at {key}: {reason}") from None

@@ -377,8 +377,8 @@ class Run:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
             ray.get([learner.delete.remote(model_id) for learner, model_id in
-                     ((self.learner, self.model_id), *([self.reference] if self.reference else []))
-                     if model_id is not None])
+                     ((self.learner, self.model_id), *([self.reference] if self.reference else []),
+                      (self.learner, self.judge)) if model_id is not None])
         learners = {"learner": self.learner, "teacher's learner": self.actors.teacher}
         lost = [name for name, actor in learners.items() if isinstance(error, ray.exceptions.RayActorError)
                 and actor is not None and error.actor_id == actor._actor_id.hex()]
