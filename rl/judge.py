@@ -11,7 +11,8 @@ held frozen beside the run's own (a PEFT adapter folder, or a run folder: its la
 trained by SFT on replies labelled right or wrong (docs/recipes.md).
 
 The environment's own reward is kept as the metric env/task_reward, and its accuracy still scores evaluation: a
-policy that learns to please the judge without getting answers right shows it there.
+policy that learns to please the judge without getting answers right shows it there. Each evaluation's answers are
+judged too (eval/judge_reward): the held-out measure where the environment has no accuracy of its own.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def verdict_probability(logprobs: list[float], verdict_length: int) -> float:
     return math.exp(sum(logprobs[-verdict_length:]))
 
 
-async def judge_episodes(episodes: list, judge: JudgeConfig, tokenizer,
-                         logprobs: Callable[[list[list[int]]], Awaitable[list[list[float]]]]) -> None:
-    """Replaces each episode's rewards by the judge's P(verdict) for its last reply (on its last turn; the others'
-    and the group's become 0), keeping what the environment gave as the last turn's metric `task_reward`.
-    `logprobs`: the judge's logprobs of each sequence's tokens after the first."""
+Logprobs = Callable[[list[list[int]]], Awaitable[list[list[float]]]]
+"""The judge's logprobs of each sequence's tokens after the first (`rl.driver.run.Run.judge_logprobs`)."""
+
+
+async def verdict_probabilities(episodes: list, judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> list[float]:
+    """The judge's P(verdict) for each episode's last reply."""
     verdict = verdict_tokens(tokenizer, judge.verdict)
     sequences = [tuple(judge_sequence(tokenizer, episode.turns[-1].prompt, episode.turns[-1].action.tokens,
                                       judge_question(judge.question, episode), verdict)) for episode in episodes]
@@ -66,9 +68,16 @@ async def judge_episodes(episodes: list, judge: JudgeConfig, tokenizer,
     distinct = list(dict.fromkeys(sequences))
     probability = {sequence: verdict_probability(judged, len(verdict))
                    for sequence, judged in zip(distinct, await logprobs([list(s) for s in distinct]), strict=True)}
-    for episode, sequence in zip(episodes, sequences, strict=True):
+    return [probability[sequence] for sequence in sequences]
+
+
+async def judge_episodes(episodes: list, judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> None:
+    """Replaces each episode's rewards by the judge's P(verdict) for its last reply (on its last turn; the others'
+    and the group's become 0), keeping what the environment gave as the last turn's metric `task_reward`."""
+    for episode, probability in zip(episodes, await verdict_probabilities(episodes, judge, tokenizer, logprobs),
+                                    strict=True):
         episode.turns[-1].metrics["task_reward"] = episode.total_reward
         for turn in episode.turns:
             turn.reward = 0.0
         episode.group_reward = 0.0
-        episode.turns[-1].reward = probability[sequence]
+        episode.turns[-1].reward = probability

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from rl.config import TrainConfig
 
-SUMMARY = {"reward/mean": "reward", "env/task_reward": "task reward", "eval/accuracy": "eval acc", "pairs": "pairs",
+SUMMARY = {"reward/mean": "reward", "env/task_reward": "task reward", "eval/accuracy": "eval acc",
+           "eval/judge_reward": "eval judge", "pairs": "pairs",
            "dpo_accuracy:mean": "dpo acc", "eval/dpo_accuracy:mean": "eval dpo acc", "loss": "loss",
            "eval/loss": "eval loss", "kl/sampler_vs_teacher": "teacher kl",
            "throughput/sampled_tokens_per_s": "sampled tok/s", "throughput/trained_tokens_per_s": "trained tok/s",
@@ -31,8 +32,8 @@ eval/pass@k after eval/accuracy where it was logged (`final_metrics`)."""
 PHASES = ("sampling", "judge", "reference", "forward_backward", "optim_step", "publish", "eval")
 """The parts of a step timed as `time/{phase}_s` (judge: the judge's rewards; reference: the reference's or the
 teacher's logprobs for a KL penalty)."""
-CURVES = {"reward / accuracy": ("reward/mean", "env/task_reward", "eval/accuracy", "dpo_accuracy:mean",
-                                "eval/dpo_accuracy:mean"),
+CURVES = {"reward / accuracy": ("reward/mean", "env/task_reward", "eval/accuracy", "eval/judge_reward",
+                                "dpo_accuracy:mean", "eval/dpo_accuracy:mean"),
           "loss": ("loss", "eval/loss"),
           "entropy and KL per token (nats)": ("sampler/entropy", "kl/sampler_vs_teacher", "kl/sampler_vs_reference")}
 """Panels against the step; curves.png adds accuracy against minutes, seconds per phase, and memory."""

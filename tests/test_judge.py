@@ -13,12 +13,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rl.driver.rl as rl_loop
+import rl.driver.run
 import rl.judge
 from rl.chat import chat_tokens
 from rl.config import JUDGE_QUESTION, JUDGE_QUESTION_WITH_ANSWER, JudgeConfig, check
 from rl.driver.episodes import Episode, Turn
 from rl.env import TaskEnv
-from rl.judge import judge_episodes, judge_question, judge_sequence, verdict_probability, verdict_tokens
+from rl.judge import (
+    judge_episodes,
+    judge_question,
+    judge_sequence,
+    verdict_probabilities,
+    verdict_probability,
+    verdict_tokens,
+)
 from rl.tasks import Addition, Digits, Problem
 from rl.types import SampledSequence
 from tests.test_rl_loop import metrics, tiny_config
@@ -101,39 +109,50 @@ def judge_adapter(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("judge", ["adapter", "base"])
 def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local, tiny_model_dir, judge_adapter,
                                                                          tmp_path, monkeypatch, judge):
-    judged = []
+    calls = {"train": [], "eval": []}  # (episodes, the judge's probabilities) of each call, in training and evaluation
 
-    async def recording(episodes, *args):
-        await judge_episodes(episodes, *args)
-        judged.extend(episodes)
+    def recording(split):
+        async def record(episodes, *args):
+            probabilities = await verdict_probabilities(episodes, *args)
+            calls[split].append((list(episodes), probabilities))
+            return probabilities
+        return record
 
-    monkeypatch.setattr(rl_loop, "judge_episodes", recording)
+    monkeypatch.setattr(rl.judge, "verdict_probabilities", recording("train"))
+    monkeypatch.setattr(rl.driver.run, "verdict_probabilities", recording("eval"))
     adapter = str(judge_adapter) if judge == "adapter" else "base"
-    config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=0, judge=JudgeConfig(adapter=adapter),
-                         algo={"prompts_per_step": 2, "group_size": 4})
+    config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=1, eval_prompts=4,
+                         judge=JudgeConfig(adapter=adapter), algo={"prompts_per_step": 2, "group_size": 4})
     check(config)
-    [record] = rl_loop.train(config, Digits())
+    first, final = rl_loop.train(config, Digits())
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     if judge == "adapter":
         model = PeftModel.from_pretrained(model, judge_adapter)
     verdict = verdict_tokens(tokenizer, "Yes")
-    assert len(judged) == 8
-    for episode in judged:
-        sequence = judge_sequence(tokenizer, episode.turns[0].prompt, episode.turns[0].action.tokens, JUDGE_QUESTION,
-                                  verdict)
-        with torch.no_grad():
-            logits = model(torch.tensor([sequence])).logits[0, -len(verdict) - 1:-1]
-        expected = math.exp(logits.log_softmax(-1).gather(-1, torch.tensor(verdict)[:, None]).sum().item())
-        assert episode.total_reward == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    [(judged, rewards)], evaluations = calls["train"], calls["eval"]
+    assert len(judged) == 8 and [len(episodes) for episodes, _ in evaluations] == [4, 4]
+    for episodes, probabilities in [*calls["train"], *evaluations]:
+        for episode, probability in zip(episodes, probabilities, strict=True):
+            sequence = judge_sequence(tokenizer, episode.turns[0].prompt, episode.turns[0].action.tokens,
+                                      JUDGE_QUESTION, verdict)
+            with torch.no_grad():
+                logits = model(torch.tensor([sequence])).logits[0, -len(verdict) - 1:-1]
+            expected = math.exp(logits.log_softmax(-1).gather(-1, torch.tensor(verdict)[:, None]).sum().item())
+            assert probability == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    for episode, reward in zip(judged, rewards, strict=True):
+        assert episode.total_reward == reward
         assert episode.metrics["task_reward"] == Digits().reward(None, tokenizer.decode(
             episode.turns[0].action.tokens, skip_special_tokens=True))
-    rewards = [episode.total_reward for episode in judged]
-    assert record["reward/mean"] == pytest.approx(sum(rewards) / 8)
-    assert record["env/task_reward"] == pytest.approx(sum(e.metrics["task_reward"] for e in judged) / 8)
+    assert first["reward/mean"] == pytest.approx(sum(rewards) / 8)
+    assert first["env/task_reward"] == pytest.approx(sum(e.metrics["task_reward"] for e in judged) / 8)
     assert len(set(rewards)) > 1, "the judge tells the replies apart"
-    assert record["time/judge_s"] > 0 and metrics(tmp_path)[0]["time/judge_s"] == record["time/judge_s"]
+    assert first["time/judge_s"] > 0 and metrics(tmp_path)[0]["time/judge_s"] == first["time/judge_s"]
+    # Each evaluation: the environment's accuracy, and the judge's mean probability for the same answers.
+    for record, (episodes, probabilities) in zip((first, final), evaluations, strict=True):
+        assert record["eval/judge_reward"] == pytest.approx(sum(probabilities) / 4)
+        assert record["eval/accuracy"] == sum(e.metrics["accuracy"] for e in episodes) / 4
 
 
 def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_path):
