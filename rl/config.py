@@ -440,6 +440,7 @@ def _rules(config: TrainConfig) -> dict[str, tuple]:
         "algo.train_examples": AT_LEAST_1, "task.name": one_of(*TASKS),
         "data.answer_format": one_of(*ANSWER_FORMATS), "data.reward_workers": NOT_NEGATIVE,
         "data.reward_timeout": POSITIVE, "data.train_on": one_of("all", "last"),
+        "judge.verdict": (lambda value: bool(value.strip()), "the word the judge's reply starts with, such as Yes"),
         "eval_prompts": AT_LEAST_1,
         "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,

@@ -165,5 +165,7 @@ def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_pat
     base = replace(config, judge=JudgeConfig(adapter="base"))
     with pytest.raises(ValueError, match=r"algo.reward_coef=0.0: more than 0 with judge.adapter: it weighs"):
         check(replace(base, algo=replace(base.algo, reward_coef=0.0, kl_coef=1.0, teacher=str(tmp_path))))
+    with pytest.raises(ValueError, match=r"judge.verdict=' ': the word the judge's reply starts with, such as Yes"):
+        check(replace(base, judge=JudgeConfig(adapter="base", verdict=" ")))
     with pytest.raises(ValueError, match=r"judge.adapter='base': unset: the sft loop does not sample"):
         check(replace(base, algo=replace(base.algo, loop="sft", loss_fn="cross_entropy")))
