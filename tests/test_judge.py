@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_rl_loop import metrics, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rl.driver.rl as rl_loop
@@ -29,7 +30,6 @@ from rl.judge import (
 )
 from rl.tasks import Addition, Digits, Problem
 from rl.types import SampledSequence
-from tests.test_rl_loop import metrics, tiny_config
 
 
 def test_the_judge_reads_the_conversation_as_the_chat_template_renders_it(tiny_model_dir):
