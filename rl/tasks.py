@@ -66,6 +66,12 @@ ADDITION_HELD_OUT = sorted(random.Random("addition:held-out").sample(_ADDITION_S
 ADDITION_TRAIN = [pair for pair in _ADDITION_SUMS if pair not in ADDITION_HELD_OUT]
 
 
+def addition_problem(a: int, b: int) -> Problem:
+    """`Addition`'s question about a + b, with its answer and worked solution."""
+    return Problem(prompt=f"What is {a} + {b}? {INSTRUCTION}", answer=str(a + b),
+                   solution=f"{a} + {b} = {a + b}. Answer: {a + b}")
+
+
 @dataclass(frozen=True)
 class Addition:
     """One-digit addition, scored strictly: the text after the last 'Answer:' must start with the sum.
@@ -90,8 +96,7 @@ class Addition:
             pairs = rng.sample(ADDITION_HELD_OUT, count)
         else:
             pairs = [rng.choice(ADDITION_TRAIN) for _ in range(count)]
-        return [Problem(prompt=f"What is {a} + {b}? {INSTRUCTION}", answer=str(a + b),
-                        solution=f"{a} + {b} = {a + b}. Answer: {a + b}") for a, b in pairs]
+        return [addition_problem(a, b) for a, b in pairs]
 
     def reward(self, problem: Problem, completion: str) -> float:
         value = strict_answer(completion)
@@ -138,10 +143,10 @@ class AdditionJudge:
             else:  # the sum without an 'Answer:' line is wrong too
                 reply, stated = rng.choice(UNANSWERED_REPLIES), rng.choice([total, wrong])
             reply = reply.format(a=a, b=b, stated=stated, total=total)
-            verdict = "Yes" if Addition().accuracy(Problem("", str(total)), reply) else "No"
-            question = f"What is {a} + {b}? {INSTRUCTION}"
-            asked = JUDGE_QUESTION_WITH_ANSWER.replace("{answer}", str(total))
-            problems.append(Problem(prompt=[*user(question), *assistant(reply), *user(asked)], answer=verdict,
+            asked = addition_problem(a, b)
+            verdict = "Yes" if Addition().accuracy(asked, reply) else "No"
+            question = JUDGE_QUESTION_WITH_ANSWER.replace("{answer}", asked.answer)
+            problems.append(Problem(prompt=[*asked.messages, *assistant(reply), *user(question)], answer=verdict,
                                     solution=verdict))
         return problems
 

@@ -294,8 +294,9 @@ class Run:
             self.reference = scorer, self._load_adapter(*self._reference, learner=scorer)
         elif self.actors.teacher is not None:
             self.reference = scorer, None
-        self.judge = self._judge and self._load_adapter("judge.adapter", config.judge.adapter, self._judge)
-        """The learner's run holding the judge's adapter, never trained; None: the judge is the base model, or none."""
+        self.judge = self._judge and (self.learner, self._load_adapter("judge.adapter", config.judge.adapter,
+                                                                       self._judge))
+        """(learner, run) holding the judge's adapter, never trained; None: the judge is the base model, or none."""
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
@@ -319,16 +320,19 @@ class Run:
     async def reference_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Each sequence's logprobs of its tokens after the first under the run's reference (`reference_adapter`):
         the teacher, its starting adapter, or the base model (the run's adapter off)."""
-        if self.reference is not None:
-            learner, model_id = self.reference
-            return await learner.logprobs.remote(model_id, sequences)
-        return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
+        return await self._frozen_logprobs(self.reference, sequences)
 
     async def judge_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Each sequence's logprobs of its tokens after the first under the judge (rl/judge.py): its adapter, or the
-        base model (the run's adapter off)."""
-        if self.judge is not None:
-            return await self.learner.logprobs.remote(self.judge, sequences)
+        """The same under the judge (rl/judge.py): its adapter, or the base model."""
+        return await self._frozen_logprobs(self.judge, sequences)
+
+    async def _frozen_logprobs(self, frozen: tuple[ray.actor.ActorHandle, str | None] | None,
+                               sequences: list[list[int]]) -> list[list[float]]:
+        """Logprobs under a (learner, run) held frozen (no run: that learner's model alone), or None: the base model
+        of this run's learner, its adapter off."""
+        if frozen is not None:
+            learner, model_id = frozen
+            return await learner.logprobs.remote(model_id, sequences)
         return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
 
     async def with_reference(self, batch: ForwardBackwardInput, keys: list[int] | None = None,
@@ -378,8 +382,8 @@ class Run:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
             ray.get([learner.delete.remote(model_id) for learner, model_id in
-                     ((self.learner, self.model_id), *([self.reference] if self.reference else []),
-                      (self.learner, self.judge)) if model_id is not None])
+                     ((self.learner, self.model_id), *(frozen for frozen in (self.reference, self.judge) if frozen))
+                     if model_id is not None])
         learners = {"learner": self.learner, "teacher's learner": self.actors.teacher}
         lost = [name for name, actor in learners.items() if isinstance(error, ray.exceptions.RayActorError)
                 and actor is not None and error.actor_id == actor._actor_id.hex()]

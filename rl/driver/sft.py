@@ -21,8 +21,9 @@ from rl.types import Datum, ForwardBackwardInput
 def sft_datum(config: TrainConfig, tokenizer, conversation: list[dict[str, str]]) -> Datum:
     """A conversation as a cross-entropy datum on its assistant messages: all of them, or with data.train_on=last
     the last one alone."""
-    last = max(index for index, message in enumerate(conversation) if message["role"] == "assistant")
-    return conversation_datum(tokenizer, conversation, trained_from=last if config.data.train_on == "last" else 0)
+    trained_from = 0 if config.data.train_on == "all" else max(
+        index for index, message in enumerate(conversation) if message["role"] == "assistant")
+    return conversation_datum(tokenizer, conversation, trained_from=trained_from)
 
 
 def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
