@@ -177,6 +177,11 @@ JUDGE_QUESTION = "Is your answer correct? Reply Yes or No."
 JUDGE_QUESTION_WITH_ANSWER = "The right answer is {answer}. Is your answer correct? Reply Yes or No."
 """A judge's question that quotes the reference answer (a reference-guided judge, as general-verifier's): it compares
 rather than solves, and it accepts a right answer in any form (seven, 7.0) where a rule-based match may not."""
+JUDGE_QUESTION_PAIRWISE = ("Another answer to the same question was:\n{other}\nIs your answer better than that one? "
+                           "Reply Yes or No.")
+JUDGE_QUESTION_PAIRWISE_WITH_ANSWER = ("The right answer is {answer}. Another answer was:\n{other}\nIs your answer "
+                                       "better than that one? Reply Yes or No.")
+"""A pairwise judge's questions (a preference model): {other} quotes another reply of the same group."""
 
 
 @dataclass
@@ -187,11 +192,18 @@ class JudgeConfig:
     itself. None: the environment's rewards."""
     question: str = JUDGE_QUESTION
     """The user's message after each episode's last reply, asking the judge for its verdict; {answer} in it is the
-    episode's reference answer (its problem's: JUDGE_QUESTION_WITH_ANSWER, recipe arithmetic_judge_rl)."""
+    episode's reference answer (its problem's: JUDGE_QUESTION_WITH_ANSWER, recipe arithmetic_judge_rl). {other} in
+    it makes the judge pairwise: it quotes another reply of the group, each in turn, and the reward is the mean
+    P(verdict) over them (JUDGE_QUESTION_PAIRWISE, recipe arithmetic_preference_rl)."""
     verdict: str = "Yes"
     """The start of the judge's reply whose probability is the episode's reward."""
     required: bool = False
     """Set by a recipe that rewards with a judge (arithmetic_judge_rl): judge.adapter must be given."""
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the judge compares each reply with the others of its group (its question quotes {other})."""
+        return "{other}" in self.question
 
 
 @dataclass
@@ -520,9 +532,10 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         found.append(("judge.adapter", judge, '"base", a PEFT adapter folder or a run folder, but there is no such '
                       "folder"))
     if judge is None and config.judge.required:
+        trains = "arithmetic_preference" if config.judge.pairwise else "arithmetic_judge"
         found.append(("judge.adapter", None, f"the judge's adapter folder or run folder, or base: recipe "
-                      f"{config.recipe} rewards with a judge's verdicts (recipe arithmetic_judge trains one: rl-train "
-                      "recipe=arithmetic_judge hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
+                      f"{config.recipe} rewards with a judge's verdicts (recipe {trains} trains one: rl-train "
+                      f"recipe={trains} hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
     if judge is not None and algo.loop != "rl":
         found.append(("judge.adapter", judge, f"unset: the {algo.loop} loop does not sample, so there is nothing to "
                       "judge"))

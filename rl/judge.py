@@ -10,9 +10,16 @@ whose replies the judge tells apart has something to learn from. The judge is th
 held frozen beside the run's own (a PEFT adapter folder, or a run folder: its latest checkpoint), such as one
 trained by SFT on replies labelled right or wrong (docs/recipes.md).
 
+A question that quotes {other} makes the judge pairwise (a preference model, as tinker-cookbook's RLHF): each reply
+is compared with each other reply of its group, quoted in the question, and its reward is the mean over those
+rivals of P(verdict), "is yours better than this one?". Every ordered pair is asked, so each reply is judged in the
+same place against every rival, and a judge's preference for the first or the quoted reply favours none. A group
+of G replies costs G x (G - 1) judged sequences; those of one reply share its prompt and reply (computed once).
+
 The environment's own reward is kept as the metric env/task_reward, and its accuracy still scores evaluation: a
 policy that learns to please the judge without getting answers right shows it there. Each evaluation's answers are
-judged too (eval/judge_reward): the held-out measure where the environment has no accuracy of its own.
+judged too (eval/judge_reward), by a judge that is not pairwise (an evaluation's one answer a problem has no
+rival): the held-out measure where the environment has no accuracy of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 
-from rl.chat import message_tokens
+from rl.chat import completion_text, message_tokens
 from rl.config import JudgeConfig
 
 
@@ -32,15 +39,16 @@ def verdict_tokens(tokenizer, verdict: str) -> list[int]:
     return tokens
 
 
-def judge_question(question: str, episode) -> str:
-    """`question` with {answer} replaced by the episode's reference answer (`Episode.reference`)."""
-    if "{answer}" not in question:
-        return question
-    if episode.reference is None:
-        raise ValueError(f"judge.question={question!r} quotes {{answer}}, the reference answer, but this "
-                         "environment's episodes give none (a task's give their problem's answer; an environment's "
-                         "Env may give one as `reference`)")
-    return question.replace("{answer}", episode.reference)
+def judge_question(question: str, episode, other: str | None = None) -> str:
+    """`question` with {answer} replaced by the episode's reference answer (`Episode.reference`) and {other} by
+    `other`, a rival reply's text."""
+    if "{answer}" in question:
+        if episode.reference is None:
+            raise ValueError(f"judge.question={question!r} quotes {{answer}}, the reference answer, but this "
+                             "environment's episodes give none (a task's give their problem's answer; an "
+                             "environment's Env may give one as `reference`)")
+        question = question.replace("{answer}", episode.reference)
+    return question if other is None else question.replace("{other}", other)
 
 
 def judge_sequence(tokenizer, prompt: list[int], reply: list[int], question: str, verdict: list[int]) -> list[int]:
@@ -59,25 +67,39 @@ Logprobs = Callable[[list[list[int]]], Awaitable[list[list[float]]]]
 """The judge's logprobs of each sequence's tokens after the first (`rl.driver.run.Run.judge_logprobs`)."""
 
 
-async def verdict_probabilities(episodes: list, judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> list[float]:
-    """The judge's P(verdict) for each episode's last reply."""
+async def verdict_probabilities(groups: list[list], judge: JudgeConfig, tokenizer, logprobs: Logprobs,
+                                ) -> list[list[float]]:
+    """The judge's P(verdict) for each episode's last reply, group by group; with a pairwise question the mean of
+    those with each other reply of the group quoted as {other}."""
     verdict = verdict_tokens(tokenizer, judge.verdict)
-    sequences = [tuple(judge_sequence(tokenizer, episode.turns[-1].prompt, episode.turns[-1].action.tokens,
-                                      judge_question(judge.question, episode), verdict)) for episode in episodes]
+
+    def sequence(episode, other: str | None = None) -> tuple[int, ...]:
+        turn = episode.turns[-1]
+        return tuple(judge_sequence(tokenizer, turn.prompt, turn.action.tokens,
+                                    judge_question(judge.question, episode, other), verdict))
+
+    if judge.pairwise:
+        texts_G = [[completion_text(tokenizer, episode.turns[-1].action.tokens) for episode in group]
+                   for group in groups]
+        asked_G = [[[sequence(episode, other) for j, other in enumerate(texts) if j != i]
+                    for i, episode in enumerate(group)] for group, texts in zip(groups, texts_G, strict=True)]
+    else:
+        asked_G = [[[sequence(episode)] for episode in group] for group in groups]
     # Each distinct sequence once: a group's replies often agree word for word (more so as training converges).
-    distinct = list(dict.fromkeys(sequences))
+    distinct = list(dict.fromkeys(asked for asked_E in asked_G for sequences in asked_E for asked in sequences))
     probability = {sequence: verdict_probability(judged, len(verdict))
                    for sequence, judged in zip(distinct, await logprobs([list(s) for s in distinct]), strict=True)}
-    return [probability[sequence] for sequence in sequences]
+    return [[sum(probability[s] for s in sequences) / len(sequences) for sequences in asked_E] for asked_E in asked_G]
 
 
-async def judge_episodes(episodes: list, judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> None:
+async def judge_episodes(groups: list[list], judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> None:
     """Replaces each episode's rewards by the judge's P(verdict) for its last reply (on its last turn; the others'
     and the group's become 0), keeping what the environment gave as the last turn's metric `task_reward`."""
-    for episode, probability in zip(episodes, await verdict_probabilities(episodes, judge, tokenizer, logprobs),
-                                    strict=True):
-        episode.turns[-1].metrics["task_reward"] = episode.total_reward
-        for turn in episode.turns:
-            turn.reward = 0.0
-        episode.group_reward = 0.0
-        episode.turns[-1].reward = probability
+    probabilities_G = await verdict_probabilities(groups, judge, tokenizer, logprobs)
+    for group, probabilities in zip(groups, probabilities_G, strict=True):
+        for episode, probability in zip(group, probabilities, strict=True):
+            episode.turns[-1].metrics["task_reward"] = episode.total_reward
+            for turn in episode.turns:
+                turn.reward = 0.0
+            episode.group_reward = 0.0
+            episode.turns[-1].reward = probability

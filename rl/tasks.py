@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rl.answers import ANSWER_FORMATS, CustomScore, custom_score, final_answer, strict_answer
-from rl.config import JUDGE_QUESTION_WITH_ANSWER
+from rl.config import JUDGE_QUESTION_PAIRWISE_WITH_ANSWER, JUDGE_QUESTION_WITH_ANSWER
 from rl.datasets import Messages, PreferencePair, assistant, read_problems, train_and_held_out, user
 from rl.reward_workers import TIMED_OUT, RewardWorkers
 
@@ -117,38 +117,48 @@ UNANSWERED_REPLIES = ("{a} + {b} = {stated}", "The answer is {stated}.", "{a} pl
 """Replies without an 'Answer:' line: always wrong, as `Addition` scores them."""
 
 
+def addition_reply(rng: random.Random, a: int, b: int) -> tuple[str, bool]:
+    """A reply to `Addition`'s question about a + b, and whether `Addition` scores it right: half are right; the
+    others state a wrong sum (off by 1 to 3, or any other up to 18) on an 'Answer:' line, or (three in ten) the sum
+    or a wrong one without that line."""
+    total = a + b
+    near = [value for value in range(total - 3, total + 4) if value >= 0 and value != total]
+    wrong = rng.choice(near if rng.random() < 0.5 else [value for value in range(19) if value != total])
+    right, answered = rng.random() < 0.5, rng.random() < 0.7
+    if right or answered:
+        reply, stated = rng.choice(ANSWERED_REPLIES), total if right else wrong
+    else:  # the sum without an 'Answer:' line is wrong too
+        reply, stated = rng.choice(UNANSWERED_REPLIES), rng.choice([total, wrong])
+    reply = reply.format(a=a, b=b, stated=stated, total=total)
+    return reply, bool(Addition().accuracy(addition_problem(a, b), reply))
+
+
 @dataclass(frozen=True)
 class AdditionJudge:
-    """Judging answers to `Addition`'s questions: a conversation in which the assistant answered one, then the
-    judge's question quoting the sum (JUDGE_QUESTION_WITH_ANSWER); the right reply is "Yes" where `Addition` scores
-    the answer right, else "No". A judge for RL (judge.adapter, rl/judge.py) learns it by SFT on its last reply
-    (recipe arithmetic_judge, data.train_on=last). Its sums are `Addition`'s, the same held out for evaluation. Half
-    the replies are right; the others state a wrong sum (off by 1 to 3, or any other up to 18) on an 'Answer:' line,
-    or (three in ten) the sum or a wrong one without that line."""
+    """Judging answers to `Addition`'s questions: a conversation in which the assistant answered one
+    (`addition_reply`), then the judge's question quoting the sum (JUDGE_QUESTION_WITH_ANSWER); the right reply is
+    "Yes" where `Addition` scores the answer right, else "No". A judge for RL (judge.adapter, rl/judge.py) learns it
+    by SFT on its last reply (recipe arithmetic_judge, data.train_on=last). Its sums are `Addition`'s, the same
+    held out for evaluation."""
 
     name: str = "addition_judge"
     format_reward: float = 0.0
 
     def problems(self, count: int, *, seed: int, split: str = "train") -> list[Problem]:
-        rng = random.Random(f"judge:{split}:{seed}")
+        rng = random.Random(f"{self.name.removeprefix('addition_')}:{split}:{seed}")
         problems = []
         for _ in range(count):
             a, b = rng.choice(ADDITION_HELD_OUT if split == "eval" else ADDITION_TRAIN)
-            total = a + b
-            near = [value for value in range(total - 3, total + 4) if value >= 0 and value != total]
-            wrong = rng.choice(near if rng.random() < 0.5 else [value for value in range(19) if value != total])
-            right, answered = rng.random() < 0.5, rng.random() < 0.7
-            if right or answered:
-                reply, stated = rng.choice(ANSWERED_REPLIES), total if right else wrong
-            else:  # the sum without an 'Answer:' line is wrong too
-                reply, stated = rng.choice(UNANSWERED_REPLIES), rng.choice([total, wrong])
-            reply = reply.format(a=a, b=b, stated=stated, total=total)
             asked = addition_problem(a, b)
-            verdict = "Yes" if Addition().accuracy(asked, reply) else "No"
-            question = JUDGE_QUESTION_WITH_ANSWER.replace("{answer}", asked.answer)
-            problems.append(Problem(prompt=[*asked.messages, *assistant(reply), *user(question)], answer=verdict,
-                                    solution=verdict))
+            conversation, verdict = self.judged(rng, asked, a, b)
+            problems.append(Problem(prompt=conversation, answer=verdict, solution=verdict))
         return problems
+
+    def judged(self, rng: random.Random, asked: Problem, a: int, b: int) -> tuple[Messages, str]:
+        """A reply to `asked`, the judge's question after it, and the verdict."""
+        reply, right = addition_reply(rng, a, b)
+        question = JUDGE_QUESTION_WITH_ANSWER.replace("{answer}", asked.answer)
+        return [*asked.messages, *assistant(reply), *user(question)], "Yes" if right else "No"
 
     def reward(self, problem: Problem, completion: str) -> float:
         return self.accuracy(problem, completion)
@@ -157,6 +167,27 @@ class AdditionJudge:
         """Whether the reply's first word is the verdict."""
         words = completion.split()
         return float(bool(words) and words[0].strip(".,!:") == problem.answer)
+
+
+@dataclass(frozen=True)
+class AdditionPreference(AdditionJudge):
+    """`AdditionJudge` pairwise: the judge's question (JUDGE_QUESTION_PAIRWISE_WITH_ANSWER) also quotes a second
+    reply to the same question ({other}), and the verdict is "Yes" only where the assistant's reply is right and the
+    other's wrong (half the conversations); "No" where it is wrong and the other right (a quarter), or both are
+    right or both wrong (a quarter: it is not better). A pairwise judge for RL (recipe arithmetic_preference): each
+    reply is rewarded by how often the judge prefers it to the group's others."""
+
+    name: str = "addition_preference"
+
+    def judged(self, rng: random.Random, asked: Problem, a: int, b: int) -> tuple[Messages, str]:
+        better = rng.random() < 0.5
+        worse = not better and rng.random() < 0.5
+        while True:  # replies drawn until they fit the case drawn
+            (reply, right), (other, other_right) = addition_reply(rng, a, b), addition_reply(rng, a, b)
+            if (right and not other_right) == better and (other_right and not right) == worse:
+                break
+        question = JUDGE_QUESTION_PAIRWISE_WITH_ANSWER.replace("{answer}", asked.answer).replace("{other}", other)
+        return [*asked.messages, *assistant(reply), *user(question)], "Yes" if right and not other_right else "No"
 
 
 @dataclass(frozen=True)
@@ -317,7 +348,8 @@ def file_task(train: str | None, eval_file: str | None, held_out: int, *, format
                     if reward_fn and reward_workers else None)
 
 
-TASKS = {"addition": Addition, "addition_judge": AdditionJudge, "gsm_symbolic": GsmSymbolic, "digits": Digits}
+TASKS = {"addition": Addition, "addition_judge": AdditionJudge, "addition_preference": AdditionPreference,
+         "gsm_symbolic": GsmSymbolic, "digits": Digits}
 
 
 def make_task(name: str, *, format_reward: float = 0.0) -> Task:

@@ -17,7 +17,13 @@ import rl.driver.rl as rl_loop
 import rl.driver.run
 import rl.judge
 from rl.chat import chat_tokens
-from rl.config import JUDGE_QUESTION, JUDGE_QUESTION_WITH_ANSWER, JudgeConfig, check
+from rl.config import (
+    JUDGE_QUESTION,
+    JUDGE_QUESTION_PAIRWISE_WITH_ANSWER,
+    JUDGE_QUESTION_WITH_ANSWER,
+    JudgeConfig,
+    check,
+)
 from rl.driver.episodes import Episode, Turn
 from rl.env import TaskEnv
 from rl.judge import (
@@ -50,16 +56,21 @@ def test_the_judge_reads_the_conversation_as_the_chat_template_renders_it(tiny_m
         verdict_tokens(tokenizer, "")
 
 
+class Tokenizer:
+    """The methods the judge's sequences need, with a chat template of no markers: a character is a token."""
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens):
+        return [ord(character) for character in text]
+
+    def decode(self, tokens, skip_special_tokens):
+        return "".join(chr(token) for token in tokens if not (skip_special_tokens and token == self.eos_token_id))
+
+
 def test_the_judges_probability_replaces_the_episodes_rewards_and_the_tasks_is_kept(monkeypatch):
     def turn(reward: float) -> Turn:
         return Turn(prompt=[1, 2], action=SampledSequence(tokens=[3], logprobs=[-0.1], stop_reason="stop"),
                     reward=reward, metrics={"accuracy": 1.0})
-
-    class Tokenizer:  # the two methods the judge's sequence needs, with a chat template of no markers
-        eos_token_id = 0
-
-        def encode(self, text, add_special_tokens):
-            return [ord(character) for character in text]
 
     episodes = [Episode(turns=[turn(0.5), turn(0.25)], stop="done", group_reward=0.125),
                 Episode(turns=[turn(1.0)], stop="max_turns")]
@@ -71,7 +82,8 @@ def test_the_judges_probability_replaces_the_episodes_rewards_and_the_tasks_is_k
         return [[-5.0] * (len(sequence) - 3) + [-0.5, -0.25] for sequence in sequences]
 
     monkeypatch.setattr(rl.judge, "message_tokens", lambda tokenizer, message: [9, 9])
-    asyncio.run(judge_episodes(episodes, JudgeConfig(adapter="base", verdict="ok"), Tokenizer(), logprobs))
+    asyncio.run(judge_episodes([episodes[:1], episodes[1:]], JudgeConfig(adapter="base", verdict="ok"), Tokenizer(),
+                               logprobs))
     assert scored == [[1, 2, 3, 0, 9, 9, ord("o"), ord("k")]], "the last turn's prompt and reply, closed, once"
     for episode, task_reward in zip(episodes, [0.875, 1.0], strict=True):
         assert [turn.reward for turn in episode.turns][:-1] == [0.0] * (len(episode.turns) - 1)
@@ -90,8 +102,37 @@ def test_a_judges_question_may_quote_the_episodes_reference_answer():
         judge_question(JUDGE_QUESTION_WITH_ANSWER, replace(episode, reference=None))
     # Task episodes carry their problem's answer; recipe arithmetic_judge_rl asks the question addition_judge trains.
     assert TaskEnv(Addition(), Problem("What is 3 + 4?", "7"), None).reference == "7"
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs/recipe/arithmetic_judge_rl.yaml").read_text())
-    assert recipe["judge"]["question"] == JUDGE_QUESTION_WITH_ANSWER
+    recipes = Path(__file__).parents[1] / "configs/recipe"
+    for recipe, question in (("arithmetic_judge_rl", JUDGE_QUESTION_WITH_ANSWER),
+                             ("arithmetic_preference_rl", JUDGE_QUESTION_PAIRWISE_WITH_ANSWER)):
+        assert yaml.safe_load((recipes / f"{recipe}.yaml").read_text())["judge"]["question"] == question
+
+
+def test_a_pairwise_judge_compares_each_reply_with_each_other_of_its_group(monkeypatch):
+    def episode(reply: str) -> Episode:
+        action = SampledSequence(tokens=[ord(c) for c in reply] + [0], logprobs=[-0.1] * (len(reply) + 1),
+                                 stop_reason="stop")
+        return Episode(turns=[Turn(prompt=[1], action=action, reward=1.0, metrics={})], stop="done", reference="5")
+
+    groups = [[episode("a"), episode("b"), episode("a")], [episode("c"), episode("d")]]
+    judge = JudgeConfig(adapter="base", question="{answer}:{other}", verdict="Y")
+    assert judge.pairwise and not JudgeConfig().pairwise
+    monkeypatch.setattr(rl.judge, "message_tokens", lambda tokenizer, message: [ord(c) for c in message["content"]])
+    asked = []
+    # P(Y) by the reply judged and the rival quoted: an independent table of the pairs' probabilities
+    table = {("a", "b"): 0.9, ("b", "a"): 0.2, ("a", "a"): 0.5, ("c", "d"): 0.6, ("d", "c"): 0.3}
+
+    async def logprobs(sequences):
+        asked.extend(sequences)
+        return [[0.0] * (len(sequence) - 2) + [math.log(table[chr(sequence[1]), chr(sequence[-2])])]
+                for sequence in sequences]
+
+    probabilities = asyncio.run(verdict_probabilities(groups, judge, Tokenizer(), logprobs))
+    assert probabilities == [pytest.approx([(0.9 + 0.5) / 2, 0.2, (0.5 + 0.9) / 2]), pytest.approx([0.6, 0.3])]
+    # The prompt, the reply closed, the question quoting the reference and the rival's text, the verdict; each
+    # distinct sequence once (the two "a" replies ask the same two questions).
+    assert sorted("".join(chr(t) for t in sequence[1:]) for sequence in asked) == sorted(
+        [f"{mine}\x005:{other}Y" for mine, other in table])
 
 
 @pytest.fixture(scope="module")
@@ -106,41 +147,53 @@ def judge_adapter(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("judge", ["adapter", "base"])
+@pytest.mark.parametrize("judge", ["adapter", "base", "pairwise"])
 def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local, tiny_model_dir, judge_adapter,
                                                                          tmp_path, monkeypatch, judge):
-    calls = {"train": [], "eval": []}  # (episodes, the judge's probabilities) of each call, in training and evaluation
+    calls = {"train": [], "eval": []}  # (groups, the judge's probabilities) of each call, in training and evaluation
 
     def recording(split):
-        async def record(episodes, *args):
-            probabilities = await verdict_probabilities(episodes, *args)
-            calls[split].append((list(episodes), probabilities))
+        async def record(groups, *args):
+            probabilities = await verdict_probabilities(groups, *args)
+            calls[split].append((groups, probabilities))
             return probabilities
         return record
 
     monkeypatch.setattr(rl.judge, "verdict_probabilities", recording("train"))
     monkeypatch.setattr(rl.driver.run, "verdict_probabilities", recording("eval"))
-    adapter = str(judge_adapter) if judge == "adapter" else "base"
+    question = "Better than {other}? Yes or No." if judge == "pairwise" else JUDGE_QUESTION
     config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=1, eval_prompts=4,
-                         judge=JudgeConfig(adapter=adapter), algo={"prompts_per_step": 2, "group_size": 4})
+                         judge=JudgeConfig(adapter="base" if judge == "base" else str(judge_adapter),
+                                           question=question), algo={"prompts_per_step": 2, "group_size": 4})
     check(config)
     first, final = rl_loop.train(config, Digits())
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    if judge == "adapter":
+    if judge != "base":
         model = PeftModel.from_pretrained(model, judge_adapter)
     verdict = verdict_tokens(tokenizer, "Yes")
-    [(judged, rewards)], evaluations = calls["train"], calls["eval"]
-    assert len(judged) == 8 and [len(episodes) for episodes, _ in evaluations] == [4, 4]
-    for episodes, probabilities in [*calls["train"], *evaluations]:
-        for episode, probability in zip(episodes, probabilities, strict=True):
-            sequence = judge_sequence(tokenizer, episode.turns[0].prompt, episode.turns[0].action.tokens,
-                                      JUDGE_QUESTION, verdict)
-            with torch.no_grad():
-                logits = model(torch.tensor([sequence])).logits[0, -len(verdict) - 1:-1]
-            expected = math.exp(logits.log_softmax(-1).gather(-1, torch.tensor(verdict)[:, None]).sum().item())
-            assert probability == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+    def p_verdict(episode, other: Episode | None = None) -> float:
+        """PEFT's P(verdict) for the episode's reply, with `other`'s reply quoted in a pairwise question."""
+        asked = question.replace("{other}", "" if other is None else tokenizer.decode(
+            other.turns[0].action.tokens, skip_special_tokens=True))
+        sequence = judge_sequence(tokenizer, episode.turns[0].prompt, episode.turns[0].action.tokens, asked, verdict)
+        with torch.no_grad():
+            logits = model(torch.tensor([sequence])).logits[0, -len(verdict) - 1:-1]
+        return math.exp(logits.log_softmax(-1).gather(-1, torch.tensor(verdict)[:, None]).sum().item())
+
+    [(groups, rewards_G)], evaluations = calls["train"], calls["eval"]
+    assert [len(group) for group in groups] == [4, 4]
+    # A pairwise judge has no rivals to compare an evaluation's one answer a problem with, so it does not judge them.
+    assert [sum(map(len, groups)) for groups, _ in evaluations] == ([] if judge == "pairwise" else [4, 4])
+    for groups_, probabilities_G in [*calls["train"], *evaluations]:
+        for group, probabilities in zip(groups_, probabilities_G, strict=True):
+            for episode, probability in zip(group, probabilities, strict=True):
+                rivals = [other for other in group if other is not episode] if judge == "pairwise" else [None]
+                expected = sum(p_verdict(episode, other) for other in rivals) / len(rivals)
+                assert probability == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    judged, rewards = [e for group in groups for e in group], [r for rewards in rewards_G for r in rewards]
     for episode, reward in zip(judged, rewards, strict=True):
         assert episode.total_reward == reward
         assert episode.metrics["task_reward"] == Digits().reward(None, tokenizer.decode(
@@ -150,9 +203,12 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
     assert len(set(rewards)) > 1, "the judge tells the replies apart"
     assert first["time/judge_s"] > 0 and metrics(tmp_path)[0]["time/judge_s"] == first["time/judge_s"]
     # Each evaluation: the environment's accuracy, and the judge's mean probability for the same answers.
-    for record, (episodes, probabilities) in zip((first, final), evaluations, strict=True):
-        assert record["eval/judge_reward"] == pytest.approx(sum(probabilities) / 4)
-        assert record["eval/accuracy"] == sum(e.metrics["accuracy"] for e in episodes) / 4
+    if judge == "pairwise":
+        assert "eval/judge_reward" not in first and "eval/judge_reward" not in final
+        return
+    for record, (groups_, probabilities_G) in zip((first, final), evaluations, strict=True):
+        assert record["eval/judge_reward"] == pytest.approx(sum(map(sum, probabilities_G)) / 4)
+        assert record["eval/accuracy"] == sum(e.metrics["accuracy"] for group in groups_ for e in group) / 4
 
 
 def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_path):
@@ -162,6 +218,9 @@ def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match=r"judge.adapter=None: the judge's adapter folder or run folder, or base: "
                        r"recipe arithmetic_rl rewards with a judge's verdicts \(recipe arithmetic_judge trains one"):
         check(replace(config, judge=JudgeConfig(required=True)))
+    with pytest.raises(ValueError, match=r"\(recipe arithmetic_preference trains one: rl-train "
+                                         r"recipe=arithmetic_preference hydra.run.dir=outputs/judge"):
+        check(replace(config, judge=JudgeConfig(required=True, question=JUDGE_QUESTION_PAIRWISE_WITH_ANSWER)))
     base = replace(config, judge=JudgeConfig(adapter="base"))
     with pytest.raises(ValueError, match=r"algo.reward_coef=0.0: more than 0 with judge.adapter: it weighs"):
         check(replace(base, algo=replace(base.algo, reward_coef=0.0, kl_coef=1.0, teacher=str(tmp_path))))

@@ -1,6 +1,7 @@
 """Tasks, the data built from them, and the pure pieces of the loops: exact values, no engines."""
 
 import re
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -8,7 +9,7 @@ from transformers import AutoTokenizer
 
 from rl.answers import strict_answer
 from rl.chat import chat_tokens, conversation_datum, message_tokens, with_chat_template
-from rl.config import JUDGE_QUESTION_WITH_ANSWER, ModelConfig, TrainConfig, check
+from rl.config import JUDGE_QUESTION_PAIRWISE_WITH_ANSWER, JUDGE_QUESTION_WITH_ANSWER, ModelConfig, TrainConfig, check
 from rl.datasets import user
 from rl.driver.run import batch_indices
 from rl.driver.sft import sft_datum
@@ -17,6 +18,7 @@ from rl.tasks import (
     ADDITION_TRAIN,
     Addition,
     AdditionJudge,
+    AdditionPreference,
     Digits,
     GsmSymbolic,
     make_task,
@@ -79,7 +81,7 @@ def test_preference_pairs_and_sft_conversations():
     assert conversation[1]["content"] == GsmSymbolic().problems(1, seed=0)[0].solution
     with pytest.raises(ValueError, match="task 'digits' has no worked solutions"):
         sft_conversations(Digits(), 1, seed=0)
-    with pytest.raises(ValueError, match="unknown task 'nope': known tasks are addition, addition_judge, gsm_sym"):
+    with pytest.raises(ValueError, match="unknown task 'nope': known tasks are addition, addition_judge, addition_p"):
         make_task("nope")
 
 
@@ -129,6 +131,27 @@ def test_addition_judge_asks_whether_a_reply_is_right_as_addition_scores_it():
     (problem,) = [p for p in problems if p.answer == "Yes"][:1]
     assert task.accuracy(problem, " Yes.") == task.reward(problem, "Yes") == 1.0
     assert task.accuracy(problem, "No") == task.accuracy(problem, "") == task.accuracy(problem, "Yesterday") == 0.0
+
+
+def test_addition_preference_asks_whether_a_reply_is_better_than_another_as_addition_scores_them():
+    task = AdditionPreference()
+    problems = task.problems(400, seed=0)
+    assert problems == task.problems(400, seed=0) != task.problems(400, seed=1)
+    cases = Counter()
+    for problem in problems:
+        question, reply, asked = problem.prompt
+        a, b = map(int, re.search(r"What is (\d) \+ (\d)\?", question["content"]).groups())
+        other = re.fullmatch(rf"The right answer is {a + b}\. Another answer was:\n(.*)\nIs your answer better than "
+                             r"that one\? Reply Yes or No\.", asked["content"], re.DOTALL)[1]
+        assert asked == user(JUDGE_QUESTION_PAIRWISE_WITH_ANSWER.replace("{answer}", str(a + b)).replace(
+            "{other}", other))[0]
+
+        case = tuple(bool(stated) and int(stated[1]) == a + b
+                     for stated in (re.search(r"Answer: (\d+)$", text) for text in (reply["content"], other)))
+        cases[case] += 1
+        assert problem.answer == problem.solution == ("Yes" if case == (True, False) else "No")
+    assert 0.45 < cases[True, False] / 400 < 0.55 and 0.2 < cases[False, True] / 400 < 0.3, cases
+    assert cases[True, True] > 20 and cases[False, False] > 20, cases
 
 
 def test_a_base_model_without_a_chat_template_renders_with_model_chat_template(tiny_model_dir, tmp_path):

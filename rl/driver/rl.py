@@ -276,10 +276,11 @@ async def train_async(config: TrainConfig, environment: Environment, shared: Sha
             # learner trains (after the rollout this step waits for, never delaying it), and ends before the publish.
             evaluation = asyncio.ensure_future(timed_evaluation(evaluate(step))) if evaluates(config, step) else None
 
-            # Rewards from the judge, where there is one: the probability that it calls each episode's last reply right.
+            # Rewards from the judge, where there is one: the probability that it calls each episode's last reply right
+            # (pairwise: better than each other reply of its group, on average).
             if config.judge.adapter is not None:
                 with timed(record, "judge"):
-                    await judge_episodes(sampled.episodes, config.judge, run.tokenizer, run.judge_logprobs)
+                    await judge_episodes(sampled.episodes_P, config.judge, run.tokenizer, run.judge_logprobs)
 
             # Group-relative advantages of the rewards, spread over each episode's action tokens.
             advantages_P = group_advantages(config, sampled)

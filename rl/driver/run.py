@@ -467,17 +467,18 @@ class Run:
 
     async def answer_held_out(self, name: str, groups: list[EnvGroupBuilder], model_path: str, step: int) -> dict:
         """eval/accuracy (and eval/pass@k) on the held-out `groups` of the weights published as `model_path`, the
-        weights of step `step`, answering greedily or at eval_temperature, and with a judge eval/judge_reward, its
-        mean P(verdict) for those answers; the episodes go to samples.jsonl."""
+        weights of step `step`, answering greedily or at eval_temperature, and with a judge that is not pairwise
+        eval/judge_reward, its mean P(verdict) for those answers; the episodes go to samples.jsonl."""
         config = self.config
         episodes_P = await held_out_episodes(self.pool, name, groups, model_path,
                                              episode_limits(config, self.tokenizer),
                                              SamplingParams(temperature=config.eval_temperature))
         self.log_episodes(step, "eval", episodes_P)
         metrics = held_out_metrics(episodes_P)
-        if config.judge.adapter is not None:  # the judge's view of the same answers, beside the environment's
-            judged = await verdict_probabilities([e for episodes_G in episodes_P for e in episodes_G], config.judge,
-                                                 self.tokenizer, self.judge_logprobs)
+        if config.judge.adapter is not None and not config.judge.pairwise:
+            # The judge's view of the same answers, beside the environment's (a pairwise judge's needs rivals).
+            judged = [p for p_G in await verdict_probabilities(episodes_P, config.judge, self.tokenizer,
+                                                               self.judge_logprobs) for p in p_G]
             metrics["eval/judge_reward"] = sum(judged) / len(judged)
         await self._keep_if_best(model_path, step, metrics["eval/accuracy"])
         return metrics
