@@ -164,6 +164,11 @@ class DataConfig:
     instruction: str | None = None
     """RL on your problems: text added after a space to each problem's (last) user message, such as how to give the
     answer: `data.instruction='Put the final answer within \\boxed{}.'`. None: the prompts as they are."""
+    pairs_as_judge: bool = False
+    """SFT: train a pairwise judge on preference pairs (data.train's, in DPO's format, or the task's): each pair is
+    two conversations, the chosen reply then judge.question quoting the rejected one ({other}) and judge.verdict, and
+    the reverse with judge.negative (rl.judge.pair_conversations); held out, eval/pair_accuracy. Recipe
+    preference_model_jsonl; its run folder is then a judge.adapter for RL."""
     required: bool = False
     """Set by a recipe that trains on your file alone (rl_jsonl, sft_jsonl, dpo_jsonl): data.train must be given."""
 
@@ -197,6 +202,8 @@ class JudgeConfig:
     P(verdict) over them (JUDGE_QUESTION_PAIRWISE, recipe arithmetic_preference_rl)."""
     verdict: str = "Yes"
     """The start of the judge's reply whose probability is the episode's reward."""
+    negative: str = "No"
+    """The verdict a pairwise judge learns after the rejected reply of a preference pair (data.pairs_as_judge)."""
     required: bool = False
     """Set by a recipe that rewards with a judge (arithmetic_judge_rl): judge.adapter must be given."""
 
@@ -453,6 +460,8 @@ def _rules(config: TrainConfig) -> dict[str, tuple]:
         "data.answer_format": one_of(*ANSWER_FORMATS), "data.reward_workers": NOT_NEGATIVE,
         "data.reward_timeout": POSITIVE, "data.train_on": one_of("all", "last"),
         "judge.verdict": (lambda value: bool(value.strip()), "the word the judge's reply starts with, such as Yes"),
+        "judge.negative": (lambda value: bool(value.strip()) and value != config.judge.verdict,
+                           "a word other than judge.verdict, such as No"),
         "eval_prompts": AT_LEAST_1,
         "eval_samples": AT_LEAST_1, "eval_temperature": NOT_NEGATIVE,
         "learner.num_cpus": NOT_NEGATIVE, "learner.num_gpus": GPUS, "learner.micro_batch_tokens": AT_LEAST_1,
@@ -542,6 +551,14 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     elif judge is not None and not algo.reward_coef:
         found.append(("algo.reward_coef", algo.reward_coef, "more than 0 with judge.adapter: it weighs the judge's "
                       "rewards"))
+    if config.data.pairs_as_judge and algo.loop != "sft":
+        found.append(("data.pairs_as_judge", True, f"false: it makes SFT's examples, and this is the {algo.loop} loop"))
+    elif config.data.pairs_as_judge and not config.judge.pairwise:
+        found.append(("judge.question", config.judge.question, "a question quoting {other}, the other reply of each "
+                      "pair, with data.pairs_as_judge (rl.config.JUDGE_QUESTION_PAIRWISE)"))
+    elif config.data.pairs_as_judge and "{answer}" in config.judge.question:
+        found.append(("judge.question", config.judge.question, "a question without {answer}: preference pairs give "
+                      "no reference answer"))
     if config.data.train_on != "all" and algo.loop != "sft":
         found.append(("data.train_on", config.data.train_on, f"all: it chooses what SFT trains, and this is the "
                       f"{algo.loop} loop"))

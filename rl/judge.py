@@ -16,6 +16,10 @@ rivals of P(verdict), "is yours better than this one?". Every ordered pair is as
 same place against every rival, and a judge's preference for the first or the quoted reply favours none. A group
 of G replies costs G x (G - 1) judged sequences; those of one reply share its prompt and reply (computed once).
 
+A pairwise judge learns from preference pairs (SFT with data.pairs_as_judge, recipe preference_model_jsonl): each
+pair gives two conversations, the chosen reply asked judge.question about the rejected one (verdict judge.verdict)
+and the rejected about the chosen (judge.negative); held out, the share of pairs whose chosen reply it prefers.
+
 The environment's own reward is kept as the metric env/task_reward, and its accuracy still scores evaluation: a
 policy that learns to please the judge without getting answers right shows it there. Each evaluation's answers are
 judged too (eval/judge_reward), by a judge that is not pairwise (an evaluation's one answer a problem has no
@@ -27,8 +31,9 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 
-from rl.chat import completion_text, message_tokens
+from rl.chat import chat_tokens, completion_text, message_tokens
 from rl.config import JudgeConfig
+from rl.datasets import Messages, PreferencePair, assistant, user
 
 
 def verdict_tokens(tokenizer, verdict: str) -> list[int]:
@@ -103,3 +108,26 @@ async def judge_episodes(groups: list[list], judge: JudgeConfig, tokenizer, logp
                 turn.reward = 0.0
             episode.group_reward = 0.0
             episode.turns[-1].reward = probability
+
+
+def pair_conversations(pair: PreferencePair, judge: JudgeConfig) -> list[Messages]:
+    """A preference pair as a pairwise judge's two training conversations: the prompt, the chosen reply, judge.question
+    quoting the rejected reply's last message as {other}, and judge.verdict; then the same with the replies swapped
+    and judge.negative."""
+    def asked(reply: Messages, other: Messages, verdict: str) -> Messages:
+        return [*pair.prompt, *reply, *user(judge.question.replace("{other}", other[-1]["content"])),
+                *assistant(verdict)]
+
+    return [asked(pair.chosen, pair.rejected, judge.verdict), asked(pair.rejected, pair.chosen, judge.negative)]
+
+
+async def pair_accuracy(pairs: list[PreferencePair], judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> float:
+    """The share of `pairs` whose chosen reply the judge prefers: P(verdict) for the chosen reply asked about the
+    rejected one above P(verdict) for the rejected reply asked about the chosen one (the sequences RL's pairwise
+    rewards read)."""
+    verdict = verdict_tokens(tokenizer, judge.verdict)
+    sequences = [chat_tokens(tokenizer, conversation[:-1]) + verdict
+                 for pair in pairs for conversation in pair_conversations(pair, judge)]
+    probabilities = [verdict_probability(judged, len(verdict)) for judged in await logprobs(sequences)]
+    return sum(chosen > rejected for chosen, rejected in zip(probabilities[::2], probabilities[1::2],
+                                                              strict=True)) / len(pairs)

@@ -2,6 +2,7 @@
 rewards checked against PEFT's own computation of the judge's probabilities."""
 
 import asyncio
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,21 +16,27 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rl.driver.rl as rl_loop
 import rl.driver.run
+import rl.driver.sft
 import rl.judge
 from rl.chat import chat_tokens
 from rl.config import (
     JUDGE_QUESTION,
     JUDGE_QUESTION_PAIRWISE_WITH_ANSWER,
     JUDGE_QUESTION_WITH_ANSWER,
+    DataConfig,
     JudgeConfig,
     check,
 )
+from rl.datasets import PreferencePair, assistant, held_out_split, user
 from rl.driver.episodes import Episode, Turn
+from rl.driver.state import adapter_folder
 from rl.env import TaskEnv
 from rl.judge import (
     judge_episodes,
     judge_question,
     judge_sequence,
+    pair_accuracy,
+    pair_conversations,
     verdict_probabilities,
     verdict_probability,
     verdict_tokens,
@@ -135,6 +142,42 @@ def test_a_pairwise_judge_compares_each_reply_with_each_other_of_its_group(monke
         [f"{mine}\x005:{other}Y" for mine, other in table])
 
 
+def test_a_preference_pair_is_a_pairwise_judges_two_conversations_and_held_out_it_is_ordered_by_them():
+    pair = PreferencePair(user("What is 2 + 3?"), assistant("Answer: 5"), [*assistant("5?"), *assistant("Answer: 6")])
+    judge = JudgeConfig(question="Better than: {other}?", verdict="Y", negative="N")
+    assert pair_conversations(pair, judge) == [
+        [*user("What is 2 + 3?"), *assistant("Answer: 5"), *user("Better than: Answer: 6?"), *assistant("Y")],
+        [*user("What is 2 + 3?"), *assistant("5?"), *assistant("Answer: 6"), *user("Better than: Answer: 5?"),
+         *assistant("N")]]
+    scored = []
+
+    def judged(probabilities):  # P(Y) of each sequence in turn
+        async def logprobs(sequences):
+            scored.extend(sequences)
+            return [[-1.0] * (len(sequence) - 2) + [math.log(p)] for sequence, p in zip(sequences, probabilities,
+                                                                                         strict=True)]
+        return logprobs
+
+    # Pairs in turn: the chosen reply asked about the rejected one, then the reverse; a tie is not a preference.
+    assert asyncio.run(pair_accuracy([pair, pair], judge, ByWord(), judged([0.6, 0.7, 0.2, 0.2]))) == 0.0
+    assert asyncio.run(pair_accuracy([pair, pair], judge, ByWord(), judged([0.7, 0.6, 0.9, 0.2]))) == 1.0
+    # What each sequence is: the conversation up to the judge's reply, rendered for it, then the verdict.
+    assert scored[:2] == [ByWord().apply_chat_template(conversation[:-1]) + [ByWord.ids["Y"]]
+                          for conversation in pair_conversations(pair, judge)]
+
+
+class ByWord:
+    """A tokenizer of one token per word, whose chat template is the messages' words in a row."""
+    ids: dict[str, int] = {}
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.ids.setdefault(word, len(self.ids) + 1) for word in text.split()]
+
+    def apply_chat_template(self, messages, **options):
+        return [token for message in messages for token in self.encode(message["content"])]
+
+
 @pytest.fixture(scope="module")
 def judge_adapter(tiny_model_dir, tmp_path_factory):
     """A random rank-4 PEFT adapter on the tiny model's attention (B not zero: it changes the model)."""
@@ -211,6 +254,52 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
         assert record["eval/accuracy"] == sum(e.metrics["accuracy"] for group in groups_ for e in group) / 4
 
 
+def test_sft_trains_a_pairwise_judge_on_preference_pairs_and_holds_out_its_pair_accuracy(
+        ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    pairs = [{"prompt": f"What is {a} + {b}?", "chosen": f"Answer: {a + b}", "rejected": f"Answer: {a + b + 1}"}
+             for a in range(4) for b in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    question = "Better than {other}? Yes or No."
+    calls = []
+
+    async def recorded(held_out, judge, tokenizer, logprobs):
+        async def recording(sequences):
+            calls.append((sequences, await logprobs(sequences)))
+            return calls[-1][1]
+        return await pair_accuracy(held_out, judge, tokenizer, recording)
+
+    monkeypatch.setattr(rl.driver.sft, "pair_accuracy", recorded)
+    config = tiny_config(tiny_model_dir, tmp_path / "run", steps=6, eval_every=6, eval_prompts=4,
+                         data=DataConfig(train=str(tmp_path / "pairs.jsonl"), pairs_as_judge=True, train_on="last"),
+                         judge=JudgeConfig(question=question),
+                         algo={"loop": "sft", "loss_fn": "cross_entropy", "prompts_per_step": 8})
+    check(config)
+    history = rl.driver.sft.train(config, Digits())
+    losses = [record["loss"] for record in history if "loss" in record]
+    assert losses[-1] < losses[0] / 2, losses
+    assert len(calls) == 2 and "eval/accuracy" not in history[-1], "the pairs' accuracy, not the task's"
+    # The final evaluation's logprobs are PEFT's for the run's last checkpoint; its accuracy is the share of the four
+    # held-out pairs (drawn from the file's as rl.datasets does) whose chosen reply gets the higher P("Yes").
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      adapter_folder(tmp_path / "run"))
+    sequences, logprobs = calls[-1]
+    held_out = [PreferencePair(user(p["prompt"]), assistant(p["chosen"]), assistant(p["rejected"]))
+                for p in held_out_split(pairs, 4)[1]]
+    yes = tokenizer.encode("Yes", add_special_tokens=False)
+    assert sequences == [chat_tokens(tokenizer, conversation[:-1]) + yes for pair in held_out
+                         for conversation in pair_conversations(pair, JudgeConfig(question=question))]
+    probabilities = []
+    for sequence, judged in zip(sequences, logprobs, strict=True):
+        with torch.no_grad():
+            expected = model(torch.tensor([sequence])).logits[0, :-1].log_softmax(-1).gather(
+                -1, torch.tensor(sequence[1:])[:, None])[:, 0]
+        assert judged == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
+        probabilities.append(math.exp(expected[-len(yes):].sum().item()))
+    assert history[-1]["eval/pair_accuracy"] == sum(
+        chosen > rejected for chosen, rejected in zip(probabilities[::2], probabilities[1::2], strict=True)) / 4
+
+
 def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path, judge=JudgeConfig(adapter=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match=r"judge\.adapter=.*nowhere.: \"base\", a PEFT adapter .* no such folder"):
@@ -228,3 +317,16 @@ def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_pat
         check(replace(base, judge=JudgeConfig(adapter="base", verdict=" ")))
     with pytest.raises(ValueError, match=r"judge.adapter='base': unset: the sft loop does not sample"):
         check(replace(base, algo=replace(base.algo, loop="sft", loss_fn="cross_entropy")))
+    # A pairwise judge's SFT from preference pairs.
+    pairs = replace(config, data=DataConfig(pairs_as_judge=True), judge=JudgeConfig(question="Better than {other}?"))
+    with pytest.raises(ValueError, match=r"data.pairs_as_judge=True: false: it makes SFT.s examples, and this is the"):
+        check(pairs)
+    sft = replace(pairs, algo=replace(config.algo, loop="sft", loss_fn="cross_entropy"))
+    check(sft)
+    with pytest.raises(ValueError, match=r"judge.question='Is your answer correct\? Reply Yes or No.': a question "
+                                         r"quoting \{other\}, the other reply of each pair"):
+        check(replace(sft, judge=JudgeConfig()))
+    with pytest.raises(ValueError, match=r"judge.question=.*: a question without \{answer\}: preference pairs"):
+        check(replace(sft, judge=JudgeConfig(question="{answer} or {other}?")))
+    with pytest.raises(ValueError, match=r"judge.negative='Yes': a word other than judge.verdict, such as No"):
+        check(replace(sft, judge=JudgeConfig(question="Better than {other}?", negative="Yes")))

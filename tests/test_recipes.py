@@ -116,7 +116,7 @@ def test_rl_train_names_what_is_wrong(tmp_path):
 
 
 def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
-    for recipe in ("rl_jsonl", "dpo_jsonl"):
+    for recipe in ("rl_jsonl", "dpo_jsonl", "preference_model_jsonl"):
         unset = rl_train(f"recipe={recipe}", cwd=tmp_path)
         assert unset.returncode != 0 and f"data.train=None: a file of your examples: recipe {recipe}" in \
             unset.stderr, unset.stderr[-2000:]

@@ -322,6 +322,10 @@ class Run:
         the teacher, its starting adapter, or the base model (the run's adapter off)."""
         return await self._frozen_logprobs(self.reference, sequences)
 
+    async def own_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The same under the run's own adapter as it is now."""
+        return await self._frozen_logprobs((self.learner, self.model_id), sequences)
+
     async def judge_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """The same under the judge (rl/judge.py): its adapter, or the base model."""
         return await self._frozen_logprobs(self.judge, sequences)

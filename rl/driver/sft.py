@@ -3,7 +3,9 @@
 Conversations (a task's worked solutions, or your own from `data.train`: rl/datasets.py) are rendered with the
 tokenizer's chat template; only the assistant's tokens are trained (`sft_datum`: every assistant message's, or the
 last one's), and the weights are scaled so the loss is the mean negative log-likelihood per trained token of the
-batch. Every `eval_every` steps: that loss on held-out conversations, and a task's greedy accuracy.
+batch. Every `eval_every` steps: that loss on held-out conversations, and a task's greedy accuracy. With
+data.pairs_as_judge the conversations are a pairwise judge's, two from each preference pair (rl/judge.py), and the
+held-out pairs' accuracy replaces the task's.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import asyncio
 
 from rl.chat import conversation_datum
 from rl.config import TrainConfig
-from rl.datasets import read_conversations
+from rl.datasets import read_conversations, read_preference_pairs
 from rl.driver.run import Run, Shared, adam_params, batch_indices, check_context, steps, supervised_examples
-from rl.tasks import Task, sft_conversations
+from rl.judge import pair_accuracy, pair_conversations
+from rl.tasks import Task, preference_pairs, sft_conversations
 from rl.types import Datum, ForwardBackwardInput
 
 
@@ -39,8 +42,15 @@ def mean_loss_batch(data: list[Datum]) -> ForwardBackwardInput:
 async def train_async(config: TrainConfig, task: Task, shared: Shared | None = None) -> list[dict]:
     algo = config.algo
     # The data first: a file or a task that cannot give conversations fails before any actor starts.
-    conversations, eval_conversations, held_out = supervised_examples(config, task, from_task=sft_conversations,
-                                                                      read=read_conversations)
+    judge_pairs = config.data.pairs_as_judge
+    conversations, eval_conversations, held_out = supervised_examples(
+        config, task, from_task=preference_pairs if judge_pairs else sft_conversations,
+        read=read_preference_pairs if judge_pairs else read_conversations)
+    held_out_pairs = eval_conversations if judge_pairs else []
+    if judge_pairs:  # two conversations a pair, and the pairs' accuracy instead of the task's
+        conversations, eval_conversations, held_out = (
+            [c for pair in conversations for c in pair_conversations(pair, config.judge)],
+            [c for pair in held_out_pairs for c in pair_conversations(pair, config.judge)], [])
     check_context(config, conversations + eval_conversations, lambda tokenizer, conversation: [
         sft_datum(config, tokenizer, conversation)])
     with Run(config, shared) as run:
@@ -49,6 +59,9 @@ async def train_async(config: TrainConfig, task: Task, shared: Shared | None = N
 
         async def evaluate(step: int) -> dict:
             metrics, accuracy = await run.held_out(held_out_batch, task.name, held_out, step)
+            if held_out_pairs:
+                accuracy["eval/pair_accuracy"] = await pair_accuracy(held_out_pairs, config.judge, run.tokenizer,
+                                                                     run.own_logprobs)
             return {"eval/loss": metrics["loss:sum"], **accuracy}
 
         for step in steps(run):
