@@ -68,8 +68,9 @@ def verdict_probability(logprobs: list[float], verdict_length: int) -> float:
     return math.exp(sum(logprobs[-verdict_length:]))
 
 
-Logprobs = Callable[[list[list[int]]], Awaitable[list[list[float]]]]
-"""The judge's logprobs of each sequence's tokens after the first (`rl.driver.run.Run.judge_logprobs`)."""
+Logprobs = Callable[[list[list[int]], int], Awaitable[list[list[float]]]]
+"""(sequences, last) -> the judge's logprobs of each sequence's last `last` tokens (`rl.driver.run.Run.judge_logprobs`):
+the verdict's, the only ones read."""
 
 
 async def verdict_probabilities(groups: list[list], judge: JudgeConfig, tokenizer, logprobs: Logprobs,
@@ -93,7 +94,8 @@ async def verdict_probabilities(groups: list[list], judge: JudgeConfig, tokenize
     # Each distinct sequence once: a group's replies often agree word for word (more so as training converges).
     distinct = list(dict.fromkeys(asked for asked_E in asked_G for sequences in asked_E for asked in sequences))
     probability = {sequence: verdict_probability(judged, len(verdict))
-                   for sequence, judged in zip(distinct, await logprobs([list(s) for s in distinct]), strict=True)}
+                   for sequence, judged in zip(distinct, await logprobs([list(s) for s in distinct], len(verdict)),
+                                                 strict=True)}
     return [[sum(probability[s] for s in sequences) / len(sequences) for sequences in asked_E] for asked_E in asked_G]
 
 
@@ -128,6 +130,7 @@ async def pair_accuracy(pairs: list[PreferencePair], judge: JudgeConfig, tokeniz
     verdict = verdict_tokens(tokenizer, judge.verdict)
     sequences = [chat_tokens(tokenizer, conversation[:-1]) + verdict
                  for pair in pairs for conversation in pair_conversations(pair, judge)]
-    probabilities = [verdict_probability(judged, len(verdict)) for judged in await logprobs(sequences)]
+    probabilities = [verdict_probability(judged, len(verdict)) for judged in await logprobs(sequences,
+                                                                                            len(verdict))]
     return sum(chosen > rejected for chosen, rejected in zip(probabilities[::2], probabilities[1::2],
                                                               strict=True)) / len(pairs)

@@ -83,7 +83,7 @@ def test_the_judges_probability_replaces_the_episodes_rewards_and_the_tasks_is_k
                 Episode(turns=[turn(1.0)], stop="max_turns")]
     scored = []
 
-    async def logprobs(sequences):
+    async def logprobs(sequences, last):
         scored.extend(sequences)
         # per target: the verdict's two tokens are the last two
         return [[-5.0] * (len(sequence) - 3) + [-0.5, -0.25] for sequence in sequences]
@@ -129,7 +129,7 @@ def test_a_pairwise_judge_compares_each_reply_with_each_other_of_its_group(monke
     # P(Y) by the reply judged and the rival quoted: an independent table of the pairs' probabilities
     table = {("a", "b"): 0.9, ("b", "a"): 0.2, ("a", "a"): 0.5, ("c", "d"): 0.6, ("d", "c"): 0.3}
 
-    async def logprobs(sequences):
+    async def logprobs(sequences, last):
         asked.extend(sequences)
         return [[0.0] * (len(sequence) - 2) + [math.log(table[chr(sequence[1]), chr(sequence[-2])])]
                 for sequence in sequences]
@@ -152,7 +152,7 @@ def test_a_preference_pair_is_a_pairwise_judges_two_conversations_and_held_out_i
     scored = []
 
     def judged(probabilities):  # P(Y) of each sequence in turn
-        async def logprobs(sequences):
+        async def logprobs(sequences, last):
             scored.extend(sequences)
             return [[-1.0] * (len(sequence) - 2) + [math.log(p)] for sequence, p in zip(sequences, probabilities,
                                                                                          strict=True)]
@@ -263,8 +263,8 @@ def test_sft_trains_a_pairwise_judge_on_preference_pairs_and_holds_out_its_pair_
     calls = []
 
     async def recorded(held_out, judge, tokenizer, logprobs):
-        async def recording(sequences):
-            calls.append((sequences, await logprobs(sequences)))
+        async def recording(sequences, last):
+            calls.append((sequences, await logprobs(sequences, last)))
             return calls[-1][1]
         return await pair_accuracy(held_out, judge, tokenizer, recording)
 
@@ -294,7 +294,7 @@ def test_sft_trains_a_pairwise_judge_on_preference_pairs_and_holds_out_its_pair_
         with torch.no_grad():
             expected = model(torch.tensor([sequence])).logits[0, :-1].log_softmax(-1).gather(
                 -1, torch.tensor(sequence[1:])[:, None])[:, 0]
-        assert judged == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
+        assert judged == pytest.approx(expected[-len(yes):].tolist(), rel=1e-3, abs=1e-4), "the verdict's alone"
         probabilities.append(math.exp(expected[-len(yes):].sum().item()))
     assert history[-1]["eval/pair_accuracy"] == sum(
         chosen > rejected for chosen, rejected in zip(probabilities[::2], probabilities[1::2], strict=True)) / 4

@@ -706,6 +706,14 @@ def test_logprobs_of_given_tokens_with_the_adapter_or_without(learner, tiny_mode
         assert logprobs == pytest.approx(output["logprobs"].data, abs=1e-6)
         assert max(abs(a - b) for a, b in zip(logprobs, tuned, strict=True)) > 1e-3, "the adapter was on before"
     assert learner.logprobs(model_id, sequences) == with_adapter, "the adapter is on again"
+    # A judge's verdict: the last tokens' alone (the output layer on the rows they read: a shared prefix once).
+    shared = [[5, 17, 33, 17, 33, 9], [5, 17, 33, 18], [8, 40, 41]]
+    everything = learner.logprobs(model_id, shared)
+    for last in (1, 2, 5):
+        tails = learner.logprobs(model_id, shared, last=last)
+        assert [len(tail) for tail in tails] == [min(last, len(logprobs)) for logprobs in everything]
+        for tail, logprobs in zip(tails, everything, strict=True):
+            assert tail == pytest.approx(logprobs[-last:], rel=1e-5, abs=1e-5)  # fewer rows: other rounding
     with pytest.raises(ValueError, match=r"data\[1\].model_input holds token id 4096"):
         learner.logprobs(model_id, [[1, 2], [4096, 3]])
 

@@ -320,24 +320,24 @@ class Run:
     async def reference_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Each sequence's logprobs of its tokens after the first under the run's reference (`reference_adapter`):
         the teacher, its starting adapter, or the base model (the run's adapter off)."""
-        return await self._frozen_logprobs(self.reference, sequences)
+        return await self._logprobs_under(self.reference, sequences)
 
-    async def own_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """The same under the run's own adapter as it is now."""
-        return await self._frozen_logprobs((self.learner, self.model_id), sequences)
+    async def own_logprobs(self, sequences: list[list[int]], last: int | None = None) -> list[list[float]]:
+        """The same under the run's own adapter as it is now; `last`: of each sequence's last `last` tokens only."""
+        return await self._logprobs_under((self.learner, self.model_id), sequences, last)
 
-    async def judge_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+    async def judge_logprobs(self, sequences: list[list[int]], last: int | None = None) -> list[list[float]]:
         """The same under the judge (rl/judge.py): its adapter, or the base model."""
-        return await self._frozen_logprobs(self.judge, sequences)
+        return await self._logprobs_under(self.judge, sequences, last)
 
-    async def _frozen_logprobs(self, frozen: tuple[ray.actor.ActorHandle, str | None] | None,
-                               sequences: list[list[int]]) -> list[list[float]]:
-        """Logprobs under a (learner, run) held frozen (no run: that learner's model alone), or None: the base model
-        of this run's learner, its adapter off."""
-        if frozen is not None:
-            learner, model_id = frozen
-            return await learner.logprobs.remote(model_id, sequences)
-        return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False)
+    async def _logprobs_under(self, model: tuple[ray.actor.ActorHandle, str | None] | None,
+                              sequences: list[list[int]], last: int | None = None) -> list[list[float]]:
+        """Logprobs under a (learner, run) (no run: that learner's model alone), or None: the base model of this
+        run's learner, its adapter off."""
+        if model is not None:
+            learner, model_id = model
+            return await learner.logprobs.remote(model_id, sequences, last=last)
+        return await self.learner.logprobs.remote(self.model_id, sequences, adapter=False, last=last)
 
     async def with_reference(self, batch: ForwardBackwardInput, keys: list[int] | None = None,
                              known: dict[int, array] | None = None, record: dict | None = None

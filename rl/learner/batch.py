@@ -351,10 +351,11 @@ def _runs(ascending: list[int]) -> list[tuple[int, int]]:
 
 def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, rows: list[PackedRow], *,
                     pad_id: int, chunk_tokens: int, device: torch.device,
-                    output_adapters: list[str] | None = None) -> list[Tensor]:
+                    output_adapters: list[str] | None = None, last: int | None = None) -> list[Tensor]:
     """log p(target | prefix) for every target of every datum of `rows`, in `row_datums` order, each shaped like
     its datum's `target_tokens`. `output_adapters`: when rows of several runs share the pass and LoRA adapts the
-    output layer, each row's PEFT adapter, which the output layer applies to that row's tokens."""
+    output layer, each row's PEFT adapter, which the output layer applies to that row's tokens. `last`: only each
+    datum's last `last` targets (a judge's verdict), and the output layer runs only on the row tokens they read."""
     batch = row_datums(rows)
     width = row_width(rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)  # (R, W), right-padded
@@ -384,6 +385,14 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
     # The output layer sees tokens, not rows: each token gets its row's adapter.
     token_adapters = None if output_adapters is None else [
         output_adapters[index] for index, row in enumerate(rows) for _ in row.tokens]
+    shapes = [datum.inputs["target_tokens"].shape for datum in batch]
+    if last is not None:  # the output layer only where a kept target reads
+        kept = torch.cat([torch.arange(len(datum.tokens)) >= len(datum.tokens) - last for datum in batch])
+        source, targets = source[kept], targets[kept]
+        read = torch.unique(source)  # ascending
+        hidden, source = hidden[read.to(device)], torch.searchsorted(read, source)
+        token_adapters = None if token_adapters is None else [token_adapters[index] for index in read.tolist()]
+        shapes = [(min(shape[0], last), *shape[1:]) for shape in shapes]
     order = torch.argsort(source, stable=True)  # datum tokens by row token, so each chunk reads a contiguous run
     source_sorted = source[order]
     chunks = []
@@ -399,9 +408,8 @@ def target_logprobs(decoder: torch.nn.Module, output_layer: torch.nn.Module, row
         else:
             chunks.append(_logprobs_of_targets(output_layer, *piece))
     flat = torch.cat(chunks)[torch.argsort(order).to(device)]  # (N, K), datum after datum
-    lengths = [len(datum.tokens) for datum in batch]
-    return [part.reshape(datum.inputs["target_tokens"].shape)
-            for part, datum in zip(flat.split(lengths), batch, strict=True)]
+    return [part.reshape(shape) for part, shape in zip(flat.split([shape[0] for shape in shapes]), shapes,
+                                                         strict=True)]
 
 
 def _logprobs_of_targets(output_layer: torch.nn.Module, hidden: Tensor, reads: Tensor, targets: Tensor,

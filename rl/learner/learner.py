@@ -362,14 +362,16 @@ class Learner:
             self._lora_layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)]
         return self._lora_layers
 
-    def _target_logprobs(self, rows: list[PackedRow], row_adapters: list[str] | None = None) -> list[torch.Tensor]:
+    def _target_logprobs(self, rows: list[PackedRow], row_adapters: list[str] | None = None, *,
+                         last: int | None = None) -> list[torch.Tensor]:
         model = self._hf  # PEFT puts its LoRA layers into this model itself (get_base_model() is it)
         dtype = _DTYPES[self.dtype]
         output_layer = model.get_output_embeddings()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return target_logprobs(model.get_decoder(), output_layer, rows, pad_id=self._pad_id,
                                    chunk_tokens=self.logits_chunk_tokens, device=self.device,
-                                   output_adapters=row_adapters if isinstance(output_layer, LoraLayer) else None)
+                                   output_adapters=row_adapters if isinstance(output_layer, LoraLayer) else None,
+                                   last=last)
 
     @contextmanager
     def _only(self, layers: list[LoraLayer], adapter: str):
@@ -457,10 +459,12 @@ class Learner:
                     lacking, group_size if len(lacking) == len(prepared) else 1):
                 datum.inputs[name] = logprobs
 
-    def logprobs(self, model_id: str | None, sequences: list[list[int]], *, adapter: bool = True) -> list[list[float]]:
+    def logprobs(self, model_id: str | None, sequences: list[list[int]], *, adapter: bool = True,
+                 last: int | None = None) -> list[list[float]]:
         """Each sequence's logprobs of its tokens after the first (token t given those before it), under the
         run's adapter, or with no adapter (the base model) when `adapter` is False or there is no run (`model_id`
-        None: a teacher model held for its own logprobs). No gradients."""
+        None: a teacher model held for its own logprobs); `last`: of its last `last` tokens only (a judge's
+        verdict: the output layer runs on those positions alone). No gradients."""
         data = [Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences]
         prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size, self.context)
         if model_id is not None:
@@ -468,15 +472,17 @@ class Learner:
         base = (model_id is None or not adapter) and self._peft is not None
         found: dict[int, list[float]] = {}
         with self._peft.disable_adapter() if base else nullcontext():
-            for datum, logprobs in self._logprobs_without_gradients(prepared, 1):
+            for datum, logprobs in self._logprobs_without_gradients(prepared, 1, last=last):
                 found[datum.index] = logprobs.tolist()
         return [found[index] for index in range(len(sequences))]
 
-    def _logprobs_without_gradients(self, prepared: list[PreparedDatum], group_size: int):
-        """(datum, its target logprobs as float32 on the CPU) for each datum, in micro-batches of whole groups."""
+    def _logprobs_without_gradients(self, prepared: list[PreparedDatum], group_size: int, *,
+                                    last: int | None = None):
+        """(datum, its target logprobs, or its last `last`, as float32 on the CPU) for each datum, in micro-batches
+        of whole groups."""
         with torch.no_grad():
             for rows in micro_batches([(prepared, group_size)], self.micro_batch_tokens):
-                for datum, logprobs in zip(row_datums(rows), self._target_logprobs(rows), strict=True):
+                for datum, logprobs in zip(row_datums(rows), self._target_logprobs(rows, last=last), strict=True):
                     yield datum, logprobs.float().cpu()
 
     @staticmethod
