@@ -19,7 +19,7 @@ from test_rl_loop import samples, tiny_config
 from transformers import AutoTokenizer
 
 from rl.answers import answers_match, boxed_answer, gsm8k_answer, latex_normalized, math_equal, reward_function
-from rl.config import AlgoConfig, DataConfig, EnvConfig, ModelConfig, TaskConfig, TrainConfig, check
+from rl.config import AlgoConfig, DataConfig, EnvConfig, JudgeConfig, ModelConfig, TaskConfig, TrainConfig, check
 from rl.datasets import (
     PreferencePair,
     data_files,
@@ -112,6 +112,18 @@ def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_
                                                   for p in boxed.train + boxed.held_out)
     sft_loop = replace(config, algo=AlgoConfig(loop="sft", loss_fn="cross_entropy"))
     assert isinstance(source_of(sft_loop), Addition), "the SFT and DPO loops read data.train themselves"
+    # Rewards from a judge that does not quote the answer need none: prompts alone (a DPO file's, say) will do.
+    prompts = replace(config, eval_every=0, data=DataConfig(train=write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"{a} + {b}?", "chosen": "yes", "rejected": "no"} for a, b in sums(10)])))
+    with pytest.raises(ValueError, match=r"no 'answer' \(it has \['chosen', 'prompt', 'rejected'\]\)"):
+        source_of(prompts)
+    judged = source_of(replace(prompts, judge=JudgeConfig(adapter="base", question="Better than {other}?")))
+    assert [problem.answer for problem in judged.train] == [None] * 10
+    with pytest.raises(ValueError, match=r"no 'answer'"):
+        source_of(replace(prompts, judge=JudgeConfig(adapter="base", question="Is it {answer}?")))
+    with pytest.raises(ValueError, match=r"data.train: 4 of the held-out problems have no \"answer\", which "
+                                         r"held-out accuracy needs"):
+        source_of(replace(prompts, eval_every=5, judge=JudgeConfig(adapter="base")))
     # A prompt that leaves no room for an answer is refused before anything starts, not when it is drawn.
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1 + 1?", "answer": 2}] * 5 + [
         {"prompt": "What is " + " + ".join(["1"] * 12) + "?", "answer": 12}])
