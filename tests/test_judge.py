@@ -309,7 +309,8 @@ def test_a_judge_is_refused_where_it_would_judge_nothing(tiny_model_dir, tmp_pat
         check(replace(config, judge=JudgeConfig(required=True)))
     with pytest.raises(ValueError, match=r"\(recipe arithmetic_preference trains one: rl-train "
                                          r"recipe=arithmetic_preference hydra.run.dir=outputs/judge"):
-        check(replace(config, judge=JudgeConfig(required=True, question=JUDGE_QUESTION_PAIRWISE_WITH_ANSWER)))
+        check(replace(config, recipe="arithmetic_preference_rl",
+                      judge=JudgeConfig(required=True, question=JUDGE_QUESTION_PAIRWISE_WITH_ANSWER)))
     base = replace(config, judge=JudgeConfig(adapter="base"))
     with pytest.raises(ValueError, match=r"algo.reward_coef=0.0: more than 0 with judge.adapter: it weighs"):
         check(replace(base, algo=replace(base.algo, reward_coef=0.0, kl_coef=1.0, teacher=str(tmp_path))))

@@ -116,10 +116,12 @@ def test_rl_train_names_what_is_wrong(tmp_path):
 
 
 def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
-    for recipe in ("rl_jsonl", "dpo_jsonl", "preference_model_jsonl"):
+    for recipe in ("rl_jsonl", "dpo_jsonl", "preference_model_jsonl", "rlhf_jsonl"):
         unset = rl_train(f"recipe={recipe}", cwd=tmp_path)
         assert unset.returncode != 0 and f"data.train=None: a file of your examples: recipe {recipe}" in \
             unset.stderr, unset.stderr[-2000:]
+    assert "recipe rlhf_jsonl rewards with a judge's verdicts (recipe preference_model_jsonl trains one: rl-train " \
+        "recipe=preference_model_jsonl data.train=FILE" in unset.stderr, unset.stderr[-2000:]
     # A Parquet file, its conversations in a column of another name (as the HF hub's data sets have them).
     conversations = [[{"role": "user", "content": f"{a} + 1?"}, {"role": "assistant", "content": str(a + 1)}]
                      for a in range(10)]
@@ -136,6 +138,24 @@ def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
     assert [r["step"] for r in lines] == [0, 1, 2] and all("eval/loss" in lines[i] for i in (0, 2))
     assert not any("eval/accuracy" in r or "memory/sampler0_gib" in r for r in lines), "no verifier, no sampler"
     assert (run / "curves.png").is_file()
+
+
+def test_rlhf_from_your_preference_pairs_a_preference_model_then_rl_from_it(tmp_path):
+    pairs = [{"prompt": f"What is {a} + {b}?", "chosen": f"Answer: {a + b}", "rejected": f"Answer: {a + b + 1}"}
+             for a in range(4) for b in range(3)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    model = rl_train("recipe=preference_model_jsonl", "data.train=pairs.jsonl", "steps=2", "eval_every=2",
+                     "hydra.run.dir=pm", *SMALL, cwd=tmp_path)
+    assert model.returncode == 0, model.stderr[-3000:]
+    lines = records(tmp_path / "pm")
+    assert [r["step"] for r in lines] == [0, 1, 2] and all(0 <= lines[i]["eval/pair_accuracy"] <= 1 for i in (0, 2))
+    assert "data: 10 examples to train on from pairs.jsonl, 2 held out of its own" in model.stdout
+    rl = rl_train("recipe=rlhf_jsonl", "data.train=pairs.jsonl", "judge.adapter=pm", "steps=1", "hydra.run.dir=rl",
+                  *SMALL, cwd=tmp_path)
+    assert rl.returncode == 0, rl.stderr[-3000:]
+    [first] = records(tmp_path / "rl")
+    assert 0 < first["reward/mean"] < 1 and first["env/task_reward"] == 0.0 and first["time/judge_s"] > 0, first
+    assert "eval/accuracy" not in first and "data: 12 examples to train on" in rl.stdout, "prompts alone: no answers"
 
 
 @pytest.mark.parametrize("recipe", ["custom_task", "custom_env"])
