@@ -541,11 +541,12 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         found.append(("judge.adapter", judge, '"base", a PEFT adapter folder or a run folder, but there is no such '
                       "folder"))
     if judge is None and config.judge.required:
-        trains = {"arithmetic_judge_rl": "arithmetic_judge", "arithmetic_preference_rl": "arithmetic_preference",
-                  "rlhf_jsonl": "preference_model_jsonl data.train=FILE"}.get(config.recipe, "arithmetic_judge")
+        trains = {"rlhf_jsonl": "preference_model_jsonl"}.get(
+            config.recipe, "arithmetic_preference" if config.judge.pairwise else "arithmetic_judge")
+        data = " data.train=FILE" if trains.endswith("_jsonl") else ""
         found.append(("judge.adapter", None, f"the judge's adapter folder or run folder, or base: recipe "
-                      f"{config.recipe} rewards with a judge's verdicts (recipe {trains.split()[0]} trains one: "
-                      f"rl-train recipe={trains} hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
+                      f"{config.recipe} rewards with a judge's verdicts (recipe {trains} trains one: rl-train "
+                      f"recipe={trains}{data} hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
     if judge is not None and algo.loop != "rl":
         found.append(("judge.adapter", judge, f"unset: the {algo.loop} loop does not sample, so there is nothing to "
                       "judge"))
