@@ -150,6 +150,7 @@ def test_rlhf_from_your_preference_pairs_a_preference_model_then_rl_from_it(tmp_
     lines = records(tmp_path / "pm")
     assert [r["step"] for r in lines] == [0, 1, 2] and all(0 <= lines[i]["eval/pair_accuracy"] <= 1 for i in (0, 2))
     assert "data: 10 examples to train on from pairs.jsonl, 2 held out of its own" in model.stdout
+    assert "| eval pair acc " in model.stdout and "eval/pair_accuracy " in model.stdout, "step lines and the end"
     rl = rl_train("recipe=rlhf_jsonl", "data.train=pairs.jsonl", "judge.adapter=pm", "steps=1", "hydra.run.dir=rl",
                   *SMALL, cwd=tmp_path)
     assert rl.returncode == 0, rl.stderr[-3000:]
