@@ -116,7 +116,7 @@ def test_rl_train_names_what_is_wrong(tmp_path):
 
 
 def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
-    for recipe in ("rl_jsonl", "dpo_jsonl", "preference_model_jsonl", "rlhf_jsonl"):
+    for recipe in ("rl_jsonl", "dpo_jsonl", "rlhf_jsonl"):
         unset = rl_train(f"recipe={recipe}", cwd=tmp_path)
         assert unset.returncode != 0 and f"data.train=None: a file of your examples: recipe {recipe}" in \
             unset.stderr, unset.stderr[-2000:]
@@ -144,11 +144,11 @@ def test_rlhf_from_your_preference_pairs_a_preference_model_then_rl_from_it(tmp_
     pairs = [{"prompt": f"What is {a} + {b}?", "chosen": f"Answer: {a + b}", "rejected": f"Answer: {a + b + 1}"}
              for a in range(4) for b in range(3)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    model = rl_train("recipe=preference_model_jsonl", "data.train=pairs.jsonl", "steps=2", "eval_every=2",
+    model = rl_train("recipe=preference_model_jsonl", "data.train=pairs.jsonl", "steps=1", "eval_every=1",
                      "hydra.run.dir=pm", *SMALL, cwd=tmp_path)
     assert model.returncode == 0, model.stderr[-3000:]
     lines = records(tmp_path / "pm")
-    assert [r["step"] for r in lines] == [0, 1, 2] and all(0 <= lines[i]["eval/pair_accuracy"] <= 1 for i in (0, 2))
+    assert [r["step"] for r in lines] == [0, 1] and all(0 <= line["eval/pair_accuracy"] <= 1 for line in lines)
     assert "data: 10 examples to train on from pairs.jsonl, 2 held out of its own" in model.stdout
     assert "| eval pair acc " in model.stdout and "eval/pair_accuracy " in model.stdout, "step lines and the end"
     rl = rl_train("recipe=rlhf_jsonl", "data.train=pairs.jsonl", "judge.adapter=pm", "steps=1", "hydra.run.dir=rl",

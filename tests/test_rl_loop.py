@@ -643,8 +643,8 @@ def test_a_run_ends_by_saying_where_its_files_are_and_its_final_metrics(tmp_path
     [accuracy_panel, *_] = curve_panels(history)
     assert accuracy_panel == ("reward / accuracy", "step", ("reward/mean", "env/task_reward", "eval/accuracy",
                                                             "eval/judge_reward", "dpo_accuracy:mean",
-                                                            "eval/dpo_accuracy:mean", "eval/gsm8k/accuracy",
-                                                            "eval/math/accuracy"))
+                                                            "eval/dpo_accuracy:mean", "eval/pair_accuracy",
+                                                            "eval/gsm8k/accuracy", "eval/math/accuracy"))
 
 
 def test_the_publish_modes_train_the_same(two_steps):
