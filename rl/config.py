@@ -212,6 +212,11 @@ class JudgeConfig:
         """Whether the judge compares each reply with the others of its group (its question quotes {other})."""
         return "{other}" in self.question
 
+    @property
+    def quotes_answer(self) -> bool:
+        """Whether the judge's question quotes the reference answer ({answer}): its problems need one."""
+        return "{answer}" in self.question
+
 
 @dataclass
 class EnvConfig:
@@ -541,12 +546,12 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
         found.append(("judge.adapter", judge, '"base", a PEFT adapter folder or a run folder, but there is no such '
                       "folder"))
     if judge is None and config.judge.required:
-        trains = {"rlhf_jsonl": "preference_model_jsonl"}.get(
-            config.recipe, "arithmetic_preference" if config.judge.pairwise else "arithmetic_judge")
-        data = " data.train=FILE" if trains.endswith("_jsonl") else ""
+        # The recipe that trains such a judge: a pairwise one from your pairs where the run reads your file.
+        trains = ("arithmetic_judge" if not config.judge.pairwise else
+                  "preference_model_jsonl data.train=FILE" if config.data.required else "arithmetic_preference")
         found.append(("judge.adapter", None, f"the judge's adapter folder or run folder, or base: recipe "
-                      f"{config.recipe} rewards with a judge's verdicts (recipe {trains} trains one: rl-train "
-                      f"recipe={trains}{data} hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
+                      f"{config.recipe} rewards with a judge's verdicts (recipe {trains.split()[0]} trains one: "
+                      f"rl-train recipe={trains} hydra.run.dir=outputs/judge, then judge.adapter=outputs/judge)"))
     if judge is not None and algo.loop != "rl":
         found.append(("judge.adapter", judge, f"unset: the {algo.loop} loop does not sample, so there is nothing to "
                       "judge"))
@@ -558,7 +563,7 @@ def _problems(config: TrainConfig) -> list[tuple[str, object, str]]:
     elif config.data.pairs_as_judge and not config.judge.pairwise:
         found.append(("judge.question", config.judge.question, "a question quoting {other}, the other reply of each "
                       "pair, with data.pairs_as_judge (rl.config.JUDGE_QUESTION_PAIRWISE)"))
-    elif config.data.pairs_as_judge and "{answer}" in config.judge.question:
+    elif config.data.pairs_as_judge and config.judge.quotes_answer:
         found.append(("judge.question", config.judge.question, "a question without {answer}: preference pairs give "
                       "no reference answer"))
     if config.data.train_on != "all" and algo.loop != "sft":

@@ -44,15 +44,15 @@ def verdict_tokens(tokenizer, verdict: str) -> list[int]:
     return tokens
 
 
-def judge_question(question: str, episode, other: str | None = None) -> str:
-    """`question` with {answer} replaced by the episode's reference answer (`Episode.reference`) and {other} by
-    `other`, a rival reply's text."""
+def judge_question(question: str, reference: str | None, other: str | None = None) -> str:
+    """`question` with {answer} replaced by `reference`, the reference answer (an episode's `Episode.reference`),
+    and {other} by `other`, a rival reply's text: the judge's question in RL and in its training conversations."""
     if "{answer}" in question:
-        if episode.reference is None:
+        if reference is None:
             raise ValueError(f"judge.question={question!r} quotes {{answer}}, the reference answer, but this "
                              "environment's episodes give none (a task's give their problem's answer; an "
                              "environment's Env may give one as `reference`)")
-        question = question.replace("{answer}", episode.reference)
+        question = question.replace("{answer}", reference)
     return question if other is None else question.replace("{other}", other)
 
 
@@ -82,7 +82,7 @@ async def verdict_probabilities(groups: list[list], judge: JudgeConfig, tokenize
     def sequence(episode, other: str | None = None) -> tuple[int, ...]:
         turn = episode.turns[-1]
         return tuple(judge_sequence(tokenizer, turn.prompt, turn.action.tokens,
-                                    judge_question(judge.question, episode, other), verdict))
+                                    judge_question(judge.question, episode.reference, other), verdict))
 
     if judge.pairwise:
         texts_G = [[completion_text(tokenizer, episode.turns[-1].action.tokens) for episode in group]
@@ -117,7 +117,7 @@ def pair_conversations(pair: PreferencePair, judge: JudgeConfig) -> list[Message
     quoting the rejected reply's last message as {other}, and judge.verdict; then the same with the replies swapped
     and judge.negative."""
     def asked(reply: Messages, other: Messages, verdict: str) -> Messages:
-        return [*pair.prompt, *reply, *user(judge.question.replace("{other}", other[-1]["content"])),
+        return [*pair.prompt, *reply, *user(judge_question(judge.question, None, other[-1]["content"])),
                 *assistant(verdict)]
 
     return [asked(pair.chosen, pair.rejected, judge.verdict), asked(pair.rejected, pair.chosen, judge.negative)]

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from rl.answers import ANSWER_FORMATS, CustomScore, custom_score, final_answer, strict_answer
 from rl.config import JUDGE_QUESTION_PAIRWISE_WITH_ANSWER, JUDGE_QUESTION_WITH_ANSWER
 from rl.datasets import Messages, PreferencePair, assistant, read_problems, train_and_held_out, user
+from rl.judge import judge_question
 from rl.reward_workers import TIMED_OUT, RewardWorkers
 
 INSTRUCTION = "Put the final answer after 'Answer:'."
@@ -157,7 +158,7 @@ class AdditionJudge:
     def judged(self, rng: random.Random, asked: Problem, a: int, b: int) -> tuple[Messages, str]:
         """A reply to `asked`, the judge's question after it, and the verdict."""
         reply, right = addition_reply(rng, a, b)
-        question = JUDGE_QUESTION_WITH_ANSWER.replace("{answer}", asked.answer)
+        question = judge_question(JUDGE_QUESTION_WITH_ANSWER, asked.answer)
         return [*asked.messages, *assistant(reply), *user(question)], "Yes" if right else "No"
 
     def reward(self, problem: Problem, completion: str) -> float:
@@ -186,8 +187,8 @@ class AdditionPreference(AdditionJudge):
             (reply, right), (other, other_right) = addition_reply(rng, a, b), addition_reply(rng, a, b)
             if (right and not other_right) == better and (other_right and not right) == worse:
                 break
-        question = JUDGE_QUESTION_PAIRWISE_WITH_ANSWER.replace("{answer}", asked.answer).replace("{other}", other)
-        return [*asked.messages, *assistant(reply), *user(question)], "Yes" if right and not other_right else "No"
+        question = judge_question(JUDGE_QUESTION_PAIRWISE_WITH_ANSWER, asked.answer, other)
+        return [*asked.messages, *assistant(reply), *user(question)], "Yes" if better else "No"
 
 
 @dataclass(frozen=True)

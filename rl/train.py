@@ -99,7 +99,7 @@ def source_of(config: TrainConfig) -> Task | Environment:
         data = config.data
         # Distillation alone trains on no reward, and a judge that does not quote the answer gives the rewards, so
         # their problems need no answers; held-out accuracy still does.
-        judged = config.judge.adapter is not None and "{answer}" not in config.judge.question
+        judged = config.judge.adapter is not None and not config.judge.quotes_answer
         answers = not ((config.algo.distills and config.algo.reward_coef == 0) or judged)
         task = file_task(data.train, data.eval, config.held_out_examples, format_reward=config.task.format_reward,
                          answer_format=data.answer_format, instruction=data.instruction, fields=data.fields,

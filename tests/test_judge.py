@@ -70,6 +70,9 @@ class Tokenizer:
     def encode(self, text, add_special_tokens):
         return [ord(character) for character in text]
 
+    def apply_chat_template(self, messages, **options):
+        return [token for message in messages for token in self.encode(message["content"], False)]
+
     def decode(self, tokens, skip_special_tokens):
         return "".join(chr(token) for token in tokens if not (skip_special_tokens and token == self.eos_token_id))
 
@@ -101,12 +104,12 @@ def test_the_judges_probability_replaces_the_episodes_rewards_and_the_tasks_is_k
 
 def test_a_judges_question_may_quote_the_episodes_reference_answer():
     episode = Episode(turns=[], stop="done", reference="7")
-    assert judge_question(JUDGE_QUESTION_WITH_ANSWER, episode) == ("The right answer is 7. Is your answer correct? "
-                                                                   "Reply Yes or No.")
-    assert judge_question(JUDGE_QUESTION, replace(episode, reference=None)) == JUDGE_QUESTION
+    assert judge_question(JUDGE_QUESTION_WITH_ANSWER, episode.reference) == (
+        "The right answer is 7. Is your answer correct? Reply Yes or No.")
+    assert judge_question(JUDGE_QUESTION, None) == JUDGE_QUESTION
     with pytest.raises(ValueError, match=r"judge.question='The right answer is \{answer\}.*' quotes \{answer\}, "
                                          "the reference answer, but this environment's episodes give none"):
-        judge_question(JUDGE_QUESTION_WITH_ANSWER, replace(episode, reference=None))
+        judge_question(JUDGE_QUESTION_WITH_ANSWER, None)
     # Task episodes carry their problem's answer; recipe arithmetic_judge_rl asks the question addition_judge trains.
     assert TaskEnv(Addition(), Problem("What is 3 + 4?", "7"), None).reference == "7"
     recipes = Path(__file__).parents[1] / "configs/recipe"
@@ -159,23 +162,11 @@ def test_a_preference_pair_is_a_pairwise_judges_two_conversations_and_held_out_i
         return logprobs
 
     # Pairs in turn: the chosen reply asked about the rejected one, then the reverse; a tie is not a preference.
-    assert asyncio.run(pair_accuracy([pair, pair], judge, ByWord(), judged([0.6, 0.7, 0.2, 0.2]))) == 0.0
-    assert asyncio.run(pair_accuracy([pair, pair], judge, ByWord(), judged([0.7, 0.6, 0.9, 0.2]))) == 1.0
+    assert asyncio.run(pair_accuracy([pair, pair], judge, Tokenizer(), judged([0.6, 0.7, 0.2, 0.2]))) == 0.0
+    assert asyncio.run(pair_accuracy([pair, pair], judge, Tokenizer(), judged([0.7, 0.6, 0.9, 0.2]))) == 1.0
     # What each sequence is: the conversation up to the judge's reply, rendered for it, then the verdict.
-    assert scored[:2] == [ByWord().apply_chat_template(conversation[:-1]) + [ByWord.ids["Y"]]
+    assert scored[:2] == [Tokenizer().apply_chat_template(conversation[:-1]) + Tokenizer().encode("Y", False)
                           for conversation in pair_conversations(pair, judge)]
-
-
-class ByWord:
-    """A tokenizer of one token per word, whose chat template is the messages' words in a row."""
-    ids: dict[str, int] = {}
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [self.ids.setdefault(word, len(self.ids) + 1) for word in text.split()]
-
-    def apply_chat_template(self, messages, **options):
-        return [token for message in messages for token in self.encode(message["content"])]
 
 
 @pytest.fixture(scope="module")
