@@ -22,14 +22,17 @@ and the rejected about the chosen (judge.negative); held out, the share of pairs
 
 The environment's own reward is kept as the metric env/task_reward, and its accuracy still scores evaluation: a
 policy that learns to please the judge without getting answers right shows it there. Each evaluation's answers are
-judged too (eval/judge_reward), by a judge that is not pairwise (an evaluation's one answer a problem has no
-rival): the held-out measure where the environment has no accuracy of its own.
+judged too: by a judge that is not pairwise, eval/judge_reward, the mean P(verdict) of those answers; by a pairwise
+judge, eval/win_rate, how often it prefers each answer to the run's first evaluation's answer to the same problem
+(the policy against where it started, as InstructGPT's win rate against its SFT model): the held-out measure where
+the problems have no answers to check (RLHF on your prompts).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from rl.chat import chat_tokens, completion_text, message_tokens
 from rl.config import JudgeConfig
@@ -68,6 +71,27 @@ def verdict_probability(logprobs: list[float], verdict_length: int) -> float:
     return math.exp(sum(logprobs[-verdict_length:]))
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What the judge reads of an episode: its last turn's prompt and reply (tokens), and its reference answer."""
+
+    prompt: tuple[int, ...]
+    tokens: tuple[int, ...]
+    reference: str | None
+
+    @classmethod
+    def of(cls, episode) -> Reply:
+        turn = episode.turns[-1]
+        return cls(tuple(turn.prompt), tuple(turn.action.tokens), episode.reference)
+
+    def sequence(self, judge: JudgeConfig, tokenizer, verdict: list[int], other: Reply | None = None,
+                 ) -> tuple[int, ...]:
+        """The judged sequence of this reply, with `other`'s text quoted as {other} (a pairwise judge)."""
+        question = judge_question(judge.question, self.reference,
+                                  None if other is None else completion_text(tokenizer, list(other.tokens)))
+        return tuple(judge_sequence(tokenizer, list(self.prompt), list(self.tokens), question, verdict))
+
+
 Logprobs = Callable[[list[list[int]], int], Awaitable[list[list[float]]]]
 """(sequences, last) -> the judge's logprobs of each sequence's last `last` tokens (`rl.driver.run.Run.judge_logprobs`):
 the verdict's, the only ones read."""
@@ -78,25 +102,39 @@ async def verdict_probabilities(groups: list[list], judge: JudgeConfig, tokenize
     """The judge's P(verdict) for each episode's last reply, group by group; with a pairwise question the mean of
     those with each other reply of the group quoted as {other}."""
     verdict = verdict_tokens(tokenizer, judge.verdict)
-
-    def sequence(episode, other: str | None = None) -> tuple[int, ...]:
-        turn = episode.turns[-1]
-        return tuple(judge_sequence(tokenizer, turn.prompt, turn.action.tokens,
-                                    judge_question(judge.question, episode.reference, other), verdict))
-
+    replies_G = [[Reply.of(episode) for episode in group] for group in groups]
     if judge.pairwise:
-        texts_G = [[completion_text(tokenizer, episode.turns[-1].action.tokens) for episode in group]
-                   for group in groups]
-        asked_G = [[[sequence(episode, other) for j, other in enumerate(texts) if j != i]
-                    for i, episode in enumerate(group)] for group, texts in zip(groups, texts_G, strict=True)]
+        asked_G = [[[reply.sequence(judge, tokenizer, verdict, other) for j, other in enumerate(replies) if j != i]
+                    for i, reply in enumerate(replies)] for replies in replies_G]
     else:
-        asked_G = [[[sequence(episode)] for episode in group] for group in groups]
-    # Each distinct sequence once: a group's replies often agree word for word (more so as training converges).
-    distinct = list(dict.fromkeys(asked for asked_E in asked_G for sequences in asked_E for asked in sequences))
-    probability = {sequence: verdict_probability(judged, len(verdict))
-                   for sequence, judged in zip(distinct, await logprobs([list(s) for s in distinct], len(verdict)),
-                                                 strict=True)}
+        asked_G = [[[reply.sequence(judge, tokenizer, verdict)] for reply in replies] for replies in replies_G]
+    probability = await verdict_probability_of(
+        [asked for asked_E in asked_G for sequences in asked_E for asked in sequences], len(verdict), logprobs)
     return [[sum(probability[s] for s in sequences) / len(sequences) for sequences in asked_E] for asked_E in asked_G]
+
+
+async def verdict_probability_of(sequences: list[tuple[int, ...]], verdict_length: int, logprobs: Logprobs,
+                                 ) -> dict[tuple[int, ...], float]:
+    """P(verdict) for each of the judged `sequences`, each distinct one asked once: a group's replies often agree
+    word for word (more so as training converges)."""
+    distinct = list(dict.fromkeys(sequences))
+    judged = await logprobs([list(sequence) for sequence in distinct], verdict_length) if distinct else []
+    return {sequence: verdict_probability(logprobs_T, verdict_length)
+            for sequence, logprobs_T in zip(distinct, judged, strict=True)}
+
+
+async def win_rate(replies: list[Reply], baselines: list[Reply], judge: JudgeConfig, tokenizer,
+                   logprobs: Logprobs) -> float:
+    """How often a pairwise judge prefers each of `replies` to the baseline reply to the same problem (the run's
+    first evaluation's): for each, the mean of P(verdict) for it asked about the baseline and 1 - P(verdict) for the
+    baseline asked about it. Both orders, so a lean towards the first or the quoted reply cancels; a reply equal to
+    its baseline scores 0.5 without being asked."""
+    verdict = verdict_tokens(tokenizer, judge.verdict)
+    asked = [(reply.sequence(judge, tokenizer, verdict, baseline), baseline.sequence(judge, tokenizer, verdict, reply))
+             for reply, baseline in zip(replies, baselines, strict=True) if reply.tokens != baseline.tokens]
+    probability = await verdict_probability_of([s for pair in asked for s in pair], len(verdict), logprobs)
+    ties = len(replies) - len(asked)
+    return (0.5 * ties + sum(probability[ours] + 1 - probability[theirs] for ours, theirs in asked) / 2) / len(replies)
 
 
 async def judge_episodes(groups: list[list], judge: JudgeConfig, tokenizer, logprobs: Logprobs) -> None:

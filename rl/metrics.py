@@ -16,7 +16,7 @@ from tqdm import tqdm
 from rl.config import TrainConfig
 
 SUMMARY = {"reward/mean": "reward", "env/task_reward": "task reward", "eval/accuracy": "eval acc",
-           "eval/judge_reward": "eval judge", "pairs": "pairs",
+           "eval/judge_reward": "eval judge", "eval/win_rate": "eval win rate", "pairs": "pairs",
            "dpo_accuracy:mean": "dpo acc", "eval/dpo_accuracy:mean": "eval dpo acc",
            "eval/pair_accuracy": "eval pair acc", "loss": "loss",
            "eval/loss": "eval loss", "kl/sampler_vs_teacher": "teacher kl",
@@ -26,15 +26,15 @@ SUMMARY = {"reward/mean": "reward", "env/task_reward": "task reward", "eval/accu
            "time/optim_step_s": "optim", "time/publish_s": "publish", "time/eval_s": "eval"}
 """The keys of the line printed per step, with their labels, then each process's resident GiB (`memory/*_gib`);
 metrics.jsonl and wandb get every key."""
-FINAL_METRICS = ("eval/accuracy", "eval/dpo_accuracy:mean", "eval/pair_accuracy", "eval/loss", "reward/mean", "loss",
-                 "kl/sampler_vs_teacher", "time_total/minutes")
+FINAL_METRICS = ("eval/accuracy", "eval/win_rate", "eval/dpo_accuracy:mean", "eval/pair_accuracy", "eval/loss",
+                 "reward/mean", "loss", "kl/sampler_vs_teacher", "time_total/minutes")
 """The metrics a run ends by printing (its last value of each) and a sweep's summary lists, those it logged, with
 eval/pass@k after eval/accuracy where it was logged (`final_metrics`)."""
 PHASES = ("sampling", "judge", "reference", "forward_backward", "optim_step", "publish", "eval")
 """The parts of a step timed as `time/{phase}_s` (judge: the judge's rewards; reference: the reference's or the
 teacher's logprobs for a KL penalty)."""
 CURVES = {"reward / accuracy": ("reward/mean", "env/task_reward", "eval/accuracy", "eval/judge_reward",
-                                "dpo_accuracy:mean", "eval/dpo_accuracy:mean", "eval/pair_accuracy"),
+                                "eval/win_rate", "dpo_accuracy:mean", "eval/dpo_accuracy:mean", "eval/pair_accuracy"),
           "loss": ("loss", "eval/loss"),
           "entropy and KL per token (nats)": ("sampler/entropy", "kl/sampler_vs_teacher", "kl/sampler_vs_reference")}
 """Panels against the step; curves.png adds accuracy against minutes, seconds per phase, and memory."""

@@ -106,10 +106,13 @@ def source_of(config: TrainConfig) -> Task | Environment:
                          reward_fn=data.reward_fn, reward_workers=data.reward_workers,
                          reward_timeout=data.reward_timeout, answers=answers)
         unanswered = sum(problem.answer is None for problem in task.held_out)
-        if unanswered and config.eval_every:
+        # Held out without answers, a pairwise judge's win rate is the measure; with some, accuracy needs them all.
+        if unanswered and config.eval_every and not (config.judge.pairwise and unanswered == len(task.held_out)):
             key = "data.eval" if data.eval else "data.train"
             raise ValueError(f"{key}: {unanswered} of the held-out problems have no \"answer\", which held-out "
-                             "accuracy needs: give data.eval=FILE of problems with answers, or eval_every=0")
+                             "accuracy needs: give data.eval=FILE of problems with answers, or eval_every=0" + (
+                                 "" if not config.judge.pairwise else ", or none with answers (the pairwise "
+                                 "judge's eval/win_rate is then the measure)"))
         check_prompts(config, [*task.train, *task.held_out[:config.eval_prompts]])
         return task
     return make_task(config.task.name, format_reward=config.task.format_reward)

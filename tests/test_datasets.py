@@ -124,6 +124,14 @@ def test_rl_train_hands_the_rl_loop_your_problems_and_sft_and_dpo_the_task_they_
     with pytest.raises(ValueError, match=r"data.train: 4 of the held-out problems have no \"answer\", which "
                                          r"held-out accuracy needs"):
         source_of(replace(prompts, eval_every=5, judge=JudgeConfig(adapter="base")))
+    # A pairwise judge measures held-out prompts without answers (eval/win_rate); with some answers, all need one.
+    pairwise = JudgeConfig(adapter="base", question="Better than {other}?")
+    held_out = source_of(replace(prompts, eval_every=5, judge=pairwise))
+    assert (len(held_out.train), [problem.answer for problem in held_out.held_out]) == (6, [None] * 4)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "1 + 1?", "answer": 2}, {"prompt": "2 + 2?"}])
+    with pytest.raises(ValueError, match=r"data.eval: 1 of the held-out problems have no \"answer\", .* or none "
+                                         r"with answers \(the pairwise judge's eval/win_rate is then the measure\)"):
+        source_of(replace(prompts, eval_every=5, judge=pairwise, data=replace(prompts.data, eval=mixed)))
     # A prompt that leaves no room for an answer is refused before anything starts, not when it is drawn.
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1 + 1?", "answer": 2}] * 5 + [
         {"prompt": "What is " + " + ".join(["1"] * 12) + "?", "answer": 12}])

@@ -32,6 +32,7 @@ from rl.driver.episodes import Episode, Turn
 from rl.driver.state import adapter_folder
 from rl.env import TaskEnv
 from rl.judge import (
+    Reply,
     judge_episodes,
     judge_question,
     judge_sequence,
@@ -40,6 +41,7 @@ from rl.judge import (
     verdict_probabilities,
     verdict_probability,
     verdict_tokens,
+    win_rate,
 )
 from rl.tasks import Addition, Digits, Problem
 from rl.types import SampledSequence
@@ -145,6 +147,28 @@ def test_a_pairwise_judge_compares_each_reply_with_each_other_of_its_group(monke
         [f"{mine}\x005:{other}Y" for mine, other in table])
 
 
+def test_the_win_rate_asks_both_orders_of_each_answer_and_its_baseline_and_ties_are_even(monkeypatch):
+    judge = JudgeConfig(adapter="base", question="{answer}:{other}", verdict="Y")
+    monkeypatch.setattr(rl.judge, "message_tokens", lambda tokenizer, message: [ord(c) for c in message["content"]])
+    table = {("a", "b"): 0.9, ("b", "a"): 0.2, ("a", "c"): 0.4, ("c", "a"): 0.7}  # P(Y): (judged, quoted)
+    asked = []
+
+    async def logprobs(sequences, last):
+        asked.extend("".join(chr(t) for t in sequence[1:]) for sequence in sequences)
+        return [[0.0] * (len(sequence) - 2) + [math.log(table[chr(sequence[1]), chr(sequence[-2])])]
+                for sequence in sequences]
+
+    def reply(text: str) -> Reply:
+        return Reply(prompt=(1,), tokens=(ord(text), 0), reference="5")
+
+    rate = asyncio.run(win_rate([reply("a"), reply("b"), reply("a")], [reply("b"), reply("b"), reply("c")], judge,
+                                Tokenizer(), logprobs))
+    # (P(mine | theirs) + 1 - P(theirs | mine)) / 2 each: 0.85, a tie 0.5, 0.35
+    assert rate == pytest.approx((0.85 + 0.5 + 0.35) / 3)
+    assert sorted(asked) == sorted(["a\x005:bY", "b\x005:aY", "a\x005:cY", "c\x005:aY"]), "a tie is not asked"
+    assert asyncio.run(win_rate([reply("a")], [reply("a")], judge, Tokenizer(), logprobs)) == 0.5
+
+
 def test_a_preference_pair_is_a_pairwise_judges_two_conversations_and_held_out_it_is_ordered_by_them():
     pair = PreferencePair(user("What is 2 + 3?"), assistant("Answer: 5"), [*assistant("5?"), *assistant("Answer: 6")])
     judge = JudgeConfig(question="Better than: {other}?", verdict="Y", negative="N")
@@ -196,6 +220,13 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
 
     monkeypatch.setattr(rl.judge, "verdict_probabilities", recording("train"))
     monkeypatch.setattr(rl.driver.run, "verdict_probabilities", recording("eval"))
+    win_rates = []  # (replies, baselines, win rate) of each evaluation by the pairwise judge
+
+    async def recorded_win_rate(replies, baselines, *args):
+        win_rates.append((replies, baselines, await rl.judge.win_rate(replies, baselines, *args)))
+        return win_rates[-1][-1]
+
+    monkeypatch.setattr(rl.driver.run, "win_rate", recorded_win_rate)
     question = "Better than {other}? Yes or No." if judge == "pairwise" else JUDGE_QUESTION
     config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=1, eval_prompts=4,
                          judge=JudgeConfig(adapter="base" if judge == "base" else str(judge_adapter),
@@ -209,18 +240,19 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
         model = PeftModel.from_pretrained(model, judge_adapter)
     verdict = verdict_tokens(tokenizer, "Yes")
 
-    def p_verdict(episode, other: Episode | None = None) -> float:
+    def p_verdict(episode: Episode | Reply, other: Episode | Reply | None = None) -> float:
         """PEFT's P(verdict) for the episode's reply, with `other`'s reply quoted in a pairwise question."""
+        mine, theirs = (Reply.of(e) if isinstance(e, Episode) else e for e in (episode, other or episode))
         asked = question.replace("{other}", "" if other is None else tokenizer.decode(
-            other.turns[0].action.tokens, skip_special_tokens=True))
-        sequence = judge_sequence(tokenizer, episode.turns[0].prompt, episode.turns[0].action.tokens, asked, verdict)
+            theirs.tokens, skip_special_tokens=True))
+        sequence = judge_sequence(tokenizer, list(mine.prompt), list(mine.tokens), asked, verdict)
         with torch.no_grad():
             logits = model(torch.tensor([sequence])).logits[0, -len(verdict) - 1:-1]
         return math.exp(logits.log_softmax(-1).gather(-1, torch.tensor(verdict)[:, None]).sum().item())
 
     [(groups, rewards_G)], evaluations = calls["train"], calls["eval"]
     assert [len(group) for group in groups] == [4, 4]
-    # A pairwise judge has no rivals to compare an evaluation's one answer a problem with, so it does not judge them.
+    # A pairwise judge compares an evaluation's answers with the first evaluation's instead of judging them alone.
     assert [sum(map(len, groups)) for groups, _ in evaluations] == ([] if judge == "pairwise" else [4, 4])
     for groups_, probabilities_G in [*calls["train"], *evaluations]:
         for group, probabilities in zip(groups_, probabilities_G, strict=True):
@@ -240,6 +272,13 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
     # Each evaluation: the environment's accuracy, and the judge's mean probability for the same answers.
     if judge == "pairwise":
         assert "eval/judge_reward" not in first and "eval/judge_reward" not in final
+        (replies, baseline, even), (final_replies, final_baseline, rate) = win_rates
+        assert replies == baseline == final_baseline and even == first["eval/win_rate"] == 0.5
+        expected = [0.5 if mine == theirs else (p_verdict(mine, theirs) + 1 - p_verdict(theirs, mine)) / 2
+                    for mine, theirs in zip(final_replies, baseline, strict=True)]
+        assert final["eval/win_rate"] == rate == pytest.approx(sum(expected) / 4, rel=1e-3, abs=1e-7)
+        assert sum(mine != theirs for mine, theirs in zip(final_replies, baseline, strict=True)) >= 1, "not all ties"
+        assert "eval/accuracy" in first and "eval/accuracy" in final, "Digits' problems have answers to check"
         return
     for record, (groups_, probabilities_G) in zip((first, final), evaluations, strict=True):
         assert record["eval/judge_reward"] == pytest.approx(sum(map(sum, probabilities_G)) / 4)

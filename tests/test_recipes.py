@@ -154,9 +154,15 @@ def test_rlhf_from_your_preference_pairs_a_preference_model_then_rl_from_it(tmp_
     rl = rl_train("recipe=rlhf_jsonl", "data.train=pairs.jsonl", "judge.adapter=pm", "steps=1", "hydra.run.dir=rl",
                   *SMALL, cwd=tmp_path)
     assert rl.returncode == 0, rl.stderr[-3000:]
-    [first] = records(tmp_path / "rl")
+    first, last = records(tmp_path / "rl")
     assert 0 < first["reward/mean"] < 1 and first["env/task_reward"] == 0.0 and first["time/judge_s"] > 0, first
-    assert "eval/accuracy" not in first and "data: 12 examples to train on" in rl.stdout, "prompts alone: no answers"
+    # Held out without answers: the greedy answers against the first evaluation's, which is even with itself.
+    assert "data: 10 examples to train on from pairs.jsonl, 2 held out of its own" in rl.stdout
+    assert first["eval/win_rate"] == 0.5 and 0 <= last["eval/win_rate"] <= 1, (first, last)
+    assert not any("eval/accuracy" in line for line in (first, last)), "prompts alone: no answers"
+    assert "best held-out win rate " in rl.stdout and "| eval win rate " in rl.stdout, rl.stdout[-2000:]
+    baseline = json.loads((tmp_path / "rl" / "eval_baseline.json").read_text())
+    assert [len(prompt) > 0 and reference is None for prompt, _, reference in baseline] == [True, True]
 
 
 @pytest.mark.parametrize("recipe", ["custom_task", "custom_env"])

@@ -642,7 +642,7 @@ def test_a_run_ends_by_saying_where_its_files_are_and_its_final_metrics(tmp_path
     assert summary_line(history[2]) == "step 10 | eval acc 0.75 | pass@2 1 | math/accuracy 0.5 | gsm8k/accuracy 1"
     [accuracy_panel, *_] = curve_panels(history)
     assert accuracy_panel == ("reward / accuracy", "step", ("reward/mean", "env/task_reward", "eval/accuracy",
-                                                            "eval/judge_reward", "dpo_accuracy:mean",
+                                                            "eval/judge_reward", "eval/win_rate", "dpo_accuracy:mean",
                                                             "eval/dpo_accuracy:mean", "eval/pair_accuracy",
                                                             "eval/gsm8k/accuracy", "eval/math/accuracy"))
 

@@ -186,10 +186,14 @@ def mean_metrics(episodes: list[Episode], prefix: str) -> dict[str, float]:
     return metrics
 
 
-def held_out_metrics(episodes_P: list[list[Episode]]) -> dict[str, float]:
+def held_out_metrics(episodes_P: list[list[Episode]], *, answered: bool = True) -> dict[str, float]:
     """eval/accuracy: the mean over every episode of its `accuracy` metric (its total reward where the environment
     reports none); with k > 1 episodes a problem, eval/pass@k too: the mean over problems of their best episode's;
-    and the environment's other metrics as eval/NAME."""
+    and the environment's other metrics as eval/NAME. `answered=False`: problems without answers (prompts alone),
+    so the environment's other metrics only."""
+    if not answered:
+        return {name: value for name, value in mean_metrics([episode for group in episodes_P for episode in group],
+                                                             "eval").items() if name != "eval/accuracy"}
     scores_P = [[episode.metrics.get("accuracy", episode.total_reward) for episode in group] for group in episodes_P]
     scores = [score for scores_G in scores_P for score in scores_G]
     metrics = {**mean_metrics([episode for group in episodes_P for episode in group], "eval"),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import math
 import os
 import random
 import time
@@ -37,15 +39,17 @@ from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import Episode, episode_limits, held_out_episodes, held_out_metrics, transcript
 from rl.driver.state import (
     CHECKPOINTS,
+    EVAL_BASELINE,
     STATE,
     LearnerLost,
     adapter_folder,
     checkpoint_folder,
     read_state,
+    write_json,
     write_state,
 )
 from rl.env import EnvGroupBuilder, Environment, TaskEnvironment
-from rl.judge import verdict_probabilities
+from rl.judge import Reply, verdict_probabilities, win_rate
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
 from rl.losses import LOSSES
@@ -276,8 +280,16 @@ class Run:
         self._deletions: list[ray.ObjectRef] = []
         """Checkpoint deletions sent to the learner and not yet known to have finished."""
         self.best: dict | None = state and state.get("best")
-        """The published version with the best held-out accuracy so far, kept when it is retired:
-        {"step", "eval/accuracy", "checkpoint": its tinker path}."""
+        """The published version with the best held-out accuracy (without answers: win rate) so far, kept when it
+        is retired: {"step", "eval/accuracy" or "eval/win_rate", "checkpoint": its tinker path}."""
+        baseline = self.folder / EVAL_BASELINE
+        self.eval_baseline: list[Reply] | None = [Reply(tuple(prompt), tuple(tokens), reference) for prompt, tokens,
+                                                  reference in json.loads(baseline.read_text())] if (
+            state is not None and baseline.exists()) else None
+        """The first evaluation's answers, which a pairwise judge's eval/win_rate compares each later one's with."""
+        if state is not None and self.eval_baseline is None and config.judge.pairwise and config.eval_every:
+            print(f"{self.folder} holds no {EVAL_BASELINE}: eval/win_rate compares with the answers of this run's "
+                  "first evaluation since it resumed", flush=True)
         if state is not None:
             ray.get(self.learner.load_weights.remote(state["checkpoint"], optimizer=True, model_id=self.model_id))
             self.start_step, self.totals = state["step"], state["totals"]
@@ -379,7 +391,8 @@ class Run:
                 where = checkpoint_folder(self.folder, self.best["checkpoint"])
             except ValueError:  # the learner's node holds it (no storage_uri)
                 where = self.best["checkpoint"]
-            tqdm.write(f"{self.log.prefix}best held-out accuracy {self.best['eval/accuracy']:.3g} at step "
+            name = next(key for key in self.best if key.startswith("eval/"))
+            tqdm.write(f"{self.log.prefix}best held-out {name[5:].replace('_', ' ')} {self.best[name]:.3g} at step "
                        f"{self.best['step']}: its adapter is {where} (`rl-export {self.folder} OUT --best` merges it "
                        "into a model folder)")
         if not self.shared:
@@ -471,29 +484,41 @@ class Run:
 
     async def answer_held_out(self, name: str, groups: list[EnvGroupBuilder], model_path: str, step: int) -> dict:
         """eval/accuracy (and eval/pass@k) on the held-out `groups` of the weights published as `model_path`, the
-        weights of step `step`, answering greedily or at eval_temperature, and with a judge that is not pairwise
-        eval/judge_reward, its mean P(verdict) for those answers; the episodes go to samples.jsonl."""
+        weights of step `step`, answering greedily or at eval_temperature; with a judge, eval/judge_reward, its mean
+        P(verdict) for those answers, or for a pairwise judge eval/win_rate against the run's first evaluation's
+        answers (`rl.judge.win_rate`), the measure of problems without answers. The episodes go to samples.jsonl."""
         config = self.config
         episodes_P = await held_out_episodes(self.pool, name, groups, model_path,
                                              episode_limits(config, self.tokenizer),
                                              SamplingParams(temperature=config.eval_temperature))
         self.log_episodes(step, "eval", episodes_P)
-        metrics = held_out_metrics(episodes_P)
-        if config.judge.adapter is not None and not config.judge.pairwise:
-            # The judge's view of the same answers, beside the environment's (a pairwise judge's needs rivals).
+        # Your prompts without answers (RL from a pairwise judge alone: rl.train.source_of) have nothing to check.
+        answered = not config.data.given or any(episode.reference is not None for group in episodes_P
+                                                for episode in group)
+        metrics = held_out_metrics(episodes_P, answered=answered)
+        if config.judge.pairwise:
+            replies = [Reply.of(episode) for group in episodes_P for episode in group]
+            if self.eval_baseline is None:
+                self.eval_baseline = replies
+                write_json(self.folder / EVAL_BASELINE, [[reply.prompt, reply.tokens, reply.reference]
+                                                         for reply in replies])
+            metrics["eval/win_rate"] = await win_rate(replies, self.eval_baseline, config.judge, self.tokenizer,
+                                                      self.judge_logprobs)
+        elif config.judge.adapter is not None:
             judged = [p for p_G in await verdict_probabilities(episodes_P, config.judge, self.tokenizer,
                                                                self.judge_logprobs) for p in p_G]
             metrics["eval/judge_reward"] = sum(judged) / len(judged)
-        await self._keep_if_best(model_path, step, metrics["eval/accuracy"])
+        best_by = "eval/accuracy" if answered else "eval/win_rate"
+        await self._keep_if_best(model_path, step, best_by, metrics[best_by])
         return metrics
 
-    async def _keep_if_best(self, model_path: str, step: int, accuracy: float) -> None:
-        """Makes the version published as `model_path` the run's best if it scored above the best so far (the
-        earliest of equals stays), deleting the one it replaces unless that one still serves. It is known before the
-        version is retired: a step publishes the next once its evaluation has finished."""
-        if self.best is not None and accuracy <= self.best["eval/accuracy"]:
+    async def _keep_if_best(self, model_path: str, step: int, name: str, value: float) -> None:
+        """Makes the version published as `model_path` the run's best if its held-out metric `name` is above the
+        best so far (the earliest of equals stays), deleting the one it replaces unless that one still serves. It is
+        known before the version is retired: a step publishes the next once its evaluation has finished."""
+        if self.best is not None and value <= self.best.get(name, -math.inf):
             return
-        replaced, self.best = self.best, {"step": step, "eval/accuracy": accuracy, "checkpoint": model_path}
+        replaced, self.best = self.best, {"step": step, name: value, "checkpoint": model_path}
         if replaced is not None and replaced["checkpoint"] not in (model_path, self._published.tinker_path):
             await self._delete(replaced["checkpoint"])
 

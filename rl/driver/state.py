@@ -1,7 +1,7 @@
 """What outlives a run's process: `state.json` in the run's folder (the next step, the checkpoint to resume
-from, the token totals, the wandb run id), written atomically, and `LearnerLost`, which says the run can go on
-from it; and a finished run's adapter, which another run can start from (`model.adapter`). Light to import:
-`rl-train` reads it before it starts anything.
+from, the token totals, the wandb run id) and `eval_baseline.json`, written atomically, and `LearnerLost`, which
+says the run can go on from it; and a finished run's adapter, which another run can start from (`model.adapter`).
+Light to import: `rl-train` reads it before it starts anything.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 from rl.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 STATE = "state.json"
+EVAL_BASELINE = "eval_baseline.json"
+"""The run's first evaluation's answers, which a pairwise judge's eval/win_rate compares each later one's with."""
 CHECKPOINTS = "checkpoints"
 """The run folder's subfolder that holds its checkpoints (`Learner.create(storage=...)`)."""
 
@@ -27,12 +29,17 @@ def read_state(folder: Path) -> dict | None:
 
 
 def write_state(folder: Path, state: dict) -> None:
-    staging = folder / f".{STATE}.tmp"
+    write_json(folder / STATE, state, indent=1)
+
+
+def write_json(path: Path, data, *, indent: int | None = None) -> None:
+    """`data` as `path`, atomically: a crash leaves the old file or the new one, never half of one."""
+    staging = path.with_name(f".{path.name}.tmp")
     with open(staging, "w") as file:
-        json.dump(state, file, indent=1)
+        json.dump(data, file, indent=indent)
         file.flush()
         os.fsync(file.fileno())
-    staging.replace(folder / STATE)
+    staging.replace(path)
 
 
 def adapter_folder(path: str | Path, key: str = "model.adapter") -> Path:
