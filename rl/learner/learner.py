@@ -357,6 +357,16 @@ class Learner:
             for param in run.params:
                 param.requires_grad_(True)
 
+    @contextmanager
+    def _adapters_off(self):
+        """The base model alone for the block. PEFT's disable_adapter reads the config of the adapter it holds
+        active, a name it keeps after that adapter is deleted when no other was active with it (the last run of a
+        sweep's shared learner that ended, before the next run's first call)."""
+        if self._peft.active_adapter not in self._peft.peft_config and self._peft.peft_config:
+            self._peft.active_adapter = next(iter(self._peft.peft_config))
+        with self._peft.disable_adapter():
+            yield
+
     def _layers(self) -> list[LoraLayer]:
         if self._lora_layers is None:
             self._lora_layers = [module for module in self._peft.modules() if isinstance(module, LoraLayer)]
@@ -454,7 +464,7 @@ class Learner:
         if not lacking:
             return
         # Whole groups stay together, so a pair's prompt is computed once (rl.learner.batch.pack_rows).
-        with self._peft.disable_adapter():
+        with self._adapters_off():
             for datum, logprobs in self._logprobs_without_gradients(
                     lacking, group_size if len(lacking) == len(prepared) else 1):
                 datum.inputs[name] = logprobs
@@ -471,7 +481,7 @@ class Learner:
             self._activate([self._run(model_id)])
         base = (model_id is None or not adapter) and self._peft is not None
         found: dict[int, list[float]] = {}
-        with self._peft.disable_adapter() if base else nullcontext():
+        with self._adapters_off() if base else nullcontext():
             for datum, logprobs in self._logprobs_without_gradients(prepared, 1, last=last):
                 found[datum.index] = logprobs.tolist()
         return [found[index] for index in range(len(sequences))]
