@@ -1,10 +1,15 @@
 """Shared fixtures. Models are built in temporary folders: tests never touch the user's cache."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from rl.models import build_tiny_model
+
+# Each vLLM engine's KV cache on CPU where a test does not size it (rl.sampler.engine; Ray's workers and rl-train's
+# processes inherit it): vLLM's 1 GiB took ~5 s of every sampler's start, for models that need a few MiB.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "0.125")
 
 
 @pytest.fixture(scope="session")

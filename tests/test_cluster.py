@@ -57,6 +57,7 @@ def test_a_run_on_three_nodes_survives_faults_and_a_sweep_spreads_its_runs_over_
     sweep = report["sweep"]
     assert sweep["returncode"] == 0 and sweep["status"] == ["done", "done"], sweep["output"]
     assert sweep["steps"] == [[0, 1, 2], [0, 1, 2]] and sweep["learners_at_once"] == 2, sweep
+    assert "algo.learning_rate=0.01 | done" in sweep["output"] and "algo.learning_rate=0.003 | done" in sweep["output"]
     placed = list(sweep["placed"].values())
     assert sorted(run["learner"] for run in placed) == sweep["node_ids"], sweep
     assert all(run["samplers"] == [run["learner"]] for run in placed), placed  # each run's actors on its node

@@ -30,7 +30,8 @@ from rl.datasets import (
 )
 from rl.driver import dpo, sft
 from rl.driver import rl as rl_loop
-from rl.driver.run import supervised_examples
+from rl.driver.run import Shared, supervised_examples
+from rl.driver.state import adapter_folder
 from rl.tasks import Addition, Digits, FileTask, file_task, sft_conversations
 from rl.train import source_of
 
@@ -702,52 +703,58 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
         return replace(config, model=replace(config.model, **model), data=DataConfig(train=file, eval=file),
                        algo=AlgoConfig(loop="sft", loss_fn="cross_entropy", learning_rate=1e-2, prompts_per_step=4))
 
-    trained = sft.train(sft_config("first", 4), Addition())
-    assert trained[-1]["eval/loss"] < trained[0]["eval/loss"] - 1, "it trained: its adapter is not the start"
     # SFT, then DPO or RL with a KL penalty: the reference is the adapter the run starts from (algo.reference=start,
     # held frozen in the learner), as TRL's is the SFT policy; algo.reference=base measures against the base model.
-    pairs = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": f"{a} + {b}?", "chosen": str(a + b),
-                                                 "rejected": str(a + b + 1)} for a, b in sums(8)])
-    def dpo_config(folder: str, steps: int, reference: str) -> TrainConfig:
-        config = sft_config(folder, steps, adapter=str(tmp_path / "first"))
-        return replace(config, checkpoint_every=1, data=DataConfig(train=pairs, eval=pairs), algo=AlgoConfig(
-            loop="dpo", loss_fn="dpo", learning_rate=1e-2, prompts_per_step=4, reference=reference))
+    # The runs one after another on one learner and pool, as a sweep's (rl.sweep): each its own adapter and folder.
+    rl_config = replace(tiny_config(tiny_model_dir, tmp_path / "rl_start", steps=1, eval_every=0),
+                        model=replace(sft_config("", 1).model, adapter=str(tmp_path / "first")),
+                        algo=replace(tiny_config(tiny_model_dir, tmp_path).algo, kl_coef=0.1, reference="start"))
+    shared = Shared.start([sft_config("first", 4), rl_config])
+    try:
+        trained = sft.train(sft_config("first", 4), Addition(), shared)
+        assert trained[-1]["eval/loss"] < trained[0]["eval/loss"] - 1, "it trained: its adapter is not the start"
+        pairs = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": f"{a} + {b}?", "chosen": str(a + b),
+                                                     "rejected": str(a + b + 1)} for a, b in sums(8)])
 
-    first_steps = {}
-    for reference in ("start", "base"):
-        config = dpo_config(f"dpo_{reference}", 2, reference)
-        dpo_steps = [record for record in dpo.train(config, Addition()) if "loss" in record]
-        if reference == "start":  # resumed after step 0, the run measures against the same starting adapter
-            dpo.train(dpo_config("dpo_resumed", 1, reference), Addition())
-            resumed = dpo.train(replace(dpo_config("dpo_resumed", 2, reference), resume=True), Addition())
-            assert resumed[1]["dpo_margin:mean"] == pytest.approx(dpo_steps[1]["dpo_margin:mean"], rel=1e-4)
-        rl_config = replace(tiny_config(tiny_model_dir, tmp_path / f"rl_{reference}", steps=1, eval_every=0),
-                            model=config.model, algo=replace(tiny_config(tiny_model_dir, tmp_path).algo, kl_coef=0.1,
-                                                             reference=reference))
-        first_steps[reference] = dpo_steps[0], rl_loop.train(rl_config, Digits())[0]
-    (dpo_start, rl_start), (dpo_base, rl_base) = first_steps["start"], first_steps["base"]
-    # The frozen adapter's logprobs are a phase of their own; the base model's come in the training pass.
-    assert dpo_start["time/reference_s"] > 0 and "time/reference_s" not in dpo_base, (dpo_start, dpo_base)
-    # Measured: margins 0.0 and 0.44, KL estimates -1e-7 and 8.0.
-    assert abs(dpo_start["dpo_margin:mean"]) < 1e-4 and abs(dpo_base["dpo_margin:mean"]) > 0.05, first_steps
-    assert abs(rl_start["kl/sampler_vs_reference"]) < 1e-4 and rl_base["kl/sampler_vs_reference"] > 0.5, first_steps
-    checkpoint = next((tmp_path / "first" / "checkpoints").glob("*/weights/*"))
-    for adapter in (tmp_path / "first", checkpoint):  # a run folder (its latest checkpoint), or the folder itself
-        again = sft.train(sft_config(f"from_{adapter.name}", 1, adapter=str(adapter)), Addition())
+        def dpo_config(folder: str, steps: int, reference: str) -> TrainConfig:
+            config = sft_config(folder, steps, adapter=str(tmp_path / "first"))
+            return replace(config, checkpoint_every=1, data=DataConfig(train=pairs, eval=pairs), algo=AlgoConfig(
+                loop="dpo", loss_fn="dpo", learning_rate=1e-2, prompts_per_step=4, reference=reference))
+
+        first_steps = {}
+        for reference in ("start", "base"):
+            dpo_steps = [record for record in dpo.train(dpo_config(f"dpo_{reference}", 2, reference), Addition(),
+                                                        shared) if "loss" in record]
+            if reference == "start":  # resumed after step 0, the run measures against the same starting adapter
+                dpo.train(dpo_config("dpo_resumed", 1, reference), Addition(), shared)
+                resumed = dpo.train(replace(dpo_config("dpo_resumed", 2, reference), resume=True), Addition(), shared)
+                assert resumed[1]["dpo_margin:mean"] == pytest.approx(dpo_steps[1]["dpo_margin:mean"], rel=1e-4)
+            first_steps[reference] = dpo_steps[0]
+        dpo_start, dpo_base = first_steps["start"], first_steps["base"]
+        # The frozen adapter's logprobs are a phase of their own; the base model's come in the training pass.
+        assert dpo_start["time/reference_s"] > 0 and "time/reference_s" not in dpo_base, (dpo_start, dpo_base)
+        # Measured: margins 0.0 and 0.44; RL's KL penalty reads the same reference (Run.reference_logprobs): ~1e-7.
+        assert abs(dpo_start["dpo_margin:mean"]) < 1e-4 and abs(dpo_base["dpo_margin:mean"]) > 0.05, first_steps
+        assert abs(rl_loop.train(rl_config, Digits(), shared)[0]["kl/sampler_vs_reference"]) < 1e-4
+        # A run folder (its latest checkpoint), or the adapter folder itself.
+        checkpoint = max((tmp_path / "first" / "checkpoints").glob("*/weights/*"), key=lambda folder: folder.name)
+        assert adapter_folder(tmp_path / "first") == adapter_folder(checkpoint) == checkpoint
+        again = sft.train(sft_config("again", 1, adapter=str(tmp_path / "first")), Addition(), shared)
         # Before its first step, the run computes with the first run's final weights: the same held-out loss.
         assert again[0]["eval/loss"] == pytest.approx(trained[-1]["eval/loss"], rel=1e-5), (again[0], trained[-1])
-    # steps=0 with data.eval alone: the adapter evaluated on a file, nothing trained.
-    evaluated = replace(sft_config("evaluated", 0, adapter=str(tmp_path / "first")), data=DataConfig(eval=file),
-                        eval_every=1)
-    [record] = sft.train(evaluated, Addition())
-    assert record["step"] == 0 and record["eval/loss"] == pytest.approx(trained[-1]["eval/loss"], rel=1e-5)
-    assert "loss" not in record and not (tmp_path / "evaluated" / "state.json").exists()
-    with pytest.raises(ValueError, match=r"model.adapter=.*first: the adapter's r is 8; this run's is 4"):
-        sft.train(sft_config("smaller", 1, adapter=str(tmp_path / "first"), lora_rank=4), Addition())
+        # steps=0 with data.eval alone: the adapter evaluated on a file, nothing trained.
+        evaluated = replace(sft_config("evaluated", 0, adapter=str(tmp_path / "first")), data=DataConfig(eval=file),
+                            eval_every=1)
+        [record] = sft.train(evaluated, Addition(), shared)
+        assert record["step"] == 0 and record["eval/loss"] == pytest.approx(trained[-1]["eval/loss"], rel=1e-5)
+        assert "loss" not in record and not (tmp_path / "evaluated" / "state.json").exists()
+        with pytest.raises(ValueError, match=r"model.adapter=.*first: the adapter's r is 8; this run's is 4"):
+            sft.train(sft_config("smaller", 1, adapter=str(tmp_path / "first"), lora_rank=4), Addition(), shared)
+    finally:
+        shared.close()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"model.adapter=.*empty: not a PEFT adapter folder \(it lacks "
                                          r"adapter_config.json, adapter_model.safetensors\) nor a run folder"):
         sft.train(sft_config("from_nothing", 1, adapter=str(tmp_path / "empty")), Addition())
     with pytest.raises(ValueError, match="model.adapter='nowhere': a PEFT adapter folder or a run folder, but"):
         check(sft_config("from_nowhere", 1, adapter="nowhere"))
-

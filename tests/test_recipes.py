@@ -78,18 +78,6 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         assert json.loads((run / "state.json").read_text())["step"] == 2
 
 
-def test_a_sweep_without_sharing_gives_each_run_its_own_actors(tmp_path):
-    result = rl_train("-m", "recipe=arithmetic_rl", "algo.learning_rate=1e-3,2e-3", "steps=1", "eval_every=0",
-                      "sweep.share=false", *SMALL, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (summary,) = (tmp_path / "multirun" / "arithmetic_rl").glob("*/sweep.json")
-    jobs = json.loads(summary.read_text())
-    assert [job["status"] for job in jobs] == ["done", "done"] and len({job["learner"] for job in jobs}) == 2, jobs
-    for job in jobs:
-        assert [record["step"] for record in records(Path(job["output_dir"]))] == [0]
-    assert "algo.learning_rate=0.001 | done" in result.stdout and "algo.learning_rate=0.002 | done" in result.stdout
-
-
 def test_rl_train_names_what_is_wrong(tmp_path):
     unknown_recipe = rl_train("recipe=nope", cwd=tmp_path)
     assert unknown_recipe.returncode != 0 and "recipe/nope" in unknown_recipe.stderr

@@ -77,17 +77,23 @@ def start_vllm_engine(
             vllm_prompt_prefixes.install()
     lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
     # vLLM lets VLLM_CPU_KVCACHE_SPACE override an explicit size, so the variable is read here and taken away
-    cpu_default = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "") or "1"
+    # while the engine starts (then put back, for the engines this process starts later)
+    given = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    cpu_default = given or "1"
     if kv_cache_gib is None and current_platform.is_cpu():
         kv_cache_gib = float(cpu_default)
     memory = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
     if not current_platform.is_cpu() and 0 < gpu_share < 1:
         memory["gpu_memory_utilization"] = gpu_memory_utilization(gpu_share)
-    return LLM(
-        model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
-        enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
-        max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **memory,
-    )
+    try:
+        return LLM(
+            model=str(model_folder), dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
+            enable_chunked_prefill=False, enable_prefix_caching=prefix_caching, logprobs_mode="processed_logprobs",
+            max_logprobs=MAX_LOGPROBS, **cpu_blocks, **lora, **memory,
+        )
+    finally:
+        if given is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = given
 
 
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
