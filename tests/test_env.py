@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 import pytest
-from test_rl_loop import samples, tiny_config
+from test_rl_loop import one_learner_and_pool, samples, tiny_config
 from transformers import AutoTokenizer
 
 from rl.chat import chat_tokens, completion_text, message_tokens
@@ -218,7 +218,11 @@ MULTI_TURN = {"steps": 4, "eval_every": 4, "eval_prompts": 4, "algo": {"prompts_
 
 def test_the_rl_loop_trains_on_episodes_and_resumes_in_the_middle_exactly(ray_local, tiny_model_dir, tmp_path):
     environment = Scripted(options={"turns": 2})
-    straight = train(tiny_config(tiny_model_dir, tmp_path / "straight", **MULTI_TURN), environment)
+    interrupted = tiny_config(tiny_model_dir, tmp_path / "resumed", **MULTI_TURN, checkpoint_every=2)
+    with one_learner_and_pool(interrupted) as shared:
+        straight = train(tiny_config(tiny_model_dir, tmp_path / "straight", **MULTI_TURN), environment, shared)
+        train(replace(interrupted, steps=2), environment, shared)  # stops after step 1, as if killed there
+        resumed = train(replace(interrupted, resume=True), environment, shared)
     for record in straight[::4]:  # the environment's metrics, averaged over each evaluation's episodes
         evaluated = [line for line in samples(tmp_path / "straight")
                      if line["split"] == "eval" and line["step"] == record["step"]]
@@ -228,9 +232,6 @@ def test_the_rl_loop_trains_on_episodes_and_resumes_in_the_middle_exactly(ray_lo
         assert record["env/turns"] == 2.0 and record["env/stop_max_turns"] == 0.0 and record["datums"] > 0, record
         # The tokens trained are the tokens sampled: the learner's logprobs of them match the sampler's (fp32).
         assert record["kl/sampler_vs_learner_sq"] < 1e-6, record
-    interrupted = tiny_config(tiny_model_dir, tmp_path / "resumed", **MULTI_TURN, checkpoint_every=2)
-    train(replace(interrupted, steps=2), environment)  # stops after step 1, as if killed there
-    resumed = train(replace(interrupted, resume=True), environment)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4], "no step lost or counted twice"
     keys = ("reward/mean", "loss", "grad_norm:mean", "tokens/sampled", "tokens/prompt", "env/accuracy",
             "sampler/weights_step", "tokens_total/sampled")

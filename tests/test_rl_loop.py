@@ -5,6 +5,8 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from rl.driver.rl import (
     train,
     turn_advantages,
 )
-from rl.driver.run import Run
+from rl.driver.run import Run, Shared
 from rl.driver.state import read_state
 from rl.metrics import RunLog, summary_line
 from rl.tasks import Digits, Problem
@@ -41,6 +43,17 @@ def tiny_config(model_dir, output_dir, **fields) -> TrainConfig:
                          algo=algo, logger=LoggerConfig(wandb_mode="disabled"))
     return replace(config, **{key: value for key, value in fields.items() if key != "algo"},
                    algo=replace(algo, **fields.get("algo", {})))
+
+
+@contextmanager
+def one_learner_and_pool(*configs: TrainConfig) -> Iterator[Shared]:
+    """One learner and sampler pool for a test's runs one after another, as a sweep's runs share them (rl.sweep):
+    each run keeps its own adapter, folder, seeds and checkpoints, and the actors start once."""
+    shared = Shared.start(list(configs))
+    try:
+        yield shared
+    finally:
+        shared.close()
 
 
 def metrics(folder) -> list[dict]:
@@ -594,11 +607,12 @@ def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, ti
     _calls.clear()
     config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1, checkpoint_keep=2,
                          algo={"loss_fn": "dro"})
-    with pytest.raises(RuntimeError, match=r"environment 'flaky' raised in step 1, group \d, episode \d, turn 0: "
-                                           r"step: KeyError\('no such answer'\)"):
-        train(config, FlakyTask())
-    assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
-    history = train(replace(config, resume=True), Digits())
+    with one_learner_and_pool(config) as shared:  # as in a sweep: the failed run's actors serve on
+        with pytest.raises(RuntimeError, match=r"environment 'flaky' raised in step 1, group \d, episode \d, "
+                                               r"turn 0: step: KeyError\('no such answer'\)"):
+            train(config, FlakyTask(), shared)
+        assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
+        history = train(replace(config, resume=True), Digits(), shared)
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert [(line["step"], line["split"]) for line in samples(tmp_path)][::8] == [
         (0, "train"), (0, "eval"), (1, "train"), (2, "train"), (3, "eval")], "each step's samples once"
