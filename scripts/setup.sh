@@ -44,7 +44,10 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     rm -f "$stamp"
     "${pip[@]}" install "$torch_spec" \
         || fail "could not install $torch_spec" "check that the package index (or the local wheel folder) is reachable"
-    "${pip[@]}" install -e ".[$flavour,dev$extras]" \
+    # A path entry for the editable install (setuptools' compat mode), not its import hook: with the hook, a folder
+    # named rl where a process starts (a run folder, the clone itself run from its parent) hid the package from
+    # Ray's workers, which start there.
+    "${pip[@]}" install -e ".[$flavour,dev$extras]" --config-settings editable_mode=compat \
         || fail "could not install rl[$flavour,dev$extras]" "read pip's error above; the versions are pinned in pyproject.toml"
     # vLLM pulls in CUDA builds of these; beside a CPU torch they fail to load and break `import vllm`.
     if [[ "$flavour" == cpu ]]; then

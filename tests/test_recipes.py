@@ -11,6 +11,8 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
+import rl
+
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
 RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl",
            "arithmetic_online_dpo", "arithmetic_judge")
@@ -76,6 +78,13 @@ def test_every_recipe_runs_two_steps_on_the_tiny_model(tmp_path):
         config = json.loads((run / "config.json").read_text())
         assert config["recipe"] == recipe and config["model"]["name"] == "tiny"
         assert json.loads((run / "state.json").read_text())["step"] == 2
+
+
+def test_a_folder_named_rl_where_a_process_starts_does_not_hide_the_package(tmp_path):
+    (tmp_path / "rl").mkdir()  # a run folder, or the clone itself when run from its parent: Ray's workers start there
+    found = subprocess.run([sys.executable, "-c", "import rl.train, rl; print(rl.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0 and found.stdout.strip() == str(Path(rl.__file__)), found.stderr[-2000:]
 
 
 def test_rl_train_names_what_is_wrong(tmp_path):
