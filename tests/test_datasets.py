@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 from test_rl_loop import samples, tiny_config
 from transformers import AutoTokenizer
 
@@ -750,6 +751,8 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_another_shape
         assert "loss" not in record and not (tmp_path / "evaluated" / "state.json").exists()
         with pytest.raises(ValueError, match=r"model.adapter=.*first: the adapter's r is 8; this run's is 4"):
             sft.train(sft_config("smaller", 1, adapter=str(tmp_path / "first"), lora_rank=4), Addition(), shared)
+        # Each run took its adapters away as it ended, the refused one too (a sweep's learner would fill up).
+        assert ray.get(shared.learner.__ray_call__.remote(lambda learner: list(learner._runs))) == []
     finally:
         shared.close()
     (tmp_path / "empty").mkdir()

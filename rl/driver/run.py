@@ -260,12 +260,30 @@ class Run:
         self.shared = shared is not None  # False: the run starts actors of its own, and stops them when it ends
         self.actors = shared or Shared.start([config], wait=False)
         self.learner, self.pool = self.actors.learner, self.actors.pool
+        self.model_id: str | None = None
+        self.reference: tuple[ray.actor.ActorHandle, str | None] | None = None
+        """(learner, run) computing the reference's logprobs: a run never trained holding the adapter of
+        `reference_adapter` (the teacher, or the starting adapter), on the teacher model where there is one
+        (algo.teacher_model), or no run: that model alone; None: the base model of this run is the reference."""
+        self.judge: tuple[ray.actor.ActorHandle, str] | None = None
+        """(learner, run) holding the judge's adapter, never trained; None: the judge is the base model, or none."""
         try:
             self._start(config, state)
-        except BaseException:  # a run that cannot start gives its reservation back, or a sweep's next run starves
+        except BaseException as error:
+            # A run that cannot start gives its reservation back (or a sweep's next run starves); from a sweep's
+            # learner, the adapters it had added leave.
             if not self.shared:
                 self.actors.close()
+            elif not isinstance(error, ray.exceptions.RayActorError):
+                self._delete_adapters()
             raise
+
+    def _delete_adapters(self) -> None:
+        """Drops this run's adapters from the learners it shares with other runs (its own, its reference's and
+        its judge's)."""
+        ray.get([learner.delete.remote(model_id) for learner, model_id in
+                 ((self.learner, self.model_id), *(frozen for frozen in (self.reference, self.judge) if frozen))
+                 if model_id is not None])
 
     def _start(self, config: TrainConfig, state: dict | None) -> None:
         model = config.model
@@ -297,10 +315,6 @@ class Run:
         elif self._adapter is not None:
             self._load_adapter("model.adapter", model.adapter, self._adapter, self.model_id)
             print(f"starting from the adapter in {self._adapter}", flush=True)
-        self.reference: tuple[ray.actor.ActorHandle, str | None] | None = None
-        """(learner, run) computing the reference's logprobs: a run never trained holding the adapter of
-        `reference_adapter` (the teacher, or the starting adapter), on the teacher model where there is one
-        (algo.teacher_model), or no run: that model alone; None: the base model of this run is the reference."""
         scorer = self.actors.teacher or self.learner
         if self._reference is not None:
             self.reference = scorer, self._load_adapter(*self._reference, learner=scorer)
@@ -308,7 +322,6 @@ class Run:
             self.reference = scorer, None
         self.judge = self._judge and (self.learner, self._load_adapter("judge.adapter", config.judge.adapter,
                                                                        self._judge))
-        """(learner, run) holding the judge's adapter, never trained; None: the judge is the base model, or none."""
         # A sweep's runs print side by side: each line and progress bar names its run's folder.
         sweep_label = f"{config.recipe} {self.folder.name}" if self.shared else None
         self.label = sweep_label or config.recipe
@@ -398,9 +411,7 @@ class Run:
         if not self.shared:
             self.actors.close()
         elif not isinstance(error, ray.exceptions.RayActorError):  # the others go on: only this run's adapters leave
-            ray.get([learner.delete.remote(model_id) for learner, model_id in
-                     ((self.learner, self.model_id), *(frozen for frozen in (self.reference, self.judge) if frozen))
-                     if model_id is not None])
+            self._delete_adapters()
         learners = {"learner": self.learner, "teacher's learner": self.actors.teacher}
         lost = [name for name, actor in learners.items() if isinstance(error, ray.exceptions.RayActorError)
                 and actor is not None and error.actor_id == actor._actor_id.hex()]
