@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
-import ray
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from rl.config import ClusterConfig, TrainConfig, check, hydra_schema, load
+from rl.config import TrainConfig, check, hydra_schema, load
 from rl.driver.state import STATE, LearnerLost, read_state
 from rl.environments import make_environment
 from rl.tasks import Task, file_task, make_task
@@ -32,15 +31,6 @@ if TYPE_CHECKING:
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 ConfigStore.instance().store(name="schema", node=hydra_schema(TrainConfig))
-
-
-def connect(cluster: ClusterConfig) -> None:
-    """Starts Ray in this process, or joins a cluster; a sweep's later runs reuse the same Ray."""
-    if not ray.is_initialized():
-        # address None means this process's own Ray: "local" keeps Ray from joining a cluster that happens to run
-        # on this machine (its default), which would put the run's actors on someone else's nodes.
-        ray.init(address=cluster.address or "local", num_cpus=cluster.num_cpus, include_dashboard=False,
-                 log_to_driver=False)
 
 
 def resume_folder(config: TrainConfig) -> Path:
@@ -65,7 +55,6 @@ def run(config: TrainConfig, shared: Shared | None = None) -> list[dict]:
     # Imported here, not at the top: the loops import torch and transformers (~6 s), which a refused
     # configuration does not wait for.
     loop = importlib.import_module(f"rl.driver.{config.algo.loop}")
-    connect(config.cluster)
     restarts = 0
     while True:
         try:
@@ -136,7 +125,6 @@ def run_from_python(source, *, name: str, overrides: list[str]) -> list[dict]:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         config = load(compose("config", overrides=[f"output_dir={folder}", *overrides]))
     check(config)
-    connect(config.cluster)
     return rl_loop.train(config, source)
 
 

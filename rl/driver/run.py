@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rl.chat import chat_tokens, with_chat_template
-from rl.config import LR_SCHEDULES, ModelConfig, TrainConfig
+from rl.config import LR_SCHEDULES, ClusterConfig, ModelConfig, TrainConfig
 from rl.datasets import train_and_held_out
 from rl.devices import actor_gpus, cluster_gpus
 from rl.driver.episodes import Episode, episode_limits, held_out_episodes, held_out_metrics, transcript
@@ -133,6 +133,7 @@ class Shared:
         once the cluster has room for them (`reserve`). Each run keeps its checkpoints in its own folder
         (`Learner.create(storage=...)`). The pool starts while the learner loads: each mostly imports, on a core of
         its own."""
+        connect(configs[0].cluster)
         config = with_actor_gpus(configs[0], samples=any(samples(other) for other in configs))
         placement = reserve(config, wait=wait)
         try:
@@ -726,6 +727,16 @@ def teacher_bundle(config: TrainConfig) -> dict[str, float] | None:
     wanted = {"GPU": learner.num_gpus, **learner.resources}
     wanted = {key: value for key, value in wanted.items() if value}
     return wanted if config.algo.teacher_model and wanted else None
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """Starts Ray in this process, or joins a cluster; a sweep's later runs reuse the same Ray. Called as the
+    actors start: a run refused for its data or model before then has started nothing."""
+    if not ray.is_initialized():
+        # address None means this process's own Ray: "local" keeps Ray from joining a cluster that happens to run
+        # on this machine (its default), which would put the run's actors on someone else's nodes.
+        ray.init(address=cluster.address or "local", num_cpus=cluster.num_cpus, include_dashboard=False,
+                 log_to_driver=False)
 
 
 def reserve(config: TrainConfig, *, wait: bool = False):

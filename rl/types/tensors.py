@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Annotated, Any, Literal
+import sys
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_serializer, field_validator, model_validator
 
 from rl.types._base import StrictModel
+
+# torch is imported where a tensor is made or read, not here: a process that only validates (rl-train refusing a
+# configuration) does not wait ~1.6 s for it.
+if TYPE_CHECKING:
+    import torch
 
 TensorDtype = Literal["int64", "float32"]
 
@@ -31,7 +36,6 @@ LOSS_INPUT_DTYPES: dict[str, TensorDtype] = {
     "sequence_ratio_mask": "float32",
 }
 _NUMPY_DTYPES: dict[TensorDtype, type] = {"int64": np.int64, "float32": np.float32}
-_TORCH_DTYPES: dict[TensorDtype, torch.dtype] = {"int64": torch.int64, "float32": torch.float32}
 
 
 class EncodedTextChunk(StrictModel):
@@ -165,6 +169,8 @@ class TensorData(StrictModel):
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> TensorData:
         """bfloat16 and float16 widen to float32; bool is refused rather than guessed."""
+        import torch
+
         if tensor.dtype == torch.bool or tensor.is_complex():
             raise ValueError(f"TensorData holds integers or floats, not torch dtype {tensor.dtype}")
         if tensor.is_floating_point():
@@ -181,6 +187,8 @@ class TensorData(StrictModel):
         return dense
 
     def to_torch(self) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self.to_numpy())
 
     def tolist(self) -> list:
@@ -194,7 +202,8 @@ def as_tensor_data(name: str, value: Any) -> Any:
     for an input of no fixed meaning is int64 if all its values are integers, else float32. Anything else is
     returned unchanged for pydantic to validate.
     """
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a torch tensor exists only once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         return TensorData.from_torch(value)
     if isinstance(value, np.ndarray):
         return TensorData.from_numpy(value)
