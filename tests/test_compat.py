@@ -131,7 +131,7 @@ def test_on_policy_distillation(server, tiny_model_dir, tmp_path):
     assert len(rows) == 2 and all(row["teacher_kl"] > 0.01 for row in rows), rows
 
 
-def test_a_cookbook_environment_runs_in_the_rl_loop(ray_local, tiny_model_dir, tmp_path):
+def test_a_cookbook_environment_runs_in_the_rl_loop(shared_actors, tiny_model_dir, tmp_path):
     """The cookbook's multi-turn guess-the-number game, unchanged, through rl.cookbook's adapter."""
     import asyncio
 
@@ -146,7 +146,7 @@ def test_a_cookbook_environment_runs_in_the_rl_loop(ray_local, tiny_model_dir, t
         test_group_size=1)())
     config = tiny_config(tiny_model_dir, tmp_path, steps=2, eval_every=2, eval_prompts=2,
                          algo={"prompts_per_step": 2, "group_size": 4})
-    history = train(config, CookbookEnvironment("guess_number", train_set, test_set))
+    history = train(config, CookbookEnvironment("guess_number", train_set, test_set), shared_actors(config))
     for record in history[:2]:
         assert record["datums"] >= 0 and 1.0 <= record["env/turns"] <= 8.0, record
         # The game re-renders its history with the model's turns as role "player", where the model was sampled

@@ -547,7 +547,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 """
 
 
-def test_several_benchmarks_are_evaluated_each_on_its_own_and_together(ray_local, tiny_model_dir, tmp_path):
+def test_several_benchmarks_are_evaluated_each_on_its_own_and_together(shared_actors, tiny_model_dir, tmp_path):
     """verl's validation files, one per data set (data.eval a pattern): each data source's first eval_prompts
     problems are evaluated and its accuracy logged as eval/SOURCE/accuracy, beside eval/accuracy over all of them."""
     for source, count in (("gsm8k", 3), ("math", 4)):
@@ -568,7 +568,8 @@ def test_several_benchmarks_are_evaluated_each_on_its_own_and_together(ray_local
         "gsm8k/accuracy": 1.0}
     assert file_task(None, str(tmp_path / "math" / "test.parquet"), 0, format_reward=0.0,
                      fields={"answer": "reward_model.ground_truth"}).metrics(gsm8k, "1") == {}, "one source: none"
-    [record] = rl_loop.train(tiny_config(tiny_model_dir, tmp_path / "run", steps=0, eval_prompts=2), task)
+    config = tiny_config(tiny_model_dir, tmp_path / "run", steps=0, eval_prompts=2)
+    [record] = rl_loop.train(config, task, shared_actors(config))
     evaluated = [line for line in samples(tmp_path / "run") if line["split"] == "eval"]
     assert len(evaluated) == 4
     for source in ("gsm8k", "math"):

@@ -15,11 +15,11 @@ from rl.tasks import Addition
 from rl.types import Datum, ModelInput, TensorData
 
 
-def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
+def test_dpo_learns_its_training_pairs(shared_actors, tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path, steps=8, eval_every=8, eval_prompts=8)
     config.algo = AlgoConfig(loop="dpo", loss_fn="dpo", loss_fn_config={"beta": 0.1}, learning_rate=1e-2,
                              prompts_per_step=8, train_examples=8, max_tokens=8)
-    history = dpo.train(config, Addition())
+    history = dpo.train(config, Addition(), shared_actors(config))
     steps = [record for record in history if "loss" in record]
     assert len(steps) == 8 and metrics(tmp_path) == history
     assert {"dpo_accuracy:mean", "dpo_margin:mean", "dpo_chosen_reward:mean", "dpo_rejected_reward:mean",
@@ -33,13 +33,13 @@ def test_dpo_learns_its_training_pairs(ray_local, tiny_model_dir, tmp_path):
         assert record["eval/accuracy"] * 8 == pytest.approx(round(record["eval/accuracy"] * 8)), record
 
 
-def test_simpo_learns_its_training_pairs_with_no_reference(ray_local, tiny_model_dir, tmp_path):
+def test_simpo_learns_its_training_pairs_with_no_reference(shared_actors, tiny_model_dir, tmp_path):
     # SimPO ranks by the policy's own mean logprob per reply token: at step 0 the margins are the base model's (not
     # 0, as DPO's), and the run makes no reference, neither a frozen adapter nor the base model's logprobs.
     config = tiny_config(tiny_model_dir, tmp_path, steps=8, eval_every=8, eval_prompts=8)
     config.algo = AlgoConfig(loop="dpo", loss_fn="simpo", learning_rate=1e-2, prompts_per_step=8, train_examples=8,
                              max_tokens=8)
-    history = dpo.train(config, Addition())
+    history = dpo.train(config, Addition(), shared_actors(config))
     steps = [record for record in history if "loss" in record]
     assert abs(steps[0]["dpo_margin:mean"]) > 1e-3 and steps[0]["loss"] > math.log(2), steps[0]
     assert steps[-1]["dpo_accuracy:mean"] > 0.9 and steps[-1]["loss"] < steps[0]["loss"] / 2, steps[-1]
@@ -50,11 +50,11 @@ def test_simpo_learns_its_training_pairs_with_no_reference(ray_local, tiny_model
         "model.adapter", str(tmp_path))
 
 
-def test_sft_halves_its_loss(ray_local, tiny_model_dir, tmp_path):
+def test_sft_halves_its_loss(shared_actors, tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path, steps=8, eval_every=8, eval_prompts=4)
     config.algo = AlgoConfig(loop="sft", loss_fn="cross_entropy", learning_rate=1e-2, lr_schedule="cosine",
                              prompts_per_step=8, train_examples=8, max_tokens=8)
-    history = sft.train(config, Addition())
+    history = sft.train(config, Addition(), shared_actors(config))
     losses = [record["loss"] for record in history if "loss" in record]
     assert len(losses) == 8 and losses[-1] < losses[0] / 2, losses
     # The optimizer applied the schedule's rate at each step: 1e-2 * (1 + cos(pi * step / 8)) / 2.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 import pytest
-from test_rl_loop import one_learner_and_pool, samples, tiny_config
+from test_rl_loop import samples, tiny_config
 from transformers import AutoTokenizer
 
 from rl.chat import chat_tokens, completion_text, message_tokens
@@ -216,13 +216,13 @@ def test_guess_number_evaluates_each_secret_once(tokenizer):
 MULTI_TURN = {"steps": 4, "eval_every": 4, "eval_prompts": 4, "algo": {"prompts_per_step": 4, "group_size": 4}}
 
 
-def test_the_rl_loop_trains_on_episodes_and_resumes_in_the_middle_exactly(ray_local, tiny_model_dir, tmp_path):
+def test_the_rl_loop_trains_on_episodes_and_resumes_in_the_middle_exactly(shared_actors, tiny_model_dir, tmp_path):
     environment = Scripted(options={"turns": 2})
     interrupted = tiny_config(tiny_model_dir, tmp_path / "resumed", **MULTI_TURN, checkpoint_every=2)
-    with one_learner_and_pool(interrupted) as shared:
-        straight = train(tiny_config(tiny_model_dir, tmp_path / "straight", **MULTI_TURN), environment, shared)
-        train(replace(interrupted, steps=2), environment, shared)  # stops after step 1, as if killed there
-        resumed = train(replace(interrupted, resume=True), environment, shared)
+    shared = shared_actors(interrupted)
+    straight = train(tiny_config(tiny_model_dir, tmp_path / "straight", **MULTI_TURN), environment, shared)
+    train(replace(interrupted, steps=2), environment, shared)  # stops after step 1, as if killed there
+    resumed = train(replace(interrupted, resume=True), environment, shared)
     for record in straight[::4]:  # the environment's metrics, averaged over each evaluation's episodes
         evaluated = [line for line in samples(tmp_path / "straight")
                      if line["split"] == "eval" and line["step"] == record["step"]]

@@ -207,7 +207,7 @@ def judge_adapter(tiny_model_dir, tmp_path_factory):
 
 # An adapter judge asked pairwise, and the base model as a judge of one reply (which also judges the evaluations).
 @pytest.mark.parametrize("judge", ["base", "pairwise"])
-def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local, tiny_model_dir, judge_adapter,
+def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(shared_actors, tiny_model_dir, judge_adapter,
                                                                          tmp_path, monkeypatch, judge):
     calls = {"train": [], "eval": []}  # (groups, the judge's probabilities) of each call, in training and evaluation
 
@@ -232,7 +232,7 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
                          judge=JudgeConfig(adapter="base" if judge == "base" else str(judge_adapter),
                                            question=question), algo={"prompts_per_step": 2, "group_size": 4})
     check(config)
-    first, final = rl_loop.train(config, Digits())
+    first, final = rl_loop.train(config, Digits(), shared_actors(config))
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -286,7 +286,7 @@ def test_rl_rewards_are_the_judges_probabilities_as_peft_computes_them(ray_local
 
 
 def test_sft_trains_a_pairwise_judge_on_preference_pairs_and_holds_out_its_pair_accuracy(
-        ray_local, tiny_model_dir, tmp_path, monkeypatch):
+        shared_actors, tiny_model_dir, tmp_path, monkeypatch):
     pairs = [{"prompt": f"What is {a} + {b}?", "chosen": f"Answer: {a + b}", "rejected": f"Answer: {a + b + 1}"}
              for a in range(4) for b in range(4)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
@@ -305,7 +305,7 @@ def test_sft_trains_a_pairwise_judge_on_preference_pairs_and_holds_out_its_pair_
                          judge=JudgeConfig(question=question),
                          algo={"loop": "sft", "loss_fn": "cross_entropy", "prompts_per_step": 8})
     check(config)
-    history = rl.driver.sft.train(config, Digits())
+    history = rl.driver.sft.train(config, Digits(), shared_actors(config))
     losses = [record["loss"] for record in history if "loss" in record]
     assert losses[-1] < losses[0] / 2, losses
     assert len(calls) == 2 and "eval/accuracy" not in history[-1], "the pairs' accuracy, not the task's"

@@ -5,8 +5,6 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from rl.driver.rl import (
     train,
     turn_advantages,
 )
-from rl.driver.run import Run, Shared
+from rl.driver.run import Run
 from rl.driver.state import read_state
 from rl.metrics import RunLog, summary_line
 from rl.tasks import Digits, Problem
@@ -43,17 +41,6 @@ def tiny_config(model_dir, output_dir, **fields) -> TrainConfig:
                          algo=algo, logger=LoggerConfig(wandb_mode="disabled"))
     return replace(config, **{key: value for key, value in fields.items() if key != "algo"},
                    algo=replace(algo, **fields.get("algo", {})))
-
-
-@contextmanager
-def one_learner_and_pool(*configs: TrainConfig) -> Iterator[Shared]:
-    """One learner and sampler pool for a test's runs one after another, as a sweep's runs share them (rl.sweep):
-    each run keeps its own adapter, folder, seeds and checkpoints, and the actors start once."""
-    shared = Shared.start(list(configs))
-    try:
-        yield shared
-    finally:
-        shared.close()
 
 
 def metrics(folder) -> list[dict]:
@@ -192,8 +179,9 @@ def test_a_steps_sequences_split_into_minibatches_in_order_each_on_the_whole_ste
     assert minibatch_datums([], 4, sampled_tokens=0) == []
 
 
-def test_num_substeps_takes_an_optimizer_step_per_minibatch(ray_local, tiny_model_dir, tmp_path):
-    history = train(tiny_config(tiny_model_dir, tmp_path, eval_every=0, algo={"num_substeps": 3}), Digits())
+def test_num_substeps_takes_an_optimizer_step_per_minibatch(shared_actors, tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path, eval_every=0, algo={"num_substeps": 3})
+    history = train(config, Digits(), shared_actors(config))
     assert [record["step:max"] for record in history] == [3.0, 6.0], "three optimizer steps a step"
     # Weights are named and counted by the loop's steps, not the learner's optimizer steps.
     assert [record["sampler/weights_step"] for record in history] == [0, 1]
@@ -205,10 +193,10 @@ def test_num_substeps_takes_an_optimizer_step_per_minibatch(ray_local, tiny_mode
         assert 0 < record["tokens/computed"] <= record["tokens/trained"], record  # prompts shared: computed once
 
 
-def test_the_adapter_adapts_the_layers_the_model_config_names(ray_local, tiny_model_dir, tmp_path):
+def test_the_adapter_adapts_the_layers_the_model_config_names(shared_actors, tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path, steps=1, eval_every=0)
     config = replace(config, model=replace(config.model, train_mlp=False, train_unembed=False))
-    [record] = train(config, Digits())
+    [record] = train(config, Digits(), shared_actors(config))
     assert record["datums"] > 0 and record["kl/sampler_vs_learner_sq"] < 1e-6, "trained, and the sampler serves it"
     [run_folder] = (tmp_path / "checkpoints").iterdir()
     [weights] = (run_folder / "sampler_weights").iterdir()
@@ -306,9 +294,10 @@ LEARNING = {"steps": 12, "eval_every": 12, "eval_prompts": 16}
 
 
 @pytest.fixture(scope="module")
-def learned(ray_local, tiny_model_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+def learned(shared_actors, tiny_model_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
     folder = tmp_path_factory.mktemp("learned")
-    return folder, train(tiny_config(tiny_model_dir, folder, **LEARNING), Digits())
+    config = tiny_config(tiny_model_dir, folder, **LEARNING)
+    return folder, train(config, Digits(), shared_actors(config))
 
 
 def test_the_tiny_model_learns_a_task(learned):
@@ -325,10 +314,11 @@ def test_the_tiny_model_learns_a_task(learned):
     assert learned[0]["eval/accuracy"] < 0.3 and learned[-1]["eval/accuracy"] > 0.8, learned[-1]
 
 
-def test_steps_0_evaluates_the_adapter_the_run_starts_from(learned, tiny_model_dir, tmp_path):
+def test_steps_0_evaluates_the_adapter_the_run_starts_from(learned, shared_actors, tiny_model_dir, tmp_path):
     folder, history = learned
     config = tiny_config(tiny_model_dir, tmp_path, steps=0, eval_prompts=LEARNING["eval_prompts"])
-    [record] = train(replace(config, model=replace(config.model, adapter=str(folder))), Digits())
+    config = replace(config, model=replace(config.model, adapter=str(folder)))
+    [record] = train(config, Digits(), shared_actors(config))
     assert record["step"] == 0 and record["eval/accuracy"] == history[-1]["eval/accuracy"] > 0.8, record
 
     def answers(run_folder: Path, step: int) -> list[str]:
@@ -340,14 +330,16 @@ def test_steps_0_evaluates_the_adapter_the_run_starts_from(learned, tiny_model_d
     assert not (tmp_path / "state.json").exists(), "nothing trained, nothing saved"
 
 
-def test_on_policy_distillation_learns_a_teachers_behaviour_from_its_logprobs_alone(learned, tiny_model_dir, tmp_path):
+def test_on_policy_distillation_learns_a_teachers_behaviour_from_its_logprobs_alone(learned, shared_actors,
+                                                                                     tiny_model_dir, tmp_path):
     # The teacher: the run that learned to answer in digits (rank 8, every layer). The student: rank 4 without the
     # MLP's layers, trained on the teacher's per-token KL of the student's own samples, its rewards weighted 0.
     folder, taught = learned
     config = tiny_config(tiny_model_dir, tmp_path, steps=LEARNING["steps"], eval_every=LEARNING["steps"],
                          eval_prompts=LEARNING["eval_prompts"], algo={"teacher": str(folder), "reward_coef": 0.0,
                                                                       "kl_coef": 1.0})
-    history = train(replace(config, model=replace(config.model, lora_rank=4, train_mlp=False)), Digits())
+    config = replace(config, model=replace(config.model, lora_rank=4, train_mlp=False))
+    history = train(config, Digits(), shared_actors(config))
     steps = history[:-1]
     kl, rewards = [r["kl/sampler_vs_teacher"] for r in steps], [r["reward/mean"] for r in steps]
     # Measured: KL 8.4 at step 0 (the student is the base model) down to 0.01 by step 11; reward 0.1 up to 1.0.
@@ -371,7 +363,7 @@ def test_on_policy_distillation_learns_a_teachers_behaviour_from_its_logprobs_al
     assert first["memory/teacher_gib"] > 0 and first["memory/teacher_gib"] != first["memory/learner_gib"]
 
 
-def test_distillation_alone_trains_on_prompts_without_answers(learned, tiny_model_dir, tmp_path):
+def test_distillation_alone_trains_on_prompts_without_answers(learned, shared_actors, tiny_model_dir, tmp_path):
     from rl.train import source_of
 
     folder, _ = learned
@@ -384,7 +376,7 @@ def test_distillation_alone_trains_on_prompts_without_answers(learned, tiny_mode
     assert {problem.answer for problem in task.train} == {None} and (len(task.train), task.held_out) == (20, ()), \
         "with eval_every=0 every prompt trains"
     assert task.reward(task.train[0], "Answer: 7") == 0.0 and task.accuracy(task.train[0], "7") == 0.0
-    history = train(config, task)
+    history = train(config, task, shared_actors(config))
     assert [record["datums"] for record in history] == [64, 64], "every sample trains on the teacher's KL"
     assert all(record["kl/sampler_vs_teacher"] > 1.0 and record["reward/mean"] == 0.0 for record in history)
     # Held-out accuracy needs answers; a run that trains on its rewards needs them in every problem.
@@ -416,13 +408,13 @@ def test_a_loss_over_pairs_pairs_each_groups_best_and_worst_episode():
     assert datum.loss_fn_inputs["weights"].data == [0.0, 1.0, 1.0] and datum.model_input.to_ints() == [1, 2, 13]
 
 
-def test_rl_with_a_loss_over_pairs_is_online_dpo(ray_local, tiny_model_dir, tmp_path):
+def test_rl_with_a_loss_over_pairs_is_online_dpo(shared_actors, tiny_model_dir, tmp_path):
     # Each group's best and worst sample, scored by the task, are a (chosen, rejected) pair for the dpo loss against
     # the base model (which the learner computes in the same pass): DPO on the policy's own samples. (Whether it
     # learns is measured on SmolLM2: recipe arithmetic_online_dpo, docs/recipes.md.)
     config = tiny_config(tiny_model_dir, tmp_path, steps=4, eval_every=0, algo={
         "loss_fn": "dpo", "loss_fn_config": {"beta": 0.1}, "learning_rate": 1e-2})
-    history = train(config, Digits())
+    history = train(config, Digits(), shared_actors(config))
     # Digits' rewards (the share of digits) differ within most groups of the random model's samples.
     assert all(4 <= record["pairs"] <= 8 and record["datums"] == 2 * record["pairs"] for record in history), history
     assert abs(history[0]["dpo_margin:mean"]) < 1e-4 and history[0]["dpo_accuracy:mean"] == 0.0, (
@@ -517,11 +509,13 @@ def test_held_out_metrics_are_the_mean_of_every_answer_and_pass_at_k_the_mean_of
     assert held_out_metrics([rewarded]) == {"eval/accuracy": 0.375, "eval/pass@2": 0.5}
 
 
-def test_eval_samples_answers_each_held_out_problem_k_times_at_eval_temperature(learned, tiny_model_dir, tmp_path):
+def test_eval_samples_answers_each_held_out_problem_k_times_at_eval_temperature(learned, shared_actors,
+                                                                                tiny_model_dir, tmp_path):
     folder, _ = learned
     config = tiny_config(tiny_model_dir, tmp_path, steps=0, eval_prompts=LEARNING["eval_prompts"], eval_samples=4,
                          eval_temperature=1.6)
-    [record] = train(replace(config, model=replace(config.model, adapter=str(folder))), Digits())
+    config = replace(config, model=replace(config.model, adapter=str(folder)))
+    [record] = train(config, Digits(), shared_actors(config))
     answers = [line for line in samples(tmp_path) if line["split"] == "eval"]
     assert [(line["group"], line["episode"]) for line in answers] == [(p, k) for p in range(16) for k in range(4)]
     scores = [[line["metrics"]["accuracy"] for line in answers if line["group"] == problem] for problem in range(16)]
@@ -603,16 +597,16 @@ class FlakyTask(Digits):
 _calls: list[str] = []
 
 
-def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(ray_local, tiny_model_dir, tmp_path):
+def test_a_failing_reward_is_named_and_the_last_checkpoint_resumes(shared_actors, tiny_model_dir, tmp_path):
     _calls.clear()
     config = tiny_config(tiny_model_dir, tmp_path, steps=3, checkpoint_every=1, checkpoint_keep=2,
                          algo={"loss_fn": "dro"})
-    with one_learner_and_pool(config) as shared:  # as in a sweep: the failed run's actors serve on
-        with pytest.raises(RuntimeError, match=r"environment 'flaky' raised in step 1, group \d, episode \d, "
-                                               r"turn 0: step: KeyError\('no such answer'\)"):
-            train(config, FlakyTask(), shared)
-        assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
-        history = train(replace(config, resume=True), Digits(), shared)
+    shared = shared_actors(config)  # as in a sweep: the failed run's actors serve on
+    with pytest.raises(RuntimeError, match=r"environment 'flaky' raised in step 1, group \d, episode \d, "
+                                           r"turn 0: step: KeyError\('no such answer'\)"):
+        train(config, FlakyTask(), shared)
+    assert read_state(tmp_path)["step"] == 1, "step 0's checkpoint was saved before step 1 failed"
+    history = train(replace(config, resume=True), Digits(), shared)
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert [(line["step"], line["split"]) for line in samples(tmp_path)][::8] == [
         (0, "train"), (0, "eval"), (1, "train"), (2, "train"), (3, "eval")], "each step's samples once"

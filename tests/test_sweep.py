@@ -16,9 +16,10 @@ import psutil
 import pytest
 import ray
 from safetensors.torch import load_file
-from test_rl_loop import metrics, one_learner_and_pool, samples, tiny_config
+from test_rl_loop import metrics, samples, tiny_config
 
 from rl.config import AlgoConfig, LearnerConfig, ModelConfig, SamplerConfig, SweepConfig, TaskConfig, TrainConfig
+from rl.driver.run import Shared
 from rl.driver.state import read_state, write_state
 from rl.learner import LearnerActor
 from rl.learner.batching import CoalescedCalls
@@ -116,12 +117,16 @@ def test_a_sweep_shares_one_learner_and_pool_and_each_run_is_as_alone(tiny_model
     folders = [Path(job.config.output_dir) for job in swept[:2]]
     alone = [replace(job.config, output_dir=str(tmp_path / "alone" / folder.name))
              for folder, job in zip(folders, swept, strict=False)]
-    with one_learner_and_pool(*alone) as shared:  # one run at a time: nothing of the other's in its passes
+    # One run at a time (nothing of the other's in its passes), on actors started as the sweep's were (a core each).
+    shared = Shared.start(alone)
+    try:
         for folder, job, config in zip(folders, swept, alone, strict=False):
             assert len(list((folder / "checkpoints").iterdir())) == 1 and (folder / "curves.png").is_file()
             history = run(config, shared)
             assert [r["reward/mean"] for r in history[:2]] == [r["reward/mean"] for r in job.history[:2]]
             assert_close(adapter(folder, "step-2"), adapter(Path(config.output_dir), "step-2"))
+    finally:
+        shared.close()
     assert not adapter(folders[0], "step-2").keys() - adapter(folders[1], "step-2").keys()
     first_finals = [adapter(folder, "step-2") for folder in folders]
 
