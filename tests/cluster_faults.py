@@ -5,8 +5,8 @@ test session has its own local Ray.
 The run (learner on node A, two sampler replicas spread over nodes B, C and D) suffers, in order: a sampler
 replica's process SIGKILLed during step 1; the learner's process SIGKILLed after step 2 is logged (restarted by
 `rl-train` from the checkpoint of step 2); the node of a replica removed during step 4. Then a sweep of two runs
-(`rl-train -m`, one driver) on two nodes added for it. Last, `rl-train` runs as its own driver process (algo=ppo,
-wandb offline), is SIGKILLed after its second checkpoint, and `resume=true` finishes it.
+(`rl-train -m`, one driver process, algo=ppo, wandb offline) on two nodes added for it, SIGKILLed once each run has
+saved a checkpoint; the same command with `resume=true` finishes it.
 
     python tests/cluster_faults.py MODEL_DIR OUTPUT_DIR
 """
@@ -84,41 +84,33 @@ def rl_train(address: str, model_dir: str, *overrides: str, multirun: bool = Fal
             f"cluster.address={address}", *overrides]
 
 
-def kill_and_resume_the_driver(address: str, model_dir: str, folder: Path) -> dict:
-    command = rl_train(address, model_dir, "algo=ppo", "steps=5", "checkpoint_every=1", f"hydra.run.dir={folder}")
-    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
-    wait_until(lambda: (read_state(folder) or {"step": 0})["step"] >= 2 or driver.poll() is not None)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    killed_at = read_state(folder)["step"]
-    steps_when_killed = logged_steps(folder)
-    resumed = subprocess.run(command + ["resume=true"], capture_output=True, text=True, timeout=600, env=environment)
-    return {"killed_at_checkpoint": killed_at, "steps_when_killed": steps_when_killed,
-            "resume_returncode": resumed.returncode, "resume_output": (resumed.stdout + resumed.stderr)[-3000:],
-            "steps": logged_steps(folder), "algo": json.loads((folder / "config.json").read_text())["algo"],
-            "wandb_runs": sorted(path.name for path in (folder / "wandb").glob("offline-run-*")),
-            "placement_groups_left": [group["state"] for group in ray.util.placement_group_table().values()
-                                      if group["state"] != "REMOVED"]}
-
-
 def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder: Path) -> dict:
-    """`rl-train -m` with two runs as one driver, on two nodes added for it that each hold one run (its learner and
-    sampler packed on one node): where each run's actors ran, and how many learners ran there at once."""
+    """`rl-train -m` (algo=ppo, wandb offline) with two runs as one driver, on two nodes added for it that each hold
+    one run (its learner and sampler packed on one node), SIGKILLed once both runs have saved a checkpoint; then the
+    same command with resume=true, in a sweep folder beside the first, finishes both: where each run's actors ran,
+    how many learners ran there at once, and what each run logged."""
     nodes = [cluster.add_node(num_cpus=2, resources={"sweep_node": 2}, object_store_memory=200 * 2**20)
              for _ in range(2)]
     cluster.wait_for_nodes()
     node_ids = {node.node_id for node in nodes}
-    command = rl_train(address, model_dir, "algo.learning_rate=1e-2,3e-3", "steps=2",
-                       "learner.resources={sweep_node:1}", "sampler.resources={sweep_node:1}",
-                       "cluster.placement_strategy=STRICT_PACK", "logger.wandb_mode=disabled",
-                       "sweep.share=false", f"hydra.sweep.dir={folder}", multirun=True)
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = rl_train(address, model_dir, "algo=ppo", "algo.learning_rate=1e-2,3e-3", "steps=3",
+                       "checkpoint_every=1", "learner.resources={sweep_node:1}", "sampler.resources={sweep_node:1}",
+                       "cluster.placement_strategy=STRICT_PACK", "sweep.share=false", multirun=True)
+    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    killed = subprocess.Popen(command + [f"hydra.sweep.dir={folder / 'first'}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=environment)
+    runs = [folder / "first" / str(index) for index in range(2)]
+    wait_until(lambda: all((read_state(run) or {"step": 0})["step"] >= 1 for run in runs) or killed.poll() is not None)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed_at = [(read_state(run) or {"step": None})["step"] for run in runs]
+    resumed = subprocess.Popen(command + ["resume=true", f"hydra.sweep.dir={folder / 'resumed'}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     at_once = 0
-    while driver.poll() is None:
+    while resumed.poll() is None:
         at_once = max(at_once, sum(actor.node_id in node_ids for actor in alive("Learner")))
         time.sleep(0.5)
-    record = folder / "sweep.json"
+    record = folder / "resumed" / "sweep.json"
     jobs = json.loads(record.read_text()) if record.exists() else []  # none: the driver's output says why
     placed = {}
     for job in jobs:
@@ -126,9 +118,16 @@ def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder:
         samplers = list_actors(filters=[("class_name", "=", "Sampler"),
                                         ("placement_group_id", "=", learner.placement_group_id)], detail=True)
         placed[job["output_dir"]] = {"learner": learner.node_id, "samplers": [actor.node_id for actor in samplers]}
-    return {"node_ids": sorted(node_ids), "returncode": driver.returncode, "output": driver.stdout.read()[-3000:],
-            "status": [job["status"] for job in jobs], "placed": placed, "learners_at_once": at_once,
-            "steps": [logged_steps(Path(job["output_dir"])) for job in jobs]}
+    output = resumed.stdout.read()
+    return {"node_ids": sorted(node_ids), "killed_at": killed_at, "returncode": resumed.returncode,
+            "output": output[-3000:], "resuming": [line for line in output.splitlines() if "resuming " in line],
+            "status": [job["status"] for job in jobs],
+            "output_dirs": [job["output_dir"] for job in jobs], "runs": [str(run) for run in runs], "placed": placed,
+            "learners_at_once": at_once, "steps": [logged_steps(run) for run in runs],
+            "algo": json.loads((runs[0] / "config.json").read_text())["algo"],
+            "wandb_runs": [sorted(path.name for path in (run / "wandb").glob("offline-run-*")) for run in runs],
+            "placement_groups_left": [group["state"] for group in ray.util.placement_group_table().values()
+                                      if group["state"] != "REMOVED"]}
 
 
 def main(model_dir: str, output_dir: str) -> None:
@@ -155,8 +154,7 @@ def main(model_dir: str, output_dir: str) -> None:
               "history_steps": [record["step"] for record in history], "logged_steps": logged_steps(folder),
               "sampler_vs_learner": [record.get("kl/sampler_vs_learner_sq") for record in history],
               "bucket": sorted(path.name for path in (Path(output_dir) / "bucket").glob("*/weights/*")),
-              "sweep": sweep_over_two_nodes(cluster, cluster.address, model_dir, Path(output_dir) / "sweep"),
-              "driver": kill_and_resume_the_driver(cluster.address, model_dir, Path(output_dir) / "driver")}
+              "sweep": sweep_over_two_nodes(cluster, cluster.address, model_dir, Path(output_dir) / "sweep")}
     print("REPORT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()

@@ -53,21 +53,23 @@ def test_a_run_on_three_nodes_survives_faults_and_a_sweep_spreads_its_runs_over_
     after = events["replica_nodes_after"]
     assert events["removed_node"] not in after and len(after) == 2
     assert set(after) <= {nodes["B"], nodes["C"], nodes["D"]} - {events["removed_node"]}
-    # A sweep submitted as one driver trains its two runs at once, one on each node that has room for a run.
+    # A sweep submitted as one driver (algo=ppo through rl-train's config group, wandb offline), SIGKILLed once each
+    # run had saved a checkpoint; the same command with resume=true continued each run from its checkpoint, in its
+    # folder, both at once, one on each node that has room for a run.
     sweep = report["sweep"]
     assert sweep["returncode"] == 0 and sweep["status"] == ["done", "done"], sweep["output"]
-    assert sweep["steps"] == [[0, 1, 2], [0, 1, 2]] and sweep["learners_at_once"] == 2, sweep
+    assert sweep["output_dirs"] == sweep["runs"], "each run continued in the first sweep's folder"
+    assert all(step is not None and 1 <= step < 3 for step in sweep["killed_at"]), sweep["killed_at"]
+    for run, step in zip(sweep["runs"], sweep["killed_at"], strict=True):
+        assert any(f"resuming {run} at step {step}" in line for line in sweep["resuming"]), sweep["resuming"]
+    assert sweep["steps"] == [[0, 1, 2, 3], [0, 1, 2, 3]], "steps logged before the kill are kept once, the rest redone"
     assert "algo.learning_rate=0.01 | done" in sweep["output"] and "algo.learning_rate=0.003 | done" in sweep["output"]
+    assert sweep["learners_at_once"] == 2, sweep
     placed = list(sweep["placed"].values())
     assert sorted(run["learner"] for run in placed) == sweep["node_ids"], sweep
     assert all(run["samplers"] == [run["learner"]] for run in placed), placed  # each run's actors on its node
-    # The driver SIGKILLed after its checkpoint of step 2: resume=true continued from there to the end.
-    driver = report["driver"]
-    assert driver["killed_at_checkpoint"] >= 2 and driver["resume_returncode"] == 0, driver["resume_output"]
-    assert f"at step {driver['killed_at_checkpoint']}" in driver["resume_output"]
-    assert driver["steps"] == [0, 1, 2, 3, 4, 5], "steps logged before the kill are kept once, the rest redone"
-    assert driver["algo"]["loss_fn"] == "ppo" and driver["algo"]["loss_fn_config"] == {
+    assert sweep["algo"]["loss_fn"] == "ppo" and sweep["algo"]["loss_fn_config"] == {
         "clip_low_threshold": 0.8, "clip_high_threshold": 1.2}, "the ppo config group, through rl-train"
-    wandb_runs = driver["wandb_runs"]
-    assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, "one wandb run id"
-    assert driver["placement_groups_left"] == [], "each run gave its placement group back"
+    for wandb_runs in sweep["wandb_runs"]:
+        assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, "one wandb run id"
+    assert sweep["placement_groups_left"] == [], "each run gave its placement group back"

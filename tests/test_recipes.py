@@ -5,11 +5,11 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow
 import pyarrow.parquet
-import pytest
 
 RL_TRAIN = str(Path(sys.executable).parent / "rl-train")
 RECIPES = ("arithmetic_rl", "gsm_rl", "arithmetic_dpo", "gsm_sft", "calculator_rl", "guess_number_rl",
@@ -23,6 +23,12 @@ def rl_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run([RL_TRAIN, *overrides], cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=600)
+
+
+def rl_train_at_once(*launches: tuple[str, ...], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """`rl_train` with each launch's overrides, the processes all at once."""
+    with ThreadPoolExecutor(len(launches)) as threads:
+        return list(threads.map(lambda overrides: rl_train(*overrides, cwd=cwd), launches))
 
 
 def records(run: Path) -> list[dict]:
@@ -86,44 +92,43 @@ def test_a_folder_named_rl_where_a_process_starts_does_not_hide_the_package(tmp_
 
 
 def test_rl_train_names_what_is_wrong(tmp_path):
-    unknown_recipe = rl_train("recipe=nope", cwd=tmp_path)
+    unknown_recipe, unknown_key, added_key, wrong_type, bad_values, nothing_to_resume, no_judge, no_pairs = \
+        rl_train_at_once(("recipe=nope",), ("algo.learning_rat=1e-3",),
+                         ("+algo.learning_rat=1e-3",),  # past Hydra, caught by the typed schema
+                         ("steps=many",), ("algo.loss_fn=nosuch", "steps=-1", *SMALL), ("resume=true", *SMALL),
+                         ("recipe=arithmetic_judge_rl", *SMALL), ("recipe=arithmetic_dpo", "task=digits", *SMALL),
+                         cwd=tmp_path)
     assert unknown_recipe.returncode != 0 and "recipe/nope" in unknown_recipe.stderr
     assert "arithmetic_rl" in unknown_recipe.stderr, "the known recipes are listed"
-    unknown_key = rl_train("algo.learning_rat=1e-3", cwd=tmp_path)
     assert unknown_key.returncode != 0 and "Could not override 'algo.learning_rat'" in unknown_key.stderr
-    added_key = rl_train("+algo.learning_rat=1e-3", cwd=tmp_path)  # past Hydra, caught by the typed schema
     assert added_key.returncode != 0 and "bad configuration at algo.learning_rat: not a known key" in added_key.stderr
-    wrong_type = rl_train("steps=many", cwd=tmp_path)
     assert wrong_type.returncode != 0 and "Value 'many' of type 'str' could not be converted to Integer" in \
         wrong_type.stderr and "full_key: steps" in wrong_type.stderr
-    bad_values = rl_train("algo.loss_fn=nosuch", "steps=-1", *SMALL, cwd=tmp_path)
     assert bad_values.returncode != 0 and "steps=-1: 0 (evaluate only) or more" in bad_values.stderr
     assert "algo.loss_fn='nosuch': one of cross_entropy" in bad_values.stderr
-    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("wandb")), "nothing started"
-    nothing_to_resume = rl_train("resume=true", *SMALL, cwd=tmp_path)
     assert nothing_to_resume.returncode != 0 and "resume=true: no run with a checkpoint" in nothing_to_resume.stderr
-    no_judge = rl_train("recipe=arithmetic_judge_rl", *SMALL, cwd=tmp_path)
     assert no_judge.returncode != 0 and "judge.adapter=None: the judge's adapter folder or run folder, or base: " \
         "recipe arithmetic_judge_rl rewards with a judge's verdicts" in no_judge.stderr
-    no_pairs = rl_train("recipe=arithmetic_dpo", "task=digits", *SMALL, cwd=tmp_path)
     assert "task 'digits' has no integer reference answers" in no_pairs.stderr
     assert "rl-train: the run in" in no_pairs.stderr and "it had saved no checkpoint yet" in no_pairs.stderr
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("wandb")), "nothing started"
 
 
 def test_the_jsonl_recipes_train_on_your_own_file(tmp_path):
-    for recipe in ("rl_jsonl", "dpo_jsonl", "rlhf_jsonl"):
-        unset = rl_train(f"recipe={recipe}", cwd=tmp_path)
-        assert unset.returncode != 0 and f"data.train=None: a file of your examples: recipe {recipe}" in \
-            unset.stderr, unset.stderr[-2000:]
-    assert "recipe rlhf_jsonl rewards with a judge's verdicts (recipe preference_model_jsonl trains one: rl-train " \
-        "recipe=preference_model_jsonl data.train=FILE" in unset.stderr, unset.stderr[-2000:]
-    # A Parquet file, its conversations in a column of another name (as the HF hub's data sets have them).
+    # A Parquet file, its conversations in a column of another name (as the HF hub's data sets have them); and each
+    # jsonl recipe launched without a file, at the same time.
     conversations = [[{"role": "user", "content": f"{a} + 1?"}, {"role": "assistant", "content": str(a + 1)}]
                      for a in range(10)]
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"chat": c} for c in conversations]),
                                 tmp_path / "mine.parquet")
-    result = rl_train("recipe=sft_jsonl", "data.train=mine.parquet", "data.fields={messages:chat}", "steps=2",
-                      *SMALL, cwd=tmp_path)
+    result, *unset = rl_train_at_once(
+        ("recipe=sft_jsonl", "data.train=mine.parquet", "data.fields={messages:chat}", "steps=2", *SMALL),
+        *((f"recipe={recipe}",) for recipe in ("rl_jsonl", "dpo_jsonl", "rlhf_jsonl")), cwd=tmp_path)
+    for recipe, refused in zip(("rl_jsonl", "dpo_jsonl", "rlhf_jsonl"), unset, strict=True):
+        assert refused.returncode != 0 and f"data.train=None: a file of your examples: recipe {recipe}" in \
+            refused.stderr, refused.stderr[-2000:]
+    assert "recipe rlhf_jsonl rewards with a judge's verdicts (recipe preference_model_jsonl trains one: rl-train " \
+        "recipe=preference_model_jsonl data.train=FILE" in refused.stderr, refused.stderr[-2000:]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data: 8 examples to train on from mine.parquet, 2 held out of its own" in result.stdout, result.stdout
     (run,) = (tmp_path / "outputs" / "sft_jsonl").iterdir()
@@ -160,25 +165,30 @@ def test_rlhf_from_your_preference_pairs_a_preference_model_then_rl_from_it(tmp_
     assert [len(prompt) > 0 and reference is None for prompt, _, reference in baseline] == [True, True]
 
 
-@pytest.mark.parametrize("recipe", ["custom_task", "custom_env"])
-def test_your_own_task_or_environment_trains_from_python(tmp_path, recipe):
-    script = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
-    result = subprocess.run([sys.executable, str(script), "steps=1", *SMALL], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = (tmp_path / "outputs" / recipe).iterdir()
-    assert [r["step"] for r in records(run)] == [0, 1]
-    first = records(run)[0]
-    assert 0.0 <= first["reward/mean"] <= 1.0 and first["tokens/prompt"] > 0, first
-    if recipe == "custom_task":  # two prompts of one turn, each sampled 4 times
-        assert first["tokens/sampled"] <= 2 * 4 * 8 and first["tokens/prompt"] % 4 == 0, first
-    else:  # two groups of 4 episodes of 1 to 3 turns
-        assert 1.0 <= first["env/turns"] <= 3.0 and first["tokens/sampled"] <= 2 * 4 * 3 * 8, first
+def test_your_own_task_or_environment_trains_from_python(tmp_path):
+    # Both example scripts at once, as two users on one machine would run them (each with its own Ray).
+    scripts = Path(__file__).resolve().parents[1] / "recipes"
+    launched = {recipe: subprocess.Popen([sys.executable, str(scripts / f"{recipe}.py"), "steps=1", *SMALL],
+                                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, "WANDB_MODE": "disabled"})
+                for recipe in ("custom_task", "custom_env")}
+    for recipe, process in launched.items():
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, (recipe, stderr[-3000:])
+        (run,) = (tmp_path / "outputs" / recipe).iterdir()
+        assert [r["step"] for r in records(run)] == [0, 1]
+        first = records(run)[0]
+        assert 0.0 <= first["reward/mean"] <= 1.0 and first["tokens/prompt"] > 0, first
+        if recipe == "custom_task":  # two prompts of one turn, each sampled 4 times
+            assert first["tokens/sampled"] <= 2 * 4 * 8 and first["tokens/prompt"] % 4 == 0, first
+        else:  # two groups of 4 episodes of 1 to 3 turns
+            assert 1.0 <= first["env/turns"] <= 3.0 and first["tokens/sampled"] <= 2 * 4 * 3 * 8, first
 
 
 def test_resume_true_continues_the_latest_run_beside_the_new_folder(tmp_path):
     # rl-train gives each launch a new folder; resume=true without hydra.run.dir continues the run beside it
-    # whose state was written last (rl-train's whole resume path, killed and continued, is in test_cluster.py).
+    # whose state was written last (rl-train's whole resume path, a sweep killed and continued, is in
+    # test_cluster.py).
     from rl.config import TrainConfig
     from rl.driver.state import STATE
     from rl.train import resume_folder
