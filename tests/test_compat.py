@@ -107,15 +107,18 @@ def test_on_policy_distillation(server, tiny_model_dir, tmp_path):
     from tinker import types
 
     service = tinker.ServiceClient(base_url=server.url, api_key="tml-teacher")
-    trainer = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=0).result()
-    tokenizer = trainer.get_tokenizer()
-    tokens = tokenizer.encode("What is 2 + 3? The answer is 5.")
-    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
-    for _ in range(4):
-        trainer.forward_backward([datum], "cross_entropy").result()
-        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-    teacher = trainer.save_weights_for_sampler("teacher").result().path
+    try:
+        trainer = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=0).result()
+        tokenizer = trainer.get_tokenizer()
+        tokens = tokenizer.encode("What is 2 + 3? The answer is 5.")
+        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+        for _ in range(4):
+            trainer.forward_backward([datum], "cross_entropy").result()
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        teacher = trainer.save_weights_for_sampler("teacher").result().path
+    finally:  # its session's heartbeats would go on, and warn that "Tinker is down" once the server stops
+        service.close("success").result()
     data = tmp_path / "allenai" / "tulu-3-sft-mixture"
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text("".join(json.dumps({"messages": [
