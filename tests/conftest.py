@@ -35,20 +35,32 @@ def shared_actors(ray_local):
     """`shared_actors(config)`: a learner and sampler pool that tests' runs share one after another, as a sweep's
     runs share them (rl.sweep): each run keeps its own adapter, seeds, folder and checkpoints, and the actors start
     (~15 s on two cores) once for many tests. The set held is replaced when a run needs another (other actor
-    settings, `rl.sweep.share_key`; a pool where it has none; a larger LoRA rank than its pool serves). Tests of
-    what a run does with actors of its own (starting them, losing them, the cores they split) start their own."""
+    settings, `rl.sweep.share_key`; a pool where it has none; a larger LoRA rank than its pool serves), and when
+    its learner died (so that one test's lost learner fails that test alone). Tests of what a run does with actors
+    of its own (starting them, losing them, the cores they split) start their own."""
     from dataclasses import replace
+
+    import ray
 
     from rl.driver.run import Shared, samples
     from rl.sweep import share_key
 
     held: dict = {}
 
+    def learner_alive(shared) -> bool:
+        try:
+            ray.get(shared.learner.describe.remote())
+            return True
+        except ray.exceptions.RayActorError:
+            return False
+
     def actors_for(config):
         if not (held and held["key"] == share_key(config) and config.model.lora_rank <= held["rank"] and
-                (held["shared"].pool is not None or not samples(config))):
-            if held:
-                held.pop("shared").close()
+                (held["shared"].pool is not None or not samples(config)) and learner_alive(held["shared"])):
+            previous = held.pop("shared", None)
+            held.clear()
+            if previous is not None:
+                previous.close()
             rank = max(8, config.model.lora_rank)  # the pool's largest, so runs of rank 4 or 8 fit
             held.update(key=share_key(config), rank=rank,
                         shared=Shared.start([replace(config, model=replace(config.model, lora_rank=rank))]))
