@@ -76,14 +76,15 @@ def build_service(config: ServeConfig, keys: list[str]):
 
 
 def serve(config: ServeConfig) -> None:
-    import uvicorn
-
-    from rl.service.app import build_app
-
     keys = api_keys(config)
     if not keys and config.host not in LOOPBACK:
         raise ValueError(f"host={config.host}: with no API keys the server is open to anyone who can reach it, "
                          "so it only listens on loopback; set api_keys or RL_API_KEYS to serve other hosts")
+    # Imported after that check: the app imports the service, torch and transformers (~8 s).
+    import uvicorn
+
+    from rl.service.app import build_app
+
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     service = build_service(config, keys)
