@@ -93,6 +93,19 @@ def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder:
              for _ in range(2)]
     cluster.wait_for_nodes()
     node_ids = {node.node_id for node in nodes}
+
+    def placement() -> dict:
+        """Each learner on those nodes: its node, and the nodes of its placement group's samplers."""
+        found = {}
+        for learner in alive("Learner"):
+            if learner.node_id in node_ids:
+                (detail,) = list_actors(filters=[("actor_id", "=", learner.actor_id)], detail=True)
+                samplers = list_actors(filters=[("class_name", "=", "Sampler"), ("state", "=", "ALIVE"),
+                                                ("placement_group_id", "=", detail.placement_group_id)])
+                found[learner.actor_id] = {"learner": learner.node_id,
+                                           "samplers": [actor.node_id for actor in samplers]}
+        return found
+
     command = rl_train(address, model_dir, "algo=ppo", "algo.learning_rate=1e-2,3e-3", "steps=3",
                        "checkpoint_every=1", "learner.resources={sweep_node:1}", "sampler.resources={sweep_node:1}",
                        "cluster.placement_strategy=STRICT_PACK", "sweep.share=false", multirun=True)
@@ -100,25 +113,21 @@ def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder:
     killed = subprocess.Popen(command + [f"hydra.sweep.dir={folder / 'first'}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=environment)
     runs = [folder / "first" / str(index) for index in range(2)]
-    wait_until(lambda: all((read_state(run) or {"step": 0})["step"] >= 1 for run in runs) or killed.poll() is not None)
+    placed, at_once, deadline = {}, 0, time.monotonic() + 300
+    while not all((read_state(run) or {"step": 0})["step"] >= 1 for run in runs) and killed.poll() is None and \
+            time.monotonic() < deadline:
+        found = placement()
+        at_once = max(at_once, len(found))
+        placed.update({actor: where for actor, where in found.items() if where["samplers"]})
+        time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     killed_at = [(read_state(run) or {"step": None})["step"] for run in runs]
-    resumed = subprocess.Popen(command + ["resume=true", f"hydra.sweep.dir={folder / 'resumed'}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
-    at_once = 0
-    while resumed.poll() is None:
-        at_once = max(at_once, sum(actor.node_id in node_ids for actor in alive("Learner")))
-        time.sleep(0.5)
+    resumed = subprocess.run(command + ["resume=true", f"hydra.sweep.dir={folder / 'resumed'}"], capture_output=True,
+                             text=True, timeout=600, env=environment)
     record = folder / "resumed" / "sweep.json"
     jobs = json.loads(record.read_text()) if record.exists() else []  # none: the driver's output says why
-    placed = {}
-    for job in jobs:
-        (learner,) = list_actors(filters=[("actor_id", "=", job["learner"])], detail=True)
-        samplers = list_actors(filters=[("class_name", "=", "Sampler"),
-                                        ("placement_group_id", "=", learner.placement_group_id)], detail=True)
-        placed[job["output_dir"]] = {"learner": learner.node_id, "samplers": [actor.node_id for actor in samplers]}
-    output = resumed.stdout.read()
+    output = resumed.stdout + resumed.stderr
     return {"node_ids": sorted(node_ids), "killed_at": killed_at, "returncode": resumed.returncode,
             "output": output[-3000:], "resuming": [line for line in output.splitlines() if "resuming " in line],
             "status": [job["status"] for job in jobs],
