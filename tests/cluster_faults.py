@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import ray
@@ -113,13 +112,16 @@ def sweep_over_two_nodes(cluster: Cluster, address: str, model_dir: str, folder:
     killed = subprocess.Popen(command + [f"hydra.sweep.dir={folder / 'first'}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=environment)
     runs = [folder / "first" / str(index) for index in range(2)]
-    placed, at_once, deadline = {}, 0, time.monotonic() + 300
-    while not all((read_state(run) or {"step": 0})["step"] >= 1 for run in runs) and killed.poll() is None and \
-            time.monotonic() < deadline:
+    placed, at_once = {}, 0
+
+    def both_saved() -> bool:  # polled: where the runs' actors are is read while it waits
+        nonlocal at_once
         found = placement()
         at_once = max(at_once, len(found))
         placed.update({actor: where for actor, where in found.items() if where["samplers"]})
-        time.sleep(0.2)
+        return all((read_state(run) or {"step": 0})["step"] >= 1 for run in runs) or killed.poll() is not None
+
+    wait_until(both_saved)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     killed_at = [(read_state(run) or {"step": None})["step"] for run in runs]

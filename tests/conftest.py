@@ -45,7 +45,7 @@ def shared_actors(ray_local):
     from rl.driver.run import Shared, samples
     from rl.sweep import share_key
 
-    held: dict = {}
+    held: list = []  # (the config its actors started for, the Shared): one set at a time
 
     def learner_alive(shared) -> bool:
         try:
@@ -54,18 +54,19 @@ def shared_actors(ray_local):
         except ray.exceptions.RayActorError:
             return False
 
+    def serves(started, shared, config) -> bool:
+        return (share_key(started) == share_key(config) and config.model.lora_rank <= started.model.lora_rank and
+                (shared.pool is not None or not samples(config)) and learner_alive(shared))
+
     def actors_for(config):
-        if not (held and held["key"] == share_key(config) and config.model.lora_rank <= held["rank"] and
-                (held["shared"].pool is not None or not samples(config)) and learner_alive(held["shared"])):
-            previous = held.pop("shared", None)
-            held.clear()
-            if previous is not None:
-                previous.close()
-            rank = max(8, config.model.lora_rank)  # the pool's largest, so runs of rank 4 or 8 fit
-            held.update(key=share_key(config), rank=rank,
-                        shared=Shared.start([replace(config, model=replace(config.model, lora_rank=rank))]))
-        return held["shared"]
+        if held and not serves(*held[0], config):
+            held.pop()[1].close()
+        if not held:
+            # Its pool serves LoRA ranks up to 8 or the run's, so runs of rank 4 and 8 fit.
+            started = replace(config, model=replace(config.model, lora_rank=max(8, config.model.lora_rank)))
+            held.append((started, Shared.start([started])))
+        return held[0][1]
 
     yield actors_for
     if held:
-        held["shared"].close()
+        held[0][1].close()
