@@ -75,6 +75,10 @@ def run_sweep(jobs: list[Job], folder: Path) -> list[Job]:
             continue
         groups.setdefault(share_key(job.config) if job.config.sweep.share else (index,), []).append(job)
     write_record(jobs, folder)  # now, for a resume=true after the sweep is killed; again at the end
+    if groups:  # here, in the main thread: Ray's processes die with the thread that starts them (connect says why)
+        from rl.driver.run import connect  # the loops' imports (torch, transformers) wait for checked configs
+
+        connect(next(iter(groups.values()))[0].config.cluster)
     all_at_once([lambda group=group: run_group(group) for group in groups.values()])
     write_record(jobs, folder)
     write_summary(jobs, folder)

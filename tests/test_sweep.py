@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -51,6 +53,30 @@ def test_runs_share_actors_when_only_what_each_run_owns_differs():
               replace(base, learner=LearnerConfig(batch_runs=False)),
               replace(base, sampler=SamplerConfig(publish_mode="adapter"))]
     assert len({share_key(config) for config in [base, *unlike]}) == len(unlike) + 1
+
+
+def test_ray_is_never_started_from_a_sweep_groups_thread():
+    """Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): started from the first group's
+    thread, they died when that group finished and took the other groups down (CI, stop 56)."""
+    script = """if True:
+        import threading
+        import ray
+        from rl.config import ClusterConfig
+        from rl.driver.run import connect
+        errors = []
+        def start():
+            try:
+                connect(ClusterConfig())
+            except RuntimeError as error:
+                errors.append(error)
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join()
+        print(ray.is_initialized(), errors)
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("False [RuntimeError('Ray must be started from the main thread")
 
 
 def test_runs_calls_that_arrive_while_the_learner_is_busy_share_a_pass_and_each_gets_its_own_result(

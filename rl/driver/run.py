@@ -730,19 +730,19 @@ def teacher_bundle(config: TrainConfig) -> dict[str, float] | None:
     return wanted if config.algo.teacher_model and wanted else None
 
 
-_CONNECTING = threading.Lock()
-"""A sweep's groups start their actors in threads of their own, at once: Ray must start once among them."""
-
-
 def connect(cluster: ClusterConfig) -> None:
     """Starts Ray in this process, or joins a cluster; a sweep's later runs reuse the same Ray. Called as the
     actors start: a run refused for its data or model before then has started nothing."""
-    with _CONNECTING:
-        if not ray.is_initialized():
-            # address None means this process's own Ray: "local" keeps Ray from joining a cluster that happens to
-            # run on this machine (its default), which would put the run's actors on someone else's nodes.
-            ray.init(address=cluster.address or "local", num_cpus=cluster.num_cpus, include_dashboard=False,
-                     log_to_driver=False)
+    if ray.is_initialized():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        # Ray's own processes (GCS, raylet) are started with PR_SET_PDEATHSIG, which Linux fires when the thread
+        # that started them ends: Ray started from a sweep group's thread dies with the first group to finish.
+        raise RuntimeError("Ray must be started from the main thread (a sweep connects before its groups start)")
+    # address None means this process's own Ray: "local" keeps Ray from joining a cluster that happens to run on
+    # this machine (its default), which would put the run's actors on someone else's nodes.
+    ray.init(address=cluster.address or "local", num_cpus=cluster.num_cpus, include_dashboard=False,
+             log_to_driver=False)
 
 
 def reserve(config: TrainConfig, *, wait: bool = False):
