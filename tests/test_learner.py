@@ -718,6 +718,9 @@ def test_logprobs_of_given_tokens_with_the_adapter_or_without(learner, tiny_mode
             assert tail == pytest.approx(logprobs[-last:], rel=1e-5, abs=1e-5)  # fewer rows: other rounding
     with pytest.raises(ValueError, match=r"data\[1\].model_input holds token id 4096"):
         learner.logprobs(model_id, [[1, 2], [4096, 3]])
+    for last in (0, -1):
+        with pytest.raises(ValueError, match=f"last must be at least 1 .*got {last}"):
+            learner.logprobs(model_id, shared, last=last)
 
 
 def test_dpo_reference_defaults_to_the_base_model(learner, tiny_model_dir):

@@ -475,6 +475,8 @@ class Learner:
         run's adapter, or with no adapter (the base model) when `adapter` is False or there is no run (`model_id`
         None: a teacher model held for its own logprobs); `last`: of its last `last` tokens only (a judge's
         verdict: the output layer runs on those positions alone). No gradients."""
+        if last is not None and last < 1:
+            raise ValueError(f"last must be at least 1 (or None for every token), got {last}")
         data = [Datum.next_token(tokens, weights=[0.0] * len(tokens)) for tokens in sequences]
         prepared = prepare_batch(data, losses.LOSSES["cross_entropy"], "logprobs", self.vocab_size, self.context)
         if model_id is not None:
