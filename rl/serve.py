@@ -3,6 +3,7 @@
     rl-serve                                   # SmolLM2-135M-Instruct on 127.0.0.1:8000, storage ./rl-storage
     rl-serve models=[tiny] port=8123 storage=/data/rl
     RL_API_KEYS=tml-alice,tml-bob rl-serve host=0.0.0.0
+    RAY_AUTH_MODE=token rl-serve address=auto storage_uri=s3://bucket/rl   # on a Ray cluster's head (docs/cluster.md)
 
 Point the SDK at it with TINKER_BASE_URL=http://HOST:PORT and TINKER_API_KEY=tml-... (any tml- key when the
 server has no keys). Without API keys the server is single-user and listens on loopback only.
@@ -32,6 +33,14 @@ class ServeConfig:
     """Base models to serve, by name (rl.models.resolve_model) or local folder."""
     storage: str = "rl-storage"
     """Checkpoints and the run registry; a restarted server on the same folder lists them again."""
+    address: str | None = None
+    """The Ray to run the learners and samplers on: None starts one in this process; "auto" joins the cluster that
+    `ray start` runs on this machine (or RAY_ADDRESS's, as in a Ray job); or the head's HOST:PORT."""
+    learner_storage: str | None = None
+    """Where the learners keep checkpoints, a folder on their nodes (default: storage/checkpoints)."""
+    storage_uri: str | None = None
+    """A home for the checkpoints that every node reaches (any fsspec URL: s3://, gs://, file:// of a shared
+    mount), as rl-train's: each is uploaded there, and a learner replaced on another node downloads what it lacks."""
     api_keys: list[str] = field(default_factory=list)
     """Each key is one user (tml-...); RL_API_KEYS (comma-separated) adds more. None: single user, loopback."""
     replicas: int = 1
@@ -68,11 +77,15 @@ def build_service(config: ServeConfig, keys: list[str]):
     """The `Service` that `config` describes, serving `keys` (what `serve` runs; benchmarks build it too)."""
     from rl.service.service import Service
 
+    # Absolute: a learner on another node does not run in this process's working directory.
+    learner_storage = str(Path(config.learner_storage).resolve()) if config.learner_storage else None
     return Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
                    context=config.context, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras,
-                   max_batch_datums=config.max_batch_datums, max_batch_tokens=config.max_batch_tokens,
-                   max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens,
-                   join_users=config.join_users, sampler_versions=config.sampler_versions)
+                   learner_storage=learner_storage, storage_uri=config.storage_uri,
+                   max_batch_datums=config.max_batch_datums,
+                   max_batch_tokens=config.max_batch_tokens, max_sample_tokens=config.max_sample_tokens,
+                   turn_tokens=config.turn_tokens, join_users=config.join_users,
+                   sampler_versions=config.sampler_versions)
 
 
 def serve(config: ServeConfig) -> None:
@@ -86,7 +99,8 @@ def serve(config: ServeConfig) -> None:
     from rl.service.app import build_app
 
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # "local" when no address is given: Ray's own default joins a cluster running on this machine.
+        ray.init(address=config.address or "local", include_dashboard=False, log_to_driver=False)
     service = build_service(config, keys)
     who = f"{len(keys)} API keys" if keys else "no API keys: single user, loopback only"
     devices = ", ".join(sorted(set(service.devices.values())))

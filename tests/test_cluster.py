@@ -3,14 +3,21 @@ replicas on others, placed by custom resources in one placement group per run; t
 cluster scripts a user runs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import tinker
+from tinker import types
+
+from rl.service.app import free_port
+
 FAULTS = Path(__file__).with_name("cluster_faults.py")
+BIN = Path(sys.executable).parent
 
 
-def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job(tmp_path):
+def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job_and_rl_serve_on_it(tmp_path):
     scripts = Path(__file__).resolve().parents[1] / "scripts" / "cluster"
     started = subprocess.run([str(scripts / "start_head.sh"), "--num-cpus", "2"], capture_output=True, text=True,
                              timeout=300)
@@ -23,8 +30,53 @@ def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job(tmp_path):
         assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [record["step"] for record in records] == [0, 1]
+        serve_on_the_cluster(tmp_path)
     finally:
         subprocess.run([str(scripts / "stop.sh")], capture_output=True, timeout=120)
+
+
+def serve_on_the_cluster(tmp_path: Path) -> None:
+    """`rl-serve address=auto` on the head: its learner and sampler are the cluster's actors (not a Ray of its
+    own), and the SDK trains, saves (to learner_storage and storage_uri) and samples through them."""
+    port, environment = free_port(), {**os.environ, "RAY_AUTH_MODE": "token", "TINKER_TELEMETRY": "0"}
+    process = subprocess.Popen([str(BIN / "rl-serve"), "address=auto", f"port={port}", "models=[tiny]",
+                                f"storage={tmp_path / 'serve'}", f"learner_storage={tmp_path / 'learner'}",
+                                f"storage_uri=file://{tmp_path / 'bucket'}",
+                                "+context.tiny=256", "max_lora_rank=8"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        output = []
+        while not (output and output[-1].startswith("rl-serve:")):
+            assert process.poll() is None, "rl-serve exited: " + "".join(output)[-3000:]
+            output.append(process.stdout.readline())
+        listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--filter", "state=ALIVE", "--format", "json"],
+                                capture_output=True, text=True, timeout=60, env=environment)
+        assert listed.returncode == 0 and listed.stdout.startswith("["), listed.stdout + listed.stderr
+        actors = json.loads(listed.stdout)
+        assert sorted(actor["class_name"] for actor in actors) == ["Learner", "Sampler"], actors
+        service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key="tml-anyone")
+        try:
+            trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7).result()
+            tokens = [5, 17, 33, 17, 33, 9]
+            datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 5})
+            losses = [trainer.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]]
+            trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            losses.append(trainer.forward([datum], "cross_entropy").result().metrics["loss:sum"])
+            assert losses[1] < losses[0], losses
+            trainer.save_state("kept").result()
+            sampler = trainer.save_weights_and_get_sampling_client("kept-sampler")
+            sampled = sampler.sample(types.ModelInput.from_ints(tokens[:3]), 2,
+                                     types.SamplingParams(max_tokens=4, temperature=0)).result()
+            assert [len(sequence.tokens) for sequence in sampled.sequences] == [4, 4]
+            assert sampled.sequences[0].tokens == sampled.sequences[1].tokens, "greedy"
+        finally:
+            service.close("success").result()
+        for home in ("learner", "bucket"):  # the learner's own folder, and the home every node reaches
+            assert [path.name for path in (tmp_path / home).glob("*/weights/*")] == ["kept"], home
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def test_a_run_on_three_nodes_survives_faults_and_a_sweep_spreads_its_runs_over_nodes(

@@ -70,11 +70,12 @@ DOWNLOAD_URL_SECONDS = 3600
 class Service:
     def __init__(self, models: list[str], storage: Path | str, api_keys: list[str], *, replicas: int = 1,
                  dtype: str = "float32", context: dict[str, int] | None = None, max_lora_rank: int = 128,
-                 max_loras: int = 4, learner_storage: str | None = None, max_batch_datums: int = 1024,
-                 max_batch_tokens: int = 32768, max_sample_tokens: int = 32768, turn_tokens: int = 2048,
-                 join_users: bool = True, sampler_versions: int = 8):
+                 max_loras: int = 4, learner_storage: str | None = None, storage_uri: str | None = None,
+                 max_batch_datums: int = 1024, max_batch_tokens: int = 32768, max_sample_tokens: int = 32768,
+                 turn_tokens: int = 2048, join_users: bool = True, sampler_versions: int = 8):
         """`storage` holds the registry (runs, ownership, public checkpoints); the learners keep checkpoints in
-        `learner_storage` (default: storage/checkpoints), a path on the learners' nodes. `context` sets a
+        `learner_storage` (default: storage/checkpoints), a path on the learners' nodes, and upload them to
+        `storage_uri` where given (a home every node reaches: rl.checkpoints.CheckpointStore). `context` sets a
         model's context length; a model it does not name gets its own (rl.models.context_length). The `max_*`
         limits bound each request (rl.service.limits); the SDK is told to split batches into requests of about
         `turn_tokens` tokens, each one turn at the learner (`client_config`); with `join_users`, the waiting
@@ -93,12 +94,12 @@ class Service:
                        for name in models}
         self.max_lora_rank = max_lora_rank
         self.turn_tokens = turn_tokens
-        checkpoints = learner_storage or str(self.storage / "checkpoints")
+        checkpoints = learner_storage or str(self.storage.resolve() / "checkpoints")
         # Every model's learner and replicas share the cluster's GPUs, if it has any (rl.devices)
         learner_gpus, replica_gpus = actor_gpus(None, None, cluster_gpus=cluster_gpus(), learners=len(models),
                                                 replicas=replicas * len(models))
         self.learners = {name: SupervisedLearner(name, self.registry, join_users=join_users, num_gpus=learner_gpus,
-                                                storage=checkpoints, dtype=dtype)
+                                                storage=checkpoints, storage_uri=storage_uri, dtype=dtype)
                          for name in models}
         self.pools = {name: SamplerPool(name, replicas=replicas, num_gpus=replica_gpus,
                                         max_model_len=self.limits[name].context, dtype=dtype,
