@@ -205,14 +205,12 @@ def test_the_adapter_adapts_the_layers_the_model_config_names(shared_actors, tin
 
 
 @pytest.fixture(scope="module")
-def two_steps(shared_actors, tiny_model_dir, tmp_path_factory):
-    """Two steps of Digits in each publish mode: merged into the engine's weights (the default, on the actors tests
-    share), and a LoRA beside them (on actors of its own: a pool's publish mode is its own)."""
+def two_steps(ray_local, tiny_model_dir, tmp_path_factory):
+    """Two steps of Digits in each publish mode: merged into the engine's weights, and a LoRA beside them."""
     folders = {mode: tmp_path_factory.mktemp(mode) for mode in ("merge", "adapter")}
     configs = {mode: tiny_config(tiny_model_dir, folder, eval_every=1, sampler=SamplerConfig(publish_mode=mode))
                for mode, folder in folders.items()}
-    return {mode: (config, folders[mode], train(config, Digits(), shared_actors(config) if mode == "merge" else None))
-            for mode, config in configs.items()}
+    return {mode: (config, folders[mode], train(config, Digits())) for mode, config in configs.items()}
 
 
 @pytest.mark.parametrize("mode", ["merge", "adapter"])
