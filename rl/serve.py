@@ -41,6 +41,11 @@ class ServeConfig:
     storage_uri: str | None = None
     """A home for the checkpoints that every node reaches (any fsspec URL: s3://, gs://, file:// of a shared
     mount), as rl-train's: each is uploaded there, and a learner replaced on another node downloads what it lacks."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each learner asks for (`learner_resources={learner_node:1}`), as rl-train's
+    learner.resources: on a cluster, the nodes started with them hold the learners."""
+    sampler_resources: dict[str, float] = field(default_factory=dict)
+    """The same for each sampler replica (`sampler_resources={sampler_node:1}`)."""
     api_keys: list[str] = field(default_factory=list)
     """Each key is one user (tml-...); RL_API_KEYS (comma-separated) adds more. None: single user, loopback."""
     replicas: int = 1
@@ -84,7 +89,8 @@ def build_service(config: ServeConfig, keys: list[str]):
                    learner_storage=learner_storage, storage_uri=config.storage_uri,
                    max_batch_datums=config.max_batch_datums, max_batch_tokens=config.max_batch_tokens,
                    max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens,
-                   join_users=config.join_users, sampler_versions=config.sampler_versions)
+                   join_users=config.join_users, sampler_versions=config.sampler_versions,
+                   learner_resources=config.learner_resources, sampler_resources=config.sampler_resources)
 
 
 def serve(config: ServeConfig) -> None:

@@ -19,8 +19,8 @@ BIN = Path(sys.executable).parent
 
 def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job_and_rl_serve_on_it(tmp_path):
     scripts = Path(__file__).resolve().parents[1] / "scripts" / "cluster"
-    started = subprocess.run([str(scripts / "start_head.sh"), "--num-cpus", "2"], capture_output=True, text=True,
-                             timeout=300)
+    started = subprocess.run([str(scripts / "start_head.sh"), "--num-cpus", "2", "--resources", '{"serve_node": 2}'],
+                             capture_output=True, text=True, timeout=300)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         job = subprocess.run([str(scripts / "submit.sh"), "rl-train", "recipe=arithmetic_rl", "cluster=ray",
@@ -37,23 +37,26 @@ def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job_and_rl_serve_on_it(t
 
 def serve_on_the_cluster(tmp_path: Path) -> None:
     """`rl-serve address=auto` on the head: its learner and sampler are the cluster's actors (not a Ray of its
-    own), and the SDK trains, saves (to learner_storage and storage_uri) and samples through them."""
+    own), placed by the custom resources they were given, and the SDK trains, saves (to learner_storage and
+    storage_uri) and samples through them."""
     port, environment = free_port(), {**os.environ, "RAY_AUTH_MODE": "token", "TINKER_TELEMETRY": "0"}
     process = subprocess.Popen([str(BIN / "rl-serve"), "address=auto", f"port={port}", "models=[tiny]",
                                 f"storage={tmp_path / 'serve'}", f"learner_storage={tmp_path / 'learner'}",
                                 f"storage_uri=file://{tmp_path / 'bucket'}",
-                                "+context.tiny=256", "max_lora_rank=8"],
+                                "+context.tiny=256", "max_lora_rank=8", "learner_resources={serve_node:1}",
+                                "sampler_resources={serve_node:1}"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     try:
         output = []
         while not (output and output[-1].startswith("rl-serve:")):
             assert process.poll() is None, "rl-serve exited: " + "".join(output)[-3000:]
             output.append(process.stdout.readline())
-        listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--filter", "state=ALIVE", "--format", "json"],
-                                capture_output=True, text=True, timeout=60, env=environment)
+        listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--filter", "state=ALIVE", "--detail", "--format",
+                                 "json"], capture_output=True, text=True, timeout=60, env=environment)
         assert listed.returncode == 0 and listed.stdout.startswith("["), listed.stdout + listed.stderr
         actors = json.loads(listed.stdout)
         assert sorted(actor["class_name"] for actor in actors) == ["Learner", "Sampler"], actors
+        assert all(actor["required_resources"].get("serve_node") == 1.0 for actor in actors), actors
         service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key="tml-anyone")
         try:
             trainer = service.create_lora_training_client(base_model="tiny", rank=8, seed=7).result()

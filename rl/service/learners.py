@@ -130,12 +130,13 @@ class SupervisedLearner:
     `ask` for the rest."""
 
     def __init__(self, base_model: str, registry: Registry, *, join_users: bool = True, num_gpus: float = 0,
-                 **options):
-        """`options` are the learner actor's (rl.learner.Learner's keyword arguments); `num_gpus` its Ray actor's.
+                 resources: dict[str, float] | None = None, **options):
+        """`options` are the learner actor's (rl.learner.Learner's keyword arguments); `num_gpus` and `resources`
+        (custom Ray resources, to place it on nodes that have them) its Ray actor's.
         `join_users`: waiting users' forward_backward calls go in one learner pass (see the module's docstring)."""
         self.base_model = base_model
         self.registry = registry
-        self._actor_class = LearnerActor.options(num_gpus=num_gpus)
+        self._actor_class = LearnerActor.options(num_gpus=num_gpus, resources=resources or {})
         self.options = options
         self.actor = self._actor_class.remote(base_model, **options)
         self.turns = Turns(join=self._forward_backward_together if join_users else None)

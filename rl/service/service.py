@@ -72,7 +72,8 @@ class Service:
                  dtype: str = "float32", context: dict[str, int] | None = None, max_lora_rank: int = 128,
                  max_loras: int = 4, learner_storage: str | None = None, storage_uri: str | None = None,
                  max_batch_datums: int = 1024, max_batch_tokens: int = 32768, max_sample_tokens: int = 32768,
-                 turn_tokens: int = 2048, join_users: bool = True, sampler_versions: int = 8):
+                 turn_tokens: int = 2048, join_users: bool = True, sampler_versions: int = 8,
+                 learner_resources: dict[str, float] | None = None, sampler_resources: dict[str, float] | None = None):
         """`storage` holds the registry (runs, ownership, public checkpoints); the learners keep checkpoints in
         `learner_storage` (default: storage/checkpoints), a path on the learners' nodes, and upload them to
         `storage_uri` where given (a home every node reaches: rl.checkpoints.CheckpointStore). `context` sets a
@@ -81,7 +82,8 @@ class Service:
         `turn_tokens` tokens, each one turn at the learner (`client_config`); with `join_users`, the waiting
         users' forward_backward calls go in one learner pass (rl.service.learners). Each pool keeps the
         `sampler_versions` sampler checkpoints sampled (or saved) most recently ready to sample; an older one is
-        published again from its checkpoint when next asked for."""
+        published again from its checkpoint when next asked for. `learner_resources` and `sampler_resources`:
+        custom Ray resources each learner and each sampler replica asks for, to place them on a cluster's nodes."""
         if sampler_versions < 1:
             raise ValueError(f"sampler_versions={sampler_versions}: keep at least 1 sampler checkpoint ready")
         self.storage = Path(storage)
@@ -99,9 +101,10 @@ class Service:
         learner_gpus, replica_gpus = actor_gpus(None, None, cluster_gpus=cluster_gpus(), learners=len(models),
                                                 replicas=replicas * len(models))
         self.learners = {name: SupervisedLearner(name, self.registry, join_users=join_users, num_gpus=learner_gpus,
-                                                storage=checkpoints, storage_uri=storage_uri, dtype=dtype)
+                                                resources=learner_resources, storage=checkpoints,
+                                                storage_uri=storage_uri, dtype=dtype)
                          for name in models}
-        self.pools = {name: SamplerPool(name, replicas=replicas, num_gpus=replica_gpus,
+        self.pools = {name: SamplerPool(name, replicas=replicas, num_gpus=replica_gpus, resources=sampler_resources,
                                         max_model_len=self.limits[name].context, dtype=dtype,
                                         max_lora_rank=max_lora_rank, max_loras=max_loras, publish_mode="adapter")
                       for name in models}
