@@ -82,11 +82,9 @@ def build_service(config: ServeConfig, keys: list[str]):
     """The `Service` that `config` describes, serving `keys` (what `serve` runs; benchmarks build it too)."""
     from rl.service.service import Service
 
-    # Absolute: a learner on another node does not run in this process's working directory.
-    learner_storage = str(Path(config.learner_storage).resolve()) if config.learner_storage else None
     return Service(config.models, Path(config.storage), keys, replicas=config.replicas, dtype=config.dtype,
                    context=config.context, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras,
-                   learner_storage=learner_storage, storage_uri=config.storage_uri,
+                   learner_storage=config.learner_storage, storage_uri=config.storage_uri,
                    max_batch_datums=config.max_batch_datums, max_batch_tokens=config.max_batch_tokens,
                    max_sample_tokens=config.max_sample_tokens, turn_tokens=config.turn_tokens,
                    join_users=config.join_users, sampler_versions=config.sampler_versions,

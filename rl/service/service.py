@@ -96,7 +96,8 @@ class Service:
                        for name in models}
         self.max_lora_rank = max_lora_rank
         self.turn_tokens = turn_tokens
-        checkpoints = learner_storage or str(self.storage.resolve() / "checkpoints")
+        # Absolute: a learner on another node does not run in this process's working directory.
+        checkpoints = str(Path(learner_storage or self.storage / "checkpoints").resolve())
         # Every model's learner and replicas share the cluster's GPUs, if it has any (rl.devices)
         learner_gpus, replica_gpus = actor_gpus(None, None, cluster_gpus=cluster_gpus(), learners=len(models),
                                                 replicas=replicas * len(models))
