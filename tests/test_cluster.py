@@ -2,12 +2,16 @@
 replicas on others, placed by custom resources in one placement group per run; the faults it survives; and the
 cluster scripts a user runs."""
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import tinker
 from tinker import types
 
@@ -19,27 +23,53 @@ BIN = Path(sys.executable).parent
 
 def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job_and_rl_serve_on_it(tmp_path):
     scripts = Path(__file__).resolve().parents[1] / "scripts" / "cluster"
-    started = subprocess.run([str(scripts / "start_head.sh"), "--num-cpus", "2", "--resources", '{"serve_node": 2}'],
-                             capture_output=True, text=True, timeout=300)
+    # A head of its own (ports, temp dir) beside any other Ray on this machine, this pytest's included.
+    ray_dir, port, dashboard = tempfile.mkdtemp(prefix="rl-head-"), free_port(), free_port()
+    environment = {**os.environ, "RL_RAY_PORT": str(port), "RL_JOB_ADDRESS": f"http://127.0.0.1:{dashboard}",
+                   "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    started = subprocess.run([str(scripts / "start_head.sh"), "--num-cpus", "2", "--resources", '{"serve_node": 2}',
+                              f"--temp-dir={ray_dir}", f"--dashboard-port={dashboard}",
+                              f"--ray-client-server-port={free_port()}",
+                              f"--dashboard-agent-listen-port={free_port()}"],
+                             capture_output=True, text=True, timeout=300, env=environment)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         job = subprocess.run([str(scripts / "submit.sh"), "rl-train", "recipe=arithmetic_rl", "cluster=ray",
                               "model=tiny", "steps=1", "eval_prompts=2", "algo.prompts_per_step=2",
                               "algo.max_tokens=4", f"hydra.run.dir={tmp_path / 'run'}"],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, env=environment)
         assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [record["step"] for record in records] == [0, 1]
-        serve_on_the_cluster(tmp_path)
+        serve_on_the_cluster(tmp_path, environment)
     finally:
-        subprocess.run([str(scripts / "stop.sh")], capture_output=True, timeout=120)
+        stop_head(ray_dir, port)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def serve_on_the_cluster(tmp_path: Path) -> None:
+def stop_head(ray_dir: str, port: int) -> None:
+    """Stops the head that ray_dir and port name, with every process it started, and nothing else: `ray stop`
+    (scripts/cluster/stop.sh) would stop every Ray on the machine, and a process whose own Ray loses its GCS
+    exits a minute later."""
+    marks = (ray_dir, f":{port}")
+    family = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if process.pid != os.getpid() and any(mark in part for part in process.info["cmdline"] or ()
+                                              for mark in marks):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family |= {process, *process.children(recursive=True)}
+    for signal in ("terminate", "kill"):
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                getattr(member, signal)()
+        _, family = psutil.wait_procs(family, timeout=30)
+
+
+def serve_on_the_cluster(tmp_path: Path, environment: dict[str, str]) -> None:
     """`rl-serve address=auto` on the head: its learner and sampler are the cluster's actors (not a Ray of its
     own), placed by the custom resources they were given, and the SDK trains, saves (to learner_storage and
     storage_uri) and samples through them."""
-    port, environment = free_port(), {**os.environ, "RAY_AUTH_MODE": "token", "TINKER_TELEMETRY": "0"}
+    port, environment = free_port(), {**environment, "RAY_AUTH_MODE": "token", "TINKER_TELEMETRY": "0"}
     process = subprocess.Popen([str(BIN / "rl-serve"), "address=auto", f"port={port}", "models=[tiny]",
                                 f"storage={tmp_path / 'serve'}", f"learner_storage={tmp_path / 'learner'}",
                                 f"storage_uri=file://{tmp_path / 'bucket'}",
