@@ -71,8 +71,8 @@ def _timed(function) -> float:
 
 def roofline(threads: int | None = None) -> dict[str, float]:
     """bf16 and fp32 GFLOP/s on `threads` threads (None: every core this process may run on). A CPU without native
-    bf16 emulates it at ~1/60 of fp32's rate: there a 512^3 product measures it in a second where 2048^3 took
-    ~100 s a thread count."""
+    bf16 emulates it at 1/45-1/200 of fp32's rate (AVX2-only EPYC): there a 512^3 product measures it in seconds,
+    where six 2048^3 products took ~5 minutes a thread count."""
     from rl.models import native_bf16
 
     threads = threads or len(os.sched_getaffinity(0))
