@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 
 def test_scripts_start_a_head_and_run_a_recipe_as_a_ray_job_and_rl_serve_on_it(tmp_path):
     scripts = Path(__file__).resolve().parents[1] / "scripts" / "cluster"
-    # A head of its own (ports, temp dir) beside any other Ray on this machine, this pytest's included.
+    # A head of its own (ports, temp dir) beside any other Ray on this machine, this pytest's included. The temp
+    # dir is short, not tmp_path: Ray's socket paths under it must fit Unix's 107 characters.
     ray_dir, port, dashboard = tempfile.mkdtemp(prefix="rl-head-"), free_port(), free_port()
     environment = {**os.environ, "RL_RAY_PORT": str(port), "RL_JOB_ADDRESS": f"http://127.0.0.1:{dashboard}",
                    "RAY_ADDRESS": f"127.0.0.1:{port}"}
