@@ -492,6 +492,21 @@ def test_merge_mode_serves_what_adapter_mode_serves(pool, merge_pool, learner, t
         assert response.model_path == path
         sampled = response.sequences[0]
         assert mean_abs_difference(sampled.logprobs, served_logprobs(pool, paths[path], sampled.tokens)) < 1e-4, path
+    # A merge on CPU writes lm_head into the weight of the version it replaced, not into fresh memory (which costs
+    # tens of microseconds a page on a VM), and serves it right.
+    def lm_head_memory(replica) -> tuple[int, list[int]]:  # (defined here: Ray sends it by value)
+        """Where the replica's lm_head weight is, and where the spare weights of its shape are."""
+        head = replica._merger._layers["lm_head"][0].weight
+        return head.data_ptr(), [spare.data_ptr() for (shape, _), spare in replica._merger._spare.items()
+                                 if shape == head.shape]
+
+    actor = merge_pool._replicas[0].actor
+    run(merge_pool.sample(request(model_path=version.tinker_path)))
+    head, spares = ray.get(actor.__ray_call__.remote(lm_head_memory))
+    sampled = run(merge_pool.sample(request(model_path=first.tinker_path, temperature=1.0, seed=12))).sequences[0]
+    assert len(spares) == 1 and ray.get(actor.__ray_call__.remote(lm_head_memory))[0] == spares[0] != head
+    assert mean_abs_difference(sampled.logprobs, served_logprobs(pool, first_reference.tinker_path,
+                                                                 sampled.tokens)) < 1e-4
     # A retired version's files are let go, and nothing samples it again.
     merge_pool.retire(first.tinker_path)
     assert not merge_pool.published(first.tinker_path) and merge_pool._versions[first.tinker_path] is None

@@ -12,7 +12,11 @@ dtype, so versions never accumulate rounding. vLLM packs q/k/v and gate/up into 
 parameter, never written in place: a tied lm_head shares its weight with the input embedding, which a LoRA of
 the output layer leaves alone (as PEFT does), and the engine runs eagerly, so no captured graph holds the old
 one. On CPU, vLLM keeps a prepacked copy for its GEMM kernel (and drops a linear layer's `weight`), so the
-kernel is dispatched again.
+kernel is dispatched again, and merged weights are written into weights no longer read (a packed layer's, the
+lm_head the last merge replaced) rather than fresh memory, at the cost of one more lm_head held (113 MB for SmolLM2
+in float32): on a VM that hands freed memory back to its host, a page touched afresh costs up to tens of
+microseconds. A merge of SmolLM2 (float32, one thread, a sampling batch between merges) page-faulted ~190k times and
+took 2.3-2.5 s on average; with the reuse ~145k times, 1.5-1.8 s.
 
 A merge is two parts: `prepare` computes the merged layers aside, touching nothing the engine reads, so it can run
 in a thread of its own while the engine samples the previous version (a run publishes while its next rollout
@@ -82,6 +86,17 @@ class AdapterMerger:
         if missing:
             raise RuntimeError(f"publish_mode=merge: no base weight in {model_folder} for {sorted(missing)[:3]}")
         self._changed: set[str] = set()
+        # On CPU, merged weights are written into memory this process already holds, not fresh memory: a page
+        # touched for the first time costs tens of microseconds on a VM that hands freed memory back to its host
+        # (free page reporting), and a merge of SmolLM2's lm_head alone touched 2 x 113 MB afresh.
+        from vllm.platforms import current_platform
+
+        self._recycles = current_platform.is_cpu() and not current_platform.is_zen_cpu()  # zentorch may keep views
+        self._spare: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        """Merged weights no longer read, by shape and dtype: a linear layer's once its kernel has packed a copy,
+        an lm_head's once the next replaced it."""
+        self._installed: dict[str, torch.Tensor] = {}
+        """The merged weight installed in each layer that keeps its weight (lm_head), to be spare once replaced."""
 
     def prepare(self, files: dict[str, bytes] | None) -> dict[str, torch.nn.Module]:
         """Base + the adapter in `files` (a PEFT folder's two files as bytes; None: the base alone): the merged
@@ -99,19 +114,27 @@ class AdapterMerger:
     def install(self, prepared: dict[str, torch.nn.Module]) -> None:
         """Puts `prepare`'s layers in place, and the base weights back where an earlier merge changed a layer
         that these weights leave alone. Caller's duty: no request is running."""
-        for name in self._changed - prepared.keys():
-            _install(self._layers[name][0], self._merged_layer(name, {}))
-            self._changed.discard(name)
-        for name, merged in prepared.items():
-            self._changed.add(name)
+        # Base weights are merged into fresh memory: a `prepare` in the merge thread may be using the spares.
+        restored = {name: self._merged_layer(name, {}, recycle=False) for name in self._changed - prepared.keys()}
+        for name, merged in {**restored, **prepared}.items():
             _install(self._layers[name][0], merged)
+            replaced = self._installed.pop(name, None)
+            if replaced is not None:
+                self._spare[(tuple(replaced.shape), replaced.dtype)] = replaced
+            if self._recycles and merged.weight.numel():
+                self._installed[name] = merged.weight.data
+        self._changed = (self._changed | prepared.keys()) - restored.keys()
 
-    def _merged_layer(self, name: str, factors: dict[str, Factors]) -> torch.nn.Module:
+    def _merged_layer(self, name: str, factors: dict[str, Factors], *, recycle: bool = True) -> torch.nn.Module:
         """A stand-in for layer `name` that holds its merged weight, and on CPU the GEMM kernel vLLM dispatches
-        for it."""
+        for it; with `recycle`, in a spare weight of its shape if there is one."""
         layer, parts = self._layers[name]
+        shape = (max(layer.weight.shape[0], sum(self._base[part].shape[0] for part in parts)),
+                 self._base[parts[0]].shape[1])
+        recycle = recycle and self._recycles
         weight = merged_weight([self._base[part] for part in parts], [factors.get(part) for part in parts],
-                               layer.weight.dtype, rows=layer.weight.shape[0])
+                               layer.weight.dtype, rows=shape[0],
+                               out=self._spare.pop((shape, layer.weight.dtype), None) if recycle else None)
         merged = torch.nn.Module()
         # Held in host memory until `install` (a GPU keeps one copy of the weights, not two)
         merged.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -121,6 +144,8 @@ class AdapterMerger:
             from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
             dispatch_cpu_unquantized_gemm(merged, remove_weight=not isinstance(layer, ParallelLMHead))
+            if recycle and not merged.weight.numel():  # packed: the kernel no longer reads it
+                self._spare[(shape, weight.dtype)] = weight
         return merged
 
 
@@ -145,13 +170,15 @@ memory in float32, which made a full-size sum 4x slower."""
 
 
 def merged_weight(bases: list[torch.Tensor], factors: list[Factors | None], dtype: torch.dtype, *,
-                  rows: int = 0) -> torch.Tensor:
+                  rows: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """The parts' W0 + s * B @ A (W0 where a part has no factors), stacked by rows: each value computed in float32
     and rounded once to `dtype`, so a version never carries an earlier one's rounding. Rows past the parts' up to
-    `rows` are zeros (vLLM pads lm_head to a multiple of the vocabulary's padding)."""
+    `rows` are zeros (vLLM pads lm_head to a multiple of the vocabulary's padding). Written into `out` if given (a
+    tensor of that shape and dtype), else into a new tensor."""
     columns = bases[0].shape[1]
     rows_per_chunk = max(1, CHUNK_VALUES // columns)
-    merged = torch.empty(max(rows, sum(base.shape[0] for base in bases)), columns, dtype=dtype)
+    shape = (max(rows, sum(base.shape[0] for base in bases)), columns)
+    merged = torch.empty(shape, dtype=dtype) if out is None else out
     chunk = torch.empty(rows_per_chunk, columns)
     offset = 0
     for base, part_factors in zip(bases, factors, strict=True):
