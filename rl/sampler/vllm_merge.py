@@ -14,9 +14,8 @@ the output layer leaves alone (as PEFT does), and the engine runs eagerly, so no
 one. On CPU, vLLM keeps a prepacked copy for its GEMM kernel (and drops a linear layer's `weight`), so the
 kernel is dispatched again, and merged weights are written into weights no longer read (a packed layer's, the
 lm_head the last merge replaced) rather than fresh memory, at the cost of one more lm_head held (113 MB for SmolLM2
-in float32): on a VM that hands freed memory back to its host, a page touched afresh costs up to tens of
-microseconds. A merge of SmolLM2 (float32, one thread, a sampling batch between merges) page-faulted ~190k times and
-took 2.3-2.5 s on average; with the reuse ~145k times, 1.5-1.8 s.
+in float32): on a VM that hands freed memory back to its host (free page reporting), a page touched afresh costs
+up to tens of microseconds, and SmolLM2's merged lm_head alone is 28k pages (docs/benchmarks.md, "Merge publish").
 
 A merge is two parts: `prepare` computes the merged layers aside, touching nothing the engine reads, so it can run
 in a thread of its own while the engine samples the previous version (a run publishes while its next rollout
