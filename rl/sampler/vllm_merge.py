@@ -85,10 +85,7 @@ class AdapterMerger:
         if missing:
             raise RuntimeError(f"publish_mode=merge: no base weight in {model_folder} for {sorted(missing)[:3]}")
         self._changed: set[str] = set()
-        # On CPU, merged weights are written into memory this process already holds, not fresh memory: a page
-        # touched for the first time costs tens of microseconds on a VM that hands freed memory back to its host
-        # (free page reporting), and a merge of SmolLM2's lm_head alone touched 2 x 113 MB afresh.
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # on CPU merges reuse memory (the module docstring says why)
 
         self._recycles = current_platform.is_cpu() and not current_platform.is_zen_cpu()  # zentorch may keep views
         self._spare: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
@@ -128,11 +125,10 @@ class AdapterMerger:
         """A stand-in for layer `name` that holds its merged weight, and on CPU the GEMM kernel vLLM dispatches
         for it; with `recycle`, in a spare weight of its shape if there is one."""
         layer, parts = self._layers[name]
-        shape = (max(layer.weight.shape[0], sum(self._base[part].shape[0] for part in parts)),
-                 self._base[parts[0]].shape[1])
+        bases = [self._base[part] for part in parts]
+        shape = merged_shape(bases, rows=layer.weight.shape[0])
         recycle = recycle and self._recycles
-        weight = merged_weight([self._base[part] for part in parts], [factors.get(part) for part in parts],
-                               layer.weight.dtype, rows=shape[0],
+        weight = merged_weight(bases, [factors.get(part) for part in parts], layer.weight.dtype, rows=shape[0],
                                out=self._spare.pop((shape, layer.weight.dtype), None) if recycle else None)
         merged = torch.nn.Module()
         # Held in host memory until `install` (a GPU keeps one copy of the weights, not two)
@@ -168,6 +164,11 @@ CHUNK_VALUES = 1 << 16
 memory in float32, which made a full-size sum 4x slower."""
 
 
+def merged_shape(bases: list[torch.Tensor], *, rows: int = 0) -> tuple[int, int]:
+    """The shape of the parts' weights stacked by rows, padded with zero rows up to `rows`."""
+    return max(rows, sum(base.shape[0] for base in bases)), bases[0].shape[1]
+
+
 def merged_weight(bases: list[torch.Tensor], factors: list[Factors | None], dtype: torch.dtype, *,
                   rows: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """The parts' W0 + s * B @ A (W0 where a part has no factors), stacked by rows: each value computed in float32
@@ -176,8 +177,7 @@ def merged_weight(bases: list[torch.Tensor], factors: list[Factors | None], dtyp
     tensor of that shape and dtype), else into a new tensor."""
     columns = bases[0].shape[1]
     rows_per_chunk = max(1, CHUNK_VALUES // columns)
-    shape = (max(rows, sum(base.shape[0] for base in bases)), columns)
-    merged = torch.empty(shape, dtype=dtype) if out is None else out
+    merged = torch.empty(merged_shape(bases, rows=rows), dtype=dtype) if out is None else out
     chunk = torch.empty(rows_per_chunk, columns)
     offset = 0
     for base, part_factors in zip(bases, factors, strict=True):
